@@ -1,0 +1,44 @@
+# The two commands that matter: `make demo` (whole pipeline on Fashion-MNIST) and `make test`.
+# Both create .venv and install everything on first use; re-running them skips what is done.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ldae-installed
+DEMO ?= runs/demo
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: env data demo test bench clean-demo
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/detectron2.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test,detect]"
+	SP=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	$(BIN)/pip install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 --target "$$SP" \
+		--require-hashes -r requirements/detectron2.txt && \
+	rm -f "$$SP"/detectron2/_C.cpython-310-*.so
+	$(BIN)/python -c "import detectron2.modeling as m; m.ViT, m.SimpleFeaturePyramid"
+	touch $@
+
+# Fashion-MNIST for the demo: the Debian package, else torchvision's download into ~/.cache/ldae.
+data: env
+	@if [ -f $(FMNIST_DEB)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: $(FMNIST_DEB)"; \
+	elif command -v apt-get >/dev/null 2>&1 && { SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		$$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && \
+		$$SUDO apt-get install -y -q dataset-fashion-mnist; }; }; then echo "Fashion-MNIST installed"; \
+	else $(BIN)/python -c "from ldae_cli.data import download_fashion_mnist; download_fashion_mnist()"; fi
+
+demo: env data
+	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $(DEMO)/pca.safetensors
+
+test: env
+	$(BIN)/python -m pytest -q
+
+bench: env
+	$(BIN)/python benchmarks/fit_pca.py
+
+clean-demo:
+	rm -rf $(DEMO)

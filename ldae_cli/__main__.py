@@ -1,0 +1,3 @@
+from ldae_cli.cli import main
+
+main()

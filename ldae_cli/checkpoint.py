@@ -1,0 +1,232 @@
+"""The one checkpoint format every stage reads and writes.
+
+A checkpoint is a single safetensors file (tensors only: loading one from a stranger cannot run
+code). Its string metadata carries the format version, the kind of checkpoint, the fully resolved
+config, the package version and provenance: the sha256 of the parent checkpoints it was made from.
+Files are written atomically (temp file, fsync, rename), so a crash never leaves half a file under
+the real name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ldae_cli import __version__
+from ldae_cli.errors import LdaeError
+
+FORMAT_VERSION = 1
+KINDS = ("pca", "tokenizer", "pretrain", "probe", "finetune", "detect")
+_META_PREFIX = "ldae."
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    kind: str
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    extra: dict
+    provenance: dict
+    sha256: str
+    format_version: int = FORMAT_VERSION
+    package_version: str = ""
+
+    def section(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix.` with the prefix removed (e.g. 'model' -> a state dict)."""
+        p = prefix + "."
+        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+
+    def parent_ref(self, role: str) -> dict:
+        return {"role": role, "path": str(self.path), "sha256": self.sha256, "kind": self.kind}
+
+
+@dataclass
+class Provenance:
+    parents: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "parents": self.parents,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+            "host": platform.node(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict,
+                    parents: list[dict] = (), extra: dict | None = None) -> Path:
+    """Write atomically: a crash leaves either the old file or the new one, never a torn one."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        f"{_META_PREFIX}format_version": str(FORMAT_VERSION),
+        f"{_META_PREFIX}kind": kind,
+        f"{_META_PREFIX}package_version": __version__,
+        f"{_META_PREFIX}config": json.dumps(config),
+        f"{_META_PREFIX}extra": json.dumps(extra or {}),
+        f"{_META_PREFIX}provenance": json.dumps(Provenance(list(parents)).to_dict()),
+    }
+    # safetensors refuses non-contiguous tensors and tensors sharing storage (tied weights)
+    tensors = _unshare({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: set[int] = set()
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        if ptr in seen:
+            v = v.clone()
+        elif ptr != -1:
+            seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def _check_header(path: Path) -> dict:
+    """Validate the safetensors framing ourselves so damage gets a one-line explanation."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise LdaeError(f"{path}: checkpoint not found") from None
+    except OSError as exc:
+        raise LdaeError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
+    if path.is_dir():
+        raise LdaeError(f"{path}: is a directory, expected a .safetensors checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise LdaeError(f"{path}: not an ldae checkpoint (file is {size} bytes, too short for safetensors)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or n + 8 > size:
+            raise LdaeError(f"{path}: not an ldae checkpoint (not a safetensors file, or truncated in its header)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LdaeError(f"{path}: not an ldae checkpoint (safetensors header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise LdaeError(f"{path}: not an ldae checkpoint (safetensors header is not a mapping)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise LdaeError(f"{path}: checkpoint is truncated ({size} bytes on disk, {8 + n + end} expected);"
+                        " it was damaged after writing; use an earlier checkpoint")
+    return header.get("__metadata__") or {}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Metadata only (kind, config, ...), without loading tensors."""
+    path = Path(path)
+    meta = _check_header(path)
+    kind = meta.get(f"{_META_PREFIX}kind")
+    if kind is None:
+        raise LdaeError(f"{path}: a safetensors file without ldae metadata, not an ldae checkpoint")
+    version = int(meta.get(f"{_META_PREFIX}format_version", "0"))
+    if version > FORMAT_VERSION or version < 1:
+        raise LdaeError(f"{path}: checkpoint format version {version}; this ldae {__version__} reads version "
+                        f"{FORMAT_VERSION} (upgrade ldae to read newer files)")
+    try:
+        return {
+            "kind": kind,
+            "format_version": version,
+            "package_version": meta.get(f"{_META_PREFIX}package_version", ""),
+            "config": json.loads(meta.get(f"{_META_PREFIX}config", "{}")),
+            "extra": json.loads(meta.get(f"{_META_PREFIX}extra", "{}")),
+            "provenance": json.loads(meta.get(f"{_META_PREFIX}provenance", "{}")),
+        }
+    except json.JSONDecodeError:
+        raise LdaeError(f"{path}: checkpoint metadata is damaged (invalid JSON)") from None
+
+
+def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
+                    device: str = "cpu") -> Checkpoint:
+    path = Path(path)
+    meta = read_metadata(path)
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted and meta["kind"] not in wanted:
+        raise LdaeError(f"{path}: is a '{meta['kind']}' checkpoint, expected {' or '.join(repr(k) for k in wanted)}")
+    try:
+        tensors = load_file(path, device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LdaeError(f"{path}: checkpoint tensors are damaged ({str(exc).splitlines()[0]})") from None
+    return Checkpoint(path=path, kind=meta["kind"], tensors=tensors, config=meta["config"], extra=meta["extra"],
+                      provenance=meta["provenance"], sha256=sha256_file(path),
+                      format_version=meta["format_version"], package_version=meta["package_version"])
+
+
+def flatten_optimizer(state: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors, JSON-able rest), so it fits in safetensors."""
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            name = f"{prefix}.state.{idx}.{key}"
+            if torch.is_tensor(value):
+                tensors[name] = value
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict, prefix: str = "optim") -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    items = list(tensors.items()) + list(rest.get("scalars", {}).items())
+    p = prefix + ".state."
+    for name, value in items:
+        if not name.startswith(p):
+            continue
+        idx, key = name[len(p):].split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": rest["param_groups"]}

@@ -1,0 +1,570 @@
+"""The data layer: every dataset the stages read, one image pipeline, and seeded batch order.
+
+Sources: Fashion-MNIST IDX files, ImageFolder trees (ImageNet layout, also as a .tar/.tar.gz such as
+the CIFAR-10 JPEG archive), and plain folders of unlabeled images. Every image goes through the
+same pipeline: decoded to RGB whatever its mode, cropped (center, or random-resized), resized to
+`image_size` and kept as uint8 until the training loop turns it into floats in [-1, 1].
+
+Randomness is keyed by (seed, epoch, index), never by a global RNG, so batch order and crops are
+identical across resumes, numbers of DataLoader workers and numbers of DDP ranks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import random
+import struct
+import tarfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ldae_cli.errors import LdaeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_HOME = Path(os.environ.get("LDAE_CACHE", Path.home() / ".cache" / "ldae"))
+FMNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+Source = Literal["fashion-mnist", "cifar10", "imagefolder", "images"]
+
+
+@dataclass
+class DataConfig:
+    source: Source = "fashion-mnist"
+    path: Optional[str] = None  # None: the source's default location (see `default_locations`)
+    train_split: str = "train"
+    eval_split: Optional[str] = None  # None: 'test' for fashion-mnist/cifar10, 'val' for imagefolder
+    image_size: int = 32
+    crop: Literal["center", "random-resized"] = "center"
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = False
+    on_bad_image: Literal["error", "skip"] = "error"
+    num_workers: int = 2
+    cache: Literal["auto", "always", "never"] = "auto"  # decoded images kept in RAM when crops are fixed
+    limit: Optional[int] = None  # use a seeded random subset of this many images per split
+
+    def validate(self) -> None:
+        if self.image_size < 2:
+            raise LdaeError(f"data.image_size: must be at least 2, got {self.image_size}")
+        lo, hi = (self.crop_scale + [None, None])[:2]
+        if len(self.crop_scale) != 2 or not (0 < lo <= hi <= 1):
+            raise LdaeError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.limit is not None and self.limit < 1:
+            raise LdaeError(f"data.limit: must be a positive number of images or null, got {self.limit}")
+
+    def split_name(self, split: str) -> str:
+        if split == "train":
+            return self.train_split
+        if self.eval_split is not None:
+            return self.eval_split
+        return "val" if self.source == "imagefolder" else "test"
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: any PIL mode -> RGB uint8
+# ---------------------------------------------------------------------------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB whatever the file held: grayscale, palette, alpha (composited on white), CMYK, 16-bit."""
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def center_square(w: int, h: int) -> tuple[int, int, int, int]:
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return left, top, left + side, top + side
+
+
+def random_resized_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """Inception-style crop box (area fraction in `scale`, aspect in `ratio`), from a seeded rng."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return left, top, left + cw, top + ch
+    return center_square(w, h)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One integer per (run seed, epoch, image) that drives that image's random crop and flip."""
+    return (seed * 0x9E3779B1 + epoch * 0x85EBCA6B + index * 0xC2B2AE35) & 0x7FFFFFFF
+
+
+def should_flip(aug_seed: int) -> bool:
+    return random.Random(aug_seed ^ 0x5BD1E995).random() < 0.5
+
+
+def prepare(img: Image.Image, size: int, crop: str = "center", crop_scale=(0.2, 1.0), hflip: bool = False,
+            aug_seed: int = 0) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, size, size) after the configured crop."""
+    img = to_rgb(img)
+    w, h = img.size
+    if crop == "random-resized":
+        box = random_resized_box(w, h, tuple(crop_scale), random.Random(aug_seed))
+    else:
+        box = center_square(w, h)
+    if box != (0, 0, w, h) or (w, h) != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if hflip and should_flip(aug_seed):
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float in [-1, 1], the range every model and the PCA see."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_image_file(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """One user image (any size or mode) -> uint8 (3, size, size), with a one-line error if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return prepare(img, size)
+    except FileNotFoundError:
+        raise LdaeError(f"{path}: image not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise LdaeError(f"{path}: cannot read image ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: where images come from
+# ---------------------------------------------------------------------------------------------
+
+class ImageSource:
+    """Indexable raw images with labels; `open(i)` returns a PIL image or raises."""
+
+    names: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def open(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], origin: str):
+        self.images, self.labels, self.classes = images, [int(x) for x in labels], classes
+        self.names = [f"{origin}[{i}]" for i in range(len(images))]
+
+    def open(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+class FileSource(ImageSource):
+    def __init__(self, paths: list[Path], labels: list[int], classes: list[str]):
+        self.paths, self.labels, self.classes = paths, labels, classes
+        self.names = [str(p) for p in paths]
+
+    def open(self, i: int) -> Image.Image:
+        img = Image.open(self.paths[i])
+        img.load()
+        return img
+
+
+class BytesSource(ImageSource):
+    """Images held in memory as encoded bytes (members of a tar archive)."""
+
+    def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], classes: list[str]):
+        self.blobs, self.names, self.labels, self.classes = blobs, names, labels, classes
+
+    def open(self, i: int) -> Image.Image:
+        img = Image.open(io.BytesIO(self.blobs[i]))
+        img.load()
+        return img
+
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(dims)):
+            raise ValueError(f"expected {int(np.prod(dims))} values, found {data.size}")
+        return data.reshape(dims)
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise LdaeError(f"{path}: not a readable IDX file ({_short(exc)})") from None
+
+
+def default_locations(source: str) -> list[Path]:
+    env = [Path(os.environ["LDAE_DATA"])] if os.environ.get("LDAE_DATA") else []
+    if source == "fashion-mnist":
+        return [*(e / "fashion-mnist" for e in env), FMNIST_DEBIAN, CACHE_HOME / "fashion-mnist",
+                CACHE_HOME / "FashionMNIST" / "raw"]
+    if source == "cifar10":
+        names = ("cifar10-jpg.tar.gz", "cifar10")
+        return [*(e / n for e in env for n in names), *(REPO_ROOT.parent / "shared" / "data" / n for n in names),
+                *(CACHE_HOME / n for n in names)]
+    return []
+
+
+_HOW_TO_GET = {
+    "fashion-mnist": "install it with `sudo apt-get install dataset-fashion-mnist` (or run `make data`, which "
+                     "falls back to torchvision's download), or point data.path at a folder of IDX files",
+    "cifar10": "point data.path at the CIFAR-10 JPEG tree or its .tar.gz (cifar10/{train,test}/<class>/*.jpg)",
+    "imagefolder": "set data.path to a folder (or .tar/.tar.gz) laid out as <split>/<class>/<image>",
+    "images": "set data.path to a folder of images",
+}
+
+
+def resolve_path(cfg: DataConfig) -> Path:
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise LdaeError(f"dataset not found: data.path '{cfg.path}' does not exist; {_HOW_TO_GET[cfg.source]}")
+        return path
+    places = default_locations(cfg.source)
+    if not places:
+        raise LdaeError(f"data.source '{cfg.source}' needs data.path; {_HOW_TO_GET[cfg.source]}")
+    for place in places:
+        if place.exists():
+            return place
+    looked = ", ".join(str(p) for p in places)
+    raise LdaeError(f"{cfg.source} dataset not found (looked in {looked}); {_HOW_TO_GET[cfg.source]}")
+
+
+def _fmnist(root: Path, split: str) -> ImageSource:
+    if split not in _FMNIST_FILES:
+        raise LdaeError(f"fashion-mnist has splits 'train' and 'test', not '{split}'")
+    found = []
+    for stem in _FMNIST_FILES[split]:
+        hits = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
+        if not hits:
+            raise LdaeError(f"{root}: missing {stem}.gz; expected Fashion-MNIST IDX files there ({_HOW_TO_GET['fashion-mnist']})")
+        found.append(hits[0])
+    images, labels = _read_idx(found[0]), _read_idx(found[1])
+    if len(images) != len(labels):
+        raise LdaeError(f"{root}: {len(images)} images but {len(labels)} labels in the {split} split")
+    return ArraySource(images, labels, FMNIST_CLASSES, f"{found[0].name}")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for cand in [root / split, *sorted(d / split for d in root.iterdir() if d.is_dir())]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _imagefolder_dir(root: Path, split: str) -> ImageSource:
+    split_dir = _find_split_dir(root, split)
+    if split_dir is None:
+        raise LdaeError(f"{root}: no '{split}' folder (looked for {root / split} and {root}/*/{split}); "
+                        f"expected the layout <split>/<class>/<image>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((split_dir / cls).rglob("*")):
+            if p.is_file() and _is_image(p.name):
+                paths.append(p)
+                labels.append(label)
+    if not paths:
+        raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, labels, classes)
+
+
+def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise LdaeError(f"{archive}: cannot open archive ({_short(exc)})") from None
+    blobs, names, class_of = [], [], []
+    try:
+        with tar:
+            for member in tar:
+                if not member.isfile() or not _is_image(member.name):
+                    continue
+                parts = member.name.strip("/").split("/")
+                if len(parts) < 3 or parts[-3] != split:
+                    continue
+                blobs.append(tar.extractfile(member).read())
+                names.append(f"{archive}:{member.name}")
+                class_of.append(parts[-2])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise LdaeError(f"{archive}: archive is damaged ({_short(exc)})") from None
+    if not blobs:
+        raise LdaeError(f"{archive}: no images under a '{split}/<class>/' folder in this archive")
+    classes = sorted(set(class_of))
+    index = {c: i for i, c in enumerate(classes)}
+    order = sorted(range(len(names)), key=names.__getitem__)
+    return BytesSource([blobs[i] for i in order], [names[i] for i in order],
+                       [index[class_of[i]] for i in order], classes)
+
+
+def _plain_images(root: Path) -> ImageSource:
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+    if not paths:
+        raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, [-1] * len(paths), [])
+
+
+def open_source(cfg: DataConfig, split: str) -> ImageSource:
+    """The raw images of `split` ('train' or 'eval') for the configured dataset."""
+    root = resolve_path(cfg)
+    name = cfg.split_name(split)
+    if cfg.source == "fashion-mnist":
+        return _fmnist(root, name)
+    if cfg.source in ("cifar10", "imagefolder"):
+        if root.is_file():
+            return _imagefolder_tar(root, name)
+        return _imagefolder_dir(root, name)
+    return _plain_images(root)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and batches
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class BadImage:
+    name: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (B, 3, H, W)
+    labels: torch.Tensor  # int64 (B,), -1 where unlabeled
+    bad: list[BadImage]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are uint8 image tensors; keys are an index or (index, aug_seed)."""
+
+    def __init__(self, source: ImageSource, size: int, crop: str = "center", crop_scale=(0.2, 1.0),
+                 hflip: bool = False, subset: list[int] | None = None):
+        self.source, self.size, self.crop, self.crop_scale, self.hflip = source, size, crop, crop_scale, hflip
+        self.subset = subset
+        self.cached: torch.Tensor | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.source.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.classes)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.crop == "center"
+
+    def _raw(self, i: int) -> int:
+        return self.subset[i] if self.subset is not None else i
+
+    def __len__(self) -> int:
+        return len(self.subset) if self.subset is not None else len(self.source)
+
+    def label(self, i: int) -> int:
+        return self.source.labels[self._raw(i)]
+
+    def labels_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.label(i) for i in range(len(self))], dtype=torch.long)
+
+    def name(self, i: int) -> str:
+        return self.source.names[self._raw(i)]
+
+    def __getitem__(self, key):
+        i, aug_seed = key if isinstance(key, tuple) else (key, 0)
+        if self.cached is not None:
+            img = self.cached[i]
+            if self.hflip and should_flip(aug_seed):
+                img = img.flip(-1)
+            return img, self.label(i)
+        try:
+            img = self.source.open(self._raw(i))
+            return prepare(img, self.size, self.crop, self.crop_scale, self.hflip, aug_seed), self.label(i)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return BadImage(self.name(i), _short(exc))
+
+    def materialize(self, num_workers: int = 0) -> None:
+        """Decode every image once and keep the uint8 tensors (only valid for fixed crops)."""
+        if not self.deterministic:
+            raise ValueError("only center-cropped datasets can be cached")
+        loader = make_loader(self, [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)],
+                             num_workers)
+        chunks = []
+        for batch in loader:
+            if batch.bad:
+                raise_bad(batch.bad)
+            chunks.append(batch.images)
+        self.cached = torch.cat(chunks) if chunks else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+
+
+def raise_bad(bad: list[BadImage]) -> None:
+    first = bad[0]
+    more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
+    raise LdaeError(f"{first.name}: cannot read image ({first.reason}){more}; "
+                    "set data.on_bad_image=skip to skip unreadable files")
+
+
+def collate(items: list) -> Batch:
+    bad = [x for x in items if isinstance(x, BadImage)]
+    good = [x for x in items if not isinstance(x, BadImage)]
+    if good:
+        images = torch.stack([img for img, _ in good])
+        labels = torch.tensor([lab for _, lab in good], dtype=torch.long)
+    else:
+        images, labels = torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return Batch(images, labels, bad)
+
+
+def make_loader(dataset: ImageDataset, batches, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over explicit lists of keys; cached datasets are indexed in the main process."""
+    workers = 0 if dataset.cached is not None else num_workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+class BadImageCounter:
+    """Applies `data.on_bad_image` to each batch: raise, or count and warn once per file."""
+
+    def __init__(self, policy: str):
+        self.policy, self.skipped = policy, 0
+
+    def check(self, batch: Batch) -> Batch:
+        if batch.bad:
+            if self.policy == "error":
+                raise_bad(batch.bad)
+            for b in batch.bad:
+                warnings.warn(f"skipped unreadable image {b.name}: {b.reason}", stacklevel=2)
+            self.skipped += len(batch.bad)
+        return batch
+
+
+def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
+                  size: int | None = None) -> ImageDataset:
+    """The configured dataset for 'train' or 'eval'; eval (or augment=False) always center-crops."""
+    source = open_source(cfg, split)
+    augment = (split == "train") if augment is None else augment
+    crop = cfg.crop if augment else "center"
+    subset = None
+    if cfg.limit is not None and cfg.limit < len(source):
+        g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
+        subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
+    ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset)
+    if ds.deterministic and cfg.cache != "never":
+        nbytes = len(ds) * 3 * ds.size * ds.size
+        if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:
+            ds.materialize(cfg.num_workers)
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded global batches, split across ranks and micro-batches
+# ---------------------------------------------------------------------------------------------
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+class StepBatches:
+    """Yields, for each optimizer step from `start_step`, this rank's micro-batches of (index, aug_seed).
+
+    Step s of epoch e uses positions [s*B, (s+1)*B) of that epoch's seeded permutation; rank r of
+    W takes an equal slice, cut into `accum` micro-batches. The global batch, and so the loss
+    curve, is the same whatever W and accum are.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1,
+                 start_step: int = 0, total_steps: int | None = None):
+        if global_batch % (world * accum):
+            raise LdaeError(f"global batch {global_batch} is not divisible by ranks ({world}) x accumulation "
+                            f"steps ({accum})")
+        if n < global_batch:
+            raise LdaeError(f"dataset has {n} images, fewer than one global batch of {global_batch}; lower "
+                            "optim.batch_size")
+        self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, global_batch, seed, rank, world, accum
+        self.steps_per_epoch = n // global_batch
+        self.start_step = start_step
+        self.total_steps = total_steps
+
+    def micro_batches(self, step: int) -> list[list[tuple[int, int]]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.n, self.seed, epoch)
+        per_rank = self.batch // self.world
+        lo = within * self.batch + self.rank * per_rank
+        idx = order[lo: lo + per_rank].tolist()
+        keys = [(i, sample_seed(self.seed, epoch, i)) for i in idx]
+        m = per_rank // self.accum
+        return [keys[k * m:(k + 1) * m] for k in range(self.accum)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start_step
+        while self.total_steps is None or step < self.total_steps:
+            yield from self.micro_batches(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.total_steps is None:
+            raise TypeError("unbounded")
+        return (self.total_steps - self.start_step) * self.accum
+
+
+def download_fashion_mnist() -> Path:
+    """Fallback for machines without the Debian package: torchvision's download into the ldae cache."""
+    from torchvision.datasets import FashionMNIST
+
+    FashionMNIST(str(CACHE_HOME), train=True, download=True)
+    FashionMNIST(str(CACHE_HOME), train=False, download=True)
+    return CACHE_HOME / "FashionMNIST" / "raw"
