@@ -29,7 +29,7 @@ from ldae_cli import __version__
 from ldae_cli.errors import LdaeError
 
 FORMAT_VERSION = 1
-KINDS = ("pca", "tokenizer", "pretrain", "probe", "finetune", "detect")
+KINDS = ("pca", "tokenizer", "pretrain", "encoder", "probe", "finetune", "detect")
 _META_PREFIX = "ldae."
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -207,12 +207,12 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
                       format_version=meta["format_version"], package_version=meta["package_version"])
 
 
-def flatten_optimizer(state: dict, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
-    """torch optimizer state_dict -> (tensors, JSON-able rest), so it fits in safetensors."""
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (tensors named `state.<param>.<key>`, JSON-able rest) for safetensors."""
     tensors, scalars = {}, {}
     for idx, entry in state["state"].items():
         for key, value in entry.items():
-            name = f"{prefix}.state.{idx}.{key}"
+            name = f"state.{idx}.{key}"
             if torch.is_tensor(value):
                 tensors[name] = value
             else:
@@ -220,13 +220,10 @@ def flatten_optimizer(state: dict, prefix: str = "optim") -> tuple[dict[str, tor
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict, prefix: str = "optim") -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of `flatten_optimizer`."""
     state: dict[int, dict[str, Any]] = {}
-    items = list(tensors.items()) + list(rest.get("scalars", {}).items())
-    p = prefix + ".state."
-    for name, value in items:
-        if not name.startswith(p):
-            continue
-        idx, key = name[len(p):].split(".", 1)
+    for name, value in list(tensors.items()) + list(rest.get("scalars", {}).items()):
+        _, idx, key = name.split(".", 2)
         state.setdefault(int(idx), {})[key] = value
     return {"state": state, "param_groups": rest["param_groups"]}

@@ -9,6 +9,8 @@ import typer
 
 from ldae_cli import __version__
 from ldae_cli.config import load_config
+from rich.markup import escape
+
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import err_console
 
@@ -70,9 +72,46 @@ def train_tokenizer(config: Optional[str] = ConfigOpt, overrides: Optional[List[
 
 
 @app.command("pretrain")
-def pretrain(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Pretrain a DiT-style denoising model (any row of the deconstruction trajectory, l-DAE by default)."""
-    _not_built("pretrain", 3)
+def pretrain(
+    config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="Run directory (sets run.out_dir)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory (or checkpoint) "
+                                         "exactly where it stopped."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device)."),
+) -> None:
+    """Pretrain a DiT-style denoising model: any row of the deconstruction trajectory, l-DAE by default.
+
+    Launch on several GPUs or nodes with `torchrun --nproc-per-node N -m ldae_cli pretrain ...`.
+    """
+    from ldae_cli.stages import pretrain as stage
+
+    if config is None and resume is None:
+        raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
+                        "or --resume RUN_DIR")
+    cfg, ckpt = stage.load_pretrain_config(config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
+    stage.run(cfg, config, ckpt)
+
+
+@app.command("export")
+def export(
+    ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
+    out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors)."),
+    t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+) -> None:
+    """Fold the encoder at fixed t into a plain ViT and save it as a timm `VisionTransformer` state dict.
+
+    Load it with `timm.models.vision_transformer.VisionTransformer(**kwargs)` (class_token=False,
+    global_pool='avg', act_layer='gelu_tanh'; the kwargs are in the file's metadata) and
+    `safetensors.torch.load_file`.
+    """
+    from ldae_cli.pretrained import export_encoder
+
+    path = export_encoder(ckpt, out, t, depth, ema)
+    typer.echo(f"wrote {path}")
 
 
 @app.command("probe")
@@ -105,7 +144,7 @@ def main() -> None:
     except LdaeError as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted (checkpoints already written are kept; training stages resume with --resume)")
@@ -114,7 +153,7 @@ def main() -> None:
         if _state["debug"]:
             raise
         first = str(exc).splitlines()[0] if str(exc) else ""
-        err_console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {first} (rerun with --debug for the "
+        err_console.print(f"[bold red]error:[/bold red] {type(exc).__name__}: {escape(first)} (rerun with --debug for the "
                           "full traceback)", soft_wrap=True)
         sys.exit(1)
 

@@ -8,6 +8,7 @@ the same type checking as the file.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -42,7 +43,7 @@ def find_config(name: str | os.PathLike) -> Path:
             if (root / cand).is_file():
                 return root / cand
         for cand in candidates:  # a bare name may live in a subfolder: `T3.5` -> trajectory/T3.5.yaml
-            hits = sorted(root.rglob(Path(cand).name)) if root.is_dir() else []
+            hits = sorted(h for h in root.rglob(Path(cand).name) if h.is_file()) if root.is_dir() else []
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
@@ -208,9 +209,11 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
 
 
 def load_config(cls: type, config: str | os.PathLike | None = None, overrides: list[str] = (),
-                flags: dict[str, Any] | None = None) -> Any:
-    """Defaults < config file (with its bases) < command-line flags < `--set` overrides."""
-    data: dict = _read_yaml(find_config(config)) if config else {}
+                flags: dict[str, Any] | None = None, base: dict | None = None) -> Any:
+    """Defaults < `base` (a stored config) < config file (with its bases) < flags < `--set` overrides."""
+    data: dict = copy.deepcopy(base) if base else {}
+    if config:
+        data = deep_merge(data, _read_yaml(find_config(config)))
     for dotted, value in (flags or {}).items():
         if value is not None:
             apply_override(data, dotted.split("."), value)

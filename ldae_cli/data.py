@@ -343,7 +343,8 @@ def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
         raise LdaeError(f"{archive}: no images under a '{split}/<class>/' folder in this archive")
     classes = sorted(set(class_of))
     index = {c: i for i, c in enumerate(classes)}
-    order = sorted(range(len(names)), key=names.__getitem__)
+    # the same order as the extracted folder: by class name, then by file name within the class
+    order = sorted(range(len(names)), key=lambda i: (class_of[i], names[i].rsplit("/", 1)[-1], names[i]))
     return BytesSource([blobs[i] for i in order], [names[i] for i in order],
                        [index[class_of[i]] for i in order], classes)
 
@@ -396,6 +397,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.source, self.size, self.crop, self.crop_scale, self.hflip = source, size, crop, crop_scale, hflip
         self.subset = subset
         self.cached: torch.Tensor | None = None
+        self.skipped = 0  # unreadable images dropped by materialize(on_bad_image='skip')
 
     @property
     def classes(self) -> list[str]:
@@ -437,17 +439,28 @@ class ImageDataset(torch.utils.data.Dataset):
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             return BadImage(self.name(i), _short(exc))
 
-    def materialize(self, num_workers: int = 0) -> None:
-        """Decode every image once and keep the uint8 tensors (only valid for fixed crops)."""
+    def materialize(self, num_workers: int = 0, on_bad_image: str = "error") -> None:
+        """Decode every image once and keep the uint8 tensors (only valid for fixed crops).
+
+        With `on_bad_image="skip"`, unreadable images are warned about, counted in `skipped` and
+        dropped from the dataset (the subset shrinks so indices, labels and cache stay aligned).
+        """
         if not self.deterministic:
             raise ValueError("only center-cropped datasets can be cached")
-        loader = make_loader(self, [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)],
-                             num_workers)
-        chunks = []
-        for batch in loader:
-            if batch.bad:
-                raise_bad(batch.bad)
+        chunks_keys = [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)]
+        counter = BadImageCounter(on_bad_image)
+        chunks, kept = [], []
+        for keys, batch in zip(chunks_keys, make_loader(self, chunks_keys, num_workers)):
+            counter.check(batch)
+            bad_names = {b.name for b in batch.bad}
+            kept.extend(self._raw(i) for i in keys if self.name(i) not in bad_names)
             chunks.append(batch.images)
+        if counter.skipped:
+            if not kept:
+                raise LdaeError(f"none of the {len(self)} images could be read (all {counter.skipped} skipped)")
+            self.subset = kept
+        self.skipped = counter.skipped
+        chunks = [c for c in chunks if c.shape[0]]
         self.cached = torch.cat(chunks) if chunks else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
 
 
@@ -506,7 +519,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     if ds.deterministic and cfg.cache != "never":
         nbytes = len(ds) * 3 * ds.size * ds.size
         if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:
-            ds.materialize(cfg.num_workers)
+            ds.materialize(cfg.num_workers, cfg.on_bad_image)
     return ds
 
 

@@ -1,0 +1,167 @@
+"""Noise schedules, targets and losses of every trajectory step (SPEC §2-3).
+
+z_t = gamma_t z0 + sigma_t eps in the tokenizer's (scaled) latent space. The network reads the noisy
+latent itself (`input_space: latent`) or its decoding to an image (`image`, e.g. inverse PCA), and
+writes latent tokens or image patches (`output_space`). Targets: `eps` (the noise), `z0` (the clean
+latent, from an image-space output by re-encoding it) or `x0` (the original image, loss weighted
+per PCA component: 1 for the first d, `tail_weight` beyond).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ldae_cli.errors import LdaeError
+from ldae_cli.tokenizers import Tokenizer, patchify, unpatchify
+
+Schedule = Literal["ddpm", "linear-gamma2", "linear-sigma", "constant"]
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Schedule = "linear-sigma"
+    timesteps: int = 1000
+    constant_sigma: float = math.sqrt(1 / 3)
+    constant_t: int = 10  # the t the model is conditioned on under the `constant` schedule
+    target: Literal["eps", "z0", "x0"] = "x0"
+    loss_weight: Literal["1", "gamma2", "snr", "inv1p"] = "inv1p"
+    input_space: Literal["latent", "image"] = "image"
+    output_space: Literal["latent", "image"] = "image"
+    tail_weight: float = 0.1  # w_i for PCA components i > d under the x0 target (1.0 = plain pixel MSE)
+
+    def validate(self) -> None:
+        if self.timesteps < 1:
+            raise LdaeError(f"diffusion.timesteps must be positive, got {self.timesteps}")
+        if self.target == "eps" and self.output_space != "latent":
+            raise LdaeError("diffusion.target 'eps' predicts latent noise: set diffusion.output_space to 'latent'")
+        if self.target == "x0" and self.output_space != "image":
+            raise LdaeError("diffusion.target 'x0' predicts the original image: set diffusion.output_space to 'image'")
+        if not 0 <= self.tail_weight:
+            raise LdaeError(f"diffusion.tail_weight must be >= 0, got {self.tail_weight}")
+        if self.schedule == "constant" and not 0 <= self.constant_t <= self.timesteps:
+            raise LdaeError(f"diffusion.constant_t must lie in 0..{self.timesteps}")
+
+
+class NoiseSchedule(nn.Module):
+    """gamma_t and sigma_t for t = 0..T as lookup tables (t = 0 is clean)."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        self.kind, self.T = cfg.schedule, cfg.timesteps
+        self.constant_t = cfg.constant_t
+        t = torch.arange(self.T + 1, dtype=torch.float64)
+        if cfg.schedule == "ddpm":
+            betas = torch.linspace(1e-4, 0.02, self.T, dtype=torch.float64)
+            gamma2 = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+            gamma, sigma = gamma2.sqrt(), (1 - gamma2).sqrt()
+        elif cfg.schedule == "linear-gamma2":
+            gamma, sigma = (1 - t / self.T).sqrt(), (t / self.T).sqrt()
+        elif cfg.schedule == "linear-sigma":
+            gamma, sigma = torch.ones_like(t), math.sqrt(2) * t / self.T
+        else:
+            gamma, sigma = torch.ones_like(t), torch.full_like(t, cfg.constant_sigma)
+            sigma[0] = 0.0
+        self.register_buffer("gamma", gamma.float(), persistent=False)
+        self.register_buffer("sigma", sigma.float(), persistent=False)
+        weights = {
+            "1": torch.ones_like(t),
+            "gamma2": gamma ** 2,
+            "snr": gamma ** 2 / (sigma ** 2).clamp_min(1e-20),
+            "inv1p": 1 / (1 + sigma ** 2),
+        }[cfg.loss_weight]
+        self.register_buffer("weight", weights.float(), persistent=False)
+
+    def sample_t(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        if self.kind == "constant":
+            return torch.full((n,), self.constant_t, dtype=torch.long, device=device)
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+
+    def sigma_to_t(self, sigma: float) -> int:
+        """The timestep whose noise level is closest to `sigma` (for `denoise --sigma`)."""
+        return int((self.sigma - sigma).abs().argmin())
+
+
+class Denoiser(nn.Module):
+    """One training objective: tokenizer + schedule + network -> per-sample loss."""
+
+    def __init__(self, cfg: DiffusionConfig, tokenizer: Tokenizer, schedule: NoiseSchedule, image_size: int):
+        super().__init__()
+        if cfg.tail_weight != 1.0 and cfg.target == "x0" and not hasattr(tokenizer, "kept_energy"):
+            raise LdaeError(f"diffusion.tail_weight needs a tokenizer with an orthonormal basis (pca or pixel); "
+                            f"'{tokenizer.kind}' has none: set diffusion.tail_weight=1.0")
+        self.cfg, self.tokenizer, self.schedule = cfg, tokenizer, schedule
+        self.grid = tokenizer.grid(image_size)
+        self.image_size = image_size
+        self.amp_dtype: torch.dtype | None = None  # set to torch.bfloat16 for autocast on CUDA
+
+    @property
+    def in_dim(self) -> int:
+        return self.tokenizer.token_dim if self.cfg.input_space == "latent" else self.tokenizer.image_token_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.tokenizer.token_dim if self.cfg.output_space == "latent" else self.tokenizer.image_token_dim
+
+    def to_image_patches(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent tokens -> image patches (B, N, D) through the tokenizer's decoder."""
+        if hasattr(self.tokenizer, "decode_patches"):
+            return self.tokenizer.decode_patches(z)
+        return patchify(self.tokenizer.decode(z, self.grid), self.tokenizer.patch)
+
+    def to_latent(self, patches: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.tokenizer, "encode_patches"):
+            return self.tokenizer.encode_patches(patches)
+        return self.tokenizer.encode(unpatchify(patches, self.tokenizer.patch, self.grid))
+
+    def noisy_input(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t, network input)."""
+        gamma = self.schedule.gamma[t][:, None, None]
+        sigma = self.schedule.sigma[t][:, None, None]
+        zt = gamma * z0 + sigma * eps
+        return zt, (zt if self.cfg.input_space == "latent" else self.to_image_patches(zt))
+
+    def loss(self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+             labels: torch.Tensor | None = None, drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample weighted loss (B,) for images in [-1, 1] with the given timesteps and latent noise."""
+        z0 = self.tokenizer.encode(images.float())
+        _, net_in = self.noisy_input(z0, t, eps)
+        # only the network runs in reduced precision; tokenizer and loss projections stay in float32
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            out = net(net_in, t, labels, drop_labels)
+        out = out.float()
+        target = self.cfg.target
+        if target == "eps":
+            per_token = (eps - out).square().mean(-1)
+        elif target == "z0":
+            pred = out if self.cfg.output_space == "latent" else self.to_latent(out)
+            per_token = (z0 - pred).square().mean(-1)
+        else:
+            residual = patchify(images.float(), self.tokenizer.patch) - out
+            total = residual.square().sum(-1)
+            tail = self.cfg.tail_weight
+            weighted = total if tail == 1.0 else tail * total + (1 - tail) * self.tokenizer.kept_energy(residual)
+            per_token = weighted / residual.shape[-1]
+        return self.schedule.weight[t] * per_token.mean(-1)
+
+    @torch.no_grad()
+    def denoise(self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy image, one-step estimate of the clean image) for visualisation and PSNR."""
+        z0 = self.tokenizer.encode(images.float())
+        zt, net_in = self.noisy_input(z0, t, eps)
+        out = net(net_in, t).float()
+        noisy = self.tokenizer.decode(zt, self.grid)
+        if self.cfg.target == "x0":
+            return noisy, unpatchify(out, self.tokenizer.patch, self.grid)
+        if self.cfg.target == "z0":
+            pred = out if self.cfg.output_space == "latent" else self.to_latent(out)
+        else:
+            gamma = self.schedule.gamma[t][:, None, None].clamp_min(1e-4)
+            sigma = self.schedule.sigma[t][:, None, None]
+            pred = (zt - sigma * out) / gamma
+        return noisy, self.tokenizer.decode(pred, self.grid)

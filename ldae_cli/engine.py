@@ -1,0 +1,179 @@
+"""Pieces every training stage shares: optimizer and lr schedule settings, run directories,
+resumable train state in the shared checkpoint format, clean stops on Ctrl-C / SIGTERM / time limit.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from ldae_cli.checkpoint import flatten_optimizer, unflatten_optimizer
+from ldae_cli.errors import LdaeError
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 2048  # global batch (all ranks, all accumulation steps)
+    micro_batch: Optional[int] = None  # per rank per forward; null = batch_size / ranks (no accumulation)
+    blr: float = 1e-4  # lr = blr * batch_size / 256
+    lr: Optional[float] = None  # absolute lr, overrides blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    epochs: float = 400.0
+    warmup_epochs: float = 100.0
+    clip_grad: Optional[float] = None
+    ema: Optional[float] = None  # EMA decay of the weights, e.g. 0.9999; null = no EMA
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise LdaeError(f"optim.batch_size must be positive, got {self.batch_size}")
+        if self.epochs <= 0 or self.warmup_epochs < 0:
+            raise LdaeError("optim.epochs must be positive and optim.warmup_epochs non-negative")
+        if len(self.betas) != 2:
+            raise LdaeError(f"optim.betas needs two values, got {self.betas}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise LdaeError(f"optim.ema is a decay in (0, 1), got {self.ema}")
+
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
+
+    def accumulation(self, world: int) -> tuple[int, int]:
+        """(micro batch, accumulation steps) for `world` ranks."""
+        per_rank, rem = divmod(self.batch_size, world)
+        if rem:
+            raise LdaeError(f"optim.batch_size {self.batch_size} is not divisible by {world} ranks")
+        micro = self.micro_batch or per_rank
+        if per_rank % micro:
+            raise LdaeError(f"optim.micro_batch {micro} does not divide the per-rank batch {per_rank}")
+        return micro, per_rank // micro
+
+
+@dataclass
+class RunConfig:
+    out_dir: Optional[str] = None  # default: runs/<stage>/<config name>
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    log_every: int = 20  # steps between metrics.jsonl lines (and the NaN check)
+    save_every: int = 500  # steps between checkpoints (one is always written at the end)
+    time_limit_minutes: Optional[float] = None  # stop cleanly (checkpoint written) after this long; resume later
+    stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
+    progress: bool = True
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """Per-iteration linear warm-up then half-cycle cosine to min_lr (MAE/DiT practice)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def run_dir(stage: str, cfg_out: str | None, config_name: str | None) -> Path:
+    if cfg_out:
+        return Path(cfg_out)
+    name = Path(config_name).stem if config_name else "default"
+    return Path("runs") / stage / name
+
+
+class StopSignal:
+    """First Ctrl-C / SIGTERM asks the loop to stop after the current step (and save); a second one aborts."""
+
+    def __init__(self, time_limit_minutes: float | None = None):
+        self.requested = False
+        self.reason = ""
+        self.deadline = time.monotonic() + 60 * time_limit_minutes if time_limit_minutes else None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.reason = True, signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.requested, self.reason = True, "time limit"
+        return self.requested
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, rest = flatten_optimizer(optimizer.state_dict())
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}, rest
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    """`tensors`: the checkpoint section written by `optimizer_tensors` (prefix removed)."""
+    state = unflatten_optimizer(tensors, rest)
+    if not state["state"]:
+        raise LdaeError("the checkpoint holds no optimizer state to resume from")
+    device = next(iter(optimizer.param_groups[0]["params"])).device
+    for entry in state["state"].values():
+        for key, value in entry.items():
+            # AdamW keeps `step` on the CPU unless fused/capturable
+            if torch.is_tensor(value) and key != "step":
+                entry[key] = value.to(device)
+    optimizer.load_state_dict(state)
+
+
+def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
+    """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
+        return out
+
+    a, b = flat(stored), flat(current)
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
+    if changed:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
+        raise LdaeError(f"--resume continues the stored run, but the config differs ({details}); resume without "
+                        f"changing the recipe (only {', '.join(allowed)} may change) or start a new run directory")
+
+
+class Throughput:
+    """Images per second over a sliding window of optimizer steps."""
+
+    def __init__(self, window: int = 20):
+        self.window, self.marks = window, []
+
+    def mark(self, images: int) -> float:
+        now = time.perf_counter()
+        self.marks.append((now, images))
+        self.marks = self.marks[-self.window - 1:]
+        if len(self.marks) < 2:
+            return float("nan")
+        span = self.marks[-1][0] - self.marks[0][0]
+        return sum(n for _, n in self.marks[1:]) / span if span > 0 else float("nan")

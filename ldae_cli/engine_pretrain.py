@@ -1,0 +1,211 @@
+"""The pretraining loop: seeded global batches, latent noise, gradient accumulation, DDP, EMA,
+periodic atomic checkpoints, exact resume, NaN guard, progress and metrics.
+
+Everything random is keyed by (seed, step): the data order by StepBatches, the timesteps, noise
+and label drops by a generator re-seeded each step and drawn for the whole global batch (each rank
+and micro-batch takes its slice). A resumed run, or the same global batch split over more ranks,
+therefore sees exactly the same samples, noise and schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ldae_cli.checkpoint import Checkpoint, save_checkpoint
+from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
+from ldae_cli.diffusion import Denoiser
+from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
+from ldae_cli.engine import OptimConfig, RunConfig, StopSignal, Throughput, amp_dtype, lr_at, optimizer_tensors, \
+    restore_optimizer, set_lr
+from ldae_cli.errors import LdaeError
+from ldae_cli.plots import save_curves
+from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+
+
+class PretrainObjective(nn.Module):
+    """uint8 images + step noise -> per-sample loss; the unit DDP and torch.compile wrap."""
+
+    def __init__(self, denoiser: Denoiser, net: nn.Module):
+        super().__init__()
+        self.denoiser, self.net = denoiser, net
+
+    def forward(self, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, labels: torch.Tensor,
+                drop: torch.Tensor) -> torch.Tensor:
+        return self.denoiser.loss(self.net, to_unit_range(images), t, eps, labels, drop)
+
+
+@dataclass
+class StepNoise:
+    t: torch.Tensor
+    eps: torch.Tensor
+    drop: torch.Tensor
+
+
+def draw_step_noise(denoiser: Denoiser, seed: int, step: int, batch: int, class_dropout: float,
+                    device: torch.device) -> StepNoise:
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    n_tokens = denoiser.grid[0] * denoiser.grid[1]
+    t = denoiser.schedule.sample_t(batch, gen, device)
+    eps = torch.randn((batch, n_tokens, denoiser.tokenizer.token_dim), generator=gen, device=device)
+    drop = torch.rand(batch, generator=gen, device=device) < class_dropout
+    return StepNoise(t, eps, drop)
+
+
+@dataclass
+class PretrainJob:
+    """Everything the loop needs, built by the pretrain stage."""
+
+    denoiser: Denoiser
+    model: nn.Module
+    dataset: ImageDataset
+    optim: OptimConfig
+    run: RunConfig
+    out_dir: Path
+    checkpoint_payload: callable  # (model, ema) -> (tensors, extra) describing the model for the checkpoint
+    config: dict
+    parents: list[dict] = field(default_factory=list)
+    class_dropout: float = 0.0
+    num_workers: int = 2
+    on_bad_image: str = "error"
+    resume_from: Checkpoint | None = None
+
+
+def train(job: PretrainJob, ctx: DistContext) -> Path:
+    device = ctx.device
+    cfg_o, cfg_r = job.optim, job.run
+    micro, accum = cfg_o.accumulation(ctx.world)
+    batches = StepBatches(len(job.dataset), cfg_o.batch_size, cfg_r.seed, ctx.rank, ctx.world, accum)
+    steps_per_epoch = batches.steps_per_epoch
+    total_steps = max(1, round(cfg_o.epochs * steps_per_epoch))
+    warmup_steps = round(cfg_o.warmup_epochs * steps_per_epoch)
+    base_lr = cfg_o.base_lr()
+
+    model = job.model.to(device)
+    job.denoiser.to(device)
+    job.denoiser.amp_dtype = amp_dtype(cfg_r.precision, device)
+    objective = PretrainObjective(job.denoiser, model)
+    runner: nn.Module = objective
+    if ctx.enabled:
+        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                         broadcast_buffers=False)
+    if cfg_r.compile:
+        runner = torch.compile(runner)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),
+                                  weight_decay=cfg_o.weight_decay, fused=device.type == "cuda")
+    ema = ModelEmaV3(model, decay=cfg_o.ema) if cfg_o.ema else None
+
+    start_step = 0
+    if job.resume_from is not None:
+        ck = job.resume_from
+        model.load_state_dict(ck.section("model"))
+        restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(ck.section("ema"))
+        start_step = ck.extra["step"]
+        if ctx.is_main:
+            console.print(f"resuming {ck.path} at step {start_step:,} of {total_steps:,}")
+
+    metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
+                         truncate_after_step=start_step if job.resume_from is not None else None)
+
+    def save(step_done: int, finished: bool) -> Path:
+        path = job.out_dir / "checkpoint.safetensors"
+        if ctx.is_main:
+            tensors, extra = job.checkpoint_payload(model, ema)
+            opt_tensors, opt_rest = optimizer_tensors(optimizer)
+            tensors.update(opt_tensors)
+            extra.update(step=step_done, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                         epoch=step_done / steps_per_epoch, finished=finished, optimizer=opt_rest,
+                         world_size=ctx.world)
+            save_checkpoint(path, "pretrain", tensors, job.config, job.parents, extra)
+            save_curves(read_metrics(metrics.path), job.out_dir / "loss.png", ("loss",),
+                        title=f"pretrain loss ({job.out_dir.name})")
+        barrier(ctx)
+        return path
+
+    if start_step >= total_steps:
+        if ctx.is_main:
+            console.print("this run has already finished; nothing to do")
+        return job.out_dir / "checkpoint.safetensors"
+
+    batches.start_step, batches.total_steps = start_step, total_steps
+    data_iter = iter(make_loader(job.dataset, batches, job.num_workers))
+    bad = BadImageCounter(job.on_bad_image)
+    per_rank = cfg_o.batch_size // ctx.world
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count_sum = torch.zeros((), device=device, dtype=torch.float64)
+    meter = Throughput()
+    last_saved = start_step
+    step = start_step
+    started = time.time()
+    if ctx.is_main:
+        console.print(f"pretrain: {len(job.dataset):,} images, batch {cfg_o.batch_size} ({ctx.world} rank(s) x "
+                      f"{accum} x {micro}), {total_steps:,} steps ({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, "
+                      f"device {device}")
+    model.train()
+    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
+        task = bar.add_task("pretrain", total=total_steps * cfg_o.batch_size,
+                            completed=start_step * cfg_o.batch_size, info="")
+        while step < total_steps:
+            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
+            set_lr(optimizer, lr)
+            noise = draw_step_noise(job.denoiser, cfg_r.seed, step, cfg_o.batch_size, job.class_dropout, device)
+            for k in range(accum):
+                batch = bad.check(next(data_iter))
+                images = batch.images.to(device, non_blocking=True)
+                labels = batch.labels.to(device, non_blocking=True)
+                lo = ctx.rank * per_rank + k * micro
+                sl = slice(lo, lo + images.shape[0])
+                sync = contextlib.nullcontext() if (k == accum - 1 or not ctx.enabled) else runner.no_sync()
+                with sync:
+                    per_sample = runner(images, noise.t[sl], noise.eps[sl], labels, noise.drop[sl])
+                    (per_sample.sum() / per_rank).backward()
+                loss_sum += per_sample.detach().sum()
+                count_sum += per_sample.shape[0]
+            if cfg_o.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_o.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=step)
+            step += 1
+            rate = meter.mark(cfg_o.batch_size)
+            bar.update(task, advance=cfg_o.batch_size)
+            stopping = stop.should_stop() or (cfg_r.stop_after_steps is not None
+                                              and step - start_step >= cfg_r.stop_after_steps)
+            due_save = step - last_saved >= cfg_r.save_every or step == total_steps or stopping
+            if step % cfg_r.log_every == 0 or due_save:
+                totals = all_reduce_sum(torch.stack([loss_sum, count_sum]), ctx)
+                mean_loss = float(totals[0] / totals[1].clamp_min(1))
+                if not torch.isfinite(totals[0]):
+                    raise LdaeError(f"loss became {mean_loss} between steps {step - cfg_r.log_every} and {step}; "
+                                    f"the last good checkpoint (step {last_saved}) is kept in {job.out_dir}. "
+                                    "Lower the lr (optim.blr), set optim.clip_grad, or check the data")
+                loss_sum.zero_()
+                count_sum.zero_()
+                epoch = step / steps_per_epoch
+                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": mean_loss, "lr": lr,
+                               "img_per_s": round(rate, 1) if rate == rate else None,
+                               "time_s": round(time.time() - started, 1), "skipped_images": bad.skipped})
+                bar.update(task, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  ep {epoch:.2f}")
+            if due_save:
+                save(step, finished=step == total_steps)
+                last_saved = step
+            if stopping and step < total_steps:
+                if ctx.is_main:
+                    why = stop.reason or "stop_after_steps"
+                    console.print(f"stopped at step {step:,} ({why}); checkpoint saved. Continue with "
+                                  f"`ldae pretrain --resume {job.out_dir}`")
+                break
+    if ctx.is_main and step == total_steps:
+        console.print(f"finished {total_steps:,} steps in {time.time() - started:.0f}s; wrote "
+                      f"{job.out_dir / 'checkpoint.safetensors'} and {job.out_dir / 'loss.png'}")
+    return job.out_dir / "checkpoint.safetensors"

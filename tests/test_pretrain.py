@@ -1,0 +1,192 @@
+"""Pretraining: every trajectory row runs, the objective can overfit, resume is exact, DDP matches one
+process, a NaN loss stops the run cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
+from ldae_cli.errors import LdaeError
+from ldae_cli.stages import pretrain as stage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _write_images(root: Path, n_per_class: int = 8, size: int = 32, classes=("a", "b")) -> Path:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for ci, cls in enumerate(classes):
+        d = root / "train" / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            phase = rng.uniform(0, 6.28, 3)
+            freq = 2 + 3 * ci
+            img = np.stack([np.sin(freq * 6.28 * (xx if c % 2 else yy) + phase[c]) for c in range(3)], -1)
+            img = (img * 0.4 + 0.5 + rng.normal(0, 0.05, img.shape)).clip(0, 1)
+            Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return _write_images(tmp_path_factory.mktemp("imgs"))
+
+
+def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
+    sets = {
+        "data.source": "imagefolder", "data.path": str(data), "data.image_size": 32, "data.num_workers": 0,
+        "model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,
+        "model.num_heads": 2, "tokenizer.fit_patches": 4000, "optim.batch_size": 8, "optim.epochs": 1,
+        "optim.warmup_epochs": 0.5, "run.out_dir": str(out), "run.compile": False, "run.progress": False,
+        "run.log_every": 1, "run.save_every": 1000, "run.device": "cpu",
+    }
+    sets.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
+
+
+def trajectory_rows() -> list[str]:
+    return sorted(p.stem for p in (BUNDLED_CONFIGS / "trajectory").glob("*.yaml"))
+
+
+def test_final_is_trajectory_row_t35():
+    final = to_dict(load_config(stage.PretrainConfig, "final.yaml"))
+    row = to_dict(load_config(stage.PretrainConfig, "trajectory/T3.5.yaml"))
+    assert final == row
+
+
+@pytest.mark.parametrize("row", trajectory_rows())
+def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
+    sets = {}
+    tokenizer = _read_yaml(find_config(f"trajectory/{row}.yaml"))["tokenizer"]
+    if tokenizer["kind"] == "pixel":
+        sets["data.image_size"] = 8 * tokenizer["patch"]  # 64 tokens whatever the patch
+    elif tokenizer["kind"] == "pca":
+        sets.update({"tokenizer.patch": 4, "tokenizer.dim": 8})
+    overrides = tiny_overrides(images, tmp_path / row, **sets)
+    if tokenizer["kind"] == "trained":
+        with pytest.raises(LdaeError, match="tokenizer.path"):
+            load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", overrides)
+        return
+    cfg = load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", overrides)
+    path = stage.run(cfg, row)
+    ck = load_checkpoint(path, "pretrain")
+    assert ck.extra["step"] == 2 and ck.extra["finished"]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / row / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert ck.config["diffusion"] == to_dict(cfg)["diffusion"]
+    assert (tmp_path / row / "config.yaml").exists() and (tmp_path / row / "loss.png").exists()
+
+
+def test_overfits_a_fixed_batch():
+    """Same images, timesteps and noise every step: the network must memorise (loss / 10 or better)."""
+    from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
+    from ldae_cli.models import DenoisingViT
+    from ldae_cli.stages.fit_pca import CovarianceAccumulator, principal_components
+    from ldae_cli.tokenizers import PCATokenizer, patchify
+
+    torch.set_flush_denormal(True)  # as the engine does on CPU (adaLN-Zero grads underflow otherwise: slow)
+    torch.manual_seed(0)
+    imgs = torch.rand(8, 3, 16, 16) * 2 - 1
+    acc = CovarianceAccumulator(48)
+    acc.update(patchify(imgs, 4).reshape(-1, 48))
+    eig, basis = principal_components(acc.covariance())
+    tok = PCATokenizer(acc.mean, basis, eig, 4, 8)
+    den = Denoiser(DiffusionConfig(), tok, NoiseSchedule(DiffusionConfig()), 16)
+    net = DenoisingViT(den.in_dim, den.out_dim, den.grid, 64, 2, 2, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    t = torch.randint(1, 1001, (8,))
+    eps = torch.randn(8, 16, 8)
+    losses = []
+    for _ in range(300):
+        loss = den.loss(net, imgs, t, eps).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def _tensors_equal(a, b, prefix):
+    ta, tb = a.section(prefix), b.section(prefix)
+    assert ta.keys() == tb.keys() and ta
+    return all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_resume_is_bit_exact(images, tmp_path):
+    sets = {"optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "tokenizer.patch": 4, "tokenizer.dim": 8}
+    full = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(images, tmp_path / "full", **sets))
+    stage.run(full, "full")
+    first = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
+        images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3}))
+    stage.run(first, "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
+    cfg, ck = stage.load_pretrain_config(None, [], {}, str(tmp_path / "cut"))
+    stage.run(cfg, None, ck)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
+    assert a.extra["step"] == b.extra["step"] == 6
+    assert _tensors_equal(a, b, "model") and _tensors_equal(a, b, "ema") and _tensors_equal(a, b, "optim")
+    log = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log("full")] == [r["loss"] for r in log("cut")]
+
+
+def test_resume_refuses_a_changed_recipe(images, tmp_path):
+    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
+        images, tmp_path / "r", **{"tokenizer.patch": 4, "tokenizer.dim": 8, "run.stop_after_steps": 1}))
+    stage.run(cfg, "r")
+    with pytest.raises(LdaeError, match="optim.blr"):
+        stage.load_pretrain_config(None, ["optim.blr=0.5"], {}, str(tmp_path / "r"))
+    with pytest.raises(LdaeError, match="already holds a pretrain checkpoint"):
+        stage.run(cfg, "r")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
+    out = tmp_path / "nan"
+    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
+        images, out, **{"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 40, "optim.warmup_epochs": 0,
+                        "optim.lr": 1e30, "run.save_every": 1}))
+    with pytest.raises(LdaeError, match=r"loss became (nan|inf).*last good checkpoint \(step \d+\)"):
+        stage.run(cfg, "nan")
+    ck = load_checkpoint(out / "checkpoint.safetensors", "pretrain")
+    assert all(torch.isfinite(v).all() for v in ck.section("model").values())
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "ldae_cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=600, **kw)
+
+
+def test_ddp_two_ranks_match_one_process(images, tmp_path):
+    """2 gloo ranks x 4 images == 1 process x 8 images: same batches, same noise, same loss curve."""
+    from ldae_cli.distributed import DistContext
+
+    sets = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3}
+    # fit the PCA once (into tmp_path/pca.safetensors) so both runs share it
+    stage.build_tokenizer(load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(images, tmp_path, **sets)),
+                          tmp_path, DistContext())
+    sets["tokenizer.path"] = str(tmp_path / "pca.safetensors")
+    one = tiny_overrides(images, tmp_path / "one", **sets)
+    two = tiny_overrides(images, tmp_path / "two", **sets)
+    args = ["pretrain", "--config", "final.yaml"]
+    r1 = _cli(*args, *sum((["--set", s] for s in one), []))
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                         "--master-port", "29533", "-m", "ldae_cli", *args, *sum((["--set", s] for s in two), [])],
+                        capture_output=True, text=True, cwd=REPO, timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    l1 = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    l2 = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(l1) == len(l2) == 6
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    assert load_checkpoint(tmp_path / "two" / "checkpoint.safetensors").extra["world_size"] == 2
