@@ -388,6 +388,9 @@ class Batch:
     labels: torch.Tensor  # int64 (B,), -1 where unlabeled
     bad: list[BadImage]
 
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.bad)
+
 
 class ImageDataset(torch.utils.data.Dataset):
     """Items are uint8 image tensors; keys are an index or (index, aug_seed)."""
@@ -482,11 +485,13 @@ def collate(items: list) -> Batch:
     return Batch(images, labels, bad)
 
 
-def make_loader(dataset: ImageDataset, batches, num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(dataset: ImageDataset, batches, num_workers: int, pin_memory: bool = False
+                ) -> torch.utils.data.DataLoader:
     """A DataLoader over explicit lists of keys; cached datasets are indexed in the main process."""
     workers = 0 if dataset.cached is not None else num_workers
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+                                       pin_memory=pin_memory, persistent_workers=False,
+                                       prefetch_factor=4 if workers else None)
 
 
 class BadImageCounter:

@@ -59,6 +59,32 @@ def draw_step_noise(denoiser: Denoiser, seed: int, step: int, batch: int, class_
     return StepNoise(t, eps, drop)
 
 
+def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   micro_batches: list[tuple[torch.Tensor, torch.Tensor]], noise: StepNoise, rank_offset: int,
+                   per_rank: int, clip_grad: float | None, ddp: bool) -> tuple[torch.Tensor, int]:
+    """One optimizer step over this rank's micro-batches (on the device); returns (sum of losses, count).
+
+    Micro-batch k takes the noise rows [rank_offset + k*m, ...) of the global batch's draw; the loss
+    is divided by the rank's share so that DDP's gradient average is the global-batch mean.
+    """
+    loss_sum = torch.zeros((), device=noise.eps.device, dtype=torch.float64)
+    count, offset = 0, rank_offset
+    for k, (images, labels) in enumerate(micro_batches):
+        sl = slice(offset, offset + images.shape[0])
+        offset += images.shape[0]
+        sync = runner.no_sync() if ddp and k < len(micro_batches) - 1 else contextlib.nullcontext()
+        with sync:
+            per_sample = runner(images, noise.t[sl], noise.eps[sl], labels, noise.drop[sl])
+            (per_sample.sum() / per_rank).backward()
+        loss_sum += per_sample.detach().sum()
+        count += per_sample.shape[0]
+    if clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, count
+
+
 @dataclass
 class PretrainJob:
     """Everything the loop needs, built by the pretrain stage."""
@@ -137,7 +163,7 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
         return job.out_dir / "checkpoint.safetensors"
 
     batches.start_step, batches.total_steps = start_step, total_steps
-    data_iter = iter(make_loader(job.dataset, batches, job.num_workers))
+    data_iter = iter(make_loader(job.dataset, batches, job.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(job.on_bad_image)
     per_rank = cfg_o.batch_size // ctx.world
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -158,22 +184,15 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
             lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
             set_lr(optimizer, lr)
             noise = draw_step_noise(job.denoiser, cfg_r.seed, step, cfg_o.batch_size, job.class_dropout, device)
-            for k in range(accum):
+            micro_batches = []
+            for _ in range(accum):
                 batch = bad.check(next(data_iter))
-                images = batch.images.to(device, non_blocking=True)
-                labels = batch.labels.to(device, non_blocking=True)
-                lo = ctx.rank * per_rank + k * micro
-                sl = slice(lo, lo + images.shape[0])
-                sync = contextlib.nullcontext() if (k == accum - 1 or not ctx.enabled) else runner.no_sync()
-                with sync:
-                    per_sample = runner(images, noise.t[sl], noise.eps[sl], labels, noise.drop[sl])
-                    (per_sample.sum() / per_rank).backward()
-                loss_sum += per_sample.detach().sum()
-                count_sum += per_sample.shape[0]
-            if cfg_o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_o.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                micro_batches.append((batch.images.to(device, non_blocking=True),
+                                      batch.labels.to(device, non_blocking=True)))
+            step_loss, step_count = optimizer_step(runner, model, optimizer, micro_batches, noise,
+                                                   ctx.rank * per_rank, per_rank, cfg_o.clip_grad, ctx.enabled)
+            loss_sum += step_loss
+            count_sum += step_count
             if ema is not None:
                 ema.update(model, step=step)
             step += 1

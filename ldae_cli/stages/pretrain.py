@@ -93,7 +93,9 @@ def load_pretrain_config(config: str | None, overrides: list[str], flags: dict, 
     if resume is None:
         return load_config(PretrainConfig, config, overrides, flags), None
     ckpt = load_checkpoint(resolve_resume(resume), "pretrain")
-    cfg = load_config(PretrainConfig, config, overrides, flags, base=ckpt.config)
+    # limits of the interrupted invocation do not carry over; give them again if wanted
+    base = {**ckpt.config, "run": {**ckpt.config["run"], "stop_after_steps": None, "time_limit_minutes": None}}
+    cfg = load_config(PretrainConfig, config, overrides, flags, base=base)
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
     return cfg, ckpt
 
