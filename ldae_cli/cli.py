@@ -61,14 +61,62 @@ def fit_pca(
     stage.run(cfg)
 
 
-def _not_built(stage: str, issue: int) -> None:
-    raise LdaeError(f"`ldae {stage}` is not built yet (planned in issue {issue}); nothing was run")
+def _stage(name: str, issue: int):
+    """The stage module, or a clear 'not built yet' error while its issue is open."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"ldae_cli.stages.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"ldae_cli.stages.{name}":
+            raise
+        raise LdaeError(f"`ldae {name.replace('_', '-')}` is not built yet (planned in issue {issue}); "
+                        "nothing was run") from None
+
+
+OutOpt = typer.Option(None, "--out", help="Run directory (sets run.out_dir).")
+ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory exactly where it stopped.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device).")
+CkptOpt = typer.Option(None, "--ckpt", help="A pretrain checkpoint (or an encoder from `ldae export`).")
 
 
 @app.command("train-tokenizer")
-def train_tokenizer(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+def train_tokenizer(
+    config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+) -> None:
     """Train a conv VAE / VQGAN-style / patch VAE / patch AE tokenizer for the trajectory rows that need one."""
-    _not_built("train-tokenizer", 6)
+    _stage("train_tokenizer", 6).run_from_cli(config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
+
+
+@app.command("finetune")
+def finetune(
+    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Same network, randomly initialised "
+                                      "(the baseline every fine-tuning result is read against)."),
+) -> None:
+    """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
+    _stage("finetune", 7).run_from_cli(config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume,
+        ckpt=ckpt, from_scratch=from_scratch)
+
+
+@app.command("detect")
+def detect(
+    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="COCO root: image folders + annotations/instances_*.json."),
+    out: Optional[str] = OutOpt, resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Randomly initialised backbone (baseline)."),
+    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --ckpt, a trained `detect` checkpoint."),
+) -> None:
+    """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
+    _stage("detect", 8).run_from_cli(config, overrides or [], {
+        "data.path": data, "run.out_dir": out, "run.device": device}, resume,
+        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only)
 
 
 @app.command("pretrain")
@@ -115,27 +163,50 @@ def export(
 
 
 @app.command("probe")
-def probe(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS)."""
-    _not_built("probe", 5)
-
-
-@app.command("finetune")
-def finetune(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
-    _not_built("finetune", 7)
-
-
-@app.command("detect")
-def detect(config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2)."""
-    _not_built("detect", 8)
+def probe(
+    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
+    device: Optional[str] = DeviceOpt,
+    t: Optional[int] = typer.Option(None, "--t", help="Fixed timestep the encoder is folded at. [default: 10]"),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks used [default: the encoder/decoder split]."),
+    noisy: Optional[bool] = typer.Option(None, "--noisy/--clean", help="Add the level-t latent noise to the input."),
+    fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Fast: features extracted once, no augmentation "
+                                        "(+ k-NN). Full: the MAE protocol with crops and flips every epoch."),
+    random_init: bool = typer.Option(False, "--random-init", help="Probe the same architecture untrained (baseline)."),
+) -> None:
+    """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
+    _stage("probe", 5).run_from_cli(config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device, "probe.t": t,
+        "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, ckpt=ckpt, random_init=random_init)
 
 
 @app.command("denoise")
-def denoise(images: Optional[List[str]] = typer.Argument(None, help="Images or folders.")) -> None:
-    """Denoise images with a pretrained model and write clean | noisy | denoised panels."""
-    _not_built("denoise", 4)
+def denoise(
+    images: List[str] = typer.Argument(..., help="Images and/or folders of images."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Pretrain checkpoint [default: the newest under runs/]."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep of the noise added. [default: T/4]"),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="Noise level instead of --t (latent units)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    out: Optional[str] = typer.Option(None, "--out", help="Output PNG (one image) or folder."),
+    compare_pixel_noise: bool = typer.Option(False, "--compare-pixel-noise",
+                                             help="Add the paper's Fig. 6: the same sigma in pixels vs in the latent."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Denoise images with a pretrained model: writes clean | noisy | denoised panels (the paper's Fig. 7)."""
+    _stage("denoise", 4).run_from_cli(images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
+                                      compare_pixel_noise=compare_pixel_noise, ema=ema, device=device)
+
+
+@app.command("report")
+def report(
+    paths: List[str] = typer.Argument(..., help="Run directories (metrics.jsonl) and/or checkpoints."),
+) -> None:
+    """Draw the pictures a run's files hold: loss curves from metrics.jsonl, filters of a PCA checkpoint."""
+    from ldae_cli.stages import report as stage
+
+    for written in stage.run(paths):
+        typer.echo(f"wrote {written}")
 
 
 def main() -> None:

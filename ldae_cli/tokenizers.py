@@ -202,4 +202,6 @@ def tokenizer_from_export(tensors: dict[str, torch.Tensor], desc: dict) -> Token
                             desc["latent_scale"])
     if kind == "pixel":
         return PixelTokenizer(desc["patch"])
-    raise LdaeError(f"checkpoint holds a '{kind}' tokenizer, which this ldae cannot rebuild")
+    from ldae_cli.trained_tokenizers import tokenizer_from_description  # the trained kinds (train-tokenizer)
+
+    return tokenizer_from_description(tensors, desc)

@@ -100,6 +100,14 @@ def test_random_patches_cover_all_positions():
     assert corners == {r * 8 + c for r in range(7) for c in range(7)}
 
 
+def test_grid_positions_are_the_tokenizer_grid():
+    images = torch.arange(8 * 8, dtype=torch.float32).reshape(1, 1, 8, 8).expand(1, 3, 8, 8)
+    out = random_patches(images, 2, 500, torch.Generator().manual_seed(0), grid=True)
+    corners = set(out[:, 0].long().tolist())
+    assert corners == {r * 8 + c for r in range(0, 8, 2) for c in range(0, 8, 2)}
+    assert set(map(tuple, out.tolist())) <= set(map(tuple, patchify(images, 2)[0].tolist()))
+
+
 def test_patchify_unpatchify_round_trip_and_layout():
     x = torch.randn(2, 3, 8, 12)
     tokens = patchify(x, 4)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -32,6 +32,9 @@ class PCASettings:
     patches_per_image: int = 16
     batch_images: int = 256
     seed: int = 0
+    # 'grid': patches where the tokenizer cuts them (JPEG's 8x8 blocks align with that grid, so
+    # statistics at other offsets differ measurably); 'any': every pixel offset
+    positions: Literal["grid", "any"] = "grid"
 
     def validate(self) -> None:
         full = self.patch * self.patch * 3
@@ -85,11 +88,19 @@ def principal_components(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return eigenvalues, basis * signs
 
 
-def random_patches(images: torch.Tensor, patch: int, per_image: int, gen: torch.Generator) -> torch.Tensor:
-    """`per_image` patches at random positions of each image -> (B * per_image, p*p*C), (row, col, ch) order."""
+def random_patches(images: torch.Tensor, patch: int, per_image: int, gen: torch.Generator,
+                   grid: bool = False) -> torch.Tensor:
+    """`per_image` patches at random positions of each image -> (B * per_image, p*p*C), (row, col, ch) order.
+
+    grid=True draws only positions of the tokenizer's own p x p grid (what it will encode).
+    """
     b, c, h, w = images.shape
-    ys = torch.randint(0, h - patch + 1, (b, per_image), generator=gen)
-    xs = torch.randint(0, w - patch + 1, (b, per_image), generator=gen)
+    if grid:
+        ys = torch.randint(0, h // patch, (b, per_image), generator=gen) * patch
+        xs = torch.randint(0, w // patch, (b, per_image), generator=gen) * patch
+    else:
+        ys = torch.randint(0, h - patch + 1, (b, per_image), generator=gen)
+        xs = torch.randint(0, w - patch + 1, (b, per_image), generator=gen)
     offs = torch.arange(patch)
     rows = (ys[..., None, None] + offs[:, None]).expand(b, per_image, patch, patch)
     cols = (xs[..., None, None] + offs[None, :]).expand(b, per_image, patch, patch)
@@ -126,7 +137,8 @@ def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error
         task = bar.add_task("fit-pca", total=settings.patches, info="")
         for batch in make_loader(dataset, batches, num_workers):
             images = to_unit_range(bad.check(batch).images)
-            patches = random_patches(images, p, settings.patches_per_image, gen)[:remaining]
+            patches = random_patches(images, p, settings.patches_per_image, gen,
+                                     grid=settings.positions == "grid")[:remaining]
             acc.update(patches)
             remaining -= patches.shape[0]
             bar.update(task, advance=patches.shape[0])
