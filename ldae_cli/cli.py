@@ -166,7 +166,7 @@ def export(
 def probe(
     ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
-    device: Optional[str] = DeviceOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
     t: Optional[int] = typer.Option(None, "--t", help="Fixed timestep the encoder is folded at. [default: 10]"),
     depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks used [default: the encoder/decoder split]."),
     noisy: Optional[bool] = typer.Option(None, "--noisy/--clean", help="Add the level-t latent noise to the input."),
@@ -177,7 +177,8 @@ def probe(
     """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
     _stage("probe", 5).run_from_cli(config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device, "probe.t": t,
-        "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, ckpt=ckpt, random_init=random_init)
+        "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, resume, ckpt=ckpt,
+        random_init=random_init)
 
 
 @app.command("denoise")

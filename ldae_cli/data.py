@@ -21,7 +21,7 @@ import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -393,12 +393,17 @@ class Batch:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Items are uint8 image tensors; keys are an index or (index, aug_seed)."""
+    """Items are uint8 image tensors; keys are an index or (index, aug_seed).
+
+    `transform(image, aug_seed)`, if given, runs on each item after crop and flip (also on cached
+    images), so per-sample augmentations such as RandAugment stay keyed by the sample's aug_seed.
+    """
 
     def __init__(self, source: ImageSource, size: int, crop: str = "center", crop_scale=(0.2, 1.0),
-                 hflip: bool = False, subset: list[int] | None = None):
+                 hflip: bool = False, subset: list[int] | None = None,
+                 transform: Callable[[Image.Image, int], Image.Image] | None = None):
         self.source, self.size, self.crop, self.crop_scale, self.hflip = source, size, crop, crop_scale, hflip
-        self.subset = subset
+        self.subset, self.transform = subset, transform
         self.cached: torch.Tensor | None = None
         self.skipped = 0  # unreadable images dropped by materialize(on_bad_image='skip')
 
@@ -435,12 +440,16 @@ class ImageDataset(torch.utils.data.Dataset):
             img = self.cached[i]
             if self.hflip and should_flip(aug_seed):
                 img = img.flip(-1)
-            return img, self.label(i)
-        try:
-            img = self.source.open(self._raw(i))
-            return prepare(img, self.size, self.crop, self.crop_scale, self.hflip, aug_seed), self.label(i)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return BadImage(self.name(i), _short(exc))
+        else:
+            try:
+                img = self.source.open(self._raw(i))
+                img = prepare(img, self.size, self.crop, self.crop_scale, self.hflip, aug_seed)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                return BadImage(self.name(i), _short(exc))
+        if self.transform is not None:  # outside the try: a failing transform is a bug, not a bad file
+            img = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()), aug_seed)
+            img = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return img, self.label(i)
 
     def materialize(self, num_workers: int = 0, on_bad_image: str = "error") -> None:
         """Decode every image once and keep the uint8 tensors (only valid for fixed crops).
@@ -453,11 +462,15 @@ class ImageDataset(torch.utils.data.Dataset):
         chunks_keys = [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)]
         counter = BadImageCounter(on_bad_image)
         chunks, kept = [], []
-        for keys, batch in zip(chunks_keys, make_loader(self, chunks_keys, num_workers)):
-            counter.check(batch)
-            bad_names = {b.name for b in batch.bad}
-            kept.extend(self._raw(i) for i in keys if self.name(i) not in bad_names)
-            chunks.append(batch.images)
+        transform, self.transform = self.transform, None  # the cache holds untransformed images
+        try:
+            for keys, batch in zip(chunks_keys, make_loader(self, chunks_keys, num_workers)):
+                counter.check(batch)
+                bad_names = {b.name for b in batch.bad}
+                kept.extend(self._raw(i) for i in keys if self.name(i) not in bad_names)
+                chunks.append(batch.images)
+        finally:
+            self.transform = transform
         if counter.skipped:
             if not kept:
                 raise LdaeError(f"none of the {len(self)} images could be read (all {counter.skipped} skipped)")
@@ -511,8 +524,10 @@ class BadImageCounter:
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
-                  size: int | None = None) -> ImageDataset:
-    """The configured dataset for 'train' or 'eval'; eval (or augment=False) always center-crops."""
+                  size: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None
+                  ) -> ImageDataset:
+    """The configured dataset for 'train' or 'eval'; eval (or augment=False) always center-crops.
+    `transform`: a per-sample transform after crop and flip (see ImageDataset), applied as given."""
     source = open_source(cfg, split)
     augment = (split == "train") if augment is None else augment
     crop = cfg.crop if augment else "center"
@@ -520,7 +535,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     if cfg.limit is not None and cfg.limit < len(source):
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
         subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
-    ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset)
+    ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
+                      transform)
     if ds.deterministic and cfg.cache != "never":
         nbytes = len(ds) * 3 * ds.size * ds.size
         if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:

@@ -146,6 +146,11 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict(state)
 
 
+def resume_base(stored: dict) -> dict:
+    """The stored config to continue from, minus the limits of the interrupted invocation (give them again)."""
+    return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None}}
+
+
 def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
     """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
     def flat(d, prefix=""):

@@ -12,46 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import pretrain as stage
+from conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _write_images(root: Path, n_per_class: int = 8, size: int = 32, classes=("a", "b")) -> Path:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for ci, cls in enumerate(classes):
-        d = root / "train" / cls
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(n_per_class):
-            phase = rng.uniform(0, 6.28, 3)
-            freq = 2 + 3 * ci
-            img = np.stack([np.sin(freq * 6.28 * (xx if c % 2 else yy) + phase[c]) for c in range(3)], -1)
-            img = (img * 0.4 + 0.5 + rng.normal(0, 0.05, img.shape)).clip(0, 1)
-            Image.fromarray((img * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    return _write_images(tmp_path_factory.mktemp("imgs"))
-
-
-def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
-    sets = {
-        "data.source": "imagefolder", "data.path": str(data), "data.image_size": 32, "data.num_workers": 0,
-        "model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,
-        "model.num_heads": 2, "tokenizer.fit_patches": 4000, "optim.batch_size": 8, "optim.epochs": 1,
-        "optim.warmup_epochs": 0.5, "run.out_dir": str(out), "run.compile": False, "run.progress": False,
-        "run.log_every": 1, "run.save_every": 1000, "run.device": "cpu",
-    }
-    sets.update(extra)
-    return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
+def images(pattern_tree) -> Path:
+    return pattern_tree
 
 
 def trajectory_rows() -> list[str]:
@@ -72,11 +45,22 @@ def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
         sets["data.image_size"] = 8 * tokenizer["patch"]  # 64 tokens whatever the patch
     elif tokenizer["kind"] == "pca":
         sets.update({"tokenizer.patch": 4, "tokenizer.dim": 8})
-    overrides = tiny_overrides(images, tmp_path / row, **sets)
     if tokenizer["kind"] == "trained":
+        from ldae_cli.stages import train_tokenizer
+
         with pytest.raises(LdaeError, match="tokenizer.path"):
-            load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", overrides)
-        return
+            load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", tiny_overrides(images, tmp_path / row))
+        # a tiny conv VAE (stride 2, 2 latent channels: 4x4-pixel tokens of 8 dims) trained for 2 steps
+        tok_sets = {"data.source": "imagefolder", "data.path": images, "data.image_size": 32, "data.num_workers": 0,
+                    "data.eval_split": "train", "tokenizer.stride": 2, "tokenizer.channel_mult": "[1,2]",
+                    "tokenizer.channels": 8, "tokenizer.latent_channels": 2, "tokenizer.res_blocks": 1,
+                    "optim.batch_size": 8, "optim.epochs": 1, "report.images": 4, "report.stats_images": 16,
+                    "report.pca_reference": False, "run.out_dir": tmp_path / "tok", "run.progress": False,
+                    "run.device": "cpu"}
+        tok_cfg = load_config(train_tokenizer.TrainTokenizerConfig, "tokenizer/conv-vae",
+                              [f"{k}={v}" for k, v in tok_sets.items()])
+        sets.update({"tokenizer.path": train_tokenizer.run(tok_cfg), "tokenizer.patch": 4})
+    overrides = tiny_overrides(images, tmp_path / row, **sets)
     cfg = load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", overrides)
     path = stage.run(cfg, row)
     ck = load_checkpoint(path, "pretrain")

@@ -12,7 +12,7 @@ from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.distributed import DistContext, barrier, init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, run_dir
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
 from ldae_cli.engine_pretrain import PretrainJob, train
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig, build_model
@@ -48,7 +48,7 @@ def build_tokenizer(cfg: PretrainConfig, out_dir: Path, ctx: DistContext) -> tup
     if tc.kind == "trained":
         from ldae_cli.trained_tokenizers import load_trained_tokenizer
         ckpt = load_checkpoint(tc.path, "tokenizer")
-        return load_trained_tokenizer(ckpt, tc.latent_scale), [ckpt.parent_ref("tokenizer")]
+        return load_trained_tokenizer(ckpt, tc.latent_scale, tc.patch, tc.dim), [ckpt.parent_ref("tokenizer")]
     path = Path(tc.path) if tc.path else out_dir / "pca.safetensors"
     if not tc.path and not path.exists():
         if ctx.is_main:
@@ -93,9 +93,7 @@ def load_pretrain_config(config: str | None, overrides: list[str], flags: dict, 
     if resume is None:
         return load_config(PretrainConfig, config, overrides, flags), None
     ckpt = load_checkpoint(resolve_resume(resume), "pretrain")
-    # limits of the interrupted invocation do not carry over; give them again if wanted
-    base = {**ckpt.config, "run": {**ckpt.config["run"], "stop_after_steps": None, "time_limit_minutes": None}}
-    cfg = load_config(PretrainConfig, config, overrides, flags, base=base)
+    cfg = load_config(PretrainConfig, config, overrides, flags, base=resume_base(ckpt.config))
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
     return cfg, ckpt
 

@@ -1,0 +1,112 @@
+"""Linear-probe heads (MAE protocol) and their training, several learning rates at once.
+
+Features -> BatchNorm without affine -> one Linear head per learning rate. The BN has no
+parameters and each head's loss depends only on its own weights, so K heads trained together on
+the sum of their losses are exactly K separate runs over the same feature batches: the lr sweep
+costs one pass over the data instead of K.
+
+LARS as MAE uses it (timm's `Lars`): momentum 0.9, the trust-ratio adaptation on weight matrices
+only, no weight decay; biases get plain momentum SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.optim import Lars
+from torch import nn
+
+from ldae_cli.engine import lr_at, set_lr
+
+
+class ProbeHeads(nn.Module):
+    def __init__(self, dim: int, num_classes: int, count: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
+        for head in self.heads:
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, W) -> logits (K, B, C)."""
+        x = self.bn(features)
+        return torch.stack([head(x) for head in self.heads])
+
+
+def lars_for_heads(heads: ProbeHeads, lrs: list[float], momentum: float = 0.9, weight_decay: float = 0.0) -> Lars:
+    """One parameter group per (head, weight|bias); each carries its own lr as `lr_scale`.
+
+    Weight matrices get LARS adaptation (always_adapt: the trust ratio applies even at wd 0, as in
+    MAE); 1-D parameters neither adaptation nor weight decay.
+    """
+    groups = []
+    for head, lr in zip(heads.heads, lrs):
+        groups.append({"params": [head.weight], "lr_scale": lr, "always_adapt": True, "weight_decay": weight_decay})
+        groups.append({"params": [head.bias], "lr_scale": lr, "always_adapt": False, "weight_decay": 0.0})
+    return Lars(groups, lr=0.0, momentum=momentum, foreach=False)
+
+
+def head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over heads of each head's mean cross-entropy (gradients stay per head)."""
+    k, b, c = logits.shape
+    return F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="sum") / b
+
+
+@torch.no_grad()
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
+    """logits (K, N, C) -> {k: per-head accuracy (K,)} in percent; k is capped at the class count."""
+    c = logits.shape[-1]
+    top = logits.topk(min(max(ks), c), dim=-1).indices  # (K, N, kmax)
+    hit = top == labels[None, :, None]
+    return {k: 100.0 * hit[..., : min(k, c)].any(-1).float().mean(-1) for k in ks}
+
+
+@dataclass
+class HeadSchedule:
+    total_steps: int
+    warmup_steps: int
+
+
+def train_step(heads: ProbeHeads, optimizer: Lars, features: torch.Tensor, labels: torch.Tensor, step: int,
+               schedule: HeadSchedule) -> float:
+    """One LARS step on a feature batch; the cosine schedule multiplies every head's own lr."""
+    set_lr(optimizer, lr_at(step, schedule.total_steps, schedule.warmup_steps, 1.0))
+    heads.train()
+    loss = head_loss(heads(features), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item() / len(heads.heads)
+
+
+@torch.no_grad()
+def evaluate(heads: ProbeHeads, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
+             ) -> dict[int, torch.Tensor]:
+    heads.eval()
+    logits = torch.cat([heads(features[i:i + batch]) for i in range(0, len(features), batch)], dim=1)
+    return topk_accuracy(logits, labels)
+
+
+@torch.no_grad()
+def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> float:
+    """Weighted k-NN on cosine similarity (votes exp(sim / T), as in DINO's evaluation), top-1 percent."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    train = F.normalize(train.float(), dim=1)
+    correct = 0
+    k = min(k, len(train))
+    for i in range(0, len(test), chunk):
+        sims = F.normalize(test[i:i + chunk].float(), dim=1) @ train.T
+        top_sim, top_idx = sims.topk(k, dim=1)
+        votes = torch.zeros(len(top_sim), num_classes, device=sims.device)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
+    return 100.0 * correct / max(1, len(test))
+
+
+def steps_for(n: int, batch: int, epochs: float) -> int:
+    return max(1, math.ceil(epochs * (n // batch if n >= batch else 1)))

@@ -1,0 +1,270 @@
+"""`ldae finetune`: end-to-end fine-tuning of a pretrained encoder (SPEC §5, MAE protocol).
+
+The network is the pretrain checkpoint's encoder folded at fixed t into a plain timm ViT (or an
+exported encoder), average-pooled, then a new LayerNorm (MAE's `fc_norm`) and a linear head.
+`--from-scratch` builds the same network with timm's random initialisation, the baseline every
+result is read against: the architecture of --ckpt when one is given (so nothing but the weights
+differs), otherwise `model.arch`. Its position embedding is the fixed 2-D sin-cos table that the
+pretrained encoder starts from too (pretraining never learns it), so the two runs differ only in
+what pretraining learned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint
+from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.distributed import init, shutdown
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
+from ldae_cli.engine_finetune import LAST, BatchAugment, FinetuneJob, SeededRandAugment, train
+from ldae_cli.errors import LdaeError
+from ldae_cli.models import SIZES, build_timm_vit, sincos_2d
+from ldae_cli.pretrained import DEFAULT_T, load_encoder
+from ldae_cli.reporting import console
+from ldae_cli.stages.pretrain import resolve_resume
+
+# keys a resumed run may change: where things are and how they are run, not what is computed
+# (model.ckpt: a resumed run reads its weights from its own checkpoint, so the source may have moved)
+RESUMABLE_CHANGES = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device",
+                     "run.compile", "run.log_every", "run.save_every", "run.time_limit_minutes",
+                     "run.stop_after_steps", "run.progress", "run.out_dir", "model.ckpt")
+# what a finetune checkpoint says about its network, carried over unchanged by --resume
+DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "init")
+
+
+@dataclass
+class ArchConfig:
+    """The ViT that --from-scratch builds when no --ckpt is given (ignored when there is one)."""
+
+    size: Literal["T", "S", "B", "half-L", "L", "custom"] = "B"  # encoder of the pretrain sizes (SPEC §4)
+    width: Optional[int] = None  # these three override the size preset (all three needed for 'custom')
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch: int = 16
+    mlp_ratio: float = 4.0
+
+    def resolved(self) -> tuple[int, int, int]:
+        width, depth, _, heads = SIZES.get(self.size, (None, None, None, None))
+        values = tuple(v if v is not None else p for v, p in
+                       zip((self.width, self.depth, self.num_heads), (width, depth, heads)))
+        if None in values:
+            raise LdaeError("model.arch.size 'custom' needs model.arch.width, model.arch.depth and "
+                            "model.arch.num_heads")
+        return values
+
+    def validate(self) -> None:
+        width, depth, heads = self.resolved()
+        if width % heads or width % 4 or depth < 1 or self.patch < 1:
+            raise LdaeError(f"model.arch: width {width} must be divisible by num_heads {heads} and by 4, depth "
+                            f"{depth} and patch {self.patch} at least 1")
+
+
+@dataclass
+class FinetuneModelConfig:
+    ckpt: Optional[str] = None  # --ckpt: a pretrain checkpoint or an encoder from `ldae export`
+    from_scratch: bool = False  # --from-scratch: the same network, randomly initialised
+    t: int = DEFAULT_T  # timestep the pretrained adaLN encoder is folded at
+    depth: Optional[int] = None  # blocks taken from the pretrained model; null = its encoder depth
+    pretrain_ema: Optional[bool] = None  # which pretrain weights: null = the EMA when that run kept one
+    drop_path: float = 0.1
+    head_init_std: float = 2e-5  # MAE: trunc-normal head weights, zero bias
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.drop_path < 1:
+            raise LdaeError(f"model.drop_path is a rate in [0, 1), got {self.drop_path}")
+        if self.head_init_std <= 0:
+            raise LdaeError(f"model.head_init_std must be positive, got {self.head_init_std}")
+
+
+@dataclass
+class AugConfig:
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # CutMix instead of mixup, when both are on
+    mix_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+    erase_prob: float = 0.25  # random erasing; 0 = off
+    erase_mode: Literal["pixel", "rand", "const"] = "pixel"
+    erase_count: int = 1
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
+
+    def validate(self) -> None:
+        for name in ("mix_prob", "switch_prob", "erase_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LdaeError(f"aug.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1 or self.erase_count < 1:
+            raise LdaeError("aug: mixup and cutmix must be >= 0, label_smoothing in [0, 1), erase_count >= 1")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The MAE fine-tuning defaults (ViT-B): AdamW, wd 0.05, 5 warm-up epochs of 100, EMA 0.9999."""
+
+    batch_size: int = 1024
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    epochs: float = 100.0
+    warmup_epochs: float = 5.0
+    ema: Optional[float] = 0.9999
+    layer_decay: float = 0.75  # block i of N gets lr x layer_decay^(N - i); 1 = no decay
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.layer_decay <= 1:
+            raise LdaeError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
+
+
+def _finetune_data() -> DataConfig:
+    return DataConfig(crop="random-resized", crop_scale=[0.08, 1.0], hflip=True)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=_finetune_data)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.data.source == "images":
+            raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
+                            "(use cifar10, fashion-mnist or imagefolder)")
+
+
+def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | None]:
+    """(timm kwargs without head, folded encoder or None, source checkpoint or None)."""
+    mc = cfg.model
+    if mc.ckpt:
+        encoder, kwargs, source = load_encoder(mc.ckpt, mc.t, mc.depth, mc.pretrain_ema)
+        size = tuple(kwargs["img_size"])
+        if size != (cfg.data.image_size, cfg.data.image_size):
+            raise LdaeError(f"data.image_size {cfg.data.image_size} does not match the input size {size[0]} of "
+                            f"{mc.ckpt}; set data.image_size={size[0]}")
+        return kwargs, encoder, source
+    width, depth, heads = mc.arch.resolved()
+    if cfg.data.image_size % mc.arch.patch:
+        raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch "
+                        f"{mc.arch.patch}")
+    kwargs = dict(img_size=(cfg.data.image_size,) * 2, patch_size=mc.arch.patch, embed_dim=width, depth=depth,
+                  num_heads=heads, mlp_ratio=mc.arch.mlp_ratio, class_token=False, global_pool="avg",
+                  final_norm=False, fc_norm=False, num_classes=0, act_layer="gelu_tanh")
+    return kwargs, None, None
+
+
+def build_network(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict, list[dict], dict]:
+    """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation)."""
+    mc = cfg.model
+    kwargs, encoder, source = vit_arch(cfg)
+    # MAE's global-pool classifier: LayerNorm after the average pool (timm's fc_norm), then the head
+    kwargs = {**kwargs, "num_classes": num_classes, "final_norm": True, "fc_norm": True,
+              "drop_path_rate": mc.drop_path}
+    torch.manual_seed(cfg.run.seed)  # random weights depend on the seed only (loading --ckpt draws numbers too)
+    vit = build_timm_vit(kwargs)
+    init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": mc.t if mc.ckpt else None,
+                 "depth": kwargs["depth"]}
+    if encoder is not None and not mc.from_scratch:
+        missing, unexpected = vit.load_state_dict(encoder.state_dict(), strict=False)
+        if set(missing) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
+            raise LdaeError(f"{mc.ckpt}: encoder weights do not fit the fine-tuning ViT (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})")
+    else:
+        grid = (kwargs["img_size"][0] // kwargs["patch_size"], kwargs["img_size"][1] // kwargs["patch_size"])
+        with torch.no_grad():
+            vit.pos_embed.copy_(sincos_2d(kwargs["embed_dim"], grid)[None])
+    nn.init.trunc_normal_(vit.head.weight, std=mc.head_init_std)
+    nn.init.zeros_(vit.head.bias)
+    parents = [source.parent_ref("architecture" if mc.from_scratch else "init")] if source is not None else []
+    return vit, kwargs, parents, init_desc
+
+
+def describe_init(init_desc: dict) -> str:
+    if not init_desc["from_scratch"]:
+        return f"encoder of {init_desc['source']} folded at t={init_desc['t']}"
+    where = f"the architecture of {init_desc['source']}" if init_desc["source"] else "model.arch"
+    return f"random (timm init, fixed sin-cos position embedding), {where}"
+
+
+def load_finetune_config(config: str | None, overrides: list[str], flags: dict, resume: str | None):
+    """The config to run and, when resuming, the checkpoint (whose stored recipe must not change)."""
+    if resume is None:
+        return load_config(FinetuneConfig, config, overrides, flags), None
+    ckpt = load_checkpoint(resolve_resume(resume), "finetune")
+    cfg = load_config(FinetuneConfig, config, overrides, flags, base=resume_base(ckpt.config))
+    check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
+    return cfg, ckpt
+
+
+def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt=None) -> Path:
+    if not cfg.model.ckpt and not cfg.model.from_scratch:
+        raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
+                        "(config keys model.ckpt / model.from_scratch)")
+    ctx = init(cfg.run.device)
+    try:
+        name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+        out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
+            run_dir("finetune", cfg.run.out_dir, name)
+        if resume_ckpt is None and (out_dir / LAST).exists():
+            raise LdaeError(f"{out_dir} already holds a finetune checkpoint; continue it with "
+                            f"`ldae finetune --resume {out_dir}` or pick another run.out_dir")
+        randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
+        train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
+        eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
+        num_classes = train_set.num_classes
+        if num_classes < 2:
+            raise LdaeError(f"finetune needs at least 2 classes; the {cfg.data.source} training split has "
+                            f"{num_classes}")
+        if eval_set.classes != train_set.classes:
+            raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
+                            f"the train split {train_set.classes[:5]}; both need the same class folders")
+        micro, _ = cfg.optim.accumulation(ctx.world)
+        if cfg.aug.mixing and micro % 2:
+            raise LdaeError(f"mixup/cutmix pair samples within a micro-batch, which must be even (got {micro}); "
+                            "change optim.batch_size / optim.micro_batch or set aug.mixup=0 aug.cutmix=0")
+        if resume_ckpt is None:
+            model, kwargs, parents, init_desc = build_network(cfg, num_classes)
+            describe = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
+                        "image_size": cfg.data.image_size, "init": init_desc}
+        else:
+            describe = {k: resume_ckpt.extra[k] for k in DESCRIPTION_KEYS}
+            model = build_timm_vit(describe["timm_kwargs"])
+            parents = resume_ckpt.provenance.get("parents", [])
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, out_dir / "config.yaml")
+            kw = describe["timm_kwargs"]
+            n_params = sum(p.numel() for p in model.parameters())
+            console.print(f"model: ViT depth {kw['depth']}, width {kw['embed_dim']}, {kw['num_heads']} heads, patch "
+                          f"{kw['patch_size']}, {n_params / 1e6:.2f}M params, {num_classes} classes; init: "
+                          f"{describe_init(describe['init'])}")
+        augment = BatchAugment(num_classes, cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.mix_prob, cfg.aug.switch_prob,
+                               cfg.aug.mix_mode, cfg.aug.label_smoothing, cfg.aug.erase_prob, cfg.aug.erase_mode,
+                               cfg.aug.erase_count)
+        job = FinetuneJob(model=model, train_set=train_set, eval_set=eval_set, optim=cfg.optim,
+                          layer_decay=cfg.optim.layer_decay, augment=augment, run=cfg.run, out_dir=out_dir,
+                          config=to_dict(cfg), describe=describe, parents=parents, num_workers=cfg.data.num_workers,
+                          on_bad_image=cfg.data.on_bad_image, resume_from=resume_ckpt)
+        return train(job, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def run_from_cli(config: str | None, overrides: list[str], flags: dict, resume: str | None, *,
+                 ckpt: str | None, from_scratch: bool) -> Path:
+    flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
+    cfg, resume_ckpt = load_finetune_config(config, overrides, flags, resume)
+    return run(cfg, config, resume_ckpt)

@@ -1,0 +1,376 @@
+"""`ldae probe`: linear probing of a pretrained encoder, MAE protocol (SPEC §5), several lrs at once.
+
+The encoder is the pretrain checkpoint folded at fixed t into a plain ViT (clean input by default,
+or the level-t latent noise added), cut at any block, average-pooled. Two modes:
+
+- full (the paper's protocol): random-resized crop + flip every epoch, features recomputed each
+  step, heads trained by LARS on the global batch; checkpoints and exact resume like pretrain.
+- fast (small data): features extracted once from center crops, heads trained on the cached
+  features, plus weighted k-NN accuracy from the same features.
+
+Baselines read against every result: `--random-init` (the same ViT, untrained) and
+`probe.features: pixels` (the same head on raw pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+from rich.table import Table
+
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
+from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches, build_dataset, epoch_order, \
+    make_loader, to_unit_range
+from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
+from ldae_cli.engine import RunConfig, StopSignal, amp_dtype, check_resume_config, optimizer_tensors, \
+    restore_optimizer, resume_base, run_dir
+from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
+    train_step
+from ldae_cli.errors import LdaeError
+from ldae_cli.models import build_timm_vit, sincos_2d, vit_kwargs
+from ldae_cli.pretrained import DEFAULT_T, fold_encoder, load_pretrained
+from ldae_cli.reporting import MetricsLog, console, progress_bar
+
+CHECKPOINT = "probe.safetensors"
+RESUMABLE_CHANGES = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device",
+                     "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps",
+                     "run.progress", "run.out_dir", "probe.extract_batch")
+
+
+@dataclass
+class ProbeSettings:
+    t: int = DEFAULT_T
+    depth: Optional[int] = None  # blocks of the encoder; null = the encoder/decoder split
+    noisy_input: bool = False  # add the level-t latent noise to the input (the paper's default is clean)
+    features: Literal["encoder", "pixels"] = "encoder"  # pixels: the raw-image baseline
+    ema: Optional[bool] = None  # the pretrain EMA weights; null = when the run kept them
+    fast: bool = False
+    blrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])  # one head each
+    batch_size: int = 16384
+    epochs: float = 90.0
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    extract_batch: int = 256  # images per encoder forward
+
+    def validate(self) -> None:
+        if not self.blrs or any(b <= 0 for b in self.blrs):
+            raise LdaeError(f"probe.blrs: give one or more positive base learning rates, got {self.blrs}")
+        if self.batch_size < 1 or self.epochs <= 0 or self.extract_batch < 1:
+            raise LdaeError("probe.batch_size, probe.epochs and probe.extract_batch must be positive")
+
+
+@dataclass
+class ProbeConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    run: RunConfig = field(default_factory=lambda: RunConfig(save_every=1000, log_every=50))
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen feature extractor
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoder:
+    fn: Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 images on device, seed) -> (B, dim)
+    dim: int
+    description: str
+    parents: list[dict]
+
+
+def _random_vit(pre, depth: int | None) -> torch.nn.Module:
+    """The folded architecture with timm's own initialisation and our fixed sin-cos positions."""
+    kwargs = vit_kwargs(pre.model, pre.tokenizer.patch, depth or pre.model.encoder_depth)
+    torch.manual_seed(0)
+    vit = build_timm_vit(kwargs)
+    with torch.no_grad():
+        vit.pos_embed.copy_(sincos_2d(kwargs["embed_dim"], tuple(pre.model.spec["grid"]))[None])
+    return vit
+
+
+def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device: torch.device) -> Encoder:
+    settings = cfg.probe
+    amp = amp_dtype(cfg.run.precision, device)
+    if settings.features == "pixels":
+        dim = 3 * cfg.data.image_size ** 2
+        return Encoder(lambda images, seed: to_unit_range(images).flatten(1), dim, "raw pixels", [])
+    if ckpt_path is None:
+        raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
+    pre = load_pretrained(ckpt_path, settings.ema)
+    if cfg.data.image_size != pre.image_size:
+        raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
+                        f"{pre.image_size}; probe at the pretraining size")
+    if random_init:
+        vit = _random_vit(pre, settings.depth)
+        description = "random-init ViT (same architecture, untrained)"
+    else:
+        state, kwargs = fold_encoder(pre, settings.t, settings.depth)
+        vit = build_timm_vit(kwargs)
+        vit.load_state_dict(state, strict=True)
+        description = f"l-DAE encoder folded at t={settings.t}, {kwargs['depth']} blocks"
+    vit = vit.to(device).eval().requires_grad_(False)
+    denoiser = pre.denoiser.to(device)
+    t = settings.t
+
+    @torch.no_grad()
+    def features(images: torch.Tensor, seed: int) -> torch.Tensor:
+        x = to_unit_range(images)
+        if settings.noisy_input:
+            z0 = denoiser.tokenizer.encode(x)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            eps = torch.randn(z0.shape, generator=gen, device=device)
+            zt, _ = denoiser.noisy_input(z0, torch.full((len(x),), t, device=device), eps)
+            x = denoiser.tokenizer.decode(zt, denoiser.grid)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return vit(x).float()
+
+    if settings.noisy_input:
+        description += ", noisy input"
+    return Encoder(features, vit.embed_dim, description, [pre.ckpt.parent_ref("pretrain")])
+
+
+@torch.no_grad()
+def extract(encoder: Encoder, dataset: ImageDataset, cfg: ProbeConfig, device: torch.device, ctx: DistContext,
+            label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image (center crops), each rank a contiguous shard, gathered on all ranks."""
+    n = len(dataset)
+    lo, hi = n * ctx.rank // ctx.world, n * (ctx.rank + 1) // ctx.world
+    step = cfg.probe.extract_batch
+    batches = [list(range(i, min(i + step, hi))) for i in range(lo, hi, step)]
+    bad = BadImageCounter(cfg.data.on_bad_image)
+    feats, labels = [], []
+    with progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
+        task = bar.add_task(f"features ({label})", total=hi - lo, info="")
+        for keys, batch in zip(batches, make_loader(dataset, batches, cfg.data.num_workers,
+                                                    pin_memory=device.type == "cuda")):
+            batch = bad.check(batch)
+            feats.append(encoder.fn(batch.images.to(device, non_blocking=True), cfg.run.seed * 7919 + keys[0]).cpu())
+            labels.append(batch.labels)
+            bar.update(task, advance=len(keys))
+    return all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the heads
+# ---------------------------------------------------------------------------------------------
+
+def lrs_of(settings: ProbeSettings, batch: int) -> list[float]:
+    return [blr * batch / 256 for blr in settings.blrs]
+
+
+def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, device: torch.device,
+               metrics: MetricsLog) -> tuple[ProbeHeads, torch.optim.Optimizer]:
+    s = cfg.probe
+    n = len(feats)
+    batch = min(s.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    total = steps_for(n, batch, s.epochs)
+    schedule = HeadSchedule(total, round(s.warmup_epochs * steps_per_epoch))
+    torch.manual_seed(cfg.run.seed)
+    heads = ProbeHeads(feats.shape[1], num_classes, len(s.blrs)).to(device)
+    optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
+    feats, labels = feats.to(device), labels.to(device)
+    with progress_bar("step", cfg.run.progress) as bar:
+        task = bar.add_task("heads", total=total, info="")
+        for step in range(total):
+            epoch, within = divmod(step, steps_per_epoch)
+            idx = epoch_order(n, cfg.run.seed, epoch)[within * batch:(within + 1) * batch].to(device)
+            loss = train_step(heads, optimizer, feats[idx], labels[idx], step, schedule)
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
+                metrics.write({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "loss": loss})
+                bar.update(task, info=f"loss {loss:.3f}")
+            bar.update(task, advance=1)
+    return heads, optimizer
+
+
+def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: ProbeConfig, device: torch.device,
+               ctx: DistContext, out_dir: Path, metrics: MetricsLog, resume: Checkpoint | None,
+               save: Callable) -> tuple[ProbeHeads, torch.optim.Optimizer, int, bool]:
+    """The MAE protocol: fresh augmented crops every step; returns (heads, optimizer, total steps, finished)."""
+    s = cfg.probe
+    batch = s.batch_size
+    batches = StepBatches(len(dataset), batch, cfg.run.seed, ctx.rank, ctx.world)
+    total = max(1, round(s.epochs * batches.steps_per_epoch))
+    schedule = HeadSchedule(total, round(s.warmup_epochs * batches.steps_per_epoch))
+    torch.manual_seed(cfg.run.seed)
+    heads = ProbeHeads(encoder.dim, num_classes, len(s.blrs)).to(device)
+    optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
+    start = 0
+    if resume is not None:
+        heads.load_state_dict(resume.section("heads"))
+        restore_optimizer(optimizer, resume.section("optim"), resume.extra["optimizer"])
+        start = resume.extra["step"]
+    batches.start_step, batches.total_steps = start, total
+    # one rank's share of a step arrives as extract_batch-sized pieces
+    per_rank = batch // ctx.world
+    pieces = [list(range(i, min(i + s.extract_batch, per_rank))) for i in range(0, per_rank, s.extract_batch)]
+
+    def split(step_keys):
+        return [[step_keys[i] for i in piece] for piece in pieces]
+
+    class Pieces:  # the DataLoader's batch sampler: each step's keys cut into encoder-sized pieces
+        def __iter__(self):
+            for keys in batches:
+                yield from split(keys)
+
+    data_iter = iter(make_loader(dataset, Pieces(), cfg.data.num_workers, pin_memory=device.type == "cuda"))
+    bad = BadImageCounter(cfg.data.on_bad_image)
+    step, last_saved = start, start
+    with StopSignal(cfg.run.time_limit_minutes) as stop, progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
+        task = bar.add_task("probe", total=total * batch, completed=start * batch, info="")
+        while step < total:
+            feats, labels = [], []
+            for k in range(len(pieces)):
+                b = bad.check(next(data_iter))
+                feats.append(encoder.fn(b.images.to(device, non_blocking=True), cfg.run.seed * 7919 + step * 131 + k))
+                labels.append(b.labels.to(device))
+            feats = all_gather_cat(torch.cat(feats), ctx)
+            labels = all_gather_cat(torch.cat(labels), ctx)
+            loss = train_step(heads, optimizer, feats, labels, step, schedule)
+            if not torch.isfinite(torch.tensor(loss)):
+                raise LdaeError(f"probe loss became {loss} at step {step}; lower probe.blrs")
+            step += 1
+            bar.update(task, advance=batch, info=f"loss {loss:.3f}")
+            stopping = stop.should_stop() or (cfg.run.stop_after_steps is not None
+                                              and step - start >= cfg.run.stop_after_steps)
+            if step % cfg.run.log_every == 0 or step == total:
+                metrics.write({"step": step, "epoch": round(step / batches.steps_per_epoch, 3), "loss": loss})
+            if step - last_saved >= cfg.run.save_every or stopping or step == total:
+                save(heads, optimizer, step, total, finished=step == total)
+                last_saved = step
+            if stopping and step < total:
+                if ctx.is_main:
+                    console.print(f"stopped at step {step:,}; continue with `ldae probe --resume {out_dir}`")
+                return heads, optimizer, total, False
+    return heads, optimizer, total, True
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def default_config(ckpt_path: str | None) -> dict:
+    """The pretrain run's data (MAE probing crops for training), so `ldae probe --ckpt X` needs nothing else."""
+    if ckpt_path is None:
+        return {}
+    meta = read_metadata(ckpt_path)
+    if meta["kind"] != "pretrain":
+        raise LdaeError(f"{ckpt_path}: is a '{meta['kind']}' checkpoint, expected 'pretrain'")
+    data = {**meta["config"]["data"], "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}
+    return {"data": data}
+
+
+def results_table(rows: list[dict], knn: float | None, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("head", "blr", "lr", "top-1", "top-5"):
+        table.add_column(col, justify="right")
+    best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
+    for i, r in enumerate(rows):
+        mark = " *" if i == best else ""
+        table.add_row(f"{i}{mark}", f"{r['blr']:.3g}", f"{r['lr']:.3g}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+    if knn is not None:
+        table.add_row("k-NN", "", "", f"{knn:.2f}", "")
+    return table
+
+
+def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
+        resume: Checkpoint | None = None) -> dict:
+    ctx = init(cfg.run.device)
+    device = ctx.device
+    try:
+        name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
+                               else (Path(ckpt).parent.name if ckpt else "probe"))
+        out_dir = resume.path.parent if resume is not None and not cfg.run.out_dir else \
+            run_dir("probe", cfg.run.out_dir, name)
+        if resume is None and (out_dir / CHECKPOINT).exists():
+            raise LdaeError(f"{out_dir} already holds a probe result; pick another run.out_dir (--out) or "
+                            f"continue an unfinished one with --resume {out_dir}")
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, out_dir / "config.yaml")
+        encoder = build_encoder(cfg, ckpt, random_init, device)
+        train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
+        eval_ds = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
+        num_classes = train_ds.num_classes
+        if num_classes < 2:
+            raise LdaeError(f"probing needs labelled data with 2+ classes; {cfg.data.source} gives {num_classes}")
+        if ctx.is_main:
+            console.print(f"probe: {encoder.description}; {len(train_ds):,} train / {len(eval_ds):,} eval images, "
+                          f"{num_classes} classes, {'fast (cached features)' if cfg.probe.fast else 'full protocol'}")
+        metrics = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main,
+                             truncate_after_step=resume.extra["step"] if resume is not None else None)
+        batch = min(cfg.probe.batch_size, len(train_ds)) if cfg.probe.fast else cfg.probe.batch_size
+        lrs = lrs_of(cfg.probe, batch)
+
+        def save(heads, optimizer, step, total, finished, results=None):
+            if not ctx.is_main:
+                return
+            tensors = {f"heads.{k}": v for k, v in heads.state_dict().items()}
+            opt_tensors, opt_rest = optimizer_tensors(optimizer)
+            tensors.update(opt_tensors)
+            extra = {"step": step, "total_steps": total, "finished": finished, "optimizer": opt_rest,
+                     "blrs": cfg.probe.blrs, "lrs": lrs, "encoder": encoder.description,
+                     "random_init": random_init, "class_names": train_ds.classes, "results": results}
+            save_checkpoint(out_dir / CHECKPOINT, "probe", tensors, to_dict(cfg), encoder.parents, extra)
+
+        started = time.time()
+        knn = None
+        if cfg.probe.fast:
+            train_f, train_y = extract(encoder, train_ds, cfg, device, ctx, "train")
+            heads, optimizer = train_fast(train_f, train_y, num_classes, cfg, device, metrics)
+            total = steps_for(len(train_f), batch, cfg.probe.epochs)
+        else:
+            heads, optimizer, total, finished = train_full(encoder, train_ds, num_classes, cfg, device, ctx, out_dir,
+                                                           metrics, resume, save)
+            if not finished:
+                return {}
+        eval_f, eval_y = extract(encoder, eval_ds, cfg, device, ctx, "eval")
+        acc = evaluate(heads, eval_f.to(device), eval_y.to(device))
+        if cfg.probe.fast:
+            knn = knn_accuracy(train_f.to(device), train_y.to(device), eval_f.to(device), eval_y.to(device),
+                               cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
+        rows = [{"blr": b, "lr": lr, "top1": round(float(acc[1][i]), 2), "top5": round(float(acc[5][i]), 2)}
+                for i, (b, lr) in enumerate(zip(cfg.probe.blrs, lrs))]
+        best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
+        results = {"encoder": encoder.description, "heads": rows, "best_head": best, "best_top1": rows[best]["top1"],
+                   "knn_top1": None if knn is None else round(knn, 2), "checkpoint": ckpt,
+                   "random_init": random_init, "features": cfg.probe.features, "t": cfg.probe.t,
+                   "depth": cfg.probe.depth, "noisy_input": cfg.probe.noisy_input, "fast": cfg.probe.fast,
+                   "eval_split": cfg.data.split_name("eval"), "seconds": round(time.time() - started, 1)}
+        if ctx.is_main:
+            save(heads, optimizer, total, total, True, results)
+            (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            console.print(results_table(rows, knn, f"linear probe: {encoder.description}"))
+            console.print(f"best head * is chosen on the {results['eval_split']} split; wrote {out_dir / 'results.json'}"
+                          f" and {out_dir / CHECKPOINT}")
+        return results
+    finally:
+        shutdown(ctx)
+
+
+def run_from_cli(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
+                 ckpt: str | None, random_init: bool) -> dict:
+    resume_ckpt = None
+    if resume is not None:
+        path = Path(resume) / CHECKPOINT if Path(resume).is_dir() else Path(resume)
+        resume_ckpt = load_checkpoint(path, "probe")
+        if resume_ckpt.extra.get("finished"):
+            raise LdaeError(f"{path}: this probe run already finished")
+        base = resume_base(resume_ckpt.config)
+        ckpt = ckpt or next((p["path"] for p in resume_ckpt.provenance.get("parents", [])), None)
+        random_init = resume_ckpt.extra["random_init"]
+    else:
+        base = default_config(ckpt)
+    cfg = load_config(ProbeConfig, config, overrides, flags, base=base)
+    if resume_ckpt is not None:
+        check_resume_config(resume_ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
+    return run(cfg, ckpt, random_init, Path(config).stem if config else None, resume_ckpt)

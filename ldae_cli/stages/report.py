@@ -1,0 +1,39 @@
+"""`ldae report`: the pictures a run's files hold, drawn by the same helpers the stages use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.errors import LdaeError
+from ldae_cli.plots import save_curves, save_filters
+from ldae_cli.reporting import read_metrics
+
+CURVE_KEYS = ("loss", "train_loss", "eval_loss", "top1", "top1_ema")
+
+
+def run(paths: list[str]) -> list[Path]:
+    written = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            metrics = path / "metrics.jsonl"
+            if not metrics.exists():
+                raise LdaeError(f"{path}: no metrics.jsonl in this run directory")
+            records = read_metrics(metrics)
+            keys = tuple(k for k in CURVE_KEYS if any(k in r for r in records))
+            png = save_curves(records, path / "loss.png", keys, title=path.name)
+            if png is None:
+                raise LdaeError(f"{metrics}: no step-wise values to plot")
+            written.append(png)
+        elif path.suffix == ".safetensors":
+            kind = read_metadata(path)["kind"]
+            if kind != "pca":
+                raise LdaeError(f"{path}: a '{kind}' checkpoint; report draws PCA filters (kind 'pca') and run "
+                                "directories' metrics")
+            ckpt = load_checkpoint(path, "pca")
+            out = path.with_suffix("").with_name(path.stem + ".filters.png")
+            written.append(save_filters(ckpt.tensors["pca.basis"], ckpt.extra["patch"], out))
+        else:
+            raise LdaeError(f"{path}: expected a run directory or a .safetensors PCA checkpoint")
+    return written

@@ -1,0 +1,196 @@
+"""`ldae train-tokenizer`: train a conv VAE (optionally with VQGAN's perceptual and adversarial losses),
+a patch VAE or a patch AE, then measure what pretrain needs and what the paper compares.
+
+At the end of training the run measures the latent mean and std per token dim on training images
+(what `tokenizer.latent_scale` divides by in pretrain), the PSNR of reconstructions on held-out
+images, and (by default) the PSNR of a patch PCA with the same token footprint and d per token,
+fitted on the same training images: the paper's Table 2 baseline. All of it goes into the
+`tokenizer` checkpoint that `ldae pretrain --set tokenizer.kind=trained tokenizer.path=...` reads,
+plus report.json and reconstructions.png in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint
+from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.distributed import init, shutdown
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, run_dir
+from ldae_cli.engine_tokenizer import CHECKPOINT, LossConfig, TokenizerJob, TokenizerObjective, train
+from ldae_cli.errors import LdaeError
+from ldae_cli.plots import psnr, save_grid
+from ldae_cli.reporting import console
+from ldae_cli.stages import fit_pca
+from ldae_cli.stages.pretrain import RESUMABLE_CHANGES, resolve_resume
+from ldae_cli.tokenizers import PCATokenizer
+from ldae_cli.trained_tokenizers import Autoencoder, AutoencoderConfig, build_autoencoder
+
+
+@dataclass
+class ReportConfig:
+    images: int = 1000  # held-out images (eval split) for the reconstruction PSNR
+    stats_images: int = 10000  # training images for the latent mean / std stored for latent_scale
+    pca_reference: bool = True  # also fit a patch PCA of the same footprint and d, and report its PSNR
+    pca_patches: int = 200_000  # patches for that PCA
+    grid_images: int = 8  # rows of reconstructions.png
+
+    def validate(self) -> None:
+        if min(self.images, self.stats_images, self.grid_images) < 1:
+            raise LdaeError("report.images, report.stats_images and report.grid_images must be positive")
+
+
+@dataclass
+class TrainTokenizerConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_train_tokenizer_config(config: str | None, overrides: list[str], flags: dict[str, Any],
+                                resume: str | None) -> tuple[TrainTokenizerConfig, Checkpoint | None]:
+    if resume is None:
+        if config is None:
+            raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
+        return load_config(TrainTokenizerConfig, config, overrides, flags), None
+    ckpt = load_checkpoint(resolve_resume(resume), "tokenizer")
+    # limits of the interrupted invocation do not carry over; give them again if wanted
+    base = {**ckpt.config, "run": {**ckpt.config["run"], "stop_after_steps": None, "time_limit_minutes": None}}
+    cfg = load_config(TrainTokenizerConfig, config, overrides, flags, base=base)
+    check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
+    return cfg, ckpt
+
+
+def run_from_cli(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None) -> Path:
+    cfg, ckpt = load_train_tokenizer_config(config, overrides, flags, resume)
+    return run(cfg, config, ckpt)
+
+
+def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _subset(n: int, count: int, seed: int) -> list[int]:
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+@torch.no_grad()
+def latent_statistics(net: Autoencoder, dataset: ImageDataset, count: int, seed: int, num_workers: int,
+                      on_bad_image: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std per token dim of the posterior mean over `count` training images (float64 sums)."""
+    device = next(net.parameters()).device
+    total = torch.zeros(net.token_dim, dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    n = 0
+    bad = BadImageCounter(on_bad_image)
+    for batch in make_loader(dataset, _chunks(_subset(len(dataset), count, seed)), num_workers):
+        mean, _ = net.posterior(to_unit_range(bad.check(batch).images.to(device)))
+        z = mean.double().reshape(-1, net.token_dim)
+        total += z.sum(0)
+        squares += z.square().sum(0)
+        n += z.shape[0]
+    if n < 2:
+        raise LdaeError("no training images could be read to measure the latent statistics")
+    mu = total / n
+    var = (squares / n - mu.square()).clamp_min(0) * n / (n - 1)
+    return mu.float().cpu(), var.sqrt().float().cpu()
+
+
+@torch.no_grad()
+def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset, out_dir: Path
+                          ) -> dict:
+    """Test PSNR of the tokenizer (and of the same-size PCA), reconstructions.png and report.json."""
+    device = next(net.parameters()).device
+    eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
+    grid = net.grid(eval_set.size)
+    pca = None
+    if cfg.report.pca_reference:
+        settings = fit_pca.PCASettings(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
+                                       seed=cfg.run.seed)
+        if settings.patches <= net.patch ** 2 * 3:
+            raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
+                            f"than {net.patch ** 2 * 3} patches, got {settings.patches}")
+        console.print(f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} "
+                      "training patches")
+        result = fit_pca.fit(train_set, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
+        pca = PCATokenizer(result.mean, result.basis, result.eigenvalues, net.patch, net.token_dim).to(device)
+    scores: dict[str, list[torch.Tensor]] = {"tokenizer": [], "pca": []}
+    shown: list[list[torch.Tensor]] = []
+    bad = BadImageCounter(cfg.data.on_bad_image)
+    indices = _subset(len(eval_set), cfg.report.images, cfg.run.seed + 1)
+    for batch in make_loader(eval_set, _chunks(indices), cfg.data.num_workers):
+        images = to_unit_range(bad.check(batch).images.to(device))
+        recon = net.decode_tokens(net.posterior(images)[0], grid).clamp(-1, 1)
+        scores["tokenizer"].append(psnr(images, recon).cpu())
+        columns = [images, recon]
+        if pca is not None:
+            pca_recon = pca.decode(pca.encode(images), grid).clamp(-1, 1)
+            scores["pca"].append(psnr(images, pca_recon).cpu())
+            columns.append(pca_recon)
+        for i in range(min(images.shape[0], cfg.report.grid_images - len(shown))):
+            shown.append([c[i].cpu() for c in columns])
+    if not scores["tokenizer"]:
+        raise LdaeError(f"no held-out images could be read for the reconstruction report ({cfg.data.source}, "
+                        f"split '{cfg.data.split_name('eval')}')")
+    kind = net.spec["kind"]
+    report = {"kind": kind, "patch": net.patch, "dim": net.token_dim, "split": cfg.data.split_name("eval"),
+              "images": int(sum(len(s) for s in scores["tokenizer"])),
+              "psnr": round(float(torch.cat(scores["tokenizer"]).mean()), 3)}
+    titles = ["original", kind]
+    if pca is not None:
+        report["pca_psnr"] = round(float(torch.cat(scores["pca"]).mean()), 3)
+        titles.append(f"pca d={net.token_dim}")
+    save_grid(shown, out_dir / "reconstructions.png", upscale=max(1, 96 // eval_set.size), titles=titles)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    line = f"held-out PSNR ({report['images']} {report['split']} images): {kind} [bold]{report['psnr']:.2f} dB[/bold]"
+    if pca is not None:
+        line += f", PCA p={net.patch} d={net.token_dim} {report['pca_psnr']:.2f} dB"
+    console.print(line)
+    console.print(f"wrote {out_dir / 'reconstructions.png'} and {out_dir / 'report.json'}")
+    return report
+
+
+def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
+    ctx = init(cfg.run.device)
+    try:
+        out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
+            run_dir("tokenizer", cfg.run.out_dir, config_name)
+        if resume_ckpt is None and (out_dir / CHECKPOINT).exists():
+            raise LdaeError(f"{out_dir} already holds a tokenizer checkpoint; continue it with "
+                            f"`ldae train-tokenizer --resume {out_dir}` or pick another run.out_dir")
+        torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
+        net = build_autoencoder(cfg.tokenizer.spec())
+        net.grid(cfg.data.image_size)  # fail before any data is read
+        objective = TokenizerObjective(net, cfg.loss)
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, out_dir / "config.yaml")
+        dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
+
+        def finalize(trained: Autoencoder) -> tuple[dict[str, torch.Tensor], dict]:
+            trained.eval()
+            # statistics and the reference PCA describe the images pretrain will encode, not their flips or crops
+            plain = dataset if not (cfg.data.hflip or cfg.data.crop != "center") else \
+                build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
+            mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
+                                          cfg.data.num_workers, cfg.data.on_bad_image)
+            report = reconstruction_report(trained, cfg, plain, out_dir)
+            return {"stats.mean": mean, "stats.std": std}, {"report": report}
+
+        job = TokenizerJob(objective=objective, dataset=dataset, optim=cfg.optim, run=cfg.run, out_dir=out_dir,
+                           config=to_dict(cfg), finalize=finalize, num_workers=cfg.data.num_workers,
+                           on_bad_image=cfg.data.on_bad_image, resume_from=resume_ckpt,
+                           extra={"tokenizer": net.spec, "image_size": cfg.data.image_size,
+                                  "dataset": cfg.data.source})
+        return train(job, ctx)
+    finally:
+        shutdown(ctx)

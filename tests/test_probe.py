@@ -1,0 +1,170 @@
+"""Linear probing: LARS as MAE uses it, the head, multi-lr equivalence, every target type, baselines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import train_tiny
+from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, train_step
+from ldae_cli.errors import LdaeError
+from ldae_cli.stages import probe as stage
+
+
+def test_lars_matches_a_hand_computation():
+    """Weights: trust ratio 0.001*|w|/|g|, momentum 0.9; biases: plain momentum SGD, no adaptation."""
+    heads = ProbeHeads(3, 2, 1)
+    w0 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    b0 = torch.tensor([0.5, -0.5])
+    with torch.no_grad():
+        heads.heads[0].weight.copy_(w0)
+        heads.heads[0].bias.copy_(b0)
+    opt = lars_for_heads(heads, [2.0], momentum=0.9)
+    for g in opt.param_groups:
+        g["lr"] = g["lr_scale"]
+    grads = [(torch.tensor([[0.1, 0.2, -0.3], [0.4, 0.0, 0.1]]), torch.tensor([1.0, -2.0])),
+             (torch.tensor([[-0.2, 0.1, 0.0], [0.3, -0.1, 0.2]]), torch.tensor([0.5, 0.5]))]
+    w, b, buf_w, buf_b = w0.clone(), b0.clone(), None, None
+    for gw, gb in grads:
+        heads.heads[0].weight.grad, heads.heads[0].bias.grad = gw.clone(), gb.clone()
+        opt.step()
+        dw = gw * (0.001 * w.norm() / gw.norm())  # LARS adaptation, weights only
+        buf_w = dw if buf_w is None else 0.9 * buf_w + dw
+        buf_b = gb if buf_b is None else 0.9 * buf_b + gb
+        w, b = w - 2.0 * buf_w, b - 2.0 * buf_b
+        torch.testing.assert_close(heads.heads[0].weight.detach(), w, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(heads.heads[0].bias.detach(), b, rtol=1e-6, atol=1e-7)
+
+
+def _blobs(n=200, dim=8, seed=0):
+    """Two Gaussian blobs 8 standard deviations apart: separable with overwhelming probability."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    centres = torch.zeros(2, dim)
+    centres[1, 0] = 8.0
+    return centres[labels] + torch.randn(n, dim, generator=g), labels
+
+
+def _train(feats, labels, lrs, steps=200, batch=50, seed=0):
+    torch.manual_seed(seed)
+    heads = ProbeHeads(feats.shape[1], 2, len(lrs))
+    opt = lars_for_heads(heads, lrs)
+    schedule = HeadSchedule(steps, 10)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randperm(len(feats), generator=g)[:batch]
+        train_step(heads, opt, feats[idx], labels[idx], step, schedule)
+    return heads
+
+
+def test_bn_linear_head_separates_gaussian_blobs():
+    feats, labels = _blobs()
+    test_feats, test_labels = _blobs(seed=1)
+    # LARS moves a weight matrix by 0.001 * lr of its own norm per step: a large lr trains quickly
+    heads = _train(feats, labels, [50.0])
+    assert float(evaluate(heads, feats, labels)[1][0]) == 100.0
+    assert float(evaluate(heads, test_feats, test_labels)[1][0]) == 100.0
+    assert heads.bn.weight is None and heads.bn.bias is None  # BatchNorm without affine
+
+
+def test_multi_lr_heads_equal_separate_runs():
+    feats, labels = _blobs()
+    lrs = [0.01, 0.3, 3.0]
+    # every run starts from the same initial weights and sees the same feature batches
+    torch.manual_seed(0)
+    init = ProbeHeads(8, 2, 1).heads[0].state_dict()
+    results = []
+    for lr_set in ([lrs], [[lr] for lr in lrs]):
+        for group in lr_set:
+            torch.manual_seed(0)
+            heads = ProbeHeads(8, 2, len(group))
+            for h in heads.heads:
+                h.load_state_dict(init)
+            opt = lars_for_heads(heads, group)
+            g = torch.Generator().manual_seed(0)
+            for step in range(100):
+                idx = torch.randperm(len(feats), generator=g)[:50]
+                train_step(heads, opt, feats[idx], labels[idx], step, HeadSchedule(100, 10))
+            results += [h.weight.detach().clone() for h in heads.heads]
+    joint_w, separate_w = results[:3], results[3:]
+    for a, b in zip(joint_w, separate_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(joint_w[0], joint_w[2])  # the lrs really differ
+
+
+def test_knn_on_separable_features():
+    """Cosine k-NN: blobs along different axes are apart in angle."""
+    feats, labels = _blobs()
+    test_feats, test_labels = _blobs(seed=1)
+    shift = torch.zeros(8)
+    shift[1] = 8.0
+    feats[labels == 0] += shift
+    test_feats[test_labels == 0] += shift
+    assert knn_accuracy(feats, labels, test_feats, test_labels, k=20) == 100.0
+    assert knn_accuracy(feats, labels, test_feats, 1 - test_labels, k=20) == 0.0
+
+
+def _probe(ckpt, out, *extra, random_init=False):
+    sets = ["probe.fast=true", "probe.epochs=5", "probe.warmup_epochs=1", "probe.batch_size=8",
+            "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={out}", *extra]
+    return stage.run_from_cli(None, sets, {}, ckpt=str(ckpt), random_init=random_init)
+
+
+@pytest.mark.parametrize("target,extra", [
+    ("x0", {}),
+    ("z0", {"diffusion.target": "z0", "diffusion.loss_weight": "gamma2", "diffusion.output_space": "latent",
+            "diffusion.input_space": "latent"}),
+    ("eps", {"diffusion.target": "eps", "diffusion.output_space": "latent", "diffusion.input_space": "latent",
+             "diffusion.schedule": "linear-gamma2", "diffusion.loss_weight": "1"}),
+])
+def test_probe_works_from_every_target_type(target, extra, pattern_tree, tmp_path):
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / target, **{"tokenizer.patch": 4, "tokenizer.dim": 8},
+                      **extra)
+    results = _probe(ckpt, tmp_path / f"probe-{target}")
+    assert len(results["heads"]) == 2 and 0 <= results["best_top1"] <= 100
+    assert results["knn_top1"] is not None
+    saved = load_checkpoint(tmp_path / f"probe-{target}" / "probe.safetensors", "probe")
+    assert saved.extra["finished"] and saved.provenance["parents"][0]["sha256"] == load_checkpoint(ckpt).sha256
+    assert json.loads((tmp_path / f"probe-{target}" / "results.json").read_text())["best_head"] in (0, 1)
+
+
+def test_baselines_random_init_and_pixels(pattern_tree, tmp_path):
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
+    rand = _probe(ckpt, tmp_path / "rand", random_init=True)
+    assert rand["random_init"] and "random-init" in rand["encoder"]
+    pixels = _probe(ckpt, tmp_path / "pix", "probe.features=pixels")
+    assert pixels["encoder"] == "raw pixels"
+    head = lambda run: load_checkpoint(tmp_path / run / "probe.safetensors").tensors["heads.heads.0.weight"]
+    assert head("pix").shape == (2, 3 * 32 * 32) and head("rand").shape == (2, 32)
+
+
+def test_full_protocol_stops_and_resumes(pattern_tree, tmp_path):
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
+    sets = ["probe.epochs=2", "probe.warmup_epochs=1", "probe.batch_size=8", "probe.blrs=[0.1]",
+            "run.progress=false", "data.num_workers=0", "probe.extract_batch=4"]
+    first = stage.run_from_cli(None, sets + [f"run.out_dir={tmp_path / 'a'}", "run.stop_after_steps=1"], {},
+                               ckpt=str(ckpt), random_init=False)
+    assert first == {}
+    assert load_checkpoint(tmp_path / "a" / "probe.safetensors").extra["step"] == 1
+    resumed = stage.run_from_cli(None, [], {}, str(tmp_path / "a"), ckpt=None, random_init=False)
+    whole = stage.run_from_cli(None, sets + [f"run.out_dir={tmp_path / 'b'}"], {}, ckpt=str(ckpt), random_init=False)
+    a = load_checkpoint(tmp_path / "a" / "probe.safetensors").section("heads")
+    b = load_checkpoint(tmp_path / "b" / "probe.safetensors").section("heads")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["heads"] == whole["heads"]
+
+
+def test_probe_errors_are_clear(pattern_tree, tmp_path):
+    with pytest.raises(LdaeError, match="needs --ckpt"):
+        stage.run_from_cli(None, ["data.source=imagefolder", f"data.path={pattern_tree}"], {}, ckpt=None,
+                           random_init=False)
+    pca = tmp_path / "pre" / "pca.safetensors"
+    train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
+    with pytest.raises(LdaeError, match="is a 'pca' checkpoint, expected 'pretrain'"):
+        stage.run_from_cli(None, [], {}, ckpt=str(pca), random_init=False)
+    with pytest.raises(LdaeError, match="probe.blrs"):
+        stage.run_from_cli(None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"),
+                           random_init=False)
