@@ -31,8 +31,30 @@ data: env
 		$$SUDO apt-get install -y -q dataset-fashion-mnist; }; }; then echo "Fashion-MNIST installed"; \
 	else $(BIN)/python -c "from ldae_cli.data import download_fashion_mnist; download_fashion_mnist()"; fi
 
-demo: env data
-	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $(DEMO)/pca.safetensors
+# Every stage on Fashion-MNIST. Each step is a file target, so re-running skips what is done; an
+# interrupted pretrain resumes where it stopped.
+demo: env data $(DEMO)/probe/results.json $(DEMO)/probe-random-init/results.json
+	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise \
+		--out $(DEMO)/denoise.png
+	@echo "demo done: see $(DEMO)/ (pca.filters.png, pretrain/loss.png, probe*/results.json, denoise.png)"
+
+$(DEMO)/pca.safetensors: | env data
+	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $@
+
+$(DEMO)/pretrain/done: $(DEMO)/pca.safetensors
+	if [ -f $(DEMO)/pretrain/checkpoint.safetensors ]; then $(BIN)/ldae pretrain --resume $(DEMO)/pretrain; \
+	else $(BIN)/ldae pretrain --config demo/fmnist.yaml --out $(DEMO)/pretrain \
+		--set tokenizer.path=$(DEMO)/pca.safetensors; fi
+	touch $@
+
+$(DEMO)/probe/results.json: $(DEMO)/pretrain/done
+	rm -rf $(DEMO)/probe
+	$(BIN)/ldae probe --ckpt $(DEMO)/pretrain/checkpoint.safetensors --config probe/small-fast.yaml --out $(DEMO)/probe
+
+$(DEMO)/probe-random-init/results.json: $(DEMO)/pretrain/done
+	rm -rf $(DEMO)/probe-random-init
+	$(BIN)/ldae probe --ckpt $(DEMO)/pretrain/checkpoint.safetensors --config probe/small-fast.yaml --random-init \
+		--out $(DEMO)/probe-random-init
 
 test: env
 	$(BIN)/python -m pytest -q

@@ -183,7 +183,9 @@ def probe(
 
 @app.command("denoise")
 def denoise(
-    images: List[str] = typer.Argument(..., help="Images and/or folders of images."),
+    images: Optional[List[str]] = typer.Argument(None, help="Images and/or folders of images."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Also denoise N images of the checkpoint's own "
+                                          "evaluation split: mean PSNR and one panel of the first 8."),
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Pretrain checkpoint [default: the newest under runs/]."),
     t: Optional[int] = typer.Option(None, "--t", help="Timestep of the noise added. [default: T/4]"),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Noise level instead of --t (latent units)."),
@@ -196,7 +198,8 @@ def denoise(
 ) -> None:
     """Denoise images with a pretrained model: writes clean | noisy | denoised panels (the paper's Fig. 7)."""
     _stage("denoise", 4).run_from_cli(images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
-                                      compare_pixel_noise=compare_pixel_noise, ema=ema, device=device)
+                                      compare_pixel_noise=compare_pixel_noise, ema=ema, device=device,
+                                      samples=samples)
 
 
 @app.command("report")

@@ -89,10 +89,7 @@ def output_path(out: str | None, source: Path, count: int) -> Path:
     return folder / f"{source.stem}-denoised.png"
 
 
-def run_from_cli(inputs: list[str], *, ckpt: str | None = None, t: int | None = None, sigma: float | None = None,
-                 seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False, ema: bool | None = None,
-                 device: str = "auto") -> list[Path]:
-    files = collect_images(inputs)
+def _prepare(ckpt: str | None, ema: bool | None, device: str, t: int | None, sigma: float | None):
     if ckpt is None:
         ckpt = newest_checkpoint()
         console.print(f"using the newest pretrain checkpoint: {ckpt}")
@@ -101,15 +98,29 @@ def run_from_cli(inputs: list[str], *, ckpt: str | None = None, t: int | None = 
     pre.model.to(dev)
     pre.denoiser.to(dev)
     step = pick_t(pre, t, sigma)
-    level = float(pre.denoiser.schedule.sigma[step])
-    gamma = float(pre.denoiser.schedule.gamma[step])
+    schedule = pre.denoiser.schedule
+    console.print(f"denoising at {pre.image_size}x{pre.image_size} with {Path(ckpt).parent.name} "
+                  f"(t={step}: gamma={float(schedule.gamma[step]):.3f}, sigma={float(schedule.sigma[step]):.3f})")
+    return pre, dev, step, float(schedule.sigma[step])
+
+
+def _row(clean, noisy, denoised, extra, i):
+    return [x[i].cpu() for x in (clean, noisy, denoised)] + ([extra[i].cpu()] if extra is not None else [])
+
+
+def run_from_cli(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | None = None,
+                 sigma: float | None = None, seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False,
+                 ema: bool | None = None, device: str = "auto", samples: int | None = None) -> list[Path]:
+    """Panels for the given images, or (samples=N) for N eval images of the checkpoint's dataset with mean PSNR."""
+    if not inputs and not samples:
+        raise LdaeError("give images or folders to denoise, or --samples N to take N images from the "
+                        "checkpoint's own evaluation split")
+    files = collect_images(inputs or [])
+    pre, dev, step, level = _prepare(ckpt, ema, device, t, sigma)
     size = pre.image_size
     upscale = max(1, 128 // size)
-    titles = ["clean", f"noisy s={level:.2f}", "denoised"]
-    if compare_pixel_noise:
-        titles.append(f"pixel noise s={level:.2f}")
-    console.print(f"denoising {len(files)} image(s) at {size}x{size} with {Path(ckpt).parent.name} "
-                  f"(t={step}: gamma={gamma:.3f}, sigma={level:.3f})")
+    titles = ["clean", f"noisy ({level:.2f})", "denoised"] + ([f"pixel noise ({level:.2f})"] if compare_pixel_noise
+                                                             else [])
     written = []
     for start in range(0, len(files), BATCH):
         chunk = files[start:start + BATCH]
@@ -117,11 +128,44 @@ def run_from_cli(inputs: list[str], *, ckpt: str | None = None, t: int | None = 
         noisy, denoised = denoise_batch(pre, clean, step, seed, start)
         extra = pixel_noise(clean, level, seed) if compare_pixel_noise else None
         for i, source in enumerate(chunk):
-            row = [clean[i], noisy[i], denoised[i]] + ([extra[i]] if extra is not None else [])
-            path = save_grid([[x.cpu() for x in row]], output_path(out, source, len(files)), upscale=upscale,
-                             titles=titles)
-            gain = float(psnr(denoised[i:i + 1], clean[i:i + 1]) - psnr(noisy[i:i + 1], clean[i:i + 1]))
-            console.print(f"{source} -> {path}  (PSNR noisy {float(psnr(noisy[i:i+1], clean[i:i+1])):.1f} dB, "
-                          f"denoised {float(psnr(denoised[i:i+1], clean[i:i+1])):.1f} dB, {gain:+.1f})")
+            path = save_grid([_row(clean, noisy, denoised, extra, i)], output_path(out, source, len(files)),
+                             upscale=upscale, titles=titles)
+            p_noisy, p_denoised = float(psnr(noisy[i:i + 1], clean[i:i + 1])), float(psnr(denoised[i:i + 1], clean[i:i + 1]))
+            console.print(f"{source} -> {path}  (PSNR noisy {p_noisy:.1f} dB, denoised {p_denoised:.1f} dB)")
             written.append(path)
+    if samples:
+        written.append(_dataset_samples(pre, dev, step, level, samples, seed, out, compare_pixel_noise, titles,
+                                        upscale))
     return written
+
+
+def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, seed: int, out: str | None,
+                     compare_pixel_noise: bool, titles: list[str], upscale: int, shown: int = 8) -> Path:
+    """Mean PSNR of noisy input and denoised output over `count` eval images; a panel of the first few."""
+    from ldae_cli.data import build_dataset
+
+    data_cfg = pre.cfg.data
+    data_cfg.limit, data_cfg.cache = count, "never"
+    dataset = build_dataset(data_cfg, "eval", augment=False, seed=seed)
+    totals, rows = torch.zeros(2), []
+    # panel rows spread over the (class-sorted) subset so that several classes show
+    picked = set(torch.linspace(0, len(dataset) - 1, min(shown, len(dataset))).round().long().tolist())
+    for start in range(0, len(dataset), BATCH * 4):
+        idx = range(start, min(start + BATCH * 4, len(dataset)))
+        items = [dataset[i] for i in idx]
+        bad = [x for x in items if not isinstance(x, tuple)]
+        if bad:
+            raise LdaeError(f"{bad[0].name}: cannot read image ({bad[0].reason})")
+        clean = to_unit_range(torch.stack([img for img, _ in items])).to(dev)
+        noisy, denoised = denoise_batch(pre, clean, step, seed, start)
+        totals += torch.stack([psnr(noisy, clean).sum(), psnr(denoised, clean).sum()]).cpu()
+        extra = pixel_noise(clean, level, seed + start) if compare_pixel_noise else None
+        rows += [_row(clean, noisy, denoised, extra, i) for i, j in enumerate(idx) if j in picked]
+    mean_noisy, mean_denoised = (totals / len(dataset)).tolist()
+    path = Path(out) if out and out.lower().endswith(".png") else (Path(out) if out else RUNS / "denoise") / \
+        f"{pre.ckpt.path.parent.name}-samples-t{step}.png"
+    save_grid(rows, path, upscale=upscale, titles=titles)
+    console.print(f"{len(dataset)} {data_cfg.split_name('eval')} images, sigma {level:.3f}: mean PSNR noisy "
+                  f"{mean_noisy:.2f} dB -> denoised {mean_denoised:.2f} dB ({mean_denoised - mean_noisy:+.2f}); "
+                  f"panel of {len(rows)}: {path}")
+    return path

@@ -404,8 +404,9 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
     autocast_dtype = amp_dtype(cfg_r.precision, device)
     runner: nn.Module = model
     if ctx.enabled:
+        # buffers (pixel statistics, anchors) are constants: no per-forward sync (ViTDet's setting)
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                         broadcast_buffers=False)
+                                         forward_sync_buffers=False)
 
     start_step, latest_eval = 0, None
     if resume_ckpt is not None:
