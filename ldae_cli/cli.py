@@ -215,7 +215,19 @@ def report(
 
 def main() -> None:
     try:
-        app()
+        # standalone_mode=False: usage errors reach us, to be printed as one line like every other error
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except typer.TyperException as exc:  # click's usage errors (Typer vendors click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ldae`: the help was printed
+            sys.exit(0)
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}{where}", soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
     except LdaeError as exc:
         if _state["debug"]:
             raise
