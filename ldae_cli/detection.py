@@ -228,13 +228,15 @@ def loading_report(detector_shapes: dict[str, tuple], encoder_shapes: dict[str, 
         else:
             report.loaded.append(target)
             report.loaded_params += math.prod(shape)
-    loaded = set(report.loaded)
+    provided = {NET_PREFIX + name for name in encoder_shapes}  # a mismatch is reported once, not also as missing
     for name in detector_shapes:
+        if name in provided:
+            continue
         if not name.startswith(NET_PREFIX):
             report.fresh_new.append(name)
         elif name.endswith(REL_POS):
             report.fresh_rel_pos.append(name)
-        elif name not in loaded and name not in {NET_PREFIX + m.split(":")[0] for m in report.mismatched}:
+        else:
             report.missing.append(name[len(NET_PREFIX):])
     return report
 

@@ -5,6 +5,9 @@ The backbone is detectron2's plain `ViT` initialised from our encoder folded at 
 warm-up + step schedule; evaluation is COCO box and mask AP. Our YAML config is the user-facing
 recipe; detectron2's LazyConfig is built from it (ldae_cli/detection.py). The detector is saved in the
 shared safetensors format (kind `detect`) with its optimizer state, so runs resume exactly.
+
+Several GPUs or nodes: `torchrun --nproc-per-node N -m ldae_cli detect ...` (optim.batch_size stays the
+global batch; optim.micro_batch splits each rank's share when it does not fit in memory).
 """
 
 from __future__ import annotations
@@ -312,7 +315,7 @@ def quiet_detectron2():
 def build_optimizer(model: nn.Module, cfg: DetectOptimConfig, depth: int, device: torch.device
                     ) -> torch.optim.Optimizer:
     """AdamW over detectron2's parameter groups: layer-wise lr decay over the ViT blocks, no weight decay
-    on LayerNorms and the position embedding (ViTDet's settings)."""
+    on the ViT's LayerNorms and position embedding (ViTDet's settings)."""
     from detectron2.modeling import get_vit_lr_decay_rate
     from detectron2.solver.build import get_default_optimizer_params
 
@@ -333,7 +336,7 @@ def ap_table(results: dict, title: str) -> Table:
     for task in ("bbox", "segm"):
         row = results.get(task, {})
         table.add_row("box" if task == "bbox" else "mask",
-                      *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in AP_KEYS))
+                      *("-" if row.get(k) is None else f"{row[k]:.3f}" for k in AP_KEYS))
     if all(v is None for row in results.values() for v in row.values()):
         table.caption = "no detection scored above 0.05, so COCOeval did not run (in effect AP 0)"
     return table
@@ -367,6 +370,8 @@ def train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
 
 def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, resume_ckpt: Checkpoint | None,
            ctx: DistContext) -> Path:
+    from detectron2.utils.events import EventStorage  # detectron2's losses log their statistics into one
+
     device = ctx.device
     out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
         run_dir("detect", cfg.run.out_dir, config_name)
@@ -466,8 +471,6 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
     meter, started = Throughput(), time.time()
     last_saved = step = start_step
     model.train()
-    from detectron2.utils.events import EventStorage
-
     with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
         task = bar.add_task("detect", total=total_steps * cfg_o.batch_size,
                             completed=start_step * cfg_o.batch_size, info="")
