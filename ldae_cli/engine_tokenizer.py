@@ -14,6 +14,7 @@ needs `autograd.grad` through the decoder, and the discriminator runs twice per 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,13 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
     warmup_steps = round(cfg_o.warmup_epochs * steps_per_epoch)
     base_lr = cfg_o.base_lr()
     grid = net.grid(job.dataset.size)
+    compile_settings = contextlib.nullcontext()
     if cfg_r.compile:
         net.compile()  # in place: state dict keys stay those of the plain module
+        if disc is not None:
+            # the adaptive weight differentiates the compiled decoder twice (retain_graph=True), which
+            # torch's donated backward buffers forbid; this is the switch its error message names
+            compile_settings = torch._functorch.config.patch(donated_buffer=False)
 
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(net.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),
@@ -241,7 +247,8 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                       f"batch {cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
                       f"({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, device {device}")
     objective.train()
-    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
+    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar, \
+            compile_settings:
         task = bar.add_task("train-tokenizer", total=total_steps * cfg_o.batch_size,
                             completed=start_step * cfg_o.batch_size, info="")
         while step < total_steps:

@@ -458,7 +458,8 @@ class PerceptualLoss(nn.Module):
             features.load_state_dict({k[len("features."):]: v for k, v in wanted.items()
                                       if int(k.split(".")[1]) <= VGG_TAPS[-1]})
         except RuntimeError as exc:
-            raise LdaeError(f"loss.vgg_weights: {vgg_weights} does not fit VGG16 ({str(exc).splitlines()[-1].strip()}); "
+            why = str(exc).splitlines()[-1].strip()
+            raise LdaeError(f"loss.vgg_weights: {vgg_weights} does not fit VGG16 ({why}); "
                             f"expected {VGG_FORMAT}") from None
         self.features = features.eval().requires_grad_(False)
         if lpips_weights:

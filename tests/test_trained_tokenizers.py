@@ -178,7 +178,8 @@ def test_every_paper_config_loads():
     cfgs = {name: load_config(stage.TrainTokenizerConfig, f"tokenizer/{name}", ["loss.vgg_weights=x.safetensors"])
             for name in ("vqgan", "vqgan-noperceptual", "conv-vae", "patch-vae", "patch-ae")}
     assert cfgs["vqgan"].loss.perceptual_weight > 0 and cfgs["vqgan"].loss.adversarial_weight > 0
-    assert cfgs["vqgan-noperceptual"].loss.perceptual_weight == 0 and cfgs["vqgan-noperceptual"].loss.adversarial_weight > 0
+    no_perceptual = cfgs["vqgan-noperceptual"].loss
+    assert no_perceptual.perceptual_weight == 0 and no_perceptual.adversarial_weight > 0
     assert cfgs["conv-vae"].loss.adversarial_weight == 0 and cfgs["conv-vae"].tokenizer.kind == "conv-vae"
     assert {c.tokenizer.kind for c in cfgs.values()} == {"conv-vae", "patch-vae", "patch-ae"}
     for name, c in cfgs.items():  # 16 dims per 16x16-pixel token, as the trajectory rows expect
@@ -280,3 +281,11 @@ def test_checkpoint_fits_pretrain_contract(images, tmp_path):
         load_trained_tokenizer(ck, "global", dim=32)
     with pytest.raises(LdaeError, match="already holds a tokenizer checkpoint"):
         stage.run(cfg, "vae")
+
+
+def test_a_missing_held_out_split_fails_before_training(images, tmp_path):
+    cfg = load_config(stage.TrainTokenizerConfig, "tokenizer/patch-ae",
+                      tiny_sets(images, tmp_path / "r", **{"data.eval_split": "nope"}))
+    with pytest.raises(LdaeError, match="no 'nope' folder"):
+        stage.run(cfg, "r")
+    assert not (tmp_path / "r" / "checkpoint.safetensors").exists()

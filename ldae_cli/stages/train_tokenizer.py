@@ -22,7 +22,7 @@ from ldae_cli.checkpoint import Checkpoint, load_checkpoint
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
 from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, run_dir
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
 from ldae_cli.engine_tokenizer import CHECKPOINT, LossConfig, TokenizerJob, TokenizerObjective, train
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
@@ -63,9 +63,7 @@ def load_train_tokenizer_config(config: str | None, overrides: list[str], flags:
             raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
         return load_config(TrainTokenizerConfig, config, overrides, flags), None
     ckpt = load_checkpoint(resolve_resume(resume), "tokenizer")
-    # limits of the interrupted invocation do not carry over; give them again if wanted
-    base = {**ckpt.config, "run": {**ckpt.config["run"], "stop_after_steps": None, "time_limit_minutes": None}}
-    cfg = load_config(TrainTokenizerConfig, config, overrides, flags, base=base)
+    cfg = load_config(TrainTokenizerConfig, config, overrides, flags, base=resume_base(ckpt.config))
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
     return cfg, ckpt
 
@@ -80,7 +78,7 @@ def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:
 
 
 def _subset(n: int, count: int, seed: int) -> list[int]:
-    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist()
 
 
 @torch.no_grad()
@@ -106,19 +104,15 @@ def latent_statistics(net: Autoencoder, dataset: ImageDataset, count: int, seed:
 
 
 @torch.no_grad()
-def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset, out_dir: Path
-                          ) -> dict:
+def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset,
+                          eval_set: ImageDataset, out_dir: Path) -> dict:
     """Test PSNR of the tokenizer (and of the same-size PCA), reconstructions.png and report.json."""
     device = next(net.parameters()).device
-    eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
     grid = net.grid(eval_set.size)
     pca = None
     if cfg.report.pca_reference:
         settings = fit_pca.PCASettings(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
                                        seed=cfg.run.seed)
-        if settings.patches <= net.patch ** 2 * 3:
-            raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
-                            f"than {net.patch ** 2 * 3} patches, got {settings.patches}")
         console.print(f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} "
                       "training patches")
         result = fit_pca.fit(train_set, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
@@ -170,11 +164,17 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
         net.grid(cfg.data.image_size)  # fail before any data is read
+        full = net.patch ** 2 * 3
+        if cfg.report.pca_reference and cfg.report.pca_patches <= full:
+            raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
+                            f"than {full} patches, got {cfg.report.pca_patches}")
         objective = TokenizerObjective(net, cfg.loss)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, out_dir / "config.yaml")
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
+        # opened now so that a missing held-out split fails before training, not after it
+        eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed) if ctx.is_main else None
 
         def finalize(trained: Autoencoder) -> tuple[dict[str, torch.Tensor], dict]:
             trained.eval()
@@ -183,7 +183,7 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
                                           cfg.data.num_workers, cfg.data.on_bad_image)
-            report = reconstruction_report(trained, cfg, plain, out_dir)
+            report = reconstruction_report(trained, cfg, plain, eval_set, out_dir)
             return {"stats.mean": mean, "stats.std": std}, {"report": report}
 
         job = TokenizerJob(objective=objective, dataset=dataset, optim=cfg.optim, run=cfg.run, out_dir=out_dir,
