@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli.errors import LdaeError
 
@@ -81,3 +83,13 @@ def all_gather_cat(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(ctx.world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def ddp_wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
+    """DDP over `module`; its buffers (tokenizer bases, tables) are identical on every rank, so they are not
+    re-broadcast each forward. torch 2.14 renamed that switch; older releases still take the old name."""
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
+        {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   **no_sync_buffers)

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
 from ldae_cli.diffusion import Denoiser
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
+from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
 from ldae_cli.engine import OptimConfig, RunConfig, StopSignal, Throughput, amp_dtype, lr_at, optimizer_tensors, \
     restore_optimizer, set_lr
 from ldae_cli.errors import LdaeError
@@ -120,8 +119,7 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
     objective = PretrainObjective(job.denoiser, model)
     runner: nn.Module = objective
     if ctx.enabled:
-        runner = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                                         broadcast_buffers=False)
+        runner = ddp_wrap(objective, ctx)
     if cfg_r.compile:
         runner = torch.compile(runner)
     optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),

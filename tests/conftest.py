@@ -166,3 +166,17 @@ def train_tiny(config: str, data: Path, out: Path, **sets) -> Path:
 
     cfg = load_config(pretrain.PretrainConfig, config, tiny_overrides(data, out, **sets))
     return pretrain.run(cfg, out.name)
+
+
+def train_tiny_conv_vae(data: Path, out: Path) -> Path:
+    """A conv VAE tokenizer (stride 2, 2 latent channels: 4x4-pixel tokens of 8 dims) trained for 2 steps."""
+    from ldae_cli.config import load_config
+    from ldae_cli.stages import train_tokenizer
+
+    sets = {"data.source": "imagefolder", "data.path": data, "data.image_size": 32, "data.num_workers": 0,
+            "data.eval_split": "train", "tokenizer.stride": 2, "tokenizer.channel_mult": "[1,2]",
+            "tokenizer.channels": 8, "tokenizer.latent_channels": 2, "tokenizer.res_blocks": 1,
+            "optim.batch_size": 8, "optim.epochs": 1, "report.images": 4, "report.stats_images": 16,
+            "report.pca_reference": False, "run.out_dir": out, "run.progress": False, "run.device": "cpu"}
+    cfg = load_config(train_tokenizer.TrainTokenizerConfig, "tokenizer/conv-vae", [f"{k}={v}" for k, v in sets.items()])
+    return train_tokenizer.run(cfg)

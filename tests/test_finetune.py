@@ -183,6 +183,10 @@ def test_randaugment_is_keyed_by_the_sample_seed():
     assert len({o.tobytes() for o in outs}) > 1
     with pytest.raises(LdaeError, match="aug.rand_augment"):
         SeededRandAugment("randaug-9", 16)
+    # magnitude 10 posterizes to 0 bits: a black image (Pillow >= 13 refuses 0 bits; timm passes them on)
+    (op,) = [o for o in SeededRandAugment("rand-m10-mstd0-inc1", 16).transform.ops if o.name == "PosterizeIncreasing"]
+    op.prob = 1.0
+    assert not np.asarray(op(img)).any()
 
 
 def test_network_from_a_pretrain_checkpoint_is_the_folded_encoder(halves, pretrain_ckpt, tmp_path):

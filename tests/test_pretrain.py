@@ -17,7 +17,7 @@ from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import pretrain as stage
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_tiny_conv_vae
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,20 +46,9 @@ def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
     elif tokenizer["kind"] == "pca":
         sets.update({"tokenizer.patch": 4, "tokenizer.dim": 8})
     if tokenizer["kind"] == "trained":
-        from ldae_cli.stages import train_tokenizer
-
         with pytest.raises(LdaeError, match="tokenizer.path"):
             load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", tiny_overrides(images, tmp_path / row))
-        # a tiny conv VAE (stride 2, 2 latent channels: 4x4-pixel tokens of 8 dims) trained for 2 steps
-        tok_sets = {"data.source": "imagefolder", "data.path": images, "data.image_size": 32, "data.num_workers": 0,
-                    "data.eval_split": "train", "tokenizer.stride": 2, "tokenizer.channel_mult": "[1,2]",
-                    "tokenizer.channels": 8, "tokenizer.latent_channels": 2, "tokenizer.res_blocks": 1,
-                    "optim.batch_size": 8, "optim.epochs": 1, "report.images": 4, "report.stats_images": 16,
-                    "report.pca_reference": False, "run.out_dir": tmp_path / "tok", "run.progress": False,
-                    "run.device": "cpu"}
-        tok_cfg = load_config(train_tokenizer.TrainTokenizerConfig, "tokenizer/conv-vae",
-                              [f"{k}={v}" for k, v in tok_sets.items()])
-        sets.update({"tokenizer.path": train_tokenizer.run(tok_cfg), "tokenizer.patch": 4})
+        sets.update({"tokenizer.path": train_tiny_conv_vae(images, tmp_path / "tok"), "tokenizer.patch": 4})
     overrides = tiny_overrides(images, tmp_path / row, **sets)
     cfg = load_config(stage.PretrainConfig, f"trajectory/{row}.yaml", overrides)
     path = stage.run(cfg, row)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import train_tiny
+from conftest import train_tiny, train_tiny_conv_vae
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, train_step
 from ldae_cli.errors import LdaeError
@@ -168,3 +168,14 @@ def test_probe_errors_are_clear(pattern_tree, tmp_path):
     with pytest.raises(LdaeError, match="probe.blrs"):
         stage.run_from_cli(None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"),
                            random_init=False)
+
+
+def test_probe_reads_a_conv_tokenizer_model_through_the_adaln_network(pattern_tree, tmp_path):
+    """Table 1 rows put a conv VAE in front of the network: no plain-ViT fold exists, the probe still works."""
+    tok = train_tiny_conv_vae(pattern_tree, tmp_path / "tok")
+    ckpt = train_tiny("trajectory/T1.5.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.path": tok,
+                                                                                 "tokenizer.patch": 4})
+    results = _probe(ckpt, tmp_path / "probe")
+    assert "conv-vae latents" in results["encoder"] and len(results["heads"]) == 2
+    rand = _probe(ckpt, tmp_path / "rand", random_init=True)
+    assert rand["random_init"] and "conv-vae latents" in rand["encoder"]

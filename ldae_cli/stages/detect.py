@@ -25,12 +25,11 @@ from typing import Literal, Optional
 import torch
 from rich.table import Table
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli import detection
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, sha256_file
 from ldae_cli.config import load_config, save_resolved, to_dict
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, init, shutdown
+from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap, init, shutdown
 from ldae_cli.engine import RunConfig, StopSignal, Throughput, amp_dtype, check_resume_config, optimizer_tensors, \
     restore_optimizer, run_dir
 from ldae_cli.errors import LdaeError
@@ -410,8 +409,7 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
     runner: nn.Module = model
     if ctx.enabled:
         # buffers (pixel statistics, anchors) are constants: no per-forward sync (ViTDet's setting)
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                         forward_sync_buffers=False)
+        runner = ddp_wrap(model, ctx)
 
     start_step, latest_eval = 0, None
     if resume_ckpt is not None:

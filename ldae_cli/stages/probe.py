@@ -33,7 +33,7 @@ from ldae_cli.engine import RunConfig, StopSignal, amp_dtype, check_resume_confi
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
     train_step
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import build_timm_vit, sincos_2d, vit_kwargs
+from ldae_cli.models import build_timm_vit
 from ldae_cli.pretrained import DEFAULT_T, fold_encoder, load_pretrained
 from ldae_cli.reporting import MetricsLog, console, progress_bar
 
@@ -87,14 +87,19 @@ class Encoder:
     parents: list[dict]
 
 
-def _random_vit(pre, depth: int | None) -> torch.nn.Module:
-    """The folded architecture with timm's own initialisation and our fixed sin-cos positions."""
-    kwargs = vit_kwargs(pre.model, pre.tokenizer.patch, depth or pre.model.encoder_depth)
-    torch.manual_seed(0)
-    vit = build_timm_vit(kwargs)
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """timm's ViT initialisation (trunc-normal 0.02 weights, zero biases) for every linear layer, gates included.
+
+    The adaLN-Zero init of a fresh DenoisingViT would make every block the identity, a baseline
+    weaker than any random network; this keeps the architecture and makes it a real random one.
+    """
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        vit.pos_embed.copy_(sincos_2d(kwargs["embed_dim"], tuple(pre.model.spec["grid"]))[None])
-    return vit
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).clamp_(-2, 2) * 0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
 
 def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device: torch.device) -> Encoder:
@@ -110,16 +115,23 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
         raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
                         f"{pre.image_size}; probe at the pretraining size")
     if random_init:
-        vit = _random_vit(pre, settings.depth)
-        description = "random-init ViT (same architecture, untrained)"
-    else:
-        state, kwargs = fold_encoder(pre, settings.t, settings.depth)
+        randomize(pre.model, cfg.run.seed)
+    t = settings.t
+    depth = settings.depth or pre.model.encoder_depth
+    description = ("random-init network (same architecture, untrained)" if random_init else
+                   f"l-DAE encoder at t={t}") + f", {depth} blocks"
+    denoiser = pre.denoiser.to(device)
+    foldable = pre.cfg.diffusion.input_space == "image" or pre.tokenizer.is_linear
+    if foldable:  # the plain ViT that fine-tuning and detection start from
+        state, kwargs = fold_encoder(pre, t, depth)
         vit = build_timm_vit(kwargs)
         vit.load_state_dict(state, strict=True)
-        description = f"l-DAE encoder folded at t={settings.t}, {kwargs['depth']} blocks"
-    vit = vit.to(device).eval().requires_grad_(False)
-    denoiser = pre.denoiser.to(device)
-    t = settings.t
+        net, dim = vit.to(device).eval().requires_grad_(False), kwargs["embed_dim"]
+        encode = net
+    else:  # a conv tokenizer in front: read its latents with the adaLN network itself
+        net, dim = pre.model.to(device).eval().requires_grad_(False), pre.model.spec["width"]
+        encode = None
+        description += f" on {pre.tokenizer.kind} latents"
 
     @torch.no_grad()
     def features(images: torch.Tensor, seed: int) -> torch.Tensor:
@@ -131,11 +143,14 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
             zt, _ = denoiser.noisy_input(z0, torch.full((len(x),), t, device=device), eps)
             x = denoiser.tokenizer.decode(zt, denoiser.grid)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            return vit(x).float()
+            if encode is not None:
+                return encode(x).float()
+            tokens = denoiser.tokenizer.encode(x)
+            return net.features(tokens, torch.full((len(x),), t, device=device), depth).mean(1).float()
 
     if settings.noisy_input:
         description += ", noisy input"
-    return Encoder(features, vit.embed_dim, description, [pre.ckpt.parent_ref("pretrain")])
+    return Encoder(features, dim, description, [pre.ckpt.parent_ref("pretrain")])
 
 
 @torch.no_grad()
