@@ -2,9 +2,9 @@
 smoothing, layer-wise lr decay, EMA; per-epoch top-1/top-5 of the raw and the EMA weights; best and
 last checkpoints; exact resume; DDP; NaN guard; progress and metrics.
 
-timm's augmentations and drop path draw from the global Python, NumPy and torch RNGs. Each is run
-inside `seeded_rngs(key)`: RandAugment with the sample's aug_seed (keyed by seed, epoch, index in the
-data layer), erasing, mixup and the forward pass (drop path) with a key of (seed, step, rank,
+timm's augmentations and drop path draw from the global Python, NumPy and torch RNGs. RandAugment
+is seeded by the sample's aug_seed (keyed by seed, epoch and index in the data layer); erasing,
+mixup and the forward pass (drop path) run inside `seeded_rngs` with a key of (seed, step, rank,
 micro-batch). A resumed run therefore repeats the uninterrupted one exactly for the same number of
 ranks and micro-batches (mixup pairs samples within a micro-batch, as in MAE, so those counts are
 part of the recipe).
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import Mixup
+from timm.data import Mixup, auto_augment
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
@@ -67,6 +67,17 @@ def step_key(seed: int, step: int, rank: int, micro: int) -> int:
     return (seed * 0x9E3779B1 + step * 0x85EBCA6B + rank * 0xC2B2AE35 + micro * 0x27D4EB2F) & 0x7FFFFFFFFFFF
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with the answer Pillow gave before version 13 for 0 bits (a black image).
+
+    RandAugment's PosterizeIncreasing keeps 4 - int(0.4 * magnitude) bits, so 0 whenever the
+    sampled magnitude reaches 10 (m9 with mstd 0.5: about one op in fifty); Pillow 13 raises there.
+    """
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
 class SeededRandAugment:
     """timm's RandAugment as a data-layer sample transform, seeded by the sample's aug_seed."""
 
@@ -78,10 +89,25 @@ class SeededRandAugment:
         except (AssertionError, ValueError, KeyError) as exc:
             raise LdaeError(f"aug.rand_augment '{config_str}' is not a timm RandAugment string like "
                             f"'rand-m9-mstd0.5-inc1' ({exc or type(exc).__name__})") from None
+        for op in self.transform.ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize
 
-    def __call__(self, img, aug_seed: int):
-        with seeded_rngs(aug_seed ^ 0x2545F491):
-            return self.transform(img)
+    def __call__(self, img: Image.Image, aug_seed: int) -> Image.Image:
+        # timm's RandAugment.__call__ with its two global RNGs made local: the ops are chosen as it
+        # chooses them, from a NumPy generator, and each op draws from Python's `random`, seeded here
+        # (a save/restore of NumPy's global state would cost three times the augmentation itself)
+        ra = self.transform
+        ops = np.random.default_rng(aug_seed).choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None,
+                                                     p=ra.choice_weights)
+        state = random.getstate()
+        random.seed(aug_seed)
+        try:
+            for op in ops:
+                img = op(img)
+        finally:
+            random.setstate(state)
+        return img
 
 
 class BatchAugment:

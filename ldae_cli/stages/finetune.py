@@ -175,7 +175,7 @@ def build_network(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dic
               "drop_path_rate": mc.drop_path}
     torch.manual_seed(cfg.run.seed)  # random weights depend on the seed only (loading --ckpt draws numbers too)
     vit = build_timm_vit(kwargs)
-    init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": mc.t if mc.ckpt else None,
+    init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": None if mc.from_scratch else mc.t,
                  "depth": kwargs["depth"]}
     if encoder is not None and not mc.from_scratch:
         missing, unexpected = vit.load_state_dict(encoder.state_dict(), strict=False)
