@@ -45,14 +45,18 @@ class OptimConfig:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
 
     def accumulation(self, world: int) -> tuple[int, int]:
-        """(micro batch, accumulation steps) for `world` ranks."""
-        per_rank, rem = divmod(self.batch_size, world)
-        if rem:
-            raise LdaeError(f"optim.batch_size {self.batch_size} is not divisible by {world} ranks")
-        micro = self.micro_batch or per_rank
-        if per_rank % micro:
-            raise LdaeError(f"optim.micro_batch {micro} does not divide the per-rank batch {per_rank}")
-        return micro, per_rank // micro
+        return accumulation(self.batch_size, self.micro_batch, world)
+
+
+def accumulation(batch_size: int, micro_batch: int | None, world: int) -> tuple[int, int]:
+    """(micro batch, accumulation steps) that make `batch_size` over `world` ranks."""
+    per_rank, rem = divmod(batch_size, world)
+    if rem:
+        raise LdaeError(f"optim.batch_size {batch_size} is not divisible by {world} ranks")
+    micro = micro_batch or per_rank
+    if per_rank % micro:
+        raise LdaeError(f"optim.micro_batch {micro} does not divide the per-rank batch {per_rank}")
+    return micro, per_rank // micro
 
 
 @dataclass

@@ -30,8 +30,8 @@ from ldae_cli import detection
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, sha256_file
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap, init, shutdown
-from ldae_cli.engine import RunConfig, StopSignal, Throughput, amp_dtype, check_resume_config, optimizer_tensors, \
-    restore_optimizer, run_dir
+from ldae_cli.engine import RunConfig, StopSignal, Throughput, accumulation, amp_dtype, check_resume_config, \
+    optimizer_tensors, restore_optimizer, run_dir
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import SIZES
 from ldae_cli.plots import save_curves
@@ -138,14 +138,7 @@ class DetectOptimConfig:
         return [round(f * self.iterations) for f in self.lr_steps]
 
     def accumulation(self, world: int) -> tuple[int, int]:
-        """(micro batch, accumulation steps) for `world` ranks."""
-        per_rank, rem = divmod(self.batch_size, world)
-        if rem:
-            raise LdaeError(f"optim.batch_size {self.batch_size} is not divisible by {world} ranks")
-        micro = self.micro_batch or per_rank
-        if per_rank % micro:
-            raise LdaeError(f"optim.micro_batch {micro} does not divide the per-rank batch {per_rank}")
-        return micro, per_rank // micro
+        return accumulation(self.batch_size, self.micro_batch, world)
 
     def lr_schedule(self):
         """ViTDet's schedule as a function of progress in [0, 1): linear warm-up, then x0.1 at each step."""
