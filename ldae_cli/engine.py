@@ -15,6 +15,7 @@ import torch
 
 from ldae_cli.checkpoint import flatten_optimizer, unflatten_optimizer
 from ldae_cli.errors import LdaeError
+from ldae_cli.reporting import console, progress_bar
 
 
 @dataclass
@@ -170,6 +171,97 @@ def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
         raise LdaeError(f"--resume continues the stored run, but the config differs ({details}); resume without "
                         f"changing the recipe (only {', '.join(allowed)} may change) or start a new run directory")
+
+
+class TrainLoop:
+    """The cadence every training loop shares: progress bar, throughput, when to log and save, the NaN guard,
+    clean stops (Ctrl-C, SIGTERM, time limit, stop_after_steps). The loop body stays the caller's:
+
+        with TrainLoop("pretrain", cfg.run, out_dir, ctx, start, total, steps_per_epoch, batch) as loop:
+            while loop.running:
+                ...one optimizer step...
+                loop.advance()
+                if loop.due_log:
+                    loop.check_finite(loss_sum, mean_loss, "lower the lr")
+                    metrics.write(loop.record(loss=mean_loss, lr=lr))
+                if loop.due_save:
+                    save(loop.step)
+                    loop.saved()
+                if loop.stopped():
+                    break
+    """
+
+    def __init__(self, command: str, run: RunConfig, out_dir: Path, ctx, start_step: int, total_steps: int,
+                 steps_per_epoch: float, batch_size: int, shown: tuple[str, ...] = ("loss", "lr")):
+        self.command, self.run, self.out_dir, self.ctx, self.shown = command, run, out_dir, ctx, shown
+        self.start_step = self.step = self.last_saved = self.logged = start_step
+        self.total_steps, self.steps_per_epoch, self.batch_size = total_steps, steps_per_epoch, batch_size
+        self.stopping = self.due_save = self.due_log = False
+        self.rate = float("nan")
+        self._meter = Throughput()
+        self._started = time.time()
+
+    def __enter__(self) -> "TrainLoop":
+        self._stop = StopSignal(self.run.time_limit_minutes).__enter__()
+        self.progress = progress_bar("img", self.run.progress and self.ctx.is_main).__enter__()
+        self.console = self.progress.console
+        self._task = self.progress.add_task(self.command, total=self.total_steps * self.batch_size,
+                                        completed=self.start_step * self.batch_size, info="")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+        self._stop.__exit__(*exc)
+
+    @property
+    def running(self) -> bool:
+        return self.step < self.total_steps
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self._started
+
+    def advance(self, save_now: bool = False) -> None:
+        """Call after each optimizer step; sets `due_log`, `due_save` and `stopping`."""
+        self.step += 1
+        self.rate = self._meter.mark(self.batch_size)
+        self.progress.update(self._task, advance=self.batch_size)
+        limit = self.run.stop_after_steps
+        self.stopping = self._stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
+        self.due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps
+                         or self.stopping or save_now)
+        self.due_log = self.step % self.run.log_every == 0 or self.due_save
+
+    def check_finite(self, value: torch.Tensor, shown: float, hint: str) -> None:
+        if not torch.isfinite(value).all():
+            raise LdaeError(f"loss became {shown} between steps {self.logged} and {self.step}; the last good "
+                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
+
+    def record(self, **values) -> dict:
+        """A metrics.jsonl line: step, epoch, the caller's values, throughput and time; updates the bar."""
+        self.logged = self.step
+        shown = "  ".join(f"{k} {values[k]:.4g}" for k in self.shown if isinstance(values.get(k), float))
+        self.progress.update(self._task, info=f"{shown}  ep {self.epoch:.2f}")
+        return {"step": self.step, "epoch": round(self.epoch, 4), **values,
+                "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
+                "time_s": round(self.seconds, 1)}
+
+    def saved(self) -> None:
+        self.last_saved = self.step
+
+    def stopped(self) -> bool:
+        """True when the run should end early (the checkpoint of this step is already saved)."""
+        if self.stopping and self.step < self.total_steps:
+            if self.ctx.is_main:
+                why = self._stop.reason or "stop_after_steps"
+                console.print(f"stopped at step {self.step:,} ({why}); checkpoint saved. Continue with "
+                              f"`ldae {self.command} --resume {self.out_dir}`")
+            return True
+        return False
 
 
 class Throughput:

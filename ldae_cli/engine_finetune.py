@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +28,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import OptimConfig, RunConfig, StopSignal, Throughput, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
     restore_optimizer, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+from ldae_cli.reporting import MetricsLog, console, read_metrics
 
 LAST = "checkpoint.safetensors"
 BEST = "best.safetensors"
@@ -216,7 +214,7 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
     ema = make_ema(model, cfg_o.ema)
     runner: nn.Module = model
     if ctx.enabled:
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        runner = ddp_wrap(model, ctx)
     if cfg_r.compile:
         runner = torch.compile(runner)
     criterion = SoftTargetCrossEntropy()
@@ -288,18 +286,16 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
     bad = BadImageCounter(job.on_bad_image)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count_sum = torch.zeros((), device=device, dtype=torch.float64)
-    meter = Throughput()
-    last_saved, step, started = start_step, start_step, time.time()
     if ctx.is_main:
         console.print(f"finetune: {len(job.train_set):,} train / {len(job.eval_set):,} eval images, batch "
                       f"{cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
                       f"({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, layer decay {job.layer_decay:g}, "
                       f"device {device}")
     model.train()
-    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
-        task = bar.add_task("finetune", total=total_steps * cfg_o.batch_size,
-                            completed=start_step * cfg_o.batch_size, info="")
-        while step < total_steps:
+    with TrainLoop("finetune", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
+                   cfg_o.batch_size) as loop:
+        while loop.running:
+            step = loop.step
             lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
             set_lr(optimizer, lr)
             for k in range(accum):
@@ -321,43 +317,29 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.update(model)
-            step += 1
-            rate = meter.mark(cfg_o.batch_size)
-            bar.update(task, advance=cfg_o.batch_size)
-            stopping = stop.should_stop() or (cfg_r.stop_after_steps is not None
-                                              and step - start_step >= cfg_r.stop_after_steps)
-            epoch_end = step % steps_per_epoch == 0 or step == total_steps
-            due_save = step - last_saved >= cfg_r.save_every or epoch_end or stopping
-            if step % cfg_r.log_every == 0 or due_save:
+            epoch_end = (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps
+            loop.advance(save_now=epoch_end)
+            if loop.due_log:
                 totals = all_reduce_sum(torch.stack([loss_sum, count_sum]), ctx)
                 mean_loss = float(totals[0] / totals[1].clamp_min(1))
-                if not torch.isfinite(totals[0]):
-                    raise LdaeError(f"loss became {mean_loss} between steps {step - cfg_r.log_every} and {step}; "
-                                    f"the last good checkpoint (step {last_saved}) is kept in {job.out_dir}. "
-                                    "Lower the lr (optim.blr / optim.lr), set optim.clip_grad, or check the data")
+                loop.check_finite(totals[0], mean_loss, "Lower the lr (optim.blr / optim.lr), set optim.clip_grad, "
+                                  "or check the data")
                 loss_sum.zero_()
                 count_sum.zero_()
-                metrics.write({"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": mean_loss, "lr": lr,
-                               "img_per_s": round(rate, 1) if rate == rate else None,
-                               "time_s": round(time.time() - started, 1), "skipped_images": bad.skipped})
-                bar.update(task, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  ep {step / steps_per_epoch:.2f}")
+                metrics.write(loop.record(loss=mean_loss, lr=lr, skipped_images=bad.skipped))
             if epoch_end:
-                results = run_eval(step)
+                results = run_eval(loop.step)
                 if ctx.is_main:
                     summary = "  ".join(f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
                                         for kind, r in results.items())
-                    bar.console.print(f"epoch {step / steps_per_epoch:.2f}: {summary}")
-            if due_save:
-                save_last(step)
-                last_saved = step
-            if stopping and step < total_steps:
-                if ctx.is_main:
-                    why = stop.reason or "stop_after_steps"
-                    console.print(f"stopped at step {step:,} ({why}); checkpoint saved. Continue with "
-                                  f"`ldae finetune --resume {job.out_dir}`")
+                    loop.console.print(f"epoch {loop.epoch:.2f}: {summary}")
+            if loop.due_save:
+                save_last(loop.step)
+                loop.saved()
+            if loop.stopped():
                 break
-    if ctx.is_main and step == total_steps:
-        console.print(f"finished {total_steps:,} steps in {time.time() - started:.0f}s; best top-1 "
+    if ctx.is_main and not loop.running:
+        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; best top-1 "
                       f"{best['top1']:.2f} ({best.get('weights')} weights, epoch {best.get('epoch')}); wrote "
                       f"{job.out_dir / LAST}, {job.out_dir / BEST} and accuracy.png")
     return job.out_dir / LAST

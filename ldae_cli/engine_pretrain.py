@@ -10,7 +10,6 @@ therefore sees exactly the same samples, noise and schedule.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +21,10 @@ from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
 from ldae_cli.diffusion import Denoiser
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import OptimConfig, RunConfig, StopSignal, Throughput, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
     restore_optimizer, set_lr
-from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+from ldae_cli.reporting import MetricsLog, console, read_metrics
 
 
 class PretrainObjective(nn.Module):
@@ -166,22 +164,17 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
     per_rank = cfg_o.batch_size // ctx.world
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count_sum = torch.zeros((), device=device, dtype=torch.float64)
-    meter = Throughput()
-    last_saved = start_step
-    step = start_step
-    started = time.time()
     if ctx.is_main:
         console.print(f"pretrain: {len(job.dataset):,} images, batch {cfg_o.batch_size} ({ctx.world} rank(s) x "
                       f"{accum} x {micro}), {total_steps:,} steps ({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, "
                       f"device {device}")
     model.train()
-    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
-        task = bar.add_task("pretrain", total=total_steps * cfg_o.batch_size,
-                            completed=start_step * cfg_o.batch_size, info="")
-        while step < total_steps:
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
+    with TrainLoop("pretrain", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
+                   cfg_o.batch_size) as loop:
+        while loop.running:
+            lr = lr_at(loop.step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
             set_lr(optimizer, lr)
-            noise = draw_step_noise(job.denoiser, cfg_r.seed, step, cfg_o.batch_size, job.class_dropout, device)
+            noise = draw_step_noise(job.denoiser, cfg_r.seed, loop.step, cfg_o.batch_size, job.class_dropout, device)
             micro_batches = []
             for _ in range(accum):
                 batch = bad.check(next(data_iter))
@@ -192,37 +185,22 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
             loss_sum += step_loss
             count_sum += step_count
             if ema is not None:
-                ema.update(model, step=step)
-            step += 1
-            rate = meter.mark(cfg_o.batch_size)
-            bar.update(task, advance=cfg_o.batch_size)
-            stopping = stop.should_stop() or (cfg_r.stop_after_steps is not None
-                                              and step - start_step >= cfg_r.stop_after_steps)
-            due_save = step - last_saved >= cfg_r.save_every or step == total_steps or stopping
-            if step % cfg_r.log_every == 0 or due_save:
+                ema.update(model, step=loop.step)
+            loop.advance()
+            if loop.due_log:
                 totals = all_reduce_sum(torch.stack([loss_sum, count_sum]), ctx)
                 mean_loss = float(totals[0] / totals[1].clamp_min(1))
-                if not torch.isfinite(totals[0]):
-                    raise LdaeError(f"loss became {mean_loss} between steps {step - cfg_r.log_every} and {step}; "
-                                    f"the last good checkpoint (step {last_saved}) is kept in {job.out_dir}. "
-                                    "Lower the lr (optim.blr), set optim.clip_grad, or check the data")
+                loop.check_finite(totals[0], mean_loss, "Lower the lr (optim.blr), set optim.clip_grad, or check "
+                                  "the data")
                 loss_sum.zero_()
                 count_sum.zero_()
-                epoch = step / steps_per_epoch
-                metrics.write({"step": step, "epoch": round(epoch, 4), "loss": mean_loss, "lr": lr,
-                               "img_per_s": round(rate, 1) if rate == rate else None,
-                               "time_s": round(time.time() - started, 1), "skipped_images": bad.skipped})
-                bar.update(task, info=f"loss {mean_loss:.4f}  lr {lr:.2e}  ep {epoch:.2f}")
-            if due_save:
-                save(step, finished=step == total_steps)
-                last_saved = step
-            if stopping and step < total_steps:
-                if ctx.is_main:
-                    why = stop.reason or "stop_after_steps"
-                    console.print(f"stopped at step {step:,} ({why}); checkpoint saved. Continue with "
-                                  f"`ldae pretrain --resume {job.out_dir}`")
+                metrics.write(loop.record(loss=mean_loss, lr=lr, skipped_images=bad.skipped))
+            if loop.due_save:
+                save(loop.step, finished=loop.step == total_steps)
+                loop.saved()
+            if loop.stopped():
                 break
-    if ctx.is_main and step == total_steps:
-        console.print(f"finished {total_steps:,} steps in {time.time() - started:.0f}s; wrote "
+    if ctx.is_main and not loop.running:
+        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote "
                       f"{job.out_dir / 'checkpoint.safetensors'} and {job.out_dir / 'loss.png'}")
     return job.out_dir / "checkpoint.safetensors"

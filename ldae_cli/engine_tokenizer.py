@@ -15,7 +15,6 @@ needs `autograd.grad` through the decoder, and the discriminator runs twice per 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -27,11 +26,11 @@ from torch import nn
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import OptimConfig, RunConfig, StopSignal, Throughput, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
     restore_optimizer, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+from ldae_cli.reporting import MetricsLog, console, read_metrics
 from ldae_cli.trained_tokenizers import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -240,18 +239,16 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
     per_rank = cfg_o.batch_size // ctx.world
     names = ("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss")
     sums = torch.zeros(2, len(names), device=device, dtype=torch.float64)  # per term: sum, micro-batches seen
-    meter, last_saved, step, started = Throughput(), start_step, start_step, time.time()
     if ctx.is_main:
         console.print(f"train-tokenizer: {net.spec['kind']} p={net.patch} d={net.token_dim}, "
                       f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(job.dataset):,} images, "
                       f"batch {cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
                       f"({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, device {device}")
     objective.train()
-    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar, \
-            compile_settings:
-        task = bar.add_task("train-tokenizer", total=total_steps * cfg_o.batch_size,
-                            completed=start_step * cfg_o.batch_size, info="")
-        while step < total_steps:
+    with TrainLoop("train-tokenizer", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
+                   cfg_o.batch_size, shown=("loss", "mse", "lr")) as loop, compile_settings:
+        while loop.running:
+            step = loop.step
             lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
             set_lr(optimizer, lr)
             adversarial = objective.adversarial(step)
@@ -284,36 +281,19 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                     torch.nn.utils.clip_grad_norm_(params, cfg_o.clip_grad)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            step += 1
-            rate = meter.mark(cfg_o.batch_size)
-            bar.update(task, advance=cfg_o.batch_size)
-            stopping = stop.should_stop() or (cfg_r.stop_after_steps is not None
-                                              and step - start_step >= cfg_r.stop_after_steps)
-            due_save = step - last_saved >= cfg_r.save_every or step == total_steps or stopping
-            if step % cfg_r.log_every == 0 or due_save:
+            loop.advance()
+            if loop.due_log:
                 totals = all_reduce_sum(sums.clone(), ctx)
                 means = {n: float(totals[0, i] / totals[1, i]) for i, n in enumerate(names) if totals[1, i] > 0}
-                if not torch.isfinite(totals[0, 0]):
-                    raise LdaeError(f"loss became {means.get('loss')} between steps {step - cfg_r.log_every} and "
-                                    f"{step}; the last good checkpoint (step {last_saved}) is kept in {job.out_dir}. "
-                                    "Lower the lr (optim.blr), set optim.clip_grad, or check the data")
+                loop.check_finite(totals[0, 0], means.get("loss"), "Lower the lr (optim.blr), set optim.clip_grad, "
+                                  "or check the data")
                 sums.zero_()
-                epoch = step / steps_per_epoch
-                record = {"step": step, "epoch": round(epoch, 4), **means, "lr": lr,
-                          "img_per_s": round(rate, 1) if rate == rate else None,
-                          "time_s": round(time.time() - started, 1), "skipped_images": bad.skipped}
-                metrics.write(record)
-                bar.update(task, info=f"loss {means.get('loss', float('nan')):.4f}  mse {means.get('mse', 0):.2e}  "
-                                      f"lr {lr:.2e}  ep {epoch:.2f}")
-            if due_save:
-                save(step, finished=step == total_steps)
-                last_saved = step
-            if stopping and step < total_steps:
-                if ctx.is_main:
-                    why = stop.reason or "stop_after_steps"
-                    console.print(f"stopped at step {step:,} ({why}); checkpoint saved. Continue with "
-                                  f"`ldae train-tokenizer --resume {job.out_dir}`")
+                metrics.write(loop.record(**means, lr=lr, skipped_images=bad.skipped))
+            if loop.due_save:
+                save(loop.step, finished=loop.step == total_steps)
+                loop.saved()
+            if loop.stopped():
                 break
-    if ctx.is_main and step == total_steps:
-        console.print(f"finished {total_steps:,} steps in {time.time() - started:.0f}s; wrote {path}")
+    if ctx.is_main and not loop.running:
+        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote {path}")
     return path

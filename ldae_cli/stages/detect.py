@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +29,7 @@ from ldae_cli import detection
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, sha256_file
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap, init, shutdown
-from ldae_cli.engine import RunConfig, StopSignal, Throughput, accumulation, amp_dtype, check_resume_config, \
+from ldae_cli.engine import RunConfig, TrainLoop, accumulation, amp_dtype, check_resume_config, \
     optimizer_tensors, restore_optimizer, run_dir
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import SIZES
@@ -459,13 +458,11 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
                       f"lr {cfg_o.lr:g}, device {device}")
     sums = torch.zeros(len(LOSSES) + 1, device=device, dtype=torch.float64)
     window = 0
-    meter, started = Throughput(), time.time()
-    last_saved = step = start_step
     model.train()
-    with StopSignal(cfg_r.time_limit_minutes) as stop, progress_bar("img", cfg_r.progress and ctx.is_main) as bar:
-        task = bar.add_task("detect", total=total_steps * cfg_o.batch_size,
-                            completed=start_step * cfg_o.batch_size, info="")
-        while step < total_steps:
+    with TrainLoop("detect", cfg_r, out_dir, ctx, start_step, total_steps, images_per_epoch / cfg_o.batch_size,
+                   cfg_o.batch_size) as loop:
+        while loop.running:
+            step = loop.step
             lr_mult = schedule(step / total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = group["peak_lr"] * lr_mult
@@ -486,44 +483,30 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
                         sums[i] += loss_dict[name].detach().double() / accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             window += 1
-            rate = meter.mark(cfg_o.batch_size)
-            bar.update(task, advance=cfg_o.batch_size)
-            stopping = stop.should_stop() or (cfg_r.stop_after_steps is not None
-                                              and step - start_step >= cfg_r.stop_after_steps)
-            due_save = step - last_saved >= cfg_r.save_every or step == total_steps or stopping
-            due_eval = step == total_steps or (cfg.eval.every and step % cfg.eval.every == 0)
-            if step % cfg_r.log_every == 0 or due_save or due_eval:
+            due_eval = step + 1 == total_steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+            loop.advance(save_now=due_eval)
+            step = loop.step
+            if loop.due_log:
                 means = all_reduce_sum(sums.clone(), ctx) / (window * ctx.world)
-                if not torch.isfinite(means).all():
-                    raise LdaeError(f"loss became {float(means[0])} between steps {step - window} and {step}; the last "
-                                    f"good checkpoint (step {last_saved}) is kept in {out_dir}. Lower optim.lr or "
-                                    "check the annotations")
+                loop.check_finite(means, float(means[0]), "Lower optim.lr or check the annotations")
                 sums.zero_()
                 window = 0
-                record = {"step": step, "epoch": round(step * cfg_o.batch_size / images_per_epoch, 3),
-                          "loss": float(means[0]), **{n: float(means[i]) for i, n in enumerate(LOSSES, 1)},
-                          "lr": cfg_o.lr * lr_mult, "img_per_s": round(rate, 2) if rate == rate else None,
-                          "time_s": round(time.time() - started, 1)}
-                metrics.write(record)
-                bar.update(task, info=f"loss {record['loss']:.3f}  lr {record['lr']:.2e}")
+                metrics.write(loop.record(loss=float(means[0]), **{n: float(means[i]) for i, n in enumerate(LOSSES, 1)},
+                                          lr=cfg_o.lr * lr_mult))
             if due_eval and step < total_steps:
-                latest_eval = evaluate_now(step, bar)
+                latest_eval = evaluate_now(step, loop.progress)
                 model.train()
-            if due_save or due_eval:
+            if loop.due_save:
                 save(step, latest_eval)
-                last_saved = step
+                loop.saved()
             if step == total_steps:  # saved first, so a failed evaluation loses no training
-                latest_eval = evaluate_now(step, bar)
+                latest_eval = evaluate_now(step, loop.progress)
                 save(step, latest_eval)
-            if stopping and step < total_steps:
-                if ctx.is_main:
-                    console.print(f"stopped at step {step:,} ({stop.reason or 'stop_after_steps'}); checkpoint saved. "
-                                  f"Continue with `ldae detect --resume {out_dir}`")
+            if loop.stopped():
                 break
-    if ctx.is_main and step == total_steps:
-        console.print(f"finished {total_steps:,} steps in {time.time() - started:.0f}s; wrote {ckpt_path}, "
+    if ctx.is_main and not loop.running:
+        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote {ckpt_path}, "
                       f"{out_dir / 'eval.json'} and {out_dir / 'metrics.jsonl'}")
     return ckpt_path
 

@@ -28,7 +28,7 @@ from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches, build_dataset, epoch_order, \
     make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
-from ldae_cli.engine import RunConfig, StopSignal, amp_dtype, check_resume_config, optimizer_tensors, \
+from ldae_cli.engine import RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
     restore_optimizer, resume_base, run_dir
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
     train_step
@@ -239,32 +239,25 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
 
     data_iter = iter(make_loader(dataset, Pieces(), cfg.data.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(cfg.data.on_bad_image)
-    step, last_saved = start, start
-    with StopSignal(cfg.run.time_limit_minutes) as stop, progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
-        task = bar.add_task("probe", total=total * batch, completed=start * batch, info="")
-        while step < total:
+    with TrainLoop("probe", cfg.run, out_dir, ctx, start, total, batches.steps_per_epoch, batch) as loop:
+        while loop.running:
             feats, labels = [], []
             for k in range(len(pieces)):
                 b = bad.check(next(data_iter))
-                feats.append(encoder.fn(b.images.to(device, non_blocking=True), cfg.run.seed * 7919 + step * 131 + k))
+                feats.append(encoder.fn(b.images.to(device, non_blocking=True),
+                                        cfg.run.seed * 7919 + loop.step * 131 + k))
                 labels.append(b.labels.to(device))
             feats = all_gather_cat(torch.cat(feats), ctx)
             labels = all_gather_cat(torch.cat(labels), ctx)
-            loss = train_step(heads, optimizer, feats, labels, step, schedule)
-            if not torch.isfinite(torch.tensor(loss)):
-                raise LdaeError(f"probe loss became {loss} at step {step}; lower probe.blrs")
-            step += 1
-            bar.update(task, advance=batch, info=f"loss {loss:.3f}")
-            stopping = stop.should_stop() or (cfg.run.stop_after_steps is not None
-                                              and step - start >= cfg.run.stop_after_steps)
-            if step % cfg.run.log_every == 0 or step == total:
-                metrics.write({"step": step, "epoch": round(step / batches.steps_per_epoch, 3), "loss": loss})
-            if step - last_saved >= cfg.run.save_every or stopping or step == total:
-                save(heads, optimizer, step, total, finished=step == total)
-                last_saved = step
-            if stopping and step < total:
-                if ctx.is_main:
-                    console.print(f"stopped at step {step:,}; continue with `ldae probe --resume {out_dir}`")
+            loss = train_step(heads, optimizer, feats, labels, loop.step, schedule)
+            loop.advance()
+            if loop.due_log:
+                loop.check_finite(torch.tensor(loss), loss, "Lower probe.blrs")
+                metrics.write(loop.record(loss=loss))
+            if loop.due_save:
+                save(heads, optimizer, loop.step, total, finished=not loop.running)
+                loop.saved()
+            if loop.stopped():
                 return heads, optimizer, total, False
     return heads, optimizer, total, True
 
