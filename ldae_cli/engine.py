@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import torch
 
 from ldae_cli.checkpoint import flatten_optimizer, unflatten_optimizer
+from ldae_cli.data import StepBatches
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import console, progress_bar
 
@@ -72,6 +73,31 @@ class RunConfig:
     time_limit_minutes: Optional[float] = None  # stop cleanly (checkpoint written) after this long; resume later
     stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
     progress: bool = True
+
+
+@dataclass
+class StepPlan:
+    """How a run of `optim` over n images is cut into optimizer steps on this rank."""
+
+    batches: StepBatches
+    micro: int
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    min_lr: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr)
+
+
+def plan_steps(n_images: int, optim: OptimConfig, seed: int, ctx) -> StepPlan:
+    micro, accum = optim.accumulation(ctx.world)
+    batches = StepBatches(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
+    per_epoch = batches.steps_per_epoch
+    return StepPlan(batches, micro, accum, per_epoch, max(1, round(optim.epochs * per_epoch)),
+                    round(optim.warmup_epochs * per_epoch), optim.base_lr(), optim.min_lr)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:

@@ -30,9 +30,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
+from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
     restore_optimizer, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
@@ -200,12 +200,9 @@ class FinetuneJob:
 def train(job: FinetuneJob, ctx: DistContext) -> Path:
     device = ctx.device
     cfg_o, cfg_r = job.optim, job.run
-    micro, accum = cfg_o.accumulation(ctx.world)
-    batches = StepBatches(len(job.train_set), cfg_o.batch_size, cfg_r.seed, ctx.rank, ctx.world, accum)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = max(1, round(cfg_o.epochs * steps_per_epoch))
-    warmup_steps = round(cfg_o.warmup_epochs * steps_per_epoch)
-    base_lr = cfg_o.base_lr()
+    plan = plan_steps(len(job.train_set), cfg_o, cfg_r.seed, ctx)
+    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     amp = amp_dtype(cfg_r.precision, device)
 
     model = job.model.to(device)
@@ -296,7 +293,7 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
                    cfg_o.batch_size) as loop:
         while loop.running:
             step = loop.step
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
+            lr = plan.lr(step)
             set_lr(optimizer, lr)
             for k in range(accum):
                 batch = bad.check(next(data_iter))

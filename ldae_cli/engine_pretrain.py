@@ -18,10 +18,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
+from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.diffusion import Denoiser
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
     restore_optimizer, set_lr
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
@@ -104,12 +104,9 @@ class PretrainJob:
 def train(job: PretrainJob, ctx: DistContext) -> Path:
     device = ctx.device
     cfg_o, cfg_r = job.optim, job.run
-    micro, accum = cfg_o.accumulation(ctx.world)
-    batches = StepBatches(len(job.dataset), cfg_o.batch_size, cfg_r.seed, ctx.rank, ctx.world, accum)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = max(1, round(cfg_o.epochs * steps_per_epoch))
-    warmup_steps = round(cfg_o.warmup_epochs * steps_per_epoch)
-    base_lr = cfg_o.base_lr()
+    plan = plan_steps(len(job.dataset), cfg_o, cfg_r.seed, ctx)
+    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
 
     model = job.model.to(device)
     job.denoiser.to(device)
@@ -172,7 +169,7 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
     with TrainLoop("pretrain", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
                    cfg_o.batch_size) as loop:
         while loop.running:
-            lr = lr_at(loop.step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
+            lr = plan.lr(loop.step)
             set_lr(optimizer, lr)
             noise = draw_step_noise(job.denoiser, cfg_r.seed, loop.step, cfg_o.batch_size, job.class_dropout, device)
             micro_batches = []

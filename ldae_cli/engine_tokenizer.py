@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, make_loader, to_unit_range
+from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, lr_at, optimizer_tensors, \
+from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
     restore_optimizer, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
@@ -169,12 +169,9 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
     objective = job.objective.to(device)
     objective.amp_dtype = amp_dtype(cfg_r.precision, device)
     net, disc = objective.net, objective.disc
-    micro, accum = cfg_o.accumulation(ctx.world)
-    batches = StepBatches(len(job.dataset), cfg_o.batch_size, cfg_r.seed, ctx.rank, ctx.world, accum)
-    steps_per_epoch = batches.steps_per_epoch
-    total_steps = max(1, round(cfg_o.epochs * steps_per_epoch))
-    warmup_steps = round(cfg_o.warmup_epochs * steps_per_epoch)
-    base_lr = cfg_o.base_lr()
+    plan = plan_steps(len(job.dataset), cfg_o, cfg_r.seed, ctx)
+    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
+    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
     grid = net.grid(job.dataset.size)
     compile_settings = contextlib.nullcontext()
     if cfg_r.compile:
@@ -249,7 +246,7 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                    cfg_o.batch_size, shown=("loss", "mse", "lr")) as loop, compile_settings:
         while loop.running:
             step = loop.step
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg_o.min_lr)
+            lr = plan.lr(step)
             set_lr(optimizer, lr)
             adversarial = objective.adversarial(step)
             if adversarial:
