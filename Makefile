@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ldae-installed
 DEMO ?= runs/demo
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
+COCO_MINI ?= ../shared/data/coco-mini.tar.gz
 
 .PHONY: env data demo test bench clean-demo
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml requirements/detectron2.txt Makefile
 	$(BIN)/pip install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 --target "$$SP" \
 		--require-hashes -r requirements/detectron2.txt && \
 	rm -f "$$SP"/detectron2/_C.cpython-310-*.so
-	$(BIN)/python -c "import detectron2.modeling as m; m.ViT, m.SimpleFeaturePyramid"
+	$(BIN)/python -c "from ldae_cli.detection import require_detectron2; require_detectron2()"
 	touch $@
 
 # Fashion-MNIST for the demo: the Debian package, else torchvision's download into ~/.cache/ldae.
@@ -33,10 +34,12 @@ data: env
 
 # Every stage on Fashion-MNIST. Each step is a file target, so re-running skips what is done; an
 # interrupted pretrain resumes where it stopped.
-demo: env data $(DEMO)/probe/results.json $(DEMO)/probe-random-init/results.json
+demo: env data $(DEMO)/probe/results.json $(DEMO)/probe-random-init/results.json $(DEMO)/tokenizer/done \
+		$(DEMO)/finetune/done $(DEMO)/detect/done
 	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise \
 		--out $(DEMO)/denoise.png
-	@echo "demo done: see $(DEMO)/ (pca.filters.png, pretrain/loss.png, probe*/results.json, denoise.png)"
+	@echo "demo done: see $(DEMO)/ (pca.filters.png, pretrain/loss.png, probe*/results.json, denoise.png," \
+		"tokenizer/reconstructions.png, finetune/accuracy.png, detect/eval.json)"
 
 $(DEMO)/pca.safetensors: | env data
 	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $@
@@ -50,6 +53,26 @@ $(DEMO)/pretrain/done: $(DEMO)/pca.safetensors
 $(DEMO)/probe/results.json: $(DEMO)/pretrain/done
 	rm -rf $(DEMO)/probe
 	$(BIN)/ldae probe --ckpt $(DEMO)/pretrain/checkpoint.safetensors --config probe/small-fast.yaml --out $(DEMO)/probe
+
+# train-tokenizer, finetune and detect resume an interrupted run the same way pretrain does
+$(DEMO)/tokenizer/done: | env data
+	if [ -f $(DEMO)/tokenizer/checkpoint.safetensors ]; then $(BIN)/ldae train-tokenizer --resume $(DEMO)/tokenizer; \
+	else $(BIN)/ldae train-tokenizer --config demo/fmnist-patch-ae.yaml --out $(DEMO)/tokenizer; fi
+	touch $@
+
+$(DEMO)/finetune/done: $(DEMO)/pretrain/done
+	if [ -f $(DEMO)/finetune/checkpoint.safetensors ]; then $(BIN)/ldae finetune --resume $(DEMO)/finetune; \
+	else $(BIN)/ldae finetune --config demo/fmnist-finetune.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
+		--out $(DEMO)/finetune; fi
+	touch $@
+
+# COCO transfer needs COCO-layout data: the mini set beside this checkout when there is one
+$(DEMO)/detect/done: $(DEMO)/pretrain/done
+	if [ ! -f $(COCO_MINI) ]; then echo "detect: skipped, no $(COCO_MINI)"; \
+	else mkdir -p $(DEMO) && tar xzf $(COCO_MINI) -C $(DEMO) && \
+		if [ -f $(DEMO)/detect/checkpoint.safetensors ]; then $(BIN)/ldae detect --resume $(DEMO)/detect; \
+		else $(BIN)/ldae detect --config demo/coco-mini-detect.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
+			--data $(DEMO)/coco-mini --out $(DEMO)/detect; fi && touch $@; fi
 
 $(DEMO)/probe-random-init/results.json: $(DEMO)/pretrain/done
 	rm -rf $(DEMO)/probe-random-init

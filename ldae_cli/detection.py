@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,7 +34,9 @@ PIXEL_MEAN = PIXEL_STD = [127.5, 127.5, 127.5]
 
 def require_detectron2() -> None:
     try:
-        from detectron2.modeling import SimpleFeaturePyramid, ViT  # noqa: F401
+        with warnings.catch_warnings():  # detectron2 (2024) still calls torch.jit.script at import: not ours to fix
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            from detectron2.modeling import SimpleFeaturePyramid, ViT  # noqa: F401
     except ImportError as exc:
         raise LdaeError(f"`ldae detect` needs detectron2 ({exc}); run `make env`, which installs it "
                         "(see requirements/detectron2.txt)") from None
