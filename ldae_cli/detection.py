@@ -446,7 +446,7 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path,
     Returns {"bbox": {"AP": .., "AP50": .., ...}, "segm": {...}} in percent (None where COCOeval has no
     value, e.g. nothing was detected; {} on ranks other than the main one). pycocotools' printed
     tables go to out_dir/coco_eval.txt instead of the terminal. The evaluator gets no output_dir: it
-    would pickle its raw predictions there (torch.save), and checkpoints and records here are pickle-free.
+    would write its raw predictions there in torch's code-running format, which no file of ours uses.
     """
     from detectron2.data import build_detection_test_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset

@@ -204,7 +204,7 @@ def test_find_config_by_bare_name_and_relative_name():
     assert find_config("fmnist-pca.yaml").resolve() == expected
     assert find_config("demo/fmnist-pca").resolve() == expected
     cfg = load_config(FitPCAConfig, "fmnist-pca")
-    assert cfg.pca.patch == 4 and cfg.pca.dim == 16 and cfg.data.source == "fashion-mnist"
+    assert cfg.pca.patch == 4 and cfg.pca.dim == 8 and cfg.data.source == "fashion-mnist"
 
 
 def test_find_config_unknown_name_is_a_clear_error():
