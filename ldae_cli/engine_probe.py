@@ -47,7 +47,7 @@ def lars_for_heads(heads: ProbeHeads, lrs: list[float], momentum: float = 0.9, w
     for head, lr in zip(heads.heads, lrs):
         groups.append({"params": [head.weight], "lr_scale": lr, "always_adapt": True, "weight_decay": weight_decay})
         groups.append({"params": [head.bias], "lr_scale": lr, "always_adapt": False, "weight_decay": 0.0})
-    return Lars(groups, lr=0.0, momentum=momentum, foreach=False)
+    return Lars(groups, lr=0.0, momentum=momentum)
 
 
 def head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
