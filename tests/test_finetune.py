@@ -270,3 +270,24 @@ def test_one_line_errors(run_main, halves, tmp_path):
         load_config(stage.FinetuneConfig, "finetune/cifar10", ["optim.layer_decay=1.5"])
     with pytest.raises(LdaeError, match="micro-batch"):
         stage.run(config(halves, tmp_path / "odd", from_scratch=True, **{"optim.batch_size": 7}))
+
+
+def test_two_ranks_under_torchrun(halves, pretrain_ckpt, tmp_path):
+    """DDP on CPU (gloo): 2 ranks share the global batch, evaluation covers every val image once."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    sets = tiny(halves, out, **{"optim.epochs": 1, "aug.rand_augment": None})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
+           "-m", "ldae_cli", "finetune", "--config", "finetune/cifar10", "--ckpt", str(pretrain_ckpt),
+           *sum((["--set", s] for s in sets), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = load_checkpoint(out / "checkpoint.safetensors", "finetune")
+    assert last.extra["world_size"] == 2 and last.extra["finished"] and last.extra["step"] == 6
+    evals = [x for x in log(out) if "top1" in x]
+    assert len(evals) == 1 and 0 <= evals[0]["top1"] <= 100
+    # 24 val images: accuracies are multiples of 1/24 only if each image was counted exactly once
+    assert abs(evals[0]["top1"] * 24 / 100 - round(evals[0]["top1"] * 24 / 100)) < 1e-6

@@ -179,3 +179,21 @@ def test_probe_reads_a_conv_tokenizer_model_through_the_adaln_network(pattern_tr
     assert "conv-vae latents" in results["encoder"] and len(results["heads"]) == 2
     rand = _probe(ckpt, tmp_path / "rand", random_init=True)
     assert rand["random_init"] and "conv-vae latents" in rand["encoder"]
+
+
+def test_two_ranks_give_the_one_process_result(pattern_tree, tmp_path):
+    """torchrun with 2 gloo ranks: each extracts its shard of the features, every rank trains the same heads."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
+    one = _probe(ckpt, tmp_path / "one")
+    sets = ["probe.fast=true", "probe.epochs=5", "probe.warmup_epochs=1", "probe.batch_size=8",
+            "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={tmp_path / 'two'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29542",
+           "-m", "ldae_cli", "probe", "--ckpt", str(ckpt), *sum((["--set", s] for s in sets), [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["heads"] == one["heads"] and two["knn_top1"] == one["knn_top1"]
