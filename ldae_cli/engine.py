@@ -126,6 +126,18 @@ def run_dir(stage: str, cfg_out: str | None, config_name: str | None) -> Path:
     return Path("runs") / stage / name
 
 
+def open_run_dir(command: str, kind: str, out: str | None, name: str | None, resume_ckpt, checkpoint: str) -> Path:
+    """The run directory: the resumed checkpoint's, else run.out_dir or runs/<kind>/<name>, never a finished or
+    running one (nothing already written is overwritten)."""
+    if resume_ckpt is not None and not out:
+        return resume_ckpt.path.parent
+    path = run_dir(kind, out, name)
+    if resume_ckpt is None and (path / checkpoint).exists():
+        raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume "
+                        f"{path}` or pick another run.out_dir (--out)")
+    return path
+
+
 class StopSignal:
     """First Ctrl-C / SIGTERM asks the loop to stop after the current step (and save); a second one aborts."""
 

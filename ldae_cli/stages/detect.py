@@ -30,7 +30,7 @@ from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap, init, shutdown
 from ldae_cli.engine import RunConfig, TrainLoop, accumulation, amp_dtype, check_resume_config, \
-    optimizer_tensors, restore_optimizer, run_dir
+    open_run_dir, optimizer_tensors, restore_optimizer
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import SIZES
 from ldae_cli.plots import save_curves
@@ -364,12 +364,8 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
     from detectron2.utils.events import EventStorage  # detectron2's losses log their statistics into one
 
     device = ctx.device
-    out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
-        run_dir("detect", cfg.run.out_dir, config_name)
+    out_dir = open_run_dir("detect", "detect", cfg.run.out_dir, config_name, resume_ckpt, CHECKPOINT)
     ckpt_path = out_dir / CHECKPOINT
-    if resume_ckpt is None and ckpt_path.exists():
-        raise LdaeError(f"{out_dir} already holds a detect checkpoint; continue it with `ldae detect --resume "
-                        f"{out_dir}` or pick another run.out_dir")
     if resume_ckpt is not None:
         spec = detection.BackboneSpec(**resume_ckpt.extra["backbone"])
         encoder_state, parents = None, resume_ckpt.provenance.get("parents", [])

@@ -22,7 +22,7 @@ from ldae_cli.checkpoint import Checkpoint, load_checkpoint
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, open_run_dir, resume_base
 from ldae_cli.engine_finetune import LAST, BatchAugment, FinetuneJob, SeededRandAugment, train
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import SIZES, build_timm_vit, sincos_2d
@@ -216,11 +216,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt=None) -
     ctx = init(cfg.run.device)
     try:
         name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
-        out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
-            run_dir("finetune", cfg.run.out_dir, name)
-        if resume_ckpt is None and (out_dir / LAST).exists():
-            raise LdaeError(f"{out_dir} already holds a finetune checkpoint; continue it with "
-                            f"`ldae finetune --resume {out_dir}` or pick another run.out_dir")
+        out_dir = open_run_dir("finetune", "finetune", cfg.run.out_dir, name, resume_ckpt, LAST)
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)

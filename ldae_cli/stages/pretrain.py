@@ -12,7 +12,7 @@ from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.distributed import DistContext, barrier, init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, open_run_dir, resume_base
 from ldae_cli.engine_pretrain import PretrainJob, train
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig, build_model
@@ -101,11 +101,7 @@ def load_pretrain_config(config: str | None, overrides: list[str], flags: dict, 
 def run(cfg: PretrainConfig, config_name: str | None = None, resume_ckpt=None) -> Path:
     ctx = init(cfg.run.device)
     try:
-        out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
-            run_dir("pretrain", cfg.run.out_dir, config_name)
-        if resume_ckpt is None and (out_dir / CHECKPOINT).exists():
-            raise LdaeError(f"{out_dir} already holds a pretrain checkpoint; continue it with "
-                            f"`ldae pretrain --resume {out_dir}` or pick another run.out_dir")
+        out_dir = open_run_dir("pretrain", "pretrain", cfg.run.out_dir, config_name, resume_ckpt, CHECKPOINT)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, out_dir / "config.yaml")

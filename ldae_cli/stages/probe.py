@@ -29,7 +29,7 @@ from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches
     make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
 from ldae_cli.engine import RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
-    restore_optimizer, resume_base, run_dir
+    open_run_dir, restore_optimizer, resume_base
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
     train_step
 from ldae_cli.errors import LdaeError
@@ -297,11 +297,7 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
     try:
         name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
                                else (Path(ckpt).parent.name if ckpt else "probe"))
-        out_dir = resume.path.parent if resume is not None and not cfg.run.out_dir else \
-            run_dir("probe", cfg.run.out_dir, name)
-        if resume is None and (out_dir / CHECKPOINT).exists():
-            raise LdaeError(f"{out_dir} already holds a probe result; pick another run.out_dir (--out) or "
-                            f"continue an unfinished one with --resume {out_dir}")
+        out_dir = open_run_dir("probe", "probe", cfg.run.out_dir, name, resume, CHECKPOINT)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(cfg, out_dir / "config.yaml")

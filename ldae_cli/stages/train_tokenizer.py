@@ -22,7 +22,7 @@ from ldae_cli.checkpoint import Checkpoint, load_checkpoint
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
 from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, resume_base, run_dir
+from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, open_run_dir, resume_base
 from ldae_cli.engine_tokenizer import CHECKPOINT, LossConfig, TokenizerJob, TokenizerObjective, train
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
@@ -156,11 +156,7 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
 def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
     ctx = init(cfg.run.device)
     try:
-        out_dir = resume_ckpt.path.parent if resume_ckpt is not None and not cfg.run.out_dir else \
-            run_dir("tokenizer", cfg.run.out_dir, config_name)
-        if resume_ckpt is None and (out_dir / CHECKPOINT).exists():
-            raise LdaeError(f"{out_dir} already holds a tokenizer checkpoint; continue it with "
-                            f"`ldae train-tokenizer --resume {out_dir}` or pick another run.out_dir")
+        out_dir = open_run_dir("train-tokenizer", "tokenizer", cfg.run.out_dir, config_name, resume_ckpt, CHECKPOINT)
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
         net.grid(cfg.data.image_size)  # fail before any data is read
