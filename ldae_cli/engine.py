@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
+from timm.utils import ModelEmaV3
 
-from ldae_cli.checkpoint import flatten_optimizer, unflatten_optimizer
+from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, unflatten_optimizer
 from ldae_cli.data import StepBatches
+from ldae_cli.distributed import all_reduce_sum
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import console, progress_bar
 
@@ -113,6 +115,17 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def make_adamw(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at the run's base lr; parameter groups may carry their own weight decay and lr_scale."""
+    return torch.optim.AdamW(params, lr=optim.base_lr(), betas=tuple(optim.betas), weight_decay=optim.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def make_ema(model: torch.nn.Module, decay: float | None) -> ModelEmaV3 | None:
+    """ema <- decay * ema + (1 - decay) * weights after every optimizer step (no warm-up)."""
+    return ModelEmaV3(model, decay=decay) if decay else None
+
+
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
@@ -189,6 +202,26 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict(state)
 
 
+def restore_run(ck: Checkpoint | None, ctx, total_steps: int, modules: dict, optimizer: torch.optim.Optimizer) -> int:
+    """Load a resumed run's module sections (name -> module; None is skipped) and optimizer; returns the
+    step to continue from, 0 for a new run."""
+    if ck is None:
+        return 0
+    for section, module in modules.items():
+        if module is not None:
+            module.load_state_dict(ck.section(section))
+    restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
+    if ctx.is_main:
+        console.print(f"resuming {ck.path} at step {ck.extra['step']:,} of {total_steps:,}")
+    return ck.extra["step"]
+
+
+def finished_already(start_step: int, total_steps: int, ctx) -> bool:
+    if start_step >= total_steps and ctx.is_main:
+        console.print("this run has already finished; nothing to do")
+    return start_step >= total_steps
+
+
 def resume_base(stored: dict) -> dict:
     """The stored config to continue from, minus the limits of the interrupted invocation (give them again)."""
     return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None}}
@@ -220,8 +253,7 @@ class TrainLoop:
                 ...one optimizer step...
                 loop.advance()
                 if loop.due_log:
-                    loop.check_finite(loss_sum, mean_loss, "lower the lr")
-                    metrics.write(loop.record(loss=mean_loss, lr=lr))
+                    loop.log(metrics, meter, "lower the lr", lr=lr)
                 if loop.due_save:
                     save(loop.step)
                     loop.saved()
@@ -274,10 +306,16 @@ class TrainLoop:
                          or self.stopping or save_now)
         self.due_log = self.step % self.run.log_every == 0 or self.due_save
 
-    def check_finite(self, value: torch.Tensor, shown: float, hint: str) -> None:
-        if not torch.isfinite(value).all():
-            raise LdaeError(f"loss became {shown} between steps {self.logged} and {self.step}; the last good "
-                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
+    def log(self, metrics, meter: "LossMeter", hint: str, **values) -> None:
+        """Average the meter over all ranks, stop on a non-finite loss (its first term; `hint` says what to
+        change), and write a metrics.jsonl line of the means and `values`."""
+        totals = all_reduce_sum(meter.sums.clone(), self.ctx)
+        meter.sums.zero_()
+        means = {name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(meter.names) if totals[1, i] > 0}
+        if not torch.isfinite(totals[0, 0]):
+            raise LdaeError(f"loss became {means.get(meter.names[0])} between steps {self.logged} and {self.step}; "
+                            f"the last good checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
+        metrics.write(self.record(**means, **values))
 
     def record(self, **values) -> dict:
         """A metrics.jsonl line: step, epoch, the caller's values, throughput and time; updates the bar."""
@@ -300,6 +338,20 @@ class TrainLoop:
                               f"`ldae {self.command} --resume {self.out_dir}`")
             return True
         return False
+
+
+class LossMeter:
+    """Float64 sums of named loss terms kept on the device between log lines, so a step never waits for the
+    GPU; `TrainLoop.log` reads them as means over every rank."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = names
+        self.sums = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # row 0: sums, row 1: counts
+
+    def add(self, name: str, total: torch.Tensor | float, count: torch.Tensor | float = 1) -> None:
+        i = self.names.index(name)
+        self.sums[0, i] += total
+        self.sums[1, i] += count
 
 
 class Throughput:

@@ -26,14 +26,13 @@ from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
-    restore_optimizer, set_lr
+from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
+    make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
@@ -139,11 +138,6 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
                                     no_weight_decay_list=tuple(model.no_weight_decay()))
 
 
-def make_ema(model: nn.Module, decay: float | None) -> ModelEmaV3 | None:
-    """ema <- decay * ema + (1 - decay) * weights after every optimizer step (no warm-up)."""
-    return ModelEmaV3(model, decay=decay) if decay else None
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistContext, num_workers: int,
              amp: torch.dtype | None, on_bad_image: str) -> dict:
@@ -206,8 +200,7 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
     amp = amp_dtype(cfg_r.precision, device)
 
     model = job.model.to(device)
-    optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg_o.weight_decay, job.layer_decay), lr=base_lr,
-                                  betas=tuple(cfg_o.betas), fused=device.type == "cuda")
+    optimizer = make_adamw(layer_decay_groups(model, cfg_o.weight_decay, job.layer_decay), cfg_o, device)
     ema = make_ema(model, cfg_o.ema)
     runner: nn.Module = model
     if ctx.enabled:
@@ -216,16 +209,9 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
         runner = torch.compile(runner)
     criterion = SoftTargetCrossEntropy()
 
-    start_step, best = 0, {"top1": -1.0}
-    if job.resume_from is not None:
-        ck = job.resume_from
-        model.load_state_dict(ck.section("model"))
-        restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(ck.section("ema"))
-        start_step, best = ck.extra["step"], ck.extra["best"]
-        if ctx.is_main:
-            console.print(f"resuming {ck.path} at step {start_step:,} of {total_steps:,}")
+    start_step = restore_run(job.resume_from, ctx, total_steps,
+                             {"model": model, "ema": ema.module if ema is not None else None}, optimizer)
+    best = job.resume_from.extra["best"] if job.resume_from is not None else {"top1": -1.0}
 
     metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
                          truncate_after_step=start_step if job.resume_from is not None else None)
@@ -273,16 +259,13 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
         metrics.write({**record, "best_top1": best["top1"]})
         return results
 
-    if start_step >= total_steps:
-        if ctx.is_main:
-            console.print("this run has already finished; nothing to do")
+    if finished_already(start_step, total_steps, ctx):
         return job.out_dir / LAST
 
     batches.start_step, batches.total_steps = start_step, total_steps
     data_iter = iter(make_loader(job.train_set, batches, job.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(job.on_bad_image)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count_sum = torch.zeros((), device=device, dtype=torch.float64)
+    meter = LossMeter(("loss",), device)
     if ctx.is_main:
         console.print(f"finetune: {len(job.train_set):,} train / {len(job.eval_set):,} eval images, batch "
                       f"{cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
@@ -306,8 +289,7 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
                         logits = runner(images)
                     loss = criterion(logits.float(), targets)
                     (loss / accum).backward()
-                loss_sum += loss.detach().double() * labels.numel()
-                count_sum += labels.numel()
+                meter.add("loss", loss.detach().double() * labels.numel(), labels.numel())
             if cfg_o.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_o.clip_grad)
             optimizer.step()
@@ -317,13 +299,8 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
             epoch_end = (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps
             loop.advance(save_now=epoch_end)
             if loop.due_log:
-                totals = all_reduce_sum(torch.stack([loss_sum, count_sum]), ctx)
-                mean_loss = float(totals[0] / totals[1].clamp_min(1))
-                loop.check_finite(totals[0], mean_loss, "Lower the lr (optim.blr / optim.lr), set optim.clip_grad, "
-                                  "or check the data")
-                loss_sum.zero_()
-                count_sum.zero_()
-                metrics.write(loop.record(loss=mean_loss, lr=lr, skipped_images=bad.skipped))
+                loop.log(metrics, meter, "Lower the lr (optim.blr / optim.lr), set optim.clip_grad, or check the data",
+                         lr=lr, skipped_images=bad.skipped)
             if epoch_end:
                 results = run_eval(loop.step)
                 if ctx.is_main:

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.diffusion import Denoiser
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
-    restore_optimizer, set_lr
+from ldae_cli.distributed import DistContext, barrier, ddp_wrap
+from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
+    make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
 
@@ -117,21 +116,10 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
         runner = ddp_wrap(objective, ctx)
     if cfg_r.compile:
         runner = torch.compile(runner)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),
-                                  weight_decay=cfg_o.weight_decay, fused=device.type == "cuda")
-    ema = ModelEmaV3(model, decay=cfg_o.ema) if cfg_o.ema else None
-
-    start_step = 0
-    if job.resume_from is not None:
-        ck = job.resume_from
-        model.load_state_dict(ck.section("model"))
-        restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
-        if ema is not None:
-            ema.module.load_state_dict(ck.section("ema"))
-        start_step = ck.extra["step"]
-        if ctx.is_main:
-            console.print(f"resuming {ck.path} at step {start_step:,} of {total_steps:,}")
-
+    optimizer = make_adamw(model.parameters(), cfg_o, device)
+    ema = make_ema(model, cfg_o.ema)
+    start_step = restore_run(job.resume_from, ctx, total_steps,
+                             {"model": model, "ema": ema.module if ema is not None else None}, optimizer)
     metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
                          truncate_after_step=start_step if job.resume_from is not None else None)
 
@@ -150,17 +138,14 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
         barrier(ctx)
         return path
 
-    if start_step >= total_steps:
-        if ctx.is_main:
-            console.print("this run has already finished; nothing to do")
+    if finished_already(start_step, total_steps, ctx):
         return job.out_dir / "checkpoint.safetensors"
 
     batches.start_step, batches.total_steps = start_step, total_steps
     data_iter = iter(make_loader(job.dataset, batches, job.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(job.on_bad_image)
     per_rank = cfg_o.batch_size // ctx.world
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    count_sum = torch.zeros((), device=device, dtype=torch.float64)
+    meter = LossMeter(("loss",), device)
     if ctx.is_main:
         console.print(f"pretrain: {len(job.dataset):,} images, batch {cfg_o.batch_size} ({ctx.world} rank(s) x "
                       f"{accum} x {micro}), {total_steps:,} steps ({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, "
@@ -179,19 +164,13 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
                                       batch.labels.to(device, non_blocking=True)))
             step_loss, step_count = optimizer_step(runner, model, optimizer, micro_batches, noise,
                                                    ctx.rank * per_rank, per_rank, cfg_o.clip_grad, ctx.enabled)
-            loss_sum += step_loss
-            count_sum += step_count
+            meter.add("loss", step_loss, step_count)
             if ema is not None:
                 ema.update(model, step=loop.step)
             loop.advance()
             if loop.due_log:
-                totals = all_reduce_sum(torch.stack([loss_sum, count_sum]), ctx)
-                mean_loss = float(totals[0] / totals[1].clamp_min(1))
-                loop.check_finite(totals[0], mean_loss, "Lower the lr (optim.blr), set optim.clip_grad, or check "
-                                  "the data")
-                loss_sum.zero_()
-                count_sum.zero_()
-                metrics.write(loop.record(loss=mean_loss, lr=lr, skipped_images=bad.skipped))
+                loop.log(metrics, meter, "Lower the lr (optim.blr), set optim.clip_grad, or check the data",
+                         lr=lr, skipped_images=bad.skipped)
             if loop.due_save:
                 save(loop.step, finished=loop.step == total_steps)
                 loop.saved()

@@ -25,9 +25,9 @@ from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import OptimConfig, RunConfig, TrainLoop, amp_dtype, optimizer_tensors, plan_steps, \
-    restore_optimizer, set_lr
+from ldae_cli.distributed import DistContext, barrier
+from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
+    optimizer_tensors, plan_steps, restore_optimizer, restore_run, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
@@ -181,28 +181,14 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
             # torch's donated backward buffers forbid; this is the switch its error message names
             compile_settings = torch._functorch.config.patch(donated_buffer=False)
 
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(net.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),
-                                  weight_decay=cfg_o.weight_decay, fused=fused)
-    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=base_lr, betas=tuple(cfg_o.betas),
-                                       weight_decay=cfg_o.weight_decay, fused=fused) if disc is not None else None
-
-    start_step = 0
-    if job.resume_from is not None:
-        ck = job.resume_from
-        net.load_state_dict(ck.section("net"))
-        restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ck.section("disc"))
-            if ck.extra.get("optimizer_disc"):  # absent until the discriminator has taken a step
-                restore_optimizer(disc_optimizer, ck.section("optim_disc"), ck.extra["optimizer_disc"])
-        start_step = ck.extra["step"]
-        if ctx.is_main:
-            console.print(f"resuming {ck.path} at step {start_step:,} of {total_steps:,}")
+    optimizer = make_adamw(net.parameters(), cfg_o, device)
+    disc_optimizer = make_adamw(disc.parameters(), cfg_o, device) if disc is not None else None
+    ck = job.resume_from
+    start_step = restore_run(ck, ctx, total_steps, {"net": net, "disc": disc}, optimizer)
+    if ck is not None and ck.extra.get("optimizer_disc"):  # absent until the discriminator has taken a step
+        restore_optimizer(disc_optimizer, ck.section("optim_disc"), ck.extra["optimizer_disc"])
     path = job.out_dir / CHECKPOINT
-    if start_step >= total_steps:
-        if ctx.is_main:
-            console.print("this run has already finished; nothing to do")
+    if finished_already(start_step, total_steps, ctx):
         return path
 
     metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
@@ -234,8 +220,7 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
     data_iter = iter(make_loader(job.dataset, batches, job.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(job.on_bad_image)
     per_rank = cfg_o.batch_size // ctx.world
-    names = ("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss")
-    sums = torch.zeros(2, len(names), device=device, dtype=torch.float64)  # per term: sum, micro-batches seen
+    meter = LossMeter(("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"), device)  # each term averaged over the micro-batches that computed it
     if ctx.is_main:
         console.print(f"train-tokenizer: {net.spec['kind']} p={net.patch} d={net.token_dim}, "
                       f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(job.dataset):,} images, "
@@ -265,10 +250,8 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                     d_loss = objective.discriminator_loss(images, recon)
                     (d_loss * share).backward()
                     terms["d_loss"] = d_loss.detach()
-                for i, name in enumerate(names):
-                    if name in terms:
-                        sums[0, i] += terms[name].double()
-                        sums[1, i] += 1
+                for name, value in terms.items():
+                    meter.add(name, value.double())
             for params, opt in ((list(net.parameters()), optimizer),
                                 (list(disc.parameters()) if adversarial else [], disc_optimizer)):
                 if not params:
@@ -280,12 +263,8 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                 opt.zero_grad(set_to_none=True)
             loop.advance()
             if loop.due_log:
-                totals = all_reduce_sum(sums.clone(), ctx)
-                means = {n: float(totals[0, i] / totals[1, i]) for i, n in enumerate(names) if totals[1, i] > 0}
-                loop.check_finite(totals[0, 0], means.get("loss"), "Lower the lr (optim.blr), set optim.clip_grad, "
-                                  "or check the data")
-                sums.zero_()
-                metrics.write(loop.record(**means, lr=lr, skipped_images=bad.skipped))
+                loop.log(metrics, meter, "Lower the lr (optim.blr), set optim.clip_grad, or check the data",
+                         lr=lr, skipped_images=bad.skipped)
             if loop.due_save:
                 save(loop.step, finished=loop.step == total_steps)
                 loop.saved()

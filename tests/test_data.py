@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 import ldae_cli.data as data_mod
-from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, ImageDataset, StepBatches, build_dataset,
+from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, StepBatches, build_dataset,
                            collate, load_image_file, make_loader, open_source, prepare, resolve_path, to_rgb,
                            to_uint8, to_unit_range)
 from ldae_cli.errors import LdaeError

@@ -14,8 +14,8 @@ from PIL import Image
 
 from ldae_cli.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.config import load_config, to_dict
-from ldae_cli.engine import set_lr
-from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups, make_ema
+from ldae_cli.engine import make_ema, set_lr
+from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import DenoisingViT, sincos_2d
 from ldae_cli.pretrained import load_encoder

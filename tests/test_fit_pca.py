@@ -17,7 +17,7 @@ from PIL import Image
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
 from ldae_cli.data import default_locations
-from ldae_cli.stages.fit_pca import (CovarianceAccumulator, FitPCAConfig, PCASettings, principal_components,
+from ldae_cli.stages.fit_pca import (CovarianceAccumulator, FitPCAConfig, principal_components,
                                      random_patches)
 from ldae_cli.tokenizers import PCATokenizer, latent_scales, patchify, pca_from_checkpoint, unpatchify
 

@@ -28,9 +28,9 @@ from torch import nn
 from ldae_cli import detection
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint, sha256_file
 from ldae_cli.config import load_config, save_resolved, to_dict
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap, init, shutdown
-from ldae_cli.engine import RunConfig, TrainLoop, accumulation, amp_dtype, check_resume_config, \
-    open_run_dir, optimizer_tensors, restore_optimizer
+from ldae_cli.distributed import DistContext, barrier, ddp_wrap, init, shutdown
+from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, accumulation, amp_dtype, check_resume_config, \
+    open_run_dir, optimizer_tensors, restore_run
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import SIZES
 from ldae_cli.plots import save_curves
@@ -399,13 +399,8 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
         # buffers (pixel statistics, anchors) are constants: no per-forward sync (ViTDet's setting)
         runner = ddp_wrap(model, ctx)
 
-    start_step, latest_eval = 0, None
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt.section("model"))
-        restore_optimizer(optimizer, resume_ckpt.section("optim"), resume_ckpt.extra["optimizer"])
-        start_step, latest_eval = resume_ckpt.extra["step"], resume_ckpt.extra.get("eval")
-        if ctx.is_main:
-            console.print(f"resuming {resume_ckpt.path} at step {start_step:,} of {total_steps:,}")
+    start_step = restore_run(resume_ckpt, ctx, total_steps, {"model": model}, optimizer)
+    latest_eval = resume_ckpt.extra.get("eval") if resume_ckpt is not None else None
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main,
                          truncate_after_step=start_step if resume_ckpt is not None else None)
@@ -452,8 +447,7 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
                       f"blocks {detection.global_block_indexes(spec.depth)}, window {cfg.backbone.window_size}); "
                       f"batch {cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps, "
                       f"lr {cfg_o.lr:g}, device {device}")
-    sums = torch.zeros(len(LOSSES) + 1, device=device, dtype=torch.float64)
-    window = 0
+    meter = LossMeter(("loss",) + LOSSES, device)
     model.train()
     with TrainLoop("detect", cfg_r, out_dir, ctx, start_step, total_steps, images_per_epoch / cfg_o.batch_size,
                    cfg_o.batch_size) as loop:
@@ -474,22 +468,16 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
                             loss_dict = runner(batch)
                         loss = sum(loss_dict.values())
                         (loss / accum).backward()
-                    sums[0] += loss.detach().double() / accum
-                    for i, name in enumerate(LOSSES, 1):
-                        sums[i] += loss_dict[name].detach().double() / accum
+                    meter.add("loss", loss.detach().double() / accum, 1 / accum)
+                    for name in LOSSES:
+                        meter.add(name, loss_dict[name].detach().double() / accum, 1 / accum)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            window += 1
             due_eval = step + 1 == total_steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)
             loop.advance(save_now=due_eval)
             step = loop.step
             if loop.due_log:
-                means = all_reduce_sum(sums.clone(), ctx) / (window * ctx.world)
-                loop.check_finite(means, float(means[0]), "Lower optim.lr or check the annotations")
-                sums.zero_()
-                window = 0
-                metrics.write(loop.record(loss=float(means[0]), **{n: float(means[i]) for i, n in enumerate(LOSSES, 1)},
-                                          lr=cfg_o.lr * lr_mult))
+                loop.log(metrics, meter, "Lower optim.lr or check the annotations", lr=cfg_o.lr * lr_mult)
             if due_eval and step < total_steps:
                 latest_eval = evaluate_now(step, loop.progress)
                 model.train()

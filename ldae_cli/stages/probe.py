@@ -28,8 +28,8 @@ from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches, build_dataset, epoch_order, \
     make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
-from ldae_cli.engine import RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
-    open_run_dir, restore_optimizer, resume_base
+from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
+    open_run_dir, restore_run, resume_base
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
     train_step
 from ldae_cli.errors import LdaeError
@@ -219,11 +219,7 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
     torch.manual_seed(cfg.run.seed)
     heads = ProbeHeads(encoder.dim, num_classes, len(s.blrs)).to(device)
     optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
-    start = 0
-    if resume is not None:
-        heads.load_state_dict(resume.section("heads"))
-        restore_optimizer(optimizer, resume.section("optim"), resume.extra["optimizer"])
-        start = resume.extra["step"]
+    start = restore_run(resume, ctx, total, {"heads": heads}, optimizer)
     batches.start_step, batches.total_steps = start, total
     # one rank's share of a step arrives as extract_batch-sized pieces
     per_rank = batch // ctx.world
@@ -239,6 +235,7 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
 
     data_iter = iter(make_loader(dataset, Pieces(), cfg.data.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(cfg.data.on_bad_image)
+    meter = LossMeter(("loss",), device)
     with TrainLoop("probe", cfg.run, out_dir, ctx, start, total, batches.steps_per_epoch, batch) as loop:
         while loop.running:
             feats, labels = [], []
@@ -250,10 +247,10 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
             feats = all_gather_cat(torch.cat(feats), ctx)
             labels = all_gather_cat(torch.cat(labels), ctx)
             loss = train_step(heads, optimizer, feats, labels, loop.step, schedule)
+            meter.add("loss", loss)
             loop.advance()
             if loop.due_log:
-                loop.check_finite(torch.tensor(loss), loss, "Lower probe.blrs")
-                metrics.write(loop.record(loss=loss))
+                loop.log(metrics, meter, "Lower probe.blrs")
             if loop.due_save:
                 save(heads, optimizer, loop.step, total, finished=not loop.running)
                 loop.saved()
