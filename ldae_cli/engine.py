@@ -309,12 +309,11 @@ class TrainLoop:
     def log(self, metrics, meter: "LossMeter", hint: str, **values) -> None:
         """Average the meter over all ranks, stop on a non-finite loss (its first term; `hint` says what to
         change), and write a metrics.jsonl line of the means and `values`."""
-        totals = all_reduce_sum(meter.sums.clone(), self.ctx)
-        meter.sums.zero_()
-        means = {name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(meter.names) if totals[1, i] > 0}
-        if not torch.isfinite(totals[0, 0]):
-            raise LdaeError(f"loss became {means.get(meter.names[0])} between steps {self.logged} and {self.step}; "
-                            f"the last good checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
+        means = meter.take(self.ctx)
+        first = means.get(meter.names[0], 0.0)
+        if not math.isfinite(first):
+            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; the last good "
+                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
         metrics.write(self.record(**means, **values))
 
     def record(self, **values) -> dict:
@@ -352,6 +351,13 @@ class LossMeter:
         i = self.names.index(name)
         self.sums[0, i] += total
         self.sums[1, i] += count
+
+    def take(self, ctx=None) -> dict[str, float]:
+        """The means since the last take, over every rank of `ctx` (None: this process only); resets the sums.
+        A term nothing was added to is left out."""
+        totals = all_reduce_sum(self.sums.clone(), ctx) if ctx is not None else self.sums.clone()
+        self.sums.zero_()
+        return {name: float(totals[0, i] / totals[1, i]) for i, name in enumerate(self.names) if totals[1, i] > 0}
 
 
 class Throughput:

@@ -50,10 +50,21 @@ def lars_for_heads(heads: ProbeHeads, lrs: list[float], momentum: float = 0.9, w
     return Lars(groups, lr=0.0, momentum=momentum)
 
 
-def head_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum over heads of each head's mean cross-entropy (gradients stay per head)."""
+def head_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each head's mean cross-entropy, (K,); their sum trains every head on its own loss alone."""
     k, b, c = logits.shape
-    return F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="sum") / b
+    return F.cross_entropy(logits.reshape(k * b, c), labels.repeat(k), reduction="none").view(k, b).mean(1)
+
+
+def loss_terms(blrs: list[float]) -> tuple[str, ...]:
+    """metrics.jsonl names: `loss` is the lowest head's loss (a head at too high an lr may diverge while the
+    others are fine), then one `loss_blr<blr>` per head."""
+    return ("loss",) + tuple(f"loss_blr{blr:g}" for blr in blrs)
+
+
+def lowest_loss(losses: torch.Tensor) -> torch.Tensor:
+    """The best head's loss; non-finite only when every head has diverged."""
+    return losses.nan_to_num(nan=math.inf).min()
 
 
 @torch.no_grad()
@@ -72,15 +83,16 @@ class HeadSchedule:
 
 
 def train_step(heads: ProbeHeads, optimizer: Lars, features: torch.Tensor, labels: torch.Tensor, step: int,
-               schedule: HeadSchedule) -> float:
-    """One LARS step on a feature batch; the cosine schedule multiplies every head's own lr."""
+               schedule: HeadSchedule) -> torch.Tensor:
+    """One LARS step on a feature batch; the cosine schedule multiplies every head's own lr. Returns
+    each head's loss, (K,), detached."""
     set_lr(optimizer, lr_at(step, schedule.total_steps, schedule.warmup_steps, 1.0))
     heads.train()
-    loss = head_loss(heads(features), labels)
+    losses = head_losses(heads(features), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses.sum().backward()
     optimizer.step()
-    return loss.item() / len(heads.heads)
+    return losses.detach()
 
 
 @torch.no_grad()

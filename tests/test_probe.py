@@ -196,4 +196,42 @@ def test_two_ranks_give_the_one_process_result(pattern_tree, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
+    # the same heads and accuracies; the last-step loss may differ in float rounding (features arrive in rank order)
+    for h2, h1 in zip(two["heads"], one["heads"]):
+        assert h2.pop("train_loss") == pytest.approx(h1.pop("train_loss"), rel=1e-5)
     assert two["heads"] == one["heads"] and two["knn_top1"] == one["knn_top1"]
+
+
+def _fast_heads(blrs, tmp_path):
+    feats, labels = _blobs()
+    cfg = stage.ProbeConfig()
+    cfg.probe.blrs, cfg.probe.batch_size, cfg.probe.epochs, cfg.probe.warmup_epochs = blrs, 50, 25, 1
+    cfg.run.progress, cfg.run.log_every = False, 4
+    metrics = stage.MetricsLog(tmp_path / "metrics.jsonl")
+    stage.train_fast(feats, labels, 2, cfg, torch.device("cpu"), metrics)
+    return [json.loads(line) for line in metrics.path.read_text().splitlines()]
+
+
+def test_a_diverging_head_is_logged_alone_and_the_others_go_on(tmp_path):
+    """blr 1e30 sends its head to inf within two LARS steps; `loss` is the best head's and stays finite."""
+    records = _fast_heads([200.0, 1e30], tmp_path)
+    last = records[-1]
+    assert set(last) >= {"loss", "loss_blr200", "loss_blr1e+30"}
+    assert last["loss_blr1e+30"] is None  # non-finite values are written as null
+    assert last["loss"] == pytest.approx(last["loss_blr200"]) and last["loss"] < 0.3  # ln 2 = 0.69 untrained
+
+
+def test_every_head_diverging_stops_the_probe(tmp_path):
+    with pytest.raises(LdaeError, match=r"every probe head diverged by step 4; lower probe.blrs \(now \[1e\+30, "
+                                        r"1e\+31\]\)"):
+        _fast_heads([1e30, 1e31], tmp_path)
+
+
+def test_results_table_marks_the_best_head_and_diverged_heads():
+    from rich.console import Console
+    rows = [{"blr": 0.1, "lr": 0.4, "train_loss": 0.52, "top1": 61.0, "top5": 95.7},
+            {"blr": 1e30, "lr": 4e30, "train_loss": None, "top1": 10.0, "top5": 50.0}]
+    console = Console(width=120, record=True)
+    console.print(stage.results_table(rows, 53.05, "probe"))
+    text = console.export_text()
+    assert "0 *" in text and "0.52" in text and "diverged" in text and "53.05" in text

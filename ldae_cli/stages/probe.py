@@ -15,6 +15,7 @@ Baselines read against every result: `--random-init` (the same ViT, untrained) a
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,8 @@ from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches
 from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
 from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
     open_run_dir, restore_run, resume_base
-from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, steps_for, \
-    train_step
+from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, loss_terms, \
+    lowest_loss, steps_for, train_step
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_timm_vit
 from ldae_cli.pretrained import DEFAULT_T, fold_encoder, load_pretrained
@@ -183,7 +184,8 @@ def lrs_of(settings: ProbeSettings, batch: int) -> list[float]:
 
 
 def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, device: torch.device,
-               metrics: MetricsLog) -> tuple[ProbeHeads, torch.optim.Optimizer]:
+               metrics: MetricsLog) -> tuple[ProbeHeads, torch.optim.Optimizer, torch.Tensor]:
+    """Heads trained on cached features; also returns each head's loss at the last step."""
     s = cfg.probe
     n = len(feats)
     batch = min(s.batch_size, n)
@@ -194,17 +196,29 @@ def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg:
     heads = ProbeHeads(feats.shape[1], num_classes, len(s.blrs)).to(device)
     optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
     feats, labels = feats.to(device), labels.to(device)
+    meter = LossMeter(loss_terms(s.blrs), device)
     with progress_bar("step", cfg.run.progress) as bar:
         task = bar.add_task("heads", total=total, info="")
         for step in range(total):
             epoch, within = divmod(step, steps_per_epoch)
             idx = epoch_order(n, cfg.run.seed, epoch)[within * batch:(within + 1) * batch].to(device)
-            loss = train_step(heads, optimizer, feats[idx], labels[idx], step, schedule)
+            losses = train_step(heads, optimizer, feats[idx], labels[idx], step, schedule)
+            add_head_losses(meter, losses)
             if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
-                metrics.write({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "loss": loss})
-                bar.update(task, info=f"loss {loss:.3f}")
+                means = meter.take()
+                if not math.isfinite(means["loss"]):
+                    raise LdaeError(f"every probe head diverged by step {step + 1}; lower probe.blrs "
+                                    f"(now {s.blrs})")
+                metrics.write({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), **means})
+                bar.update(task, info=f"lowest head loss {means['loss']:.3f}")
             bar.update(task, advance=1)
-    return heads, optimizer
+    return heads, optimizer, losses
+
+
+def add_head_losses(meter: LossMeter, losses: torch.Tensor) -> None:
+    meter.add("loss", lowest_loss(losses))
+    for name, loss in zip(meter.names[1:], losses):
+        meter.add(name, loss)
 
 
 def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: ProbeConfig, device: torch.device,
@@ -235,7 +249,7 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
 
     data_iter = iter(make_loader(dataset, Pieces(), cfg.data.num_workers, pin_memory=device.type == "cuda"))
     bad = BadImageCounter(cfg.data.on_bad_image)
-    meter = LossMeter(("loss",), device)
+    meter = LossMeter(loss_terms(s.blrs), device)
     with TrainLoop("probe", cfg.run, out_dir, ctx, start, total, batches.steps_per_epoch, batch) as loop:
         while loop.running:
             feats, labels = [], []
@@ -246,17 +260,17 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
                 labels.append(b.labels.to(device))
             feats = all_gather_cat(torch.cat(feats), ctx)
             labels = all_gather_cat(torch.cat(labels), ctx)
-            loss = train_step(heads, optimizer, feats, labels, loop.step, schedule)
-            meter.add("loss", loss)
+            losses = train_step(heads, optimizer, feats, labels, loop.step, schedule)
+            add_head_losses(meter, losses)
             loop.advance()
             if loop.due_log:
-                loop.log(metrics, meter, "Lower probe.blrs")
+                loop.log(metrics, meter, "Every head diverged: lower probe.blrs")
             if loop.due_save:
                 save(heads, optimizer, loop.step, total, finished=not loop.running)
                 loop.saved()
             if loop.stopped():
-                return heads, optimizer, total, False
-    return heads, optimizer, total, True
+                return heads, optimizer, total, False, losses
+    return heads, optimizer, total, True, losses
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,14 +290,15 @@ def default_config(ckpt_path: str | None) -> dict:
 
 def results_table(rows: list[dict], knn: float | None, title: str) -> Table:
     table = Table(title=title)
-    for col in ("head", "blr", "lr", "top-1", "top-5"):
+    for col in ("head", "blr", "lr", "train loss", "top-1", "top-5"):
         table.add_column(col, justify="right")
     best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
     for i, r in enumerate(rows):
         mark = " *" if i == best else ""
-        table.add_row(f"{i}{mark}", f"{r['blr']:.3g}", f"{r['lr']:.3g}", f"{r['top1']:.2f}", f"{r['top5']:.2f}")
+        loss = "diverged" if r["train_loss"] is None else f"{r['train_loss']:.3g}"
+        table.add_row(f"{i}{mark}", f"{r['blr']:.3g}", f"{r['lr']:.3g}", loss, f"{r['top1']:.2f}", f"{r['top5']:.2f}")
     if knn is not None:
-        table.add_row("k-NN", "", "", f"{knn:.2f}", "")
+        table.add_row("k-NN", "", "", "", f"{knn:.2f}", "")
     return table
 
 
@@ -327,11 +342,11 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         knn = None
         if cfg.probe.fast:
             train_f, train_y = extract(encoder, train_ds, cfg, device, ctx, "train")
-            heads, optimizer = train_fast(train_f, train_y, num_classes, cfg, device, metrics)
+            heads, optimizer, last_losses = train_fast(train_f, train_y, num_classes, cfg, device, metrics)
             total = steps_for(len(train_f), batch, cfg.probe.epochs)
         else:
-            heads, optimizer, total, finished = train_full(encoder, train_ds, num_classes, cfg, device, ctx, out_dir,
-                                                           metrics, resume, save)
+            heads, optimizer, total, finished, last_losses = train_full(encoder, train_ds, num_classes, cfg, device,
+                                                                        ctx, out_dir, metrics, resume, save)
             if not finished:
                 return {}
         eval_f, eval_y = extract(encoder, eval_ds, cfg, device, ctx, "eval")
@@ -339,8 +354,10 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         if cfg.probe.fast:
             knn = knn_accuracy(train_f.to(device), train_y.to(device), eval_f.to(device), eval_y.to(device),
                                cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
-        rows = [{"blr": b, "lr": lr, "top1": round(float(acc[1][i]), 2), "top5": round(float(acc[5][i]), 2)}
-                for i, (b, lr) in enumerate(zip(cfg.probe.blrs, lrs))]
+        # null: the head diverged (its last-step loss is not finite)
+        rows = [{"blr": b, "lr": lr, "train_loss": float(loss) if loss.isfinite() else None,
+                 "top1": round(float(acc[1][i]), 2), "top5": round(float(acc[5][i]), 2)}
+                for i, (b, lr, loss) in enumerate(zip(cfg.probe.blrs, lrs, last_losses.cpu()))]
         best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
         results = {"encoder": encoder.description, "heads": rows, "best_head": best, "best_top1": rows[best]["top1"],
                    "knn_top1": None if knn is None else round(knn, 2), "checkpoint": ckpt,
