@@ -21,6 +21,10 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import console, progress_bar
 
 
+# what to change when a training loss stops being finite
+DIVERGED_HINT = "Lower the lr (optim.blr or optim.lr), set optim.clip_grad, or check the data"
+
+
 @dataclass
 class OptimConfig:
     batch_size: int = 2048  # global batch (all ranks, all accumulation steps)
@@ -250,15 +254,11 @@ class TrainLoop:
 
         with TrainLoop("pretrain", cfg.run, out_dir, ctx, start, total, steps_per_epoch, batch) as loop:
             while loop.running:
-                ...one optimizer step...
-                loop.advance()
-                if loop.due_log:
-                    loop.log(metrics, meter, "lower the lr", lr=lr)
-                if loop.due_save:
-                    save(loop.step)
-                    loop.saved()
-                if loop.stopped():
+                ...one optimizer step, its losses added to `meter`...
+                if loop.end_step(metrics, meter, "lower the lr", save, lr=lr):
                     break
+
+    Loops that evaluate between steps call `advance`, `log`, `saved` and `stopped` themselves.
     """
 
     def __init__(self, command: str, run: RunConfig, out_dir: Path, ctx, start_step: int, total_steps: int,
@@ -305,6 +305,17 @@ class TrainLoop:
         self.due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps
                          or self.stopping or save_now)
         self.due_log = self.step % self.run.log_every == 0 or self.due_save
+
+    def end_step(self, metrics, meter: "LossMeter", hint: str, save, **values) -> bool:
+        """The usual tail of an optimizer step: advance, log (see `log`), `save(step)` when due; True when
+        the run should end early."""
+        self.advance()
+        if self.due_log:
+            self.log(metrics, meter, hint, **values)
+        if self.due_save:
+            save(self.step)
+            self.saved()
+        return self.stopped()
 
     def log(self, metrics, meter: "LossMeter", hint: str, **values) -> None:
         """Average the meter over all ranks, stop on a non-finite loss (its first term; `hint` says what to

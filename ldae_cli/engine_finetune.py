@@ -31,8 +31,8 @@ from torch import nn
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
-    make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
+from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
+    finished_already, make_adamw, make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
@@ -299,8 +299,7 @@ def train(job: FinetuneJob, ctx: DistContext) -> Path:
             epoch_end = (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps
             loop.advance(save_now=epoch_end)
             if loop.due_log:
-                loop.log(metrics, meter, "Lower the lr (optim.blr / optim.lr), set optim.clip_grad, or check the data",
-                         lr=lr, skipped_images=bad.skipped)
+                loop.log(metrics, meter, DIVERGED_HINT, lr=lr, skipped_images=bad.skipped)
             if epoch_end:
                 results = run_eval(loop.step)
                 if ctx.is_main:

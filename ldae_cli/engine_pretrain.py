@@ -20,8 +20,8 @@ from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.diffusion import Denoiser
 from ldae_cli.distributed import DistContext, barrier, ddp_wrap
-from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
-    make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
+from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
+    finished_already, make_adamw, make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
 
@@ -123,14 +123,14 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
     metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
                          truncate_after_step=start_step if job.resume_from is not None else None)
 
-    def save(step_done: int, finished: bool) -> Path:
+    def save(step_done: int) -> Path:
         path = job.out_dir / "checkpoint.safetensors"
         if ctx.is_main:
             tensors, extra = job.checkpoint_payload(model, ema)
             opt_tensors, opt_rest = optimizer_tensors(optimizer)
             tensors.update(opt_tensors)
             extra.update(step=step_done, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                         epoch=step_done / steps_per_epoch, finished=finished, optimizer=opt_rest,
+                         epoch=step_done / steps_per_epoch, finished=step_done == total_steps, optimizer=opt_rest,
                          world_size=ctx.world)
             save_checkpoint(path, "pretrain", tensors, job.config, job.parents, extra)
             save_curves(read_metrics(metrics.path), job.out_dir / "loss.png", ("loss",),
@@ -167,14 +167,7 @@ def train(job: PretrainJob, ctx: DistContext) -> Path:
             meter.add("loss", step_loss, step_count)
             if ema is not None:
                 ema.update(model, step=loop.step)
-            loop.advance()
-            if loop.due_log:
-                loop.log(metrics, meter, "Lower the lr (optim.blr), set optim.clip_grad, or check the data",
-                         lr=lr, skipped_images=bad.skipped)
-            if loop.due_save:
-                save(loop.step, finished=loop.step == total_steps)
-                loop.saved()
-            if loop.stopped():
+            if loop.end_step(metrics, meter, DIVERGED_HINT, save, lr=lr, skipped_images=bad.skipped):
                 break
     if ctx.is_main and not loop.running:
         console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote "

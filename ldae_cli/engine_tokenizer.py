@@ -26,8 +26,8 @@ from torch import nn
 from ldae_cli.checkpoint import Checkpoint, save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, barrier
-from ldae_cli.engine import LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, finished_already, make_adamw, \
-    optimizer_tensors, plan_steps, restore_optimizer, restore_run, set_lr
+from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
+    finished_already, make_adamw, optimizer_tensors, plan_steps, restore_optimizer, restore_run, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves
 from ldae_cli.reporting import MetricsLog, console, read_metrics
@@ -194,7 +194,8 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
     metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
                          truncate_after_step=start_step if job.resume_from is not None else None)
 
-    def save(step_done: int, finished: bool) -> None:
+    def save(step_done: int) -> None:
+        finished = step_done == total_steps
         if ctx.is_main:
             tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
             t, opt_rest = optimizer_tensors(optimizer)
@@ -261,14 +262,7 @@ def train(job: TokenizerJob, ctx: DistContext) -> Path:
                     torch.nn.utils.clip_grad_norm_(params, cfg_o.clip_grad)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            loop.advance()
-            if loop.due_log:
-                loop.log(metrics, meter, "Lower the lr (optim.blr), set optim.clip_grad, or check the data",
-                         lr=lr, skipped_images=bad.skipped)
-            if loop.due_save:
-                save(loop.step, finished=loop.step == total_steps)
-                loop.saved()
-            if loop.stopped():
+            if loop.end_step(metrics, meter, DIVERGED_HINT, save, lr=lr, skipped_images=bad.skipped):
                 break
     if ctx.is_main and not loop.running:
         console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote {path}")

@@ -33,18 +33,29 @@ def test_accumulation_splits_the_global_batch():
         accumulation(256, 48, 2)
 
 
-def run_loop(tmp_path, steps, add, **values):
+def run_loop(tmp_path, steps, add, saved=None, save_every=1000, stop_after=None, **values):
     """Run `steps` empty optimizer steps, calling add(meter, step) each; log every 2 steps."""
-    run = RunConfig(log_every=2, save_every=1000, progress=False)
+    run = RunConfig(log_every=2, save_every=save_every, progress=False, stop_after_steps=stop_after)
     metrics = MetricsLog(tmp_path / "metrics.jsonl")
     meter = LossMeter(("loss", "kl"), torch.device("cpu"))
+    saved = [] if saved is None else saved
     with TrainLoop("pretrain", run, tmp_path, DistContext(), 0, steps, 10, 4) as loop:
         while loop.running:
             add(meter, loop.step)
-            loop.advance()
-            if loop.due_log:
-                loop.log(metrics, meter, "Lower the lr.", **values)
+            if loop.end_step(metrics, meter, "Lower the lr.", saved.append, **values):
+                break
     return read_metrics(metrics.path)
+
+
+def test_end_step_logs_saves_and_stops_on_cadence(tmp_path):
+    saved = []
+    records = run_loop(tmp_path, 8, lambda meter, step: meter.add("loss", 1.0), saved, save_every=3)
+    assert saved == [3, 6, 8]  # every save_every steps and at the end
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8]  # every log_every steps and at each save
+    saved.clear()
+    records = run_loop(tmp_path / "stopped", 8, lambda meter, step: meter.add("loss", 1.0), saved, save_every=3,
+                       stop_after=5)
+    assert saved == [3, 5] and records[-1]["step"] == 5  # a stop saves first
 
 
 def test_loss_meter_logs_means_per_term_since_the_last_line(tmp_path):

@@ -262,13 +262,8 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
             labels = all_gather_cat(torch.cat(labels), ctx)
             losses = train_step(heads, optimizer, feats, labels, loop.step, schedule)
             add_head_losses(meter, losses)
-            loop.advance()
-            if loop.due_log:
-                loop.log(metrics, meter, "Every head diverged: lower probe.blrs")
-            if loop.due_save:
-                save(heads, optimizer, loop.step, total, finished=not loop.running)
-                loop.saved()
-            if loop.stopped():
+            if loop.end_step(metrics, meter, "Every head diverged: lower probe.blrs",
+                             lambda step: save(heads, optimizer, step, total, finished=step == total)):
                 return heads, optimizer, total, False, losses
     return heads, optimizer, total, True, losses
 
