@@ -363,6 +363,11 @@ class LossMeter:
         self.sums[0, i] += total
         self.sums[1, i] += count
 
+    def add_all(self, values: torch.Tensor, count: float = 1) -> None:
+        """One value per term, in the order of `names`: a single update instead of one per term."""
+        self.sums[0] += values
+        self.sums[1] += count
+
     def take(self, ctx=None) -> dict[str, float]:
         """The means since the last take, over every rank of `ctx` (None: this process only); resets the sums.
         A term nothing was added to is left out."""

@@ -62,9 +62,11 @@ def loss_terms(blrs: list[float]) -> tuple[str, ...]:
     return ("loss",) + tuple(f"loss_blr{blr:g}" for blr in blrs)
 
 
-def lowest_loss(losses: torch.Tensor) -> torch.Tensor:
-    """The best head's loss; non-finite only when every head has diverged."""
-    return losses.nan_to_num(nan=math.inf).min()
+def with_lowest(losses: torch.Tensor) -> torch.Tensor:
+    """(K,) head losses -> (1 + K,): the best head's loss first (non-finite only when every head has diverged),
+    then the heads, in the order of `loss_terms`."""
+    lowest = torch.where(losses.isnan(), math.inf, losses).min()
+    return torch.cat([lowest[None], losses])
 
 
 @torch.no_grad()

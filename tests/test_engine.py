@@ -85,3 +85,12 @@ def test_finished_already(capsys):
     assert not finished_already(3, 10, DistContext())
     assert finished_already(10, 10, DistContext())
     assert "already finished" in capsys.readouterr().out
+
+
+def test_add_all_equals_adding_each_term():
+    one, each = LossMeter(("loss", "kl"), torch.device("cpu")), LossMeter(("loss", "kl"), torch.device("cpu"))
+    for values in ([1.0, 0.5], [3.0, 1.5]):
+        one.add_all(torch.tensor(values, dtype=torch.float64), 0.5)
+        for name, v in zip(each.names, values):
+            each.add(name, v, 0.5)
+    assert one.take() == each.take() == {"loss": 4.0, "kl": 2.0}

@@ -9,7 +9,8 @@ import torch
 
 from conftest import train_tiny, train_tiny_conv_vae
 from ldae_cli.checkpoint import load_checkpoint
-from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, train_step
+from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, train_step, \
+    with_lowest
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import probe as stage
 
@@ -235,3 +236,11 @@ def test_results_table_marks_the_best_head_and_diverged_heads():
     console.print(stage.results_table(rows, 53.05, "probe"))
     text = console.export_text()
     assert "0 *" in text and "0.52" in text and "diverged" in text and "53.05" in text
+
+
+def test_lowest_head_loss_is_finite_while_any_head_is():
+    inf, nan = float("inf"), float("nan")
+    assert with_lowest(torch.tensor([0.7, nan, inf]))[0] == 0.7
+    for diverged in ([inf, inf], [nan, inf], [nan, nan]):
+        assert not with_lowest(torch.tensor(diverged))[0].isfinite()
+    assert with_lowest(torch.tensor([0.7, 0.5]))[1:].tolist() == pytest.approx([0.7, 0.5])

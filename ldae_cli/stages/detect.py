@@ -468,9 +468,8 @@ def _train(cfg: DetectConfig, config_name: str | None, init_spec: Init | None, r
                             loss_dict = runner(batch)
                         loss = sum(loss_dict.values())
                         (loss / accum).backward()
-                    meter.add("loss", loss.detach().double() / accum, 1 / accum)
-                    for name in LOSSES:
-                        meter.add(name, loss_dict[name].detach().double() / accum, 1 / accum)
+                    terms = torch.stack([loss] + [loss_dict[name] for name in LOSSES]).detach().double()
+                    meter.add_all(terms / accum, 1 / accum)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             due_eval = step + 1 == total_steps or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)

@@ -32,7 +32,7 @@ from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
 from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
     open_run_dir, restore_run, resume_base
 from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, loss_terms, \
-    lowest_loss, steps_for, train_step
+    steps_for, train_step, with_lowest
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_timm_vit
 from ldae_cli.pretrained import DEFAULT_T, fold_encoder, load_pretrained
@@ -203,7 +203,7 @@ def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg:
             epoch, within = divmod(step, steps_per_epoch)
             idx = epoch_order(n, cfg.run.seed, epoch)[within * batch:(within + 1) * batch].to(device)
             losses = train_step(heads, optimizer, feats[idx], labels[idx], step, schedule)
-            add_head_losses(meter, losses)
+            meter.add_all(with_lowest(losses))
             if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
                 means = meter.take()
                 if not math.isfinite(means["loss"]):
@@ -213,12 +213,6 @@ def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg:
                 bar.update(task, info=f"lowest head loss {means['loss']:.3f}")
             bar.update(task, advance=1)
     return heads, optimizer, losses
-
-
-def add_head_losses(meter: LossMeter, losses: torch.Tensor) -> None:
-    meter.add("loss", lowest_loss(losses))
-    for name, loss in zip(meter.names[1:], losses):
-        meter.add(name, loss)
 
 
 def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: ProbeConfig, device: torch.device,
@@ -261,7 +255,7 @@ def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: P
             feats = all_gather_cat(torch.cat(feats), ctx)
             labels = all_gather_cat(torch.cat(labels), ctx)
             losses = train_step(heads, optimizer, feats, labels, loop.step, schedule)
-            add_head_losses(meter, losses)
+            meter.add_all(with_lowest(losses))
             if loop.end_step(metrics, meter, "Every head diverged: lower probe.blrs",
                              lambda step: save(heads, optimizer, step, total, finished=step == total)):
                 return heads, optimizer, total, False, losses
