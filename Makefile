@@ -30,7 +30,7 @@ data: env
 	elif command -v apt-get >/dev/null 2>&1 && { SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n"); \
 		$$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && \
 		$$SUDO apt-get install -y -q dataset-fashion-mnist; }; }; then echo "Fashion-MNIST installed"; \
-	else $(BIN)/python -c "from ldae_cli.data import download_fashion_mnist; download_fashion_mnist()"; fi
+	else $(BIN)/python -c "from ldae_cli.sources import download_fashion_mnist; download_fashion_mnist()"; fi
 
 # Every stage on Fashion-MNIST. Each step is a file target, so re-running skips what is done; an
 # interrupted pretrain resumes where it stopped.

@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -23,7 +22,7 @@ from pretrain_step import synthetic_pca, trained_like  # noqa: E402
 
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule  # noqa: E402
 from ldae_cli.models import ModelConfig, build_model, model_flops_per_image  # noqa: E402
-from ldae_cli.stages.denoise import denoise_batch, pick_t  # noqa: E402
+from ldae_cli.pretrained import Pretrained  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -48,14 +47,14 @@ def main() -> None:
     tokenizer = synthetic_pca(16, 32)
     denoiser = Denoiser(diffusion, tokenizer, NoiseSchedule(diffusion), 256)
     model = trained_like(build_model(ModelConfig(size="B"), denoiser.in_dim, denoiser.out_dim, denoiser.grid)).eval()
-    pre = SimpleNamespace(model=model, tokenizer=tokenizer, denoiser=denoiser)
+    pre = Pretrained(None, None, diffusion, model, tokenizer, denoiser)
     b = args.batch
     images = torch.rand(b, 3, 256, 256) * 2 - 1
     tokens = torch.randn(b, 256, denoiser.in_dim)
-    t = pick_t(pre, None, None)
+    t = pre.timestep()
     with torch.inference_mode():
-        denoise_batch(pre, images[:1], t, 0)  # warm-up
-        full = best_of(lambda: denoise_batch(pre, images, t, 0)) / b
+        pre.denoise(images[:1], t, 0)  # warm-up
+        full = best_of(lambda: pre.denoise(images, t, 0)) / b
         bare = best_of(lambda: model(tokens, torch.full((b,), t))) / b
         a, w = torch.randn(b * 256, 768), torch.randn(768, 3072)
         matmul = best_of(lambda: a @ w, 5)

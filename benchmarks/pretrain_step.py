@@ -23,7 +23,7 @@ import torch
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.engine_pretrain import PretrainObjective, draw_step_noise, optimizer_step
 from ldae_cli.models import ModelConfig, build_model, model_flops_per_image
-from ldae_cli.stages.fit_pca import principal_components
+from ldae_cli.pca import principal_components
 from ldae_cli.tokenizers import PCATokenizer
 
 

@@ -7,10 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from ldae_cli import __version__
-from ldae_cli.config import load_config
 from rich.markup import escape
 
+from ldae_cli import __version__
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import err_console
 
@@ -42,6 +41,20 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug
 
 
+def _stage(name: str):
+    """The stage module behind a subcommand, imported on use so `ldae --help` stays fast."""
+    import importlib
+
+    return importlib.import_module(f"ldae_cli.stages.{name}")
+
+
+OutOpt = typer.Option(None, "--out", help="Run directory (sets run.out_dir).")
+ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory (or checkpoint) exactly where "
+                         "it stopped.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device).")
+CkptOpt = typer.Option(None, "--ckpt", help="A pretrain checkpoint (or an encoder from `ldae export`).")
+
+
 @app.command("fit-pca")
 def fit_pca(
     patch: Optional[int] = typer.Option(None, "--patch", help="Patch size p (D = p*p*3). [default: 16]"),
@@ -53,31 +66,9 @@ def fit_pca(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
 ) -> None:
     """Fit the patch-wise PCA tokenizer (mean patch, full basis, eigenvalues, latent scales) and draw its filters."""
-    from ldae_cli.stages import fit_pca as stage
-
-    cfg = load_config(stage.FitPCAConfig, config, overrides or [], {
+    _stage("fit_pca").main(config, overrides or [], {
         "pca.patch": patch, "pca.dim": dim, "pca.patches": patches, "data.image_size": image_size,
         "data.path": data, "data.source": source, "out": out})
-    stage.run(cfg)
-
-
-def _stage(name: str, issue: int):
-    """The stage module, or a clear 'not built yet' error while its issue is open."""
-    import importlib
-
-    try:
-        return importlib.import_module(f"ldae_cli.stages.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"ldae_cli.stages.{name}":
-            raise
-        raise LdaeError(f"`ldae {name.replace('_', '-')}` is not built yet (planned in issue {issue}); "
-                        "nothing was run") from None
-
-
-OutOpt = typer.Option(None, "--out", help="Run directory (sets run.out_dir).")
-ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this directory exactly where it stopped.")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device).")
-CkptOpt = typer.Option(None, "--ckpt", help="A pretrain checkpoint (or an encoder from `ldae export`).")
 
 
 @app.command("train-tokenizer")
@@ -87,79 +78,22 @@ def train_tokenizer(
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
 ) -> None:
     """Train a conv VAE / VQGAN-style / patch VAE / patch AE tokenizer for the trajectory rows that need one."""
-    _stage("train_tokenizer", 6).run_from_cli(config, overrides or [], {
+    _stage("train_tokenizer").main(config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
-
-
-@app.command("finetune")
-def finetune(
-    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
-    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Same network, randomly initialised "
-                                      "(the baseline every fine-tuning result is read against)."),
-) -> None:
-    """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
-    _stage("finetune", 7).run_from_cli(config, overrides or [], {
-        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch)
-
-
-@app.command("detect")
-def detect(
-    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-    data: Optional[str] = typer.Option(None, "--data", help="COCO root: image folders + annotations/instances_*.json."),
-    out: Optional[str] = OutOpt, resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
-    from_scratch: bool = typer.Option(False, "--from-scratch", help="Randomly initialised backbone (baseline)."),
-    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --ckpt, a trained `detect` checkpoint."),
-) -> None:
-    """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
-    _stage("detect", 8).run_from_cli(config, overrides or [], {
-        "data.path": data, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only)
 
 
 @app.command("pretrain")
 def pretrain(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
-    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
-    out: Optional[str] = typer.Option(None, "--out", help="Run directory (sets run.out_dir)."),
-    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory (or checkpoint) "
-                                         "exactly where it stopped."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device)."),
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
 ) -> None:
     """Pretrain a DiT-style denoising model: any row of the deconstruction trajectory, l-DAE by default.
 
     Launch on several GPUs or nodes with `torchrun --nproc-per-node N -m ldae_cli pretrain ...`.
     """
-    from ldae_cli.stages import pretrain as stage
-
-    if config is None and resume is None:
-        raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
-                        "or --resume RUN_DIR")
-    cfg, ckpt = stage.load_pretrain_config(config, overrides or [], {
+    _stage("pretrain").main(config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
-    stage.run(cfg, config, ckpt)
-
-
-@app.command("export")
-def export(
-    ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
-    out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors)."),
-    t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
-) -> None:
-    """Fold the encoder at fixed t into a plain ViT and save it as a timm `VisionTransformer` state dict.
-
-    Load it with `timm.models.vision_transformer.VisionTransformer(**kwargs)` (class_token=False,
-    global_pool='avg', act_layer='gelu_tanh'; the kwargs are in the file's metadata) and
-    `safetensors.torch.load_file`.
-    """
-    from ldae_cli.pretrained import export_encoder
-
-    path = export_encoder(ckpt, out, t, depth, ema)
-    typer.echo(f"wrote {path}")
 
 
 @app.command("probe")
@@ -175,10 +109,38 @@ def probe(
     random_init: bool = typer.Option(False, "--random-init", help="Probe the same architecture untrained (baseline)."),
 ) -> None:
     """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
-    _stage("probe", 5).run_from_cli(config, overrides or [], {
+    _stage("probe").main(config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device, "probe.t": t,
         "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, resume, ckpt=ckpt,
         random_init=random_init)
+
+
+@app.command("finetune")
+def finetune(
+    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Same network, randomly initialised "
+                                      "(the baseline every fine-tuning result is read against)."),
+) -> None:
+    """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
+    _stage("finetune").main(config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume,
+        ckpt=ckpt, from_scratch=from_scratch)
+
+
+@app.command("detect")
+def detect(
+    ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    data: Optional[str] = typer.Option(None, "--data", help="COCO root: image folders + annotations/instances_*.json."),
+    out: Optional[str] = OutOpt, resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Randomly initialised backbone (baseline)."),
+    eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --ckpt, a trained `detect` checkpoint."),
+) -> None:
+    """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
+    _stage("detect").main(config, overrides or [], {
+        "data.path": data, "run.out_dir": out, "run.device": device}, resume,
+        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only)
 
 
 @app.command("denoise")
@@ -197,9 +159,25 @@ def denoise(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Denoise images with a pretrained model: writes clean | noisy | denoised panels (the paper's Fig. 7)."""
-    _stage("denoise", 4).run_from_cli(images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
-                                      compare_pixel_noise=compare_pixel_noise, ema=ema, device=device,
-                                      samples=samples)
+    _stage("denoise").main(images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
+                           compare_pixel_noise=compare_pixel_noise, ema=ema, device=device, samples=samples)
+
+
+@app.command("export")
+def export(
+    ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
+    out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors)."),
+    t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+) -> None:
+    """Fold the encoder at fixed t into a plain ViT and save it as a timm `VisionTransformer` state dict.
+
+    Load it with `timm.models.vision_transformer.VisionTransformer(**kwargs)` (class_token=False,
+    global_pool='avg', act_layer='gelu_tanh'; the kwargs are in the file's metadata) and
+    `safetensors.torch.load_file`.
+    """
+    typer.echo(f"wrote {_stage('export').main(ckpt, out, t, depth, ema)}")
 
 
 @app.command("report")
@@ -207,9 +185,7 @@ def report(
     paths: List[str] = typer.Argument(..., help="Run directories (metrics.jsonl) and/or checkpoints."),
 ) -> None:
     """Draw the pictures a run's files hold: loss curves from metrics.jsonl, filters of a PCA checkpoint."""
-    from ldae_cli.stages import report as stage
-
-    for written in stage.run(paths):
+    for written in _stage("report").main(paths):
         typer.echo(f"wrote {written}")
 
 

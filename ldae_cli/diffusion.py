@@ -1,4 +1,4 @@
-"""Noise schedules, targets and losses of every trajectory step (SPEC §2-3).
+"""Noise schedules, targets and losses of every step of the paper's deconstruction (its Sec. 4).
 
 z_t = gamma_t z0 + sigma_t eps in the tokenizer's (scaled) latent space. The network reads the noisy
 latent itself (`input_space: latent`) or its decoding to an image (`image`, e.g. inverse PCA), and
@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
 from ldae_cli.errors import LdaeError
-from ldae_cli.tokenizers import Tokenizer, patchify, unpatchify
+from ldae_cli.patches import patchify, unpatchify
+from ldae_cli.tokenizers import Tokenizer
 
 Schedule = Literal["ddpm", "linear-gamma2", "linear-sigma", "constant"]
+LossWeight = Literal["1", "gamma2", "snr", "inv1p"]
 
 
 @dataclass
@@ -29,7 +31,7 @@ class DiffusionConfig:
     constant_sigma: float = math.sqrt(1 / 3)
     constant_t: int = 10  # the t the model is conditioned on under the `constant` schedule
     target: Literal["eps", "z0", "x0"] = "x0"
-    loss_weight: Literal["1", "gamma2", "snr", "inv1p"] = "inv1p"
+    loss_weight: LossWeight = "inv1p"
     input_space: Literal["latent", "image"] = "image"
     output_space: Literal["latent", "image"] = "image"
     tail_weight: float = 0.1  # w_i for PCA components i > d under the x0 target (1.0 = plain pixel MSE)
@@ -47,34 +49,55 @@ class DiffusionConfig:
             raise LdaeError(f"diffusion.constant_t must lie in 0..{self.timesteps}")
 
 
+def schedule_table(kind: str, T: int, constant_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma_t, sigma_t) for t = 0..T in float64; t = 0 is the clean latent.
+
+    ddpm:          gamma_t^2 = prod_{s<=t} (1 - beta_s), beta linear 1e-4 -> 0.02; sigma_t^2 = 1 - gamma_t^2
+    linear-gamma2: gamma_t^2 = 1 - t/T, sigma_t^2 = t/T (variance preserving, linear in gamma^2)
+    linear-sigma:  gamma_t = 1, sigma_t = sqrt(2) t/T (no input scaling; sigma ends at sqrt(2))
+    constant:      gamma_t = 1, sigma_t = constant_sigma for every t >= 1 (one noise level)
+    """
+    t = torch.arange(T + 1, dtype=torch.float64)
+    if kind == "ddpm":
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+        gamma2 = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
+        return gamma2.sqrt(), (1 - gamma2).sqrt()
+    if kind == "linear-gamma2":
+        return (1 - t / T).sqrt(), (t / T).sqrt()
+    if kind == "linear-sigma":
+        return torch.ones_like(t), math.sqrt(2) * t / T
+    if kind == "constant":
+        sigma = torch.full_like(t, constant_sigma)
+        sigma[0] = 0.0
+        return torch.ones_like(t), sigma
+    raise LdaeError(f"diffusion.schedule: unknown schedule {kind!r}; choose one of {', '.join(get_args(Schedule))}")
+
+
+def loss_weights(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """lambda_t per timestep: 1, gamma_t^2, the SNR gamma_t^2 / sigma_t^2, or 1 / (1 + sigma_t^2)."""
+    if kind == "1":
+        return torch.ones_like(gamma)
+    if kind == "gamma2":
+        return gamma ** 2
+    if kind == "snr":
+        return gamma ** 2 / (sigma ** 2).clamp_min(1e-20)
+    if kind == "inv1p":
+        return 1 / (1 + sigma ** 2)
+    raise LdaeError(f"diffusion.loss_weight: unknown weighting {kind!r}; choose one of "
+                    f"{', '.join(get_args(LossWeight))}")
+
+
 class NoiseSchedule(nn.Module):
-    """gamma_t and sigma_t for t = 0..T as lookup tables (t = 0 is clean)."""
+    """gamma_t, sigma_t and the loss weight lambda_t for t = 0..T as lookup tables (t = 0 is clean)."""
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
         self.kind, self.T = cfg.schedule, cfg.timesteps
         self.constant_t = cfg.constant_t
-        t = torch.arange(self.T + 1, dtype=torch.float64)
-        if cfg.schedule == "ddpm":
-            betas = torch.linspace(1e-4, 0.02, self.T, dtype=torch.float64)
-            gamma2 = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
-            gamma, sigma = gamma2.sqrt(), (1 - gamma2).sqrt()
-        elif cfg.schedule == "linear-gamma2":
-            gamma, sigma = (1 - t / self.T).sqrt(), (t / self.T).sqrt()
-        elif cfg.schedule == "linear-sigma":
-            gamma, sigma = torch.ones_like(t), math.sqrt(2) * t / self.T
-        else:
-            gamma, sigma = torch.ones_like(t), torch.full_like(t, cfg.constant_sigma)
-            sigma[0] = 0.0
+        gamma, sigma = schedule_table(cfg.schedule, cfg.timesteps, cfg.constant_sigma)
         self.register_buffer("gamma", gamma.float(), persistent=False)
         self.register_buffer("sigma", sigma.float(), persistent=False)
-        weights = {
-            "1": torch.ones_like(t),
-            "gamma2": gamma ** 2,
-            "snr": gamma ** 2 / (sigma ** 2).clamp_min(1e-20),
-            "inv1p": 1 / (1 + sigma ** 2),
-        }[cfg.loss_weight]
-        self.register_buffer("weight", weights.float(), persistent=False)
+        self.register_buffer("weight", loss_weights(cfg.loss_weight, gamma, sigma).float(), persistent=False)
 
     def sample_t(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         if self.kind == "constant":
@@ -91,7 +114,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, cfg: DiffusionConfig, tokenizer: Tokenizer, schedule: NoiseSchedule, image_size: int):
         super().__init__()
-        if cfg.tail_weight != 1.0 and cfg.target == "x0" and not hasattr(tokenizer, "kept_energy"):
+        if cfg.tail_weight != 1.0 and cfg.target == "x0" and not tokenizer.orthonormal:
             raise LdaeError(f"diffusion.tail_weight needs a tokenizer with an orthonormal basis (pca or pixel); "
                             f"'{tokenizer.kind}' has none: set diffusion.tail_weight=1.0")
         self.cfg, self.tokenizer, self.schedule = cfg, tokenizer, schedule
@@ -109,14 +132,10 @@ class Denoiser(nn.Module):
 
     def to_image_patches(self, z: torch.Tensor) -> torch.Tensor:
         """Latent tokens -> image patches (B, N, D) through the tokenizer's decoder."""
-        if hasattr(self.tokenizer, "decode_patches"):
-            return self.tokenizer.decode_patches(z)
-        return patchify(self.tokenizer.decode(z, self.grid), self.tokenizer.patch)
+        return self.tokenizer.decode_patches(z, self.grid)
 
     def to_latent(self, patches: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.tokenizer, "encode_patches"):
-            return self.tokenizer.encode_patches(patches)
-        return self.tokenizer.encode(unpatchify(patches, self.tokenizer.patch, self.grid))
+        return self.tokenizer.encode_patches(patches, self.grid)
 
     def noisy_input(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z_t, network input)."""

@@ -1,5 +1,16 @@
-"""Pieces every training stage shares: optimizer and lr schedule settings, run directories,
-resumable train state in the shared checkpoint format, clean stops on Ctrl-C / SIGTERM / time limit.
+"""The training engine: one `Trainer` owns a run from its first step to its last checkpoint.
+
+A stage builds its network, data and optimizers; its `engine_<stage>` module gives the Trainer a step
+function (one optimizer step: forward, backward, update, its losses added to `trainer.meter`) and
+hooks for what the run does besides (evaluations). The Trainer does the rest the same way for every
+stage, as detectron2's TrainerBase does with its hooks:
+
+- the plan: steps, epochs and the lr of every step, applied to each optimizer's parameter groups;
+- the train state, saved and restored in one schema (`TrainState`), atomically, on one rank;
+- the cadence: a metrics.jsonl line (and the progress bar) every run.log_every steps, a checkpoint
+  every run.save_every steps and at the end, clean stops on Ctrl-C / SIGTERM / time limit /
+  stop_after_steps, and the NaN guard;
+- the EMA of the weights, DDP and torch.compile wrapping, the seeded image stream, loss curves as PNG.
 """
 
 from __future__ import annotations
@@ -7,152 +18,322 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
-from timm.utils import ModelEmaV3
+from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, unflatten_optimizer
-from ldae_cli.data import StepBatches
-from ldae_cli.distributed import all_reduce_sum
+from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, save_checkpoint, unflatten_optimizer
+from ldae_cli.data import Batch, BadImageCounter, ImageDataset, make_loader
+from ldae_cli.distributed import all_reduce_sum, barrier, ddp_wrap
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import console, progress_bar
-
+from ldae_cli.optim import StepPlan, make_ema, set_lr
+from ldae_cli.plots import save_curves
+from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+from ldae_cli.runs import Session
 
 # what to change when a training loss stops being finite
 DIVERGED_HINT = "Lower the lr (optim.blr or optim.lr), set optim.clip_grad, or check the data"
 
 
+class TrainState:
+    """What every training checkpoint holds besides the stage's own description, in one schema.
+
+    tensors: `<module>.<param>` for each module (model, ema, heads, net, disc, ...) and
+             `<optimizer>.state.<param index>.<key>` for each optimizer (optim, optim_disc, ...);
+    extra:   step, total_steps, steps_per_epoch, epoch, finished, world_size, and `optimizers`:
+             {name: its param groups and scalar state}, or null for an optimizer that has not stepped yet.
+    """
+
+    @staticmethod
+    def write(step: int, total: int, steps_per_epoch: float, world: int, modules: dict[str, nn.Module | None],
+              optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"{name}.{k}": v for name, module in modules.items() if module is not None
+                   for k, v in module.state_dict().items()}
+        rests = {}
+        for name, optimizer in optimizers.items():
+            rests[name] = None
+            if optimizer.state:
+                flat, rests[name] = flatten_optimizer(optimizer.state_dict())
+                tensors.update({f"{name}.{k}": v for k, v in flat.items()})
+        extra = {"step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+                 "epoch": step / steps_per_epoch, "finished": step >= total, "world_size": world,
+                 "optimizers": rests}
+        return tensors, extra
+
+    @staticmethod
+    def read(ck: Checkpoint, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]
+             ) -> int:
+        """Load the modules and optimizers of a resumed run; returns the step to continue from."""
+        if "optimizers" not in ck.extra:
+            raise LdaeError(f"{ck.path}: holds no train state to resume (written by an earlier ldae, or not by a "
+                            "training run); start a new run from it instead")
+        for name, module in modules.items():
+            if module is not None:
+                module.load_state_dict(ck.section(name))
+        for name, optimizer in optimizers.items():
+            rest = ck.extra["optimizers"].get(name)
+            if rest is not None:
+                _load_optimizer(optimizer, unflatten_optimizer(ck.section(name), rest))
+        return ck.extra["step"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    device = next(iter(optimizer.param_groups[0]["params"])).device
+    for entry in state["state"].values():
+        for key, value in entry.items():
+            if torch.is_tensor(value) and key != "step":  # AdamW keeps `step` on the CPU unless fused/capturable
+                entry[key] = value.to(device)
+    optimizer.load_state_dict(state)
+
+
+class Hook:
+    """Something a run does besides its steps (detectron2's HookBase). Every method runs on every rank."""
+
+    def state(self) -> dict:
+        """JSON values written into every checkpoint's extra (and given back to `load_state` on resume)."""
+        return {}
+
+    def load_state(self, extra: dict) -> None:
+        pass
+
+    def wants_save(self, trainer: "Trainer") -> bool:
+        """After an optimizer step: ask for a checkpoint at this step."""
+        return False
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """After the step's log line, before its checkpoint."""
+
+    def after_last_save(self, trainer: "Trainer") -> bool:
+        """The last step's checkpoint is written (training is safe); True asks for one more checkpoint."""
+        return False
+
+
+class Evaluation(Hook):
+    """`evaluate(step)` at the steps `every(step)` names and after the last step. The latest result is part of
+    the train state (extra['eval']), so a run killed after its last step but before the final evaluation
+    finishes that evaluation on resume, and never trains again."""
+
+    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False):
+        self.evaluate, self.every = evaluate, every
+        self.latest: dict | None = None
+
+    def state(self) -> dict:
+        return {"eval": self.latest}
+
+    def load_state(self, extra: dict) -> None:
+        self.latest = extra.get("eval")
+
+    def run(self, step: int) -> None:
+        self.latest = {"step": step, **self.evaluate(step)}
+
+    def wants_save(self, trainer):
+        return self.every(trainer.step)
+
+    def after_step(self, trainer):
+        if self.every(trainer.step) and trainer.step < trainer.total_steps:
+            self.run(trainer.step)
+
+    def after_last_save(self, trainer):
+        self.run(trainer.total_steps)
+        return True
+
+    def missing(self, total_steps: int) -> bool:
+        return self.latest is None or self.latest.get("step") != total_steps
+
+
 @dataclass
-class OptimConfig:
-    batch_size: int = 2048  # global batch (all ranks, all accumulation steps)
-    micro_batch: Optional[int] = None  # per rank per forward; null = batch_size / ranks (no accumulation)
-    blr: float = 1e-4  # lr = blr * batch_size / 256
-    lr: Optional[float] = None  # absolute lr, overrides blr
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    epochs: float = 400.0
-    warmup_epochs: float = 100.0
-    clip_grad: Optional[float] = None
-    ema: Optional[float] = None  # EMA decay of the weights, e.g. 0.9999; null = no EMA
+class Curve:
+    """A PNG drawn from metrics.jsonl at every checkpoint."""
 
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise LdaeError(f"optim.batch_size must be positive, got {self.batch_size}")
-        if self.epochs <= 0 or self.warmup_epochs < 0:
-            raise LdaeError("optim.epochs must be positive and optim.warmup_epochs non-negative")
-        if len(self.betas) != 2:
-            raise LdaeError(f"optim.betas needs two values, got {self.betas}")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise LdaeError(f"optim.ema is a decay in (0, 1), got {self.ema}")
-
-    def base_lr(self) -> float:
-        return self.lr if self.lr is not None else self.blr * self.batch_size / 256
-
-    def accumulation(self, world: int) -> tuple[int, int]:
-        return accumulation(self.batch_size, self.micro_batch, world)
+    file: str
+    keys: tuple[str, ...]
+    title: str
+    x: str = "step"
+    log_y: bool = True
 
 
-def accumulation(batch_size: int, micro_batch: int | None, world: int) -> tuple[int, int]:
-    """(micro batch, accumulation steps) that make `batch_size` over `world` ranks."""
-    per_rank, rem = divmod(batch_size, world)
-    if rem:
-        raise LdaeError(f"optim.batch_size {batch_size} is not divisible by {world} ranks")
-    micro = micro_batch or per_rank
-    if per_rank % micro:
-        raise LdaeError(f"optim.micro_batch {micro} does not divide the per-rank batch {per_rank}")
-    return micro, per_rank // micro
+class ImageStream:
+    """This rank's micro-batches from the restored step on, in the plan's seeded order; unreadable images are
+    raised or skipped and counted (data.on_bad_image)."""
+
+    def __init__(self, dataset: ImageDataset, plan: StepPlan, start: int, num_workers: int, on_bad_image: str,
+                 pin_memory: bool, sampler=None):
+        plan.batches.start_step, plan.batches.total_steps = start, plan.total_steps
+        self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers, pin_memory=pin_memory))
+        self._bad = BadImageCounter(on_bad_image)
+
+    @property
+    def skipped(self) -> int:
+        return self._bad.skipped
+
+    def next(self) -> Batch:
+        return self._bad.check(next(self._batches))
 
 
-@dataclass
-class RunConfig:
-    out_dir: Optional[str] = None  # default: runs/<stage>/<config name>
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    log_every: int = 20  # steps between metrics.jsonl lines (and the NaN check)
-    save_every: int = 500  # steps between checkpoints (one is always written at the end)
-    time_limit_minutes: Optional[float] = None  # stop cleanly (checkpoint written) after this long; resume later
-    stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
-    progress: bool = True
+class Trainer:
+    """One training run on the engine: see the module docstring. Typical use, in an `engine_<stage>` module:
 
+        trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema)
+        stream = trainer.stream(dataset, cfg.data)
+        def step(step: int) -> dict:
+            ...forward / backward / optimizer.step() on stream.next() batches...
+            trainer.meter.add("loss", loss_sum, count)
+        trainer.fit(step)
+    """
 
-@dataclass
-class StepPlan:
-    """How a run of `optim` over n images is cut into optimizer steps on this rank."""
+    def __init__(self, session: Session, plan: StepPlan, modules: dict[str, nn.Module | None],
+                 optimizers: dict[str, torch.optim.Optimizer], *, ema_decay: float | None = None,
+                 describe: Callable[[], tuple[dict[str, torch.Tensor], dict]] | None = None,
+                 parents: list[dict] = (), losses: tuple[str, ...] = ("loss",), shown: tuple[str, ...] = ("loss", "lr"),
+                 hint: str = DIVERGED_HINT, curves: tuple[Curve, ...] | None = None, hooks: tuple[Hook, ...] = ()):
+        self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
+        self.out_dir, self.path = session.out_dir, session.checkpoint
+        self.ema = make_ema(modules["model"], ema_decay) if ema_decay else None
+        self.modules = {**modules, **({"ema": self.ema.module} if self.ema is not None else {})}
+        self.optimizers, self.describe, self.parents = optimizers, describe, list(parents)
+        self.hint, self.shown, self.hooks = hint, shown, list(hooks)
+        self.curves = curves if curves is not None else (Curve("loss.png", ("loss",), f"{session.command} loss"),)
+        self.meter = LossMeter(losses, self.ctx.device)
+        self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
+        self.step = 0
+        if session.resume is not None:
+            self.step = TrainState.read(session.resume, self.modules, optimizers)
+            for hook in self.hooks:
+                hook.load_state(session.resume.extra)
+            if self.ctx.is_main:
+                console.print(f"resuming {session.resume.path} at step {self.step:,} of {self.total_steps:,}")
+        self.start_step = self.last_saved = self.logged = self.step
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ctx.is_main,
+                                  truncate_after_step=self.step if session.resume is not None else None)
+        self._stream: ImageStream | None = None
+        self.progress = None  # the live progress bar while `fit` runs (evaluations show theirs in it)
+        self.rate = float("nan")
+        self._throughput = Throughput()
+        self._started = time.time()
 
-    batches: StepBatches
-    micro: int
-    accum: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    base_lr: float
-    min_lr: float
+    # --- what a step function uses -----------------------------------------------------------
 
-    def lr(self, step: int) -> float:
-        return lr_at(step, self.total_steps, self.warmup_steps, self.base_lr, self.min_lr)
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
 
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
 
-def plan_steps(n_images: int, optim: OptimConfig, seed: int, ctx) -> StepPlan:
-    micro, accum = optim.accumulation(ctx.world)
-    batches = StepBatches(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
-    per_epoch = batches.steps_per_epoch
-    return StepPlan(batches, micro, accum, per_epoch, max(1, round(optim.epochs * per_epoch)),
-                    round(optim.warmup_epochs * per_epoch), optim.base_lr(), optim.min_lr)
+    def wrap(self, module: nn.Module, ddp: bool = True) -> nn.Module:
+        """The module as the step should call it: under DDP when several ranks run, compiled when run.compile."""
+        runner = ddp_wrap(module, self.ctx) if ddp and self.ctx.enabled else module
+        return torch.compile(runner) if self.run.compile else runner
 
+    def stream(self, dataset: ImageDataset, data_cfg, sampler=None) -> ImageStream:
+        """The plan's seeded batches of `dataset` from the current step (or `sampler`'s, which iterates over
+        them); skipped images go into every log line."""
+        self._stream = ImageStream(dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image,
+                                   pin_memory=self.device.type == "cuda", sampler=sampler)
+        return self._stream
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
-    """Per-iteration linear warm-up then half-cycle cosine to min_lr (MAE/DiT practice)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    def announce(self, what: str, lr: float, details: str = "") -> None:
+        """The run's banner: what trains on what, the batch split over ranks and micro-batches, steps, lr."""
+        if self.ctx.is_main:
+            p = self.plan
+            console.print(f"{self.session.command}: {what}, batch {p.batch_size} ({self.ctx.world} rank(s) x "
+                          f"{p.accum} x {p.micro}), {p.total_steps:,} steps ({p.total_steps / p.steps_per_epoch:g} "
+                          f"epochs), lr {lr:.3g}{details}, device {self.device}")
 
+    # --- the run -----------------------------------------------------------------------------
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    def fit(self, step_fn: Callable[[int], dict | None]) -> bool:
+        """Run the plan from the restored step. `step_fn(step)` does one optimizer step and may return values
+        to log beside the losses. True when the run has reached its last step (now or before)."""
+        if self.step >= self.total_steps:
+            self._finished_already()
+            return True
+        with StopSignal(self.run.time_limit_minutes) as stop, \
+                progress_bar("img", self.run.progress and self.ctx.is_main) as bar:
+            self.progress = bar
+            task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
+                                completed=self.step * self.plan.batch_size, info="")
+            while self.step < self.total_steps:
+                lr = self.plan.lr(self.step)
+                for optimizer in self.optimizers.values():
+                    set_lr(optimizer, lr)
+                values = {"lr": lr, **(step_fn(self.step) or {})}
+                if self.ema is not None:
+                    self.ema.update(self.modules["model"])
+                self.step += 1
+                self.rate = self._throughput.mark(self.plan.batch_size)
+                bar.update(task, advance=self.plan.batch_size)
+                limit = self.run.stop_after_steps
+                stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
+                due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps
+                            or stopping or any(hook.wants_save(self) for hook in self.hooks))
+                if self.step % self.run.log_every == 0 or due_save:
+                    self.log(values, bar, task)
+                for hook in self.hooks:
+                    hook.after_step(self)
+                if due_save:
+                    self.save()
+                if self.step == self.total_steps and any([hook.after_last_save(self) for hook in self.hooks]):
+                    self.save()
+                if stopping and self.step < self.total_steps:
+                    if self.ctx.is_main:
+                        console.print(f"stopped at step {self.step:,} ({stop.reason or 'stop_after_steps'}); "
+                                      f"checkpoint saved. Continue with `ldae {self.session.command} --resume "
+                                      f"{self.out_dir}`")
+                    return False
+        if self.ctx.is_main:
+            console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
+                          f"{self.path}")
+        return True
 
+    def _finished_already(self) -> None:
+        unevaluated = [hook for hook in self.hooks if isinstance(hook, Evaluation) and hook.missing(self.step)]
+        for hook in unevaluated:  # stopped between the last checkpoint and its evaluation
+            hook.run(self.step)
+        if unevaluated:
+            self.save()
+        elif self.ctx.is_main:
+            console.print("this run has already finished; nothing to do")
 
-def make_adamw(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW at the run's base lr; parameter groups may carry their own weight decay and lr_scale."""
-    return torch.optim.AdamW(params, lr=optim.base_lr(), betas=tuple(optim.betas), weight_decay=optim.weight_decay,
-                             fused=device.type == "cuda")
+    def log(self, values: dict, bar=None, task=None) -> None:
+        """Average the meter over all ranks, stop on a non-finite loss (its first term), and write a
+        metrics.jsonl line of the means, `values`, throughput and time."""
+        means = self.meter.take(self.ctx)
+        first = means.get(self.meter.names[0], 0.0)
+        if not math.isfinite(first):
+            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; the last good "
+                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {self.hint}")
+        if self._stream is not None:
+            values = {**values, "skipped_images": self._stream.skipped}
+        values = {**means, **values}
+        self.logged = self.step
+        if bar is not None:
+            shown = "  ".join(f"{k} {values[k]:.4g}" for k in self.shown if isinstance(values.get(k), float))
+            bar.update(task, info=f"{shown}  ep {self.epoch:.2f}")
+        self.metrics.write({"step": self.step, "epoch": round(self.epoch, 4), **values,
+                            "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
+                            "time_s": round(time.time() - self._started, 1)})
 
-
-def make_ema(model: torch.nn.Module, decay: float | None) -> ModelEmaV3 | None:
-    """ema <- decay * ema + (1 - decay) * weights after every optimizer step (no warm-up)."""
-    return ModelEmaV3(model, decay=decay) if decay else None
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def run_dir(stage: str, cfg_out: str | None, config_name: str | None) -> Path:
-    if cfg_out:
-        return Path(cfg_out)
-    name = Path(config_name).stem if config_name else "default"
-    return Path("runs") / stage / name
-
-
-def open_run_dir(command: str, kind: str, out: str | None, name: str | None, resume_ckpt, checkpoint: str) -> Path:
-    """The run directory: the resumed checkpoint's, else run.out_dir or runs/<kind>/<name>, never a finished or
-    running one (nothing already written is overwritten)."""
-    if resume_ckpt is not None and not out:
-        return resume_ckpt.path.parent
-    path = run_dir(kind, out, name)
-    if resume_ckpt is None and (path / checkpoint).exists():
-        raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume "
-                        f"{path}` or pick another run.out_dir (--out)")
-    return path
+    def save(self) -> None:
+        """The checkpoint of the current step (rank 0 writes, every rank waits), and the curves."""
+        if self.ctx.is_main:
+            tensors, extra = self.describe() if self.describe is not None else ({}, {})
+            state_tensors, state_extra = TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
+                                                          self.ctx.world, self.modules, self.optimizers)
+            extra = {**extra, **state_extra}
+            for hook in self.hooks:
+                extra.update(hook.state())
+            save_checkpoint(self.path, self.session.kind, {**tensors, **state_tensors}, self.session.config,
+                            self.parents, extra)
+            records = read_metrics(self.metrics.path)
+            for curve in self.curves:
+                save_curves(records, self.out_dir / curve.file, curve.keys, x=curve.x,
+                            title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
+        barrier(self.ctx)
+        self.last_saved = self.step
 
 
 class StopSignal:
@@ -187,172 +368,9 @@ class StopSignal:
         return self.requested
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, rest = flatten_optimizer(optimizer.state_dict())
-    return {f"{prefix}.{k}": v for k, v in tensors.items()}, rest
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
-    """`tensors`: the checkpoint section written by `optimizer_tensors` (prefix removed)."""
-    state = unflatten_optimizer(tensors, rest)
-    if not state["state"]:
-        raise LdaeError("the checkpoint holds no optimizer state to resume from")
-    device = next(iter(optimizer.param_groups[0]["params"])).device
-    for entry in state["state"].values():
-        for key, value in entry.items():
-            # AdamW keeps `step` on the CPU unless fused/capturable
-            if torch.is_tensor(value) and key != "step":
-                entry[key] = value.to(device)
-    optimizer.load_state_dict(state)
-
-
-def restore_run(ck: Checkpoint | None, ctx, total_steps: int, modules: dict, optimizer: torch.optim.Optimizer) -> int:
-    """Load a resumed run's module sections (name -> module; None is skipped) and optimizer; returns the
-    step to continue from, 0 for a new run."""
-    if ck is None:
-        return 0
-    for section, module in modules.items():
-        if module is not None:
-            module.load_state_dict(ck.section(section))
-    restore_optimizer(optimizer, ck.section("optim"), ck.extra["optimizer"])
-    if ctx.is_main:
-        console.print(f"resuming {ck.path} at step {ck.extra['step']:,} of {total_steps:,}")
-    return ck.extra["step"]
-
-
-def finished_already(start_step: int, total_steps: int, ctx) -> bool:
-    if start_step >= total_steps and ctx.is_main:
-        console.print("this run has already finished; nothing to do")
-    return start_step >= total_steps
-
-
-def resume_base(stored: dict) -> dict:
-    """The stored config to continue from, minus the limits of the interrupted invocation (give them again)."""
-    return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None}}
-
-
-def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
-    """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
-        return out
-
-    a, b = flat(stored), flat(current)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
-    if changed:
-        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
-        raise LdaeError(f"--resume continues the stored run, but the config differs ({details}); resume without "
-                        f"changing the recipe (only {', '.join(allowed)} may change) or start a new run directory")
-
-
-class TrainLoop:
-    """The cadence every training loop shares: progress bar, throughput, when to log and save, the NaN guard,
-    clean stops (Ctrl-C, SIGTERM, time limit, stop_after_steps). The loop body stays the caller's:
-
-        with TrainLoop("pretrain", cfg.run, out_dir, ctx, start, total, steps_per_epoch, batch) as loop:
-            while loop.running:
-                ...one optimizer step, its losses added to `meter`...
-                if loop.end_step(metrics, meter, "lower the lr", save, lr=lr):
-                    break
-
-    Loops that evaluate between steps call `advance`, `log`, `saved` and `stopped` themselves.
-    """
-
-    def __init__(self, command: str, run: RunConfig, out_dir: Path, ctx, start_step: int, total_steps: int,
-                 steps_per_epoch: float, batch_size: int, shown: tuple[str, ...] = ("loss", "lr")):
-        self.command, self.run, self.out_dir, self.ctx, self.shown = command, run, out_dir, ctx, shown
-        self.start_step = self.step = self.last_saved = self.logged = start_step
-        self.total_steps, self.steps_per_epoch, self.batch_size = total_steps, steps_per_epoch, batch_size
-        self.stopping = self.due_save = self.due_log = False
-        self.rate = float("nan")
-        self._meter = Throughput()
-        self._started = time.time()
-
-    def __enter__(self) -> "TrainLoop":
-        self._stop = StopSignal(self.run.time_limit_minutes).__enter__()
-        self.progress = progress_bar("img", self.run.progress and self.ctx.is_main).__enter__()
-        self.console = self.progress.console
-        self._task = self.progress.add_task(self.command, total=self.total_steps * self.batch_size,
-                                        completed=self.start_step * self.batch_size, info="")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
-        self._stop.__exit__(*exc)
-
-    @property
-    def running(self) -> bool:
-        return self.step < self.total_steps
-
-    @property
-    def epoch(self) -> float:
-        return self.step / self.steps_per_epoch
-
-    @property
-    def seconds(self) -> float:
-        return time.time() - self._started
-
-    def advance(self, save_now: bool = False) -> None:
-        """Call after each optimizer step; sets `due_log`, `due_save` and `stopping`."""
-        self.step += 1
-        self.rate = self._meter.mark(self.batch_size)
-        self.progress.update(self._task, advance=self.batch_size)
-        limit = self.run.stop_after_steps
-        self.stopping = self._stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
-        self.due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps
-                         or self.stopping or save_now)
-        self.due_log = self.step % self.run.log_every == 0 or self.due_save
-
-    def end_step(self, metrics, meter: "LossMeter", hint: str, save, **values) -> bool:
-        """The usual tail of an optimizer step: advance, log (see `log`), `save(step)` when due; True when
-        the run should end early."""
-        self.advance()
-        if self.due_log:
-            self.log(metrics, meter, hint, **values)
-        if self.due_save:
-            save(self.step)
-            self.saved()
-        return self.stopped()
-
-    def log(self, metrics, meter: "LossMeter", hint: str, **values) -> None:
-        """Average the meter over all ranks, stop on a non-finite loss (its first term; `hint` says what to
-        change), and write a metrics.jsonl line of the means and `values`."""
-        means = meter.take(self.ctx)
-        first = means.get(meter.names[0], 0.0)
-        if not math.isfinite(first):
-            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; the last good "
-                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {hint}")
-        metrics.write(self.record(**means, **values))
-
-    def record(self, **values) -> dict:
-        """A metrics.jsonl line: step, epoch, the caller's values, throughput and time; updates the bar."""
-        self.logged = self.step
-        shown = "  ".join(f"{k} {values[k]:.4g}" for k in self.shown if isinstance(values.get(k), float))
-        self.progress.update(self._task, info=f"{shown}  ep {self.epoch:.2f}")
-        return {"step": self.step, "epoch": round(self.epoch, 4), **values,
-                "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
-                "time_s": round(self.seconds, 1)}
-
-    def saved(self) -> None:
-        self.last_saved = self.step
-
-    def stopped(self) -> bool:
-        """True when the run should end early (the checkpoint of this step is already saved)."""
-        if self.stopping and self.step < self.total_steps:
-            if self.ctx.is_main:
-                why = self._stop.reason or "stop_after_steps"
-                console.print(f"stopped at step {self.step:,} ({why}); checkpoint saved. Continue with "
-                              f"`ldae {self.command} --resume {self.out_dir}`")
-            return True
-        return False
-
-
 class LossMeter:
     """Float64 sums of named loss terms kept on the device between log lines, so a step never waits for the
-    GPU; `TrainLoop.log` reads them as means over every rank."""
+    GPU; `Trainer.log` reads them as means over every rank."""
 
     def __init__(self, names: tuple[str, ...], device: torch.device):
         self.names = names
@@ -390,3 +408,10 @@ class Throughput:
             return float("nan")
         span = self.marks[-1][0] - self.marks[0][0]
         return sum(n for _, n in self.marks[1:]) / span if span > 0 else float("nan")
+
+
+def micro_batches(stream: ImageStream, count: int, device: torch.device) -> Iterator[Batch]:
+    """`count` micro-batches of one optimizer step, moved to the device."""
+    for _ in range(count):
+        batch = stream.next()
+        yield Batch(batch.images.to(device, non_blocking=True), batch.labels.to(device, non_blocking=True), batch.bad)

@@ -1,6 +1,6 @@
-"""The fine-tuning loop (MAE protocol): timm's RandAugment, random erasing, Mixup/CutMix with label
-smoothing, layer-wise lr decay, EMA; per-epoch top-1/top-5 of the raw and the EMA weights; best and
-last checkpoints; exact resume; DDP; NaN guard; progress and metrics.
+"""Fine-tuning on the engine (MAE protocol): timm's RandAugment, random erasing, Mixup/CutMix with label
+smoothing, layer-wise lr decay, EMA; per-epoch top-1/top-5 of the raw and the EMA weights and the best
+checkpoint beside the run's own; DDP. The Trainer does checkpoints, exact resume, NaN guard and metrics.
 
 timm's augmentations and drop path draw from the global Python, NumPy and torch RNGs. RandAugment
 is seeded by the sample's aug_seed (keyed by seed, epoch and index in the data layer); erasing,
@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,16 +26,15 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, save_checkpoint
+from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
-    finished_already, make_adamw, make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
+from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
+from ldae_cli.engine import Curve, Evaluation, Trainer, micro_batches
 from ldae_cli.errors import LdaeError
-from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, read_metrics
+from ldae_cli.optim import make_adamw, plan_steps
+from ldae_cli.reporting import console
+from ldae_cli.runs import Session, amp_dtype
 
-LAST = "checkpoint.safetensors"
 BEST = "best.safetensors"
 # RandAugment's fill colour: mid-grey is 0 in the [-1, 1] input range, as ImageNet's mean colour is 0
 # after the mean/std normalisation MAE uses
@@ -171,148 +168,78 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistConte
             "images": int(sums[3])}
 
 
-@dataclass
-class FinetuneJob:
-    """Everything the loop needs, built by the finetune stage."""
+def train(session: Session, model: nn.Module, train_set: ImageDataset, eval_set: ImageDataset, augment: BatchAugment,
+          description: dict, parents: list[dict]) -> bool:
+    """Fine-tune `model` (a timm ViT with its head); evaluates raw and EMA weights at every epoch's end and
+    keeps best.safetensors. True when the run reached its last step."""
+    cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
+    plan = plan_steps(len(train_set), cfg.optim, cfg.run.seed, ctx)
+    amp = amp_dtype(cfg.run.precision, device)
+    model.to(device)
+    optimizer = make_adamw(layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim, device)
+    best = dict(session.resume.extra["best"]) if session.resume is not None else {"top1": -1.0}
 
-    model: nn.Module  # a timm VisionTransformer with its classification head
-    train_set: ImageDataset
-    eval_set: ImageDataset
-    optim: OptimConfig
-    layer_decay: float
-    augment: BatchAugment
-    run: RunConfig
-    out_dir: Path
-    config: dict
-    describe: dict  # written into every checkpoint's extra: timm kwargs, classes, init, ...
-    parents: list[dict] = field(default_factory=list)
-    num_workers: int = 2
-    on_bad_image: str = "error"
-    resume_from: Checkpoint | None = None
+    def describe() -> tuple[dict, dict]:
+        return {}, {**description, "best": best, "has_ema": cfg.optim.ema is not None}
 
-
-def train(job: FinetuneJob, ctx: DistContext) -> Path:
-    device = ctx.device
-    cfg_o, cfg_r = job.optim, job.run
-    plan = plan_steps(len(job.train_set), cfg_o, cfg_r.seed, ctx)
-    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
-    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
-    amp = amp_dtype(cfg_r.precision, device)
-
-    model = job.model.to(device)
-    optimizer = make_adamw(layer_decay_groups(model, cfg_o.weight_decay, job.layer_decay), cfg_o, device)
-    ema = make_ema(model, cfg_o.ema)
-    runner: nn.Module = model
-    if ctx.enabled:
-        runner = ddp_wrap(model, ctx)
-    if cfg_r.compile:
-        runner = torch.compile(runner)
-    criterion = SoftTargetCrossEntropy()
-
-    start_step = restore_run(job.resume_from, ctx, total_steps,
-                             {"model": model, "ema": ema.module if ema is not None else None}, optimizer)
-    best = job.resume_from.extra["best"] if job.resume_from is not None else {"top1": -1.0}
-
-    metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
-                         truncate_after_step=start_step if job.resume_from is not None else None)
-
-    def describe(step_done: int) -> dict:
-        return {**job.describe, "step": step_done, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                "epoch": step_done / steps_per_epoch, "finished": step_done == total_steps, "best": best,
-                "world_size": ctx.world, "has_ema": ema is not None}
-
-    def save_last(step_done: int) -> None:
-        if ctx.is_main:
-            extra = describe(step_done)
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            if ema is not None:
-                tensors.update({f"ema.{k}": v for k, v in ema.module.state_dict().items()})
-            opt_tensors, extra["optimizer"] = optimizer_tensors(optimizer)
-            tensors.update(opt_tensors)
-            save_checkpoint(job.out_dir / LAST, "finetune", tensors, job.config, job.parents, extra)
-            records = read_metrics(metrics.path)
-            save_curves(records, job.out_dir / "loss.png", ("loss", "eval_loss", "ema_eval_loss"),
-                        title=f"fine-tune loss ({job.out_dir.name})")
-            save_curves(records, job.out_dir / "accuracy.png", ("top1", "ema_top1", "top5", "ema_top5"), x="epoch",
-                        title=f"fine-tune eval accuracy % ({job.out_dir.name})", log_y=False)
-        barrier(ctx)
-
-    def run_eval(step_done: int) -> dict:
-        """Evaluate raw and EMA weights, log them, and write best.safetensors when either sets a record."""
-        results = {"raw": evaluate(model, job.eval_set, micro, ctx, job.num_workers, amp, job.on_bad_image)}
-        if ema is not None:
-            results["ema"] = evaluate(ema.module, job.eval_set, micro, ctx, job.num_workers, amp, job.on_bad_image)
+    def run_eval(step: int) -> dict:
+        """Raw and EMA weights on the eval split; best.safetensors when either sets a record."""
+        results = {"raw": evaluate(model, eval_set, plan.micro, ctx, cfg.data.num_workers, amp, cfg.data.on_bad_image)}
+        if trainer.ema is not None:
+            results["ema"] = evaluate(trainer.ema.module, eval_set, plan.micro, ctx, cfg.data.num_workers, amp,
+                                      cfg.data.on_bad_image)
         kind = max(results, key=lambda k: results[k]["top1"])
+        epoch = round(step / plan.steps_per_epoch, 4)
         if results[kind]["top1"] > best["top1"]:
             best.clear()
-            best.update(top1=results[kind]["top1"], top5=results[kind]["top5"], weights=kind, step=step_done,
-                        epoch=round(step_done / steps_per_epoch, 4))
+            best.update(top1=results[kind]["top1"], top5=results[kind]["top5"], weights=kind, step=step, epoch=epoch)
             if ctx.is_main:
-                weights = (ema.module if kind == "ema" else model).state_dict()
-                save_checkpoint(job.out_dir / BEST, "finetune", {f"model.{k}": v for k, v in weights.items()},
-                                job.config, job.parents, {**describe(step_done), "weights": kind, "eval": results})
+                weights = (trainer.ema.module if kind == "ema" else model).state_dict()
+                save_checkpoint(session.out_dir / BEST, "finetune", {f"model.{k}": v for k, v in weights.items()},
+                                session.config, parents, {**describe()[1], "step": step, "epoch": epoch,
+                                                          "weights": kind, "eval": results})
             barrier(ctx)
-        record = {"step": step_done, "epoch": round(step_done / steps_per_epoch, 4)}
+        record = {"step": step, "epoch": epoch}
         for kind, r in results.items():
             prefix = "" if kind == "raw" else "ema_"
             record.update({f"{prefix}top1": r["top1"], f"{prefix}top5": r["top5"], f"{prefix}eval_loss": r["loss"]})
-        metrics.write({**record, "best_top1": best["top1"]})
+        trainer.metrics.write({**record, "best_top1": best["top1"]})
+        if ctx.is_main:
+            console.print(f"epoch {epoch:.2f}: " + "  ".join(f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
+                                                            for kind, r in results.items()))
         return results
 
-    if finished_already(start_step, total_steps, ctx):
-        return job.out_dir / LAST
+    curves = (Curve("loss.png", ("loss", "eval_loss", "ema_eval_loss"), "fine-tune loss"),
+              Curve("accuracy.png", ("top1", "ema_top1", "top5", "ema_top5"), "fine-tune eval accuracy %", x="epoch",
+                    log_y=False))
+    evaluation = Evaluation(run_eval, every=lambda step: step % plan.steps_per_epoch == 0)
+    trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
+                      describe=describe, parents=parents, curves=curves, hooks=(evaluation,))
+    runner = trainer.wrap(model)
+    stream = trainer.stream(train_set, cfg.data)
+    criterion = SoftTargetCrossEntropy()
 
-    batches.start_step, batches.total_steps = start_step, total_steps
-    data_iter = iter(make_loader(job.train_set, batches, job.num_workers, pin_memory=device.type == "cuda"))
-    bad = BadImageCounter(job.on_bad_image)
-    meter = LossMeter(("loss",), device)
-    if ctx.is_main:
-        console.print(f"finetune: {len(job.train_set):,} train / {len(job.eval_set):,} eval images, batch "
-                      f"{cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
-                      f"({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, layer decay {job.layer_decay:g}, "
-                      f"device {device}")
+    def step(index: int) -> None:
+        for k, batch in enumerate(micro_batches(stream, plan.accum, device)):
+            labels = batch.labels
+            sync = runner.no_sync() if ctx.enabled and k < plan.accum - 1 else contextlib.nullcontext()
+            with seeded_rngs(step_key(cfg.run.seed, index, ctx.rank, k), device), sync:
+                images, targets = augment(to_unit_range(batch.images), labels)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = runner(images)
+                loss = criterion(logits.float(), targets)
+                (loss / plan.accum).backward()
+            trainer.meter.add("loss", loss.detach().double() * labels.numel(), labels.numel())
+        if cfg.optim.clip_grad:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    trainer.announce(f"{len(train_set):,} train / {len(eval_set):,} eval images", cfg.optim.base_lr(),
+                     f", layer decay {cfg.optim.layer_decay:g}")
     model.train()
-    with TrainLoop("finetune", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
-                   cfg_o.batch_size) as loop:
-        while loop.running:
-            step = loop.step
-            lr = plan.lr(step)
-            set_lr(optimizer, lr)
-            for k in range(accum):
-                batch = bad.check(next(data_iter))
-                images = to_unit_range(batch.images.to(device, non_blocking=True))
-                labels = batch.labels.to(device, non_blocking=True)
-                sync = runner.no_sync() if ctx.enabled and k < accum - 1 else contextlib.nullcontext()
-                with seeded_rngs(step_key(cfg_r.seed, step, ctx.rank, k), device), sync:
-                    images, targets = job.augment(images, labels)
-                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                        logits = runner(images)
-                    loss = criterion(logits.float(), targets)
-                    (loss / accum).backward()
-                meter.add("loss", loss.detach().double() * labels.numel(), labels.numel())
-            if cfg_o.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_o.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            epoch_end = (step + 1) % steps_per_epoch == 0 or step + 1 == total_steps
-            loop.advance(save_now=epoch_end)
-            if loop.due_log:
-                loop.log(metrics, meter, DIVERGED_HINT, lr=lr, skipped_images=bad.skipped)
-            if epoch_end:
-                results = run_eval(loop.step)
-                if ctx.is_main:
-                    summary = "  ".join(f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
-                                        for kind, r in results.items())
-                    loop.console.print(f"epoch {loop.epoch:.2f}: {summary}")
-            if loop.due_save:
-                save_last(loop.step)
-                loop.saved()
-            if loop.stopped():
-                break
-    if ctx.is_main and not loop.running:
-        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; best top-1 "
-                      f"{best['top1']:.2f} ({best.get('weights')} weights, epoch {best.get('epoch')}); wrote "
-                      f"{job.out_dir / LAST}, {job.out_dir / BEST} and accuracy.png")
-    return job.out_dir / LAST
+    finished = trainer.fit(step)
+    if finished and ctx.is_main and "weights" in best:
+        console.print(f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
+                      f"{session.out_dir / BEST} and accuracy.png")
+    return finished

@@ -1,5 +1,5 @@
-"""The pretraining loop: seeded global batches, latent noise, gradient accumulation, DDP, EMA,
-periodic atomic checkpoints, exact resume, NaN guard, progress and metrics.
+"""The pretraining step on the engine: latent noise for the global batch, gradient accumulation over
+micro-batches, DDP; the Trainer does the rest (checkpoints, exact resume, EMA, NaN guard, metrics).
 
 Everything random is keyed by (seed, step): the data order by StepBatches, the timesteps, noise
 and label drops by a generator re-seeded each step and drawn for the whole global batch (each rank
@@ -10,20 +10,17 @@ therefore sees exactly the same samples, noise and schedule.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
+from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
-from ldae_cli.distributed import DistContext, barrier, ddp_wrap
-from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
-    finished_already, make_adamw, make_ema, optimizer_tensors, plan_steps, restore_run, set_lr
-from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, read_metrics
+from ldae_cli.engine import Trainer, micro_batches
+from ldae_cli.optim import make_adamw, plan_steps
+from ldae_cli.runs import Session, amp_dtype
 
 
 class PretrainObjective(nn.Module):
@@ -81,95 +78,28 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     return loss_sum, count
 
 
-@dataclass
-class PretrainJob:
-    """Everything the loop needs, built by the pretrain stage."""
+def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: ImageDataset, class_dropout: float,
+          describe: Callable[[], tuple[dict, dict]], parents: list[dict]) -> bool:
+    """Pretrain `model` on `dataset` with the run's optim settings; True when the run reached its last step."""
+    cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
+    plan = plan_steps(len(dataset), cfg.optim, cfg.run.seed, ctx)
+    model.to(device)
+    denoiser.to(device)
+    denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
+    optimizer = make_adamw(model.parameters(), cfg.optim, device)
+    trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
+                      describe=describe, parents=parents)
+    runner = trainer.wrap(PretrainObjective(denoiser, model))
+    stream = trainer.stream(dataset, cfg.data)
+    per_rank = cfg.optim.batch_size // ctx.world
 
-    denoiser: Denoiser
-    model: nn.Module
-    dataset: ImageDataset
-    optim: OptimConfig
-    run: RunConfig
-    out_dir: Path
-    checkpoint_payload: callable  # (model, ema) -> (tensors, extra) describing the model for the checkpoint
-    config: dict
-    parents: list[dict] = field(default_factory=list)
-    class_dropout: float = 0.0
-    num_workers: int = 2
-    on_bad_image: str = "error"
-    resume_from: Checkpoint | None = None
+    def step(index: int) -> None:
+        noise = draw_step_noise(denoiser, cfg.run.seed, index, cfg.optim.batch_size, class_dropout, device)
+        batches = [(b.images, b.labels) for b in micro_batches(stream, plan.accum, device)]
+        loss_sum, count = optimizer_step(runner, model, optimizer, batches, noise, ctx.rank * per_rank, per_rank,
+                                         cfg.optim.clip_grad, ctx.enabled)
+        trainer.meter.add("loss", loss_sum, count)
 
-
-def train(job: PretrainJob, ctx: DistContext) -> Path:
-    device = ctx.device
-    cfg_o, cfg_r = job.optim, job.run
-    plan = plan_steps(len(job.dataset), cfg_o, cfg_r.seed, ctx)
-    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
-    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
-
-    model = job.model.to(device)
-    job.denoiser.to(device)
-    job.denoiser.amp_dtype = amp_dtype(cfg_r.precision, device)
-    objective = PretrainObjective(job.denoiser, model)
-    runner: nn.Module = objective
-    if ctx.enabled:
-        runner = ddp_wrap(objective, ctx)
-    if cfg_r.compile:
-        runner = torch.compile(runner)
-    optimizer = make_adamw(model.parameters(), cfg_o, device)
-    ema = make_ema(model, cfg_o.ema)
-    start_step = restore_run(job.resume_from, ctx, total_steps,
-                             {"model": model, "ema": ema.module if ema is not None else None}, optimizer)
-    metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
-                         truncate_after_step=start_step if job.resume_from is not None else None)
-
-    def save(step_done: int) -> Path:
-        path = job.out_dir / "checkpoint.safetensors"
-        if ctx.is_main:
-            tensors, extra = job.checkpoint_payload(model, ema)
-            opt_tensors, opt_rest = optimizer_tensors(optimizer)
-            tensors.update(opt_tensors)
-            extra.update(step=step_done, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                         epoch=step_done / steps_per_epoch, finished=step_done == total_steps, optimizer=opt_rest,
-                         world_size=ctx.world)
-            save_checkpoint(path, "pretrain", tensors, job.config, job.parents, extra)
-            save_curves(read_metrics(metrics.path), job.out_dir / "loss.png", ("loss",),
-                        title=f"pretrain loss ({job.out_dir.name})")
-        barrier(ctx)
-        return path
-
-    if finished_already(start_step, total_steps, ctx):
-        return job.out_dir / "checkpoint.safetensors"
-
-    batches.start_step, batches.total_steps = start_step, total_steps
-    data_iter = iter(make_loader(job.dataset, batches, job.num_workers, pin_memory=device.type == "cuda"))
-    bad = BadImageCounter(job.on_bad_image)
-    per_rank = cfg_o.batch_size // ctx.world
-    meter = LossMeter(("loss",), device)
-    if ctx.is_main:
-        console.print(f"pretrain: {len(job.dataset):,} images, batch {cfg_o.batch_size} ({ctx.world} rank(s) x "
-                      f"{accum} x {micro}), {total_steps:,} steps ({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, "
-                      f"device {device}")
+    trainer.announce(f"{len(dataset):,} images", cfg.optim.base_lr())
     model.train()
-    with TrainLoop("pretrain", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
-                   cfg_o.batch_size) as loop:
-        while loop.running:
-            lr = plan.lr(loop.step)
-            set_lr(optimizer, lr)
-            noise = draw_step_noise(job.denoiser, cfg_r.seed, loop.step, cfg_o.batch_size, job.class_dropout, device)
-            micro_batches = []
-            for _ in range(accum):
-                batch = bad.check(next(data_iter))
-                micro_batches.append((batch.images.to(device, non_blocking=True),
-                                      batch.labels.to(device, non_blocking=True)))
-            step_loss, step_count = optimizer_step(runner, model, optimizer, micro_batches, noise,
-                                                   ctx.rank * per_rank, per_rank, cfg_o.clip_grad, ctx.enabled)
-            meter.add("loss", step_loss, step_count)
-            if ema is not None:
-                ema.update(model, step=loop.step)
-            if loop.end_step(metrics, meter, DIVERGED_HINT, save, lr=lr, skipped_images=bad.skipped):
-                break
-    if ctx.is_main and not loop.running:
-        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote "
-                      f"{job.out_dir / 'checkpoint.safetensors'} and {job.out_dir / 'loss.png'}")
-    return job.out_dir / "checkpoint.safetensors"
+    return trainer.fit(step)

@@ -1,4 +1,4 @@
-"""Linear-probe heads (MAE protocol) and their training, several learning rates at once.
+"""Linear probing on the engine (MAE protocol), several learning rates at once.
 
 Features -> BatchNorm without affine -> one Linear head per learning rate. The BN has no
 parameters and each head's loss depends only on its own weights, so K heads trained together on
@@ -7,19 +7,35 @@ costs one pass over the data instead of K.
 
 LARS as MAE uses it (timm's `Lars`): momentum 0.9, the trust-ratio adaptation on weight matrices
 only, no weight decay; biases get plain momentum SGD.
+
+Two modes, both on the Trainer (checkpoints, exact resume, NaN guard when every head diverged):
+- full (the paper's protocol): random-resized crop + flip every epoch, features recomputed each
+  step from this rank's share of the global batch and gathered, heads trained by LARS;
+- fast (small data): features of center crops extracted once, heads trained on the cached
+  features, plus weighted k-NN accuracy from the same features.
+The final evaluation (eval-split features, every head's top-1/top-5) is the run's `Evaluation`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+import time
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
-from ldae_cli.engine import lr_at, set_lr
+from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, epoch_order, make_loader
+from ldae_cli.distributed import DistContext, all_gather_cat
+from ldae_cli.engine import Curve, Evaluation, Trainer
+from ldae_cli.optim import StepPlan, lr_at
+from ldae_cli.pretrained import FeatureEncoder
+from ldae_cli.reporting import progress_bar
+from ldae_cli.runs import Session
 
 
 class ProbeHeads(nn.Module):
@@ -78,17 +94,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     return {k: 100.0 * hit[..., : min(k, c)].any(-1).float().mean(-1) for k in ks}
 
 
-@dataclass
-class HeadSchedule:
-    total_steps: int
-    warmup_steps: int
-
-
-def train_step(heads: ProbeHeads, optimizer: Lars, features: torch.Tensor, labels: torch.Tensor, step: int,
-               schedule: HeadSchedule) -> torch.Tensor:
-    """One LARS step on a feature batch; the cosine schedule multiplies every head's own lr. Returns
-    each head's loss, (K,), detached."""
-    set_lr(optimizer, lr_at(step, schedule.total_steps, schedule.warmup_steps, 1.0))
+def head_step(heads: ProbeHeads, optimizer: Lars, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One LARS step on a feature batch at the optimizer's current lrs; returns each head's loss, (K,), detached."""
     heads.train()
     losses = head_losses(heads(features), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -124,3 +131,137 @@ def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
 
 def steps_for(n: int, batch: int, epochs: float) -> int:
     return max(1, math.ceil(epochs * (n // batch if n >= batch else 1)))
+
+
+@torch.no_grad()
+def extract(encoder: FeatureEncoder, dataset: ImageDataset, cfg, ctx: DistContext, label: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image (center crops), each rank a contiguous shard, gathered on all ranks."""
+    device = ctx.device
+    n = len(dataset)
+    lo, hi = n * ctx.rank // ctx.world, n * (ctx.rank + 1) // ctx.world
+    step = cfg.probe.extract_batch
+    batches = [list(range(i, min(i + step, hi))) for i in range(lo, hi, step)]
+    bad = BadImageCounter(cfg.data.on_bad_image)
+    feats, labels = [], []
+    with progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
+        task = bar.add_task(f"features ({label})", total=hi - lo, info="")
+        for keys, batch in zip(batches, make_loader(dataset, batches, cfg.data.num_workers,
+                                                    pin_memory=device.type == "cuda")):
+            batch = bad.check(batch)
+            feats.append(encoder.fn(batch.images.to(device, non_blocking=True), cfg.run.seed * 7919 + keys[0]).cpu())
+            labels.append(batch.labels)
+            bar.update(task, advance=len(keys))
+    return all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)
+
+
+class StepPieces:
+    """A batch sampler: each step's keys of this rank cut into encoder-sized pieces of `size` images."""
+
+    def __init__(self, batches: StepBatches, per_rank: int, size: int):
+        self.batches = batches
+        self.pieces = [list(range(i, min(i + size, per_rank))) for i in range(0, per_rank, size)]
+
+    def __iter__(self):
+        for keys in self.batches:
+            for piece in self.pieces:
+                yield [keys[i] for i in piece]
+
+
+def head_plan(s, n: int, seed: int, ctx: DistContext) -> StepPlan:
+    """Steps of a probe over n training images (fast mode: n cached features, whose global batch is capped at n);
+    the lr of step i is lr_at(i) x each head's own lr."""
+    if s.fast:
+        batch, batches = min(s.batch_size, n), None
+        per_epoch = max(1, n // batch)
+        total = steps_for(n, batch, s.epochs)
+    else:
+        batch, batches = s.batch_size, StepBatches(n, s.batch_size, seed, ctx.rank, ctx.world)
+        per_epoch = batches.steps_per_epoch
+        total = max(1, round(s.epochs * per_epoch))
+    lr = partial(lr_at, total_steps=total, warmup_steps=round(s.warmup_epochs * per_epoch), base_lr=1.0)
+    return StepPlan(total, per_epoch, batch, lr, batches)
+
+
+def results_rows(blrs: list[float], lrs: list[float], last_losses: list[float | None], acc: dict) -> list[dict]:
+    return [{"blr": b, "lr": lr, "train_loss": loss, "top1": round(float(acc[1][i]), 2),
+             "top5": round(float(acc[5][i]), 2)} for i, (b, lr, loss) in enumerate(zip(blrs, lrs, last_losses))]
+
+
+def train(session: Session, encoder: FeatureEncoder, train_set: ImageDataset, eval_set: ImageDataset,
+          about: dict, show: Callable[[list[dict], float | None], None]) -> dict:
+    """Train the heads on `encoder`'s features and evaluate them; returns the results ({} when stopped early).
+    `about` describes the run for results.json; `show(rows, knn)` prints the table on the main rank."""
+    cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
+    s, seed = cfg.probe, cfg.run.seed
+    started = time.time()
+    num_classes = train_set.num_classes
+    train_f = train_y = None
+    if s.fast:
+        train_f, train_y = extract(encoder, train_set, cfg, ctx, "train")
+        plan = head_plan(s, len(train_f), seed, ctx)
+        train_f, train_y = train_f.to(device), train_y.to(device)
+    else:
+        plan = head_plan(s, len(train_set), seed, ctx)
+    batch, per_epoch = plan.batch_size, plan.steps_per_epoch
+    lrs = [blr * batch / 256 for blr in s.blrs]
+    torch.manual_seed(seed)
+    heads = ProbeHeads(encoder.dim, num_classes, len(s.blrs)).to(device)
+    optimizer = lars_for_heads(heads, lrs, s.momentum, s.weight_decay)
+    stored = session.resume.extra.get("last_losses") if session.resume is not None else None
+    # each head's loss at the latest step (kept on the device: a step never waits for it); nan: none yet
+    last = [torch.tensor([math.nan if x is None else x for x in stored or [None] * len(s.blrs)])]
+
+    def last_losses() -> list[float | None]:  # null: the head diverged (or has not stepped)
+        return [float(x) if x.isfinite() else None for x in last[0].cpu()]
+
+    def describe() -> tuple[dict, dict]:
+        return {}, {"blrs": s.blrs, "lrs": lrs, "encoder": encoder.description, "class_names": train_set.classes,
+                    "last_losses": last_losses(), **about}
+
+    def final_evaluation(step: int) -> dict:
+        eval_f, eval_y = extract(encoder, eval_set, cfg, ctx, "eval")
+        acc = evaluate(heads, eval_f.to(device), eval_y.to(device))
+        knn = knn_accuracy(train_f, train_y, eval_f.to(device), eval_y.to(device), s.knn_k, s.knn_temperature,
+                           num_classes) if s.fast else None
+        rows = results_rows(s.blrs, lrs, last_losses(), acc)
+        best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
+        results = {"encoder": encoder.description, "heads": rows, "best_head": best, "best_top1": rows[best]["top1"],
+                   "knn_top1": None if knn is None else round(knn, 2), **about, "fast": s.fast,
+                   "eval_split": cfg.data.split_name("eval"), "seconds": round(time.time() - started, 1)}
+        if ctx.is_main:
+            (session.out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            show(rows, knn)
+        return results
+
+    evaluation = Evaluation(final_evaluation)
+    terms = loss_terms(s.blrs)
+    trainer = Trainer(session, plan, {"heads": heads}, {"optim": optimizer}, describe=describe,
+                      parents=encoder.parents, losses=terms, shown=("loss",),
+                      hint=f"Every probe head diverged: lower probe.blrs (now {s.blrs})",
+                      curves=(Curve("loss.png", terms, "probe head losses"),), hooks=(evaluation,))
+
+    def record(losses: torch.Tensor) -> None:
+        trainer.meter.add_all(with_lowest(losses))
+        last[0] = losses
+
+    def fast_step(index: int) -> None:
+        epoch, within = divmod(index, per_epoch)
+        idx = epoch_order(len(train_f), seed, epoch)[within * batch:(within + 1) * batch].to(device)
+        record(head_step(heads, optimizer, train_f[idx], train_y[idx]))
+
+    if not s.fast:
+        pieces = StepPieces(plan.batches, batch // ctx.world, s.extract_batch)
+        stream = trainer.stream(train_set, cfg.data, sampler=pieces)
+
+    def full_step(index: int) -> None:
+        feats, labels = [], []
+        for k in range(len(pieces.pieces)):
+            b = stream.next()
+            feats.append(encoder.fn(b.images.to(device, non_blocking=True), seed * 7919 + index * 131 + k))
+            labels.append(b.labels.to(device))
+        record(head_step(heads, optimizer, all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)))
+
+    if not trainer.fit(fast_step if s.fast else full_step):
+        return {}
+    return {k: v for k, v in evaluation.latest.items() if k != "step"}

@@ -1,7 +1,6 @@
-"""The tokenizer training loop: reconstruction + KL (+ perceptual, + adversarial) with the engine's
-conventions: seeded global batches, per-step seeded posterior noise, gradient accumulation over
-micro-batches, several ranks, periodic atomic checkpoints holding both optimizers, exact resume,
-NaN guard, progress bar and metrics.jsonl.
+"""Tokenizer training on the engine: reconstruction + KL (+ perceptual, + adversarial), per-step seeded
+posterior noise, gradient accumulation over micro-batches, several ranks; the Trainer does the
+checkpoints (holding both optimizers), exact resume, NaN guard, progress and metrics.
 
 Losses are means per image value: LDM's per-image sums divided by 3HW, with KL divided the same way,
 so LDM's weights (kl 1e-6, perceptual 1, discriminator 0.5) mean here what they mean there. The
@@ -15,25 +14,20 @@ needs `autograd.grad` through the decoder, and the discriminator runs twice per 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, barrier
-from ldae_cli.engine import DIVERGED_HINT, LossMeter, OptimConfig, RunConfig, TrainLoop, amp_dtype, \
-    finished_already, make_adamw, optimizer_tensors, plan_steps, restore_optimizer, restore_run, set_lr
+from ldae_cli.autoencoders import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
+from ldae_cli.data import ImageDataset, to_unit_range
+from ldae_cli.distributed import DistContext
+from ldae_cli.engine import Curve, Trainer, micro_batches
 from ldae_cli.errors import LdaeError
-from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, read_metrics
-from ldae_cli.trained_tokenizers import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
-
-CHECKPOINT = "checkpoint.safetensors"
+from ldae_cli.optim import make_adamw, plan_steps
+from ldae_cli.runs import Session, amp_dtype
 
 
 @dataclass
@@ -140,22 +134,6 @@ def average_gradients(params: list[nn.Parameter], ctx: DistContext) -> None:
         offset += g.numel()
 
 
-@dataclass
-class TokenizerJob:
-    objective: TokenizerObjective
-    dataset: ImageDataset
-    optim: OptimConfig
-    run: RunConfig
-    out_dir: Path
-    config: dict
-    # called once on the main rank after the last step: (tensors, extra) added to the final checkpoint
-    finalize: Callable[[Autoencoder], tuple[dict[str, torch.Tensor], dict]]
-    num_workers: int = 2
-    on_bad_image: str = "error"
-    resume_from: Checkpoint | None = None
-    extra: dict = field(default_factory=dict)  # stored in every checkpoint (the tokenizer spec, image size)
-
-
 def draw_posterior_noise(net: Autoencoder, seed: int, step: int, batch: int, grid: tuple[int, int],
                          device: torch.device) -> torch.Tensor:
     """The global batch's posterior samples, keyed by (seed, step) so resumes and rank counts agree."""
@@ -163,107 +141,71 @@ def draw_posterior_noise(net: Autoencoder, seed: int, step: int, batch: int, gri
     return torch.randn((batch, grid[0] * grid[1], net.token_dim), generator=gen, device=device)
 
 
-def train(job: TokenizerJob, ctx: DistContext) -> Path:
-    device = ctx.device
-    cfg_o, cfg_r = job.optim, job.run
-    objective = job.objective.to(device)
-    objective.amp_dtype = amp_dtype(cfg_r.precision, device)
+def train(session: Session, objective: TokenizerObjective, dataset: ImageDataset,
+          finalize: Callable[[Autoencoder], tuple[dict[str, torch.Tensor], dict]], description: dict) -> bool:
+    """Train the autoencoder (and its discriminator); `finalize(net)` runs once on the main rank after the last
+    step and adds its (tensors, extra) to the final checkpoint. True when the run reached its last step."""
+    cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
+    objective.to(device)
+    objective.amp_dtype = amp_dtype(cfg.run.precision, device)
     net, disc = objective.net, objective.disc
-    plan = plan_steps(len(job.dataset), cfg_o, cfg_r.seed, ctx)
-    batches, micro, accum, base_lr = plan.batches, plan.micro, plan.accum, plan.base_lr
-    steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
-    grid = net.grid(job.dataset.size)
+    plan = plan_steps(len(dataset), cfg.optim, cfg.run.seed, ctx)
+    grid = net.grid(dataset.size)
     compile_settings = contextlib.nullcontext()
-    if cfg_r.compile:
+    if cfg.run.compile:
         net.compile()  # in place: state dict keys stay those of the plain module
         if disc is not None:
             # the adaptive weight differentiates the compiled decoder twice (retain_graph=True), which
             # torch's donated backward buffers forbid; this is the switch its error message names
             compile_settings = torch._functorch.config.patch(donated_buffer=False)
+    optimizers = {"optim": make_adamw(net.parameters(), cfg.optim, device)}
+    if disc is not None:
+        optimizers["optim_disc"] = make_adamw(disc.parameters(), cfg.optim, device)
+    final: list = []  # finalize's output, computed once
 
-    optimizer = make_adamw(net.parameters(), cfg_o, device)
-    disc_optimizer = make_adamw(disc.parameters(), cfg_o, device) if disc is not None else None
-    ck = job.resume_from
-    start_step = restore_run(ck, ctx, total_steps, {"net": net, "disc": disc}, optimizer)
-    if ck is not None and ck.extra.get("optimizer_disc"):  # absent until the discriminator has taken a step
-        restore_optimizer(disc_optimizer, ck.section("optim_disc"), ck.extra["optimizer_disc"])
-    path = job.out_dir / CHECKPOINT
-    if finished_already(start_step, total_steps, ctx):
-        return path
+    def describe() -> tuple[dict, dict]:
+        if trainer.step < trainer.total_steps:
+            return {}, dict(description)
+        if not final:
+            final.extend(finalize(net))
+        return dict(final[0]), {**description, **final[1]}
 
-    metrics = MetricsLog(job.out_dir / "metrics.jsonl", ctx.is_main,
-                         truncate_after_step=start_step if job.resume_from is not None else None)
+    trainer = Trainer(session, plan, {"net": net, "disc": disc}, optimizers, describe=describe,
+                      losses=("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"), shown=("loss", "mse", "lr"),
+                      curves=(Curve("loss.png", ("loss", "mse"), "train-tokenizer"),))
+    stream = trainer.stream(dataset, cfg.data)
+    per_rank = cfg.optim.batch_size // ctx.world
 
-    def save(step_done: int) -> None:
-        finished = step_done == total_steps
-        if ctx.is_main:
-            tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-            t, opt_rest = optimizer_tensors(optimizer)
-            tensors.update(t)
-            extra = {**job.extra, "step": step_done, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                     "epoch": step_done / steps_per_epoch, "finished": finished, "optimizer": opt_rest,
-                     "optimizer_disc": None, "world_size": ctx.world}
-            if disc is not None:
-                tensors.update({f"disc.{k}": v for k, v in disc.state_dict().items()})
-                if disc_optimizer.state:
-                    t, extra["optimizer_disc"] = optimizer_tensors(disc_optimizer, "optim_disc")
-                    tensors.update(t)
-            if finished:
-                final_tensors, final_extra = job.finalize(net)
-                tensors.update(final_tensors)
-                extra.update(final_extra)
-            save_checkpoint(path, "tokenizer", tensors, job.config, extra=extra)
-            save_curves(read_metrics(metrics.path), job.out_dir / "loss.png", ("loss", "mse"),
-                        title=f"train-tokenizer ({job.out_dir.name})")
-        barrier(ctx)
-
-    batches.start_step, batches.total_steps = start_step, total_steps
-    data_iter = iter(make_loader(job.dataset, batches, job.num_workers, pin_memory=device.type == "cuda"))
-    bad = BadImageCounter(job.on_bad_image)
-    per_rank = cfg_o.batch_size // ctx.world
-    meter = LossMeter(("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"), device)  # each term averaged over the micro-batches that computed it
-    if ctx.is_main:
-        console.print(f"train-tokenizer: {net.spec['kind']} p={net.patch} d={net.token_dim}, "
-                      f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(job.dataset):,} images, "
-                      f"batch {cfg_o.batch_size} ({ctx.world} rank(s) x {accum} x {micro}), {total_steps:,} steps "
-                      f"({cfg_o.epochs:g} epochs), lr {base_lr:.3g}, device {device}")
-    objective.train()
-    with TrainLoop("train-tokenizer", cfg_r, job.out_dir, ctx, start_step, total_steps, steps_per_epoch,
-                   cfg_o.batch_size, shown=("loss", "mse", "lr")) as loop, compile_settings:
-        while loop.running:
-            step = loop.step
-            lr = plan.lr(step)
-            set_lr(optimizer, lr)
-            adversarial = objective.adversarial(step)
+    def step(index: int) -> None:
+        adversarial = objective.adversarial(index)
+        noise = draw_posterior_noise(net, cfg.run.seed, index, cfg.optim.batch_size, grid, device)
+        offset = ctx.rank * per_rank
+        for batch in micro_batches(stream, plan.accum, device):
+            images = to_unit_range(batch.images)
+            sl = slice(offset, offset + images.shape[0])
+            offset += images.shape[0]
+            share = images.shape[0] / per_rank  # micro-batch means -> the rank's batch mean
+            loss, terms, recon = objective.generator_loss(images, noise[sl], index)
+            (loss * share).backward()
+            terms["loss"] = loss.detach()
             if adversarial:
-                set_lr(disc_optimizer, lr)
-            noise = draw_posterior_noise(net, cfg_r.seed, step, cfg_o.batch_size, grid, device)
-            offset = ctx.rank * per_rank
-            for _ in range(accum):
-                images = to_unit_range(bad.check(next(data_iter)).images.to(device, non_blocking=True))
-                sl = slice(offset, offset + images.shape[0])
-                offset += images.shape[0]
-                share = images.shape[0] / per_rank  # micro-batch means -> the rank's batch mean
-                loss, terms, recon = objective.generator_loss(images, noise[sl], step)
-                (loss * share).backward()
-                terms["loss"] = loss.detach()
-                if adversarial:
-                    d_loss = objective.discriminator_loss(images, recon)
-                    (d_loss * share).backward()
-                    terms["d_loss"] = d_loss.detach()
-                for name, value in terms.items():
-                    meter.add(name, value.double())
-            for params, opt in ((list(net.parameters()), optimizer),
-                                (list(disc.parameters()) if adversarial else [], disc_optimizer)):
-                if not params:
-                    continue
-                average_gradients(params, ctx)
-                if cfg_o.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(params, cfg_o.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            if loop.end_step(metrics, meter, DIVERGED_HINT, save, lr=lr, skipped_images=bad.skipped):
-                break
-    if ctx.is_main and not loop.running:
-        console.print(f"finished {total_steps:,} steps in {loop.seconds:.0f}s; wrote {path}")
-    return path
+                d_loss = objective.discriminator_loss(images, recon)
+                (d_loss * share).backward()
+                terms["d_loss"] = d_loss.detach()
+            for name, value in terms.items():  # each term averaged over the micro-batches that computed it
+                trainer.meter.add(name, value.double())
+        stepped = [(net, optimizers["optim"])] + ([(disc, optimizers["optim_disc"])] if adversarial else [])
+        for module, optimizer in stepped:
+            params = list(module.parameters())
+            average_gradients(params, ctx)
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    trainer.announce(f"{net.spec['kind']} p={net.patch} d={net.token_dim}, "
+                     f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(dataset):,} images",
+                     cfg.optim.base_lr())
+    objective.train()
+    with compile_settings:
+        return trainer.fit(step)

@@ -1,4 +1,4 @@
-"""The denoising network (SPEC §4): a DiT-style ViT without class token, and its fold to a plain ViT.
+"""The denoising network: a DiT-style ViT without class token, and its fold to a plain ViT.
 
 Tokens (latent d or image D per token) -> Linear to width W -> fixed 2-D sin-cos position embedding
 -> encoder blocks -> decoder blocks -> adaLN final layer -> Linear to the output token size. Every
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from timm.layers import Attention, Mlp
@@ -25,19 +25,45 @@ from torch import nn
 
 from ldae_cli.errors import LdaeError
 
-# width, encoder blocks, decoder blocks, heads. The encoder of B / L is ViT-B / ViT-L; half-L is DiT-L.
+
+class Size(NamedTuple):
+    width: int
+    encoder_depth: int
+    decoder_depth: int
+    num_heads: int
+
+
+# The encoder of B / L is ViT-B / ViT-L; half-L is DiT-L (its 12 encoder blocks are ViT-1/2L).
 SIZES = {
-    "T": (192, 12, 12, 3),
-    "S": (384, 12, 12, 6),
-    "B": (768, 12, 12, 12),
-    "half-L": (1024, 12, 12, 16),
-    "L": (1024, 24, 24, 16),
+    "T": Size(192, 12, 12, 3),
+    "S": Size(384, 12, 12, 6),
+    "B": Size(768, 12, 12, 12),
+    "half-L": Size(1024, 12, 12, 16),
+    "L": Size(1024, 24, 24, 16),
 }
+SizeName = Literal["T", "S", "B", "half-L", "L", "custom"]
+
+
+def resolve_size(where: str, size: str, **given: int | None) -> tuple[int, ...]:
+    """The values named in `given` (width, encoder_depth or depth for the encoder, decoder_depth,
+    num_heads), in that order: each the config's own when set, else the preset's. `where` is the config
+    section (`model`, `model.arch`, `backbone`), named in the error when a 'custom' size lacks a value."""
+    preset = SIZES.get(size)
+    values, missing = [], []
+    for name, value in given.items():
+        if value is None and preset is not None:
+            value = getattr(preset, "encoder_depth" if name == "depth" else name)
+        if value is None:
+            missing.append(f"{where}.{name}")
+        values.append(value)
+    if missing:
+        raise LdaeError(f"{where}.size '{size}' needs {', '.join(missing)}")
+    return tuple(values)
 
 
 @dataclass
 class ModelConfig:
-    size: Literal["T", "S", "B", "half-L", "L", "custom"] = "half-L"
+    size: SizeName = "half-L"
     width: Optional[int] = None  # these four override the size preset (all four needed for 'custom')
     encoder_depth: Optional[int] = None
     decoder_depth: Optional[int] = None
@@ -48,12 +74,8 @@ class ModelConfig:
     class_dropout: float = 0.1  # labels replaced by the null label this often (classifier-free guidance style)
 
     def resolved(self) -> tuple[int, int, int, int]:
-        preset = SIZES.get(self.size, (None, None, None, None))
-        values = tuple(v if v is not None else p for v, p in
-                       zip((self.width, self.encoder_depth, self.decoder_depth, self.num_heads), preset))
-        if None in values:
-            raise LdaeError("model.size 'custom' needs model.width, encoder_depth, decoder_depth and num_heads")
-        return values
+        return resolve_size("model", self.size, width=self.width, encoder_depth=self.encoder_depth,
+                            decoder_depth=self.decoder_depth, num_heads=self.num_heads)
 
     def validate(self) -> None:
         width, enc, dec, heads = self.resolved()
@@ -238,11 +260,13 @@ def build_model(cfg: ModelConfig, in_dim: int, out_dim: int, grid: tuple[int, in
 # Fold to a plain ViT at fixed t
 # ---------------------------------------------------------------------------------------------
 
-def vit_kwargs(model: DenoisingViT, patch: int, depth: int) -> dict:
-    s = model.spec
-    return dict(img_size=(s["grid"][0] * patch, s["grid"][1] * patch), patch_size=patch, embed_dim=s["width"],
-                depth=depth, num_heads=s["num_heads"], mlp_ratio=s["mlp_ratio"], class_token=False,
-                global_pool="avg", final_norm=False, fc_norm=False, num_classes=0, act_layer="gelu_tanh")
+def timm_vit_kwargs(image_size: tuple[int, int], patch: int, width: int, depth: int, num_heads: int,
+                    mlp_ratio: float = 4.0) -> dict:
+    """kwargs of timm's VisionTransformer for the encoder we train and fold: no class token, average pool,
+    no final norm, tanh-GELU (DiT's blocks), no head (classifiers add theirs)."""
+    return dict(img_size=tuple(image_size), patch_size=patch, embed_dim=width, depth=depth, num_heads=num_heads,
+                mlp_ratio=mlp_ratio, class_token=False, global_pool="avg", final_norm=False, fc_norm=False,
+                num_classes=0, act_layer="gelu_tanh")
 
 
 def build_timm_vit(kwargs: dict, **overrides) -> VisionTransformer:
@@ -288,7 +312,9 @@ def fold_to_vit(model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[tor
         sd[p + "mlp.fc2.weight"] = gate2[:, None] * block.mlp.fc2.weight
         sd[p + "mlp.fc2.bias"] = gate2 * block.mlp.fc2.bias
     sd = {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
-    return sd, vit_kwargs(model, patch, depth)
+    spec = model.spec
+    image_size = (spec["grid"][0] * patch, spec["grid"][1] * patch)
+    return sd, timm_vit_kwargs(image_size, patch, width, depth, spec["num_heads"], spec["mlp_ratio"])
 
 
 def model_flops_per_image(spec: dict, tokens: int | None = None, training: bool = True) -> float:

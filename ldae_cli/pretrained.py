@@ -1,29 +1,35 @@
-"""Reading pretrain checkpoints back: the denoising model with its tokenizer and objective, and the
-encoder folded at fixed t into a plain timm ViT (what probe, fine-tune and detection start from).
+"""Reading pretrain checkpoints back: the denoising model with its tokenizer and objective, one-step
+denoising, the encoder folded at fixed t into a plain timm ViT (what probe, fine-tune and detection
+start from), and frozen feature extractors for probing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
 from ldae_cli.config import config_from_dict
-from ldae_cli.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.data import DataConfig, to_unit_range
+from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import DenoisingViT, build_timm_vit, fold_to_vit
-from ldae_cli.tokenizers import Tokenizer, tokenizer_from_export
+from ldae_cli.tokenizers import Tokenizer, build_tokenizer
 
-DEFAULT_T = 10
+DEFAULT_T = 10  # the timestep encoders are folded at
+DEFAULT_SIGMA = math.sqrt(1 / 3)  # the noise level of the paper's Figs. 6 and 7
 
 
 @dataclass
 class Pretrained:
     ckpt: Checkpoint
-    cfg: object  # PretrainConfig
+    data: DataConfig  # what the run trained on
+    diffusion: DiffusionConfig
     model: DenoisingViT
     tokenizer: Tokenizer
     denoiser: Denoiser
@@ -32,13 +38,37 @@ class Pretrained:
     def image_size(self) -> int:
         return self.ckpt.extra["image_size"]
 
+    def timestep(self, t: int | None = None, sigma: float | None = None) -> int:
+        """The t to add noise at: `t` itself, or the t whose noise level is closest to `sigma` (default
+        DEFAULT_SIGMA); a model trained at one noise level (the constant schedule) always uses it."""
+        schedule = self.denoiser.schedule
+        if t is not None and sigma is not None:
+            raise LdaeError("give either --t or --sigma, not both")
+        if schedule.kind == "constant":
+            return schedule.constant_t
+        if t is not None:
+            if not 1 <= t <= schedule.T:
+                raise LdaeError(f"--t must lie in 1..{schedule.T}, got {t}")
+            return t
+        return schedule.sigma_to_t(DEFAULT_SIGMA if sigma is None else sigma)
+
+    @torch.no_grad()
+    def denoise(self, images: torch.Tensor, t: int, seed: int, first_index: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noisy, denoised) images in [-1, 1]; image i's noise depends only on (seed, first_index + i)."""
+        den = self.denoiser
+        z_shape = (den.grid[0] * den.grid[1], self.tokenizer.token_dim)
+        eps = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed * 100_003 + first_index + i))
+                           for i in range(len(images))]).to(images.device)
+        tt = torch.full((len(images),), t, dtype=torch.long, device=images.device)
+        return den.denoise(self.model, images, tt, eps)
+
 
 def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
     """ema: None = the EMA weights when the run kept them, else the raw weights."""
-    from ldae_cli.stages.pretrain import PretrainConfig  # the stage owns its config schema
-
     ckpt = load_checkpoint(path, "pretrain")
-    cfg = config_from_dict(PretrainConfig, ckpt.config)
+    diffusion = config_from_dict(DiffusionConfig, ckpt.config["diffusion"])
+    data = config_from_dict(DataConfig, ckpt.config["data"])
     has_ema = ckpt.extra.get("has_ema", False)
     if ema and not has_ema:
         raise LdaeError(f"{path}: this run kept no EMA weights (optim.ema was null)")
@@ -46,20 +76,25 @@ def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
     model = DenoisingViT.from_spec(ckpt.extra["model_spec"])
     model.load_state_dict(ckpt.section("ema" if use_ema else "model"))
     model.eval()
-    tokenizer = tokenizer_from_export(ckpt.section("tokenizer"), ckpt.extra["tokenizer"])
-    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), ckpt.extra["image_size"])
-    return Pretrained(ckpt, cfg, model, tokenizer, denoiser)
+    tokenizer = build_tokenizer(ckpt.extra["tokenizer"], ckpt.section("tokenizer"))
+    denoiser = Denoiser(diffusion, tokenizer, NoiseSchedule(diffusion), ckpt.extra["image_size"])
+    return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser)
 
 
 def pixel_affine(pre: Pretrained) -> tuple[torch.Tensor, torch.Tensor]:
     """Map from an image patch to the network's input token (folded into the ViT patch embedding)."""
-    if pre.cfg.diffusion.input_space == "image":
+    if pre.diffusion.input_space == "image":
         d = pre.tokenizer.image_token_dim
         return torch.eye(d), torch.zeros(d)
     if not pre.tokenizer.is_linear:
         raise LdaeError(f"{pre.ckpt.path}: the network reads latents of a non-linear '{pre.tokenizer.kind}' "
                         "tokenizer, which cannot be folded into a ViT patch embedding")
     return pre.tokenizer.affine()
+
+
+def foldable(pre: Pretrained) -> bool:
+    """Whether the encoder is a plain ViT on images (false behind a non-linear tokenizer such as a conv VAE)."""
+    return pre.diffusion.input_space == "image" or pre.tokenizer.is_linear
 
 
 def fold_encoder(pre: Pretrained, t: int = DEFAULT_T, depth: int | None = None
@@ -85,8 +120,6 @@ def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None,
 
     Returns (vit, timm kwargs, source checkpoint) so callers can record provenance.
     """
-    from ldae_cli.checkpoint import read_metadata
-
     kind = read_metadata(path)["kind"]
     if kind == "pretrain":
         pre = load_pretrained(path, ema)
@@ -106,3 +139,76 @@ def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None,
         raise LdaeError(f"{path}: encoder weights do not fit the ViT (missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]})")
     return vit, kwargs, ckpt
+
+
+@dataclass
+class FeatureEncoder:
+    """A frozen feature extractor: (uint8 images on the device, noise seed) -> (B, dim) features."""
+
+    fn: Callable[[torch.Tensor, int], torch.Tensor]
+    dim: int
+    description: str
+    parents: list[dict]
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """timm's ViT initialisation (trunc-normal 0.02 weights, zero biases) for every linear layer, gates included.
+
+    The adaLN-Zero init of a fresh DenoisingViT would make every block the identity, a baseline
+    weaker than any random network; this keeps the architecture and makes it a real random one.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).clamp_(-2, 2) * 0.02)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+
+def pixel_features(image_size: int) -> FeatureEncoder:
+    """The raw-image baseline: every pixel in [-1, 1] is a feature."""
+    return FeatureEncoder(lambda images, seed: to_unit_range(images).flatten(1), 3 * image_size ** 2, "raw pixels",
+                          [])
+
+
+def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bool, device: torch.device,
+                     amp: torch.dtype | None, random_init_seed: int | None = None) -> FeatureEncoder:
+    """The average-pooled encoder of `pre` at fixed t after `depth` blocks (default: the encoder/decoder split),
+    on clean images or with the level-t latent noise added; `random_init_seed` re-initialises the same
+    network at random (the untrained baseline)."""
+    if random_init_seed is not None:
+        randomize(pre.model, random_init_seed)
+    depth = depth or pre.model.encoder_depth
+    description = ("random-init network (same architecture, untrained)" if random_init_seed is not None else
+                   f"l-DAE encoder at t={t}") + f", {depth} blocks"
+    denoiser = pre.denoiser.to(device)
+    if foldable(pre):  # the plain ViT that fine-tuning and detection start from
+        state, kwargs = fold_encoder(pre, t, depth)
+        vit = build_timm_vit(kwargs)
+        vit.load_state_dict(state, strict=True)
+        net, dim = vit.to(device).eval().requires_grad_(False), kwargs["embed_dim"]
+        encode = net
+    else:  # a conv tokenizer in front: read its latents with the adaLN network itself
+        net, dim = pre.model.to(device).eval().requires_grad_(False), pre.model.spec["width"]
+        encode = None
+        description += f" on {pre.tokenizer.kind} latents"
+
+    @torch.no_grad()
+    def features(images: torch.Tensor, seed: int) -> torch.Tensor:
+        x = to_unit_range(images)
+        if noisy_input:
+            z0 = denoiser.tokenizer.encode(x)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            eps = torch.randn(z0.shape, generator=gen, device=device)
+            zt, _ = denoiser.noisy_input(z0, torch.full((len(x),), t, device=device), eps)
+            x = denoiser.tokenizer.decode(zt, denoiser.grid)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            if encode is not None:
+                return encode(x).float()
+            tokens = denoiser.tokenizer.encode(x)
+            return net.features(tokens, torch.full((len(x),), t, device=device), depth).mean(1).float()
+
+    if noisy_input:
+        description += ", noisy input"
+    return FeatureEncoder(features, dim, description, [pre.ckpt.parent_ref("pretrain")])

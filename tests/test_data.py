@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ldae_cli.data as data_mod
-from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, StepBatches, build_dataset,
-                           collate, load_image_file, make_loader, open_source, prepare, resolve_path, to_rgb,
-                           to_uint8, to_unit_range)
+import ldae_cli.sources as sources_mod
+from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, StepBatches, build_dataset, collate,
+                           load_image_file, make_loader, prepare, to_rgb, to_uint8, to_unit_range)
+from ldae_cli.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
 
 from conftest import write_fmnist, write_image_tree
@@ -243,8 +243,8 @@ def test_missing_data_path_says_where_and_how(tmp_path):
 
 def test_missing_fashion_mnist_lists_places_and_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("LDAE_DATA", str(tmp_path / "env-data"))
-    monkeypatch.setattr(data_mod, "CACHE_HOME", tmp_path / "cache")
-    monkeypatch.setattr(data_mod, "FMNIST_DEBIAN", tmp_path / "usr-share" / "fashion-mnist")
+    monkeypatch.setattr(sources_mod, "CACHE_HOME", tmp_path / "cache")
+    monkeypatch.setattr(sources_mod, "FMNIST_DEBIAN", tmp_path / "usr-share" / "fashion-mnist")
     with pytest.raises(LdaeError) as info:
         resolve_path(DataConfig(source="fashion-mnist"))
     msg = str(info.value)
@@ -263,8 +263,8 @@ def test_fashion_mnist_found_through_LDAE_DATA(tmp_path, monkeypatch):
 
 def test_missing_cifar10_and_imagefolder_without_path(tmp_path, monkeypatch):
     monkeypatch.delenv("LDAE_DATA", raising=False)
-    monkeypatch.setattr(data_mod, "CACHE_HOME", tmp_path / "cache")
-    monkeypatch.setattr(data_mod, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(sources_mod, "CACHE_HOME", tmp_path / "cache")
+    monkeypatch.setattr(sources_mod, "REPO_ROOT", tmp_path / "repo")
     with pytest.raises(LdaeError) as info:
         resolve_path(DataConfig(source="cifar10"))
     assert "cifar10 dataset not found" in str(info.value) and str(tmp_path / "cache") in str(info.value)

@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import train_tiny
 from ldae_cli.data import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import load_pretrained
+from ldae_cli.pretrained import DEFAULT_SIGMA, load_pretrained
 from ldae_cli.stages import denoise as stage
 
 SHORT = {"tokenizer.patch": 4, "tokenizer.dim": 8, "model.width": 64, "model.encoder_depth": 2,
@@ -31,9 +31,9 @@ def test_denoised_is_closer_to_clean_than_noisy(target, models, pattern_tree):
     pre = load_pretrained(models[target])
     files = sorted((pattern_tree / "val").rglob("*.png"))
     clean = to_unit_range(torch.stack([load_image_file(f, 32) for f in files]))
-    t = stage.pick_t(pre, None, None)
-    assert abs(float(pre.denoiser.schedule.sigma[t]) - stage.DEFAULT_SIGMA) < 0.01
-    noisy, denoised = stage.denoise_batch(pre, clean, t, seed=0)
+    t = pre.timestep()
+    assert abs(float(pre.denoiser.schedule.sigma[t]) - DEFAULT_SIGMA) < 0.01
+    noisy, denoised = pre.denoise(clean, t, seed=0)
     mse_noisy = (noisy - clean).square().mean()
     mse_denoised = (denoised - clean).square().mean()
     assert mse_denoised < 0.8 * mse_noisy, (float(mse_noisy), float(mse_denoised))
@@ -41,7 +41,7 @@ def test_denoised_is_closer_to_clean_than_noisy(target, models, pattern_tree):
 
 def test_panel_has_three_tiles_of_the_right_size(models, pattern_tree, tmp_path):
     files = sorted((pattern_tree / "val" / "a").glob("*.png"))[:2]
-    written = stage.run_from_cli([str(f) for f in files], ckpt=str(models["x0"]), out=str(tmp_path))
+    written = stage.main([str(f) for f in files], ckpt=str(models["x0"]), out=str(tmp_path))
     assert [p.name for p in written] == [f"{f.stem}-denoised.png" for f in files]
     panel = Image.open(written[0])
     tile, pad, title = 32 * 4, 2, 14  # 32x32 images are enlarged 4x
@@ -50,7 +50,7 @@ def test_panel_has_three_tiles_of_the_right_size(models, pattern_tree, tmp_path)
     clean = Image.open(files[0]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
     first = panel.crop((pad, title + pad, pad + tile, title + pad + tile))
     assert list(first.getdata()) == list(clean.getdata())
-    four = stage.run_from_cli([str(files[0])], ckpt=str(models["x0"]), out=str(tmp_path / "one.png"),
+    four = stage.main([str(files[0])], ckpt=str(models["x0"]), out=str(tmp_path / "one.png"),
                               compare_pixel_noise=True)
     assert four == [tmp_path / "one.png"] and Image.open(four[0]).size[0] == 4 * (tile + pad) + pad
 
@@ -58,7 +58,7 @@ def test_panel_has_three_tiles_of_the_right_size(models, pattern_tree, tmp_path)
 def test_any_image_size_and_mode(models, tmp_path):
     path = tmp_path / "odd.png"
     Image.new("LA", (57, 23), (128, 200)).save(path)
-    out = stage.run_from_cli([str(path)], ckpt=str(models["eps"]), out=str(tmp_path / "odd-out.png"))
+    out = stage.main([str(path)], ckpt=str(models["eps"]), out=str(tmp_path / "odd-out.png"))
     assert Image.open(out[0]).mode == "RGB"
 
 
@@ -67,14 +67,14 @@ def test_errors(models, tmp_path, monkeypatch):
     img = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(img)
     with pytest.raises(LdaeError, match="no pretrain checkpoint found under runs/pretrain"):
-        stage.run_from_cli([str(img)])
+        stage.main([str(img)])
     with pytest.raises(LdaeError, match="either --t or --sigma"):
-        stage.run_from_cli([str(img)], ckpt=str(models["x0"]), t=10, sigma=0.5)
+        stage.main([str(img)], ckpt=str(models["x0"]), t=10, sigma=0.5)
     with pytest.raises(LdaeError, match="no such image or folder"):
-        stage.run_from_cli([str(tmp_path / "missing.jpg")], ckpt=str(models["x0"]))
+        stage.main([str(tmp_path / "missing.jpg")], ckpt=str(models["x0"]))
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(LdaeError, match="bad.jpg: cannot read image"):
-        stage.run_from_cli([str(tmp_path / "bad.jpg")], ckpt=str(models["x0"]))
+        stage.main([str(tmp_path / "bad.jpg")], ckpt=str(models["x0"]))
 
 
 def test_newest_checkpoint_is_the_default(models, tmp_path, monkeypatch):

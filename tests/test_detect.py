@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from conftest import REPO_ROOT, train_tiny, write_image_tree
-from ldae_cli import detection
+from ldae_cli import detection, engine_detect
 from ldae_cli.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldae_cli.config import load_config
 from ldae_cli.errors import LdaeError
@@ -111,7 +111,7 @@ SCRATCH = {"backbone.size": "custom", "backbone.width": 32, "backbone.depth": 8,
 
 
 def run(overrides, resume=None, ckpt=None, from_scratch=False, eval_only=False, config="detect/cpu-tiny"):
-    return stage.run_from_cli(config, overrides, {}, resume, ckpt=ckpt and str(ckpt), from_scratch=from_scratch,
+    return stage.main(config, overrides, {}, resume, ckpt=ckpt and str(ckpt), from_scratch=from_scratch,
                               eval_only=eval_only)
 
 
@@ -229,11 +229,11 @@ def test_train_two_iterations_and_evaluate(coco, pretrain_ckpt, tmp_path):
     assert parent["role"] == "pretrain" and parent["sha256"] == sha256_file(pretrain_ckpt)
     report = json.loads((out / "load_report.json").read_text())
     assert report["ok"] and report["loaded"] == 2 + 1 + 8 * 12 and len(report["fresh_rel_pos"]) == 16
-    assert set(ck.extra["eval"]) == {"step", "bbox", "segm"} and set(ck.extra["eval"]["bbox"]) >= set(stage.AP_KEYS)
+    assert set(ck.extra["eval"]) == {"step", "bbox", "segm"} and set(ck.extra["eval"]["bbox"]) >= set(engine_detect.AP_KEYS)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
-    assert all(math.isfinite(r[k]) for r in train_records for k in ("loss",) + stage.LOSSES)
+    assert all(math.isfinite(r[k]) for r in train_records for k in ("loss",) + engine_detect.LOSSES)
     assert "bbox_AP" in records[-1] and "segm_AP" in records[-1]
     assert json.loads((out / "eval.json").read_text())["bbox"] == ck.extra["eval"]["bbox"]
     assert not list(out.rglob("*.pth"))  # nothing pickled into the run directory

@@ -1,16 +1,21 @@
-"""The training pieces every stage shares: lr schedule, accumulation, loss logging and the NaN guard."""
+"""The engine every training stage runs on: lr schedule, accumulation, the log/save/stop cadence, loss
+logging, the NaN guard, the train state's save and restore, and evaluations."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.distributed import DistContext
-from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, accumulation, finished_already, lr_at
+from ldae_cli.engine import Evaluation, LossMeter, Trainer, TrainState
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import MetricsLog, read_metrics
+from ldae_cli.optim import StepPlan, accumulation, lr_at
+from ldae_cli.reporting import read_metrics
+from ldae_cli.runs import RunConfig, Session
 
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine():
@@ -33,29 +38,39 @@ def test_accumulation_splits_the_global_batch():
         accumulation(256, 48, 2)
 
 
-def run_loop(tmp_path, steps, add, saved=None, save_every=1000, stop_after=None, **values):
+@dataclass
+class TinyConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def session_in(tmp_path, resume=None, **run) -> Session:
+    cfg = TinyConfig(RunConfig(log_every=2, progress=False, device="cpu", **run))
+    return Session("pretrain", "pretrain", cfg, DistContext(), tmp_path, resume)
+
+
+class RecordingTrainer(Trainer):
+    """Records the steps it saves at instead of writing checkpoints."""
+
+    def save(self):
+        self.saved = getattr(self, "saved", []) + [self.step]
+        self.last_saved = self.step
+
+
+def run_loop(tmp_path, steps, add, save_every=1000, stop_after=None, hooks=()):
     """Run `steps` empty optimizer steps, calling add(meter, step) each; log every 2 steps."""
-    run = RunConfig(log_every=2, save_every=save_every, progress=False, stop_after_steps=stop_after)
-    metrics = MetricsLog(tmp_path / "metrics.jsonl")
-    meter = LossMeter(("loss", "kl"), torch.device("cpu"))
-    saved = [] if saved is None else saved
-    with TrainLoop("pretrain", run, tmp_path, DistContext(), 0, steps, 10, 4) as loop:
-        while loop.running:
-            add(meter, loop.step)
-            if loop.end_step(metrics, meter, "Lower the lr.", saved.append, **values):
-                break
-    return read_metrics(metrics.path)
+    trainer = RecordingTrainer(session_in(tmp_path, save_every=save_every, stop_after_steps=stop_after),
+                               StepPlan(steps, 10, 4, lambda step: 0.1), {}, {}, losses=("loss", "kl"), hooks=hooks)
+    finished = trainer.fit(lambda step: add(trainer.meter, step))
+    return read_metrics(tmp_path / "metrics.jsonl"), getattr(trainer, "saved", []), finished
 
 
-def test_end_step_logs_saves_and_stops_on_cadence(tmp_path):
-    saved = []
-    records = run_loop(tmp_path, 8, lambda meter, step: meter.add("loss", 1.0), saved, save_every=3)
-    assert saved == [3, 6, 8]  # every save_every steps and at the end
+def test_logs_saves_and_stops_on_cadence(tmp_path):
+    records, saved, finished = run_loop(tmp_path, 8, lambda meter, step: meter.add("loss", 1.0), save_every=3)
+    assert finished and saved == [3, 6, 8]  # every save_every steps and at the end
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8]  # every log_every steps and at each save
-    saved.clear()
-    records = run_loop(tmp_path / "stopped", 8, lambda meter, step: meter.add("loss", 1.0), saved, save_every=3,
-                       stop_after=5)
-    assert saved == [3, 5] and records[-1]["step"] == 5  # a stop saves first
+    records, saved, finished = run_loop(tmp_path / "stopped", 8, lambda meter, step: meter.add("loss", 1.0),
+                                        save_every=3, stop_after=5)
+    assert not finished and saved == [3, 5] and records[-1]["step"] == 5  # a stop saves first
 
 
 def test_loss_meter_logs_means_per_term_since_the_last_line(tmp_path):
@@ -64,7 +79,7 @@ def test_loss_meter_logs_means_per_term_since_the_last_line(tmp_path):
         if step == 3:
             meter.add("kl", 0.5)
 
-    records = run_loop(tmp_path, 4, add, lr=0.1)
+    records, _, _ = run_loop(tmp_path, 4, add)
     assert [r["step"] for r in records] == [2, 4]
     assert records[0]["loss"] == pytest.approx(0.5) and "kl" not in records[0]
     assert records[1]["loss"] == pytest.approx(2.5) and records[1]["kl"] == pytest.approx(0.5)
@@ -76,15 +91,9 @@ def test_non_finite_loss_stops_naming_the_steps_and_the_last_checkpoint(tmp_path
         meter.add("loss", float("nan") if step == 2 else 1.0)
 
     with pytest.raises(LdaeError, match=r"loss became nan between steps 2 and 4; the last good checkpoint "
-                                        r"\(step 0\) is kept in .*Lower the lr\."):
+                                        r"\(step 0\) is kept in .*Lower the lr"):
         run_loop(tmp_path, 6, add)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2]
-
-
-def test_finished_already(capsys):
-    assert not finished_already(3, 10, DistContext())
-    assert finished_already(10, 10, DistContext())
-    assert "already finished" in capsys.readouterr().out
 
 
 def test_add_all_equals_adding_each_term():
@@ -94,3 +103,64 @@ def test_add_all_equals_adding_each_term():
         for name, v in zip(each.names, values):
             each.add(name, v, 0.5)
     assert one.take() == each.take() == {"loss": 4.0, "kl": 2.0}
+
+
+def test_evaluations_run_on_cadence_and_the_last_one_after_the_final_checkpoint(tmp_path):
+    events = []
+
+    class Recording(RecordingTrainer):
+        def save(self):
+            events.append(("save", self.step))
+            super().save()
+
+    evaluation = Evaluation(lambda step: events.append(("eval", step)) or {"score": step},
+                            every=lambda step: step % 3 == 0)
+    trainer = Recording(session_in(tmp_path, save_every=1000), StepPlan(7, 10, 4, lambda s: 0.1), {}, {},
+                        hooks=(evaluation,))
+    assert trainer.fit(lambda step: trainer.meter.add("loss", 1.0))
+    # an evaluation is saved with its step; the final one comes after the last checkpoint, then is saved too
+    assert events == [("eval", 3), ("save", 3), ("eval", 6), ("save", 6), ("save", 7), ("eval", 7), ("save", 7)]
+    assert evaluation.state() == {"eval": {"step": 7, "score": 7}}
+
+
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def test_train_state_round_trips_modules_optimizers_and_evaluations(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    evaluation = Evaluation(lambda step: {"top1": 50.0})
+    trainer = Trainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 0.1), {"model": model},
+                      {"optim": optimizer, "optim_disc": torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])},
+                      hooks=(evaluation,), describe=lambda: ({"extra.table": torch.arange(3)}, {"note": "kept"}))
+    trainer.step = 3
+    evaluation.run(3)
+    trainer.save()
+    ck = load_checkpoint(tmp_path / "checkpoint.safetensors", "pretrain")
+    assert ck.extra["step"] == 3 and not ck.extra["finished"] and ck.extra["epoch"] == 1.5
+    assert ck.extra["note"] == "kept" and ck.extra["eval"] == {"step": 3, "top1": 50.0}
+    assert ck.extra["optimizers"]["optim_disc"] is None  # an optimizer that never stepped has no state yet
+    assert torch.equal(ck.tensors["extra.table"], torch.arange(3))
+    fresh, fresh_opt = _model_and_optimizer(1)
+    assert TrainState.read(ck, {"model": fresh}, {"optim": fresh_opt}) == 3
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    exp_avg = lambda opt: next(iter(opt.state.values()))["exp_avg"]  # noqa: E731
+    assert torch.equal(exp_avg(fresh_opt), exp_avg(optimizer))
+    resumed = Trainer(session_in(tmp_path, resume=ck), StepPlan(5, 2, 4, lambda s: 0.1), {"model": fresh},
+                      {"optim": fresh_opt}, hooks=(Evaluation(lambda step: {}),))
+    assert resumed.step == 3 and resumed.hooks[0].latest == {"step": 3, "top1": 50.0}
+
+
+def test_a_finished_run_does_nothing_unless_its_final_evaluation_is_missing(tmp_path, capsys):
+    evaluation = Evaluation(lambda step: {"score": 1})
+    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(4, 2, 4, lambda s: 0.1), {}, {}, hooks=(evaluation,))
+    trainer.step = 4
+    assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
+    assert trainer.saved == [4] and evaluation.latest == {"step": 4, "score": 1}
+    assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
+    assert trainer.saved == [4] and "already finished" in capsys.readouterr().out

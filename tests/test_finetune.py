@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldae_cli.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.config import load_config, to_dict
-from ldae_cli.engine import make_ema, set_lr
+from ldae_cli.optim import make_ema, set_lr
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import DenoisingViT, sincos_2d
@@ -245,8 +245,7 @@ def test_resume_equals_the_uninterrupted_run(halves, pretrain_ckpt, tmp_path):
     cut = config(halves, tmp_path / "cut", ckpt=str(pretrain_ckpt), **sets, **{"run.stop_after_steps": 4})
     stage.run(cut, "cut")
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 4
-    cfg, ck = stage.load_finetune_config(None, [], {}, str(tmp_path / "cut"))
-    stage.run(cfg, None, ck)
+    stage.main(None, [], {}, str(tmp_path / "cut"))
     a = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
     assert a.extra["step"] == b.extra["step"] == 12
@@ -257,7 +256,7 @@ def test_resume_equals_the_uninterrupted_run(halves, pretrain_ckpt, tmp_path):
     assert b.provenance["parents"][0]["sha256"] == a.provenance["parents"][0]["sha256"]
 
     with pytest.raises(LdaeError, match="optim.layer_decay"):
-        stage.load_finetune_config(None, ["optim.layer_decay=0.5"], {}, str(tmp_path / "cut"))
+        stage.main(None, ["optim.layer_decay=0.5"], {}, str(tmp_path / "cut"))
     with pytest.raises(LdaeError, match="already holds a finetune checkpoint"):
         stage.run(full, "full")
 

@@ -16,10 +16,11 @@ from PIL import Image
 
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
-from ldae_cli.data import default_locations
-from ldae_cli.stages.fit_pca import (CovarianceAccumulator, FitPCAConfig, principal_components,
-                                     random_patches)
-from ldae_cli.tokenizers import PCATokenizer, latent_scales, patchify, pca_from_checkpoint, unpatchify
+from ldae_cli.sources import default_locations
+from ldae_cli.pca import CovarianceAccumulator, principal_components
+from ldae_cli.patches import patchify, random_patches, unpatchify
+from ldae_cli.stages.fit_pca import FitPCAConfig
+from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig, latent_normalization, load_tokenizer
 
 from conftest import REPO_ROOT
 
@@ -174,7 +175,8 @@ def test_latent_scale_none_is_the_raw_projection():
     tok, patches, acc, basis = fitted_tokenizer(8, "none")
     z = tok.encode_patches(patches[:50]).double()
     torch.testing.assert_close(z, (patches[:50].double() - acc.mean) @ basis[:8].T, rtol=0, atol=1e-4)
-    assert set(latent_scales(torch.ones(4), 2)) == {"global", "whiten", "none"}
+    for kind in ("global", "whiten", "none"):
+        assert latent_normalization(torch.zeros(4), torch.ones(4), kind)[1].shape == (4,)
 
 
 def test_tokenizer_rejects_bad_shapes_and_dims():
@@ -215,7 +217,7 @@ def test_fit_pca_cli_on_a_tiny_imagefolder(cli, image_tree, tmp_path):
     assert resolved.pca.patch == 4 and resolved.pca.dim == 8 and resolved.data.path == str(image_tree)
     assert ck.config["pca"]["patches"] == 3000
     # the checkpoint builds a tokenizer
-    tok = pca_from_checkpoint(ck, None, "global", patch=4)
+    tok = load_tokenizer(TokenizerConfig(path=str(out), patch=4))[0]
     assert tok.token_dim == 8 and tok.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 16, 8)
 
 
@@ -322,7 +324,7 @@ def test_cifar10_pca_reconstruction_within_one_percent_of_exact(tmp_path, capsys
     ck = load_checkpoint(out, "pca")
     assert ck.extra["n_patches"] == 1_000_000 and ck.extra["image_size"] == 32
     # our fitted components, applied through the tokenizer to every test grid patch
-    tok = pca_from_checkpoint(ck, 16, "global", patch=4)
+    tok = load_tokenizer(TokenizerConfig(path=str(out), patch=4, dim=16))[0]
     images = torch.from_numpy(test).permute(0, 3, 1, 2).float() / 127.5 - 1
     errs = []
     for chunk in images.split(2000):

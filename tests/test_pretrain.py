@@ -64,8 +64,9 @@ def test_overfits_a_fixed_batch():
     """Same images, timesteps and noise every step: the network must memorise (loss / 10 or better)."""
     from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
     from ldae_cli.models import DenoisingViT
-    from ldae_cli.stages.fit_pca import CovarianceAccumulator, principal_components
-    from ldae_cli.tokenizers import PCATokenizer, patchify
+    from ldae_cli.patches import patchify
+    from ldae_cli.pca import CovarianceAccumulator, principal_components
+    from ldae_cli.tokenizers import PCATokenizer
 
     torch.set_flush_denormal(True)  # as the engine does on CPU (adaLN-Zero grads underflow otherwise: slow)
     torch.manual_seed(0)
@@ -103,8 +104,7 @@ def test_resume_is_bit_exact(images, tmp_path):
         images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3}))
     stage.run(first, "cut")
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
-    cfg, ck = stage.load_pretrain_config(None, [], {}, str(tmp_path / "cut"))
-    stage.run(cfg, None, ck)
+    stage.main(None, [], {}, str(tmp_path / "cut"))
     a = load_checkpoint(tmp_path / "full" / "checkpoint.safetensors")
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
     assert a.extra["step"] == b.extra["step"] == 6
@@ -118,7 +118,7 @@ def test_resume_refuses_a_changed_recipe(images, tmp_path):
         images, tmp_path / "r", **{"tokenizer.patch": 4, "tokenizer.dim": 8, "run.stop_after_steps": 1}))
     stage.run(cfg, "r")
     with pytest.raises(LdaeError, match="optim.blr"):
-        stage.load_pretrain_config(None, ["optim.blr=0.5"], {}, str(tmp_path / "r"))
+        stage.main(None, ["optim.blr=0.5"], {}, str(tmp_path / "r"))
     with pytest.raises(LdaeError, match="already holds a pretrain checkpoint"):
         stage.run(cfg, "r")
 
@@ -141,13 +141,11 @@ def _cli(*args, env=None, **kw):
 
 def test_ddp_two_ranks_match_one_process(images, tmp_path):
     """2 gloo ranks x 4 images == 1 process x 8 images: same batches, same noise, same loss curve."""
-    from ldae_cli.distributed import DistContext
-
     sets = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3}
-    # fit the PCA once (into tmp_path/pca.safetensors) so both runs share it
-    stage.build_tokenizer(load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(images, tmp_path, **sets)),
-                          tmp_path, DistContext())
-    sets["tokenizer.path"] = str(tmp_path / "pca.safetensors")
+    # fit the PCA once (the run's pca.safetensors) so both runs share it
+    stage.run(load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
+        images, tmp_path / "pca-run", **sets, **{"run.stop_after_steps": 1})), "pca-run")
+    sets["tokenizer.path"] = str(tmp_path / "pca-run" / "pca.safetensors")
     one = tiny_overrides(images, tmp_path / "one", **sets)
     two = tiny_overrides(images, tmp_path / "two", **sets)
     args = ["pretrain", "--config", "final.yaml"]

@@ -9,8 +9,8 @@ import torch
 
 from conftest import train_tiny, train_tiny_conv_vae
 from ldae_cli.checkpoint import load_checkpoint
-from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, train_step, \
-    with_lowest
+from ldae_cli.engine_probe import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
+from ldae_cli.optim import lr_at, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import probe as stage
 
@@ -53,11 +53,11 @@ def _train(feats, labels, lrs, steps=200, batch=50, seed=0):
     torch.manual_seed(seed)
     heads = ProbeHeads(feats.shape[1], 2, len(lrs))
     opt = lars_for_heads(heads, lrs)
-    schedule = HeadSchedule(steps, 10)
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         idx = torch.randperm(len(feats), generator=g)[:batch]
-        train_step(heads, opt, feats[idx], labels[idx], step, schedule)
+        set_lr(opt, lr_at(step, steps, 10, 1.0))  # warm-up + cosine multiplying each head's own lr
+        head_step(heads, opt, feats[idx], labels[idx])
     return heads
 
 
@@ -88,7 +88,8 @@ def test_multi_lr_heads_equal_separate_runs():
             g = torch.Generator().manual_seed(0)
             for step in range(100):
                 idx = torch.randperm(len(feats), generator=g)[:50]
-                train_step(heads, opt, feats[idx], labels[idx], step, HeadSchedule(100, 10))
+                set_lr(opt, lr_at(step, 100, 10, 1.0))
+                head_step(heads, opt, feats[idx], labels[idx])
             results += [h.weight.detach().clone() for h in heads.heads]
     joint_w, separate_w = results[:3], results[3:]
     for a, b in zip(joint_w, separate_w):
@@ -111,7 +112,7 @@ def test_knn_on_separable_features():
 def _probe(ckpt, out, *extra, random_init=False):
     sets = ["probe.fast=true", "probe.epochs=5", "probe.warmup_epochs=1", "probe.batch_size=8",
             "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={out}", *extra]
-    return stage.run_from_cli(None, sets, {}, ckpt=str(ckpt), random_init=random_init)
+    return stage.main(None, sets, {}, ckpt=str(ckpt), random_init=random_init)
 
 
 @pytest.mark.parametrize("target,extra", [
@@ -127,7 +128,7 @@ def test_probe_works_from_every_target_type(target, extra, pattern_tree, tmp_pat
     results = _probe(ckpt, tmp_path / f"probe-{target}")
     assert len(results["heads"]) == 2 and 0 <= results["best_top1"] <= 100
     assert results["knn_top1"] is not None
-    saved = load_checkpoint(tmp_path / f"probe-{target}" / "probe.safetensors", "probe")
+    saved = load_checkpoint(tmp_path / f"probe-{target}" / "checkpoint.safetensors", "probe")
     assert saved.extra["finished"] and saved.provenance["parents"][0]["sha256"] == load_checkpoint(ckpt).sha256
     assert json.loads((tmp_path / f"probe-{target}" / "results.json").read_text())["best_head"] in (0, 1)
 
@@ -138,7 +139,7 @@ def test_baselines_random_init_and_pixels(pattern_tree, tmp_path):
     assert rand["random_init"] and "random-init" in rand["encoder"]
     pixels = _probe(ckpt, tmp_path / "pix", "probe.features=pixels")
     assert pixels["encoder"] == "raw pixels"
-    head = lambda run: load_checkpoint(tmp_path / run / "probe.safetensors").tensors["heads.heads.0.weight"]
+    head = lambda run: load_checkpoint(tmp_path / run / "checkpoint.safetensors").tensors["heads.heads.0.weight"]
     assert head("pix").shape == (2, 3 * 32 * 32) and head("rand").shape == (2, 32)
 
 
@@ -146,28 +147,28 @@ def test_full_protocol_stops_and_resumes(pattern_tree, tmp_path):
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
     sets = ["probe.epochs=2", "probe.warmup_epochs=1", "probe.batch_size=8", "probe.blrs=[0.1]",
             "run.progress=false", "data.num_workers=0", "probe.extract_batch=4"]
-    first = stage.run_from_cli(None, sets + [f"run.out_dir={tmp_path / 'a'}", "run.stop_after_steps=1"], {},
+    first = stage.main(None, sets + [f"run.out_dir={tmp_path / 'a'}", "run.stop_after_steps=1"], {},
                                ckpt=str(ckpt), random_init=False)
     assert first == {}
-    assert load_checkpoint(tmp_path / "a" / "probe.safetensors").extra["step"] == 1
-    resumed = stage.run_from_cli(None, [], {}, str(tmp_path / "a"), ckpt=None, random_init=False)
-    whole = stage.run_from_cli(None, sets + [f"run.out_dir={tmp_path / 'b'}"], {}, ckpt=str(ckpt), random_init=False)
-    a = load_checkpoint(tmp_path / "a" / "probe.safetensors").section("heads")
-    b = load_checkpoint(tmp_path / "b" / "probe.safetensors").section("heads")
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.safetensors").extra["step"] == 1
+    resumed = stage.main(None, [], {}, str(tmp_path / "a"))
+    whole = stage.main(None, sets + [f"run.out_dir={tmp_path / 'b'}"], {}, ckpt=str(ckpt), random_init=False)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors").section("heads")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors").section("heads")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["heads"] == whole["heads"]
 
 
 def test_probe_errors_are_clear(pattern_tree, tmp_path):
     with pytest.raises(LdaeError, match="needs --ckpt"):
-        stage.run_from_cli(None, ["data.source=imagefolder", f"data.path={pattern_tree}"], {}, ckpt=None,
+        stage.main(None, ["data.source=imagefolder", f"data.path={pattern_tree}"], {}, ckpt=None,
                            random_init=False)
     pca = tmp_path / "pre" / "pca.safetensors"
     train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
     with pytest.raises(LdaeError, match="is a 'pca' checkpoint, expected 'pretrain'"):
-        stage.run_from_cli(None, [], {}, ckpt=str(pca), random_init=False)
+        stage.main(None, [], {}, ckpt=str(pca), random_init=False)
     with pytest.raises(LdaeError, match="probe.blrs"):
-        stage.run_from_cli(None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"),
+        stage.main(None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"),
                            random_init=False)
 
 
@@ -203,29 +204,39 @@ def test_two_ranks_give_the_one_process_result(pattern_tree, tmp_path):
     assert two["heads"] == one["heads"] and two["knn_top1"] == one["knn_top1"]
 
 
-def _fast_heads(blrs, tmp_path):
+def _fast_heads(blrs, tmp_path, monkeypatch):
+    """Fast mode on the engine, with two Gaussian blobs as the extracted features (train and eval)."""
+    from types import SimpleNamespace
+
+    from ldae_cli import engine_probe
+    from ldae_cli.distributed import DistContext
+    from ldae_cli.pretrained import FeatureEncoder
+    from ldae_cli.runs import Session
+
     feats, labels = _blobs()
+    monkeypatch.setattr(engine_probe, "extract", lambda encoder, dataset, cfg, ctx, label: (feats, labels))
     cfg = stage.ProbeConfig()
     cfg.probe.blrs, cfg.probe.batch_size, cfg.probe.epochs, cfg.probe.warmup_epochs = blrs, 50, 25, 1
-    cfg.run.progress, cfg.run.log_every = False, 4
-    metrics = stage.MetricsLog(tmp_path / "metrics.jsonl")
-    stage.train_fast(feats, labels, 2, cfg, torch.device("cpu"), metrics)
-    return [json.loads(line) for line in metrics.path.read_text().splitlines()]
+    cfg.probe.fast, cfg.run.progress, cfg.run.log_every = True, False, 4
+    dataset = SimpleNamespace(num_classes=2, classes=["a", "b"])
+    session = Session("probe", "probe", cfg, DistContext(), tmp_path, None)
+    engine_probe.train(session, FeatureEncoder(None, 8, "blobs", []), dataset, dataset, {}, lambda rows, knn: None)
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_diverging_head_is_logged_alone_and_the_others_go_on(tmp_path):
+def test_a_diverging_head_is_logged_alone_and_the_others_go_on(tmp_path, monkeypatch):
     """blr 1e30 sends its head to inf within two LARS steps; `loss` is the best head's and stays finite."""
-    records = _fast_heads([200.0, 1e30], tmp_path)
+    records = _fast_heads([200.0, 1e30], tmp_path, monkeypatch)
     last = records[-1]
     assert set(last) >= {"loss", "loss_blr200", "loss_blr1e+30"}
     assert last["loss_blr1e+30"] is None  # non-finite values are written as null
     assert last["loss"] == pytest.approx(last["loss_blr200"]) and last["loss"] < 0.3  # ln 2 = 0.69 untrained
 
 
-def test_every_head_diverging_stops_the_probe(tmp_path):
-    with pytest.raises(LdaeError, match=r"every probe head diverged by step 4; lower probe.blrs \(now \[1e\+30, "
-                                        r"1e\+31\]\)"):
-        _fast_heads([1e30, 1e31], tmp_path)
+def test_every_head_diverging_stops_the_probe(tmp_path, monkeypatch):
+    with pytest.raises(LdaeError, match=r"loss became (inf|nan) between steps 0 and 4;.*Every probe head diverged: "
+                                        r"lower probe.blrs \(now \[1e\+30, 1e\+31\]\)"):
+        _fast_heads([1e30, 1e31], tmp_path, monkeypatch)
 
 
 def test_results_table_marks_the_best_head_and_diverged_heads():

@@ -8,19 +8,18 @@ space the network wrote (image or latent).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from ldae_cli.data import IMAGE_EXTENSIONS, load_image_file, to_unit_range
+from ldae_cli.data import load_image_file, to_unit_range
 from ldae_cli.distributed import resolve_device
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.pretrained import Pretrained, load_pretrained
 from ldae_cli.reporting import console
+from ldae_cli.sources import IMAGE_EXTENSIONS
 
-DEFAULT_SIGMA = math.sqrt(1 / 3)  # the paper's Figs. 6 and 7
 RUNS = Path("runs")
 BATCH = 16
 
@@ -49,34 +48,6 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def pick_t(pre: Pretrained, t: int | None, sigma: float | None) -> int:
-    schedule = pre.denoiser.schedule
-    if t is not None and sigma is not None:
-        raise LdaeError("give either --t or --sigma, not both")
-    if schedule.kind == "constant":
-        if t is not None or sigma is not None:
-            console.print(f"note: this model was trained at one noise level (sigma {float(schedule.sigma[1]):.3f}); "
-                          "--t/--sigma are ignored")
-        return schedule.constant_t
-    if t is not None:
-        if not 1 <= t <= schedule.T:
-            raise LdaeError(f"--t must lie in 1..{schedule.T}, got {t}")
-        return t
-    return schedule.sigma_to_t(DEFAULT_SIGMA if sigma is None else sigma)
-
-
-@torch.no_grad()
-def denoise_batch(pre: Pretrained, images: torch.Tensor, t: int, seed: int, first_index: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noisy, denoised) images in [-1, 1]; image i's noise depends only on (seed, its position)."""
-    den = pre.denoiser
-    z_shape = (den.grid[0] * den.grid[1], pre.tokenizer.token_dim)
-    eps = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed * 100_003 + first_index + i))
-                       for i in range(len(images))]).to(images.device)
-    tt = torch.full((len(images),), t, dtype=torch.long, device=images.device)
-    return den.denoise(pre.model, images, tt, eps)
-
-
 def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 1)
     return images + sigma * torch.randn(images.shape, generator=gen).to(images.device)
@@ -97,8 +68,11 @@ def _prepare(ckpt: str | None, ema: bool | None, device: str, t: int | None, sig
     dev = resolve_device(device)
     pre.model.to(dev)
     pre.denoiser.to(dev)
-    step = pick_t(pre, t, sigma)
+    step = pre.timestep(t, sigma)
     schedule = pre.denoiser.schedule
+    if schedule.kind == "constant" and (t is not None or sigma is not None):
+        console.print(f"note: this model was trained at one noise level (sigma {float(schedule.sigma[1]):.3f}); "
+                      "--t/--sigma are ignored")
     console.print(f"denoising at {pre.image_size}x{pre.image_size} with {Path(ckpt).parent.name} "
                   f"(t={step}: gamma={float(schedule.gamma[step]):.3f}, sigma={float(schedule.sigma[step]):.3f})")
     return pre, dev, step, float(schedule.sigma[step])
@@ -108,7 +82,7 @@ def _row(clean, noisy, denoised, extra, i):
     return [x[i].cpu() for x in (clean, noisy, denoised)] + ([extra[i].cpu()] if extra is not None else [])
 
 
-def run_from_cli(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | None = None,
+def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | None = None,
                  sigma: float | None = None, seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False,
                  ema: bool | None = None, device: str = "auto", samples: int | None = None) -> list[Path]:
     """Panels for the given images, or (samples=N) for N eval images of the checkpoint's dataset with mean PSNR."""
@@ -125,7 +99,7 @@ def run_from_cli(inputs: list[str] | None = None, *, ckpt: str | None = None, t:
     for start in range(0, len(files), BATCH):
         chunk = files[start:start + BATCH]
         clean = to_unit_range(torch.stack([load_image_file(f, size) for f in chunk])).to(dev)
-        noisy, denoised = denoise_batch(pre, clean, step, seed, start)
+        noisy, denoised = pre.denoise(clean, step, seed, start)
         extra = pixel_noise(clean, level, seed) if compare_pixel_noise else None
         for i, source in enumerate(chunk):
             path = save_grid([_row(clean, noisy, denoised, extra, i)], output_path(out, source, len(files)),
@@ -144,7 +118,7 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
     """Mean PSNR of noisy input and denoised output over `count` eval images; a panel of the first few."""
     from ldae_cli.data import build_dataset
 
-    data_cfg = pre.cfg.data
+    data_cfg = pre.data
     data_cfg.limit, data_cfg.cache = count, "never"
     dataset = build_dataset(data_cfg, "eval", augment=False, seed=seed)
     totals, rows = torch.zeros(2), []
@@ -157,7 +131,7 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
         if bad:
             raise LdaeError(f"{bad[0].name}: cannot read image ({bad[0].reason})")
         clean = to_unit_range(torch.stack([img for img, _ in items])).to(dev)
-        noisy, denoised = denoise_batch(pre, clean, step, seed, start)
+        noisy, denoised = pre.denoise(clean, step, seed, start)
         totals += torch.stack([psnr(noisy, clean).sum(), psnr(denoised, clean).sum()]).cpu()
         extra = pixel_noise(clean, level, seed + start) if compare_pixel_noise else None
         rows += [_row(clean, noisy, denoised, extra, i) for i, j in enumerate(idx) if j in picked]

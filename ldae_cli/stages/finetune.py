@@ -1,4 +1,4 @@
-"""`ldae finetune`: end-to-end fine-tuning of a pretrained encoder (SPEC §5, MAE protocol).
+"""`ldae finetune`: end-to-end fine-tuning of a pretrained encoder (MAE's protocol, as the paper uses it).
 
 The network is the pretrain checkpoint's encoder folded at fixed t into a plain timm ViT (or an
 exported encoder), average-pooled, then a new LayerNorm (MAE's `fc_norm`) and a linear head.
@@ -18,23 +18,19 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint
-from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli import engine_finetune
+from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.data import DataConfig, build_dataset
-from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, open_run_dir, resume_base
-from ldae_cli.engine_finetune import LAST, BatchAugment, FinetuneJob, SeededRandAugment, train
+from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import SIZES, build_timm_vit, sincos_2d
+from ldae_cli.models import SizeName, build_timm_vit, resolve_size, sincos_2d, timm_vit_kwargs
+from ldae_cli.optim import OptimConfig
 from ldae_cli.pretrained import DEFAULT_T, load_encoder
 from ldae_cli.reporting import console
-from ldae_cli.stages.pretrain import resolve_resume
+from ldae_cli.runs import RunConfig, load_run_config, session
 
-# keys a resumed run may change: where things are and how they are run, not what is computed
-# (model.ckpt: a resumed run reads its weights from its own checkpoint, so the source may have moved)
-RESUMABLE_CHANGES = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device",
-                     "run.compile", "run.log_every", "run.save_every", "run.time_limit_minutes",
-                     "run.stop_after_steps", "run.progress", "run.out_dir", "model.ckpt")
+# a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved
+RESUMABLE = ("model.ckpt",)
 # what a finetune checkpoint says about its network, carried over unchanged by --resume
 DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "init")
 
@@ -43,7 +39,7 @@ DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "
 class ArchConfig:
     """The ViT that --from-scratch builds when no --ckpt is given (ignored when there is one)."""
 
-    size: Literal["T", "S", "B", "half-L", "L", "custom"] = "B"  # encoder of the pretrain sizes (SPEC §4)
+    size: SizeName = "B"  # the encoder of one of the pretrain sizes (models.SIZES)
     width: Optional[int] = None  # these three override the size preset (all three needed for 'custom')
     depth: Optional[int] = None
     num_heads: Optional[int] = None
@@ -51,13 +47,7 @@ class ArchConfig:
     mlp_ratio: float = 4.0
 
     def resolved(self) -> tuple[int, int, int]:
-        width, depth, _, heads = SIZES.get(self.size, (None, None, None, None))
-        values = tuple(v if v is not None else p for v, p in
-                       zip((self.width, self.depth, self.num_heads), (width, depth, heads)))
-        if None in values:
-            raise LdaeError("model.arch.size 'custom' needs model.arch.width, model.arch.depth and "
-                            "model.arch.num_heads")
-        return values
+        return resolve_size("model.arch", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
 
     def validate(self) -> None:
         width, depth, heads = self.resolved()
@@ -160,9 +150,7 @@ def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | 
     if cfg.data.image_size % mc.arch.patch:
         raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch "
                         f"{mc.arch.patch}")
-    kwargs = dict(img_size=(cfg.data.image_size,) * 2, patch_size=mc.arch.patch, embed_dim=width, depth=depth,
-                  num_heads=heads, mlp_ratio=mc.arch.mlp_ratio, class_token=False, global_pool="avg",
-                  final_norm=False, fc_norm=False, num_classes=0, act_layer="gelu_tanh")
+    kwargs = timm_vit_kwargs((cfg.data.image_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
     return kwargs, None, None
 
 
@@ -199,24 +187,12 @@ def describe_init(init_desc: dict) -> str:
     return f"random (timm init, fixed sin-cos position embedding), {where}"
 
 
-def load_finetune_config(config: str | None, overrides: list[str], flags: dict, resume: str | None):
-    """The config to run and, when resuming, the checkpoint (whose stored recipe must not change)."""
-    if resume is None:
-        return load_config(FinetuneConfig, config, overrides, flags), None
-    ckpt = load_checkpoint(resolve_resume(resume), "finetune")
-    cfg = load_config(FinetuneConfig, config, overrides, flags, base=resume_base(ckpt.config))
-    check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
-    return cfg, ckpt
-
-
-def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt=None) -> Path:
+def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
     if not cfg.model.ckpt and not cfg.model.from_scratch:
         raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
                         "(config keys model.ckpt / model.from_scratch)")
-    ctx = init(cfg.run.device)
-    try:
-        name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
-        out_dir = open_run_dir("finetune", "finetune", cfg.run.out_dir, name, resume_ckpt, LAST)
+    name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+    with session("finetune", "finetune", cfg, name, resume_ckpt) as s:
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -227,40 +203,33 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt=None) -
         if eval_set.classes != train_set.classes:
             raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
                             f"the train split {train_set.classes[:5]}; both need the same class folders")
-        micro, _ = cfg.optim.accumulation(ctx.world)
+        micro, _ = cfg.optim.accumulation(s.ctx.world)
         if cfg.aug.mixing and micro % 2:
             raise LdaeError(f"mixup/cutmix pair samples within a micro-batch, which must be even (got {micro}); "
                             "change optim.batch_size / optim.micro_batch or set aug.mixup=0 aug.cutmix=0")
         if resume_ckpt is None:
             model, kwargs, parents, init_desc = build_network(cfg, num_classes)
-            describe = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
-                        "image_size": cfg.data.image_size, "init": init_desc}
+            description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
+                           "image_size": cfg.data.image_size, "init": init_desc}
         else:
-            describe = {k: resume_ckpt.extra[k] for k in DESCRIPTION_KEYS}
-            model = build_timm_vit(describe["timm_kwargs"])
+            description = {k: resume_ckpt.extra[k] for k in DESCRIPTION_KEYS}
+            model = build_timm_vit(description["timm_kwargs"])
             parents = resume_ckpt.provenance.get("parents", [])
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, out_dir / "config.yaml")
-            kw = describe["timm_kwargs"]
+        if s.ctx.is_main:
+            kw = description["timm_kwargs"]
             n_params = sum(p.numel() for p in model.parameters())
             console.print(f"model: ViT depth {kw['depth']}, width {kw['embed_dim']}, {kw['num_heads']} heads, patch "
                           f"{kw['patch_size']}, {n_params / 1e6:.2f}M params, {num_classes} classes; init: "
-                          f"{describe_init(describe['init'])}")
-        augment = BatchAugment(num_classes, cfg.aug.mixup, cfg.aug.cutmix, cfg.aug.mix_prob, cfg.aug.switch_prob,
-                               cfg.aug.mix_mode, cfg.aug.label_smoothing, cfg.aug.erase_prob, cfg.aug.erase_mode,
-                               cfg.aug.erase_count)
-        job = FinetuneJob(model=model, train_set=train_set, eval_set=eval_set, optim=cfg.optim,
-                          layer_decay=cfg.optim.layer_decay, augment=augment, run=cfg.run, out_dir=out_dir,
-                          config=to_dict(cfg), describe=describe, parents=parents, num_workers=cfg.data.num_workers,
-                          on_bad_image=cfg.data.on_bad_image, resume_from=resume_ckpt)
-        return train(job, ctx)
-    finally:
-        shutdown(ctx)
+                          f"{describe_init(description['init'])}")
+        a = cfg.aug
+        augment = BatchAugment(num_classes, a.mixup, a.cutmix, a.mix_prob, a.switch_prob, a.mix_mode,
+                               a.label_smoothing, a.erase_prob, a.erase_mode, a.erase_count)
+        engine_finetune.train(s, model, train_set, eval_set, augment, description, parents)
+        return s.checkpoint
 
 
-def run_from_cli(config: str | None, overrides: list[str], flags: dict, resume: str | None, *,
-                 ckpt: str | None, from_scratch: bool) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
+         ckpt: str | None = None, from_scratch: bool = False) -> Path:
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
-    cfg, resume_ckpt = load_finetune_config(config, overrides, flags, resume)
+    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE)
     return run(cfg, config, resume_ckpt)

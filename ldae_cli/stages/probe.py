@@ -1,12 +1,9 @@
-"""`ldae probe`: linear probing of a pretrained encoder, MAE protocol (SPEC §5), several lrs at once.
+"""`ldae probe`: linear probing of a pretrained encoder, MAE's protocol, several lrs at once.
 
 The encoder is the pretrain checkpoint folded at fixed t into a plain ViT (clean input by default,
-or the level-t latent noise added), cut at any block, average-pooled. Two modes:
-
-- full (the paper's protocol): random-resized crop + flip every epoch, features recomputed each
-  step, heads trained by LARS on the global batch; checkpoints and exact resume like pretrain.
-- fast (small data): features extracted once from center crops, heads trained on the cached
-  features, plus weighted k-NN accuracy from the same features.
+or the level-t latent noise added), cut at any block, average-pooled. Full mode (the paper's
+protocol: crops and flips every epoch) or fast mode (features extracted once, plus k-NN); see
+engine_probe.
 
 Baselines read against every result: `--random-init` (the same ViT, untrained) and
 `probe.features: pixels` (the same head on raw pixels).
@@ -14,34 +11,22 @@ Baselines read against every result: `--random-init` (the same ViT, untrained) a
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
-import torch
 from rich.table import Table
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
-from ldae_cli.config import load_config, save_resolved, to_dict
-from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, StepBatches, build_dataset, epoch_order, \
-    make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, all_gather_cat, init, shutdown
-from ldae_cli.engine import LossMeter, RunConfig, TrainLoop, amp_dtype, check_resume_config, optimizer_tensors, \
-    open_run_dir, restore_run, resume_base
-from ldae_cli.engine_probe import HeadSchedule, ProbeHeads, evaluate, knn_accuracy, lars_for_heads, loss_terms, \
-    steps_for, train_step, with_lowest
+from ldae_cli import engine_probe
+from ldae_cli.checkpoint import Checkpoint, read_metadata
+from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import build_timm_vit
-from ldae_cli.pretrained import DEFAULT_T, fold_encoder, load_pretrained
-from ldae_cli.reporting import MetricsLog, console, progress_bar
+from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_pretrained, pixel_features
+from ldae_cli.reporting import console
+from ldae_cli.config import load_config
+from ldae_cli.runs import RunConfig, amp_dtype, load_run_config, session, verified_parent
 
-CHECKPOINT = "probe.safetensors"
-RESUMABLE_CHANGES = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device",
-                     "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps",
-                     "run.progress", "run.out_dir", "probe.extract_batch")
+RESUMABLE = ("probe.extract_batch",)
 
 
 @dataclass
@@ -76,196 +61,6 @@ class ProbeConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(save_every=1000, log_every=50))
 
 
-# ---------------------------------------------------------------------------------------------
-# The frozen feature extractor
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Encoder:
-    fn: Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 images on device, seed) -> (B, dim)
-    dim: int
-    description: str
-    parents: list[dict]
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """timm's ViT initialisation (trunc-normal 0.02 weights, zero biases) for every linear layer, gates included.
-
-    The adaLN-Zero init of a fresh DenoisingViT would make every block the identity, a baseline
-    weaker than any random network; this keeps the architecture and makes it a real random one.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).clamp_(-2, 2) * 0.02)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-
-
-def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device: torch.device) -> Encoder:
-    settings = cfg.probe
-    amp = amp_dtype(cfg.run.precision, device)
-    if settings.features == "pixels":
-        dim = 3 * cfg.data.image_size ** 2
-        return Encoder(lambda images, seed: to_unit_range(images).flatten(1), dim, "raw pixels", [])
-    if ckpt_path is None:
-        raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
-    pre = load_pretrained(ckpt_path, settings.ema)
-    if cfg.data.image_size != pre.image_size:
-        raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
-                        f"{pre.image_size}; probe at the pretraining size")
-    if random_init:
-        randomize(pre.model, cfg.run.seed)
-    t = settings.t
-    depth = settings.depth or pre.model.encoder_depth
-    description = ("random-init network (same architecture, untrained)" if random_init else
-                   f"l-DAE encoder at t={t}") + f", {depth} blocks"
-    denoiser = pre.denoiser.to(device)
-    foldable = pre.cfg.diffusion.input_space == "image" or pre.tokenizer.is_linear
-    if foldable:  # the plain ViT that fine-tuning and detection start from
-        state, kwargs = fold_encoder(pre, t, depth)
-        vit = build_timm_vit(kwargs)
-        vit.load_state_dict(state, strict=True)
-        net, dim = vit.to(device).eval().requires_grad_(False), kwargs["embed_dim"]
-        encode = net
-    else:  # a conv tokenizer in front: read its latents with the adaLN network itself
-        net, dim = pre.model.to(device).eval().requires_grad_(False), pre.model.spec["width"]
-        encode = None
-        description += f" on {pre.tokenizer.kind} latents"
-
-    @torch.no_grad()
-    def features(images: torch.Tensor, seed: int) -> torch.Tensor:
-        x = to_unit_range(images)
-        if settings.noisy_input:
-            z0 = denoiser.tokenizer.encode(x)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            eps = torch.randn(z0.shape, generator=gen, device=device)
-            zt, _ = denoiser.noisy_input(z0, torch.full((len(x),), t, device=device), eps)
-            x = denoiser.tokenizer.decode(zt, denoiser.grid)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            if encode is not None:
-                return encode(x).float()
-            tokens = denoiser.tokenizer.encode(x)
-            return net.features(tokens, torch.full((len(x),), t, device=device), depth).mean(1).float()
-
-    if settings.noisy_input:
-        description += ", noisy input"
-    return Encoder(features, dim, description, [pre.ckpt.parent_ref("pretrain")])
-
-
-@torch.no_grad()
-def extract(encoder: Encoder, dataset: ImageDataset, cfg: ProbeConfig, device: torch.device, ctx: DistContext,
-            label: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image (center crops), each rank a contiguous shard, gathered on all ranks."""
-    n = len(dataset)
-    lo, hi = n * ctx.rank // ctx.world, n * (ctx.rank + 1) // ctx.world
-    step = cfg.probe.extract_batch
-    batches = [list(range(i, min(i + step, hi))) for i in range(lo, hi, step)]
-    bad = BadImageCounter(cfg.data.on_bad_image)
-    feats, labels = [], []
-    with progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
-        task = bar.add_task(f"features ({label})", total=hi - lo, info="")
-        for keys, batch in zip(batches, make_loader(dataset, batches, cfg.data.num_workers,
-                                                    pin_memory=device.type == "cuda")):
-            batch = bad.check(batch)
-            feats.append(encoder.fn(batch.images.to(device, non_blocking=True), cfg.run.seed * 7919 + keys[0]).cpu())
-            labels.append(batch.labels)
-            bar.update(task, advance=len(keys))
-    return all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)
-
-
-# ---------------------------------------------------------------------------------------------
-# Training the heads
-# ---------------------------------------------------------------------------------------------
-
-def lrs_of(settings: ProbeSettings, batch: int) -> list[float]:
-    return [blr * batch / 256 for blr in settings.blrs]
-
-
-def train_fast(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: ProbeConfig, device: torch.device,
-               metrics: MetricsLog) -> tuple[ProbeHeads, torch.optim.Optimizer, torch.Tensor]:
-    """Heads trained on cached features; also returns each head's loss at the last step."""
-    s = cfg.probe
-    n = len(feats)
-    batch = min(s.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    total = steps_for(n, batch, s.epochs)
-    schedule = HeadSchedule(total, round(s.warmup_epochs * steps_per_epoch))
-    torch.manual_seed(cfg.run.seed)
-    heads = ProbeHeads(feats.shape[1], num_classes, len(s.blrs)).to(device)
-    optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
-    feats, labels = feats.to(device), labels.to(device)
-    meter = LossMeter(loss_terms(s.blrs), device)
-    with progress_bar("step", cfg.run.progress) as bar:
-        task = bar.add_task("heads", total=total, info="")
-        for step in range(total):
-            epoch, within = divmod(step, steps_per_epoch)
-            idx = epoch_order(n, cfg.run.seed, epoch)[within * batch:(within + 1) * batch].to(device)
-            losses = train_step(heads, optimizer, feats[idx], labels[idx], step, schedule)
-            meter.add_all(with_lowest(losses))
-            if (step + 1) % cfg.run.log_every == 0 or step + 1 == total:
-                means = meter.take()
-                if not math.isfinite(means["loss"]):
-                    raise LdaeError(f"every probe head diverged by step {step + 1}; lower probe.blrs "
-                                    f"(now {s.blrs})")
-                metrics.write({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), **means})
-                bar.update(task, info=f"lowest head loss {means['loss']:.3f}")
-            bar.update(task, advance=1)
-    return heads, optimizer, losses
-
-
-def train_full(encoder: Encoder, dataset: ImageDataset, num_classes: int, cfg: ProbeConfig, device: torch.device,
-               ctx: DistContext, out_dir: Path, metrics: MetricsLog, resume: Checkpoint | None,
-               save: Callable) -> tuple[ProbeHeads, torch.optim.Optimizer, int, bool]:
-    """The MAE protocol: fresh augmented crops every step; returns (heads, optimizer, total steps, finished)."""
-    s = cfg.probe
-    batch = s.batch_size
-    batches = StepBatches(len(dataset), batch, cfg.run.seed, ctx.rank, ctx.world)
-    total = max(1, round(s.epochs * batches.steps_per_epoch))
-    schedule = HeadSchedule(total, round(s.warmup_epochs * batches.steps_per_epoch))
-    torch.manual_seed(cfg.run.seed)
-    heads = ProbeHeads(encoder.dim, num_classes, len(s.blrs)).to(device)
-    optimizer = lars_for_heads(heads, lrs_of(s, batch), s.momentum, s.weight_decay)
-    start = restore_run(resume, ctx, total, {"heads": heads}, optimizer)
-    batches.start_step, batches.total_steps = start, total
-    # one rank's share of a step arrives as extract_batch-sized pieces
-    per_rank = batch // ctx.world
-    pieces = [list(range(i, min(i + s.extract_batch, per_rank))) for i in range(0, per_rank, s.extract_batch)]
-
-    def split(step_keys):
-        return [[step_keys[i] for i in piece] for piece in pieces]
-
-    class Pieces:  # the DataLoader's batch sampler: each step's keys cut into encoder-sized pieces
-        def __iter__(self):
-            for keys in batches:
-                yield from split(keys)
-
-    data_iter = iter(make_loader(dataset, Pieces(), cfg.data.num_workers, pin_memory=device.type == "cuda"))
-    bad = BadImageCounter(cfg.data.on_bad_image)
-    meter = LossMeter(loss_terms(s.blrs), device)
-    with TrainLoop("probe", cfg.run, out_dir, ctx, start, total, batches.steps_per_epoch, batch) as loop:
-        while loop.running:
-            feats, labels = [], []
-            for k in range(len(pieces)):
-                b = bad.check(next(data_iter))
-                feats.append(encoder.fn(b.images.to(device, non_blocking=True),
-                                        cfg.run.seed * 7919 + loop.step * 131 + k))
-                labels.append(b.labels.to(device))
-            feats = all_gather_cat(torch.cat(feats), ctx)
-            labels = all_gather_cat(torch.cat(labels), ctx)
-            losses = train_step(heads, optimizer, feats, labels, loop.step, schedule)
-            meter.add_all(with_lowest(losses))
-            if loop.end_step(metrics, meter, "Every head diverged: lower probe.blrs",
-                             lambda step: save(heads, optimizer, step, total, finished=step == total)):
-                return heads, optimizer, total, False, losses
-    return heads, optimizer, total, True, losses
-
-
-# ---------------------------------------------------------------------------------------------
-# The stage
-# ---------------------------------------------------------------------------------------------
-
 def default_config(ckpt_path: str | None) -> dict:
     """The pretrain run's data (MAE probing crops for training), so `ldae probe --ckpt X` needs nothing else."""
     if ckpt_path is None:
@@ -291,93 +86,51 @@ def results_table(rows: list[dict], knn: float | None, title: str) -> Table:
     return table
 
 
+def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device) -> FeatureEncoder:
+    settings = cfg.probe
+    if settings.features == "pixels":
+        return pixel_features(cfg.data.image_size)
+    pre = load_pretrained(ckpt_path, settings.ema)
+    if cfg.data.image_size != pre.image_size:
+        raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
+                        f"{pre.image_size}; probe at the pretraining size")
+    return encoder_features(pre, settings.t, settings.depth, settings.noisy_input, device,
+                            amp_dtype(cfg.run.precision, device), cfg.run.seed if random_init else None)
+
+
 def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
         resume: Checkpoint | None = None) -> dict:
-    ctx = init(cfg.run.device)
-    device = ctx.device
-    try:
-        name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
-                               else (Path(ckpt).parent.name if ckpt else "probe"))
-        out_dir = open_run_dir("probe", "probe", cfg.run.out_dir, name, resume, CHECKPOINT)
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, out_dir / "config.yaml")
-        encoder = build_encoder(cfg, ckpt, random_init, device)
+    if ckpt is None and cfg.probe.features == "encoder":
+        raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
+    name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
+                           else (Path(ckpt).parent.name if ckpt else "probe"))
+    with session("probe", "probe", cfg, name, resume) as s:
+        encoder = build_encoder(cfg, ckpt, random_init, s.ctx.device)
         train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
         eval_ds = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
         num_classes = train_ds.num_classes
         if num_classes < 2:
             raise LdaeError(f"probing needs labelled data with 2+ classes; {cfg.data.source} gives {num_classes}")
-        if ctx.is_main:
+        if s.ctx.is_main:
             console.print(f"probe: {encoder.description}; {len(train_ds):,} train / {len(eval_ds):,} eval images, "
                           f"{num_classes} classes, {'fast (cached features)' if cfg.probe.fast else 'full protocol'}")
-        metrics = MetricsLog(out_dir / "metrics.jsonl", ctx.is_main,
-                             truncate_after_step=resume.extra["step"] if resume is not None else None)
-        batch = min(cfg.probe.batch_size, len(train_ds)) if cfg.probe.fast else cfg.probe.batch_size
-        lrs = lrs_of(cfg.probe, batch)
+        about = {"checkpoint": ckpt, "random_init": random_init, "features": cfg.probe.features, "t": cfg.probe.t,
+                 "depth": cfg.probe.depth, "noisy_input": cfg.probe.noisy_input}
 
-        def save(heads, optimizer, step, total, finished, results=None):
-            if not ctx.is_main:
-                return
-            tensors = {f"heads.{k}": v for k, v in heads.state_dict().items()}
-            opt_tensors, opt_rest = optimizer_tensors(optimizer)
-            tensors.update(opt_tensors)
-            extra = {"step": step, "total_steps": total, "finished": finished, "optimizer": opt_rest,
-                     "blrs": cfg.probe.blrs, "lrs": lrs, "encoder": encoder.description,
-                     "random_init": random_init, "class_names": train_ds.classes, "results": results}
-            save_checkpoint(out_dir / CHECKPOINT, "probe", tensors, to_dict(cfg), encoder.parents, extra)
-
-        started = time.time()
-        knn = None
-        if cfg.probe.fast:
-            train_f, train_y = extract(encoder, train_ds, cfg, device, ctx, "train")
-            heads, optimizer, last_losses = train_fast(train_f, train_y, num_classes, cfg, device, metrics)
-            total = steps_for(len(train_f), batch, cfg.probe.epochs)
-        else:
-            heads, optimizer, total, finished, last_losses = train_full(encoder, train_ds, num_classes, cfg, device,
-                                                                        ctx, out_dir, metrics, resume, save)
-            if not finished:
-                return {}
-        eval_f, eval_y = extract(encoder, eval_ds, cfg, device, ctx, "eval")
-        acc = evaluate(heads, eval_f.to(device), eval_y.to(device))
-        if cfg.probe.fast:
-            knn = knn_accuracy(train_f.to(device), train_y.to(device), eval_f.to(device), eval_y.to(device),
-                               cfg.probe.knn_k, cfg.probe.knn_temperature, num_classes)
-        # null: the head diverged (its last-step loss is not finite)
-        rows = [{"blr": b, "lr": lr, "train_loss": float(loss) if loss.isfinite() else None,
-                 "top1": round(float(acc[1][i]), 2), "top5": round(float(acc[5][i]), 2)}
-                for i, (b, lr, loss) in enumerate(zip(cfg.probe.blrs, lrs, last_losses.cpu()))]
-        best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
-        results = {"encoder": encoder.description, "heads": rows, "best_head": best, "best_top1": rows[best]["top1"],
-                   "knn_top1": None if knn is None else round(knn, 2), "checkpoint": ckpt,
-                   "random_init": random_init, "features": cfg.probe.features, "t": cfg.probe.t,
-                   "depth": cfg.probe.depth, "noisy_input": cfg.probe.noisy_input, "fast": cfg.probe.fast,
-                   "eval_split": cfg.data.split_name("eval"), "seconds": round(time.time() - started, 1)}
-        if ctx.is_main:
-            save(heads, optimizer, total, total, True, results)
-            (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        def show(rows: list[dict], knn: float | None) -> None:
             console.print(results_table(rows, knn, f"linear probe: {encoder.description}"))
-            console.print(f"best head * is chosen on the {results['eval_split']} split; wrote {out_dir / 'results.json'}"
-                          f" and {out_dir / CHECKPOINT}")
-        return results
-    finally:
-        shutdown(ctx)
+            console.print(f"best head * is chosen on the {cfg.data.split_name('eval')} split; wrote "
+                          f"{s.out_dir / 'results.json'} and {s.checkpoint}")
+
+        return engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
 
 
-def run_from_cli(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-                 ckpt: str | None, random_init: bool) -> dict:
-    resume_ckpt = None
-    if resume is not None:
-        path = Path(resume) / CHECKPOINT if Path(resume).is_dir() else Path(resume)
-        resume_ckpt = load_checkpoint(path, "probe")
-        if resume_ckpt.extra.get("finished"):
-            raise LdaeError(f"{path}: this probe run already finished")
-        base = resume_base(resume_ckpt.config)
-        ckpt = ckpt or next((p["path"] for p in resume_ckpt.provenance.get("parents", [])), None)
-        random_init = resume_ckpt.extra["random_init"]
-    else:
-        base = default_config(ckpt)
-    cfg = load_config(ProbeConfig, config, overrides, flags, base=base)
-    if resume_ckpt is not None:
-        check_resume_config(resume_ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
-    return run(cfg, ckpt, random_init, Path(config).stem if config else None, resume_ckpt)
+def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
+         ckpt: str | None = None, random_init: bool = False) -> dict:
+    if resume is None:
+        cfg = load_config(ProbeConfig, config, overrides, flags, base=default_config(ckpt))
+        return run(cfg, ckpt, random_init, Path(config).stem if config else None)
+    cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE)
+    if cfg.probe.features == "encoder":
+        ckpt = verified_parent(resume_ckpt, "pretrain", ckpt)
+    return run(cfg, ckpt, resume_ckpt.extra["random_init"], Path(config).stem if config else None, resume_ckpt)

@@ -12,7 +12,7 @@ from ldae_cli.reporting import read_metrics
 CURVE_KEYS = ("loss", "train_loss", "eval_loss", "top1", "top1_ema")
 
 
-def run(paths: list[str]) -> list[Path]:
+def main(paths: list[str]) -> list[Path]:
     written = []
     for item in paths:
         path = Path(item)

@@ -18,19 +18,17 @@ from typing import Any
 
 import torch
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint
-from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli import engine_tokenizer, pca
+from ldae_cli.autoencoders import Autoencoder, AutoencoderConfig, build_autoencoder
+from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
-from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine import OptimConfig, RunConfig, check_resume_config, open_run_dir, resume_base
-from ldae_cli.engine_tokenizer import CHECKPOINT, LossConfig, TokenizerJob, TokenizerObjective, train
+from ldae_cli.engine_tokenizer import LossConfig, TokenizerObjective
 from ldae_cli.errors import LdaeError
+from ldae_cli.optim import OptimConfig
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.reporting import console
-from ldae_cli.stages import fit_pca
-from ldae_cli.stages.pretrain import RESUMABLE_CHANGES, resolve_resume
+from ldae_cli.runs import RunConfig, load_run_config, session
 from ldae_cli.tokenizers import PCATokenizer
-from ldae_cli.trained_tokenizers import Autoencoder, AutoencoderConfig, build_autoencoder
 
 
 @dataclass
@@ -54,23 +52,6 @@ class TrainTokenizerConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-def load_train_tokenizer_config(config: str | None, overrides: list[str], flags: dict[str, Any],
-                                resume: str | None) -> tuple[TrainTokenizerConfig, Checkpoint | None]:
-    if resume is None:
-        if config is None:
-            raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
-        return load_config(TrainTokenizerConfig, config, overrides, flags), None
-    ckpt = load_checkpoint(resolve_resume(resume), "tokenizer")
-    cfg = load_config(TrainTokenizerConfig, config, overrides, flags, base=resume_base(ckpt.config))
-    check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE_CHANGES)
-    return cfg, ckpt
-
-
-def run_from_cli(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None) -> Path:
-    cfg, ckpt = load_train_tokenizer_config(config, overrides, flags, resume)
-    return run(cfg, config, ckpt)
 
 
 def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:
@@ -109,14 +90,14 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     """Test PSNR of the tokenizer (and of the same-size PCA), reconstructions.png and report.json."""
     device = next(net.parameters()).device
     grid = net.grid(eval_set.size)
-    pca = None
+    reference = None
     if cfg.report.pca_reference:
-        settings = fit_pca.PCASettings(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
-                                       seed=cfg.run.seed)
+        settings = pca.PCASettings(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
+                                   seed=cfg.run.seed)
         console.print(f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} "
                       "training patches")
-        result = fit_pca.fit(train_set, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
-        pca = PCATokenizer(result.mean, result.basis, result.eigenvalues, net.patch, net.token_dim).to(device)
+        result = pca.fit(train_set, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
+        reference = PCATokenizer(result.mean, result.basis, result.eigenvalues, net.patch, net.token_dim).to(device)
     scores: dict[str, list[torch.Tensor]] = {"tokenizer": [], "pca": []}
     shown: list[list[torch.Tensor]] = []
     bad = BadImageCounter(cfg.data.on_bad_image)
@@ -126,8 +107,8 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
         recon = net.decode_tokens(net.posterior(images)[0], grid).clamp(-1, 1)
         scores["tokenizer"].append(psnr(images, recon).cpu())
         columns = [images, recon]
-        if pca is not None:
-            pca_recon = pca.decode(pca.encode(images), grid).clamp(-1, 1)
+        if reference is not None:
+            pca_recon = reference.decode(reference.encode(images), grid).clamp(-1, 1)
             scores["pca"].append(psnr(images, pca_recon).cpu())
             columns.append(pca_recon)
         for i in range(min(images.shape[0], cfg.report.grid_images - len(shown))):
@@ -140,13 +121,13 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
               "images": int(sum(len(s) for s in scores["tokenizer"])),
               "psnr": round(float(torch.cat(scores["tokenizer"]).mean()), 3)}
     titles = ["original", kind]
-    if pca is not None:
+    if reference is not None:
         report["pca_psnr"] = round(float(torch.cat(scores["pca"]).mean()), 3)
         titles.append(f"pca d={net.token_dim}")
     save_grid(shown, out_dir / "reconstructions.png", upscale=max(1, 96 // eval_set.size), titles=titles)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     line = f"held-out PSNR ({report['images']} {report['split']} images): {kind} [bold]{report['psnr']:.2f} dB[/bold]"
-    if pca is not None:
+    if reference is not None:
         line += f", PCA p={net.patch} d={net.token_dim} {report['pca_psnr']:.2f} dB"
     console.print(line)
     console.print(f"wrote {out_dir / 'reconstructions.png'} and {out_dir / 'report.json'}")
@@ -154,9 +135,7 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
 
 
 def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
-    ctx = init(cfg.run.device)
-    try:
-        out_dir = open_run_dir("train-tokenizer", "tokenizer", cfg.run.out_dir, config_name, resume_ckpt, CHECKPOINT)
+    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt) as s:
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
         net.grid(cfg.data.image_size)  # fail before any data is read
@@ -165,12 +144,9 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
             raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
                             f"than {full} patches, got {cfg.report.pca_patches}")
         objective = TokenizerObjective(net, cfg.loss)
-        if ctx.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, out_dir / "config.yaml")
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
         # opened now so that a missing held-out split fails before training, not after it
-        eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed) if ctx.is_main else None
+        eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed) if s.ctx.is_main else None
 
         def finalize(trained: Autoencoder) -> tuple[dict[str, torch.Tensor], dict]:
             trained.eval()
@@ -179,14 +155,17 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
                                           cfg.data.num_workers, cfg.data.on_bad_image)
-            report = reconstruction_report(trained, cfg, plain, eval_set, out_dir)
+            report = reconstruction_report(trained, cfg, plain, eval_set, s.out_dir)
             return {"stats.mean": mean, "stats.std": std}, {"report": report}
 
-        job = TokenizerJob(objective=objective, dataset=dataset, optim=cfg.optim, run=cfg.run, out_dir=out_dir,
-                           config=to_dict(cfg), finalize=finalize, num_workers=cfg.data.num_workers,
-                           on_bad_image=cfg.data.on_bad_image, resume_from=resume_ckpt,
-                           extra={"tokenizer": net.spec, "image_size": cfg.data.image_size,
-                                  "dataset": cfg.data.source})
-        return train(job, ctx)
-    finally:
-        shutdown(ctx)
+        description = {"tokenizer": net.spec, "image_size": cfg.data.image_size, "dataset": cfg.data.source}
+        engine_tokenizer.train(s, objective, dataset, finalize, description)
+        return s.checkpoint
+
+
+def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None) -> Path:
+    if config is None and resume is None:
+        raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
+    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume,
+                                ("optim.micro_batch",))
+    return run(cfg, config, ckpt)

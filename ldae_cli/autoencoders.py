@@ -1,4 +1,4 @@
-"""Tokenizers learned by `ldae train-tokenizer` (the paper's Sec. 4.1-4.2), and the losses that train them.
+"""The autoencoders `ldae train-tokenizer` learns (the paper's Sec. 4.1-4.2), and the losses that train them.
 
 Three autoencoders share one interface (`Autoencoder`): images (B, 3, H, W) in [-1, 1] -> posterior
 mean and log-variance as tokens (B, N, d) on the tokenizer's grid, and tokens -> images.
@@ -9,9 +9,8 @@ mean and log-variance as tokens (B, N, d) on the tokenizer's grid, and tokens ->
 - `patch-vae`: a linear encoder/decoder on non-overlapping p x p patches with a KL term.
 - `patch-ae`: the same without KL (its optimum spans the PCA subspace).
 
-`TrainedTokenizer` wraps a trained, frozen autoencoder in the `Tokenizer` interface used by pretrain
-and denoise: it encodes to the posterior mean and normalises the latent with statistics measured on
-the training data at the end of tokenizer training (SPEC §3 `latent_scale`).
+`tokenizers.TrainedTokenizer` wraps a trained, frozen autoencoder in the `Tokenizer` interface used by
+pretrain and denoise.
 
 The VQGAN-style losses are here too: a PatchGAN discriminator (hinge loss, LDM's adaptive weight is
 in engine_tokenizer) and an LPIPS-style perceptual distance on VGG16 features whose weights the user
@@ -33,7 +32,7 @@ from timm.layers import Attention
 from torch import nn
 
 from ldae_cli.errors import LdaeError
-from ldae_cli.tokenizers import Tokenizer, patchify, unpatchify
+from ldae_cli.patches import patchify, unpatchify
 
 KINDS = ("conv-vae", "patch-vae", "patch-ae")
 
@@ -252,130 +251,6 @@ def build_autoencoder(spec: dict) -> Autoencoder:
     if kind in ("patch-vae", "patch-ae"):
         return PatchAutoencoder(**spec)
     raise LdaeError(f"unknown trained tokenizer kind {kind!r}; this ldae knows {', '.join(KINDS)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The frozen tokenizer used by pretrain / denoise
-# ---------------------------------------------------------------------------------------------
-
-def latent_normalization(mean: torch.Tensor, std: torch.Tensor, latent_scale: str
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(shift, scale) with z = (latent - shift) / scale.
-
-    Learned latents are centred by their measured mean, so `global` and `whiten` mean what they mean
-    for PCA, whose latent is centred by construction: one rms over the kept dims, or one std per dim.
-    """
-    std = std.clamp_min(1e-6)
-    if latent_scale == "none":
-        return torch.zeros_like(mean), torch.ones_like(std)
-    if latent_scale == "global":
-        return mean.clone(), std.square().mean().sqrt().expand_as(std).clone()
-    if latent_scale == "whiten":
-        return mean.clone(), std.clone()
-    raise LdaeError(f"tokenizer.latent_scale: {latent_scale!r} is not one of 'global', 'whiten', 'none'")
-
-
-class TrainedTokenizer(Tokenizer):
-    """A frozen autoencoder behind the Tokenizer interface: encode = posterior mean, normalised.
-
-    Parameters never receive gradients, but encode/decode are differentiable in their inputs (the
-    z0 target re-encodes the network's image output).
-    """
-
-    def __init__(self, net: Autoencoder, latent_mean: torch.Tensor, latent_std: torch.Tensor,
-                 latent_scale: str = "global"):
-        super().__init__()
-        if latent_mean.shape != (net.token_dim,) or latent_std.shape != (net.token_dim,):
-            raise LdaeError(f"latent statistics of shape {tuple(latent_mean.shape)} do not fit a tokenizer "
-                            f"with {net.token_dim} dims per token")
-        self.kind, self.patch, self.token_dim = net.spec["kind"], net.patch, net.token_dim
-        self.latent_scale = latent_scale
-        self.net = net.eval().requires_grad_(False)
-        self.register_buffer("latent_mean", latent_mean.float())
-        self.register_buffer("latent_std", latent_std.float())
-        shift, scale = latent_normalization(latent_mean.float(), latent_std.float(), latent_scale)
-        self.register_buffer("shift", shift)
-        self.register_buffer("scale", scale)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.net.eval()  # frozen: a parent module's .train() must not change it
-        return self
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.net.posterior(images)
-        return (mean - self.shift) / self.scale
-
-    def decode(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return self.net.decode_tokens(tokens * self.scale + self.shift, grid)
-
-    def export(self):
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        tensors.update({"latent_mean": self.latent_mean, "latent_std": self.latent_std})
-        return tensors, {"kind": self.kind, "net": self.net.spec, "latent_scale": self.latent_scale}
-
-
-class LinearTrainedTokenizer(TrainedTokenizer):
-    """Patch VAE / AE: encode is one affine map per patch, so it folds into a ViT patch embedding."""
-
-    net: PatchAutoencoder
-
-    @property
-    def is_linear(self) -> bool:
-        return True
-
-    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        mean, _ = self.net.encode_patches(patches)
-        return (mean - self.shift) / self.scale
-
-    def decode_patches(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net.decoder(z * self.scale + self.shift)
-
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.token_dim
-        weight, bias = self.net.encoder.weight[:d], self.net.encoder.bias[:d]  # the mean rows
-        a = weight / self.scale[:, None]
-        return a, (bias - self.shift) / self.scale
-
-
-def make_tokenizer(net: Autoencoder, latent_mean: torch.Tensor, latent_std: torch.Tensor,
-                   latent_scale: str) -> TrainedTokenizer:
-    cls = LinearTrainedTokenizer if isinstance(net, PatchAutoencoder) else TrainedTokenizer
-    return cls(net, latent_mean, latent_std, latent_scale)
-
-
-def load_trained_tokenizer(ckpt, latent_scale: str, patch: int | None = None,
-                           dim: int | None = None) -> TrainedTokenizer:
-    """The tokenizer of a finished `train-tokenizer` checkpoint (kind 'tokenizer').
-
-    patch, dim: what the pretrain config says (tokenizer.patch, tokenizer.dim; None = take the
-    checkpoint's); a mismatch is an error rather than a silent reinterpretation.
-    """
-    extra = ckpt.extra
-    if not extra.get("finished"):
-        raise LdaeError(f"{ckpt.path}: this train-tokenizer run stopped at step {extra.get('step')} of "
-                        f"{extra.get('total_steps')}, before its latent statistics were measured; finish it with "
-                        f"`ldae train-tokenizer --resume {Path(ckpt.path).parent}`")
-    net = build_autoencoder(extra["tokenizer"])
-    net.load_state_dict(ckpt.section("net"))
-    if patch is not None and patch != net.patch:
-        raise LdaeError(f"tokenizer.patch is {patch} but {ckpt.path} has tokens of {net.patch}x{net.patch} pixels; "
-                        f"set tokenizer.patch={net.patch}")
-    if dim is not None and dim != net.token_dim:
-        raise LdaeError(f"tokenizer.dim is {dim} but {ckpt.path} has {net.token_dim} dims per token; "
-                        f"set tokenizer.dim={net.token_dim} or null")
-    stats = ckpt.section("stats")
-    return make_tokenizer(net, stats["mean"], stats["std"], latent_scale)
-
-
-def tokenizer_from_description(tensors: dict[str, torch.Tensor], desc: dict) -> TrainedTokenizer:
-    """Rebuild the tokenizer a pretrain checkpoint stored with `TrainedTokenizer.export`."""
-    if desc.get("kind") not in KINDS:
-        raise LdaeError(f"unknown tokenizer kind {desc.get('kind')!r} in the checkpoint; this ldae knows pca, "
-                        f"pixel, {', '.join(KINDS)}")
-    net = build_autoencoder(desc["net"])
-    net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
-    return make_tokenizer(net, tensors["latent_mean"], tensors["latent_std"], desc["latent_scale"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""The patch-wise PCA tokenizer's basis (the paper's Sec. 4.2), fitted by streaming random patches (what `ldae fit-pca` runs).
+
+Patches (p x p x 3, images in [-1, 1]) are taken at random positions of randomly chosen,
+center-cropped images and merged batch by batch into a float64 mean/covariance accumulator
+(Chan's parallel update, so no cancellation however many patches stream through). The full D x D
+eigenbasis, sorted by eigenvalue, is kept; the tokenizer keeps the first d rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ldae_cli.checkpoint import save_checkpoint
+from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
+from ldae_cli.errors import LdaeError
+from ldae_cli.patches import random_patches
+from ldae_cli.reporting import progress_bar
+from ldae_cli.tokenizers import latent_normalization
+
+
+@dataclass
+class PCASettings:
+    patch: int = 16
+    dim: int = 16
+    patches: int = 1_000_000
+    patches_per_image: int = 16
+    batch_images: int = 256
+    seed: int = 0
+    # 'grid': patches where the tokenizer cuts them (JPEG's 8x8 blocks align with that grid, so
+    # statistics at other offsets differ measurably); 'any': every pixel offset
+    positions: Literal["grid", "any"] = "grid"
+
+    def validate(self) -> None:
+        full = self.patch * self.patch * 3
+        if self.patch < 1:
+            raise LdaeError(f"pca.patch: must be positive, got {self.patch}")
+        if not 1 <= self.dim <= full:
+            raise LdaeError(f"pca.dim: must be between 1 and patch*patch*3 = {full}, got {self.dim}")
+        if self.patches < full + 1:
+            raise LdaeError(f"pca.patches: need more patches than dimensions ({full}), got {self.patches}")
+        if self.patches_per_image < 1 or self.batch_images < 1:
+            raise LdaeError("pca.patches_per_image and pca.batch_images must be positive")
+
+
+class CovarianceAccumulator:
+    """Running mean and scatter matrix in float64, merged batch by batch (Chan et al.)."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.scatter = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float64)
+        m = x.shape[0]
+        if m == 0:
+            return
+        batch_mean = x.mean(0)
+        centred = x - batch_mean
+        delta = batch_mean - self.mean
+        total = self.n + m
+        self.scatter += centred.T @ centred + torch.outer(delta, delta) * (self.n * m / total)
+        self.mean += delta * (m / total)
+        self.n = total
+
+    def covariance(self) -> torch.Tensor:
+        return self.scatter / max(self.n - 1, 1)
+
+
+def principal_components(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and basis rows; each row's largest entry is made positive (stable signs)."""
+    eigenvalues, vectors = torch.linalg.eigh(cov)
+    eigenvalues, basis = eigenvalues.flip(0).clamp_min(0), vectors.flip(1).T.contiguous()
+    signs = torch.sign(basis.gather(1, basis.abs().argmax(1, keepdim=True)))
+    return eigenvalues, basis * signs
+
+
+@dataclass
+class PCAFit:
+    mean: torch.Tensor
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    n_patches: int
+
+    def variance_explained(self, dim: int) -> float:
+        return float(self.eigenvalues[:dim].sum() / self.eigenvalues.sum().clamp_min(1e-30))
+
+
+def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error", num_workers: int = 0,
+        show_progress: bool = True) -> PCAFit:
+    p = settings.patch
+    if dataset.size < p:
+        raise LdaeError(f"pca.patch {p} is larger than the images ({dataset.size}x{dataset.size})")
+    gen = torch.Generator().manual_seed(settings.seed)
+    n_images = math.ceil(settings.patches / settings.patches_per_image)
+    passes = math.ceil(n_images / len(dataset))
+    order = torch.cat([torch.randperm(len(dataset), generator=gen) for _ in range(passes)])[:n_images].tolist()
+    batches = [order[i:i + settings.batch_images] for i in range(0, n_images, settings.batch_images)]
+    acc = CovarianceAccumulator(p * p * 3)
+    bad = BadImageCounter(on_bad_image)
+    remaining = settings.patches
+    with progress_bar("patch", show_progress) as bar:
+        task = bar.add_task("fit-pca", total=settings.patches, info="")
+        for batch in make_loader(dataset, batches, num_workers):
+            images = to_unit_range(bad.check(batch).images)
+            patches = random_patches(images, p, settings.patches_per_image, gen,
+                                     grid=settings.positions == "grid")[:remaining]
+            acc.update(patches)
+            remaining -= patches.shape[0]
+            bar.update(task, advance=patches.shape[0])
+    if acc.n <= p * p * 3:
+        raise LdaeError(f"only {acc.n} patches could be read; PCA of {p * p * 3} dims needs more")
+    eigenvalues, basis = principal_components(acc.covariance())
+    return PCAFit(acc.mean, basis, eigenvalues, acc.n)
+
+
+def save_fit(result: PCAFit, out: Path, settings: PCASettings, config: dict, image_size: int, dataset: str) -> Path:
+    """A `pca` checkpoint: mean, full basis and eigenvalues; the metadata says what d = settings.dim keeps."""
+    dim = settings.dim
+    variance = result.eigenvalues[:dim].clamp_min(1e-12)
+    _, global_scale = latent_normalization(torch.zeros_like(variance), variance, "global")
+    tensors = {"pca.mean": result.mean, "pca.basis": result.basis, "pca.eigenvalues": result.eigenvalues,
+               "pca.whiten_std": result.eigenvalues.clamp_min(0).sqrt()}
+    extra = {"patch": settings.patch, "dim": dim, "channels": 3, "n_patches": result.n_patches,
+             "variance_explained": result.variance_explained(dim), "latent_scale_global": float(global_scale[0]),
+             "image_size": image_size, "dataset": dataset}
+    return save_checkpoint(out, "pca", tensors, config, extra=extra)

@@ -1,0 +1,245 @@
+"""Where images come from: Fashion-MNIST IDX files, ImageFolder trees (ImageNet layout, also as a
+.tar/.tar.gz such as the CIFAR-10 JPEG archive) and plain folders of unlabeled images, each as an
+indexable `ImageSource` of raw PIL images, labels and class names. The data layer (data.py) crops,
+resizes and batches them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import struct
+import tarfile
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ldae_cli.errors import LdaeError, short
+
+
+class SourceSettings(Protocol):
+    """What a source needs of the data config (data.DataConfig): which dataset, where, which split."""
+
+    source: str
+    path: Optional[str]
+
+    def split_name(self, split: str) -> str: ...
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_HOME = Path(os.environ.get("LDAE_CACHE", Path.home() / ".cache" / "ldae"))
+FMNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+class ImageSource:
+    """Indexable raw images with labels; `open(i)` returns a PIL image or raises."""
+
+    names: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def open(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+
+class ArraySource(ImageSource):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], origin: str):
+        self.images, self.labels, self.classes = images, [int(x) for x in labels], classes
+        self.names = [f"{origin}[{i}]" for i in range(len(images))]
+
+    def open(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+
+class FileSource(ImageSource):
+    def __init__(self, paths: list[Path], labels: list[int], classes: list[str]):
+        self.paths, self.labels, self.classes = paths, labels, classes
+        self.names = [str(p) for p in paths]
+
+    def open(self, i: int) -> Image.Image:
+        img = Image.open(self.paths[i])
+        img.load()
+        return img
+
+
+class BytesSource(ImageSource):
+    """Images held in memory as encoded bytes (members of a tar archive)."""
+
+    def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], classes: list[str]):
+        self.blobs, self.names, self.labels, self.classes = blobs, names, labels, classes
+
+    def open(self, i: int) -> Image.Image:
+        img = Image.open(io.BytesIO(self.blobs[i]))
+        img.load()
+        return img
+
+
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
+_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(dims)):
+            raise ValueError(f"expected {int(np.prod(dims))} values, found {data.size}")
+        return data.reshape(dims)
+    except (OSError, ValueError, struct.error, EOFError) as exc:
+        raise LdaeError(f"{path}: not a readable IDX file ({short(exc)})") from None
+
+
+def default_locations(source: str) -> list[Path]:
+    env = [Path(os.environ["LDAE_DATA"])] if os.environ.get("LDAE_DATA") else []
+    if source == "fashion-mnist":
+        return [*(e / "fashion-mnist" for e in env), FMNIST_DEBIAN, CACHE_HOME / "fashion-mnist",
+                CACHE_HOME / "FashionMNIST" / "raw"]
+    if source == "cifar10":
+        names = ("cifar10-jpg.tar.gz", "cifar10")
+        return [*(e / n for e in env for n in names), *(REPO_ROOT.parent / "shared" / "data" / n for n in names),
+                *(CACHE_HOME / n for n in names)]
+    return []
+
+
+_HOW_TO_GET = {
+    "fashion-mnist": "install it with `sudo apt-get install dataset-fashion-mnist` (or run `make data`, which "
+                     "falls back to torchvision's download), or point data.path at a folder of IDX files",
+    "cifar10": "point data.path at the CIFAR-10 JPEG tree or its .tar.gz (cifar10/{train,test}/<class>/*.jpg)",
+    "imagefolder": "set data.path to a folder (or .tar/.tar.gz) laid out as <split>/<class>/<image>",
+    "images": "set data.path to a folder of images",
+}
+
+
+def resolve_path(cfg: SourceSettings) -> Path:
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise LdaeError(f"dataset not found: data.path '{cfg.path}' does not exist; {_HOW_TO_GET[cfg.source]}")
+        return path
+    places = default_locations(cfg.source)
+    if not places:
+        raise LdaeError(f"data.source '{cfg.source}' needs data.path; {_HOW_TO_GET[cfg.source]}")
+    for place in places:
+        if place.exists():
+            return place
+    looked = ", ".join(str(p) for p in places)
+    raise LdaeError(f"{cfg.source} dataset not found (looked in {looked}); {_HOW_TO_GET[cfg.source]}")
+
+
+def _fmnist(root: Path, split: str) -> ImageSource:
+    if split not in _FMNIST_FILES:
+        raise LdaeError(f"fashion-mnist has splits 'train' and 'test', not '{split}'")
+    found = []
+    for stem in _FMNIST_FILES[split]:
+        hits = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
+        if not hits:
+            raise LdaeError(f"{root}: missing {stem}.gz; expected Fashion-MNIST IDX files there ({_HOW_TO_GET['fashion-mnist']})")
+        found.append(hits[0])
+    images, labels = _read_idx(found[0]), _read_idx(found[1])
+    if len(images) != len(labels):
+        raise LdaeError(f"{root}: {len(images)} images but {len(labels)} labels in the {split} split")
+    return ArraySource(images, labels, FMNIST_CLASSES, f"{found[0].name}")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for cand in [root / split, *sorted(d / split for d in root.iterdir() if d.is_dir())]:
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _imagefolder_dir(root: Path, split: str) -> ImageSource:
+    split_dir = _find_split_dir(root, split)
+    if split_dir is None:
+        raise LdaeError(f"{root}: no '{split}' folder (looked for {root / split} and {root}/*/{split}); "
+                        f"expected the layout <split>/<class>/<image>")
+    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((split_dir / cls).rglob("*")):
+            if p.is_file() and _is_image(p.name):
+                paths.append(p)
+                labels.append(label)
+    if not paths:
+        raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, labels, classes)
+
+
+def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise LdaeError(f"{archive}: cannot open archive ({short(exc)})") from None
+    blobs, names, class_of = [], [], []
+    try:
+        with tar:
+            for member in tar:
+                if not member.isfile() or not _is_image(member.name):
+                    continue
+                parts = member.name.strip("/").split("/")
+                if len(parts) < 3 or parts[-3] != split:
+                    continue
+                blobs.append(tar.extractfile(member).read())
+                names.append(f"{archive}:{member.name}")
+                class_of.append(parts[-2])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise LdaeError(f"{archive}: archive is damaged ({short(exc)})") from None
+    if not blobs:
+        raise LdaeError(f"{archive}: no images under a '{split}/<class>/' folder in this archive")
+    classes = sorted(set(class_of))
+    index = {c: i for i, c in enumerate(classes)}
+    # the same order as the extracted folder: by class name, then by file name within the class
+    order = sorted(range(len(names)), key=lambda i: (class_of[i], names[i].rsplit("/", 1)[-1], names[i]))
+    return BytesSource([blobs[i] for i in order], [names[i] for i in order],
+                       [index[class_of[i]] for i in order], classes)
+
+
+def _plain_images(root: Path) -> ImageSource:
+    if root.is_file():
+        paths = [root]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+    if not paths:
+        raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return FileSource(paths, [-1] * len(paths), [])
+
+
+def open_source(cfg: SourceSettings, split: str) -> ImageSource:
+    """The raw images of `split` ('train' or 'eval') for the configured dataset."""
+    root = resolve_path(cfg)
+    name = cfg.split_name(split)
+    if cfg.source == "fashion-mnist":
+        return _fmnist(root, name)
+    if cfg.source in ("cifar10", "imagefolder"):
+        if root.is_file():
+            return _imagefolder_tar(root, name)
+        return _imagefolder_dir(root, name)
+    return _plain_images(root)
+
+
+def download_fashion_mnist() -> Path:
+    """Fallback for machines without the Debian package: torchvision's download into the ldae cache."""
+    from torchvision.datasets import FashionMNIST
+
+    FashionMNIST(str(CACHE_HOME), train=True, download=True)
+    FashionMNIST(str(CACHE_HOME), train=False, download=True)
+    return CACHE_HOME / "FashionMNIST" / "raw"
