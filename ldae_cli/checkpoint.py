@@ -10,10 +10,12 @@ the real name.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import struct
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ldae_cli import __version__
+from ldae_cli.config import config_from_dict
 from ldae_cli.errors import LdaeError
 
 FORMAT_VERSION = 1
@@ -53,6 +56,45 @@ class Checkpoint:
 
     def parent_ref(self, role: str) -> dict:
         return {"role": role, "path": str(self.path), "sha256": self.sha256, "kind": self.kind}
+
+    def require(self, *keys: str) -> None:
+        """Metadata this reader needs (dotted for nested keys); a missing one is named, not a KeyError."""
+        for key in keys:
+            node = self.extra
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    raise LdaeError(f"{self.path}: a '{self.kind}' checkpoint without '{key}' in its metadata; it is "
+                                    "damaged or was not written by ldae")
+                node = node[part]
+
+
+def stored_config(cls: type, ck: Checkpoint, section: str | None = None):
+    """The config stored in a checkpoint (or one section of it) as this ldae's dataclass. A key this ldae does
+    not know means the file was written by another (newer) version: said so, with the fix."""
+    data = ck.config if section is None else ck.config.get(section, {})
+    try:
+        return config_from_dict(cls, data)
+    except LdaeError as exc:
+        where = f" (section '{section}')" if section else ""
+        raise LdaeError(f"{ck.path}: its stored config{where} does not read as this ldae {__version__}'s: {exc}; it "
+                        f"was written by ldae {ck.package_version or 'of unknown version'} — read it with that "
+                        "version, or upgrade ldae") from None
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """module.load_state_dict(state), with a mismatch between the checkpoint's tensors and the module its
+    metadata describes named in one line instead of torch's dump."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + shapes[:2]
+        raise LdaeError(f"{where}: its tensors do not match the network its metadata describes ({'; '.join(parts)}); "
+                        "the file is damaged or was edited")
+    module.load_state_dict(state)
 
 
 @dataclass
@@ -108,19 +150,36 @@ def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch
     }
     # safetensors refuses non-contiguous tensors and tensors sharing storage (tied weights)
     tensors = _unshare({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(map(len, metadata.values())) + 65536
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise _no_space(path, needed, free)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(path, needed, shutil.disk_usage(path.parent).free) from None
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise LdaeError(f"cannot write {path.name} in {path.parent} ({exc.strerror}); the previous file, if any, "
+                            "is unchanged; pick a writable --out") from None
         raise
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def _no_space(path: Path, needed: int, free: int) -> LdaeError:
+    return LdaeError(f"not enough space in {path.parent} to write {path.name}: it needs about {needed / 2**20:,.1f} MB "
+                     f"and {free / 2**20:,.1f} MB are free; the previous file, if any, is unchanged. Free some space "
+                     "or pick another --out")
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

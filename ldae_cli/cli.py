@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
+import signal
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -10,8 +14,8 @@ import typer
 from rich.markup import escape
 
 from ldae_cli import __version__
-from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import err_console
+from ldae_cli.errors import Interrupted, LdaeError
+from ldae_cli.reporting import err_console, kept
 
 app = typer.Typer(
     name="ldae",
@@ -41,11 +45,22 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug
 
 
-def _stage(name: str):
-    """The stage module behind a subcommand, imported on use so `ldae --help` stays fast."""
+class _Interruption(Exception):
+    """Carries a KeyboardInterrupt (Ctrl-C, SIGTERM) out of a command: Typer would swallow the interrupt itself."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _call(name: str, *args, **kwargs):
+    """Run a stage: its module (imported on use, so `ldae --help` stays fast) `main(...)`."""
     import importlib
 
-    return importlib.import_module(f"ldae_cli.stages.{name}")
+    try:
+        return importlib.import_module(f"ldae_cli.stages.{name}").main(*args, **kwargs)
+    except KeyboardInterrupt as exc:
+        raise _Interruption(exc) from None
 
 
 OutOpt = typer.Option(None, "--out", help="Run directory (sets run.out_dir).")
@@ -53,6 +68,8 @@ ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this direct
                          "it stopped.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device).")
 CkptOpt = typer.Option(None, "--ckpt", help="A pretrain checkpoint (or an encoder from `ldae export`).")
+ForceOpt = typer.Option(False, "--force", help="Replace what the output location already holds (another run's "
+                        "directory, an existing file); without it nothing is ever overwritten.")
 
 
 @app.command("fit-pca")
@@ -63,37 +80,37 @@ def fit_pca(
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are center-cropped and resized to this."),
     out: Optional[str] = typer.Option(None, "--out", help="Checkpoint file to write."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
-    config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
+    config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
 ) -> None:
     """Fit the patch-wise PCA tokenizer (mean patch, full basis, eigenvalues, latent scales) and draw its filters."""
-    _stage("fit_pca").main(config, overrides or [], {
+    _call("fit_pca", config, overrides or [], {
         "pca.patch": patch, "pca.dim": dim, "pca.patches": patches, "data.image_size": image_size,
-        "data.path": data, "data.source": source, "out": out})
+        "data.path": data, "data.source": source, "out": out}, force=force)
 
 
 @app.command("train-tokenizer")
 def train_tokenizer(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
-    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt, force: bool = ForceOpt,
 ) -> None:
     """Train a conv VAE / VQGAN-style / patch VAE / patch AE tokenizer for the trajectory rows that need one."""
-    _stage("train_tokenizer").main(config, overrides or [], {
-        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
+    _call("train_tokenizer", config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force)
 
 
 @app.command("pretrain")
 def pretrain(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
-    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
+    resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt, force: bool = ForceOpt,
 ) -> None:
     """Pretrain a DiT-style denoising model: any row of the deconstruction trajectory, l-DAE by default.
 
     Launch on several GPUs or nodes with `torchrun --nproc-per-node N -m ldae_cli pretrain ...`.
     """
-    _stage("pretrain").main(config, overrides or [], {
-        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume)
+    _call("pretrain", config, overrides or [], {
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force)
 
 
 @app.command("probe")
@@ -107,12 +124,13 @@ def probe(
     fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Fast: features extracted once, no augmentation "
                                         "(+ k-NN). Full: the MAE protocol with crops and flips every epoch."),
     random_init: bool = typer.Option(False, "--random-init", help="Probe the same architecture untrained (baseline)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
-    _stage("probe").main(config, overrides or [], {
+    _call("probe", config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device, "probe.t": t,
         "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, resume, ckpt=ckpt,
-        random_init=random_init)
+        random_init=random_init, force=force)
 
 
 @app.command("finetune")
@@ -122,11 +140,12 @@ def finetune(
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Same network, randomly initialised "
                                       "(the baseline every fine-tuning result is read against)."),
+    force: bool = ForceOpt,
 ) -> None:
     """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
-    _stage("finetune").main(config, overrides or [], {
+    _call("finetune", config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch)
+        ckpt=ckpt, from_scratch=from_scratch, force=force)
 
 
 @app.command("detect")
@@ -136,11 +155,12 @@ def detect(
     out: Optional[str] = OutOpt, resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Randomly initialised backbone (baseline)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --ckpt, a trained `detect` checkpoint."),
+    force: bool = ForceOpt,
 ) -> None:
     """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
-    _stage("detect").main(config, overrides or [], {
+    _call("detect", config, overrides or [], {
         "data.path": data, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only)
+        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only, force=force)
 
 
 @app.command("denoise")
@@ -156,11 +176,12 @@ def denoise(
     compare_pixel_noise: bool = typer.Option(False, "--compare-pixel-noise",
                                              help="Add the paper's Fig. 6: the same sigma in pixels vs in the latent."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."), force: bool = ForceOpt,
 ) -> None:
     """Denoise images with a pretrained model: writes clean | noisy | denoised panels (the paper's Fig. 7)."""
-    _stage("denoise").main(images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
-                           compare_pixel_noise=compare_pixel_noise, ema=ema, device=device, samples=samples)
+    _call("denoise", images, ckpt=ckpt, t=t, sigma=sigma, seed=seed, out=out,
+                           compare_pixel_noise=compare_pixel_noise, ema=ema, device=device, samples=samples,
+                           force=force)
 
 
 @app.command("export")
@@ -170,6 +191,7 @@ def export(
     t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+    force: bool = ForceOpt,
 ) -> None:
     """Fold the encoder at fixed t into a plain ViT and save it as a timm `VisionTransformer` state dict.
 
@@ -177,25 +199,64 @@ def export(
     global_pool='avg', act_layer='gelu_tanh'; the kwargs are in the file's metadata) and
     `safetensors.torch.load_file`.
     """
-    typer.echo(f"wrote {_stage('export').main(ckpt, out, t, depth, ema)}")
+    typer.echo(f"wrote {_call('export', ckpt, out, t, depth, ema, force)}")
 
 
 @app.command("report")
 def report(
     paths: List[str] = typer.Argument(..., help="Run directories (metrics.jsonl) and/or checkpoints."),
+    force: bool = ForceOpt,
 ) -> None:
-    """Draw the pictures a run's files hold: loss curves from metrics.jsonl, filters of a PCA checkpoint."""
-    for written in _stage("report").main(paths):
+    """Draw the pictures a run's files hold: curves from metrics.jsonl (report.png), filters of a PCA checkpoint."""
+    for written in _call("report", paths, force):
         typer.echo(f"wrote {written}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which stops cleanly by itself): end like Ctrl-C, with one line."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> str:
+    if isinstance(exc, Interrupted):  # a training loop stopped cleanly and says what it kept
+        return str(exc)
+    how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    saved = kept()
+    if saved:
+        return f"{how}; {saved} is kept (continue with --resume)"
+    return f"{how} before this run saved a checkpoint; nothing to resume"
+
+
+def _os_error(exc: OSError) -> str:
+    """A file-system failure outside the writers that already explain themselves, named with its file."""
+    where = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        folder = Path(where).parent if exc.filename else Path.cwd()
+        free = shutil.disk_usage(folder).free / 2 ** 20 if folder.exists() else 0.0
+        return f"no space left writing {where} ({free:,.1f} MB free in {folder}); free some space or pick another --out"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where} ({exc.strerror}); pick a writable --out"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run() -> None:
     try:
         # standalone_mode=False: usage errors reach us, to be printed as one line like every other error
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except typer.Abort:
-        err_console.print("interrupted")
+        err_console.print(escape(_interrupted(KeyboardInterrupt())), soft_wrap=True)
         sys.exit(130)
     except typer.TyperException as exc:  # click's usage errors (Typer vendors click)
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `ldae`: the help was printed
@@ -204,14 +265,17 @@ def main() -> None:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         err_console.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}{where}", soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
-    except LdaeError as exc:
+    except (LdaeError, OSError) as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+        message = str(exc) if isinstance(exc, LdaeError) else _os_error(exc)
+        err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted (checkpoints already written are kept; training stages resume with --resume)")
-        sys.exit(130)
+    except (KeyboardInterrupt, _Interruption) as exc:
+        interrupt = exc.interrupt if isinstance(exc, _Interruption) else exc
+        err_console.print(escape(_interrupted(interrupt)), soft_wrap=True)
+        sys.exit(interrupt.code if isinstance(interrupt, Interrupted) else 143 if isinstance(interrupt, Terminated)
+                 else 130)
     except Exception as exc:  # an ldae bug or an unexpected library failure: still one line unless --debug
         if _state["debug"]:
             raise

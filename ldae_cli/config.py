@@ -247,3 +247,11 @@ def dump_yaml(cfg: Any) -> str:
 def save_resolved(cfg: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_yaml(cfg))
+
+
+def require(section: str, rule: str, ok, **values) -> None:
+    """Range checks of config values: `ok(v)` must hold for each of `values` (None = unset, allowed), else the
+    key, its value and the rule are named, e.g. require("optim", "> 0", lambda v: v > 0, blr=self.blr)."""
+    for key, value in values.items():
+        if value is not None and not ok(value):
+            raise LdaeError(f"{section}.{key} must be {rule}, got {value!r}")

@@ -21,8 +21,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldae_cli.config import require
 from ldae_cli.errors import LdaeError, short
-from ldae_cli.sources import ImageSource, open_source
+from ldae_cli.sources import ImageSource, decode, open_source
+
+# what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Source = Literal["fashion-mnist", "cifar10", "imagefolder", "images"]
 
@@ -45,8 +49,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.image_size < 2:
             raise LdaeError(f"data.image_size: must be at least 2, got {self.image_size}")
-        lo, hi = (self.crop_scale + [None, None])[:2]
-        if len(self.crop_scale) != 2 or not (0 < lo <= hi <= 1):
+        require("data", ">= 0", lambda v: v >= 0, num_workers=self.num_workers)
+        if len(self.crop_scale) != 2 or not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise LdaeError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if self.limit is not None and self.limit < 1:
             raise LdaeError(f"data.limit: must be a positive number of images or null, got {self.limit}")
@@ -144,12 +148,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def load_image_file(path: str | os.PathLike, size: int) -> torch.Tensor:
     """One user image (any size or mode) -> uint8 (3, size, size), with a one-line error if unreadable."""
     try:
-        with Image.open(path) as img:
-            img.load()
+        with decode(path, size) as img:
             return prepare(img, size)
     except FileNotFoundError:
         raise LdaeError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UNREADABLE as exc:
         raise LdaeError(f"{path}: cannot read image ({short(exc)})") from None
 
 
@@ -223,9 +226,9 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = img.flip(-1)
         else:
             try:
-                img = self.source.open(self._raw(i))
+                img = self.source.open(self._raw(i), self.size if self.crop == "center" else None)
                 img = prepare(img, self.size, self.crop, self.crop_scale, self.hflip, aug_seed)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            except UNREADABLE as exc:
                 return BadImage(self.name(i), short(exc))
         if self.transform is not None:  # outside the try: a failing transform is a bug, not a bad file
             img = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()), aug_seed)

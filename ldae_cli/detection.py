@@ -440,12 +440,12 @@ class _Counted:
 
 
 def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path, distributed: bool,
-             num_workers: int, advance=lambda n: None) -> dict[str, dict[str, float | None]]:
+             num_workers: int, advance=lambda n: None, text: str = "coco_eval.txt") -> dict[str, dict[str, float | None]]:
     """COCO box and mask AP (pycocotools' official COCOeval) of `model` on `split`.
 
     Returns {"bbox": {"AP": .., "AP50": .., ...}, "segm": {...}} in percent (None where COCOeval has no
     value, e.g. nothing was detected; {} on ranks other than the main one). pycocotools' printed
-    tables go to out_dir/coco_eval.txt instead of the terminal. The evaluator gets no output_dir: it
+    tables go to out_dir/`text` instead of the terminal. The evaluator gets no output_dir: it
     would write its raw predictions there in torch's code-running format, which no file of ours uses.
     """
     from detectron2.data import build_detection_test_loader
@@ -460,7 +460,7 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path,
         results = inference_on_dataset(model, _Counted(loader, advance), evaluator)
     if printed.getvalue():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "coco_eval.txt").write_text(printed.getvalue())
+        (out_dir / text).write_text(printed.getvalue())
     if not results:
         return {}
     return {task: {k: float(v) if math.isfinite(v) else None for k, v in results.get(task, {}).items()

@@ -45,6 +45,8 @@ class DiffusionConfig:
             raise LdaeError("diffusion.target 'x0' predicts the original image: set diffusion.output_space to 'image'")
         if not 0 <= self.tail_weight:
             raise LdaeError(f"diffusion.tail_weight must be >= 0, got {self.tail_weight}")
+        if not 0 < self.constant_sigma < 1e6:
+            raise LdaeError(f"diffusion.constant_sigma must be a positive noise level, got {self.constant_sigma}")
         if self.schedule == "constant" and not 0 <= self.constant_t <= self.timesteps:
             raise LdaeError(f"diffusion.constant_t must lie in 0..{self.timesteps}")
 

@@ -24,13 +24,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, save_checkpoint, unflatten_optimizer
+from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, load_state, save_checkpoint, unflatten_optimizer
 from ldae_cli.data import Batch, BadImageCounter, ImageDataset, make_loader
 from ldae_cli.distributed import all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.errors import LdaeError
+from ldae_cli.errors import Interrupted, LdaeError, short
 from ldae_cli.optim import StepPlan, make_ema, set_lr
 from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, progress_bar, read_metrics
+from ldae_cli.reporting import MetricsLog, console, note_kept, progress_bar, read_metrics
 from ldae_cli.runs import Session
 
 # what to change when a training loss stops being finite
@@ -71,12 +71,31 @@ class TrainState:
                             "training run); start a new run from it instead")
         for name, module in modules.items():
             if module is not None:
-                module.load_state_dict(ck.section(name))
+                load_state(module, ck.section(name), f"{ck.path} ({name})")
         for name, optimizer in optimizers.items():
             rest = ck.extra["optimizers"].get(name)
             if rest is not None:
-                _load_optimizer(optimizer, unflatten_optimizer(ck.section(name), rest))
+                try:
+                    _load_optimizer(optimizer, unflatten_optimizer(ck.section(name), rest))
+                except (KeyError, ValueError, RuntimeError) as exc:
+                    raise LdaeError(f"{ck.path}: its {name} optimizer state does not fit this run's parameters "
+                                    f"({short(exc)}); the file is damaged or was edited") from None
         return ck.extra["step"]
+
+    @staticmethod
+    def non_finite(modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]) -> str | None:
+        """The first weight or optimizer-state tensor holding a NaN or an infinity, by name; None when all are
+        finite (what a checkpoint must be to be kept)."""
+        for name, module in modules.items():
+            for key, value in (module.state_dict().items() if module is not None else ()):
+                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    return f"{name}.{key}"
+        for name, optimizer in optimizers.items():
+            for index, entry in optimizer.state.items():
+                for key, value in entry.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        return f"{name} state of parameter {index} ({key})"
+        return None
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -163,10 +182,12 @@ class ImageStream:
         plan.batches.start_step, plan.batches.total_steps = start, plan.total_steps
         self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers, pin_memory=pin_memory))
         self._bad = BadImageCounter(on_bad_image)
+        self._dropped = dataset.skipped  # left out when the dataset was cached
 
     @property
     def skipped(self) -> int:
-        return self._bad.skipped
+        """Unreadable images skipped so far: dropped when caching, or met in batches."""
+        return self._dropped + self._bad.skipped
 
     def next(self) -> Batch:
         return self._bad.check(next(self._batches))
@@ -187,13 +208,15 @@ class Trainer:
                  optimizers: dict[str, torch.optim.Optimizer], *, ema_decay: float | None = None,
                  describe: Callable[[], tuple[dict[str, torch.Tensor], dict]] | None = None,
                  parents: list[dict] = (), losses: tuple[str, ...] = ("loss",), shown: tuple[str, ...] = ("loss", "lr"),
-                 hint: str = DIVERGED_HINT, curves: tuple[Curve, ...] | None = None, hooks: tuple[Hook, ...] = ()):
+                 hint: str = DIVERGED_HINT, curves: tuple[Curve, ...] | None = None, hooks: tuple[Hook, ...] = (),
+                 non_finite: Callable[[], str | None] | None = None):
         self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
         self.out_dir, self.path = session.out_dir, session.checkpoint
         self.ema = make_ema(modules["model"], ema_decay) if ema_decay else None
         self.modules = {**modules, **({"ema": self.ema.module} if self.ema is not None else {})}
         self.optimizers, self.describe, self.parents = optimizers, describe, list(parents)
         self.hint, self.shown, self.hooks = hint, shown, list(hooks)
+        self._non_finite = non_finite
         self.curves = curves if curves is not None else (Curve("loss.png", ("loss",), f"{session.command} loss"),)
         self.meter = LossMeter(losses, self.ctx.device)
         self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
@@ -258,6 +281,8 @@ class Trainer:
                                 completed=self.step * self.plan.batch_size, info="")
             while self.step < self.total_steps:
                 lr = self.plan.lr(self.step)
+                if not math.isfinite(lr):
+                    raise LdaeError(f"the lr schedule gives {lr} at step {self.step}; {self.kept()}. {self.hint}")
                 for optimizer in self.optimizers.values():
                     set_lr(optimizer, lr)
                 values = {"lr": lr, **(step_fn(self.step) or {})}
@@ -279,15 +304,22 @@ class Trainer:
                 if self.step == self.total_steps and any([hook.after_last_save(self) for hook in self.hooks]):
                     self.save()
                 if stopping and self.step < self.total_steps:
-                    if self.ctx.is_main:
-                        console.print(f"stopped at step {self.step:,} ({stop.reason or 'stop_after_steps'}); "
-                                      f"checkpoint saved. Continue with `ldae {self.session.command} --resume "
-                                      f"{self.out_dir}`")
-                    return False
+                    return self._stopped(stop.reason)
         if self.ctx.is_main:
             console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
                           f"{self.path}")
         return True
+
+    def _stopped(self, reason: str) -> bool:
+        """A stop before the last step, its checkpoint written: a signal ends the process (exit 130 / 143) with one
+        line, a limit of the config (stop_after_steps, time limit) returns False."""
+        line = (f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step {self.step:,} "
+                f"in {self.out_dir} is kept. Continue with `ldae {self.session.command} --resume {self.out_dir}`")
+        if reason in ("SIGINT", "SIGTERM"):
+            raise Interrupted(line, 130 if reason == "SIGINT" else 143)
+        if self.ctx.is_main:
+            console.print(line)
+        return False
 
     def _finished_already(self) -> None:
         unevaluated = [hook for hook in self.hooks if isinstance(hook, Evaluation) and hook.missing(self.step)]
@@ -304,8 +336,8 @@ class Trainer:
         means = self.meter.take(self.ctx)
         first = means.get(self.meter.names[0], 0.0)
         if not math.isfinite(first):
-            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; the last good "
-                            f"checkpoint (step {self.last_saved}) is kept in {self.out_dir}. {self.hint}")
+            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; {self.kept()}. "
+                            f"{self.hint}")
         if self._stream is not None:
             values = {**values, "skipped_images": self._stream.skipped}
         values = {**means, **values}
@@ -317,8 +349,18 @@ class Trainer:
                             "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
                             "time_s": round(time.time() - self._started, 1)})
 
+    def kept(self) -> str:
+        """What the NaN guard leaves: the last checkpoint written (or resumed from), never one that was not."""
+        if self.path.exists() and (self.last_saved > self.start_step or self.session.resume is not None):
+            return f"the last good checkpoint (step {self.last_saved}) is kept in {self.out_dir}"
+        return "no checkpoint was written before (the run had not reached its first save)"
+
     def save(self) -> None:
-        """The checkpoint of the current step (rank 0 writes, every rank waits), and the curves."""
+        """The checkpoint of the current step (rank 0 writes, every rank waits), and the curves. Weights or
+        optimizer state that are not finite are never saved: the run stops, keeping the last good one."""
+        bad = self.non_finite_state()
+        if bad is not None:
+            raise LdaeError(f"{bad} became non-finite by step {self.step}; {self.kept()}. {self.hint}")
         if self.ctx.is_main:
             tensors, extra = self.describe() if self.describe is not None else ({}, {})
             state_tensors, state_extra = TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
@@ -334,6 +376,13 @@ class Trainer:
                             title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
         barrier(self.ctx)
         self.last_saved = self.step
+        note_kept(f"the checkpoint of step {self.step} in {self.out_dir}")
+
+    def non_finite_state(self) -> str | None:
+        """What of the state is not finite (None: all of it is), or the stage's own rule when it has one."""
+        if self._non_finite is not None:
+            return self._non_finite()
+        return TrainState.non_finite(self.modules, self.optimizers)
 
 
 class StopSignal:

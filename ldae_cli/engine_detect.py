@@ -81,13 +81,13 @@ def flat_results(results: dict) -> dict:
 
 
 def run_evaluation(model: nn.Module, split: detection.CocoSplit, cfg, out_dir: Path, ctx: DistContext,
-                   bar=None) -> dict:
+                   bar=None, text: str = "coco_eval.txt") -> dict:
     """COCO AP on `split`, shown as a task of `bar` (the training progress) or of a bar of its own."""
     with contextlib.nullcontext(bar) if bar is not None else \
             progress_bar("img", cfg.run.progress and ctx.is_main) as shown:
         task = shown.add_task(f"eval {cfg.data.eval_split}", total=-(-len(split.dicts) // ctx.world), info="")
         results = detection.evaluate(model, split, cfg.data.image_size, out_dir, ctx.enabled,
-                                     cfg.data.num_workers, advance=lambda n: shown.update(task, advance=n))
+                                     cfg.data.num_workers, advance=lambda n: shown.update(task, advance=n), text=text)
         shown.remove_task(task)
     barrier(ctx)
     return results

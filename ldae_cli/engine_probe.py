@@ -183,6 +183,12 @@ def head_plan(s, n: int, seed: int, ctx: DistContext) -> StepPlan:
     return StepPlan(total, per_epoch, batch, lr, batches)
 
 
+def every_head_diverged(heads: ProbeHeads) -> str | None:
+    """The probe's NaN guard at a save: one head at too high an lr may diverge while the others learn."""
+    finite = [all(bool(torch.isfinite(p).all()) for p in head.parameters()) for head in heads.heads]
+    return None if any(finite) else "every probe head"
+
+
 def results_rows(blrs: list[float], lrs: list[float], last_losses: list[float | None], acc: dict) -> list[dict]:
     return [{"blr": b, "lr": lr, "train_loss": loss, "top1": round(float(acc[1][i]), 2),
              "top5": round(float(acc[5][i]), 2)} for i, (b, lr, loss) in enumerate(zip(blrs, lrs, last_losses))]
@@ -237,7 +243,7 @@ def train(session: Session, encoder: FeatureEncoder, train_set: ImageDataset, ev
     evaluation = Evaluation(final_evaluation)
     terms = loss_terms(s.blrs)
     trainer = Trainer(session, plan, {"heads": heads}, {"optim": optimizer}, describe=describe,
-                      parents=encoder.parents, losses=terms, shown=("loss",),
+                      parents=encoder.parents, losses=terms, shown=("loss",), non_finite=lambda: every_head_diverged(heads),
                       hint=f"Every probe head diverged: lower probe.blrs (now {s.blrs})",
                       curves=(Curve("loss.png", terms, "probe head losses"),), hooks=(evaluation,))
 

@@ -9,3 +9,12 @@ def short(exc: BaseException) -> str:
     """The first line of an exception's message (its type when it has none), at most 200 characters."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:200]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM after saving what it had: `str()` is the one line to print (what was
+    kept, how to continue), `code` the exit status (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code

@@ -23,6 +23,7 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 
 
@@ -42,6 +43,15 @@ SIZES = {
     "L": Size(1024, 24, 24, 16),
 }
 SizeName = Literal["T", "S", "B", "half-L", "L", "custom"]
+
+
+def check_shape(where: str, width: int, num_heads: int) -> None:
+    """Heads must split the width, and the 2-D sin-cos position embedding needs a width divisible by 4."""
+    if num_heads < 1 or width < 4:
+        raise LdaeError(f"{where}: width must be >= 4 and num_heads >= 1, got width {width} and {num_heads} heads")
+    if width % num_heads or width % 4:
+        raise LdaeError(f"{where}.width {width} must be divisible by {where}.num_heads {num_heads} and by 4 (the "
+                        f"2-D sin-cos position embedding); e.g. width {max(num_heads, 4) * 16 // 4 * 4}")
 
 
 def resolve_size(where: str, size: str, **given: int | None) -> tuple[int, ...]:
@@ -79,10 +89,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         width, enc, dec, heads = self.resolved()
-        if width % heads:
-            raise LdaeError(f"model.width {width} is not divisible by model.num_heads {heads}")
+        check_shape("model", width, heads)
         if enc < 1 or dec < 0:
             raise LdaeError(f"model: encoder_depth must be >= 1 and decoder_depth >= 0 (got {enc}, {dec})")
+        require("model", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio, adaln_hidden_ratio=self.adaln_hidden_ratio)
+        require("model", "in [0, 1)", lambda v: 0 <= v < 1, class_dropout=self.class_dropout)
 
 
 def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ldae_cli.data import StepBatches
+from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 
 
@@ -34,10 +35,15 @@ class OptimConfig:
             raise LdaeError(f"optim.batch_size must be positive, got {self.batch_size}")
         if self.epochs <= 0 or self.warmup_epochs < 0:
             raise LdaeError("optim.epochs must be positive and optim.warmup_epochs non-negative")
-        if len(self.betas) != 2:
-            raise LdaeError(f"optim.betas needs two values, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise LdaeError(f"optim.betas needs two values in [0, 1), got {self.betas}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise LdaeError(f"optim.ema is a decay in (0, 1), got {self.ema}")
+        require("optim", "a positive integer", lambda v: v > 0, micro_batch=self.micro_batch)
+        require("optim", "> 0", lambda v: v > 0, blr=self.blr, lr=self.lr, clip_grad=self.clip_grad)
+        require("optim", ">= 0", lambda v: v >= 0, min_lr=self.min_lr, weight_decay=self.weight_decay)
+        if not math.isfinite(self.base_lr()):
+            raise LdaeError(f"optim: the lr (blr x batch_size / 256, or lr) overflows to {self.base_lr()}; lower it")
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256

@@ -86,6 +86,7 @@ class PCAFit:
     basis: torch.Tensor
     eigenvalues: torch.Tensor
     n_patches: int
+    skipped: int = 0  # unreadable images left out (data.on_bad_image=skip)
 
     def variance_explained(self, dim: int) -> float:
         return float(self.eigenvalues[:dim].sum() / self.eigenvalues.sum().clamp_min(1e-30))
@@ -116,7 +117,7 @@ def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error
     if acc.n <= p * p * 3:
         raise LdaeError(f"only {acc.n} patches could be read; PCA of {p * p * 3} dims needs more")
     eigenvalues, basis = principal_components(acc.covariance())
-    return PCAFit(acc.mean, basis, eigenvalues, acc.n)
+    return PCAFit(acc.mean, basis, eigenvalues, acc.n, dataset.skipped + bad.skipped)
 
 
 def save_fit(result: PCAFit, out: Path, settings: PCASettings, config: dict, image_size: int, dataset: str) -> Path:
@@ -127,6 +128,7 @@ def save_fit(result: PCAFit, out: Path, settings: PCASettings, config: dict, ima
     tensors = {"pca.mean": result.mean, "pca.basis": result.basis, "pca.eigenvalues": result.eigenvalues,
                "pca.whiten_std": result.eigenvalues.clamp_min(0).sqrt()}
     extra = {"patch": settings.patch, "dim": dim, "channels": 3, "n_patches": result.n_patches,
+             "skipped_images": result.skipped,
              "variance_explained": result.variance_explained(dim), "latent_scale_global": float(global_scale[0]),
              "image_size": image_size, "dataset": dataset}
     return save_checkpoint(out, "pca", tensors, config, extra=extra)

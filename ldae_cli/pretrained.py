@@ -13,11 +13,10 @@ from typing import Callable
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, save_checkpoint
-from ldae_cli.config import config_from_dict
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, save_checkpoint, stored_config
 from ldae_cli.data import DataConfig, to_unit_range
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.errors import LdaeError
+from ldae_cli.errors import LdaeError, short
 from ldae_cli.models import DenoisingViT, build_timm_vit, fold_to_vit
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer
 
@@ -67,17 +66,27 @@ class Pretrained:
 def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
     """ema: None = the EMA weights when the run kept them, else the raw weights."""
     ckpt = load_checkpoint(path, "pretrain")
-    diffusion = config_from_dict(DiffusionConfig, ckpt.config["diffusion"])
-    data = config_from_dict(DataConfig, ckpt.config["data"])
+    ckpt.require("model_spec.grid", "model_spec.width", "model_spec.in_dim", "model_spec.out_dim", "tokenizer.kind",
+                 "image_size")
+    diffusion = stored_config(DiffusionConfig, ckpt, "diffusion")
+    data = stored_config(DataConfig, ckpt, "data")
     has_ema = ckpt.extra.get("has_ema", False)
     if ema and not has_ema:
         raise LdaeError(f"{path}: this run kept no EMA weights (optim.ema was null)")
     use_ema = has_ema if ema is None else ema
-    model = DenoisingViT.from_spec(ckpt.extra["model_spec"])
-    model.load_state_dict(ckpt.section("ema" if use_ema else "model"))
+    try:
+        model = DenoisingViT.from_spec(ckpt.extra["model_spec"])
+    except (TypeError, ValueError, LdaeError) as exc:
+        raise LdaeError(f"{path}: its model_spec does not describe a network ({short(exc)}); the file is damaged "
+                        "or was not written by ldae") from None
+    load_state(model, ckpt.section("ema" if use_ema else "model"), f"{path} ({'ema' if use_ema else 'model'})")
     model.eval()
-    tokenizer = build_tokenizer(ckpt.extra["tokenizer"], ckpt.section("tokenizer"))
+    tokenizer = build_tokenizer(ckpt.extra["tokenizer"], ckpt.section("tokenizer"), ckpt.path)
     denoiser = Denoiser(diffusion, tokenizer, NoiseSchedule(diffusion), ckpt.extra["image_size"])
+    if tuple(denoiser.grid) != tuple(model.spec["grid"]):
+        raise LdaeError(f"{path}: image_size {ckpt.extra['image_size']} with {tokenizer.patch}-pixel tokens is a "
+                        f"{denoiser.grid} grid, but its network was built for {tuple(model.spec['grid'])}; the "
+                        "metadata is damaged or was edited")
     return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser)
 
 
@@ -127,13 +136,22 @@ def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None,
         ckpt = pre.ckpt
     elif kind == "encoder":
         ckpt = load_checkpoint(path, "encoder")
+        ckpt.require("timm_kwargs.depth", "timm_kwargs.embed_dim", "timm_kwargs.patch_size", "timm_kwargs.img_size")
         state, kwargs = ckpt.tensors, ckpt.extra["timm_kwargs"]
         if depth is not None and depth != kwargs["depth"]:
             raise LdaeError(f"{path}: exported with depth {kwargs['depth']}; export again with --depth {depth}")
     else:
         raise LdaeError(f"{path}: is a '{kind}' checkpoint, expected 'pretrain' or 'encoder'")
-    vit = build_timm_vit(kwargs, **timm_overrides)
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        vit = build_timm_vit(kwargs, **timm_overrides)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise LdaeError(f"{path}: its timm_kwargs do not build a ViT ({short(exc)}); the file is damaged or was "
+                        "edited") from None
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ from what its kwargs build
+        raise LdaeError(f"{path}: its tensors do not fit the ViT its metadata describes "
+                        f"({str(exc).splitlines()[-1].strip()[:200]}); the file is damaged or was edited") from None
     allowed_missing = {k for k in missing if k.startswith("head")}
     if set(missing) - allowed_missing or unexpected:
         raise LdaeError(f"{path}: encoder weights do not fit the ViT (missing {sorted(missing)[:3]}, "

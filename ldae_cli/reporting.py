@@ -16,6 +16,19 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+# what this process has saved so far, for the one line an interrupt prints
+_kept: dict[str, str | None] = {"note": None}
+
+
+def note_kept(text: str | None) -> None:
+    _kept["note"] = text
+
+
+def kept() -> str | None:
+    """What an interrupt leaves behind, e.g. 'the checkpoint of step 120 in runs/x'; None when nothing."""
+    return _kept["note"]
+
+
 class RateColumn(ProgressColumn):
     """Items per second (images, patches) from rich's own speed estimate."""
 
@@ -40,7 +53,8 @@ def progress_bar(unit: str = "img", enabled: bool = True) -> Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line; resumed runs keep the lines written before the interruption."""
+    """Appends one JSON object per line; resumed runs keep the lines written before the interruption. A line
+    torn by a kill mid-write (the last one) is dropped, never a reason to refuse a resume."""
 
     def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None):
         self.path, self.enabled = Path(path), enabled
@@ -48,9 +62,10 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if truncate_after_step is not None and self.path.exists():
                 # lines logged after the checkpoint we resume from would be logged again: drop them
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", -1) <= truncate_after_step]
-                self.path.write_text("".join(k + "\n" for k in kept))
+                text = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path)
+                               if r.get("step", -1) <= truncate_after_step)
+                if text != self.path.read_text(errors="replace"):
+                    self.path.write_text(text)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -63,6 +78,15 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not a JSON object (torn by a kill) is skipped."""
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

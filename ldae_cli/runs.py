@@ -1,26 +1,29 @@
-"""Run directories and the run settings every stage shares: where a run writes, how its config is loaded
-or continued, the process group it runs in.
+"""The run settings every stage shares and the session a stage runs in: how its config is loaded or
+continued, its process group, its run directory.
 
-A stage opens a `session` for its run: the distributed context (torchrun or a world of one), the run
-directory (a resumed run's own, else run.out_dir or runs/<kind>/<name>; never a directory that holds
-another run's checkpoint) with the resolved config.yaml in it.
+A stage opens a `session` for its run: the distributed context (torchrun or a world of one) and the
+run directory (a resumed run's own, else run.out_dir or runs/<kind>/<name>), locked for this run and
+holding the resolved config.yaml (ownership rules: rundir.py). A start that fails before writing
+anything of value leaves no directory behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import torch
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file
+from ldae_cli import rundir
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.distributed import DistContext, init, shutdown
 from ldae_cli.errors import LdaeError
-
-CHECKPOINT = "checkpoint.safetensors"  # every training stage's resumable checkpoint, inside its run directory
+from ldae_cli.reporting import console, note_kept
+from ldae_cli.rundir import CHECKPOINT
 # keys a resumed run may change: where things are and how they are run, not what is computed; stages add theirs
 RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device", "run.compile",
              "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps", "run.progress",
@@ -40,6 +43,17 @@ class RunConfig:
     stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
     progress: bool = True
 
+    def validate(self) -> None:
+        if self.log_every < 1 or self.save_every < 1:
+            raise LdaeError(f"run.log_every and run.save_every are numbers of steps (1 or more), got "
+                            f"{self.log_every} and {self.save_every}")
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise LdaeError(f"run.stop_after_steps must be 1 or more (or null), got {self.stop_after_steps}")
+        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
+            raise LdaeError(f"run.time_limit_minutes must be positive (or null), got {self.time_limit_minutes}")
+        if self.seed < 0:
+            raise LdaeError(f"run.seed must be >= 0, got {self.seed}")
+
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -58,8 +72,10 @@ def resume_path(resume: str) -> Path:
 
 
 def resume_base(stored: dict) -> dict:
-    """The stored config to continue from, minus the limits of the interrupted invocation (give them again)."""
-    return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None}}
+    """The stored config to continue from, minus the limits of the interrupted invocation (give them again) and
+    its directory (a resumed run writes where its checkpoint is now, wherever the stored config says it was)."""
+    return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None,
+                              "out_dir": None}}
 
 
 def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
@@ -86,6 +102,7 @@ def load_run_config(cls: type, kind: str, config: str | None, overrides: list[st
     if resume is None:
         return load_config(cls, config, overrides, flags), None
     ckpt = load_checkpoint(resume_path(resume), kind)
+    stored_config(cls, ckpt)  # the stored recipe must read as this ldae's config before anything overrides it
     cfg = load_config(cls, config, overrides, flags, base=resume_base(ckpt.config))
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE + resumable)
     return cfg, ckpt
@@ -105,24 +122,6 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
         raise LdaeError(f"{path} is not the {role} checkpoint {ck.path} was made from (sha256 differs from the "
                         f"recorded {record['sha256'][:12]}...); give the original with --ckpt")
     return str(path)
-
-
-def run_dir(kind: str, out: str | None, name: str | None) -> Path:
-    if out:
-        return Path(out)
-    return Path("runs") / kind / (Path(name).stem if name else "default")
-
-
-def open_run_dir(command: str, kind: str, out: str | None, name: str | None, resume: Checkpoint | None) -> Path:
-    """The run directory: the resumed checkpoint's, else run.out_dir or runs/<kind>/<name>, never a finished or
-    running one (nothing already written is overwritten)."""
-    if resume is not None and not out:
-        return resume.path.parent
-    path = run_dir(kind, out, name)
-    if resume is None and (path / CHECKPOINT).exists():
-        raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume "
-                        f"{path}` or pick another run.out_dir (--out)")
-    return path
 
 
 @dataclass
@@ -150,14 +149,33 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(command: str, kind: str, cfg: Any, name: str | None, resume: Checkpoint | None = None
-            ) -> Iterator[Session]:
+def session(command: str, kind: str, cfg: Any, name: str | None, resume: Checkpoint | None = None,
+            force: bool = False) -> Iterator[Session]:
+    out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume is not None else None)
     ctx = init(cfg.run.device)
+    lock = rundir.RunLock(out_dir, command)
+    created = not out_dir.exists()
     try:
-        out_dir = open_run_dir(command, kind, cfg.run.out_dir, name, resume)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, out_dir / "config.yaml")
+            lock.acquire()
+            if resume is None:
+                rundir.claim_new(out_dir, command, kind, force)
+            litter = rundir.remove_temp_files(out_dir)
+            if litter:
+                console.print(f"removed {len(litter)} temp file(s) an interrupted save left in {out_dir}")
+            if resume is None or not (out_dir / rundir.CONFIG).exists():  # a resumed run keeps its start's record
+                save_resolved(cfg, out_dir / rundir.CONFIG)
+        note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir}" if resume is not None else None)
         yield Session(command, kind, cfg, ctx, out_dir, resume)
+    except BaseException:
+        if ctx.is_main and lock.held and rundir.only_disposable(out_dir):  # a failed start: leave nothing
+            lock.release()
+            if created:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            else:
+                (out_dir / rundir.CONFIG).unlink(missing_ok=True)
+        raise
     finally:
+        lock.release()
         shutdown(ctx)

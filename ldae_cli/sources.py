@@ -35,6 +35,20 @@ CACHE_HOME = Path(os.environ.get("LDAE_CACHE", Path.home() / ".cache" / "ldae"))
 FMNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 
 
+def decode(fp, target: int | None = None) -> Image.Image:
+    """Open and decode an image file. With `target` (the side a center crop is resized to), a large JPEG is
+    decoded at 1/2, 1/4 or 1/8 scale (JPEG's own DCT scaling) while its short side stays >= 2 x target, so a
+    very large photo costs megabytes, not its full size; the resize that follows sees twice the pixels it keeps."""
+    img = Image.open(fp)
+    if target and img.format == "JPEG":
+        w, h = img.size
+        short = min(w, h)
+        if short >= 4 * target:
+            img.draft(None, (max(1, w * 2 * target // short), max(1, h * 2 * target // short)))
+    img.load()
+    return img
+
+
 class ImageSource:
     """Indexable raw images with labels; `open(i)` returns a PIL image or raises."""
 
@@ -45,7 +59,8 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.names)
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int, target: int | None = None) -> Image.Image:
+        """Image i; `target` allows decoding a large JPEG at reduced scale (see `decode`)."""
         raise NotImplementedError
 
 
@@ -54,7 +69,7 @@ class ArraySource(ImageSource):
         self.images, self.labels, self.classes = images, [int(x) for x in labels], classes
         self.names = [f"{origin}[{i}]" for i in range(len(images))]
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int, target: int | None = None) -> Image.Image:
         return Image.fromarray(self.images[i])
 
 
@@ -63,10 +78,8 @@ class FileSource(ImageSource):
         self.paths, self.labels, self.classes = paths, labels, classes
         self.names = [str(p) for p in paths]
 
-    def open(self, i: int) -> Image.Image:
-        img = Image.open(self.paths[i])
-        img.load()
-        return img
+    def open(self, i: int, target: int | None = None) -> Image.Image:
+        return decode(self.paths[i], target)
 
 
 class BytesSource(ImageSource):
@@ -75,10 +88,8 @@ class BytesSource(ImageSource):
     def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], classes: list[str]):
         self.blobs, self.names, self.labels, self.classes = blobs, names, labels, classes
 
-    def open(self, i: int) -> Image.Image:
-        img = Image.open(io.BytesIO(self.blobs[i]))
-        img.load()
-        return img
+    def open(self, i: int, target: int | None = None) -> Image.Image:
+        return decode(io.BytesIO(self.blobs[i]), target)
 
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

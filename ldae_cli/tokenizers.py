@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ldae_cli.autoencoders import Autoencoder, build_autoencoder
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.checkpoint import load_checkpoint, load_state
+from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import patchify, unpatchify
 
@@ -40,8 +41,8 @@ class TokenizerConfig:
     fit_patches: int = 1_000_000  # pca fitted on the fly: patches sampled
 
     def validate(self) -> None:
-        if self.patch < 1:
-            raise LdaeError(f"tokenizer.patch: must be positive, got {self.patch}")
+        require("tokenizer", "a positive integer", lambda v: v > 0, patch=self.patch, dim=self.dim,
+                fit_patches=self.fit_patches)
         if self.kind == "pixel" and self.dim is not None:
             raise LdaeError("tokenizer.dim: the pixel tokenizer keeps every pixel (d = patch*patch*3); leave dim null")
         if self.kind == "pixel" and self.latent_scale != "none":
@@ -234,7 +235,8 @@ class TrainedTokenizer(Tokenizer):
     @classmethod
     def from_export(cls, tensors, desc):
         net = build_autoencoder(desc["net"])
-        net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+        load_state(net, {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")},
+                   f"the {desc['kind']} tokenizer")
         return cls(net, tensors["latent_mean"], tensors["latent_std"], desc["latent_scale"])
 
     def train(self, mode: bool = True):
@@ -283,13 +285,18 @@ TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
 }
 
 
-def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor]) -> Tokenizer:
-    """The one factory: a tokenizer from its description and tensors (as `Tokenizer.export` writes them)."""
+def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor], where: str | Path = "the tokenizer") -> Tokenizer:
+    """The one factory: a tokenizer from its description and tensors (as `Tokenizer.export` writes them).
+    `where` (e.g. the checkpoint it is stored in) names what does not fit, never a raw KeyError."""
     cls = TOKENIZER_KINDS.get(desc.get("kind"))
     if cls is None:
-        raise LdaeError(f"unknown tokenizer kind {desc.get('kind')!r}; this ldae knows "
+        raise LdaeError(f"{where}: unknown tokenizer kind {desc.get('kind')!r}; this ldae knows "
                         f"{', '.join(TOKENIZER_KINDS)}")
-    return cls.from_export(tensors, desc)
+    try:
+        return cls.from_export(tensors, desc)
+    except (KeyError, TypeError) as exc:
+        raise LdaeError(f"{where}: the stored {desc['kind']} tokenizer lacks {exc}; the file is damaged or was not "
+                        "written by ldae") from None
 
 
 def load_tokenizer(cfg: TokenizerConfig, path: str | Path | None = None) -> tuple[Tokenizer, list[dict]]:

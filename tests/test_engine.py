@@ -90,8 +90,8 @@ def test_non_finite_loss_stops_naming_the_steps_and_the_last_checkpoint(tmp_path
     def add(meter, step):
         meter.add("loss", float("nan") if step == 2 else 1.0)
 
-    with pytest.raises(LdaeError, match=r"loss became nan between steps 2 and 4; the last good checkpoint "
-                                        r"\(step 0\) is kept in .*Lower the lr"):
+    with pytest.raises(LdaeError, match=r"loss became nan between steps 2 and 4; no checkpoint was written before "
+                                        r"\(the run had not reached its first save\)\. Lower the lr"):
         run_loop(tmp_path, 6, add)
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2]
 
@@ -164,3 +164,29 @@ def test_a_finished_run_does_nothing_unless_its_final_evaluation_is_missing(tmp_
     assert trainer.saved == [4] and evaluation.latest == {"step": 4, "score": 1}
     assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
     assert trainer.saved == [4] and "already finished" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
+    """Saves at steps 1 and 2; at step 3 the weights hold an infinity: the run stops naming the step-2 checkpoint,
+    which is left as it was."""
+    model = torch.nn.Linear(2, 2)
+    trainer = Trainer(session_in(tmp_path, save_every=1), StepPlan(5, 2, 4, lambda s: 0.1), {"model": model}, {})
+
+    def step(index):
+        trainer.meter.add("loss", 1.0)
+        if index == 2:
+            with torch.no_grad():
+                model.weight[0, 0] = float("inf")
+
+    with pytest.raises(LdaeError, match=r"model.weight became non-finite by step 3; the last good checkpoint \(step 2\) "
+                                        r"is kept in"):
+        trainer.fit(step)
+    ck = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert ck.extra["step"] == 2 and torch.isfinite(ck.tensors["model.weight"]).all()
+
+
+def test_an_lr_schedule_overflow_stops_like_a_nan(tmp_path):
+    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 1e308 * 10 if s == 2 else 0.1), {},
+                               {})
+    with pytest.raises(LdaeError, match=r"the lr schedule gives inf at step 2; no checkpoint was written before"):
+        trainer.fit(lambda step: trainer.meter.add("loss", 1.0))

@@ -229,7 +229,10 @@ def test_fit_pca_is_reproducible_and_default_out(run_main, image_tree, tmp_path)
     first = tmp_path / "runs" / "pca" / "imagefolder-p2-d4.safetensors"
     a = load_checkpoint(first).tensors
     first.rename(tmp_path / "a.safetensors")
-    assert cli(*args).returncode == 0
+    refused = cli(*args)  # the fit's config and filters are still there: nothing is replaced without --force
+    assert refused.returncode == 1 and "imagefolder-p2-d4.config.yaml already exists" in refused.stderr
+    assert not first.exists()
+    assert cli(*args, "--force").returncode == 0
     b = load_checkpoint(first).tensors
     for k in a:
         assert torch.equal(a[k], b[k]), k

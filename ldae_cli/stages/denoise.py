@@ -8,6 +8,7 @@ space the network wrote (image or latent).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.pretrained import Pretrained, load_pretrained
 from ldae_cli.reporting import console
+from ldae_cli.rundir import refuse_to_replace
 from ldae_cli.sources import IMAGE_EXTENSIONS
 
 RUNS = Path("runs")
@@ -33,6 +35,7 @@ def newest_checkpoint(root: Path = RUNS) -> Path:
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
+    """The image files named or found in folders, each once."""
     files = []
     for item in inputs:
         path = Path(item)
@@ -45,7 +48,8 @@ def collect_images(inputs: list[str]) -> list[Path]:
             files.append(path)
         else:
             raise LdaeError(f"{path}: no such image or folder")
-    return files
+    unique = {f.resolve(): f for f in files}
+    return list(unique.values())
 
 
 def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -53,11 +57,29 @@ def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     return images + sigma * torch.randn(images.shape, generator=gen).to(images.device)
 
 
-def output_path(out: str | None, source: Path, count: int) -> Path:
-    if out and count == 1 and out.lower().endswith(".png"):
-        return Path(out)
+def output_paths(out: str | None, files: list[Path]) -> list[Path]:
+    """One panel per image: --out itself for a single image and a .png --out, else <stem>-denoised.png in --out
+    (default runs/denoise). Images whose stems collide (a/x.jpg, b/x.jpg, x.png) are named by their path from
+    the folder they share, so no panel overwrites another."""
+    if out and len(files) == 1 and out.lower().endswith(".png"):
+        return [Path(out)]
     folder = Path(out) if out else RUNS / "denoise"
-    return folder / f"{source.stem}-denoised.png"
+    stems = [f.stem for f in files]
+    clashing = [f.resolve() for f in files if stems.count(f.stem) > 1]
+    common = Path(os.path.commonpath(clashing)) if clashing else None
+    names = []
+    for f in files:
+        if stems.count(f.stem) > 1:
+            names.append("__".join(f.resolve().relative_to(common).parts).replace(".", "_"))
+        else:
+            names.append(f.stem)
+    return [folder / f"{name}-denoised.png" for name in names]
+
+
+def samples_path(out: str | None, pre: Pretrained, step: int) -> Path:
+    if out and out.lower().endswith(".png"):
+        return Path(out)
+    return (Path(out) if out else RUNS / "denoise") / f"{pre.ckpt.path.parent.name}-samples-t{step}.png"
 
 
 def _prepare(ckpt: str | None, ema: bool | None, device: str, t: int | None, sigma: float | None):
@@ -83,14 +105,20 @@ def _row(clean, noisy, denoised, extra, i):
 
 
 def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | None = None,
-                 sigma: float | None = None, seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False,
-                 ema: bool | None = None, device: str = "auto", samples: int | None = None) -> list[Path]:
+         sigma: float | None = None, seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False,
+         ema: bool | None = None, device: str = "auto", samples: int | None = None, force: bool = False) -> list[Path]:
     """Panels for the given images, or (samples=N) for N eval images of the checkpoint's dataset with mean PSNR."""
     if not inputs and not samples:
         raise LdaeError("give images or folders to denoise, or --samples N to take N images from the "
                         "checkpoint's own evaluation split")
     files = collect_images(inputs or [])
     pre, dev, step, level = _prepare(ckpt, ema, device, t, sigma)
+    targets = output_paths(out, files)
+    panel = samples_path(out, pre, step) if samples else None
+    if panel is not None and panel in targets:
+        raise LdaeError(f"--out {out} cannot hold both the panel of {files[0]} and the --samples panel; give a folder")
+    for path in targets + ([panel] if panel is not None else []):
+        refuse_to_replace(path, force, "panel")
     size = pre.image_size
     upscale = max(1, 128 // size)
     titles = ["clean", f"noisy ({level:.2f})", "denoised"] + ([f"pixel noise ({level:.2f})"] if compare_pixel_noise
@@ -102,18 +130,18 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
         noisy, denoised = pre.denoise(clean, step, seed, start)
         extra = pixel_noise(clean, level, seed) if compare_pixel_noise else None
         for i, source in enumerate(chunk):
-            path = save_grid([_row(clean, noisy, denoised, extra, i)], output_path(out, source, len(files)),
-                             upscale=upscale, titles=titles)
+            path = save_grid([_row(clean, noisy, denoised, extra, i)], targets[start + i], upscale=upscale,
+                             titles=titles)
             p_noisy, p_denoised = float(psnr(noisy[i:i + 1], clean[i:i + 1])), float(psnr(denoised[i:i + 1], clean[i:i + 1]))
             console.print(f"{source} -> {path}  (PSNR noisy {p_noisy:.1f} dB, denoised {p_denoised:.1f} dB)")
             written.append(path)
     if samples:
-        written.append(_dataset_samples(pre, dev, step, level, samples, seed, out, compare_pixel_noise, titles,
+        written.append(_dataset_samples(pre, dev, step, level, samples, seed, panel, compare_pixel_noise, titles,
                                         upscale))
     return written
 
 
-def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, seed: int, out: str | None,
+def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, seed: int, path: Path,
                      compare_pixel_noise: bool, titles: list[str], upscale: int, shown: int = 8) -> Path:
     """Mean PSNR of noisy input and denoised output over `count` eval images; a panel of the first few."""
     from ldae_cli.data import build_dataset
@@ -136,8 +164,6 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
         extra = pixel_noise(clean, level, seed + start) if compare_pixel_noise else None
         rows += [_row(clean, noisy, denoised, extra, i) for i, j in enumerate(idx) if j in picked]
     mean_noisy, mean_denoised = (totals / len(dataset)).tolist()
-    path = Path(out) if out and out.lower().endswith(".png") else (Path(out) if out else RUNS / "denoise") / \
-        f"{pre.ckpt.path.parent.name}-samples-t{step}.png"
     save_grid(rows, path, upscale=upscale, titles=titles)
     console.print(f"{len(dataset)} {data_cfg.split_name('eval')} images, sigma {level:.3f}: mean PSNR noisy "
                   f"{mean_noisy:.2f} dB -> denoised {mean_denoised:.2f} dB ({mean_denoised - mean_noisy:+.2f}); "

@@ -20,15 +20,16 @@ from typing import Optional
 import torch
 
 from ldae_cli import detection, engine_detect
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, read_metadata, sha256_file
-from ldae_cli.config import load_config
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, sha256_file
 from ldae_cli.distributed import init, shutdown
 from ldae_cli.engine_detect import ap_table, quiet_detectron2, run_evaluation
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import SizeName, resolve_size
+from ldae_cli.config import load_config, require
+from ldae_cli.models import SizeName, check_shape, resolve_size
 from ldae_cli.optim import accumulation
 from ldae_cli.pretrained import DEFAULT_T, load_encoder
 from ldae_cli.reporting import console
+from ldae_cli.rundir import refuse_to_replace
 from ldae_cli.runs import CHECKPOINT, RunConfig, load_run_config, session
 
 RESUMABLE = ("optim.micro_batch", "eval.every")
@@ -75,8 +76,12 @@ class BackboneConfig:
 
     def validate(self) -> None:
         shape = self.shape()
-        if shape and shape[0] % shape[2]:
-            raise LdaeError(f"backbone.width {shape[0]} is not divisible by backbone.num_heads {shape[2]}")
+        if shape:
+            check_shape("backbone", shape[0], shape[2])
+            require("backbone", "a positive integer", lambda v: v > 0, depth=shape[1])
+        require("backbone", "a positive integer", lambda v: v > 0, patch_size=self.patch_size,
+                pretrain_image_size=self.pretrain_image_size)
+        require("backbone", ">= 0", lambda v: v >= 0, t=self.t)
         if not 0 <= self.drop_path < 1:
             raise LdaeError(f"backbone.drop_path: expected a rate in [0, 1), got {self.drop_path}")
         if self.window_size < 1:
@@ -88,6 +93,10 @@ class DetectModelConfig:
     pyramid_channels: int = 256  # simple-feature-pyramid outputs, RPN and ROI-head convolutions
     box_fc_dim: int = 1024
     roi_batch_per_image: int = 512  # sampled proposals per image for the ROI heads
+
+    def validate(self) -> None:
+        require("model", "a positive integer", lambda v: v > 0, pyramid_channels=self.pyramid_channels,
+                box_fc_dim=self.box_fc_dim, roi_batch_per_image=self.roi_batch_per_image)
 
 
 @dataclass
@@ -106,10 +115,13 @@ class DetectOptimConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.iterations < 1 or self.warmup_iterations < 0:
             raise LdaeError("optim.batch_size and optim.iterations must be positive, optim.warmup_iterations >= 0")
-        if len(self.betas) != 2:
-            raise LdaeError(f"optim.betas needs two values, got {self.betas}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise LdaeError(f"optim.betas needs two values in [0, 1), got {self.betas}")
         if not 0 < self.layer_decay <= 1:
             raise LdaeError(f"optim.layer_decay: expected a factor in (0, 1], got {self.layer_decay}")
+        require("optim", "> 0", lambda v: v > 0, lr=self.lr, micro_batch=self.micro_batch)
+        require("optim", ">= 0", lambda v: v >= 0, weight_decay=self.weight_decay)
+        require("optim", "in (0, 1]", lambda v: 0 < v <= 1, warmup_factor=self.warmup_factor)
         if any(not 0 < f < 1 for f in self.lr_steps) or sorted(set(self.lr_steps)) != list(self.lr_steps):
             raise LdaeError(f"optim.lr_steps: expected increasing fractions of the run in (0, 1), got {self.lr_steps}")
         milestones = self.milestones()
@@ -139,6 +151,9 @@ class DetectOptimConfig:
 class DetectEvalConfig:
     every: Optional[int] = None  # iterations between COCO evaluations while training (the end always evaluates)
 
+    def validate(self) -> None:
+        require("eval", "a positive number of iterations (or null)", lambda v: v > 0, every=self.every)
+
 
 @dataclass
 class DetectConfig:
@@ -156,11 +171,11 @@ class DetectConfig:
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False, eval_only: bool = False) -> Path:
+         ckpt: str | None = None, from_scratch: bool = False, eval_only: bool = False, force: bool = False) -> Path:
     with quiet_detectron2():
         detection.require_detectron2()
         if eval_only:
-            return _eval_only(config, overrides, flags, resume, ckpt, from_scratch)
+            return _eval_only(config, overrides, flags, resume, ckpt, from_scratch, force)
         if resume:
             cfg, stored = load_run_config(DetectConfig, "detect", config, overrides, flags, resume, RESUMABLE)
             _check_resume_init(stored, ckpt, from_scratch)
@@ -172,11 +187,11 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         if ckpt and read_metadata(ckpt)["kind"] == "detect":
             raise LdaeError(f"{ckpt}: is a 'detect' checkpoint; evaluate it with --eval-only or continue its run "
                             "with --resume RUN_DIR; training starts from a 'pretrain' or 'encoder' checkpoint")
-        return run(cfg, config, Init(ckpt, from_scratch))
+        return run(cfg, config, Init(ckpt, from_scratch), force=force)
 
 
 def _eval_only(config: str | None, overrides: list[str], flags: dict, resume: str | None, ckpt: str | None,
-               from_scratch: bool) -> Path:
+               from_scratch: bool, force: bool) -> Path:
     if resume or from_scratch:
         raise LdaeError("--eval-only evaluates --ckpt (a trained detect checkpoint); it takes neither "
                         "--resume nor --from-scratch")
@@ -186,7 +201,7 @@ def _eval_only(config: str | None, overrides: list[str], flags: dict, resume: st
     # results go next to the checkpoint (wherever it is now) unless --out says otherwise
     base = {**trained.config, "run": {**trained.config["run"], "out_dir": None}}
     cfg = load_config(DetectConfig, config, overrides, flags, base=base)
-    return evaluate_checkpoint(cfg, trained)
+    return evaluate_checkpoint(cfg, trained, force)
 
 
 @dataclass
@@ -197,6 +212,8 @@ class Init:
 
 def _check_resume_init(stored: Checkpoint, ckpt: str | None, from_scratch: bool) -> None:
     """--ckpt / --from-scratch on a resume may repeat the original command, but not change it."""
+    stored.require("init", "backbone.width", "backbone.depth", "backbone.num_heads", "backbone.patch_size",
+                   "backbone.pretrain_image_size")
     was_scratch = stored.extra["init"] == "scratch"
     if from_scratch != was_scratch and (from_scratch or ckpt):
         raise LdaeError(f"--resume: {stored.path} was started {'--from-scratch' if was_scratch else 'from --ckpt'}; "
@@ -256,7 +273,7 @@ def register_splits(cfg: DetectConfig) -> tuple[detection.CocoSplit, detection.C
 
 
 def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
-        resume_ckpt: Checkpoint | None = None) -> Path:
+        resume_ckpt: Checkpoint | None = None, force: bool = False) -> Path:
     if resume_ckpt is not None:
         spec = detection.BackboneSpec(**resume_ckpt.extra["backbone"])
         encoder_state, parents = None, resume_ckpt.provenance.get("parents", [])
@@ -265,7 +282,8 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
         spec, encoder_state, parents = resolve_backbone(cfg, init_spec)
         start_kind, report = ("scratch" if encoder_state is None else "pretrain"), None
     train_split, eval_split = register_splits(cfg)
-    with session("detect", "detect", cfg, config_name, resume_ckpt) as s:
+    with session("detect", "detect", cfg, config_name, resume_ckpt, force) as s:
+        cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails before the detector is built
         torch.manual_seed(cfg.run.seed)  # detector init: identical on every rank
         model = detection.build_detector(spec, settings(cfg, len(train_split.class_names)))
         if encoder_state is not None:
@@ -286,29 +304,34 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
 # Evaluation only
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint) -> Path:
-    """COCO AP of a trained detector on data.eval_split; writes eval.json next to it (or in run.out_dir)."""
+def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint, force: bool = False) -> Path:
+    """COCO AP of a trained detector on data.eval_split: eval-only-<split>.json (and pycocotools' tables) next to
+    it, or in run.out_dir; files of that name are replaced only with --force."""
+    out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else trained.path.parent
+    result, text = out_dir / f"eval-only-{cfg.data.eval_split}.json", f"coco_eval-only-{cfg.data.eval_split}.txt"
+    refuse_to_replace(result, force, "evaluation")
+    trained.require("backbone.width", "backbone.depth", "backbone.num_heads", "backbone.patch_size",
+                    "backbone.pretrain_image_size", "num_classes", "class_names", "step")
+    if not cfg.data.path:
+        raise LdaeError("data.path is not set; give --data COCO_ROOT")
+    split = detection.register_coco_split(cfg.data.path, cfg.data.eval_split)
+    if split.class_names != trained.extra["class_names"]:
+        raise LdaeError(f"{split.json_file}: its {len(split.class_names)} categories differ from the "
+                        f"{trained.extra['num_classes']} the detector {trained.path} was trained on")
     ctx = init(cfg.run.device)
     try:
-        out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else trained.path.parent
-        if not cfg.data.path:
-            raise LdaeError("data.path is not set; give --data COCO_ROOT")
-        split = detection.register_coco_split(cfg.data.path, cfg.data.eval_split)
-        if split.class_names != trained.extra["class_names"]:
-            raise LdaeError(f"{split.json_file}: its {len(split.class_names)} categories differ from the "
-                            f"{trained.extra['num_classes']} the detector {trained.path} was trained on")
         spec = detection.BackboneSpec(**trained.extra["backbone"])
         model = detection.build_detector(spec, settings(cfg, trained.extra["num_classes"]))
-        model.load_state_dict(trained.section("model"))
+        load_state(model, trained.section("model"), str(trained.path))
         model.to(ctx.device)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        results = run_evaluation(model, split, cfg, out_dir, ctx)
+        results = run_evaluation(model, split, cfg, out_dir, ctx, text=text)
         if ctx.is_main:
             console.print(ap_table(results, f"COCO {cfg.data.eval_split}: {trained.path}"))
             record = {"checkpoint": str(trained.path), "sha256": trained.sha256, "step": trained.extra["step"],
                       **results}
-            (out_dir / "eval.json").write_text(json.dumps(record, indent=1) + "\n")
-        return out_dir / "eval.json"
+            result.write_text(json.dumps(record, indent=1) + "\n")
+        return result
     finally:
         shutdown(ctx)

@@ -23,7 +23,8 @@ from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import SizeName, build_timm_vit, resolve_size, sincos_2d, timm_vit_kwargs
+from ldae_cli.config import require
+from ldae_cli.models import SizeName, build_timm_vit, check_shape, resolve_size, sincos_2d, timm_vit_kwargs
 from ldae_cli.optim import OptimConfig
 from ldae_cli.pretrained import DEFAULT_T, load_encoder
 from ldae_cli.reporting import console
@@ -51,9 +52,9 @@ class ArchConfig:
 
     def validate(self) -> None:
         width, depth, heads = self.resolved()
-        if width % heads or width % 4 or depth < 1 or self.patch < 1:
-            raise LdaeError(f"model.arch: width {width} must be divisible by num_heads {heads} and by 4, depth "
-                            f"{depth} and patch {self.patch} at least 1")
+        check_shape("model.arch", width, heads)
+        require("model.arch", "a positive integer", lambda v: v > 0, depth=depth, patch=self.patch)
+        require("model.arch", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class FinetuneModelConfig:
             raise LdaeError(f"model.drop_path is a rate in [0, 1), got {self.drop_path}")
         if self.head_init_std <= 0:
             raise LdaeError(f"model.head_init_std must be positive, got {self.head_init_std}")
+        require("model", ">= 0", lambda v: v >= 0, t=self.t)
+        require("model", "a positive integer", lambda v: v > 0, depth=self.depth)
 
 
 @dataclass
@@ -187,12 +190,13 @@ def describe_init(init_desc: dict) -> str:
     return f"random (timm init, fixed sin-cos position embedding), {where}"
 
 
-def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
+def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
+        force: bool = False) -> Path:
     if not cfg.model.ckpt and not cfg.model.from_scratch:
         raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
                         "(config keys model.ckpt / model.from_scratch)")
     name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
-    with session("finetune", "finetune", cfg, name, resume_ckpt) as s:
+    with session("finetune", "finetune", cfg, name, resume_ckpt, force) as s:
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -212,6 +216,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
             description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
                            "image_size": cfg.data.image_size, "init": init_desc}
         else:
+            resume_ckpt.require(*DESCRIPTION_KEYS)
             description = {k: resume_ckpt.extra[k] for k in DESCRIPTION_KEYS}
             model = build_timm_vit(description["timm_kwargs"])
             parents = resume_ckpt.provenance.get("parents", [])
@@ -229,7 +234,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False) -> Path:
+         ckpt: str | None = None, from_scratch: bool = False, force: bool = False) -> Path:
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
     cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE)
-    return run(cfg, config, resume_ckpt)
+    return run(cfg, config, resume_ckpt, force)

@@ -11,6 +11,7 @@ from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.plots import save_filters
 from ldae_cli.reporting import console
+from ldae_cli.rundir import refuse_to_replace, remove_temp_files
 
 
 @dataclass
@@ -24,21 +25,33 @@ def default_out(cfg: FitPCAConfig) -> Path:
     return Path("runs") / "pca" / f"{cfg.data.source}-p{cfg.pca.patch}-d{cfg.pca.dim}.safetensors"
 
 
-def run(cfg: FitPCAConfig, show_progress: bool = True) -> tuple[Path, pca.PCAFit]:
+def outputs(out: Path) -> tuple[Path, Path]:
+    """The resolved config and the filters PNG written beside the PCA file."""
+    stem = out.with_suffix("")
+    return stem.with_name(stem.name + ".config.yaml"), stem.with_name(stem.name + ".filters.png")
+
+
+def run(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False) -> tuple[Path, pca.PCAFit]:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
+    for path in (out, *outputs(out)):
+        refuse_to_replace(path, force, "PCA fit")
+    if out.parent.is_dir():
+        remove_temp_files(out.parent, out.name)  # of an earlier fit killed while saving
     dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.pca.seed)
     console.print(f"fit-pca: {len(dataset):,} images from {cfg.data.source}, {cfg.pca.patches:,} patches of "
                   f"{cfg.pca.patch}x{cfg.pca.patch}x3 (D = {cfg.pca.patch ** 2 * 3})")
     result = pca.fit(dataset, cfg.pca, cfg.data.on_bad_image, cfg.data.num_workers, show_progress)
+    if result.skipped:
+        console.print(f"skipped {result.skipped:,} unreadable image(s) (data.on_bad_image=skip)")
     pca.save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.image_size, cfg.data.source)
-    stem = out.with_suffix("")
-    save_resolved(cfg, stem.with_name(stem.name + ".config.yaml"))
-    filters = save_filters(result.basis, cfg.pca.patch, stem.with_name(stem.name + ".filters.png"))
+    config_file, filters_file = outputs(out)
+    save_resolved(cfg, config_file)
+    filters = save_filters(result.basis, cfg.pca.patch, filters_file)
     console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
                   f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]")
     console.print(f"wrote {out} and {filters}")
     return out, result
 
 
-def main(config: str | None, overrides: list[str], flags: dict) -> Path:
-    return run(load_config(FitPCAConfig, config, overrides, flags))[0]
+def main(config: str | None, overrides: list[str], flags: dict, force: bool = False) -> Path:
+    return run(load_config(FitPCAConfig, config, overrides, flags), force=force)[0]

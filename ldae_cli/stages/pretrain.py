@@ -16,7 +16,8 @@ from ldae_cli.models import ModelConfig, build_model
 from ldae_cli.optim import OptimConfig
 from ldae_cli.reporting import console
 from ldae_cli.runs import RunConfig, Session, load_run_config, session
-from ldae_cli.tokenizers import Tokenizer, TokenizerConfig, load_tokenizer
+from ldae_cli.checkpoint import Checkpoint
+from ldae_cli.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -31,9 +32,19 @@ class PretrainConfig:
     def validate(self) -> None:
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
+        tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
+        if tc.kind != "trained" and self.data.image_size % tc.patch:
+            raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
+                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
+        if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
+            raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
+                            f"PCA keeps between 1 and {full} components")
+        if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
+            raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
+                            f"patches, got {tc.fit_patches}")
 
 
-def build_tokenizer(cfg: PretrainConfig, out_dir: Path, s: Session) -> tuple[Tokenizer, list[dict]]:
+def configured_tokenizer(cfg: PretrainConfig, out_dir: Path, s: Session) -> tuple[Tokenizer, list[dict]]:
     """The configured tokenizer; a PCA without tokenizer.path is fitted on the training data first."""
     tc = cfg.tokenizer
     path = tc.path
@@ -50,10 +61,17 @@ def build_tokenizer(cfg: PretrainConfig, out_dir: Path, s: Session) -> tuple[Tok
     return load_tokenizer(tc, path)
 
 
-def run(cfg: PretrainConfig, config_name: str | None = None, resume=None) -> Path:
-    with session("pretrain", "pretrain", cfg, config_name, resume) as s:
+def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint | None = None,
+        force: bool = False) -> Path:
+    with session("pretrain", "pretrain", cfg, config_name, resume, force) as s:
+        cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after a PCA fit
         torch.manual_seed(cfg.run.seed)  # model init: identical on every rank
-        tokenizer, parents = build_tokenizer(cfg, s.out_dir, s)
+        if resume is None:
+            tokenizer, parents = configured_tokenizer(cfg, s.out_dir, s)
+        else:  # the tokenizer the run trained with, from its own checkpoint: never refitted or swapped
+            resume.require("tokenizer.kind")
+            tokenizer = build_tokenizer(resume.extra["tokenizer"], resume.section("tokenizer"), resume.path)
+            parents = resume.provenance.get("parents", [])
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
         num_classes = dataset.num_classes
         if cfg.model.class_conditional and num_classes == 0:
@@ -80,9 +98,10 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume=None) -> Pat
         return s.checkpoint
 
 
-def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False
+         ) -> Path:
     if config is None and resume is None:
         raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
                         "or --resume RUN_DIR")
     cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, ("optim.micro_batch",))
-    return run(cfg, config, ckpt)
+    return run(cfg, config, ckpt, force)

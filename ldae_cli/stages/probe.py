@@ -23,7 +23,7 @@ from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_pretrained, pixel_features
 from ldae_cli.reporting import console
-from ldae_cli.config import load_config
+from ldae_cli.config import load_config, require
 from ldae_cli.runs import RunConfig, amp_dtype, load_run_config, session, verified_parent
 
 RESUMABLE = ("probe.extract_batch",)
@@ -52,6 +52,11 @@ class ProbeSettings:
             raise LdaeError(f"probe.blrs: give one or more positive base learning rates, got {self.blrs}")
         if self.batch_size < 1 or self.epochs <= 0 or self.extract_batch < 1:
             raise LdaeError("probe.batch_size, probe.epochs and probe.extract_batch must be positive")
+        require("probe", "a positive integer", lambda v: v > 0, depth=self.depth, knn_k=self.knn_k)
+        require("probe", ">= 0", lambda v: v >= 0, t=self.t, warmup_epochs=self.warmup_epochs,
+                weight_decay=self.weight_decay)
+        require("probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
+        require("probe", "in [0, 1)", lambda v: 0 <= v < 1, momentum=self.momentum)
 
 
 @dataclass
@@ -99,12 +104,12 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
 
 
 def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
-        resume: Checkpoint | None = None) -> dict:
+        resume: Checkpoint | None = None, force: bool = False) -> dict:
     if ckpt is None and cfg.probe.features == "encoder":
         raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
     name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
                            else (Path(ckpt).parent.name if ckpt else "probe"))
-    with session("probe", "probe", cfg, name, resume) as s:
+    with session("probe", "probe", cfg, name, resume, force) as s:
         encoder = build_encoder(cfg, ckpt, random_init, s.ctx.device)
         train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
         eval_ds = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -126,11 +131,12 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, random_init: bool = False) -> dict:
+         ckpt: str | None = None, random_init: bool = False, force: bool = False) -> dict:
     if resume is None:
         cfg = load_config(ProbeConfig, config, overrides, flags, base=default_config(ckpt))
-        return run(cfg, ckpt, random_init, Path(config).stem if config else None)
+        return run(cfg, ckpt, random_init, Path(config).stem if config else None, force=force)
     cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE)
+    resume_ckpt.require("random_init")
     if cfg.probe.features == "encoder":
         ckpt = verified_parent(resume_ckpt, "pretrain", ckpt)
     return run(cfg, ckpt, resume_ckpt.extra["random_init"], Path(config).stem if config else None, resume_ckpt)

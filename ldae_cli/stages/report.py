@@ -8,11 +8,19 @@ from ldae_cli.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import save_curves, save_filters
 from ldae_cli.reporting import read_metrics
+from ldae_cli.rundir import refuse_to_replace
 
-CURVE_KEYS = ("loss", "train_loss", "eval_loss", "top1", "top1_ema")
+CURVE_KEYS = ("loss", "eval_loss", "ema_eval_loss", "top1", "ema_top1")
 
 
-def main(paths: list[str]) -> list[Path]:
+def output(path: Path) -> Path:
+    """report.png in a run directory; <stem>.report.png beside a checkpoint."""
+    return path / "report.png" if path.is_dir() else path.with_name(path.stem + ".report.png")
+
+
+def main(paths: list[str], force: bool = False) -> list[Path]:
+    for item in paths:
+        refuse_to_replace(output(Path(item)), force, "report")
     written = []
     for item in paths:
         path = Path(item)
@@ -22,7 +30,7 @@ def main(paths: list[str]) -> list[Path]:
                 raise LdaeError(f"{path}: no metrics.jsonl in this run directory")
             records = read_metrics(metrics)
             keys = tuple(k for k in CURVE_KEYS if any(k in r for r in records))
-            png = save_curves(records, path / "loss.png", keys, title=path.name)
+            png = save_curves(records, output(path), keys, title=path.name)
             if png is None:
                 raise LdaeError(f"{metrics}: no step-wise values to plot")
             written.append(png)
@@ -32,8 +40,8 @@ def main(paths: list[str]) -> list[Path]:
                 raise LdaeError(f"{path}: a '{kind}' checkpoint; report draws PCA filters (kind 'pca') and run "
                                 "directories' metrics")
             ckpt = load_checkpoint(path, "pca")
-            out = path.with_suffix("").with_name(path.stem + ".filters.png")
-            written.append(save_filters(ckpt.tensors["pca.basis"], ckpt.extra["patch"], out))
+            ckpt.require("patch")
+            written.append(save_filters(ckpt.section("pca")["basis"], ckpt.extra["patch"], output(path)))
         else:
             raise LdaeError(f"{path}: expected a run directory or a .safetensors PCA checkpoint")
     return written

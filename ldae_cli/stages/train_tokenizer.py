@@ -134,8 +134,10 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     return report
 
 
-def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None) -> Path:
-    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt) as s:
+def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
+        force: bool = False) -> Path:
+    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt, force) as s:
+        cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after data is read
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
         net.grid(cfg.data.image_size)  # fail before any data is read
@@ -163,9 +165,10 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
         return s.checkpoint
 
 
-def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
+         force: bool = False) -> Path:
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
     cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume,
                                 ("optim.micro_batch",))
-    return run(cfg, config, ckpt)
+    return run(cfg, config, ckpt, force)
