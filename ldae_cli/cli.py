@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 
 from ldae_cli import __version__
-from ldae_cli.errors import Interrupted, LdaeError
+from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.reporting import err_console, kept
 
 app = typer.Typer(
@@ -184,6 +184,21 @@ def denoise(
                            force=force)
 
 
+@app.command("study")
+def study(
+    name: str = typer.Argument(..., help="A study: a name in configs/study/ (pixel-vs-latent, latent-dim, "
+                               "trajectory, noise, depth) or a YAML file."),
+    budget: str = typer.Option("cpu", "--budget", help="cpu, gpu or paper (configs/study/budget/), or a YAML file."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds per variant (mean and std over them)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Study directory [default: runs/study/NAME/BUDGET]."),
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, overrides: Optional[List[str]] = SetOpt,
+    nproc: int = typer.Option(1, "--nproc", help="GPUs per run (each run is launched with torchrun when > 1)."),
+) -> None:
+    """Run one of the paper's comparisons: every variant pretrained and probed (linear + k-NN) under one budget,
+    with baselines; writes results.json, results.md and results.png. Finished runs are skipped on a re-run."""
+    _call("study", name, budget, seeds, out, data, source, overrides or [], nproc)
+
+
 @app.command("export")
 def export(
     ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
@@ -210,10 +225,6 @@ def report(
     """Draw the pictures a run's files hold: curves from metrics.jsonl (report.png), filters of a PCA checkpoint."""
     for written in _call("report", paths, force):
         typer.echo(f"wrote {written}")
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a training loop (which stops cleanly by itself): end like Ctrl-C, with one line."""
 
 
 def _terminate(signum, frame):

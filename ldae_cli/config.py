@@ -92,6 +92,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin in (list, tuple):
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -131,6 +133,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (item_tp, *_) = get_args(tp)
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:  # e.g. the overrides of a study variant: dotted keys -> values
+        if not isinstance(value, dict):
+            raise LdaeError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = get_args(tp)
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -10,6 +10,7 @@ therefore sees exactly the same samples, noise and schedule.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,7 +20,9 @@ from torch import nn
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
 from ldae_cli.engine import Trainer, micro_batches
+from ldae_cli.engine_probe import OnlineProbe
 from ldae_cli.optim import make_adamw, plan_steps
+from ldae_cli.reporting import console
 from ldae_cli.runs import Session, amp_dtype
 
 
@@ -79,8 +82,10 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
 
 
 def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: ImageDataset, class_dropout: float,
-          describe: Callable[[], tuple[dict, dict]], parents: list[dict]) -> bool:
-    """Pretrain `model` on `dataset` with the run's optim settings; True when the run reached its last step."""
+          describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None) -> bool:
+    """Pretrain `model` on `dataset` with the run's optim settings (and the online probe, when given); True when
+    the run reached its last step."""
+    started = time.time()
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
     plan = plan_steps(len(dataset), cfg.optim, cfg.run.seed, ctx)
     model.to(device)
@@ -88,7 +93,7 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
     denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     optimizer = make_adamw(model.parameters(), cfg.optim, device)
     trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
-                      describe=describe, parents=parents)
+                      describe=describe, parents=parents, hooks=(online,) if online is not None else ())
     runner = trainer.wrap(PretrainObjective(denoiser, model))
     stream = trainer.stream(dataset, cfg.data)
     per_rank = cfg.optim.batch_size // ctx.world
@@ -102,4 +107,8 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
 
     trainer.announce(f"{len(dataset):,} images", cfg.optim.base_lr())
     model.train()
-    return trainer.fit(step)
+    finished = trainer.fit(step)
+    if online is not None and online.count and ctx.is_main:
+        console.print(f"online probe: {online.count} x {online.s.images} images, {online.seconds:.1f} s "
+                      f"({100 * online.seconds / (time.time() - started):.1f}% of this run's time)")
+    return finished

@@ -21,19 +21,22 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.optim import Lars
 from torch import nn
 
+from ldae_cli.config import require
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, epoch_order, make_loader
 from ldae_cli.distributed import DistContext, all_gather_cat
-from ldae_cli.engine import Curve, Evaluation, Trainer
-from ldae_cli.optim import StepPlan, lr_at
-from ldae_cli.pretrained import FeatureEncoder
+from ldae_cli.engine import Curve, Evaluation, Hook, Trainer
+from ldae_cli.errors import LdaeError
+from ldae_cli.optim import StepPlan, lr_at, set_lr
+from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, Pretrained, encoder_features
 from ldae_cli.reporting import progress_bar
 from ldae_cli.runs import Session
 
@@ -134,25 +137,31 @@ def steps_for(n: int, batch: int, epochs: float) -> int:
 
 
 @torch.no_grad()
-def extract(encoder: FeatureEncoder, dataset: ImageDataset, cfg, ctx: DistContext, label: str
+@torch.no_grad()
+def extract(encoder: FeatureEncoder, dataset: ImageDataset, ctx: DistContext, label: str, batch: int = 256,
+            seed: int = 0, num_workers: int = 0, on_bad_image: str = "error", progress: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every image (center crops), each rank a contiguous shard, gathered on all ranks."""
     device = ctx.device
     n = len(dataset)
     lo, hi = n * ctx.rank // ctx.world, n * (ctx.rank + 1) // ctx.world
-    step = cfg.probe.extract_batch
-    batches = [list(range(i, min(i + step, hi))) for i in range(lo, hi, step)]
-    bad = BadImageCounter(cfg.data.on_bad_image)
+    batches = [list(range(i, min(i + batch, hi))) for i in range(lo, hi, batch)]
+    bad = BadImageCounter(on_bad_image)
     feats, labels = [], []
-    with progress_bar("img", cfg.run.progress and ctx.is_main) as bar:
+    with progress_bar("img", progress and ctx.is_main) as bar:
         task = bar.add_task(f"features ({label})", total=hi - lo, info="")
-        for keys, batch in zip(batches, make_loader(dataset, batches, cfg.data.num_workers,
-                                                    pin_memory=device.type == "cuda")):
-            batch = bad.check(batch)
-            feats.append(encoder.fn(batch.images.to(device, non_blocking=True), cfg.run.seed * 7919 + keys[0]).cpu())
-            labels.append(batch.labels)
+        for keys, items in zip(batches, make_loader(dataset, batches, num_workers, pin_memory=device.type == "cuda")):
+            items = bad.check(items)
+            feats.append(encoder.fn(items.images.to(device, non_blocking=True), seed * 7919 + keys[0]).cpu())
+            labels.append(items.labels)
             bar.update(task, advance=len(keys))
     return all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)
+
+
+def reading(cfg) -> dict:
+    """`extract`'s settings from a probe config."""
+    return dict(batch=cfg.probe.extract_batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers,
+                on_bad_image=cfg.data.on_bad_image, progress=cfg.run.progress)
 
 
 class StepPieces:
@@ -204,7 +213,7 @@ def train(session: Session, encoder: FeatureEncoder, train_set: ImageDataset, ev
     num_classes = train_set.num_classes
     train_f = train_y = None
     if s.fast:
-        train_f, train_y = extract(encoder, train_set, cfg, ctx, "train")
+        train_f, train_y = extract(encoder, train_set, ctx, "train", **reading(cfg))
         plan = head_plan(s, len(train_f), seed, ctx)
         train_f, train_y = train_f.to(device), train_y.to(device)
     else:
@@ -226,7 +235,7 @@ def train(session: Session, encoder: FeatureEncoder, train_set: ImageDataset, ev
                     "last_losses": last_losses(), **about}
 
     def final_evaluation(step: int) -> dict:
-        eval_f, eval_y = extract(encoder, eval_set, cfg, ctx, "eval")
+        eval_f, eval_y = extract(encoder, eval_set, ctx, "eval", **reading(cfg))
         acc = evaluate(heads, eval_f.to(device), eval_y.to(device))
         knn = knn_accuracy(train_f, train_y, eval_f.to(device), eval_y.to(device), s.knn_k, s.knn_temperature,
                            num_classes) if s.fast else None
@@ -271,3 +280,89 @@ def train(session: Session, encoder: FeatureEncoder, train_set: ImageDataset, ev
     if not trainer.fit(fast_step if s.fast else full_step):
         return {}
     return {k: v for k, v in evaluation.latest.items() if k != "step"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The online probe: is the pretraining run learning?
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class OnlineProbeConfig:
+    """k-NN and a quick linear probe of the encoder while it pretrains, on a fixed subset of the eval split."""
+
+    enabled: bool = True  # runs whenever the dataset has a labelled evaluation split
+    every: Optional[int] = None  # optimizer steps between probes; null = a quarter of the run (4 probes)
+    images: int = 1000  # the seeded eval subset: every other image fits (k-NN bank, linear head), the rest tests
+    t: int = DEFAULT_T
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear_epochs: int = 30
+    linear_blrs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # the best head is reported
+    batch: int = 256
+
+    def validate(self) -> None:
+        require("online_probe", "a positive integer", lambda v: v > 0, every=self.every, knn_k=self.knn_k,
+                linear_epochs=self.linear_epochs, batch=self.batch)
+        require("online_probe", ">= 0", lambda v: v >= 0, t=self.t)
+        if self.images < 4:
+            raise LdaeError(f"online_probe.images must be at least 4 (half fit, half test), got {self.images}")
+        if not self.linear_blrs or any(b <= 0 for b in self.linear_blrs):
+            raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")
+
+
+def quick_linear(fit_f: torch.Tensor, fit_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                 num_classes: int, blrs: list[float], epochs: int, batch: int, seed: int) -> float:
+    """The probe's heads (BN + linear, LARS, one per blr) trained on cached features; the best head's top-1."""
+    n = len(fit_f)
+    batch = min(batch, n)
+    per_epoch = max(1, n // batch)
+    total = epochs * per_epoch
+    torch.manual_seed(seed)
+    heads = ProbeHeads(fit_f.shape[1], num_classes, len(blrs)).to(fit_f.device)
+    optimizer = lars_for_heads(heads, [b * batch / 256 for b in blrs])
+    for step in range(total):
+        epoch, within = divmod(step, per_epoch)
+        idx = epoch_order(n, seed, epoch)[within * batch:(within + 1) * batch].to(fit_f.device)
+        set_lr(optimizer, lr_at(step, total, per_epoch, 1.0))
+        head_step(heads, optimizer, fit_f[idx], fit_y[idx])
+    return float(evaluate(heads, test_f, test_y)[1].nan_to_num(0.0).max())
+
+
+class OnlineProbe(Hook):
+    """Every `every` steps and at the last one: features of the eval subset from the weights being trained (the
+    EMA when the run keeps one, as the offline probe reads), k-NN and linear top-1 into metrics.jsonl."""
+
+    def __init__(self, settings: OnlineProbeConfig, view: Callable[["Trainer"], Pretrained], subset: ImageDataset,
+                 amp: torch.dtype | None, seed: int, num_workers: int):
+        self.s, self.view, self.subset, self.amp, self.seed, self.num_workers = \
+            settings, view, subset, amp, seed, num_workers
+        self.seconds, self.count = 0.0, 0
+
+    def due(self, trainer: "Trainer") -> bool:
+        every = self.s.every or max(1, trainer.total_steps // 4)
+        return trainer.step % every == 0 or trainer.step == trainer.total_steps
+
+    def after_step(self, trainer):
+        if not self.due(trainer):
+            return
+        started, device = time.time(), trainer.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            knn, linear = self.measure(self.view(trainer), trainer.ctx)
+        spent = time.time() - started
+        self.seconds, self.count = self.seconds + spent, self.count + 1
+        trainer.metrics.write({"step": trainer.step, "online_knn_top1": round(knn, 2),
+                               "online_linear_top1": round(linear, 2), "online_probe_s": round(spent, 2)})
+
+    def measure(self, pre: Pretrained, ctx: DistContext) -> tuple[float, float]:
+        """(k-NN top-1, best linear head's top-1) of `pre`'s encoder on the subset, every other image fitting."""
+        s = self.s
+        encoder = encoder_features(pre, s.t, None, False, ctx.device, self.amp)
+        feats, labels = extract(encoder, self.subset, ctx, "online probe", batch=s.batch, seed=self.seed,
+                                num_workers=self.num_workers, progress=False)
+        feats, labels = feats.to(ctx.device), labels.to(ctx.device)
+        fit, test = slice(0, None, 2), slice(1, None, 2)
+        classes = self.subset.num_classes
+        knn = knn_accuracy(feats[fit], labels[fit], feats[test], labels[test], s.knn_k, s.knn_temperature, classes)
+        linear = quick_linear(feats[fit], labels[fit], feats[test], labels[test], classes, s.linear_blrs,
+                              s.linear_epochs, s.batch, self.seed)
+        return knn, linear

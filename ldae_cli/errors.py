@@ -11,6 +11,10 @@ def short(exc: BaseException) -> str:
     return text[:200]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which stops cleanly by itself): ends a command like Ctrl-C, in one line."""
+
+
 class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM after saving what it had: `str()` is the one line to print (what was
     kept, how to continue), `code` the exit status (130 for SIGINT, 143 for SIGTERM)."""

@@ -57,25 +57,36 @@ def save_filters(basis: torch.Tensor, patch: int, path: Path, count: int = 64, n
 def save_curves(records: list[dict], path: Path, keys: tuple[str, ...] = ("loss",), x: str = "step",
                 title: str = "", log_y: bool = True) -> Path | None:
     """Line plot of `keys` against `x` from metrics.jsonl records; None when there is nothing to plot."""
+    return save_panels(records, path, [(keys, title, log_y)], x)
+
+
+def save_panels(records: list[dict], path: Path, panels: list[tuple[tuple[str, ...], str, bool]],
+                x: str = "step") -> Path | None:
+    """Side-by-side line plots, one per (keys, title, log y) whose keys the records hold; None when none does."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {k: [(r[x], r[k]) for r in records if r.get(k) is not None and x in r] for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
+    shown = []
+    for keys, title, log_y in panels:
+        series = {k: [(r[x], r[k]) for r in records if r.get(k) is not None and x in r] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            shown.append((series, title, log_y))
+    if not shown:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for k, pts in series.items():
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, label=k, lw=1.2)
-    ax.set_xlabel(x)
-    if log_y and all(y > 0 for pts in series.values() for _, y in pts):
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title, fontsize=9)
+    fig, axes = plt.subplots(1, len(shown), figsize=(6 * len(shown), 3.6), dpi=120, squeeze=False)
+    for ax, (series, title, log_y) in zip(axes[0], shown):
+        for k, pts in series.items():
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=k, lw=1.2, marker="o" if len(xs) < 12 else None, ms=3)
+        ax.set_xlabel(x)
+        if log_y and all(y > 0 for pts in series.values() for _, y in pts):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if title:
+            ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

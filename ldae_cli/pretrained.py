@@ -26,7 +26,7 @@ DEFAULT_SIGMA = math.sqrt(1 / 3)  # the noise level of the paper's Figs. 6 and 7
 
 @dataclass
 class Pretrained:
-    ckpt: Checkpoint
+    ckpt: Checkpoint | None  # None for a network still in training (the online probe)
     data: DataConfig  # what the run trained on
     diffusion: DiffusionConfig
     model: DenoisingViT
@@ -194,7 +194,8 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
                      amp: torch.dtype | None, random_init_seed: int | None = None) -> FeatureEncoder:
     """The average-pooled encoder of `pre` at fixed t after `depth` blocks (default: the encoder/decoder split),
     on clean images or with the level-t latent noise added; `random_init_seed` re-initialises the same
-    network at random (the untrained baseline)."""
+    network at random (the untrained baseline). `pre.model` may be a network in training (the online probe):
+    a fold copies its weights, and without one it is switched to eval mode only while features are drawn."""
     if random_init_seed is not None:
         randomize(pre.model, random_init_seed)
     depth = depth or pre.model.encoder_depth
@@ -208,12 +209,20 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
         net, dim = vit.to(device).eval().requires_grad_(False), kwargs["embed_dim"]
         encode = net
     else:  # a conv tokenizer in front: read its latents with the adaLN network itself
-        net, dim = pre.model.to(device).eval().requires_grad_(False), pre.model.spec["width"]
+        net, dim = pre.model.to(device), pre.model.spec["width"]
         encode = None
         description += f" on {pre.tokenizer.kind} latents"
 
     @torch.no_grad()
     def features(images: torch.Tensor, seed: int) -> torch.Tensor:
+        was_training = net.training
+        net.eval()
+        try:
+            return pooled(images, seed)
+        finally:
+            net.train(was_training)
+
+    def pooled(images: torch.Tensor, seed: int) -> torch.Tensor:
         x = to_unit_range(images)
         if noisy_input:
             z0 = denoiser.tokenizer.encode(x)
@@ -229,4 +238,4 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
 
     if noisy_input:
         description += ", noisy input"
-    return FeatureEncoder(features, dim, description, [pre.ckpt.parent_ref("pretrain")])
+    return FeatureEncoder(features, dim, description, [pre.ckpt.parent_ref("pretrain")] if pre.ckpt else [])

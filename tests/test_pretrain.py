@@ -54,8 +54,10 @@ def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
     path = stage.run(cfg, row)
     ck = load_checkpoint(path, "pretrain")
     assert ck.extra["step"] == 2 and ck.extra["finished"]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / row / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / row / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
+    assert [r["step"] for r in records if "online_knn_top1" in r] == [1, 2]  # the online probe, a quarter apart
     assert ck.config["diffusion"] == to_dict(cfg)["diffusion"]
     assert (tmp_path / row / "config.yaml").exists() and (tmp_path / row / "loss.png").exists()
 
@@ -110,7 +112,8 @@ def test_resume_is_bit_exact(images, tmp_path):
     assert a.extra["step"] == b.extra["step"] == 6
     assert _tensors_equal(a, b, "model") and _tensors_equal(a, b, "ema") and _tensors_equal(a, b, "optim")
     log = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in log("full")] == [r["loss"] for r in log("cut")]
+    assert [r.get("loss") for r in log("full")] == [r.get("loss") for r in log("cut")]
+    assert [r.get("online_knn_top1") for r in log("full")] == [r.get("online_knn_top1") for r in log("cut")]
 
 
 def test_resume_refuses_a_changed_recipe(images, tmp_path):
@@ -156,8 +159,8 @@ def test_ddp_two_ranks_match_one_process(images, tmp_path):
                         capture_output=True, text=True, cwd=REPO, timeout=600,
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r2.returncode == 0, r2.stderr[-2000:]
-    l1 = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    l2 = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    l1 = [r["loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    l2 = [r["loss"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(l1) == len(l2) == 6
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     assert load_checkpoint(tmp_path / "two" / "checkpoint.safetensors").extra["world_size"] == 2

@@ -214,7 +214,7 @@ def _fast_heads(blrs, tmp_path, monkeypatch):
     from ldae_cli.runs import Session
 
     feats, labels = _blobs()
-    monkeypatch.setattr(engine_probe, "extract", lambda encoder, dataset, cfg, ctx, label: (feats, labels))
+    monkeypatch.setattr(engine_probe, "extract", lambda encoder, dataset, ctx, label, **reading: (feats, labels))
     cfg = stage.ProbeConfig()
     cfg.probe.blrs, cfg.probe.batch_size, cfg.probe.epochs, cfg.probe.warmup_epochs = blrs, 50, 25, 1
     cfg.probe.fast, cfg.run.progress, cfg.run.log_every = True, False, 4

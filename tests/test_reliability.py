@@ -231,7 +231,7 @@ def test_unreadable_images_are_named_or_skipped_and_counted(cache, batch, run_ma
         "tokenizer.path": world.pca, "data.cache": cache, "data.on_bad_image": "skip", "optim.batch_size": batch}))]
     assert run_main(*args).returncode == 0
     records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["skipped_images"] == 1  # counted whether the dataset was cached or read batch by batch
+    assert [r["skipped_images"] for r in records if "loss" in r][-1] == 1  # counted whether the dataset was cached or read batch by batch
 
 
 def _bomb(path: Path) -> Path:
@@ -454,7 +454,7 @@ def test_a_torn_metrics_line_never_blocks_a_resume(world, run_main, tmp_path):
         f.write('{"step": 3, "loss": 0.1')  # a kill while writing the line
     assert run_main("pretrain", "--resume", str(run)).returncode == 0
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # every line parses
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
 def test_temp_files_of_a_killed_save_are_removed_on_the_next_start(world, run_main, tmp_path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -15,7 +15,9 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig, build_model
 from ldae_cli.optim import OptimConfig
 from ldae_cli.reporting import console
-from ldae_cli.runs import RunConfig, Session, load_run_config, session
+from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig
+from ldae_cli.pretrained import Pretrained
+from ldae_cli.runs import RunConfig, Session, amp_dtype, load_run_config, session
 from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 
@@ -28,6 +30,7 @@ class PretrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
     def validate(self) -> None:
         if self.model.class_conditional and self.data.source == "images":
@@ -94,8 +97,35 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
             return {f"tokenizer.{k}": v for k, v in tok_tensors.items()}, dict(description)
 
         class_dropout = cfg.model.class_dropout if cfg.model.class_conditional else 0.0
-        engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents)
+        online = online_probe(cfg, model, tokenizer, denoiser, s)
+        engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online)
         return s.checkpoint
+
+
+def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, s: Session
+                 ) -> OnlineProbe | None:
+    """The online probe on a fixed subset of the evaluation split, when there is a labelled one."""
+    if not cfg.online_probe.enabled:
+        return None
+    subset_cfg = replace(cfg.data, limit=cfg.online_probe.images, crop="center", hflip=False)
+    try:
+        subset = build_dataset(subset_cfg, "eval", augment=False, seed=cfg.run.seed)
+    except LdaeError as exc:
+        reason = str(exc)
+    else:
+        reason = "" if subset.num_classes >= 2 and len(subset) >= 4 else "it has no labelled images"
+    if reason:
+        if s.ctx.is_main:
+            console.print(f"online probe off: no usable evaluation split ({reason}); set online_probe.enabled=false "
+                          "to silence this")
+        return None
+
+    def view(trainer) -> Pretrained:  # the weights the offline probe would read: the EMA when the run keeps one
+        weights = trainer.ema.module if trainer.ema is not None else model
+        return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
+
+    return OnlineProbe(cfg.online_probe, view, subset, amp_dtype(cfg.run.precision, s.ctx.device), cfg.run.seed,
+                       cfg.data.num_workers)
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False
@@ -103,5 +133,6 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     if config is None and resume is None:
         raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
                         "or --resume RUN_DIR")
-    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, ("optim.micro_batch",))
+    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume,
+                                ("optim.micro_batch", "online_probe."))
     return run(cfg, config, ckpt, force)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.errors import LdaeError
-from ldae_cli.plots import save_curves, save_filters
+from ldae_cli.plots import save_filters, save_panels
 from ldae_cli.reporting import read_metrics
 from ldae_cli.rundir import refuse_to_replace
 
-CURVE_KEYS = ("loss", "eval_loss", "ema_eval_loss", "top1", "ema_top1")
+LOSS_KEYS = ("loss", "eval_loss", "ema_eval_loss")
+ACCURACY_KEYS = ("online_knn_top1", "online_linear_top1", "top1", "ema_top1")
 
 
 def output(path: Path) -> Path:
@@ -29,8 +30,8 @@ def main(paths: list[str], force: bool = False) -> list[Path]:
             if not metrics.exists():
                 raise LdaeError(f"{path}: no metrics.jsonl in this run directory")
             records = read_metrics(metrics)
-            keys = tuple(k for k in CURVE_KEYS if any(k in r for r in records))
-            png = save_curves(records, output(path), keys, title=path.name)
+            png = save_panels(records, output(path), [(LOSS_KEYS, f"{path.name}: loss", True),
+                                                      (ACCURACY_KEYS, f"{path.name}: top-1 % (eval split)", False)])
             if png is None:
                 raise LdaeError(f"{metrics}: no step-wise values to plot")
             written.append(png)
