@@ -88,6 +88,23 @@ def fit_pca(
         "data.path": data, "data.source": source, "out": out}, force=force)
 
 
+@app.command("prepare-data")
+def prepare_data(
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Side the images are center-cropped and "
+                                             "resized to (sets data.image_size)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder of the prepared dataset."),
+    margin: Optional[float] = typer.Option(None, "--margin", help="Store image-size x margin (e.g. 1.15) for "
+                                           "random-resized crops at load time. [default: 1]"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (sets data.num_workers)."),
+    data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
+    config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
+) -> None:
+    """Decode a dataset once into memory-mappable uint8 shards; `--data DIR` of the result works in every stage."""
+    _call("prepare_data", config, overrides or [], {
+        "data.image_size": image_size, "out": out, "margin": margin, "data.num_workers": workers, "data.path": data,
+        "data.source": source}, force=force)
+
+
 @app.command("train-tokenizer")
 def train_tokenizer(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
@@ -237,8 +254,8 @@ def _interrupted(exc: KeyboardInterrupt) -> str:
     how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
     saved = kept()
     if saved:
-        return f"{how}; {saved} is kept (continue with --resume)"
-    return f"{how} before this run saved a checkpoint; nothing to resume"
+        return f"{how}; kept: {saved}"
+    return f"{how} before anything of this run was saved; nothing to resume"
 
 
 def _os_error(exc: OSError) -> str:

@@ -42,6 +42,9 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = False
     on_bad_image: Literal["error", "skip"] = "error"
+    # where training images are decoded: PIL in DataLoader workers, or batched on the training device
+    # (torchvision's decode_jpeg: nvjpeg on CUDA), center crop and antialiased bicubic resize there too
+    decode: Literal["pil", "gpu"] = "pil"
     num_workers: int = 2
     cache: Literal["auto", "always", "never"] = "auto"  # decoded images kept in RAM when crops are fixed
     limit: Optional[int] = None  # use a seeded random subset of this many images per split
@@ -54,6 +57,9 @@ class DataConfig:
             raise LdaeError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if self.limit is not None and self.limit < 1:
             raise LdaeError(f"data.limit: must be a positive number of images or null, got {self.limit}")
+        if self.decode == "gpu" and self.crop != "center":
+            raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
+                            "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
 
     def split_name(self, split: str) -> str:
         if split == "train":
@@ -167,13 +173,22 @@ class BadImage:
 
 
 @dataclass
+class Encoded:
+    """An image file's bytes, to be decoded with its batch on the training device (data.decode=gpu)."""
+
+    data: torch.Tensor  # uint8 (n,)
+    flip: bool
+
+
+@dataclass
 class Batch:
-    images: torch.Tensor  # uint8 (B, 3, H, W)
+    images: torch.Tensor  # uint8 (B, 3, H, W); empty while `encoded` holds the batch's files
     labels: torch.Tensor  # int64 (B,), -1 where unlabeled
     bad: list[BadImage]
+    encoded: list[Encoded] | None = None
 
     def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.bad)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.bad, self.encoded)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -185,9 +200,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: ImageSource, size: int, crop: str = "center", crop_scale=(0.2, 1.0),
                  hflip: bool = False, subset: list[int] | None = None,
-                 transform: Callable[[Image.Image, int], Image.Image] | None = None):
+                 transform: Callable[[Image.Image, int], Image.Image] | None = None, encoded: bool = False):
         self.source, self.size, self.crop, self.crop_scale, self.hflip = source, size, crop, crop_scale, hflip
-        self.subset, self.transform = subset, transform
+        self.subset, self.transform, self.encoded = subset, transform, encoded
         self.cached: torch.Tensor | None = None
         self.skipped = 0  # unreadable images dropped by materialize(on_bad_image='skip')
 
@@ -220,8 +235,19 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, aug_seed = key if isinstance(key, tuple) else (key, 0)
+        if self.encoded:
+            try:
+                data = torch.frombuffer(bytearray(self.source.encoded(self._raw(i))), dtype=torch.uint8)
+            except OSError as exc:
+                return BadImage(self.name(i), short(exc))
+            return Encoded(data, self.hflip and should_flip(aug_seed)), self.label(i)
         if self.cached is not None:
             img = self.cached[i]
+            if self.hflip and should_flip(aug_seed):
+                img = img.flip(-1)
+        elif self.crop == "center" and getattr(self.source, "stored_size", None) == self.size:
+            # a prepared dataset at this size holds exactly what the crop and resize below would give
+            img = torch.from_numpy(np.array(self.source.array(self._raw(i)))).permute(2, 0, 1).contiguous()
             if self.hflip and should_flip(aug_seed):
                 img = img.flip(-1)
         else:
@@ -246,7 +272,8 @@ class ImageDataset(torch.utils.data.Dataset):
         chunks_keys = [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)]
         counter = BadImageCounter(on_bad_image)
         chunks, kept = [], []
-        transform, self.transform = self.transform, None  # the cache holds untransformed images
+        # the cache holds unflipped, untransformed images: flips and transforms are drawn per sample on reading
+        (transform, hflip), (self.transform, self.hflip) = (self.transform, self.hflip), (None, False)
         try:
             for keys, batch in zip(chunks_keys, make_loader(self, chunks_keys, num_workers)):
                 counter.check(batch)
@@ -254,7 +281,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 kept.extend(self._raw(i) for i in keys if self.name(i) not in bad_names)
                 chunks.append(batch.images)
         finally:
-            self.transform = transform
+            self.transform, self.hflip = transform, hflip
         if counter.skipped:
             if not kept:
                 raise LdaeError(f"none of the {len(self)} images could be read (all {counter.skipped} skipped)")
@@ -274,12 +301,43 @@ def raise_bad(bad: list[BadImage]) -> None:
 def collate(items: list) -> Batch:
     bad = [x for x in items if isinstance(x, BadImage)]
     good = [x for x in items if not isinstance(x, BadImage)]
+    if good and isinstance(good[0][0], Encoded):
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.tensor([lab for _, lab in good]), bad,
+                     [enc for enc, _ in good])
     if good:
         images = torch.stack([img for img, _ in good])
         labels = torch.tensor([lab for _, lab in good], dtype=torch.long)
     else:
         images, labels = torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
     return Batch(images, labels, bad)
+
+
+def decode_batch(batch: Batch, size: int, device: torch.device) -> Batch:
+    """The batch's files decoded on `device` (nvjpeg on CUDA; JPEGs, other formats through the CPU), each center-
+    cropped to a square and resized to `size` (bicubic, antialiased) there: the uint8 batch the model reads."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    jpeg = [i for i, e in enumerate(batch.encoded) if e.data[:2].tolist() == [0xFF, 0xD8]]
+    decoded: list = [None] * len(batch.encoded)
+    if jpeg:
+        for i, img in zip(jpeg, decode_jpeg([batch.encoded[i].data for i in jpeg], mode=ImageReadMode.RGB,
+                                            device=device)):
+            decoded[i] = img
+    for i, e in enumerate(batch.encoded):
+        if decoded[i] is None:
+            decoded[i] = decode_image(e.data, mode=ImageReadMode.RGB).to(device)
+    images = []
+    for img, e in zip(decoded, batch.encoded):
+        _, h, w = img.shape
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = img[:, top:top + side, left:left + side].float()[None]
+        if side != size:
+            square = torch.nn.functional.interpolate(square, size=(size, size), mode="bicubic", antialias=True,
+                                                     align_corners=False)
+        out = square[0].round_().clamp_(0, 255).to(torch.uint8)
+        images.append(out.flip(-1) if e.flip else out)
+    return Batch(torch.stack(images), batch.labels.to(device, non_blocking=True), batch.bad)
 
 
 def make_loader(dataset: ImageDataset, batches, num_workers: int, pin_memory: bool = False
@@ -308,10 +366,11 @@ class BadImageCounter:
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
-                  size: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None
-                  ) -> ImageDataset:
+                  size: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None,
+                  training_stream: bool = False) -> ImageDataset:
     """The configured dataset for 'train' or 'eval'; eval (or augment=False) always center-crops.
-    `transform`: a per-sample transform after crop and flip (see ImageDataset), applied as given."""
+    `transform`: a per-sample transform after crop and flip (see ImageDataset), applied as given.
+    `training_stream`: the dataset a Trainer streams, whose files data.decode=gpu decodes on the device."""
     source = open_source(cfg, split)
     augment = (split == "train") if augment is None else augment
     crop = cfg.crop if augment else "center"
@@ -319,9 +378,14 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     if cfg.limit is not None and cfg.limit < len(source):
         g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
         subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
+    encoded = training_stream and cfg.decode == "gpu" and crop == "center" and transform is None
     ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
-                      transform)
-    if ds.deterministic and cfg.cache != "never":
+                      transform, encoded)
+    stored = getattr(source, "stored_size", None)
+    if stored is not None and stored < ds.size:
+        raise LdaeError(f"{cfg.path}: prepared at {stored}x{stored}, smaller than data.image_size {ds.size}; prepare "
+                        f"it again with --image-size {ds.size}")
+    if ds.deterministic and cfg.cache != "never" and stored is None and not encoded:  # prepared: its own cache
         nbytes = len(ds) * 3 * ds.size * ds.size
         if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:
             ds.materialize(cfg.num_workers, cfg.on_bad_image)

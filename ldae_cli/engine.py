@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, load_state, save_checkpoint, unflatten_optimizer
-from ldae_cli.data import Batch, BadImageCounter, ImageDataset, make_loader
+from ldae_cli.data import Batch, BadImageCounter, ImageDataset, decode_batch, make_loader
 from ldae_cli.distributed import all_reduce_sum, barrier, ddp_wrap
 from ldae_cli.errors import Interrupted, LdaeError, short
 from ldae_cli.optim import StepPlan, make_ema, set_lr
@@ -178,11 +178,14 @@ class ImageStream:
     raised or skipped and counted (data.on_bad_image)."""
 
     def __init__(self, dataset: ImageDataset, plan: StepPlan, start: int, num_workers: int, on_bad_image: str,
-                 pin_memory: bool, sampler=None):
+                 device: torch.device, sampler=None):
         plan.batches.start_step, plan.batches.total_steps = start, plan.total_steps
-        self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers, pin_memory=pin_memory))
+        self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers,
+                                         pin_memory=device.type == "cuda"))
         self._bad = BadImageCounter(on_bad_image)
         self._dropped = dataset.skipped  # left out when the dataset was cached
+        self._decode = (dataset.size, device) if dataset.encoded else None
+        self.waited = 0.0  # seconds the loop spent waiting for batches (reading, decoding)
 
     @property
     def skipped(self) -> int:
@@ -190,7 +193,12 @@ class ImageStream:
         return self._dropped + self._bad.skipped
 
     def next(self) -> Batch:
-        return self._bad.check(next(self._batches))
+        started = time.perf_counter()
+        batch = self._bad.check(next(self._batches))
+        if self._decode is not None:
+            batch = decode_batch(batch, *self._decode)
+        self.waited += time.perf_counter() - started
+        return batch
 
 
 class Trainer:
@@ -232,6 +240,7 @@ class Trainer:
                                   truncate_after_step=self.step if session.resume is not None else None)
         self._stream: ImageStream | None = None
         self.progress = None  # the live progress bar while `fit` runs (evaluations show theirs in it)
+        self._wait_mark, self._warned_wait = (time.perf_counter(), 0.0, False), False
         self.rate = float("nan")
         self._throughput = Throughput()
         self._started = time.time()
@@ -255,7 +264,7 @@ class Trainer:
         """The plan's seeded batches of `dataset` from the current step (or `sampler`'s, which iterates over
         them); skipped images go into every log line."""
         self._stream = ImageStream(dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image,
-                                   pin_memory=self.device.type == "cuda", sampler=sampler)
+                                   self.device, sampler=sampler)
         return self._stream
 
     def announce(self, what: str, lr: float, details: str = "") -> None:
@@ -277,6 +286,7 @@ class Trainer:
         with StopSignal(self.run.time_limit_minutes) as stop, \
                 progress_bar("img", self.run.progress and self.ctx.is_main) as bar:
             self.progress = bar
+            self._wait_mark = (time.perf_counter(), 0.0, False)
             task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
                                 completed=self.step * self.plan.batch_size, info="")
             while self.step < self.total_steps:
@@ -339,7 +349,7 @@ class Trainer:
             raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; {self.kept()}. "
                             f"{self.hint}")
         if self._stream is not None:
-            values = {**values, "skipped_images": self._stream.skipped}
+            values = {**values, "skipped_images": self._stream.skipped, "data_wait": self._data_wait()}
         values = {**means, **values}
         self.logged = self.step
         if bar is not None:
@@ -348,6 +358,21 @@ class Trainer:
         self.metrics.write({"step": self.step, "epoch": round(self.epoch, 4), **values,
                             "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
                             "time_s": round(time.time() - self._started, 1)})
+
+    def _data_wait(self) -> float | None:
+        """The share of the time since the last log line the loop waited for batches; warns once above 10% (the
+        first interval, with the loader's start-up, does not count)."""
+        now, waited = time.perf_counter(), self._stream.waited
+        span, share = now - self._wait_mark[0], None
+        if span > 0:
+            share = round((waited - self._wait_mark[1]) / span, 3)
+        if share is not None and share > 0.1 and self._wait_mark[2] and not self._warned_wait and self.ctx.is_main:
+            self._warned_wait = True
+            console.print(f"[yellow]warning:[/yellow] the loop waits for data {100 * share:.0f}% of the time: prepare "
+                          "the dataset once (`ldae prepare-data`), add data.num_workers, or decode on the GPU "
+                          "(data.decode=gpu)")
+        self._wait_mark = (now, waited, True)
+        return share
 
     def kept(self) -> str:
         """What the NaN guard leaves: the last checkpoint written (or resumed from), never one that was not."""
@@ -376,7 +401,8 @@ class Trainer:
                             title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
         barrier(self.ctx)
         self.last_saved = self.step
-        note_kept(f"the checkpoint of step {self.step} in {self.out_dir}")
+        note_kept(f"the checkpoint of step {self.step} in {self.out_dir} (continue with `ldae {self.session.command} "
+                  f"--resume {self.out_dir}`)")
 
     def non_finite_state(self) -> str | None:
         """What of the state is not finite (None: all of it is), or the stage's own rule when it has one."""

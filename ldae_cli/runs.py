@@ -166,7 +166,8 @@ def session(command: str, kind: str, cfg: Any, name: str | None, resume: Checkpo
                 console.print(f"removed {len(litter)} temp file(s) an interrupted save left in {out_dir}")
             if resume is None or not (out_dir / rundir.CONFIG).exists():  # a resumed run keeps its start's record
                 save_resolved(cfg, out_dir / rundir.CONFIG)
-        note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir}" if resume is not None else None)
+        note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir} (continue with `ldae {command} "
+                  f"--resume {out_dir}`)" if resume is not None else None)
         yield Session(command, kind, cfg, ctx, out_dir, resume)
     except BaseException:
         if ctx.is_main and lock.held and rundir.only_disposable(out_dir):  # a failed start: leave nothing

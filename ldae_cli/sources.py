@@ -1,13 +1,15 @@
 """Where images come from: Fashion-MNIST IDX files, ImageFolder trees (ImageNet layout, also as a
-.tar/.tar.gz such as the CIFAR-10 JPEG archive) and plain folders of unlabeled images, each as an
-indexable `ImageSource` of raw PIL images, labels and class names. The data layer (data.py) crops,
-resizes and batches them.
+.tar/.tar.gz such as the CIFAR-10 JPEG archive), plain folders of unlabeled images, and datasets prepared
+by `ldae prepare-data` (whatever data.source says, a folder holding prepared.json is read as one), each as
+an indexable `ImageSource` of images, labels and class names. The data layer (data.py) crops, resizes and
+batches them.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import struct
 import tarfile
@@ -63,6 +65,11 @@ class ImageSource:
         """Image i; `target` allows decoding a large JPEG at reduced scale (see `decode`)."""
         raise NotImplementedError
 
+    def encoded(self, i: int) -> bytes:
+        """Image i's file as stored (for decoding on the GPU, data.decode=gpu)."""
+        raise LdaeError(f"data.decode=gpu decodes image files; {type(self).__name__} holds decoded arrays "
+                        "(use data.decode=pil)")
+
 
 class ArraySource(ImageSource):
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], origin: str):
@@ -81,6 +88,9 @@ class FileSource(ImageSource):
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(self.paths[i], target)
 
+    def encoded(self, i: int) -> bytes:
+        return self.paths[i].read_bytes()
+
 
 class BytesSource(ImageSource):
     """Images held in memory as encoded bytes (members of a tar archive)."""
@@ -90,6 +100,9 @@ class BytesSource(ImageSource):
 
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(io.BytesIO(self.blobs[i]), target)
+
+    def encoded(self, i: int) -> bytes:
+        return self.blobs[i]
 
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -234,10 +247,56 @@ def _plain_images(root: Path) -> ImageSource:
     return FileSource(paths, [-1] * len(paths), [])
 
 
+PREPARED = "prepared.json"  # marks a dataset written by `ldae prepare-data`
+
+
+class PreparedSource(ImageSource):
+    """A split of a prepared dataset: uint8 images (N, S, S, 3) in .npy shards read through memory maps, so a
+    worker or a DDP rank reads the images it indexes and no others. `stored_size` is S."""
+
+    def __init__(self, root: Path, split: str):
+        meta = read_prepared(root)
+        if split not in meta["splits"]:
+            raise LdaeError(f"{root}: a prepared dataset without a '{split}' split (it has "
+                            f"{', '.join(meta['splits'])}); prepare it with that split")
+        info = meta["splits"][split]
+        if not info.get("complete"):
+            raise LdaeError(f"{root}: the preparation of its '{split}' split was interrupted; run the same "
+                            "`ldae prepare-data` command again to finish it")
+        self.root, self.split, self.stored_size = root, split, meta["stored_size"]
+        self.shards, self.starts = info["shards"], np.cumsum([0] + info["counts"])[:-1]
+        self.classes = meta["classes"]
+        self.labels = np.load(root / split / "labels.npy").tolist()
+        self.names = (root / split / "files.txt").read_text().splitlines()
+        self._maps: list | None = None
+
+    def array(self, i: int) -> np.ndarray:
+        if self._maps is None:  # opened in the process that reads (each DataLoader worker maps its own)
+            self._maps = [np.load(self.root / self.split / name, mmap_mode="r") for name in self.shards]
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self._maps[shard][i - self.starts[shard]]
+
+    def open(self, i: int, target: int | None = None) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(self.array(i)))
+
+    def __getstate__(self):  # a worker re-maps the shards instead of receiving copies of them
+        return {**self.__dict__, "_maps": None}
+
+
+def read_prepared(root: Path) -> dict:
+    try:
+        return json.loads((root / PREPARED).read_text())
+    except (OSError, ValueError) as exc:
+        raise LdaeError(f"{root / PREPARED}: not a readable prepared-dataset description ({short(exc)}); prepare "
+                        "the dataset again") from None
+
+
 def open_source(cfg: SourceSettings, split: str) -> ImageSource:
     """The raw images of `split` ('train' or 'eval') for the configured dataset."""
     root = resolve_path(cfg)
     name = cfg.split_name(split)
+    if root.is_dir() and (root / PREPARED).is_file():
+        return PreparedSource(root, name)
     if cfg.source == "fashion-mnist":
         return _fmnist(root, name)
     if cfg.source in ("cifar10", "imagefolder"):

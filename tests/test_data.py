@@ -427,3 +427,14 @@ def test_loader_over_step_batches_yields_the_indexed_images(fmnist_dir):
         idx = [i for i, _ in k]
         np.testing.assert_array_equal(batch.images[:, 0].numpy(), arrays["train"][0][idx])
         assert batch.labels.tolist() == arrays["train"][1][idx].tolist()
+
+
+def test_a_cached_dataset_flips_exactly_like_an_uncached_one(image_tree):
+    """The cache holds unflipped images; each read flips by its own sample seed (it once flipped the cache too)."""
+    cached = build_dataset(DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True,
+                                      num_workers=0, cache="always"), "train")
+    fresh = build_dataset(DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True,
+                                     num_workers=0, cache="never"), "train")
+    assert cached.cached is not None and fresh.cached is None
+    for key in [(i, seed) for i in range(len(fresh)) for seed in (0, 1, 2, 3)]:
+        assert torch.equal(cached[key][0], fresh[key][0]), key

@@ -75,7 +75,7 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
             resume.require("tokenizer.kind")
             tokenizer = build_tokenizer(resume.extra["tokenizer"], resume.section("tokenizer"), resume.path)
             parents = resume.provenance.get("parents", [])
-        dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
+        dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed, training_stream=True)
         num_classes = dataset.num_classes
         if cfg.model.class_conditional and num_classes == 0:
             raise LdaeError("model.class_conditional needs labelled data, but the dataset has no classes")

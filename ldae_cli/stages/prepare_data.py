@@ -1,0 +1,45 @@
+"""`ldae prepare-data`: decode a dataset once into memory-mappable uint8 shards (see ldae_cli/prepared.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ldae_cli import prepared
+from ldae_cli.config import load_config
+from ldae_cli.data import DataConfig
+from ldae_cli.errors import LdaeError
+from ldae_cli.rundir import RunLock
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    out: Optional[str] = None  # the prepared dataset's folder (required)
+    splits: list[str] = field(default_factory=lambda: ["train", "eval"])  # data.train_split / data.eval_split
+    # stored side = image_size x margin: 1 stores exactly what center-cropped training reads (bit for bit);
+    # e.g. 1.15 keeps room for the random-resized crops of augmented training (finetune, probe)
+    margin: float = 1.0
+    shard_mb: float = 1024.0  # about this many MB of images per shard
+
+    def validate(self) -> None:
+        if self.margin < 1 or not self.shard_mb > 0:
+            raise LdaeError(f"margin must be >= 1 and shard_mb > 0, got {self.margin} and {self.shard_mb}")
+        if not self.splits or any(s not in ("train", "eval") for s in self.splits):
+            raise LdaeError(f"splits: a list of 'train' and/or 'eval', got {self.splits}")
+
+
+def main(config: str | None, overrides: list[str], flags: dict, force: bool = False) -> Path:
+    cfg = load_config(PrepareConfig, config, overrides, flags)
+    if not cfg.out:
+        raise LdaeError("prepare-data needs --out DIR, the folder to write the prepared dataset to")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, "prepare-data")
+    lock.acquire()
+    try:
+        prepared.prepare(cfg.data, cfg.splits, out, cfg.margin, cfg.shard_mb, force)
+    finally:
+        lock.release()
+    return out
