@@ -216,13 +216,37 @@ def study(
     _call("study", name, budget, seeds, out, data, source, overrides or [], nproc)
 
 
+@app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(
+    ctx: typer.Context,
+    local: bool = typer.Option(False, "--local", help="Run the job on this machine (submitit's local executor) "
+                               "instead of SLURM: the same requeue and resume, for testing."),
+    nodes: int = typer.Option(1, "--nodes", help="SLURM nodes."),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", help="GPUs per node: one task (rank) each."),
+    cpus_per_task: int = typer.Option(10, "--cpus-per-task", help="CPU cores per task (data loading)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition."),
+    time_min: int = typer.Option(60 * 24, "--time", help="Time limit of one job, minutes; the run is requeued and "
+                                 "continues when it is reached."),
+    folder: str = typer.Option("runs/launch/%j", "--folder", help="submitit's folder: job scripts and logs."),
+    slurm: Optional[List[str]] = typer.Option(None, "--slurm", help="Extra sbatch setting KEY=VALUE (repeatable), "
+                                              "e.g. --slurm account=proj --slurm constraint=h100."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job to finish and print where its run is."),
+) -> None:
+    """Run a training command as a SLURM job (submitit): `ldae launch --nodes 2 --gpus-per-node 8 -- pretrain
+    --config final.yaml --out runs/pretrain/final`. Preempted or timed out, it is requeued and resumes its run."""
+    _call("launch", list(ctx.args), local, nodes, gpus_per_node, cpus_per_task, partition, time_min, folder,
+          slurm or [], wait)
+
+
 @app.command("export")
 def export(
     ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
-    out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors)."),
+    out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors, or a folder for --format timm)."),
     t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
     depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
     ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+    form: str = typer.Option("ldae", "--format", help="ldae: one .safetensors checkpoint (timm state dict + kwargs "
+                             "in its metadata); timm: a folder for timm.create_model('local-dir:OUT', pretrained=True)."),
     force: bool = ForceOpt,
 ) -> None:
     """Fold the encoder at fixed t into a plain ViT and save it as a timm `VisionTransformer` state dict.
@@ -231,7 +255,7 @@ def export(
     global_pool='avg', act_layer='gelu_tanh'; the kwargs are in the file's metadata) and
     `safetensors.torch.load_file`.
     """
-    typer.echo(f"wrote {_call('export', ckpt, out, t, depth, ema, force)}")
+    typer.echo(f"wrote {_call('export', ckpt, out, t, depth, ema, force, form)}")
 
 
 @app.command("report")
@@ -246,6 +270,14 @@ def report(
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def run_in_process(argv: list[str]) -> None:
+    """Run `ldae ARGV` in this process (a submitit job), its errors and interrupts raised as they are."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except _Interruption as wrapped:
+        raise wrapped.interrupt from None
 
 
 def _interrupted(exc: KeyboardInterrupt) -> str:

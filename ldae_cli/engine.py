@@ -16,6 +16,7 @@ stage, as detectron2's TrainerBase does with its hooks:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -24,142 +25,18 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ldae_cli.checkpoint import Checkpoint, flatten_optimizer, load_state, save_checkpoint, unflatten_optimizer
+from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import Batch, BadImageCounter, ImageDataset, decode_batch, make_loader
 from ldae_cli.distributed import all_reduce_sum, barrier, ddp_wrap
-from ldae_cli.errors import Interrupted, LdaeError, short
+from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.optim import StepPlan, make_ema, set_lr
 from ldae_cli.plots import save_curves
-from ldae_cli.reporting import MetricsLog, console, note_kept, progress_bar, read_metrics
+from ldae_cli.reporting import Board, MetricsLog, PlainProgress, clock, console, note_kept, progress_bar, read_metrics
 from ldae_cli.runs import Session
+from ldae_cli.train_state import Evaluation, Hook, TrainState
 
 # what to change when a training loss stops being finite
 DIVERGED_HINT = "Lower the lr (optim.blr or optim.lr), set optim.clip_grad, or check the data"
-
-
-class TrainState:
-    """What every training checkpoint holds besides the stage's own description, in one schema.
-
-    tensors: `<module>.<param>` for each module (model, ema, heads, net, disc, ...) and
-             `<optimizer>.state.<param index>.<key>` for each optimizer (optim, optim_disc, ...);
-    extra:   step, total_steps, steps_per_epoch, epoch, finished, world_size, and `optimizers`:
-             {name: its param groups and scalar state}, or null for an optimizer that has not stepped yet.
-    """
-
-    @staticmethod
-    def write(step: int, total: int, steps_per_epoch: float, world: int, modules: dict[str, nn.Module | None],
-              optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"{name}.{k}": v for name, module in modules.items() if module is not None
-                   for k, v in module.state_dict().items()}
-        rests = {}
-        for name, optimizer in optimizers.items():
-            rests[name] = None
-            if optimizer.state:
-                flat, rests[name] = flatten_optimizer(optimizer.state_dict())
-                tensors.update({f"{name}.{k}": v for k, v in flat.items()})
-        extra = {"step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-                 "epoch": step / steps_per_epoch, "finished": step >= total, "world_size": world,
-                 "optimizers": rests}
-        return tensors, extra
-
-    @staticmethod
-    def read(ck: Checkpoint, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]
-             ) -> int:
-        """Load the modules and optimizers of a resumed run; returns the step to continue from."""
-        if "optimizers" not in ck.extra:
-            raise LdaeError(f"{ck.path}: holds no train state to resume (written by an earlier ldae, or not by a "
-                            "training run); start a new run from it instead")
-        for name, module in modules.items():
-            if module is not None:
-                load_state(module, ck.section(name), f"{ck.path} ({name})")
-        for name, optimizer in optimizers.items():
-            rest = ck.extra["optimizers"].get(name)
-            if rest is not None:
-                try:
-                    _load_optimizer(optimizer, unflatten_optimizer(ck.section(name), rest))
-                except (KeyError, ValueError, RuntimeError) as exc:
-                    raise LdaeError(f"{ck.path}: its {name} optimizer state does not fit this run's parameters "
-                                    f"({short(exc)}); the file is damaged or was edited") from None
-        return ck.extra["step"]
-
-    @staticmethod
-    def non_finite(modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]) -> str | None:
-        """The first weight or optimizer-state tensor holding a NaN or an infinity, by name; None when all are
-        finite (what a checkpoint must be to be kept)."""
-        for name, module in modules.items():
-            for key, value in (module.state_dict().items() if module is not None else ()):
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    return f"{name}.{key}"
-        for name, optimizer in optimizers.items():
-            for index, entry in optimizer.state.items():
-                for key, value in entry.items():
-                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                        return f"{name} state of parameter {index} ({key})"
-        return None
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    device = next(iter(optimizer.param_groups[0]["params"])).device
-    for entry in state["state"].values():
-        for key, value in entry.items():
-            if torch.is_tensor(value) and key != "step":  # AdamW keeps `step` on the CPU unless fused/capturable
-                entry[key] = value.to(device)
-    optimizer.load_state_dict(state)
-
-
-class Hook:
-    """Something a run does besides its steps (detectron2's HookBase). Every method runs on every rank."""
-
-    def state(self) -> dict:
-        """JSON values written into every checkpoint's extra (and given back to `load_state` on resume)."""
-        return {}
-
-    def load_state(self, extra: dict) -> None:
-        pass
-
-    def wants_save(self, trainer: "Trainer") -> bool:
-        """After an optimizer step: ask for a checkpoint at this step."""
-        return False
-
-    def after_step(self, trainer: "Trainer") -> None:
-        """After the step's log line, before its checkpoint."""
-
-    def after_last_save(self, trainer: "Trainer") -> bool:
-        """The last step's checkpoint is written (training is safe); True asks for one more checkpoint."""
-        return False
-
-
-class Evaluation(Hook):
-    """`evaluate(step)` at the steps `every(step)` names and after the last step. The latest result is part of
-    the train state (extra['eval']), so a run killed after its last step but before the final evaluation
-    finishes that evaluation on resume, and never trains again."""
-
-    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False):
-        self.evaluate, self.every = evaluate, every
-        self.latest: dict | None = None
-
-    def state(self) -> dict:
-        return {"eval": self.latest}
-
-    def load_state(self, extra: dict) -> None:
-        self.latest = extra.get("eval")
-
-    def run(self, step: int) -> None:
-        self.latest = {"step": step, **self.evaluate(step)}
-
-    def wants_save(self, trainer):
-        return self.every(trainer.step)
-
-    def after_step(self, trainer):
-        if self.every(trainer.step) and trainer.step < trainer.total_steps:
-            self.run(trainer.step)
-
-    def after_last_save(self, trainer):
-        self.run(trainer.total_steps)
-        return True
-
-    def missing(self, total_steps: int) -> bool:
-        return self.latest is None or self.latest.get("step") != total_steps
 
 
 @dataclass
@@ -217,14 +94,15 @@ class Trainer:
                  describe: Callable[[], tuple[dict[str, torch.Tensor], dict]] | None = None,
                  parents: list[dict] = (), losses: tuple[str, ...] = ("loss",), shown: tuple[str, ...] = ("loss", "lr"),
                  hint: str = DIVERGED_HINT, curves: tuple[Curve, ...] | None = None, hooks: tuple[Hook, ...] = (),
-                 non_finite: Callable[[], str | None] | None = None):
+                 non_finite: Callable[[], str | None] | None = None,
+                 pictures: Callable[["Trainer"], dict[str, torch.Tensor]] | None = None):
         self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
         self.out_dir, self.path = session.out_dir, session.checkpoint
         self.ema = make_ema(modules["model"], ema_decay) if ema_decay else None
         self.modules = {**modules, **({"ema": self.ema.module} if self.ema is not None else {})}
         self.optimizers, self.describe, self.parents = optimizers, describe, list(parents)
         self.hint, self.shown, self.hooks = hint, shown, list(hooks)
-        self._non_finite = non_finite
+        self._non_finite, self.pictures = non_finite, pictures
         self.curves = curves if curves is not None else (Curve("loss.png", ("loss",), f"{session.command} loss"),)
         self.meter = LossMeter(losses, self.ctx.device)
         self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
@@ -236,8 +114,10 @@ class Trainer:
             if self.ctx.is_main:
                 console.print(f"resuming {session.resume.path} at step {self.step:,} of {self.total_steps:,}")
         self.start_step = self.last_saved = self.logged = self.step
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ctx.is_main,
-                                  truncate_after_step=self.step if session.resume is not None else None)
+        resumed_at = self.step if session.resume is not None else None
+        self.board = Board(self.out_dir, self.run.tensorboard, self.run.wandb, resumed_at, session.config) \
+            if self.ctx.is_main and (self.run.tensorboard or self.run.wandb) else None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
         self.progress = None  # the live progress bar while `fit` runs (evaluations show theirs in it)
         self._wait_mark, self._warned_wait = (time.perf_counter(), 0.0, False), False
@@ -280,53 +160,66 @@ class Trainer:
     def fit(self, step_fn: Callable[[int], dict | None]) -> bool:
         """Run the plan from the restored step. `step_fn(step)` does one optimizer step and may return values
         to log beside the losses. True when the run has reached its last step (now or before)."""
-        if self.step >= self.total_steps:
-            self._finished_already()
+        try:
+            if self.step >= self.total_steps:
+                self._finished_already()
+                return True
+            with StopSignal(self.run.time_limit_minutes) as stop, \
+                    progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
+                self.progress = bar
+                self._wait_mark = (time.perf_counter(), 0.0, False)
+                task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
+                                    completed=self.step * self.plan.batch_size, info="")
+                while self.step < self.total_steps:
+                    values = self._step(step_fn)
+                    bar.update(task, advance=self.plan.batch_size)
+                    limit = self.run.stop_after_steps
+                    stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
+                    self._after_step(values, stopping, bar, task)
+                    if stopping and self.step < self.total_steps:
+                        return self._stopped(stop.reason)
+            if self.ctx.is_main:
+                console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
+                              f"{self.path}")
             return True
-        with StopSignal(self.run.time_limit_minutes) as stop, \
-                progress_bar("img", self.run.progress and self.ctx.is_main) as bar:
-            self.progress = bar
-            self._wait_mark = (time.perf_counter(), 0.0, False)
-            task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
-                                completed=self.step * self.plan.batch_size, info="")
-            while self.step < self.total_steps:
-                lr = self.plan.lr(self.step)
-                if not math.isfinite(lr):
-                    raise LdaeError(f"the lr schedule gives {lr} at step {self.step}; {self.kept()}. {self.hint}")
-                for optimizer in self.optimizers.values():
-                    set_lr(optimizer, lr)
-                values = {"lr": lr, **(step_fn(self.step) or {})}
-                if self.ema is not None:
-                    self.ema.update(self.modules["model"])
-                self.step += 1
-                self.rate = self._throughput.mark(self.plan.batch_size)
-                bar.update(task, advance=self.plan.batch_size)
-                limit = self.run.stop_after_steps
-                stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
-                due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps
-                            or stopping or any(hook.wants_save(self) for hook in self.hooks))
-                if self.step % self.run.log_every == 0 or due_save:
-                    self.log(values, bar, task)
-                for hook in self.hooks:
-                    hook.after_step(self)
-                if due_save:
-                    self.save()
-                if self.step == self.total_steps and any([hook.after_last_save(self) for hook in self.hooks]):
-                    self.save()
-                if stopping and self.step < self.total_steps:
-                    return self._stopped(stop.reason)
-        if self.ctx.is_main:
-            console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
-                          f"{self.path}")
-        return True
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _step(self, step_fn: Callable[[int], dict | None]) -> dict:
+        """One optimizer step at the plan's lr (the step function's work), then the EMA; the values to log."""
+        lr = self.plan.lr(self.step)
+        if not math.isfinite(lr):
+            raise LdaeError(f"the lr schedule gives {lr} at step {self.step}; {self.kept()}. {self.hint}")
+        for optimizer in self.optimizers.values():
+            set_lr(optimizer, lr)
+        values = {"lr": lr, **(step_fn(self.step) or {})}
+        if self.ema is not None:
+            self.ema.update(self.modules["model"])
+        self.step += 1
+        self.rate = self._throughput.mark(self.plan.batch_size)
+        return values
+
+    def _after_step(self, values: dict, stopping: bool, bar, task) -> None:
+        """The cadence: a log line, the hooks, a checkpoint when due, and the final one's extra round."""
+        due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps or stopping
+                    or any(hook.wants_save(self) for hook in self.hooks))
+        if self.step % self.run.log_every == 0 or due_save:
+            self.log(values, bar, task)
+        for hook in self.hooks:
+            hook.after_step(self)
+        if due_save:
+            self.save()
+        if self.step == self.total_steps and any([hook.after_last_save(self) for hook in self.hooks]):
+            self.save()
 
     def _stopped(self, reason: str) -> bool:
         """A stop before the last step, its checkpoint written: a signal ends the process (exit 130 / 143) with one
         line, a limit of the config (stop_after_steps, time limit) returns False."""
         line = (f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step {self.step:,} "
                 f"in {self.out_dir} is kept. Continue with `ldae {self.session.command} --resume {self.out_dir}`")
-        if reason in ("SIGINT", "SIGTERM"):
-            raise Interrupted(line, 130 if reason == "SIGINT" else 143)
+        if reason in ("SIGINT", "SIGTERM", "SIGUSR2"):
+            raise Interrupted(line, 130 if reason == "SIGINT" else 143, reason)
         if self.ctx.is_main:
             console.print(line)
         return False
@@ -355,9 +248,23 @@ class Trainer:
         if bar is not None:
             shown = "  ".join(f"{k} {values[k]:.4g}" for k in self.shown if isinstance(values.get(k), float))
             bar.update(task, info=f"{shown}  ep {self.epoch:.2f}")
-        self.metrics.write({"step": self.step, "epoch": round(self.epoch, 4), **values,
-                            "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
-                            "time_s": round(time.time() - self._started, 1)})
+        record = {"step": self.step, "epoch": round(self.epoch, 4), **values,
+                  "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
+                  "time_s": round(time.time() - self._started, 1)}
+        self.metrics.write(record)
+        if isinstance(bar, PlainProgress):  # off a terminal (nohup, a scheduler): one plain line per log
+            self.print_line(record)
+
+    def print_line(self, r: dict) -> None:
+        """step/total, epoch, every logged term, img/s, data wait and ETA in one line, for a log file."""
+        terms = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)
+                          and k not in ("epoch", "img_per_s", "time_s", "data_wait"))
+        rate = self.rate if self.rate == self.rate and self.rate > 0 else None
+        eta = clock((self.total_steps - self.step) * self.plan.batch_size / rate) if rate else "?"
+        wait = f"  data wait {100 * r['data_wait']:.0f}%" if r.get("data_wait") is not None else ""
+        speed = f"{rate:,.0f} img/s" if rate else "-- img/s"
+        console.print(f"{self.session.command} step {self.step:,}/{self.total_steps:,} ep {self.epoch:.2f}  {terms}  "
+                      f"{speed}{wait}  eta {eta}", soft_wrap=True, highlight=False)
 
     def _data_wait(self) -> float | None:
         """The share of the time since the last log line the loop waited for batches; warns once above 10% (the
@@ -399,6 +306,9 @@ class Trainer:
             for curve in self.curves:
                 save_curves(records, self.out_dir / curve.file, curve.keys, x=curve.x,
                             title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
+            if self.board is not None and self.pictures is not None:
+                for tag, image in self.pictures(self).items():
+                    self.board.image(tag, image, self.step)
         barrier(self.ctx)
         self.last_saved = self.step
         note_kept(f"the checkpoint of step {self.step} in {self.out_dir} (continue with `ldae {self.session.command} "
@@ -421,7 +331,9 @@ class StopSignal:
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # a job under `ldae launch` is also warned by SIGUSR2 before a preemption or its time limit
+        extra = (signal.SIGUSR2,) if os.environ.get("LDAE_PREEMPTIBLE") else ()
+        for sig in (signal.SIGINT, signal.SIGTERM, *extra):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)

@@ -19,10 +19,11 @@ from torch import nn
 
 from ldae_cli import detection
 from ldae_cli.distributed import DistContext, barrier
-from ldae_cli.engine import Evaluation, Trainer
+from ldae_cli.engine import Trainer
 from ldae_cli.optim import StepPlan
 from ldae_cli.reporting import console, progress_bar
 from ldae_cli.runs import Session, amp_dtype
+from ldae_cli.train_state import Evaluation
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

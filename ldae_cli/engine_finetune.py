@@ -29,7 +29,8 @@ from torch import nn
 from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import Curve, Evaluation, Trainer, micro_batches
+from ldae_cli.engine import Curve, Trainer, micro_batches
+from ldae_cli.train_state import Evaluation
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import make_adamw, plan_steps
 from ldae_cli.reporting import console

@@ -82,7 +82,8 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
 
 
 def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: ImageDataset, class_dropout: float,
-          describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None) -> bool:
+          describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None,
+          pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None) -> bool:
     """Pretrain `model` on `dataset` with the run's optim settings (and the online probe, when given); True when
     the run reached its last step."""
     started = time.time()
@@ -93,7 +94,8 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
     denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     optimizer = make_adamw(model.parameters(), cfg.optim, device)
     trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
-                      describe=describe, parents=parents, hooks=(online,) if online is not None else ())
+                      describe=describe, parents=parents, hooks=(online,) if online is not None else (),
+                      pictures=pictures)
     runner = trainer.wrap(PretrainObjective(denoiser, model))
     stream = trainer.stream(dataset, cfg.data)
     per_rank = cfg.optim.batch_size // ctx.world
@@ -109,6 +111,6 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
     model.train()
     finished = trainer.fit(step)
     if online is not None and online.count and ctx.is_main:
-        console.print(f"online probe: {online.count} x {online.s.images} images, {online.seconds:.1f} s "
+        console.print(f"online probe: {online.count} x {len(online.subset)} images, {online.seconds:.1f} s "
                       f"({100 * online.seconds / (time.time() - started):.1f}% of this run's time)")
     return finished

@@ -33,12 +33,13 @@ from torch import nn
 from ldae_cli.config import require
 from ldae_cli.data import BadImageCounter, ImageDataset, StepBatches, epoch_order, make_loader
 from ldae_cli.distributed import DistContext, all_gather_cat
-from ldae_cli.engine import Curve, Evaluation, Hook, Trainer
+from ldae_cli.engine import Curve, Trainer
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import StepPlan, lr_at, set_lr
 from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, Pretrained, encoder_features
 from ldae_cli.reporting import progress_bar
 from ldae_cli.runs import Session
+from ldae_cli.train_state import Evaluation, Hook
 
 
 class ProbeHeads(nn.Module):

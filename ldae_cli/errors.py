@@ -19,6 +19,6 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM after saving what it had: `str()` is the one line to print (what was
     kept, how to continue), `code` the exit status (130 for SIGINT, 143 for SIGTERM)."""
 
-    def __init__(self, message: str, code: int):
+    def __init__(self, message: str, code: int, signal_name: str = ""):
         super().__init__(message)
-        self.code = code
+        self.code, self.signal_name = code, signal_name

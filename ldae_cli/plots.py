@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -23,6 +24,19 @@ def _to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
 def save_grid(rows: list[list[torch.Tensor]], path: Path, upscale: int = 1, pad: int = 2,
               titles: list[str] | None = None, background=(255, 255, 255)) -> Path:
     """Tile equally sized images: rows[r][c]. Optional column titles above the first row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(rows, upscale, pad, titles, background).save(path)
+    return path
+
+
+def grid_tensor(rows: list[list[torch.Tensor]], upscale: int = 1, titles: list[str] | None = None) -> torch.Tensor:
+    """`save_grid`'s picture as uint8 (3, H, W), for a dashboard."""
+    return torch.from_numpy(np.array(grid_image(rows, upscale, titles=titles))).permute(2, 0, 1).contiguous()
+
+
+def grid_image(rows: list[list[torch.Tensor]], upscale: int = 1, pad: int = 2, titles: list[str] | None = None,
+               background=(255, 255, 255)) -> Image.Image:
     tiles = [[_to_pil(img, upscale) for img in row] for row in rows]
     th, tw = tiles[0][0].height, tiles[0][0].width
     ncol = max(len(r) for r in tiles)
@@ -34,10 +48,7 @@ def save_grid(rows: list[list[torch.Tensor]], path: Path, upscale: int = 1, pad:
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             canvas.paste(tile, (pad + c * (tw + pad), title_h + pad + r * (th + pad)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas
 
 
 def save_filters(basis: torch.Tensor, patch: int, path: Path, count: int = 64, ncol: int = 8) -> Path:

@@ -5,12 +5,14 @@ start from), and frozen feature extractors for probing.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, save_checkpoint, stored_config
@@ -121,6 +123,39 @@ def export_encoder(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth:
     extra = {"timm_kwargs": kwargs, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
              "class_names": pre.ckpt.extra.get("class_names", [])}
     return save_checkpoint(out, "encoder", state, pre.ckpt.config, [pre.ckpt.parent_ref("pretrain")], extra)
+
+
+def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: int | None = None,
+                ema: bool | None = None) -> Path:
+    """The folded encoder as a folder timm loads by itself, `timm.create_model("local-dir:OUT", pretrained=True)`,
+    and that can be pushed to a model hub unchanged: config.json (a registered ViT architecture whose
+    `model_args` set every dimension; `pretrained_cfg` with the input size, crop and mean/std: our encoder reads
+    [-1, 1] images, i.e. mean = std = 0.5 on [0, 1] pixels), model.safetensors, and a README model card."""
+    pre = load_pretrained(path, ema)
+    state, kwargs = fold_encoder(pre, t, depth)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = list(kwargs["img_size"])
+    config = {
+        "architecture": "vit_base_patch16_224",
+        "num_classes": 0,
+        "num_features": kwargs["embed_dim"],
+        "global_pool": "avg",
+        "model_args": {**kwargs, "img_size": size},
+        "pretrained_cfg": {"input_size": [3, *size], "fixed_input_size": True, "interpolation": "bicubic",
+                           "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
+                           "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+    }
+    save_file(state, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "README.md").write_text(
+        f"---\ntags: [image-feature-extraction, timm, l-dae]\nlibrary_name: timm\n---\n# l-DAE encoder\n\n"
+        f"A ViT ({kwargs['depth']} blocks, width {kwargs['embed_dim']}, {kwargs['num_heads']} heads, "
+        f"{kwargs['patch_size']}x{kwargs['patch_size']} patches, {size[0]}x{size[1]} input, no class token, average "
+        f"pool) pretrained as a latent denoising autoencoder (l-DAE) with ldae, folded at t = {t}.\n\n"
+        f"```python\nimport timm\nmodel = timm.create_model('local-dir:{out.name}', pretrained=True)  # features\n```"
+        f"\n\nSource checkpoint sha256: {pre.ckpt.sha256}\n")
+    return out
 
 
 def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None, ema: bool | None = None,

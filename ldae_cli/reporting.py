@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.text import Text
+
+from ldae_cli.errors import LdaeError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -43,8 +47,12 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
 
 
-def progress_bar(unit: str = "img", enabled: bool = True) -> Progress:
-    """A progress bar with rate and ETA; tasks carry an `info` field (loss, lr, ...)."""
+def progress_bar(unit: str = "img", enabled: bool = True, line_every: float | None = 30.0):
+    """A progress bar with rate and ETA on a terminal; tasks carry an `info` field (loss, lr, ...). Where output
+    is a file or a pipe (nohup, a batch scheduler) a bar shows nothing, so plain lines are printed instead:
+    every `line_every` seconds and when a task completes (None: never; the caller prints its own)."""
+    if enabled and not console.is_terminal:
+        return PlainProgress(unit, line_every)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -52,12 +60,114 @@ def progress_bar(unit: str = "img", enabled: bool = True) -> Progress:
     )
 
 
+def clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class PlainProgress:
+    """`progress_bar`'s stand-in off a terminal: the same calls, progress as plain log lines."""
+
+    def __init__(self, unit: str, line_every: float | None):
+        self.unit, self.line_every, self.console = unit, line_every, console
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, info: str = "") -> int:
+        now = time.monotonic()
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "completed": completed,
+                                       "start": completed, "info": info, "started": now, "printed": now}
+        return len(self.tasks) - 1
+
+    def update(self, task: int, advance: float = 0, info: str | None = None) -> None:
+        t = self.tasks[task]
+        t["completed"] += advance
+        if info is not None:
+            t["info"] = info
+        now = time.monotonic()
+        done = t["total"] is not None and t["completed"] >= t["total"] and advance
+        if self.line_every is not None and (done or now - t["printed"] >= self.line_every):
+            t["printed"] = now
+            console.print(self.line(t, now), soft_wrap=True)
+
+    def remove_task(self, task: int) -> None:
+        self.tasks.pop(task, None)
+
+    def line(self, t: dict, now: float) -> str:
+        elapsed = now - t["started"]
+        rate = (t["completed"] - t["start"]) / elapsed if elapsed > 0 else 0.0
+        total = t["total"] or 0
+        eta = clock((total - t["completed"]) / rate) if rate > 0 and total else "?"
+        share = f" ({100 * t['completed'] / total:.0f}%)" if total else ""
+        return (f"{t['description']}: {t['completed']:,.0f}/{total:,.0f}{share}, {rate:,.0f} {self.unit}/s, "
+                f"elapsed {clock(elapsed)}, eta {eta} {t['info']}").rstrip()
+
+
+class Board:
+    """Live dashboards beside metrics.jsonl: TensorBoard event files (run_dir/tensorboard) and, when asked, a W&B
+    run, offline unless WANDB_MODE says otherwise (nothing leaves the machine by default). A resumed run
+    purges what the interrupted one logged after its checkpoint, as metrics.jsonl does."""
+
+    SKIPPED = ("step", "epoch", "time_s")
+
+    def __init__(self, out_dir: Path, tensorboard: bool, wandb: bool, resumed_at: int | None, config: dict):
+        self.tb = self.wb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resumed_at)
+        if wandb:
+            self.wb = start_wandb(out_dir, config)
+
+    def scalars(self, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k not in self.SKIPPED and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        for key, value in values.items():
+            if self.tb is not None:
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wb is not None:
+            self.wb.log(values, step=record["step"])
+
+    def image(self, tag: str, image, step: int) -> None:
+        """`image`: uint8 (3, H, W)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step)
+        if self.wb is not None:
+            import wandb
+
+            self.wb.log({tag: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def start_wandb(out_dir: Path, config: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise LdaeError("run.wandb is true but wandb is not installed: `pip install wandb`, or set run.wandb=false "
+                        "(TensorBoard logs are written either way)") from None
+    run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]  # one W&B run across resumes
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ldae"), name=out_dir.name, id=run_id, resume="allow",
+                      dir=str(out_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+
+
 class MetricsLog:
     """Appends one JSON object per line; resumed runs keep the lines written before the interruption. A line
-    torn by a kill mid-write (the last one) is dropped, never a reason to refuse a resume."""
+    torn by a kill mid-write (the last one) is dropped, never a reason to refuse a resume. Records also go to
+    `board` (TensorBoard, W&B) when there is one."""
 
-    def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None,
+                 board: Board | None = None):
+        self.path, self.enabled, self.board = Path(path), enabled, board
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if truncate_after_step is not None and self.path.exists():
@@ -75,6 +185,8 @@ class MetricsLog:
             f.write(json.dumps(clean) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.board is not None:
+            self.board.scalars(clean)
 
 
 def read_metrics(path: Path) -> list[dict]:

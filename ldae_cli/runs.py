@@ -27,7 +27,7 @@ from ldae_cli.rundir import CHECKPOINT
 # keys a resumed run may change: where things are and how they are run, not what is computed; stages add theirs
 RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device", "run.compile",
              "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps", "run.progress",
-             "run.out_dir")
+             "run.out_dir", "run.tensorboard", "run.wandb")
 
 
 @dataclass
@@ -41,7 +41,9 @@ class RunConfig:
     save_every: int = 500  # steps between checkpoints (one is always written at the end)
     time_limit_minutes: Optional[float] = None  # stop cleanly (checkpoint written) after this long; resume later
     stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal, plain log lines when output goes to a file
+    tensorboard: bool = True  # event files in <run>/tensorboard: every logged scalar, pictures at each save
+    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE=online)
 
     def validate(self) -> None:
         if self.log_every < 1 or self.save_every < 1:

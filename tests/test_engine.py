@@ -11,7 +11,8 @@ import torch
 
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.distributed import DistContext
-from ldae_cli.engine import Evaluation, LossMeter, Trainer, TrainState
+from ldae_cli.engine import LossMeter, Trainer
+from ldae_cli.train_state import Evaluation, TrainState
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import StepPlan, accumulation, lr_at
 from ldae_cli.reporting import read_metrics

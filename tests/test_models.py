@@ -125,3 +125,27 @@ def test_export_cli_writes_a_state_dict_timm_loads_strictly(tmp_path):
     with torch.no_grad():
         expected = pre.model.features(patchify(images, 4), torch.full((2,), 10)).mean(1)
         torch.testing.assert_close(vit(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_form_export_loads_through_create_model_local_dir(pattern_tree, tmp_path, run_main):
+    """`ldae export --format timm` -> a folder `timm.create_model("local-dir:...", pretrained=True)` loads by
+    itself, computing the adaLN model's features at the fold t to 1e-5 from [-1, 1] images."""
+    import timm
+
+    from conftest import train_tiny
+    from ldae_cli.pretrained import load_pretrained
+
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
+                                                                       "model.encoder_depth": 2, "optim.epochs": 2})
+    out = tmp_path / "ldae-vit"
+    res = run_main("export", "--ckpt", str(ckpt), "--out", str(out), "--format", "timm")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5,) * 3 and tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
+    pre = load_pretrained(ckpt)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = pre.model.features(patchify(images, 4), torch.full((3,), 10)).mean(1)
+        torch.testing.assert_close(model(images), expected, atol=1e-5, rtol=1e-5)
+    assert run_main("export", "--ckpt", str(ckpt), "--out", str(out), "--format", "timm").returncode == 1

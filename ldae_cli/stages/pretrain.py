@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Callable
 from pathlib import Path
 
 import torch
 
 from ldae_cli import engine_pretrain, pca
-from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.data import DataConfig, build_dataset, to_unit_range
+from ldae_cli.plots import grid_tensor
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.distributed import barrier
 from ldae_cli.errors import LdaeError
@@ -98,8 +100,22 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
 
         class_dropout = cfg.model.class_dropout if cfg.model.class_conditional else 0.0
         online = online_probe(cfg, model, tokenizer, denoiser, s)
-        engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online)
+        engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online,
+                              denoising_panel(online) if online is not None else None)
         return s.checkpoint
+
+
+def denoising_panel(online: OnlineProbe, images: int = 8) -> Callable[[object], dict[str, torch.Tensor]]:
+    """clean | noisy | denoised of the first eval-subset images, for the dashboard at each save."""
+    def draw(trainer) -> dict[str, torch.Tensor]:
+        pre = online.view(trainer)
+        items = [online.subset[i][0] for i in range(min(images, len(online.subset)))]
+        clean = to_unit_range(torch.stack(items)).to(trainer.device)
+        with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+            noisy, denoised = pre.denoise(clean, pre.timestep(), seed=0)
+        rows = [[x[i].cpu() for x in (clean, noisy, denoised)] for i in range(len(items))]
+        return {"denoising (clean | noisy | denoised)": grid_tensor(rows, max(1, 64 // clean.shape[-1]))}
+    return draw
 
 
 def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, s: Session

@@ -1,0 +1,99 @@
+"""`ldae launch`: any training command as a SLURM job through submitit, requeued on preemption or timeout and
+continued from its run directory (or as a local job, which behaves the same, for testing).
+
+The job runs the command once per task (one task per GPU, every node), with torch.distributed's variables set
+from SLURM's. SLURM warns a job before preempting it or at its time limit with SIGUSR2 (submitit asks for that):
+the training loop takes it like Ctrl-C, finishes its step and saves, then submitit requeues the job. A requeued
+job runs `ldae <stage> --resume <out>` when the run has a checkpoint, so preemption costs at most the step in
+flight; a job preempted before its first checkpoint starts the run again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from ldae_cli.errors import Interrupted, LdaeError
+from ldae_cli.reporting import console
+from ldae_cli.rundir import CHECKPOINT
+
+RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
+PREEMPTIBLE = "LDAE_PREEMPTIBLE"  # set in a job: the loop also stops cleanly on SIGUSR2
+
+
+def output_of(argv: list[str]) -> Path:
+    """The run directory the command names (--out DIR or --out=DIR)."""
+    for i, arg in enumerate(argv):
+        if arg == "--out" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--out="):
+            return Path(arg.split("=", 1)[1])
+    raise LdaeError("ldae launch needs the command's --out DIR: a requeued job continues the run in that directory")
+
+
+def check(argv: list[str]) -> None:
+    if not argv or argv[0] not in RESUMABLE:
+        raise LdaeError(f"ldae launch runs a training stage ({', '.join(RESUMABLE)}), e.g. `ldae launch -- pretrain "
+                        f"--config final.yaml --out runs/x`; got {' '.join(argv) or 'nothing'}")
+    if "--resume" in argv:
+        raise LdaeError("ldae launch starts a run and continues it itself after a requeue; give the command without "
+                        "--resume (its --out says where the run is)")
+    output_of(argv)
+
+
+class LdaeJob:
+    """What submitit runs in every task: the ldae command, or its --resume when the run has a checkpoint."""
+
+    def __init__(self, argv: list[str]):
+        check(argv)
+        self.argv = list(argv)
+
+    def command(self) -> list[str]:
+        out = output_of(self.argv)
+        if (out / CHECKPOINT).exists():
+            return [self.argv[0], "--resume", str(out)]
+        # an earlier attempt stopped before its first checkpoint: this run's own leftovers, started over
+        return [*self.argv, "--force"] if out.exists() and any(out.iterdir()) else self.argv
+
+    def __call__(self) -> str:
+        import submitit
+
+        from ldae_cli.cli import run_in_process
+
+        if submitit.JobEnvironment().num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ[PREEMPTIBLE] = "1"
+        try:
+            run_in_process(self.command())
+        except Interrupted as exc:
+            if exc.signal_name != "SIGUSR2":
+                raise
+            console.print(f"{exc}; requeueing", soft_wrap=True)
+            signal.raise_signal(signal.SIGUSR2)  # the loop has saved: now submitit checkpoints and requeues
+        return str(output_of(self.argv))
+
+    def checkpoint(self):
+        """Called by submitit on preemption or timeout: the same job again (it resumes by itself)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(LdaeJob(self.argv))
+
+
+def submit(argv: list[str], local: bool, nodes: int, gpus_per_node: int, cpus_per_task: int, partition: str | None,
+           time_min: int, folder: Path, extra: dict):
+    """Submit `ldae <argv>` as a job; returns the submitit job."""
+    import submitit
+
+    job = LdaeJob(argv)
+    executor = submitit.LocalExecutor(folder=str(folder)) if local else \
+        submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params = dict(timeout_min=time_min, nodes=nodes, tasks_per_node=max(1, gpus_per_node),
+                  cpus_per_task=cpus_per_task, name=f"ldae-{argv[0]}-{output_of(argv).name}")
+    if local:
+        params = {"timeout_min": time_min, "tasks_per_node": max(1, gpus_per_node), "gpus_per_node": gpus_per_node}
+    else:
+        params.update(gpus_per_node=gpus_per_node, slurm_partition=partition, slurm_signal_delay_s=120,
+                      slurm_additional_parameters=extra)
+    executor.update_parameters(**params)
+    return executor.submit(job)

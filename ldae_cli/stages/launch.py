@@ -1,0 +1,32 @@
+"""`ldae launch`: submit a training command as a SLURM (or local) job; see ldae_cli/launch.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldae_cli import launch
+from ldae_cli.errors import LdaeError
+from ldae_cli.reporting import console
+
+
+def main(argv: list[str], local: bool, nodes: int, gpus_per_node: int, cpus_per_task: int, partition: str | None,
+         time_min: int, folder: str, slurm: list[str], wait: bool) -> str:
+    argv = argv[1:] if argv[:1] == ["--"] else argv
+    launch.check(argv)
+    if min(nodes, time_min, cpus_per_task) < 1 or gpus_per_node < 0:
+        raise LdaeError("--nodes, --time and --cpus-per-task must be at least 1, --gpus-per-node at least 0")
+    extra = {}
+    for item in slurm:
+        if "=" not in item:
+            raise LdaeError(f"--slurm '{item}': expected KEY=VALUE, e.g. --slurm account=myproject")
+        key, value = item.split("=", 1)
+        extra[key.strip()] = value
+    try:
+        job = launch.submit(argv, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder), extra)
+    except (RuntimeError, OSError) as exc:  # no sbatch on this machine, a rejected submission
+        raise LdaeError(f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "
+                        "without SLURM use --local") from None
+    console.print(f"submitted job {job.job_id}: ldae {' '.join(argv)}; logs in {job.paths.folder}")
+    if wait:
+        console.print(f"job {job.job_id} finished; its run is {job.result()}")
+    return job.job_id
