@@ -35,18 +35,22 @@ data: env
 # Every stage on Fashion-MNIST. Each step is a file target, so re-running skips what is done; an
 # interrupted pretrain resumes where it stopped.
 demo: env data $(DEMO)/probe/results.json $(DEMO)/probe-random-init/results.json $(DEMO)/tokenizer/done \
-		$(DEMO)/finetune/done $(DEMO)/detect/done
-	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise \
-		--out $(DEMO)/denoise.png
+		$(DEMO)/finetune/done $(DEMO)/detect/done $(DEMO)/denoise.png
 	@echo "demo done: see $(DEMO)/ (pca.filters.png, pretrain/loss.png, probe*/results.json, denoise.png," \
 		"tokenizer/reconstructions.png, finetune/accuracy.png, detect/eval.json)"
 
+$(DEMO)/denoise.png: $(DEMO)/pretrain/done
+	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise \
+		--out $@ --force
+
+# A run that stopped before its first checkpoint has nothing to resume: it starts again (--force replaces what
+# it left; nothing else is ever in these directories).
 $(DEMO)/pca.safetensors: | env data
 	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $@
 
 $(DEMO)/pretrain/done: $(DEMO)/pca.safetensors
 	if [ -f $(DEMO)/pretrain/checkpoint.safetensors ]; then $(BIN)/ldae pretrain --resume $(DEMO)/pretrain; \
-	else $(BIN)/ldae pretrain --config demo/fmnist.yaml --out $(DEMO)/pretrain \
+	else $(BIN)/ldae pretrain --config demo/fmnist.yaml --out $(DEMO)/pretrain --force \
 		--set tokenizer.path=$(DEMO)/pca.safetensors; fi
 	touch $@
 
@@ -57,13 +61,13 @@ $(DEMO)/probe/results.json: $(DEMO)/pretrain/done
 # train-tokenizer, finetune and detect resume an interrupted run the same way pretrain does
 $(DEMO)/tokenizer/done: | env data
 	if [ -f $(DEMO)/tokenizer/checkpoint.safetensors ]; then $(BIN)/ldae train-tokenizer --resume $(DEMO)/tokenizer; \
-	else $(BIN)/ldae train-tokenizer --config demo/fmnist-patch-ae.yaml --out $(DEMO)/tokenizer; fi
+	else $(BIN)/ldae train-tokenizer --config demo/fmnist-patch-ae.yaml --out $(DEMO)/tokenizer --force; fi
 	touch $@
 
 $(DEMO)/finetune/done: $(DEMO)/pretrain/done
 	if [ -f $(DEMO)/finetune/checkpoint.safetensors ]; then $(BIN)/ldae finetune --resume $(DEMO)/finetune; \
 	else $(BIN)/ldae finetune --config demo/fmnist-finetune.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
-		--out $(DEMO)/finetune; fi
+		--out $(DEMO)/finetune --force; fi
 	touch $@
 
 # COCO transfer needs COCO-layout data: the mini set beside this checkout when there is one
@@ -72,7 +76,7 @@ $(DEMO)/detect/done: $(DEMO)/pretrain/done
 	else mkdir -p $(DEMO) && tar xzf $(COCO_MINI) -C $(DEMO) && \
 		if [ -f $(DEMO)/detect/checkpoint.safetensors ]; then $(BIN)/ldae detect --resume $(DEMO)/detect; \
 		else $(BIN)/ldae detect --config demo/coco-mini-detect.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
-			--data $(DEMO)/coco-mini --out $(DEMO)/detect; fi && touch $@; fi
+			--data $(DEMO)/coco-mini --out $(DEMO)/detect --force; fi && touch $@; fi
 
 $(DEMO)/probe-random-init/results.json: $(DEMO)/pretrain/done
 	rm -rf $(DEMO)/probe-random-init

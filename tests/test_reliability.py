@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -399,15 +400,11 @@ def test_nan_keeps_only_a_finite_checkpoint(world, run_main, tmp_path):
 def _finished_copy(world, tmp_path) -> Path:
     """The unfinished run, copied: resuming it must save again."""
     run = tmp_path / "copy"
-    run.mkdir()
-    for f in world.cut.parent.iterdir():
-        (run / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(world.cut.parent, run)
     return run
 
 
 def test_a_full_disk_names_the_folder_and_keeps_the_old_checkpoint(world, run_main, tmp_path, monkeypatch):
-    import shutil
-
     run = _finished_copy(world, tmp_path)
     before, metrics = snapshot(run), (run / "metrics.jsonl").read_bytes()
     monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10 ** 9, used=10 ** 9, free=5000))
