@@ -293,7 +293,7 @@ class OnlineProbeConfig:
 
     enabled: bool = True  # runs whenever the dataset has a labelled evaluation split
     every: Optional[int] = None  # optimizer steps between probes; null = a quarter of the run (4 probes)
-    images: int = 1000  # the seeded eval subset: every other image fits (k-NN bank, linear head), the rest tests
+    images: int = 2000  # the seeded eval subset: every other image fits (k-NN bank, linear head), the rest tests
     t: int = DEFAULT_T
     knn_k: int = 20
     knn_temperature: float = 0.07
@@ -340,7 +340,7 @@ class OnlineProbe(Hook):
         self.seconds, self.count = 0.0, 0
 
     def due(self, trainer: "Trainer") -> bool:
-        every = self.s.every or max(1, trainer.total_steps // 4)
+        every = self.s.every or math.ceil(trainer.total_steps / 4)
         return trainer.step % every == 0 or trainer.step == trainer.total_steps
 
     def after_step(self, trainer):
