@@ -74,9 +74,9 @@ ForceOpt = typer.Option(False, "--force", help="Replace what the output location
 
 @app.command("fit-pca")
 def fit_pca(
-    patch: Optional[int] = typer.Option(None, "--patch", help="Patch size p (D = p*p*3). [default: 16]"),
-    dim: Optional[int] = typer.Option(None, "--dim", help="Kept components d. [default: 16]"),
-    patches: Optional[int] = typer.Option(None, "--patches", help="Random patches to sample. [default: 1000000]"),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Patch size p (D = p*p*3). (default: 16)"),
+    dim: Optional[int] = typer.Option(None, "--dim", help="Kept components d. (default: 16)"),
+    patches: Optional[int] = typer.Option(None, "--patches", help="Random patches to sample. (default: 1000000)"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Images are center-cropped and resized to this."),
     out: Optional[str] = typer.Option(None, "--out", help="Checkpoint file to write."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
@@ -94,7 +94,7 @@ def prepare_data(
                                              "resized to (sets data.image_size)."),
     out: Optional[str] = typer.Option(None, "--out", help="Folder of the prepared dataset."),
     margin: Optional[float] = typer.Option(None, "--margin", help="Store image-size x margin (e.g. 1.15) for "
-                                           "random-resized crops at load time. [default: 1]"),
+                                           "random-resized crops at load time. (default: 1)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (sets data.num_workers)."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
@@ -135,8 +135,8 @@ def probe(
     ckpt: Optional[str] = CkptOpt, config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
-    t: Optional[int] = typer.Option(None, "--t", help="Fixed timestep the encoder is folded at. [default: 10]"),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks used [default: the encoder/decoder split]."),
+    t: Optional[int] = typer.Option(None, "--t", help="Fixed timestep the encoder is folded at. (default: 10)"),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks used (default: the encoder/decoder split)."),
     noisy: Optional[bool] = typer.Option(None, "--noisy/--clean", help="Add the level-t latent noise to the input."),
     fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Fast: features extracted once, no augmentation "
                                         "(+ k-NN). Full: the MAE protocol with crops and flips every epoch."),
@@ -185,14 +185,14 @@ def denoise(
     images: Optional[List[str]] = typer.Argument(None, help="Images and/or folders of images."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Also denoise N images of the checkpoint's own "
                                           "evaluation split: mean PSNR and one panel of the first 8."),
-    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Pretrain checkpoint [default: the newest under runs/]."),
-    t: Optional[int] = typer.Option(None, "--t", help="Timestep of the noise added. [default: T/4]"),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Pretrain checkpoint (default: the newest under runs/)."),
+    t: Optional[int] = typer.Option(None, "--t", help="Timestep of the noise added. (default: T/4)"),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Noise level instead of --t (latent units)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
     out: Optional[str] = typer.Option(None, "--out", help="Output PNG (one image) or folder."),
     compare_pixel_noise: bool = typer.Option(False, "--compare-pixel-noise",
                                              help="Add the paper's Fig. 6: the same sigma in pixels vs in the latent."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: if present)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."), force: bool = ForceOpt,
 ) -> None:
     """Denoise images with a pretrained model: writes clean | noisy | denoised panels (the paper's Fig. 7)."""
@@ -207,7 +207,7 @@ def study(
                                "trajectory, noise, depth) or a YAML file."),
     budget: str = typer.Option("cpu", "--budget", help="cpu, gpu or paper (configs/study/budget/), or a YAML file."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds per variant (mean and std over them)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Study directory [default: runs/study/NAME/BUDGET]."),
+    out: Optional[str] = typer.Option(None, "--out", help="Study directory (default: runs/study/NAME/BUDGET)."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, overrides: Optional[List[str]] = SetOpt,
     nproc: int = typer.Option(1, "--nproc", help="GPUs per run (each run is launched with torchrun when > 1)."),
 ) -> None:
@@ -243,8 +243,8 @@ def export(
     ckpt: str = typer.Option(..., "--ckpt", help="A pretrain checkpoint."),
     out: str = typer.Option(..., "--out", help="Where to write the encoder (.safetensors, or a folder for --format timm)."),
     t: int = typer.Option(10, "--t", help="The fixed timestep the adaLN blocks are folded at."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep [default: the encoder]."),
-    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights [default: if present]."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Encoder blocks to keep (default: the encoder)."),
+    ema: Optional[bool] = typer.Option(None, "--ema/--no-ema", help="Use the EMA weights (default: if present)."),
     form: str = typer.Option("ldae", "--format", help="ldae: one .safetensors checkpoint (timm state dict + kwargs "
                              "in its metadata); timm: a folder for timm.create_model('local-dir:OUT', pretrained=True)."),
     force: bool = ForceOpt,

@@ -293,17 +293,19 @@ class OnlineProbeConfig:
 
     enabled: bool = True  # runs whenever the dataset has a labelled evaluation split
     every: Optional[int] = None  # optimizer steps between probes; null = a quarter of the run (4 probes)
-    images: int = 2000  # the seeded eval subset: every other image fits (k-NN bank, linear head), the rest tests
+    images: int = 1000  # the seeded eval subset: every other image fits (k-NN bank, linear head), the rest tests
     t: int = DEFAULT_T
     knn_k: int = 20
     knn_temperature: float = 0.07
-    linear_epochs: int = 30
+    linear_epochs: int = 100  # on 500 cached features a head needs ~300 steps; they cost well under a second
+    linear_batch: int = 128
     linear_blrs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # the best head is reported
-    batch: int = 256
+    batch: int = 256  # feature extraction
 
     def validate(self) -> None:
         require("online_probe", "a positive integer", lambda v: v > 0, every=self.every, knn_k=self.knn_k,
-                linear_epochs=self.linear_epochs, batch=self.batch)
+                linear_epochs=self.linear_epochs, linear_batch=self.linear_batch,
+                batch=self.batch)
         require("online_probe", ">= 0", lambda v: v >= 0, t=self.t)
         if self.images < 4:
             raise LdaeError(f"online_probe.images must be at least 4 (half fit, half test), got {self.images}")
@@ -365,5 +367,5 @@ class OnlineProbe(Hook):
         classes = self.subset.num_classes
         knn = knn_accuracy(feats[fit], labels[fit], feats[test], labels[test], s.knn_k, s.knn_temperature, classes)
         linear = quick_linear(feats[fit], labels[fit], feats[test], labels[test], classes, s.linear_blrs,
-                              s.linear_epochs, s.batch, self.seed)
+                              s.linear_epochs, s.linear_batch, self.seed)
         return knn, linear

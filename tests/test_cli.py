@@ -44,6 +44,13 @@ def test_fit_pca_help_shows_its_options():
         assert opt in out
 
 
+def test_help_shows_the_defaults_it_names():
+    # rich reads "[default: ...]" inside a help text as markup and drops it; the text must survive
+    out = " ".join(run_cli("denoise", "-h").stdout.split())
+    assert "(default: the newest under runs/)" in out and "(default: if present)" in out
+    assert "(default: 16)" in " ".join(run_cli("fit-pca", "-h").stdout.split())
+
+
 def test_version():
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("ldae ")
