@@ -51,6 +51,21 @@ def test_help_shows_the_defaults_it_names():
     assert "(default: 16)" in " ".join(run_cli("fit-pca", "-h").stdout.split())
 
 
+def test_help_defaults_are_the_configs_defaults():
+    # cli.py names these defaults in its help without importing torch-heavy modules; keep them in step
+    from ldae_cli.pca import PCASettings
+    from ldae_cli.pretrained import DEFAULT_T
+    from ldae_cli.stages.prepare_data import PrepareConfig
+
+    fit = " ".join(run_cli("fit-pca", "-h").stdout.split())
+    s = PCASettings()
+    for option, value in (("Patch size p (D = p*p*3).", s.patch), ("Kept components d.", s.dim),
+                          ("Random patches to sample.", s.patches)):
+        assert f"{option} (default: {value})" in fit
+    assert f"(default: {PrepareConfig().margin:g})" in " ".join(run_cli("prepare-data", "-h").stdout.split())
+    assert f"folded at. (default: {DEFAULT_T})" in " ".join(run_cli("probe", "-h").stdout.split())
+
+
 def test_version():
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("ldae ")
