@@ -34,6 +34,8 @@ from ldae_cli.errors import LdaeError
 FORMAT_VERSION = 1
 KINDS = ("pca", "tokenizer", "pretrain", "encoder", "probe", "finetune", "detect")
 _META_PREFIX = "ldae."
+# a probe trains several heads at once and keeps going when one diverges: its checkpoint may hold that head
+MAY_HOLD_NON_FINITE = ("probe",)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -261,9 +263,23 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
         tensors = load_file(path, device=device)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LdaeError(f"{path}: checkpoint tensors are damaged ({str(exc).splitlines()[0]})") from None
+    if meta["kind"] not in MAY_HOLD_NON_FINITE:
+        bad = first_non_finite(tensors)
+        if bad is not None:
+            raise LdaeError(f"{path}: tensor '{bad}' holds NaN or infinite values, and ldae never writes such a "
+                            "checkpoint (its NaN guard keeps only finite ones): the file is damaged or was edited; "
+                            "use an earlier checkpoint")
     return Checkpoint(path=path, kind=meta["kind"], tensors=tensors, config=meta["config"], extra=meta["extra"],
                       provenance=meta["provenance"], sha256=sha256_file(path),
                       format_version=meta["format_version"], package_version=meta["package_version"])
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity; None when all are finite."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -14,8 +14,8 @@ import typer
 from rich.markup import escape
 
 from ldae_cli import __version__
-from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.reporting import err_console, kept
+from ldae_cli.errors import Finished, Interrupted, LdaeError, Terminated
+from ldae_cli.reporting import console, err_console, kept
 
 app = typer.Typer(
     name="ldae",
@@ -68,8 +68,10 @@ ResumeOpt = typer.Option(None, "--resume", help="Continue the run in this direct
                          "it stopped.")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (sets run.device).")
 CkptOpt = typer.Option(None, "--ckpt", help="A pretrain checkpoint (or an encoder from `ldae export`).")
-ForceOpt = typer.Option(False, "--force", help="Replace what the output location already holds (another run's "
-                        "directory, an existing file); without it nothing is ever overwritten.")
+ForceOpt = typer.Option(False, "--force", help="Replace what ldae wrote at the output location (an earlier run of "
+                        "ldae's, a file it wrote); never files ldae did not write. Without it nothing is overwritten.")
+ContinueOpt = typer.Option(False, "--continue", help="Start the run in --out, or continue it when --out already "
+                           "holds this same run (a finished one: nothing to do); another run there is refused.")
 
 
 @app.command("fit-pca")
@@ -98,11 +100,13 @@ def prepare_data(
     workers: Optional[int] = typer.Option(None, "--workers", help="Decoding processes (sets data.num_workers)."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt,
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
+    verify: Optional[str] = typer.Option(None, "--verify", help="Check every file of the prepared dataset in this "
+                                         "folder against its recorded sha256, then exit."),
 ) -> None:
     """Decode a dataset once into memory-mappable uint8 shards; `--data DIR` of the result works in every stage."""
     _call("prepare_data", config, overrides or [], {
         "data.image_size": image_size, "out": out, "margin": margin, "data.num_workers": workers, "data.path": data,
-        "data.source": source}, force=force)
+        "data.source": source}, force=force, verify=verify)
 
 
 @app.command("train-tokenizer")
@@ -110,10 +114,12 @@ def train_tokenizer(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt, force: bool = ForceOpt,
+    cont: bool = ContinueOpt,
 ) -> None:
     """Train a conv VAE / VQGAN-style / patch VAE / patch AE tokenizer for the trajectory rows that need one."""
     _call("train_tokenizer", config, overrides or [], {
-        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force)
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force,
+        cont=cont)
 
 
 @app.command("pretrain")
@@ -121,13 +127,15 @@ def pretrain(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt,
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, out: Optional[str] = OutOpt,
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt, force: bool = ForceOpt,
+    cont: bool = ContinueOpt,
 ) -> None:
     """Pretrain a DiT-style denoising model: any row of the deconstruction trajectory, l-DAE by default.
 
     Launch on several GPUs or nodes with `torchrun --nproc-per-node N -m ldae_cli pretrain ...`.
     """
     _call("pretrain", config, overrides or [], {
-        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force)
+        "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume, force=force,
+        cont=cont)
 
 
 @app.command("probe")
@@ -141,13 +149,13 @@ def probe(
     fast: Optional[bool] = typer.Option(None, "--fast/--full", help="Fast: features extracted once, no augmentation "
                                         "(+ k-NN). Full: the MAE protocol with crops and flips every epoch."),
     random_init: bool = typer.Option(False, "--random-init", help="Probe the same architecture untrained (baseline)."),
-    force: bool = ForceOpt,
+    force: bool = ForceOpt, cont: bool = ContinueOpt,
 ) -> None:
     """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
     _call("probe", config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device, "probe.t": t,
         "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}, resume, ckpt=ckpt,
-        random_init=random_init, force=force)
+        random_init=random_init, force=force, cont=cont)
 
 
 @app.command("finetune")
@@ -157,12 +165,12 @@ def finetune(
     resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Same network, randomly initialised "
                                       "(the baseline every fine-tuning result is read against)."),
-    force: bool = ForceOpt,
+    force: bool = ForceOpt, cont: bool = ContinueOpt,
 ) -> None:
     """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
     _call("finetune", config, overrides or [], {
         "data.path": data, "data.source": source, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch, force=force)
+        ckpt=ckpt, from_scratch=from_scratch, force=force, cont=cont)
 
 
 @app.command("detect")
@@ -172,12 +180,12 @@ def detect(
     out: Optional[str] = OutOpt, resume: Optional[str] = ResumeOpt, device: Optional[str] = DeviceOpt,
     from_scratch: bool = typer.Option(False, "--from-scratch", help="Randomly initialised backbone (baseline)."),
     eval_only: bool = typer.Option(False, "--eval-only", help="Only evaluate --ckpt, a trained `detect` checkpoint."),
-    force: bool = ForceOpt,
+    force: bool = ForceOpt, cont: bool = ContinueOpt,
 ) -> None:
     """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
     _call("detect", config, overrides or [], {
         "data.path": data, "run.out_dir": out, "run.device": device}, resume,
-        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only, force=force)
+        ckpt=ckpt, from_scratch=from_scratch, eval_only=eval_only, force=force, cont=cont)
 
 
 @app.command("denoise")
@@ -258,6 +266,17 @@ def export(
     typer.echo(f"wrote {_call('export', ckpt, out, t, depth, ema, force, form)}")
 
 
+@app.command("info")
+def info(
+    path: str = typer.Argument(..., metavar="CKPT", help="A checkpoint (.safetensors), a run directory, or a folder "
+                               "written by `ldae export --format timm`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON, for scripts."),
+) -> None:
+    """Describe a checkpoint: kind, versions, training progress, the config in brief, provenance (each parent
+    verified by its sha256), size, parameters and the run's last metrics."""
+    _call("info", path, as_json)
+
+
 @app.command("report")
 def report(
     paths: List[str] = typer.Argument(..., help="Run directories (metrics.jsonl) and/or checkpoints."),
@@ -278,6 +297,8 @@ def run_in_process(argv: list[str]) -> None:
         app(args=argv, standalone_mode=False)
     except _Interruption as wrapped:
         raise wrapped.interrupt from None
+    except Finished as done:
+        console.print(escape(str(done)), soft_wrap=True)
 
 
 def _interrupted(exc: KeyboardInterrupt) -> str:
@@ -325,6 +346,9 @@ def _run() -> None:
         where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         err_console.print(f"[bold red]error:[/bold red] {escape(exc.format_message())}{where}", soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
+    except Finished as exc:
+        console.print(escape(str(exc)), soft_wrap=True)
+        sys.exit(0)
     except (LdaeError, OSError) as exc:
         if _state["debug"]:
             raise

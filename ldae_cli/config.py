@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -149,14 +150,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise LdaeError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise LdaeError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise LdaeError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting means anything at NaN or infinity
+            raise LdaeError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

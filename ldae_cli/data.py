@@ -47,6 +47,7 @@ class DataConfig:
     decode: Literal["pil", "gpu"] = "pil"
     num_workers: int = 2
     cache: Literal["auto", "always", "never"] = "auto"  # decoded images kept in RAM when crops are fixed
+    verify: bool = True  # a prepared dataset: check every file's sha256 when the split is opened
     limit: Optional[int] = None  # use a seeded random subset of this many images per split
 
     def validate(self) -> None:

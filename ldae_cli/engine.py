@@ -109,16 +109,21 @@ class Trainer:
         self.step = 0
         if session.resume is not None:
             self.step = TrainState.read(session.resume, self.modules, optimizers)
+            self.meter.load(session.resume.section("meter"), self.ctx)
             for hook in self.hooks:
                 hook.load_state(session.resume.extra)
             if self.ctx.is_main:
                 console.print(f"resuming {session.resume.path} at step {self.step:,} of {self.total_steps:,}")
         self.start_step = self.last_saved = self.logged = self.step
         resumed_at = self.step if session.resume is not None else None
+        for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb)):
+            if wanted:
+                session.output(name)
         self.board = Board(self.out_dir, self.run.tensorboard, self.run.wandb, resumed_at, session.config) \
             if self.ctx.is_main and (self.run.tensorboard or self.run.wandb) else None
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", self.ctx.is_main, resumed_at, self.board)
+        self.metrics = MetricsLog(session.output("metrics.jsonl"), self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
+        self.data_identity: str | None = None
         self.progress = None  # the live progress bar while `fit` runs (evaluations show theirs in it)
         self._wait_mark, self._warned_wait = (time.perf_counter(), 0.0, False), False
         self.rate = float("nan")
@@ -142,7 +147,13 @@ class Trainer:
 
     def stream(self, dataset: ImageDataset, data_cfg, sampler=None) -> ImageStream:
         """The plan's seeded batches of `dataset` from the current step (or `sampler`'s, which iterates over
-        them); skipped images go into every log line."""
+        them); skipped images go into every log line. A resumed run must read the data it trained on."""
+        self.data_identity = dataset.source.identity()
+        stored = self.session.resume.extra.get("data_identity") if self.session.resume is not None else None
+        if stored is not None and stored != self.data_identity:
+            raise LdaeError(f"--resume: the training data ({data_cfg.path or data_cfg.source}) is not the data "
+                            f"{self.session.resume.path} trained on (its files, sizes or labels differ); resume with "
+                            "the original data (the same files may have moved) or start a new run")
         self._stream = ImageStream(dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image,
                                    self.device, sampler=sampler)
         return self._stream
@@ -164,6 +175,7 @@ class Trainer:
             if self.step >= self.total_steps:
                 self._finished_already()
                 return True
+            self.session.training = True  # from here a failure keeps what the run wrote (metrics show what happened)
             with StopSignal(self.run.time_limit_minutes) as stop, \
                     progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
                 self.progress = bar
@@ -201,11 +213,15 @@ class Trainer:
         return values
 
     def _after_step(self, values: dict, stopping: bool, bar, task) -> None:
-        """The cadence: a log line, the hooks, a checkpoint when due, and the final one's extra round."""
-        due_save = (self.step - self.last_saved >= self.run.save_every or self.step == self.total_steps or stopping
+        """The cadence: a log line, the hooks, a checkpoint when due, and the final one's extra round. Every step
+        of it is a multiple of its period (or the last step, or a hook's), so a run stopped and resumed logs and
+        saves at the same steps as one that never stopped; a stop saves without a log line (the meter's sums go
+        into the checkpoint instead)."""
+        due_save = (self.step % self.run.save_every == 0 or self.step == self.total_steps
                     or any(hook.wants_save(self) for hook in self.hooks))
         if self.step % self.run.log_every == 0 or due_save:
             self.log(values, bar, task)
+        due_save = due_save or stopping
         for hook in self.hooks:
             hook.after_step(self)
         if due_save:
@@ -293,18 +309,24 @@ class Trainer:
         bad = self.non_finite_state()
         if bad is not None:
             raise LdaeError(f"{bad} became non-finite by step {self.step}; {self.kept()}. {self.hint}")
+        meter = self.meter.state(self.ctx)  # the sums since the last log line (every rank's), for an exact resume
+        if not bool(torch.isfinite(meter).all()):
+            raise LdaeError(f"loss became non-finite between steps {self.logged} and {self.step}; {self.kept()}. "
+                            f"{self.hint}")
         if self.ctx.is_main:
             tensors, extra = self.describe() if self.describe is not None else ({}, {})
             state_tensors, state_extra = TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
                                                           self.ctx.world, self.modules, self.optimizers)
-            extra = {**extra, **state_extra}
+            tensors, extra = {**tensors, "meter.sums": meter}, {**extra, **state_extra}
+            if self.data_identity is not None:
+                extra["data_identity"] = self.data_identity
             for hook in self.hooks:
                 extra.update(hook.state())
             save_checkpoint(self.path, self.session.kind, {**tensors, **state_tensors}, self.session.config,
                             self.parents, extra)
             records = read_metrics(self.metrics.path)
             for curve in self.curves:
-                save_curves(records, self.out_dir / curve.file, curve.keys, x=curve.x,
+                save_curves(records, self.session.output(curve.file), curve.keys, x=curve.x,
                             title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
             if self.board is not None and self.pictures is not None:
                 for tag, image in self.pictures(self).items():
@@ -372,6 +394,17 @@ class LossMeter:
         """One value per term, in the order of `names`: a single update instead of one per term."""
         self.sums[0] += values
         self.sums[1] += count
+
+    def state(self, ctx=None) -> torch.Tensor:
+        """The sums and counts since the last take, over every rank of `ctx`, without resetting them."""
+        return all_reduce_sum(self.sums.clone(), ctx) if ctx is not None else self.sums.clone()
+
+    def load(self, saved: dict[str, torch.Tensor], ctx) -> None:
+        """Continue from `state()` as saved in a checkpoint (on one rank: the others start from zero, so the
+        all-rank total is what was saved). Checkpoints written before it was saved hold none."""
+        sums = saved.get("sums")
+        if sums is not None and tuple(sums.shape) == tuple(self.sums.shape) and ctx.is_main:
+            self.sums.copy_(sums.to(self.sums.device, self.sums.dtype))
 
     def take(self, ctx=None) -> dict[str, float]:
         """The means since the last take, over every rank of `ctx` (None: this process only); resets the sums.

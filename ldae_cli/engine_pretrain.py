@@ -111,6 +111,6 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
     model.train()
     finished = trainer.fit(step)
     if online is not None and online.count and ctx.is_main:
-        console.print(f"online probe: {online.count} x {len(online.subset)} images, {online.seconds:.1f} s "
+        console.print(f"online probe: {online.count} x {online.images} images, {online.seconds:.1f} s "
                       f"({100 * online.seconds / (time.time() - started):.1f}% of this run's time)")
     return finished

@@ -5,6 +5,10 @@ class LdaeError(Exception):
     """A problem with the user's input or environment, worded so they can fix it."""
 
 
+class Finished(Exception):
+    """The run asked for has finished already (`--continue`): the command ends successfully, saying so."""
+
+
 def short(exc: BaseException) -> str:
     """The first line of an exception's message (its type when it has none), at most 200 characters."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -3,9 +3,10 @@ continued from its run directory (or as a local job, which behaves the same, for
 
 The job runs the command once per task (one task per GPU, every node), with torch.distributed's variables set
 from SLURM's. SLURM warns a job before preempting it or at its time limit with SIGUSR2 (submitit asks for that):
-the training loop takes it like Ctrl-C, finishes its step and saves, then submitit requeues the job. A requeued
-job runs `ldae <stage> --resume <out>` when the run has a checkpoint, so preemption costs at most the step in
-flight; a job preempted before its first checkpoint starts the run again.
+the training loop takes it like Ctrl-C, finishes its step and saves, then submitit requeues the job. Every
+attempt runs the command with `--continue`: the first starts the run, a requeued one continues it from its last
+checkpoint (so preemption costs at most the step in flight), one preempted before its first checkpoint starts it
+again, and a --out holding a different run is refused. Nothing is ever replaced on the user's behalf.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 
 from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.reporting import console
-from ldae_cli.rundir import CHECKPOINT
 
 RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
 PREEMPTIBLE = "LDAE_PREEMPTIBLE"  # set in a job: the loop also stops cleanly on SIGUSR2
@@ -36,25 +36,22 @@ def check(argv: list[str]) -> None:
     if not argv or argv[0] not in RESUMABLE:
         raise LdaeError(f"ldae launch runs a training stage ({', '.join(RESUMABLE)}), e.g. `ldae launch -- pretrain "
                         f"--config final.yaml --out runs/x`; got {' '.join(argv) or 'nothing'}")
-    if "--resume" in argv:
-        raise LdaeError("ldae launch starts a run and continues it itself after a requeue; give the command without "
-                        "--resume (its --out says where the run is)")
+    for flag in ("--resume", "--continue"):
+        if flag in argv:
+            raise LdaeError(f"ldae launch starts a run and continues it itself after a requeue; give the command "
+                            f"without {flag} (its --out says where the run is)")
     output_of(argv)
 
 
 class LdaeJob:
-    """What submitit runs in every task: the ldae command, or its --resume when the run has a checkpoint."""
+    """What submitit runs in every task: the ldae command with --continue (start, or continue the same run)."""
 
     def __init__(self, argv: list[str]):
         check(argv)
         self.argv = list(argv)
 
     def command(self) -> list[str]:
-        out = output_of(self.argv)
-        if (out / CHECKPOINT).exists():
-            return [self.argv[0], "--resume", str(out)]
-        # an earlier attempt stopped before its first checkpoint: this run's own leftovers, started over
-        return [*self.argv, "--force"] if out.exists() and any(out.iterdir()) else self.argv
+        return [*self.argv, "--continue"]
 
     def __call__(self) -> str:
         import submitit

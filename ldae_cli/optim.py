@@ -44,6 +44,9 @@ class OptimConfig:
         require("optim", ">= 0", lambda v: v >= 0, min_lr=self.min_lr, weight_decay=self.weight_decay)
         if not math.isfinite(self.base_lr()):
             raise LdaeError(f"optim: the lr (blr x batch_size / 256, or lr) overflows to {self.base_lr()}; lower it")
+        if self.min_lr > self.base_lr():
+            raise LdaeError(f"optim.min_lr {self.min_lr:g} is above the peak lr {self.base_lr():g} (blr x batch_size / 256,"
+                            " or lr) that the schedule decays from; lower optim.min_lr")
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256

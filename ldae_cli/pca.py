@@ -92,6 +92,27 @@ class PCAFit:
         return float(self.eigenvalues[:dim].sum() / self.eigenvalues.sum().clamp_min(1e-30))
 
 
+def distinct_patches(n_images: int, image_size: int, settings: PCASettings) -> int:
+    """How many different patches `fit` can draw: every image's positions on the p-grid ('grid') or at every
+    pixel offset ('any')."""
+    p = settings.patch
+    side = image_size // p if settings.positions == "grid" else image_size - p + 1
+    return n_images * max(side, 0) ** 2
+
+
+def oversampling(n_images: int, image_size: int, settings: PCASettings) -> str | None:
+    """A warning when pca.patches exceeds the distinct patches the images hold (each is then drawn many times,
+    and a larger pca.patches only costs time); None otherwise."""
+    distinct = distinct_patches(n_images, image_size, settings)
+    if distinct == 0 or settings.patches <= distinct:  # none at all: `fit` says why
+        return None
+    ratio = settings.patches / distinct
+    where = f"positions on the {settings.patch}-pixel grid" if settings.positions == "grid" else "pixel offsets"
+    return (f"drawing {settings.patches:,} patches from {distinct:,} distinct ones ({n_images:,} images x "
+            f"{distinct // n_images:,} {where}): each is seen about {ratio:,.{1 if ratio < 10 else 0}f} times; lower "
+            "--patches or add images")
+
+
 def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error", num_workers: int = 0,
         show_progress: bool = True) -> PCAFit:
     p = settings.patch

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,24 +30,11 @@ import numpy as np
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, make_loader
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import console, note_kept, progress_bar
-from ldae_cli.rundir import remove_temp_files
-from ldae_cli.sources import PREPARED, open_source
+from ldae_cli import rundir
+from ldae_cli.rundir import remove_temp_files, write_atomically
+from ldae_cli.sources import PREPARED, file_sha256, open_source, read_prepared, verify_split
 
 FORMAT = 1
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a kill leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -65,26 +50,30 @@ def settings_of(cfg: DataConfig, stored: int, shard_mb: float) -> dict:
             "shard_images": max(1, int(shard_mb * 2 ** 20) // (stored * stored * 3))}
 
 
-def start(out: Path, settings: dict, force: bool) -> dict:
-    """prepared.json for these settings: a new one, or the one of an interrupted preparation to continue."""
+def start(out: Path, settings: dict, force: bool) -> tuple[dict, rundir.Manifest]:
+    """prepared.json for these settings, a new one or the one of an interrupted preparation to continue, and the
+    folder's manifest. Other settings need --force, which starts again from a folder emptied of what ldae wrote."""
     path = out / PREPARED
     if path.is_file():
-        meta = json.loads(path.read_text())
+        meta = read_prepared(out)
+        manifest = rundir.Manifest.read(out) or rundir.Manifest.create(
+            out, "prepare-data", {PREPARED, *(n for n in meta.get("splits", {}) if (out / n).is_dir())})
         if {k: meta.get(k) for k in settings} == settings:
-            return meta
+            return meta, manifest
         if not force:
             changed = [k for k in settings if meta.get(k) != settings[k]]
             raise LdaeError(f"{out} holds a dataset prepared with other settings ({', '.join(changed)}); pick another "
                             "--out, or add --force to prepare it again")
-    elif out.exists() and any(p.name != ".ldae.lock" for p in out.iterdir()) and not force:
-        raise LdaeError(f"{out} already holds files that are not a prepared dataset; pick another --out")
-    return {**settings, "classes": None, "splits": {}}
+    manifest = rundir.claim(out, "prepare-data", force, replaces=("prepare-data",))
+    return {**settings, "classes": None, "splits": {}}, manifest
 
 
-def prepare_split(cfg: DataConfig, split: str, out: Path, meta: dict, progress: bool) -> dict:
+def prepare_split(cfg: DataConfig, split: str, out: Path, meta: dict, progress: bool,
+                  manifest: rundir.Manifest) -> dict:
     """Write the missing shards of one split, then its labels, file list and content hash."""
     source = open_source(cfg, split)
     name = cfg.split_name(split)
+    manifest.add(name)
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     remove_temp_files(folder)
@@ -132,8 +121,7 @@ def finish_split(folder: Path, count: int) -> dict:
     shards = [f"images-{k:05d}.npy" for k in range(count)]
     counts, digest = [], hashlib.sha256()
     for k, shard in enumerate(shards):
-        data = (folder / shard).read_bytes()
-        digest.update(hashlib.sha256(data).digest())
+        digest.update(bytes.fromhex(file_sha256(folder / shard)))
         counts.append(int(np.load(folder / shard, mmap_mode="r").shape[0]))
     labels = np.concatenate([np.load(folder / f"labels-{k:05d}.npy") for k in range(count)]).astype(np.int64)
     files = "".join((folder / f"files-{k:05d}.txt").read_text() for k in range(count))
@@ -141,15 +129,19 @@ def finish_split(folder: Path, count: int) -> dict:
     digest.update(labels.tobytes())
     write_atomically(folder / "labels.npy", npy_bytes(labels))
     write_atomically(folder / "files.txt", files.encode())
+    # every file a run reads, with its own hash: a changed byte is named by file when a run opens the split
+    names = shards + [f"{kind}-{k:05d}.{ext}" for k in range(count) for kind, ext in
+                      (("labels", "npy"), ("files", "txt"))] + ["labels.npy", "files.txt"]
     return {"complete": True, "images": int(sum(counts)), "shards": shards, "counts": counts,
-            "skipped": skipped, "content_sha256": digest.hexdigest()}
+            "skipped": skipped, "content_sha256": digest.hexdigest(),
+            "file_sha256": {n: file_sha256(folder / n) for n in names}}
 
 
 def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_mb: float, force: bool,
             progress: bool = True) -> dict:
     stored = max(cfg.image_size, round(cfg.image_size * margin))
-    meta = start(out, settings_of(cfg, stored, shard_mb), force)
-    out.mkdir(parents=True, exist_ok=True)
+    meta, manifest = start(out, settings_of(cfg, stored, shard_mb), force)
+    manifest.add(PREPARED)
     for split in splits:
         name = cfg.split_name(split)
         if meta["splits"].get(name, {}).get("complete"):
@@ -157,9 +149,26 @@ def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_
             continue
         meta["splits"][name] = {"complete": False}
         write_atomically(out / PREPARED, (json.dumps(meta, indent=1) + "\n").encode())
-        meta["splits"][name] = prepare_split(cfg, split, out, meta, progress)
+        meta["splits"][name] = prepare_split(cfg, split, out, meta, progress, manifest)
         write_atomically(out / PREPARED, (json.dumps(meta, indent=1) + "\n").encode())
         info = meta["splits"][name]
         console.print(f"{name}: {info['images']:,} images at {stored}x{stored} in {len(info['shards'])} shard(s)"
                       + (f", {len(info['skipped'])} unreadable skipped" if info["skipped"] else ""))
     return meta
+
+
+def verify(out: Path, progress: bool = True) -> dict[str, int]:
+    """`prepare-data --verify`: every file of every complete split against its recorded sha256; the number of
+    images per split checked."""
+    meta = read_prepared(out)
+    checked = {}
+    with progress_bar("split", progress) as bar:
+        task = bar.add_task(f"verify {out}", total=len(meta["splits"]), info="")
+        for name, info in meta["splits"].items():
+            if not info.get("complete"):
+                raise LdaeError(f"{out}: the preparation of its '{name}' split was interrupted; run the same "
+                                "`ldae prepare-data` command again to finish it")
+            verify_split(out, name, info)
+            checked[name] = info["images"]
+            bar.update(task, advance=1)
+    return checked

@@ -12,10 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, save_checkpoint, stored_config
+from ldae_cli import __version__
+from ldae_cli.checkpoint import (Checkpoint, first_non_finite, load_checkpoint, load_state, read_metadata,
+                                 save_checkpoint, sha256_file, stored_config)
 from ldae_cli.data import DataConfig, to_unit_range
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.errors import LdaeError, short
@@ -24,6 +27,8 @@ from ldae_cli.tokenizers import Tokenizer, build_tokenizer
 
 DEFAULT_T = 10  # the timestep encoders are folded at
 DEFAULT_SIGMA = math.sqrt(1 / 3)  # the noise level of the paper's Figs. 6 and 7
+TIMM_WEIGHTS = "model.safetensors"  # the weights file of a `--format timm` export folder
+TIMM_EXPORT_FILES = ("config.json", TIMM_WEIGHTS, "README.md")  # what `export --format timm` writes
 
 
 @dataclass
@@ -145,8 +150,11 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
         "pretrained_cfg": {"input_size": [3, *size], "fixed_input_size": True, "interpolation": "bicubic",
                            "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
                            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
+        # ignored by timm; what `ldae info` and load_encoder report about the folder
+        "ldae": {"package_version": __version__, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
+                 "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain")},
     }
-    save_file(state, str(out / "model.safetensors"))
+    save_file(state, str(out / TIMM_WEIGHTS))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "README.md").write_text(
         f"---\ntags: [image-feature-extraction, timm, l-dae]\nlibrary_name: timm\n---\n# l-DAE encoder\n\n"
@@ -158,14 +166,76 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
     return out
 
 
+def timm_export(path: str | Path) -> Path | None:
+    """The `ldae export --format timm` folder `path` names (the folder itself, or its model.safetensors: the file
+    provenance records); None for a file that is not in such a folder."""
+    path = Path(path)
+    if path.is_dir():
+        missing = [name for name in ("config.json", TIMM_WEIGHTS) if not (path / name).is_file()]
+        if missing:
+            raise LdaeError(f"{path}: a folder without {' and '.join(missing)}; give a checkpoint file or a folder "
+                            "written by `ldae export --format timm`")
+        return path
+    if path.name == TIMM_WEIGHTS and (path.parent / "config.json").is_file():
+        return path.parent
+    return None
+
+
+def read_timm_config(folder: Path) -> dict:
+    """config.json of a timm export folder, checked for the `model_args` an encoder is built from."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LdaeError(f"{folder / 'config.json'}: not valid JSON ({short(exc)}); export the encoder again") from None
+    args = config.get("model_args") if isinstance(config, dict) else None
+    if not isinstance(args, dict) or not {"depth", "embed_dim", "patch_size", "img_size"} <= args.keys():
+        raise LdaeError(f"{folder / 'config.json'}: no model_args with depth, embed_dim, patch_size and img_size; "
+                        "not a folder written by `ldae export --format timm`")
+    return config
+
+
+def timm_provenance(config: dict) -> dict:
+    """The provenance of a timm export folder from its config.json: the pretrain checkpoint it was folded from
+    (none for a folder exported before ldae recorded it)."""
+    source = (config.get("ldae") or {}).get("source")
+    return {"parents": [source] if source else []}
+
+
+def load_timm_export(folder: Path) -> Checkpoint:
+    """A timm export folder as an `encoder` checkpoint: its weights, model_args as timm_kwargs, and (when the
+    export recorded them) t, depth and the pretrain checkpoint it was folded from. Its path and sha256 are
+    those of model.safetensors, the file that holds the weights."""
+    config = read_timm_config(folder)
+    weights = folder / TIMM_WEIGHTS
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LdaeError(f"{weights}: cannot read the weights ({short(exc)}); the file is damaged, export again") \
+            from None
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise LdaeError(f"{weights}: tensor '{bad}' holds NaN or infinite values; the file is damaged or was "
+                        "edited, export the encoder again")
+    about = config.get("ldae") or {}
+    extra = {"timm_kwargs": config["model_args"], **{k: about[k] for k in ("t", "depth", "image_size",
+                                                                           "class_names") if k in about}}
+    return Checkpoint(path=weights, kind="encoder", tensors=state, config={}, extra=extra,
+                      provenance=timm_provenance(config), sha256=sha256_file(weights),
+                      package_version=about.get("package_version", ""))
+
+
 def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None, ema: bool | None = None,
                  **timm_overrides) -> tuple[VisionTransformer, dict, Checkpoint]:
-    """A timm ViT from a pretrain checkpoint (folded now) or an exported encoder.
+    """A timm ViT from a pretrain checkpoint (folded now at t), an exported `encoder` checkpoint or a
+    `--format timm` export folder (both folded already).
 
     Returns (vit, timm kwargs, source checkpoint) so callers can record provenance.
     """
-    kind = read_metadata(path)["kind"]
-    if kind == "pretrain":
+    folder = timm_export(path)
+    if folder is not None:
+        ckpt = load_timm_export(folder)
+        state, kwargs = ckpt.tensors, ckpt.extra["timm_kwargs"]
+    elif (kind := read_metadata(path)["kind"]) == "pretrain":
         pre = load_pretrained(path, ema)
         state, kwargs = fold_encoder(pre, t, depth)
         ckpt = pre.ckpt
@@ -173,10 +243,11 @@ def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None,
         ckpt = load_checkpoint(path, "encoder")
         ckpt.require("timm_kwargs.depth", "timm_kwargs.embed_dim", "timm_kwargs.patch_size", "timm_kwargs.img_size")
         state, kwargs = ckpt.tensors, ckpt.extra["timm_kwargs"]
-        if depth is not None and depth != kwargs["depth"]:
-            raise LdaeError(f"{path}: exported with depth {kwargs['depth']}; export again with --depth {depth}")
     else:
-        raise LdaeError(f"{path}: is a '{kind}' checkpoint, expected 'pretrain' or 'encoder'")
+        raise LdaeError(f"{path}: is a '{kind}' checkpoint, expected 'pretrain' or 'encoder' (or a folder from "
+                        "`ldae export --format timm`)")
+    if ckpt.kind == "encoder" and depth is not None and depth != kwargs["depth"]:
+        raise LdaeError(f"{path}: exported with depth {kwargs['depth']}; export again with --depth {depth}")
     try:
         vit = build_timm_vit(kwargs, **timm_overrides)
     except (TypeError, ValueError, AssertionError) as exc:

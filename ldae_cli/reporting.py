@@ -16,8 +16,9 @@ from rich.text import Text
 
 from ldae_cli.errors import LdaeError
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never broken by rich (a log file gets whole lines, paths are never split; a terminal wraps them)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # what this process has saved so far, for the one line an interrupt prints

@@ -2,32 +2,36 @@
 continued, its process group, its run directory.
 
 A stage opens a `session` for its run: the distributed context (torchrun or a world of one) and the
-run directory (a resumed run's own, else run.out_dir or runs/<kind>/<name>), locked for this run and
-holding the resolved config.yaml (ownership rules: rundir.py). A start that fails before writing
-anything of value leaves no directory behind.
+run directory (a resumed run's own, else run.out_dir or runs/<kind>/<name>), locked for this run, marked
+as ldae's with the manifest of what it writes, and holding the resolved config (ldae-config.yaml;
+ownership rules: rundir.py). A start that fails before its first step removes what it wrote (and the
+directory, when it made it); the same command starts again a run killed before its first checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
+import yaml
 
 from ldae_cli import rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.distributed import DistContext, init, shutdown
-from ldae_cli.errors import LdaeError
+from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.reporting import console, note_kept
 from ldae_cli.rundir import CHECKPOINT
 # keys a resumed run may change: where things are and how they are run, not what is computed; stages add theirs
-RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.on_bad_image", "run.device", "run.compile",
+RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.verify", "data.on_bad_image", "run.device", "run.compile",
              "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps", "run.progress",
              "run.out_dir", "run.tensorboard", "run.wandb")
+
+
+MAX_SEED = 2 ** 31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
 
 
 @dataclass
@@ -53,8 +57,8 @@ class RunConfig:
             raise LdaeError(f"run.stop_after_steps must be 1 or more (or null), got {self.stop_after_steps}")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
             raise LdaeError(f"run.time_limit_minutes must be positive (or null), got {self.time_limit_minutes}")
-        if self.seed < 0:
-            raise LdaeError(f"run.seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise LdaeError(f"run.seed must lie in 0 ... {MAX_SEED} (2**31 - 1), got {self.seed}")
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -80,8 +84,8 @@ def resume_base(stored: dict) -> dict:
                               "out_dir": None}}
 
 
-def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
-    """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
+def config_differences(stored: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
+    """`key: stored -> current` for each key that differs and is not in `allowed` (dotted prefixes)."""
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
@@ -90,24 +94,82 @@ def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -
         return out
 
     a, b = flat(stored), flat(current)
-    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(allowed)]
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith(allowed)]
+
+
+def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
+    """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
+    changed = config_differences(stored, current, allowed)
     if changed:
-        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:4])
-        raise LdaeError(f"--resume continues the stored run, but the config differs ({details}); resume without "
-                        f"changing the recipe (only {', '.join(allowed)} may change) or start a new run directory")
+        raise LdaeError(f"--resume continues the stored run, but the config differs ({', '.join(changed[:4])}); resume "
+                        f"without changing the recipe (only {', '.join(allowed)} may change) or start a new run "
+                        "directory")
 
 
 def load_run_config(cls: type, kind: str, config: str | None, overrides: list[str], flags: dict[str, Any],
-                    resume: str | None, resumable: tuple[str, ...] = ()) -> tuple[Any, Checkpoint | None]:
+                    resume: str | None, resumable: tuple[str, ...] = (), cont: bool = False,
+                    base: dict | None = None) -> tuple[Any, Checkpoint | None]:
     """The config to run and, with --resume, the run's checkpoint: its stored recipe, of which only the
-    RESUMABLE keys (and the stage's `resumable` ones) may change."""
+    RESUMABLE keys (and the stage's `resumable` ones) may change. With --continue (`cont`), the config of the
+    command line, and the checkpoint in its --out when there is one, which must hold that same recipe."""
+    if resume is not None and cont:
+        raise LdaeError("--resume continues a run directory and --continue starts or continues the run in --out; "
+                        "give one of them")
     if resume is None:
-        return load_config(cls, config, overrides, flags), None
-    ckpt = load_checkpoint(resume_path(resume), kind)
-    stored_config(cls, ckpt)  # the stored recipe must read as this ldae's config before anything overrides it
+        cfg = load_config(cls, config, overrides, flags, base=base)
+        return cfg, (continued(cls, kind, cfg, RESUMABLE + resumable) if cont else None)
+    ckpt = load_resumable(resume_path(resume), kind, cls)
     cfg = load_config(cls, config, overrides, flags, base=resume_base(ckpt.config))
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE + resumable)
     return cfg, ckpt
+
+
+def load_resumable(path: Path, kind: str, cls: type) -> Checkpoint:
+    """A checkpoint to resume: an ldae file of this kind, finite, whose stored recipe reads as this ldae's config
+    and whose train state is consistent."""
+    ckpt = load_checkpoint(path, kind)
+    stored_config(cls, ckpt)  # the stored recipe must read as this ldae's config before anything overrides it
+    check_train_state(ckpt)
+    return ckpt
+
+
+def check_train_state(ck: Checkpoint) -> None:
+    """The step counters a resume computes with: whole numbers in range (an edited file fails here, in one line)."""
+    ck.require("step", "total_steps", "steps_per_epoch")
+    step, total, per_epoch = (ck.extra[k] for k in ("step", "total_steps", "steps_per_epoch"))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (step, total, per_epoch))
+    if not numbers or not (isinstance(step, int) and isinstance(total, int) and 0 <= step <= total and total > 0
+                           and per_epoch > 0):
+        raise LdaeError(f"{ck.path}: its train state (step {step!r} of {total!r}, {per_epoch!r} steps per epoch) is "
+                        "not a valid position in a run; the file was edited or damaged; use an earlier checkpoint")
+
+
+def continued(cls: type, kind: str, cfg: Any, allowed: tuple[str, ...]) -> Checkpoint | None:
+    """--continue: the checkpoint in --out to resume (None: nothing there yet, a new run starts), after checking
+    it holds this same recipe; a run that has finished ends the command (`Finished`)."""
+    if not cfg.run.out_dir:
+        raise LdaeError("--continue starts or continues the run in --out; give --out DIR")
+    path = Path(cfg.run.out_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    ckpt = load_resumable(path, kind, cls)
+    changed = config_differences(ckpt.config, to_dict(cfg), allowed)
+    if changed:
+        raise LdaeError(f"--continue: {path.parent} holds another run (its config differs: {', '.join(changed[:4])}); "
+                        "pick another --out for this one, or run it as it was")
+    same_data = ckpt.config.get("data", {}).get("path") == to_dict(cfg).get("data", {}).get("path")
+    if ckpt.extra.get("finished") and same_data and not evaluation_pending(ckpt):
+        raise Finished(f"{path.parent}: this run has already finished (step {ckpt.extra['step']:,}); nothing to do")
+    return ckpt
+
+
+def evaluation_pending(ck: Checkpoint) -> bool:
+    """A run stopped after its last step but before its final evaluation (resuming finishes it)."""
+    if "eval" not in ck.extra:
+        return False
+    latest = ck.extra["eval"]
+    return not isinstance(latest, dict) or latest.get("step") != ck.extra.get("total_steps")
 
 
 def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
@@ -128,7 +190,8 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
 
 @dataclass
 class Session:
-    """One invocation of a stage: its config, process group and run directory."""
+    """One invocation of a stage: its config, process group and run directory, and the manifest of what ldae
+    writes there (every file a stage writes in its run directory is named through `output`)."""
 
     command: str  # the subcommand, for messages (`ldae <command> --resume ...`)
     kind: str  # the checkpoint kind it writes
@@ -136,6 +199,9 @@ class Session:
     ctx: DistContext
     out_dir: Path
     resume: Checkpoint | None
+    manifest: rundir.Manifest | None = None  # on the main rank
+    created: set[str] = field(default_factory=set)  # what this invocation added to the manifest
+    training: bool = False  # set when the first step starts: a failure before it is a failed start
 
     @property
     def run(self) -> RunConfig:
@@ -147,37 +213,85 @@ class Session:
 
     @property
     def checkpoint(self) -> Path:
-        return self.out_dir / CHECKPOINT
+        return self.output(CHECKPOINT)
+
+    def output(self, name: str) -> Path:
+        """`out_dir / name`, recorded as ldae's in the run's manifest (before it is written)."""
+        if self.manifest is not None and name not in self.manifest.files:
+            self.manifest.add(name)
+            self.created.add(name)
+        return self.out_dir / name
+
+    def undo_start(self) -> None:
+        """Remove what this invocation wrote (a start that failed before its first step); the marker too when
+        nothing of ldae's is left."""
+        if self.manifest is None:
+            return
+        for name in sorted(self.created):
+            rundir.remove_entry(self.out_dir / name)
+        self.manifest.discard(*self.created)
+        if not self.manifest.files:
+            (self.out_dir / rundir.MARKER).unlink(missing_ok=True)
+
+
+def same_unsaved_run(cfg: Any, allowed: tuple[str, ...]) -> Callable[[Path], bool]:
+    """Whether a run directory of ours holds this same run (its resolved config equal but for `allowed` keys),
+    stopped before its first checkpoint: the same command may then start it again."""
+    def check(path: Path) -> bool:
+        if (path / CHECKPOINT).exists() or not (path / rundir.CONFIG).is_file():
+            return False
+        try:
+            stored = yaml.safe_load((path / rundir.CONFIG).read_text())
+            check_resume_config(stored, to_dict(cfg), allowed)
+        except (OSError, yaml.YAMLError, LdaeError, AttributeError):
+            return False
+        return True
+    return check
+
+
+def kept_config(config_file: str | None, out_dir: Path) -> set[str]:
+    """The --config file, when it lies in the run directory: the user's, kept and never replaced."""
+    if not config_file or not Path(config_file).is_file():
+        return set()
+    path = Path(config_file).resolve()
+    return {path.name} if path.parent == out_dir.resolve() else set()
 
 
 @contextlib.contextmanager
 def session(command: str, kind: str, cfg: Any, name: str | None, resume: Checkpoint | None = None,
-            force: bool = False) -> Iterator[Session]:
+            force: bool = False, *, config_file: str | None = None, resumable: tuple[str, ...] = ()
+            ) -> Iterator[Session]:
     out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume is not None else None)
     ctx = init(cfg.run.device)
     lock = rundir.RunLock(out_dir, command)
     created = not out_dir.exists()
+    s = None
     try:
+        manifest = None
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             if resume is None:
-                rundir.claim_new(out_dir, command, kind, force)
+                manifest = rundir.claim(out_dir, command, force, kept_config(config_file, out_dir),
+                                        same_unsaved_run(cfg, RESUMABLE + resumable), kind=kind)
+            else:
+                manifest = rundir.adopt(out_dir, command)
             litter = rundir.remove_temp_files(out_dir)
             if litter:
                 console.print(f"removed {len(litter)} temp file(s) an interrupted save left in {out_dir}")
-            if resume is None or not (out_dir / rundir.CONFIG).exists():  # a resumed run keeps its start's record
-                save_resolved(cfg, out_dir / rundir.CONFIG)
+        s = Session(command, kind, cfg, ctx, out_dir, resume, manifest)
+        if ctx.is_main and (resume is None or not (out_dir / rundir.CONFIG).exists()):  # a resume keeps its start's
+            save_resolved(cfg, s.output(rundir.CONFIG))
         note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir} (continue with `ldae {command} "
                   f"--resume {out_dir}`)" if resume is not None else None)
-        yield Session(command, kind, cfg, ctx, out_dir, resume)
+        yield s
     except BaseException:
-        if ctx.is_main and lock.held and rundir.only_disposable(out_dir):  # a failed start: leave nothing
+        if ctx.is_main and lock.held and resume is None and not (s is not None and s.training):
+            if s is not None:
+                s.undo_start()
             lock.release()
-            if created:
-                shutil.rmtree(out_dir, ignore_errors=True)
-            else:
-                (out_dir / rundir.CONFIG).unlink(missing_ok=True)
+            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
         raise
     finally:
         lock.release()

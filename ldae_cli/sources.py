@@ -8,6 +8,7 @@ batches them.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -27,6 +28,7 @@ class SourceSettings(Protocol):
 
     source: str
     path: Optional[str]
+    verify: bool
 
     def split_name(self, split: str) -> str: ...
 
@@ -70,6 +72,18 @@ class ImageSource:
         raise LdaeError(f"data.decode=gpu decodes image files; {type(self).__name__} holds decoded arrays "
                         "(use data.decode=pil)")
 
+    def identity(self) -> str:
+        """A sha256 that is the same for the same images wherever they are (no absolute path enters it): what a
+        resumed run checks so that it never continues on other data."""
+        raise NotImplementedError
+
+
+def digest_lines(lines) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
 
 class ArraySource(ImageSource):
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], origin: str):
@@ -79,11 +93,21 @@ class ArraySource(ImageSource):
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return Image.fromarray(self.images[i])
 
+    def identity(self) -> str:  # the decoded arrays themselves (IDX files: tens of MB, hashed in a fraction of a second)
+        h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
 
 class FileSource(ImageSource):
-    def __init__(self, paths: list[Path], labels: list[int], classes: list[str]):
-        self.paths, self.labels, self.classes = paths, labels, classes
+    def __init__(self, paths: list[Path], labels: list[int], classes: list[str], root: Path | None = None):
+        self.paths, self.labels, self.classes, self.root = paths, labels, classes, root
         self.names = [str(p) for p in paths]
+
+    def identity(self) -> str:  # each file's path below the dataset root, its size and label
+        root = self.root if self.root is not None and self.root.is_dir() else None
+        return digest_lines(f"{p.relative_to(root) if root else p.name}\t{p.stat().st_size}\t{label}"
+                            for p, label in zip(self.paths, self.labels))
 
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(self.paths[i], target)
@@ -95,8 +119,12 @@ class FileSource(ImageSource):
 class BytesSource(ImageSource):
     """Images held in memory as encoded bytes (members of a tar archive)."""
 
-    def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], classes: list[str]):
-        self.blobs, self.names, self.labels, self.classes = blobs, names, labels, classes
+    def __init__(self, blobs: list[bytes], names: list[str], labels: list[int], classes: list[str], archive: str):
+        self.blobs, self.names, self.labels, self.classes, self.archive = blobs, names, labels, classes, archive
+
+    def identity(self) -> str:  # each member's name inside the archive (names are "<archive>:<member>"), size, label
+        return digest_lines(f"{name[len(self.archive) + 1:]}\t{len(blob)}\t{label}"
+                            for name, blob, label in zip(self.names, self.blobs, self.labels))
 
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(io.BytesIO(self.blobs[i]), target)
@@ -205,7 +233,7 @@ def _imagefolder_dir(root: Path, split: str) -> ImageSource:
                 labels.append(label)
     if not paths:
         raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return FileSource(paths, labels, classes)
+    return FileSource(paths, labels, classes, root)
 
 
 def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
@@ -234,7 +262,7 @@ def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
     # the same order as the extracted folder: by class name, then by file name within the class
     order = sorted(range(len(names)), key=lambda i: (class_of[i], names[i].rsplit("/", 1)[-1], names[i]))
     return BytesSource([blobs[i] for i in order], [names[i] for i in order],
-                       [index[class_of[i]] for i in order], classes)
+                       [index[class_of[i]] for i in order], classes, str(archive))
 
 
 def _plain_images(root: Path) -> ImageSource:
@@ -244,7 +272,7 @@ def _plain_images(root: Path) -> ImageSource:
         paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
     if not paths:
         raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return FileSource(paths, [-1] * len(paths), [])
+    return FileSource(paths, [-1] * len(paths), [], root)
 
 
 PREPARED = "prepared.json"  # marks a dataset written by `ldae prepare-data`
@@ -252,9 +280,11 @@ PREPARED = "prepared.json"  # marks a dataset written by `ldae prepare-data`
 
 class PreparedSource(ImageSource):
     """A split of a prepared dataset: uint8 images (N, S, S, 3) in .npy shards read through memory maps, so a
-    worker or a DDP rank reads the images it indexes and no others. `stored_size` is S."""
+    worker or a DDP rank reads the images it indexes and no others. `stored_size` is S. With `verify`, every
+    shard, label array and file list is checked against the sha256 recorded when it was written, before any
+    image is read."""
 
-    def __init__(self, root: Path, split: str):
+    def __init__(self, root: Path, split: str, verify: bool = True):
         meta = read_prepared(root)
         if split not in meta["splits"]:
             raise LdaeError(f"{root}: a prepared dataset without a '{split}' split (it has "
@@ -263,11 +293,14 @@ class PreparedSource(ImageSource):
         if not info.get("complete"):
             raise LdaeError(f"{root}: the preparation of its '{split}' split was interrupted; run the same "
                             "`ldae prepare-data` command again to finish it")
+        if verify:
+            verify_split(root, split, info)
         self.root, self.split, self.stored_size = root, split, meta["stored_size"]
         self.shards, self.starts = info["shards"], np.cumsum([0] + info["counts"])[:-1]
         self.classes = meta["classes"]
         self.labels = np.load(root / split / "labels.npy").tolist()
         self.names = (root / split / "files.txt").read_text().splitlines()
+        self.content = info["content_sha256"]
         self._maps: list | None = None
 
     def array(self, i: int) -> np.ndarray:
@@ -279,8 +312,41 @@ class PreparedSource(ImageSource):
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return Image.fromarray(np.ascontiguousarray(self.array(i)))
 
+    def identity(self) -> str:  # the content hash recorded when it was prepared
+        return self.content
+
     def __getstate__(self):  # a worker re-maps the shards instead of receiving copies of them
         return {**self.__dict__, "_maps": None}
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_split(root: Path, split: str, info: dict) -> None:
+    """Each file of a prepared split against its recorded sha256: a changed byte is an error naming the file.
+    Datasets prepared before per-file hashes were recorded are checked against their content hash."""
+    folder = root / split
+    fix = (f"prepare it again (`ldae prepare-data ... --out {root} --force`); `ldae prepare-data --verify {root}` "
+           "checks every file, and data.verify=false skips this check")
+    hashes = info.get("file_sha256")
+    if hashes is None:
+        digest = hashlib.sha256()
+        for shard in info["shards"]:
+            digest.update(bytes.fromhex(file_sha256(folder / shard)))
+        digest.update(np.load(folder / "labels.npy").astype(np.int64).tobytes())
+        if digest.hexdigest() != info["content_sha256"]:
+            raise LdaeError(f"{folder}: its images or labels differ from what was prepared (content sha256 "
+                            f"mismatch); {fix}")
+        return
+    for name, recorded in hashes.items():
+        path = folder / name
+        if not path.is_file():
+            raise LdaeError(f"{path}: missing from the prepared dataset; {fix}")
+        if file_sha256(path) != recorded:
+            raise LdaeError(f"{path}: its sha256 differs from the one recorded when it was prepared (the file was "
+                            f"changed or damaged); {fix}")
 
 
 def read_prepared(root: Path) -> dict:
@@ -296,7 +362,7 @@ def open_source(cfg: SourceSettings, split: str) -> ImageSource:
     root = resolve_path(cfg)
     name = cfg.split_name(split)
     if root.is_dir() and (root / PREPARED).is_file():
-        return PreparedSource(root, name)
+        return PreparedSource(root, name, getattr(cfg, "verify", True))
     if cfg.source == "fashion-mnist":
         return _fmnist(root, name)
     if cfg.source in ("cifar10", "imagefolder"):
@@ -313,3 +379,22 @@ def download_fashion_mnist() -> Path:
     FashionMNIST(str(CACHE_HOME), train=True, download=True)
     FashionMNIST(str(CACHE_HOME), train=False, download=True)
     return CACHE_HOME / "FashionMNIST" / "raw"
+
+
+def median_short_side(source: ImageSource, count: int = 64, seed: int = 0) -> int | None:
+    """The median short side of a seeded sample of `count` images (their native resolution: training above it
+    upsamples); None when none of them can be read."""
+    import random
+
+    picks = random.Random(seed).sample(range(len(source)), min(count, len(source)))
+    sides = []
+    for i in picks:
+        stored = getattr(source, "stored_size", None)
+        if stored is not None:
+            return int(stored)
+        try:
+            with source.open(i) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, SyntaxError):
+            continue
+    return int(np.median(sides)) if sides else None

@@ -3,7 +3,8 @@
 Every tokenizer maps an image (B, 3, H, W) in [-1, 1] to tokens (B, N, d) on a grid of
 (H/p) x (W/p) tokens, and back. `patch` is the image footprint of one token in pixels, `token_dim`
 the latent size d per token, and the latent is normalised, z = (latent - shift) / scale, so that it
-has roughly unit variance (`latent_scale`: `global`, `whiten` or `none`).
+has roughly unit variance (`latent_scale`: `global`, `whiten` or `none`), or, for a PCA, by the scale of
+another d (`fixed`), so that the same noise lands on the kept components at every d.
 
 Kinds, one registry (`TOKENIZER_KINDS`), one factory (`build_tokenizer`):
 - `pca`: patch-wise PCA (fitted by `ldae fit-pca`), z = V_d (x - mu) / s.
@@ -26,7 +27,7 @@ from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import patchify, unpatchify
 
-LatentScale = Literal["global", "whiten", "none"]
+LatentScale = Literal["global", "whiten", "none", "fixed"]
 
 
 @dataclass
@@ -38,11 +39,21 @@ class TokenizerConfig:
     patch: int = 16  # pca/pixel: patch size in pixels (must match the checkpoint when one is given)
     dim: Optional[int] = None  # pca: kept components d (null: the checkpoint's); pixel: must be null
     latent_scale: LatentScale = "global"
+    # latent_scale 'fixed' (pca): divide by the global scale of the first scale_dim components whatever d is kept,
+    # so the noise on the kept components does not change with d (with 'global' it grows as d shrinks)
+    scale_dim: Optional[int] = None
     fit_patches: int = 1_000_000  # pca fitted on the fly: patches sampled
 
     def validate(self) -> None:
         require("tokenizer", "a positive integer", lambda v: v > 0, patch=self.patch, dim=self.dim,
-                fit_patches=self.fit_patches)
+                fit_patches=self.fit_patches, scale_dim=self.scale_dim)
+        if self.latent_scale == "fixed" and (self.kind != "pca" or self.scale_dim is None):
+            raise LdaeError("tokenizer.latent_scale 'fixed' scales a PCA latent by the global scale of "
+                            f"tokenizer.scale_dim components: set kind pca and scale_dim (got kind {self.kind!r}, "
+                            f"scale_dim {self.scale_dim})")
+        if self.scale_dim is not None and self.latent_scale != "fixed":
+            raise LdaeError(f"tokenizer.scale_dim is read only with latent_scale 'fixed' (got {self.latent_scale!r}); "
+                            "set scale_dim null or latent_scale fixed")
         if self.kind == "pixel" and self.dim is not None:
             raise LdaeError("tokenizer.dim: the pixel tokenizer keeps every pixel (d = patch*patch*3); leave dim null")
         if self.kind == "pixel" and self.latent_scale != "none":
@@ -65,7 +76,8 @@ def latent_normalization(mean: torch.Tensor, variance: torch.Tensor, latent_scal
         return mean.clone(), variance.mean().sqrt().expand_as(variance).clone()
     if latent_scale == "whiten":
         return mean.clone(), variance.sqrt()
-    raise LdaeError(f"tokenizer.latent_scale: {latent_scale!r} is not one of 'global', 'whiten', 'none'")
+    raise LdaeError(f"tokenizer.latent_scale: {latent_scale!r} is not one of 'global', 'whiten', 'none' ('fixed' is "
+                    "for PCA tokenizers only)")
 
 
 class Tokenizer(nn.Module):
@@ -123,31 +135,38 @@ class Tokenizer(nn.Module):
 
 
 class PCATokenizer(Tokenizer):
-    """Patch-wise PCA: z = V_d (x - mu) / s, x = V_d^T (s z) + mu, on non-overlapping p x p patches."""
+    """Patch-wise PCA: z = V_d (x - mu) / s, x = V_d^T (s z) + mu, on non-overlapping p x p patches. With latent_scale
+    'fixed', s is the global scale of the first `scale_dim` components, not of the d kept ones."""
 
     kind = "pca"
     is_linear = True
     orthonormal = True
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigenvalues: torch.Tensor, patch: int, dim: int,
-                 latent_scale: str = "global"):
+                 latent_scale: str = "global", scale_dim: int | None = None):
         super().__init__()
         full = basis.shape[0]
         if basis.shape != (full, full) or mean.shape != (full,) or full != patch * patch * 3:
             raise LdaeError(f"PCA tensors do not fit a {patch}x{patch}x3 patch (basis {tuple(basis.shape)})")
         if not 1 <= dim <= full:
             raise LdaeError(f"tokenizer.dim: PCA keeps between 1 and {full} components, got {dim}")
-        self.patch, self.token_dim, self.latent_scale = patch, dim, latent_scale
+        self.patch, self.token_dim, self.latent_scale, self.scale_dim = patch, dim, latent_scale, scale_dim
         self.register_buffer("mean", mean.float())
         self.register_buffer("basis", basis.float())  # (D, D), row i = i-th component
         self.register_buffer("eigenvalues", eigenvalues.float())
-        variance = self.eigenvalues[:dim].clamp_min(1e-12)
-        self.register_buffer("scale", latent_normalization(torch.zeros(dim), variance, latent_scale)[1])
+        if latent_scale == "fixed":
+            if scale_dim is None or not 1 <= scale_dim <= full:
+                raise LdaeError(f"tokenizer.scale_dim: latent_scale 'fixed' needs between 1 and {full} components, "
+                                f"got {scale_dim}")
+            scale = self.eigenvalues[:scale_dim].clamp_min(1e-12).mean().sqrt().expand(dim).clone()
+        else:
+            scale = latent_normalization(torch.zeros(dim), self.eigenvalues[:dim].clamp_min(1e-12), latent_scale)[1]
+        self.register_buffer("scale", scale)
 
     @classmethod
     def from_export(cls, tensors, desc):
         return cls(tensors["mean"], tensors["basis"], tensors["eigenvalues"], desc["patch"], desc["dim"],
-                   desc["latent_scale"])
+                   desc["latent_scale"], desc.get("scale_dim"))
 
     @property
     def kept(self) -> torch.Tensor:
@@ -174,7 +193,8 @@ class PCATokenizer(Tokenizer):
 
     def export(self):
         tensors = {"mean": self.mean, "basis": self.basis, "eigenvalues": self.eigenvalues}
-        return tensors, {"kind": "pca", "patch": self.patch, "dim": self.token_dim, "latent_scale": self.latent_scale}
+        return tensors, {"kind": "pca", "patch": self.patch, "dim": self.token_dim, "latent_scale": self.latent_scale,
+                         "scale_dim": self.scale_dim}
 
 
 class PixelTokenizer(Tokenizer):
@@ -312,7 +332,7 @@ def load_tokenizer(cfg: TokenizerConfig, path: str | Path | None = None) -> tupl
             raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} was fitted on "
                             f"{ckpt.extra['patch']}x{ckpt.extra['patch']} patches")
         desc = {"kind": "pca", "patch": ckpt.extra["patch"], "dim": cfg.dim or ckpt.extra["dim"],
-                "latent_scale": cfg.latent_scale}
+                "latent_scale": cfg.latent_scale, "scale_dim": cfg.scale_dim}
         return build_tokenizer(desc, ckpt.section("pca")), [ckpt.parent_ref("tokenizer")]
     ckpt = load_checkpoint(path, "tokenizer")
     extra = ckpt.extra

@@ -31,6 +31,8 @@ class TrainState:
             rests[name] = None
             if optimizer.state:
                 flat, rests[name] = flatten_optimizer(optimizer.state_dict())
+                # what each parameter's state holds, so that a dropped tensor is named on resume
+                rests[name]["keys"] = sorted({k for entry in optimizer.state.values() for k in entry})
                 tensors.update({f"{name}.{k}": v for k, v in flat.items()})
         extra = {"step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                  "epoch": step / steps_per_epoch, "finished": step >= total, "world_size": world,
@@ -51,8 +53,10 @@ class TrainState:
             rest = ck.extra["optimizers"].get(name)
             if rest is not None:
                 try:
-                    _load_optimizer(optimizer, unflatten_optimizer(ck.section(name), rest))
-                except (KeyError, ValueError, RuntimeError) as exc:
+                    state = unflatten_optimizer(ck.section(name), rest)
+                    _check_state_keys(state, rest)
+                    _load_optimizer(optimizer, state)
+                except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
                     raise LdaeError(f"{ck.path}: its {name} optimizer state does not fit this run's parameters "
                                     f"({short(exc)}); the file is damaged or was edited") from None
         return ck.extra["step"]
@@ -71,6 +75,18 @@ class TrainState:
                     if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                         return f"{name} state of parameter {index} ({key})"
         return None
+
+
+def _check_state_keys(state: dict, rest: dict) -> None:
+    """Every parameter's optimizer state holds the same entries (those recorded when it was saved): a tensor
+    removed from the file would otherwise surface as a KeyError inside the optimizer's step."""
+    expected = set(rest.get("keys") or ())
+    for index, entry in state["state"].items():
+        if not expected:
+            expected = set(entry)
+        if set(entry) != expected:
+            missing = sorted(expected - set(entry)) or sorted(set(entry) - expected)
+            raise ValueError(f"parameter {index} lacks or has extra state {', '.join(missing)}")
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:

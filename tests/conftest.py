@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,3 +182,63 @@ def train_tiny_conv_vae(data: Path, out: Path) -> Path:
             "report.pca_reference": False, "run.out_dir": out, "run.progress": False, "run.device": "cpu"}
     cfg = load_config(train_tokenizer.TrainTokenizerConfig, "tokenizer/conv-vae", [f"{k}={v}" for k, v in sets.items()])
     return train_tokenizer.run(cfg)
+
+
+# ------------------------------------------------------------------ the reliability matrix's shared world and checks
+
+TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Files every case may read and none may change: images, a finished pretrain run (with its PCA), an
+    unfinished one."""
+    root = tmp_path_factory.mktemp("world")
+    images = write_pattern_tree(root / "images")
+    ckpt = train_tiny("final.yaml", images, root / "pre", **TOKENS, **{"optim.epochs": 2})
+    cut = train_tiny("final.yaml", images, root / "cut", **TOKENS, **{"optim.epochs": 3, "run.save_every": 1,
+                                                                      "run.stop_after_steps": 2})
+    return SimpleNamespace(root=root, images=images, ckpt=ckpt, pca=root / "pre" / "pca.safetensors", cut=cut)
+
+
+def snapshot(*roots: Path) -> dict[Path, str]:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def unchanged(before: dict[Path, str]) -> None:
+    changed = [str(p) for p, digest in before.items()
+               if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != digest]
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+
+
+def kept_or_appended(before: dict[Path, str], old_metrics: bytes) -> None:
+    """Every file as it was, but metrics.jsonl, which a run only appends to (a step's line comes before its
+    checkpoint): its old content must still be its beginning."""
+    metrics = next(p for p in before if p.name == "metrics.jsonl")
+    unchanged({p: d for p, d in before.items() if p != metrics})
+    assert metrics.read_bytes().startswith(old_metrics)
+
+
+def one_line(res, code: int, *fragments: str) -> str:
+    assert res.returncode == code, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    assert "Traceback" not in res.stderr + res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def pretrain_args(world, out: Path, **extra) -> list[str]:
+    return ["pretrain", "--config", "final.yaml", *sets(tiny_overrides(world.images, out, **{**TOKENS, **extra}))]
+
+
+def probe_args(world, out: Path, *extra: str, ckpt=None) -> list[str]:
+    return ["probe", "--ckpt", str(ckpt or world.ckpt), "--out", str(out), *sets(
+        ["probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "run.progress=false", "data.num_workers=0",
+         *extra])]

@@ -233,7 +233,7 @@ def test_tiny_run_learns_and_writes_its_records(run_main, halves, tmp_path):
     assert last.extra["finished"] and last.extra["init"]["from_scratch"] and last.extra["has_ema"]
     assert best.extra["best"]["top1"] == max(max(r["top1"], r["ema_top1"]) for r in evals)
     assert set(best.section("model")) == set(last.section("model")) and not best.section("optim")
-    for name in ("config.yaml", "accuracy.png", "loss.png"):
+    for name in ("ldae-config.yaml", "accuracy.png", "loss.png"):
         assert (out / name).is_file()
 
 

@@ -57,4 +57,5 @@ def test_a_launch_needs_a_training_stage_and_its_out(run_main):
         launch.check(["pretrain", "--resume", "runs/x", "--out", "runs/x"])
     res = run_main("launch", "--", "denoise", "x.jpg")
     assert res.returncode == 1 and "runs a training stage" in res.stderr
-    assert launch.LdaeJob(["probe", "--ckpt", "c", "--out", "/nonexistent/p"]).command()[-1] == "/nonexistent/p"
+    assert launch.LdaeJob(["probe", "--ckpt", "c", "--out", "/nonexistent/p"]).command()[-2:] == ["/nonexistent/p",
+                                                                                                  "--continue"]

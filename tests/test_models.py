@@ -140,7 +140,7 @@ def test_timm_form_export_loads_through_create_model_local_dir(pattern_tree, tmp
     out = tmp_path / "ldae-vit"
     res = run_main("export", "--ckpt", str(ckpt), "--out", str(out), "--format", "timm")
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".ldae-run.json", "README.md", "config.json", "model.safetensors"]
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert tuple(model.pretrained_cfg["mean"]) == (0.5,) * 3 and tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
     pre = load_pretrained(ckpt)

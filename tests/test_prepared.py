@@ -28,8 +28,9 @@ def prepare(src, out, run_main, *extra):
 
 
 def tree_bytes(root) -> dict:
+    """Every file's sha256 but ldae's bookkeeping (the lock, and the marker whose run id is each preparation's own)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".ldae.lock"}
+            if p.is_file() and p.name not in (".ldae.lock", ".ldae-run.json")}
 
 
 def pretrain(run_main, data, out, **extra):

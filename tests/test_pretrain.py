@@ -59,7 +59,7 @@ def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert [r["step"] for r in records if "online_knn_top1" in r] == [1, 2]  # the online probe, a quarter apart
     assert ck.config["diffusion"] == to_dict(cfg)["diffusion"]
-    assert (tmp_path / row / "config.yaml").exists() and (tmp_path / row / "loss.png").exists()
+    assert (tmp_path / row / "ldae-config.yaml").exists() and (tmp_path / row / "loss.png").exists()
 
 
 def test_overfits_a_fixed_batch():

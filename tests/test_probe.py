@@ -255,3 +255,51 @@ def test_lowest_head_loss_is_finite_while_any_head_is():
     for diverged in ([inf, inf], [nan, inf], [nan, nan]):
         assert not with_lowest(torch.tensor(diverged))[0].isfinite()
     assert with_lowest(torch.tensor([0.7, 0.5]))[1:].tolist() == pytest.approx([0.7, 0.5])
+
+
+def test_the_online_probe_agrees_with_the_offline_one_and_has_a_panel_of_its_own(pattern_tree, tmp_path):
+    """The k-NN and linear top-1 logged at the last step (live weights) are those of the saved checkpoint, read back
+    and folded as `ldae probe` reads it, on the same fit and test subsets; TensorBoard and `ldae report` show
+    them in a panel of their own, titled with what they fit and test on."""
+    from ldae_cli.config import config_from_dict
+    from ldae_cli.distributed import DistContext
+    from ldae_cli.engine_probe import OnlineProbe, online_subsets
+    from ldae_cli.pretrained import load_pretrained
+    from ldae_cli.stages import pretrain, report
+
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
+                                                                       "optim.epochs": 2, "optim.ema": 0.9})
+    logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    online = [r for r in logged if "online_knn_top1" in r]
+    assert [r["step"] for r in online] == [1, 2, 3, 4]  # a quarter of 4 steps apart, and the last one
+    cfg = config_from_dict(pretrain.PretrainConfig, load_checkpoint(ckpt).config)
+    fit, test = online_subsets(cfg, DistContext())
+    # 4 steps of 8 images cannot pay for 10 fit images per class at 5 %: one per class, said in the title
+    assert len(fit) == 2 and sorted(fit.labels_tensor().tolist()) == [0, 1] and len(test) == 16
+    assert online[-1]["online_fit_images"] == 2 and online[-1]["online_fit_per_class"] == 1
+    offline = OnlineProbe(cfg.online_probe, None, fit, test, None, 0, 0)
+    knn, linear = offline.measure(load_pretrained(ckpt), DistContext())  # the EMA weights, as the probe reads them
+    assert online[-1]["online_knn_top1"] == round(knn, 2) and online[-1]["online_linear_top1"] == round(linear, 2)
+    title = offline.title()
+    assert title == ("online probe top-1 % (fit 2 train images, 1/class, fewer than 10/class to stay under 5% of "
+                     "the run; test 16 eval images)")
+    events = b"".join(p.read_bytes() for p in (tmp_path / "pre" / "tensorboard").glob("events.out.tfevents.*"))
+    assert title.encode() in events  # the Custom Scalars chart of the two accuracies
+    assert "fit 2 train images, 1/class; test 16 eval images" in report.online_title(tmp_path / "pre", logged)
+    assert report.main([str(tmp_path / "pre")])[0].stat().st_size > 1000
+
+
+def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
+    from ldae_cli.engine_probe import OnlineProbeConfig, balanced_subset, online_fit_per_class
+
+    s = OnlineProbeConfig()
+    # CIFAR-10 at the cpu budget: 1,560 steps of 128 images, 4 + 4 blocks, 4 probes: 13,976 fit images affordable
+    assert online_fit_per_class(s, 1560 * 128, 4, 4, 1560, 10) == 1397
+    per_class = 1397
+    probed = 4 * (10 * per_class + s.test_images)  # images the probes read: an encoder forward each
+    assert probed * 4 / (3 * 8) <= 0.05 * 1560 * 128  # within 5 % of the run's compute, as forwards of all blocks
+    assert online_fit_per_class(s, 400 * 1_281_167, 12, 12, 400 * 625, 1000) == 20  # ImageNet: the 20k cap wins
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 10)
+    picked = balanced_subset(labels, 4, seed=0)
+    assert labels[picked].bincount().tolist() == [4, 3, 4] and picked == sorted(picked)
+    assert picked == balanced_subset(labels, 4, seed=0) and picked != balanced_subset(labels, 4, seed=1)

@@ -22,66 +22,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, tiny_overrides, train_tiny, write_pattern_tree
+from conftest import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, sets, snapshot, \
+    tiny_overrides, unchanged, write_pattern_tree
 from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-
-TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Files every case may read and none may change: images, a finished pretrain run (with its PCA), an
-    unfinished one."""
-    root = tmp_path_factory.mktemp("world")
-    images = write_pattern_tree(root / "images")
-    ckpt = train_tiny("final.yaml", images, root / "pre", **TOKENS, **{"optim.epochs": 2})
-    cut = train_tiny("final.yaml", images, root / "cut", **TOKENS, **{"optim.epochs": 3, "run.save_every": 1,
-                                                                      "run.stop_after_steps": 2})
-    return SimpleNamespace(root=root, images=images, ckpt=ckpt, pca=root / "pre" / "pca.safetensors", cut=cut)
-
-
-def snapshot(*roots: Path) -> dict[Path, str]:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-def unchanged(before: dict[Path, str]) -> None:
-    changed = [str(p) for p, digest in before.items()
-               if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != digest]
-    assert not changed, f"pre-existing files changed or removed: {changed}"
-
-
-def kept_or_appended(before: dict[Path, str], old_metrics: bytes) -> None:
-    """Every file as it was, but metrics.jsonl, which a run only appends to (a step's line comes before its
-    checkpoint): its old content must still be its beginning."""
-    metrics = next(p for p in before if p.name == "metrics.jsonl")
-    unchanged({p: d for p, d in before.items() if p != metrics})
-    assert metrics.read_bytes().startswith(old_metrics)
-
-
-def one_line(res, code: int, *fragments: str) -> str:
-    assert res.returncode == code, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
-    assert "Traceback" not in res.stderr + res.stdout
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
-
-
-def sets(items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-def pretrain(world, out: Path, **extra) -> list[str]:
-    return ["pretrain", "--config", "final.yaml", *sets(tiny_overrides(world.images, out, **{**TOKENS, **extra}))]
-
-
-def probe(world, out: Path, *extra: str, ckpt=None) -> list[str]:
-    return ["probe", "--ckpt", str(ckpt or world.ckpt), "--out", str(out), *sets(
-        ["probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "run.progress=false", "data.num_workers=0",
-         *extra])]
-
 
 # ------------------------------------------------------------------------------------------ bad options
 # each is rejected when the config is read, before any data is read or any directory made
@@ -113,15 +56,15 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize("extra,fragment", BAD_OPTIONS, ids=[next(iter(e)) for e, _ in BAD_OPTIONS])
 def test_a_bad_pretrain_option_is_refused_up_front(extra, fragment, world, run_main, tmp_path):
     before = snapshot(world.root)
-    one_line(run_main(*pretrain(world, tmp_path / "run", **extra)), 1, fragment)
+    one_line(run_main(*pretrain_args(world, tmp_path / "run", **extra)), 1, fragment)
     assert not (tmp_path / "run").exists()
     unchanged(before)
 
 
 BAD_STAGE_OPTIONS = [
-    (lambda w, out: probe(w, out, "probe.blrs=[-1]"), "probe.blrs"),
-    (lambda w, out: probe(w, out, "probe.t=-1"), "probe.t must be >= 0"),
-    (lambda w, out: probe(w, out, "probe.knn_k=0"), "probe.knn_k must be a positive integer"),
+    (lambda w, out: probe_args(w, out, "probe.blrs=[-1]"), "probe.blrs"),
+    (lambda w, out: probe_args(w, out, "probe.t=-1"), "probe.t must be >= 0"),
+    (lambda w, out: probe_args(w, out, "probe.knn_k=0"), "probe.knn_k must be a positive integer"),
     (lambda w, out: ["finetune", "--from-scratch", "--config", "finetune/cifar10", "--out", str(out), "--set",
                      "model.arch.num_heads=0"], "model.arch: width must be >= 4 and num_heads >= 1"),
     (lambda w, out: ["detect", "--config", "detect/cpu-tiny", "--from-scratch", "--out", str(out), "--set",
@@ -192,7 +135,7 @@ BAD_FILES = [
 def test_a_bad_checkpoint_is_named_in_one_line(name, make, fragment, world, run_main, tmp_path):
     bad = make(world.ckpt, tmp_path / "bad.safetensors")
     before = snapshot(world.root, tmp_path)
-    line = one_line(run_main(*probe(world, tmp_path / "probe", ckpt=bad)), 1, fragment)
+    line = one_line(run_main(*probe_args(world, tmp_path / "probe", ckpt=bad)), 1, fragment)
     assert str(bad) in line
     if name == "newer config key":
         assert "written by ldae" in line and "upgrade ldae" in line
@@ -292,7 +235,7 @@ def test_two_runs_at_once_the_second_names_the_first(world, run_main, tmp_path):
         (run / ".ldae.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
                                                     "command": "ldae pretrain", "since": "2026-12-01T10:00:00"}))
         before = snapshot(tmp_path, world.root)
-        one_line(run_main(*pretrain(world, run)), 1, f"{run} is in use by `ldae pretrain` (pid {holder.pid} on this host")
+        one_line(run_main(*pretrain_args(world, run)), 1, f"{run} is in use by `ldae pretrain` (pid {holder.pid} on this host")
         unchanged(before)
     finally:
         holder.kill()
@@ -305,17 +248,17 @@ def test_a_stale_lock_is_taken_over_and_a_remote_one_is_not(world, run_main, tmp
     run = tmp_path / "stale"
     run.mkdir()
     (run / ".ldae.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    assert run_main(*pretrain(world, run, **{"tokenizer.path": world.pca})).returncode == 0
+    assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})).returncode == 0
     assert not (run / ".ldae.lock").exists() and (run / "checkpoint.safetensors").exists()
     remote = tmp_path / "remote"
     remote.mkdir()
     (remote / ".ldae.lock").write_text(json.dumps({"pid": 1, "host": "gpu-node-7"}))
-    one_line(run_main(*pretrain(world, remote)), 1, "in use by", "on host gpu-node-7", "delete")
+    one_line(run_main(*pretrain_args(world, remote)), 1, "in use by", "on host gpu-node-7", "delete")
 
 
 def test_resume_writes_only_into_its_own_directory(world, run_main, tmp_path):
     other = tmp_path / "other"
-    assert run_main(*pretrain(world, other, **{"tokenizer.path": world.pca})).returncode == 0
+    assert run_main(*pretrain_args(world, other, **{"tokenizer.path": world.pca})).returncode == 0
     before = snapshot(world.root, tmp_path)
     one_line(run_main("pretrain", "--resume", str(world.cut), "--out", str(other)), 1,
              "a resumed run writes only there", "leave out --out")
@@ -324,19 +267,19 @@ def test_resume_writes_only_into_its_own_directory(world, run_main, tmp_path):
 
 def test_a_new_run_never_replaces_another_without_force(world, run_main, tmp_path):
     run = tmp_path / "run"
-    assert run_main(*pretrain(world, run, **{"tokenizer.path": world.pca})).returncode == 0
+    assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})).returncode == 0
     before = snapshot(tmp_path, world.root)
-    one_line(run_main(*pretrain(world, run, **{"tokenizer.path": world.pca})), 1,
+    one_line(run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})), 1,
              "already holds a pretrain checkpoint", "--resume", "--force")
     unchanged(before)
     keep = tmp_path / "notes"
     keep.mkdir()
     (keep / "mine.txt").write_text("not a run")
-    one_line(run_main(*pretrain(world, keep)), 1, "already holds mine.txt", "--force")
-    one_line(run_main(*pretrain(world, keep), "--force"), 1, "is not one")
+    assert "--force" not in one_line(run_main(*pretrain_args(world, keep)), 1, "already holds mine.txt")
+    one_line(run_main(*pretrain_args(world, keep), "--force"), 1, "ldae did not write")
     assert (keep / "mine.txt").read_text() == "not a run"
     first = (run / "checkpoint.safetensors").read_bytes()
-    assert run_main(*pretrain(world, run, **{"tokenizer.path": world.pca, "run.seed": 5}), "--force").returncode == 0
+    assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "run.seed": 5}), "--force").returncode == 0
     assert (run / "checkpoint.safetensors").read_bytes() != first and \
         load_checkpoint(run / "checkpoint.safetensors").config["run"]["seed"] == 5
 
@@ -377,7 +320,7 @@ def test_denoise_never_gives_two_images_one_panel(world, run_main, tmp_path):
 
 def test_nan_before_the_first_save_names_no_checkpoint(world, run_main, tmp_path):
     run = tmp_path / "nan"
-    res = run_main(*pretrain(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
+    res = run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
                                              "optim.warmup_epochs": 0}))
     one_line(res, 1, "no checkpoint was written before")
     assert not (run / "checkpoint.safetensors").exists() and (run / "metrics.jsonl").exists()
@@ -385,7 +328,7 @@ def test_nan_before_the_first_save_names_no_checkpoint(world, run_main, tmp_path
 
 def test_nan_keeps_only_a_finite_checkpoint(world, run_main, tmp_path):
     run = tmp_path / "nan"
-    res = run_main(*pretrain(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
+    res = run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
                                              "optim.warmup_epochs": 0, "run.save_every": 1}))
     line = one_line(res, 1)
     assert "non-finite" in line or "loss became" in line
@@ -478,7 +421,7 @@ def _wait_for(path: Path, timeout: float = 120) -> None:
 @pytest.mark.parametrize("sig,code,name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_a_signal_during_training_saves_and_says_so_in_one_line(sig, code, name, world, tmp_path):
     run = tmp_path / "run"
-    proc = _cli(*pretrain(world, run, **{"tokenizer.path": world.pca, "optim.epochs": 400, "run.log_every": 1}))
+    proc = _cli(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "optim.epochs": 400, "run.log_every": 1}))
     _wait_for(run / "metrics.jsonl")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -490,7 +433,7 @@ def test_a_signal_during_training_saves_and_says_so_in_one_line(sig, code, name,
 
 def test_sigterm_before_training_says_nothing_was_saved(world, tmp_path):
     run = tmp_path / "run"
-    proc = _cli(*pretrain(world, run, **{"tokenizer.fit_patches": 50_000_000}))
+    proc = _cli(*pretrain_args(world, run, **{"tokenizer.fit_patches": 50_000_000}))
     _wait_for(run / ".ldae.lock")
     time.sleep(1.0)  # inside the PCA fit
     proc.send_signal(signal.SIGTERM)
@@ -503,9 +446,9 @@ def test_sigterm_before_training_says_nothing_was_saved(world, tmp_path):
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(world, tmp_path):
     sets_ = {"tokenizer.path": world.pca, "optim.epochs": 8, "run.save_every": 1, "run.log_every": 1,
              "optim.ema": 0.9}
-    assert _cli(*pretrain(world, tmp_path / "whole", **sets_)).wait(timeout=300) == 0
+    assert _cli(*pretrain_args(world, tmp_path / "whole", **sets_)).wait(timeout=300) == 0
     run = tmp_path / "killed"
-    proc = _cli(*pretrain(world, run, **sets_))
+    proc = _cli(*pretrain_args(world, run, **sets_))
     for delay in (0.2, 0.05):
         _wait_for(run / "checkpoint.safetensors")
         time.sleep(delay)

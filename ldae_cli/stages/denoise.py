@@ -8,6 +8,7 @@ space the network wrote (image or latent).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -16,11 +17,11 @@ import torch
 from ldae_cli.data import load_image_file, to_unit_range
 from ldae_cli.distributed import resolve_device
 from ldae_cli.errors import LdaeError
+from ldae_cli.imagefiles import collect_images
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.pretrained import Pretrained, load_pretrained
 from ldae_cli.reporting import console
 from ldae_cli.rundir import refuse_to_replace
-from ldae_cli.sources import IMAGE_EXTENSIONS
 
 RUNS = Path("runs")
 BATCH = 16
@@ -32,24 +33,6 @@ def newest_checkpoint(root: Path = RUNS) -> Path:
         raise LdaeError(f"no pretrain checkpoint found under {root / 'pretrain'}; pass --ckpt FILE or train one "
                         "with `ldae pretrain --config demo/fmnist.yaml`")
     return found[-1]
-
-
-def collect_images(inputs: list[str]) -> list[Path]:
-    """The image files named or found in folders, each once."""
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise LdaeError(f"{path}: no images in this folder")
-            files += found
-        elif path.exists():
-            files.append(path)
-        else:
-            raise LdaeError(f"{path}: no such image or folder")
-    unique = {f.resolve(): f for f in files}
-    return list(unique.values())
 
 
 def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -111,6 +94,10 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
     if not inputs and not samples:
         raise LdaeError("give images or folders to denoise, or --samples N to take N images from the "
                         "checkpoint's own evaluation split")
+    if samples is not None and samples < 1:
+        raise LdaeError(f"--samples is a number of images (1 or more), got {samples}")
+    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
+        raise LdaeError(f"--sigma is a noise level, a finite number above 0 (e.g. 0.577), got {sigma}")
     files = collect_images(inputs or [])
     pre, dev, step, level = _prepare(ckpt, ema, device, t, sigma)
     targets = output_paths(out, files)
@@ -118,7 +105,7 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
     if panel is not None and panel in targets:
         raise LdaeError(f"--out {out} cannot hold both the panel of {files[0]} and the --samples panel; give a folder")
     for path in targets + ([panel] if panel is not None else []):
-        refuse_to_replace(path, force, "panel")
+        refuse_to_replace(path, force, "panel", inputs=tuple(files))
     size = pre.image_size
     upscale = max(1, 128 // size)
     titles = ["clean", f"noisy ({level:.2f})", "denoised"] + ([f"pixel noise ({level:.2f})"] if compare_pixel_noise

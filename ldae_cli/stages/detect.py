@@ -171,16 +171,16 @@ class DetectConfig:
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False, eval_only: bool = False, force: bool = False) -> Path:
+         ckpt: str | None = None, from_scratch: bool = False, eval_only: bool = False, force: bool = False,
+         cont: bool = False) -> Path:
     with quiet_detectron2():
         detection.require_detectron2()
         if eval_only:
             return _eval_only(config, overrides, flags, resume, ckpt, from_scratch, force)
-        if resume:
-            cfg, stored = load_run_config(DetectConfig, "detect", config, overrides, flags, resume, RESUMABLE)
+        cfg, stored = load_run_config(DetectConfig, "detect", config, overrides, flags, resume, RESUMABLE, cont)
+        if stored is not None:
             _check_resume_init(stored, ckpt, from_scratch)
             return run(cfg, config, None, stored)
-        cfg = load_config(DetectConfig, config, overrides, flags)
         if not ckpt and not from_scratch:
             raise LdaeError("detect needs --ckpt PRETRAIN (a pretrain checkpoint or an exported encoder), or "
                             "--from-scratch for the randomly initialised baseline")
@@ -282,7 +282,8 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
         spec, encoder_state, parents = resolve_backbone(cfg, init_spec)
         start_kind, report = ("scratch" if encoder_state is None else "pretrain"), None
     train_split, eval_split = register_splits(cfg)
-    with session("detect", "detect", cfg, config_name, resume_ckpt, force) as s:
+    with session("detect", "detect", cfg, config_name, resume_ckpt, force, config_file=config_name,
+                 resumable=RESUMABLE) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails before the detector is built
         torch.manual_seed(cfg.run.seed)  # detector init: identical on every rank
         model = detection.build_detector(spec, settings(cfg, len(train_split.class_names)))
@@ -291,7 +292,7 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
             report = loaded.to_dict()
             if s.ctx.is_main:
                 console.print(loaded.summary())
-                (s.out_dir / "load_report.json").write_text(json.dumps(report, indent=1) + "\n")
+                s.output("load_report.json").write_text(json.dumps(report, indent=1) + "\n")
         model.to(s.ctx.device)
         description = {"backbone": spec.to_dict(), "num_classes": len(train_split.class_names),
                        "class_names": train_split.class_names, "image_size": cfg.data.image_size,

@@ -1,23 +1,49 @@
 """`ldae export`: the encoder folded at fixed t, as a timm ViT state dict (an `encoder` checkpoint) or as a folder
-timm loads with `create_model("local-dir:DIR", pretrained=True)` (see pretrained.export_encoder / export_timm)."""
+timm loads with `create_model("local-dir:DIR", pretrained=True)` (see pretrained.export_encoder / export_timm).
+
+An export never eats its input or a run: --out may not be the checkpoint read, a file of a run, or a checkpoint
+of another kind; `--format timm --force` replaces only a folder `ldae export` wrote (its marker lists its files)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ldae_cli import rundir
+from ldae_cli.checkpoint import read_metadata
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import export_encoder, export_timm
-from ldae_cli.rundir import refuse_to_replace
+from ldae_cli.pretrained import TIMM_EXPORT_FILES, export_encoder, export_timm
 
 
 def main(ckpt: str, out: str, t: int, depth: int | None, ema: bool | None, force: bool = False,
          form: str = "ldae") -> Path:
+    target = Path(out)
     if form == "timm":
-        target = Path(out)
-        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-            raise LdaeError(f"{target} already exists; pick another --out, or add --force to replace the export")
-        return export_timm(ckpt, out, t, depth, ema)
+        return export_folder(ckpt, target, t, depth, ema, force)
     if form != "ldae":
         raise LdaeError(f"--format must be 'ldae' (one .safetensors checkpoint) or 'timm' (a folder), got {form!r}")
-    refuse_to_replace(Path(out), force, "exported encoder")
+    rundir.refuse_to_replace(target, force, "exported encoder", inputs=(Path(ckpt),))
+    if target.is_file():
+        try:
+            kind = read_metadata(target)["kind"]
+        except LdaeError:
+            kind = None
+        if kind not in (None, "encoder"):
+            raise LdaeError(f"{target} is a '{kind}' checkpoint; an export never replaces one; pick another --out")
     return export_encoder(ckpt, out, t, depth, ema)
+
+
+def export_folder(ckpt: str, target: Path, t: int, depth: int | None, ema: bool | None, force: bool) -> Path:
+    """The timm folder: a new folder, an empty one, or (with --force) one that `ldae export` wrote."""
+    if target.exists() and not target.is_dir():
+        raise LdaeError(f"{target} is a file; --format timm writes a folder, give a folder name")
+    if Path(ckpt).resolve().parent == target.resolve():
+        raise LdaeError(f"--out {target} holds the checkpoint being exported; pick another folder")
+    target.mkdir(parents=True, exist_ok=True)
+    lock = rundir.RunLock(target, "export")
+    lock.acquire()
+    try:
+        manifest = rundir.claim(target, "export", force, replaces=("export",))
+        manifest.add(*TIMM_EXPORT_FILES)
+        return export_timm(ckpt, target, t, depth, ema)
+    finally:
+        lock.release()

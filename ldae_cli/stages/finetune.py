@@ -196,7 +196,8 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
         raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
                         "(config keys model.ckpt / model.from_scratch)")
     name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
-    with session("finetune", "finetune", cfg, name, resume_ckpt, force) as s:
+    with session("finetune", "finetune", cfg, name, resume_ckpt, force, config_file=config_name,
+                 resumable=RESUMABLE) as s:
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -234,7 +235,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False, force: bool = False) -> Path:
+         ckpt: str | None = None, from_scratch: bool = False, force: bool = False, cont: bool = False) -> Path:
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
-    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE)
+    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont)
     return run(cfg, config, resume_ckpt, force)

@@ -40,13 +40,16 @@ def run(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False) -> t
     dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.pca.seed)
     console.print(f"fit-pca: {len(dataset):,} images from {cfg.data.source}, {cfg.pca.patches:,} patches of "
                   f"{cfg.pca.patch}x{cfg.pca.patch}x3 (D = {cfg.pca.patch ** 2 * 3})")
+    warning = pca.oversampling(len(dataset), dataset.size, cfg.pca)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     result = pca.fit(dataset, cfg.pca, cfg.data.on_bad_image, cfg.data.num_workers, show_progress)
     if result.skipped:
         console.print(f"skipped {result.skipped:,} unreadable image(s) (data.on_bad_image=skip)")
     pca.save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.image_size, cfg.data.source)
     config_file, filters_file = outputs(out)
     save_resolved(cfg, config_file)
-    filters = save_filters(result.basis, cfg.pca.patch, filters_file)
+    filters = save_filters(result.basis, cfg.pca.patch, filters_file, eigenvalues=result.eigenvalues, dim=cfg.pca.dim)
     console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
                   f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]")
     console.print(f"wrote {out} and {filters}")

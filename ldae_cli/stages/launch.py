@@ -28,5 +28,17 @@ def main(argv: list[str], local: bool, nodes: int, gpus_per_node: int, cpus_per_
                         "without SLURM use --local") from None
     console.print(f"submitted job {job.job_id}: ldae {' '.join(argv)}; logs in {job.paths.folder}")
     if wait:
-        console.print(f"job {job.job_id} finished; its run is {job.result()}")
+        console.print(f"job {job.job_id} finished; its run is {result(job, argv[0])}")
     return job.job_id
+
+
+def result(job, stage: str) -> str:
+    """The job's result; a failure is the stage's own one-line error (submitit wraps it in its traceback)."""
+    from submitit.core.utils import UncompletedJobError
+
+    try:
+        return job.result()
+    except UncompletedJobError as exc:
+        lines = [line for line in str(exc).splitlines() if "LdaeError: " in line]
+        reason = lines[-1].split("LdaeError: ", 1)[1] if lines else (str(exc).strip().splitlines() or ["?"])[-1]
+        raise LdaeError(f"job {job.job_id} ({stage}) failed: {reason} (log: {job.paths.stderr})") from None

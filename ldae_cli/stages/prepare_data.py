@@ -10,6 +10,7 @@ from ldae_cli import prepared
 from ldae_cli.config import load_config
 from ldae_cli.data import DataConfig
 from ldae_cli.errors import LdaeError
+from ldae_cli.reporting import console
 from ldae_cli.rundir import RunLock
 
 
@@ -30,7 +31,13 @@ class PrepareConfig:
             raise LdaeError(f"splits: a list of 'train' and/or 'eval', got {self.splits}")
 
 
-def main(config: str | None, overrides: list[str], flags: dict, force: bool = False) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict, force: bool = False, verify: str | None = None
+         ) -> Path:
+    if verify is not None:
+        checked = prepared.verify(Path(verify))
+        console.print(f"{verify}: every file matches its recorded sha256 ("
+                      + ", ".join(f"{name}: {n:,} images" for name, n in checked.items()) + ")")
+        return Path(verify)
     cfg = load_config(PrepareConfig, config, overrides, flags)
     if not cfg.out:
         raise LdaeError("prepare-data needs --out DIR, the folder to write the prepared dataset to")

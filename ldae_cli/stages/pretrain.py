@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
@@ -10,6 +10,7 @@ import torch
 
 from ldae_cli import engine_pretrain, pca
 from ldae_cli.data import DataConfig, build_dataset, to_unit_range
+from ldae_cli.sources import open_source
 from ldae_cli.plots import grid_tensor
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.distributed import barrier
@@ -17,7 +18,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig, build_model
 from ldae_cli.optim import OptimConfig
 from ldae_cli.reporting import console
-from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig
+from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig, online_subsets
 from ldae_cli.pretrained import Pretrained
 from ldae_cli.runs import RunConfig, Session, amp_dtype, load_run_config, session
 from ldae_cli.checkpoint import Checkpoint
@@ -49,12 +50,12 @@ class PretrainConfig:
                             f"patches, got {tc.fit_patches}")
 
 
-def configured_tokenizer(cfg: PretrainConfig, out_dir: Path, s: Session) -> tuple[Tokenizer, list[dict]]:
+def configured_tokenizer(cfg: PretrainConfig, s: Session) -> tuple[Tokenizer, list[dict]]:
     """The configured tokenizer; a PCA without tokenizer.path is fitted on the training data first."""
     tc = cfg.tokenizer
     path = tc.path
     if tc.kind == "pca" and not path:
-        path = out_dir / "pca.safetensors"
+        path = s.output("pca.safetensors")
         if s.ctx.is_main and not path.exists():
             settings = pca.PCASettings(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
             dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
@@ -66,13 +67,19 @@ def configured_tokenizer(cfg: PretrainConfig, out_dir: Path, s: Session) -> tupl
     return load_tokenizer(tc, path)
 
 
+RESUMABLE = ("optim.micro_batch", "online_probe.")
+
+
 def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint | None = None,
         force: bool = False) -> Path:
-    with session("pretrain", "pretrain", cfg, config_name, resume, force) as s:
+    with session("pretrain", "pretrain", cfg, config_name, resume, force, config_file=config_name,
+                 resumable=RESUMABLE) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after a PCA fit
+        if cfg.data.eval_split is not None:  # an evaluation split named explicitly must be there, from the start
+            open_source(cfg.data, "eval")
         torch.manual_seed(cfg.run.seed)  # model init: identical on every rank
         if resume is None:
-            tokenizer, parents = configured_tokenizer(cfg, s.out_dir, s)
+            tokenizer, parents = configured_tokenizer(cfg, s)
         else:  # the tokenizer the run trained with, from its own checkpoint: never refitted or swapped
             resume.require("tokenizer.kind")
             tokenizer = build_tokenizer(resume.extra["tokenizer"], resume.section("tokenizer"), resume.path)
@@ -106,10 +113,10 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
 
 
 def denoising_panel(online: OnlineProbe, images: int = 8) -> Callable[[object], dict[str, torch.Tensor]]:
-    """clean | noisy | denoised of the first eval-subset images, for the dashboard at each save."""
+    """clean | noisy | denoised of the first test-subset images, for the dashboard at each save."""
     def draw(trainer) -> dict[str, torch.Tensor]:
         pre = online.view(trainer)
-        items = [online.subset[i][0] for i in range(min(images, len(online.subset)))]
+        items = [online.test[i][0] for i in range(min(images, len(online.test)))]
         clean = to_unit_range(torch.stack(items)).to(trainer.device)
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             noisy, denoised = pre.denoise(clean, pre.timestep(), seed=0)
@@ -120,35 +127,32 @@ def denoising_panel(online: OnlineProbe, images: int = 8) -> Callable[[object], 
 
 def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, s: Session
                  ) -> OnlineProbe | None:
-    """The online probe on a fixed subset of the evaluation split, when there is a labelled one."""
+    """The online probe, when the dataset has labelled train and evaluation splits."""
     if not cfg.online_probe.enabled:
         return None
-    subset_cfg = replace(cfg.data, limit=cfg.online_probe.images, crop="center", hflip=False)
     try:
-        subset = build_dataset(subset_cfg, "eval", augment=False, seed=cfg.run.seed)
+        fit, test = online_subsets(cfg, s.ctx)
     except LdaeError as exc:
-        reason = str(exc)
-    else:
-        reason = "" if subset.num_classes >= 2 and len(subset) >= 4 else "it has no labelled images"
-    if reason:
         if s.ctx.is_main:
-            console.print(f"online probe off: no usable evaluation split ({reason}); set online_probe.enabled=false "
-                          "to silence this")
+            console.print(f"online probe off: no usable labelled train and evaluation splits ({exc}); set "
+                          "online_probe.enabled=false to silence this")
         return None
 
     def view(trainer) -> Pretrained:  # the weights the offline probe would read: the EMA when the run keeps one
         weights = trainer.ema.module if trainer.ema is not None else model
         return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
 
-    return OnlineProbe(cfg.online_probe, view, subset, amp_dtype(cfg.run.precision, s.ctx.device), cfg.run.seed,
-                       cfg.data.num_workers)
+    probe = OnlineProbe(cfg.online_probe, view, fit, test, amp_dtype(cfg.run.precision, s.ctx.device), cfg.run.seed,
+                        cfg.data.num_workers)
+    if s.ctx.is_main:
+        console.print(probe.title())
+    return probe
 
 
-def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False
-         ) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False,
+         cont: bool = False) -> Path:
     if config is None and resume is None:
         raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
                         "or --resume RUN_DIR")
-    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume,
-                                ("optim.micro_batch", "online_probe."))
+    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, RESUMABLE, cont)
     return run(cfg, config, ckpt, force)

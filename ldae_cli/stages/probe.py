@@ -22,8 +22,9 @@ from ldae_cli.checkpoint import Checkpoint, read_metadata
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_pretrained, pixel_features
+from ldae_cli.plots import save_probe_chart
 from ldae_cli.reporting import console
-from ldae_cli.config import load_config, require
+from ldae_cli.config import require
 from ldae_cli.runs import RunConfig, amp_dtype, load_run_config, session, verified_parent
 
 RESUMABLE = ("probe.extract_batch",)
@@ -109,7 +110,7 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
     name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
                            else (Path(ckpt).parent.name if ckpt else "probe"))
-    with session("probe", "probe", cfg, name, resume, force) as s:
+    with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
         encoder = build_encoder(cfg, ckpt, random_init, s.ctx.device)
         train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
         eval_ds = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -127,16 +128,23 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
             console.print(f"best head * is chosen on the {cfg.data.split_name('eval')} split; wrote "
                           f"{s.out_dir / 'results.json'} and {s.checkpoint}")
 
-        return engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
+        results = engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
+        if results and s.ctx.is_main:  # {} when stopped early
+            save_probe_chart(results, s.output("results.png"))
+        return results
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, random_init: bool = False, force: bool = False) -> dict:
-    if resume is None:
-        cfg = load_config(ProbeConfig, config, overrides, flags, base=default_config(ckpt))
-        return run(cfg, ckpt, random_init, Path(config).stem if config else None, force=force)
-    cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE)
+         ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False) -> dict:
+    name = Path(config).stem if config else None
+    base = default_config(ckpt) if resume is None else None
+    cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont, base)
+    if resume_ckpt is None:
+        return run(cfg, ckpt, random_init, name, force=force)
     resume_ckpt.require("random_init")
+    if cont and bool(resume_ckpt.extra["random_init"]) != random_init:
+        raise LdaeError(f"--continue: {resume_ckpt.path.parent} holds a probe "
+                        f"{'with' if resume_ckpt.extra['random_init'] else 'without'} --random-init; pick another --out")
     if cfg.probe.features == "encoder":
         ckpt = verified_parent(resume_ckpt, "pretrain", ckpt)
-    return run(cfg, ckpt, resume_ckpt.extra["random_init"], Path(config).stem if config else None, resume_ckpt)
+    return run(cfg, ckpt, resume_ckpt.extra["random_init"], name, resume_ckpt)

@@ -27,8 +27,11 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.optim import OptimConfig
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.reporting import console
-from ldae_cli.runs import RunConfig, load_run_config, session
+from ldae_cli.runs import RunConfig, Session, load_run_config, session
 from ldae_cli.tokenizers import PCATokenizer
+
+
+RESUMABLE = ("optim.micro_batch",)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def latent_statistics(net: Autoencoder, dataset: ImageDataset, count: int, seed:
 
 @torch.no_grad()
 def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset,
-                          eval_set: ImageDataset, out_dir: Path) -> dict:
+                          eval_set: ImageDataset, session: Session) -> dict:
     """Test PSNR of the tokenizer (and of the same-size PCA), reconstructions.png and report.json."""
     device = next(net.parameters()).device
     grid = net.grid(eval_set.size)
@@ -124,19 +127,20 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     if reference is not None:
         report["pca_psnr"] = round(float(torch.cat(scores["pca"]).mean()), 3)
         titles.append(f"pca d={net.token_dim}")
-    save_grid(shown, out_dir / "reconstructions.png", upscale=max(1, 96 // eval_set.size), titles=titles)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    save_grid(shown, session.output("reconstructions.png"), upscale=max(1, 96 // eval_set.size), titles=titles)
+    session.output("report.json").write_text(json.dumps(report, indent=2) + "\n")
     line = f"held-out PSNR ({report['images']} {report['split']} images): {kind} [bold]{report['psnr']:.2f} dB[/bold]"
     if reference is not None:
         line += f", PCA p={net.patch} d={net.token_dim} {report['pca_psnr']:.2f} dB"
     console.print(line)
-    console.print(f"wrote {out_dir / 'reconstructions.png'} and {out_dir / 'report.json'}")
+    console.print(f"wrote {session.out_dir / 'reconstructions.png'} and {session.out_dir / 'report.json'}")
     return report
 
 
 def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
         force: bool = False) -> Path:
-    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt, force) as s:
+    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt, force, config_file=config_name,
+                 resumable=RESUMABLE) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after data is read
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
@@ -157,7 +161,7 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
                                           cfg.data.num_workers, cfg.data.on_bad_image)
-            report = reconstruction_report(trained, cfg, plain, eval_set, s.out_dir)
+            report = reconstruction_report(trained, cfg, plain, eval_set, s)
             return {"stats.mean": mean, "stats.std": std}, {"report": report}
 
         description = {"tokenizer": net.spec, "image_size": cfg.data.image_size, "dataset": cfg.data.source}
@@ -166,9 +170,8 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
 
 
 def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, cont: bool = False) -> Path:
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
-    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume,
-                                ("optim.micro_batch",))
+    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont)
     return run(cfg, config, ckpt, force)
