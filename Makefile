@@ -40,43 +40,38 @@ demo: env data $(DEMO)/probe/results.json $(DEMO)/probe-random-init/results.json
 		"tokenizer/reconstructions.png, finetune/accuracy.png, detect/eval.json)"
 
 $(DEMO)/denoise.png: $(DEMO)/pretrain/done
-	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise \
-		--out $@ --force
+	rm -f $@
+	$(BIN)/ldae denoise --ckpt $(DEMO)/pretrain/checkpoint.safetensors --samples 512 --compare-pixel-noise --out $@
 
-# A run that stopped before its first checkpoint has nothing to resume: it starts again (--force replaces what
-# it left; nothing else is ever in these directories).
+# --continue starts a run, or continues it where it stopped (a run stopped before its first checkpoint starts
+# again); nothing is ever replaced with --force.
 $(DEMO)/pca.safetensors: | env data
 	$(BIN)/ldae fit-pca --config demo/fmnist-pca.yaml --out $@
 
 $(DEMO)/pretrain/done: $(DEMO)/pca.safetensors
-	if [ -f $(DEMO)/pretrain/checkpoint.safetensors ]; then $(BIN)/ldae pretrain --resume $(DEMO)/pretrain; \
-	else $(BIN)/ldae pretrain --config demo/fmnist.yaml --out $(DEMO)/pretrain --force \
-		--set tokenizer.path=$(DEMO)/pca.safetensors; fi
+	$(BIN)/ldae pretrain --config demo/fmnist.yaml --out $(DEMO)/pretrain --continue \
+		--set tokenizer.path=$(DEMO)/pca.safetensors
 	touch $@
 
 $(DEMO)/probe/results.json: $(DEMO)/pretrain/done
 	rm -rf $(DEMO)/probe
 	$(BIN)/ldae probe --ckpt $(DEMO)/pretrain/checkpoint.safetensors --config probe/small-fast.yaml --out $(DEMO)/probe
 
-# train-tokenizer, finetune and detect resume an interrupted run the same way pretrain does
 $(DEMO)/tokenizer/done: | env data
-	if [ -f $(DEMO)/tokenizer/checkpoint.safetensors ]; then $(BIN)/ldae train-tokenizer --resume $(DEMO)/tokenizer; \
-	else $(BIN)/ldae train-tokenizer --config demo/fmnist-patch-ae.yaml --out $(DEMO)/tokenizer --force; fi
+	$(BIN)/ldae train-tokenizer --config demo/fmnist-patch-ae.yaml --out $(DEMO)/tokenizer --continue
 	touch $@
 
 $(DEMO)/finetune/done: $(DEMO)/pretrain/done
-	if [ -f $(DEMO)/finetune/checkpoint.safetensors ]; then $(BIN)/ldae finetune --resume $(DEMO)/finetune; \
-	else $(BIN)/ldae finetune --config demo/fmnist-finetune.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
-		--out $(DEMO)/finetune --force; fi
+	$(BIN)/ldae finetune --config demo/fmnist-finetune.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
+		--out $(DEMO)/finetune --continue
 	touch $@
 
 # COCO transfer needs COCO-layout data: the mini set beside this checkout when there is one
 $(DEMO)/detect/done: $(DEMO)/pretrain/done
 	if [ ! -f $(COCO_MINI) ]; then echo "detect: skipped, no $(COCO_MINI)"; \
 	else mkdir -p $(DEMO) && tar xzf $(COCO_MINI) -C $(DEMO) && \
-		if [ -f $(DEMO)/detect/checkpoint.safetensors ]; then $(BIN)/ldae detect --resume $(DEMO)/detect; \
-		else $(BIN)/ldae detect --config demo/coco-mini-detect.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
-			--data $(DEMO)/coco-mini --out $(DEMO)/detect --force; fi && touch $@; fi
+		$(BIN)/ldae detect --config demo/coco-mini-detect.yaml --ckpt $(DEMO)/pretrain/checkpoint.safetensors \
+			--data $(DEMO)/coco-mini --out $(DEMO)/detect --continue && touch $@; fi
 
 $(DEMO)/probe-random-init/results.json: $(DEMO)/pretrain/done
 	rm -rf $(DEMO)/probe-random-init
