@@ -23,20 +23,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError, short
-from ldae_cli.sources import ImageSource, decode, open_source
+from ldae_cli.reporting import console
+from ldae_cli.sources import ImageSource, decode, detect, eval_split_of, median_short_side, open_source, resolve_path
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-Source = Literal["fashion-mnist", "cifar10", "imagefolder", "images"]
+Source = Literal["auto", "fashion-mnist", "cifar10", "imagefolder", "images"]
 
 
 @dataclass
 class DataConfig:
-    source: Source = "fashion-mnist"
+    # auto: what data.path holds (a prepared dataset, IDX files, a class tree, a folder or archive of images; no
+    # path: the default Fashion-MNIST), detected when a run starts and stored in its config as the kind found
+    source: Source = "auto"
     path: Optional[str] = None  # None: the source's default location (see `default_locations`)
     train_split: str = "train"
-    eval_split: Optional[str] = None  # None: 'test' for fashion-mnist/cifar10, 'val' for imagefolder
+    # None: 'test' for fashion-mnist/cifar10; for a class tree the first of val, validation, test it has
+    eval_split: Optional[str] = None
     image_size: int = 32
     crop: Literal["center", "random-resized"] = "center"
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
@@ -61,6 +65,28 @@ class DataConfig:
         if self.decode == "gpu" and self.crop != "center":
             raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
                             "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
+
+    def resolve(self) -> list[str]:
+        """Settle what a new run reads, before any work: the source kind (auto), a class tree's evaluation split,
+        DataLoader workers capped to the machine's cores. Returns what to tell the user."""
+        notes = []
+        if self.source == "auto":
+            found = detect(self.path, self.train_split)
+            self.source, notes = found.source, found.notes
+            if self.eval_split is None:
+                self.eval_split = found.eval_split
+        elif self.source == "imagefolder" and self.eval_split is None:
+            try:
+                found = eval_split_of(resolve_path(self))
+            except LdaeError:
+                found = None  # a missing dataset is reported, with its fix, where it is opened
+            if found is not None and found.eval_split is not None:
+                self.eval_split, notes = found.eval_split, found.notes
+        cores = os.cpu_count() or 1
+        if self.num_workers > cores:
+            notes.append(f"data: {self.num_workers} DataLoader workers capped to this machine's {cores} cores")
+            self.num_workers = cores
+        return notes
 
     def split_name(self, split: str) -> str:
         if split == "train":
@@ -366,6 +392,23 @@ class BadImageCounter:
         return batch
 
 
+_warned_upsampling: set = set()
+
+
+def warn_upsampling(cfg: DataConfig, source: ImageSource, size: int) -> None:
+    """Say it out loud (once per dataset and size) when data.image_size is above the images' own resolution: every
+    image is then upsampled, and its patches carry fewer dimensions than p*p*3."""
+    key = (cfg.source, str(cfg.path), size)
+    if key in _warned_upsampling:
+        return
+    _warned_upsampling.add(key)
+    native = median_short_side(source)
+    if native is not None and size > native:
+        console.print(f"[yellow]warning:[/yellow] data.image_size {size} is above the images' own resolution (median "
+                      f"short side {native} over a sample of {min(64, len(source))}): every image is upsampled "
+                      f"{size / native:.3g}x; set data.image_size={native} to train at native resolution")
+
+
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
                   size: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None,
                   training_stream: bool = False) -> ImageDataset:
@@ -386,6 +429,8 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     if stored is not None and stored < ds.size:
         raise LdaeError(f"{cfg.path}: prepared at {stored}x{stored}, smaller than data.image_size {ds.size}; prepare "
                         f"it again with --image-size {ds.size}")
+    if split == "train" and stored is None:
+        warn_upsampling(cfg, source, ds.size)
     if ds.deterministic and cfg.cache != "never" and stored is None and not encoded:  # prepared: its own cache
         nbytes = len(ds) * 3 * ds.size * ds.size
         if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:
@@ -401,6 +446,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def largest_batch(n: int, multiple: int) -> int:
+    """The largest power-of-two batch (a multiple of `multiple`) that `n` images fill, for error messages."""
+    batch = multiple
+    while batch * 2 <= n:
+        batch *= 2
+    return batch
+
+
 class StepBatches:
     """Yields, for each optimizer step from `start_step`, this rank's micro-batches of (index, aug_seed).
 
@@ -410,13 +463,13 @@ class StepBatches:
     """
 
     def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1,
-                 start_step: int = 0, total_steps: int | None = None):
+                 start_step: int = 0, total_steps: int | None = None, key: str = "optim.batch_size"):
         if global_batch % (world * accum):
             raise LdaeError(f"global batch {global_batch} is not divisible by ranks ({world}) x accumulation "
                             f"steps ({accum})")
         if n < global_batch:
-            raise LdaeError(f"dataset has {n} images, fewer than one global batch of {global_batch}; lower "
-                            "optim.batch_size")
+            raise LdaeError(f"the training data has {n:,} images, fewer than one global batch of {global_batch:,}; "
+                            f"lower {key} (e.g. --set {key}={largest_batch(n, world * accum)}) or add images")
         self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, global_batch, seed, rank, world, accum
         self.steps_per_epoch = n // global_batch
         self.start_step = start_step

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Callable
 
 from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.reporting import console
@@ -44,11 +45,12 @@ def check(argv: list[str]) -> None:
 
 
 class LdaeJob:
-    """What submitit runs in every task: the ldae command with --continue (start, or continue the same run)."""
+    """What submitit runs in every task: the ldae command with --continue (start, or continue the same run), through
+    `runner` (the CLI's in-process entry point; submitit pickles it by reference)."""
 
-    def __init__(self, argv: list[str]):
+    def __init__(self, argv: list[str], runner: Callable[[list[str]], None]):
         check(argv)
-        self.argv = list(argv)
+        self.argv, self.runner = list(argv), runner
 
     def command(self) -> list[str]:
         return [*self.argv, "--continue"]
@@ -56,13 +58,11 @@ class LdaeJob:
     def __call__(self) -> str:
         import submitit
 
-        from ldae_cli.cli import run_in_process
-
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ[PREEMPTIBLE] = "1"
         try:
-            run_in_process(self.command())
+            self.runner(self.command())
         except Interrupted as exc:
             if exc.signal_name != "SIGUSR2":
                 raise
@@ -74,15 +74,15 @@ class LdaeJob:
         """Called by submitit on preemption or timeout: the same job again (it resumes by itself)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(LdaeJob(self.argv))
+        return submitit.helpers.DelayedSubmission(LdaeJob(self.argv, self.runner))
 
 
-def submit(argv: list[str], local: bool, nodes: int, gpus_per_node: int, cpus_per_task: int, partition: str | None,
-           time_min: int, folder: Path, extra: dict):
-    """Submit `ldae <argv>` as a job; returns the submitit job."""
+def submit(argv: list[str], runner: Callable[[list[str]], None], local: bool, nodes: int, gpus_per_node: int,
+           cpus_per_task: int, partition: str | None, time_min: int, folder: Path, extra: dict):
+    """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job."""
     import submitit
 
-    job = LdaeJob(argv)
+    job = LdaeJob(argv, runner)
     executor = submitit.LocalExecutor(folder=str(folder)) if local else \
         submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     params = dict(timeout_min=time_min, nodes=nodes, tasks_per_node=max(1, gpus_per_node),

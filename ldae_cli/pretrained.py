@@ -290,6 +290,26 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                     module.bias.zero_()
 
 
+def vit_features(vit: VisionTransformer, kwargs: dict, source: Checkpoint, device: torch.device,
+                 amp: torch.dtype | None, random_init_seed: int | None = None) -> FeatureEncoder:
+    """An exported encoder (a plain timm ViT, its t folded in) as a frozen, average-pooled feature extractor;
+    `random_init_seed`: the same ViT freshly initialised by timm (the untrained baseline)."""
+    if random_init_seed is not None:
+        torch.manual_seed(random_init_seed)
+        vit = build_timm_vit(kwargs)
+    net = vit.to(device).eval().requires_grad_(False)
+    description = ("random-init ViT (same architecture, untrained)" if random_init_seed is not None else
+                   f"exported encoder {source.path}") + f", {kwargs['depth']} blocks"
+    role = "pretrain" if source.kind == "pretrain" else "encoder"
+
+    @torch.no_grad()
+    def features(images: torch.Tensor, seed: int) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return net(to_unit_range(images)).float()
+
+    return FeatureEncoder(features, kwargs["embed_dim"], description, [source.parent_ref(role)])
+
+
 def pixel_features(image_size: int) -> FeatureEncoder:
     """The raw-image baseline: every pixel in [-1, 1] is a feature."""
     return FeatureEncoder(lambda images, seed: to_unit_range(images).flatten(1), 3 * image_size ** 2, "raw pixels",

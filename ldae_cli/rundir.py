@@ -245,28 +245,22 @@ def listing(names: list[str] | set[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def claim(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
-          replaces: tuple[str, ...] | None = None, kind: str = "run's") -> Manifest:
-    """Make `path` (locked by us, existing) ready for a new run or output folder and return its manifest.
-
-    An empty folder (but for `keep`, e.g. the user's config file that --config named) is marked as ours. A
-    folder of ours (marker) whose `restartable(path)` says it holds the same run, killed before its first
-    checkpoint, is cleared of our files and started again. Anything else needs --force, which removes only
-    our files and refuses when the folder holds any other. `replaces`: the commands whose folders --force may
-    replace (default: the training stages'), so that an export never replaces a run, nor a run a dataset."""
+def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
+           replaces: tuple[str, ...] | None = None, kind: str = "run's") -> tuple[str, list[str]]:
+    """What a new start in the existing folder `path` does, without touching it: ("empty" | "restart" | "replace",
+    our entries it removes); refusals are raised. See `claim`."""
     names = [n for n in entries(path) if n not in keep]
     manifest = Manifest.read(path)
     if not names:
-        return Manifest.create(path, command)
+        return "empty", []
     if manifest is not None:
         ours, foreign = [n for n in names if n in manifest.files], [n for n in names if n not in manifest.files]
         written_by = str(manifest.data.get("command", "")).removeprefix("ldae ")
+        if not foreign and restartable is not None and restartable(path):
+            return "restart", ours
         if force and written_by not in (replaces or TRAINING_COMMANDS):
             raise LdaeError(f"{path} holds what `ldae {written_by}` wrote; `ldae {command} --force` does not replace "
                             "it; pick another --out")
-        if not foreign and restartable is not None and restartable(path):
-            clear(path, ours, manifest)
-            return manifest
     else:
         legacy = legacy_run(path, names) and command in TRAINING_COMMANDS
         ours, foreign = (names, []) if legacy else ([], names)
@@ -282,6 +276,23 @@ def claim(path: Path, command: str, force: bool, keep: set[str] = frozenset(), r
     if foreign:
         raise LdaeError(f"--force replaces only what ldae wrote, and {path} also holds {listing(foreign)}, which ldae "
                         "did not write; move them away or pick another --out")
+    return "replace", ours
+
+
+def claim(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
+          replaces: tuple[str, ...] | None = None, kind: str = "run's") -> Manifest:
+    """Make `path` (locked by us, existing) ready for a new run or output folder and return its manifest.
+
+    An empty folder (but for `keep`, e.g. the user's config file that --config named) is marked as ours. A
+    folder of ours (marker) whose `restartable(path)` says it holds the same run, killed before its first
+    checkpoint, is cleared of our files and started again. Anything else needs --force, which removes only
+    our files and refuses when the folder holds any other. `replaces`: the commands whose folders --force may
+    replace (default: the training stages'), so that an export never replaces a run, nor a run a dataset."""
+    action, ours = decide(path, command, force, keep, restartable, replaces, kind)
+    if action == "restart":
+        manifest = Manifest.read(path)
+        clear(path, ours, manifest)
+        return manifest
     for name in ours:
         remove_entry(path / name)
     return Manifest.create(path, command)

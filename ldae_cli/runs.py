@@ -11,6 +11,7 @@ directory, when it made it); the same command starts again a run killed before i
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -21,6 +22,8 @@ import yaml
 from ldae_cli import rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.data import DataConfig
+from ldae_cli.sources import detect
 from ldae_cli.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.reporting import console, note_kept
@@ -109,20 +112,41 @@ def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -
 
 def load_run_config(cls: type, kind: str, config: str | None, overrides: list[str], flags: dict[str, Any],
                     resume: str | None, resumable: tuple[str, ...] = (), cont: bool = False,
-                    base: dict | None = None) -> tuple[Any, Checkpoint | None]:
+                    base: dict | None = None, adjust: Callable[[Any], None] | None = None
+                    ) -> tuple[Any, Checkpoint | None]:
     """The config to run and, with --resume, the run's checkpoint: its stored recipe, of which only the
     RESUMABLE keys (and the stage's `resumable` ones) may change. With --continue (`cont`), the config of the
-    command line, and the checkpoint in its --out when there is one, which must hold that same recipe."""
+    command line, and the checkpoint in its --out when there is one, which must hold that same recipe. A new run's
+    config: defaults < `base` (e.g. the checkpoint a probe reads) < config file < flags < --set, its data resolved."""
     if resume is not None and cont:
         raise LdaeError("--resume continues a run directory and --continue starts or continues the run in --out; "
                         "give one of them")
     if resume is None:
         cfg = load_config(cls, config, overrides, flags, base=base)
+        resolve_data(cfg)
+        if adjust is not None:  # settings a new run takes from the files it names (e.g. a PCA's patch size)
+            adjust(cfg)
         return cfg, (continued(cls, kind, cfg, RESUMABLE + resumable) if cont else None)
     ckpt = load_resumable(resume_path(resume), kind, cls)
     cfg = load_config(cls, config, overrides, flags, base=resume_base(ckpt.config))
+    resolve_data(cfg, resuming=True)
     check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE + resumable)
     return cfg, ckpt
+
+
+def resolve_data(cfg: Any, resuming: bool = False) -> None:
+    """A new run's data settled before any work (DataConfig.resolve), what was found said on one rank. A resumed
+    run keeps its stored settings: only a --data given again is looked at, for its kind."""
+    data = getattr(cfg, "data", None)
+    if not isinstance(data, DataConfig):
+        return
+    if resuming:
+        if data.source == "auto":
+            data.source = detect(data.path, data.train_split).source
+        return
+    for note in data.resolve():
+        if os.environ.get("RANK", "0") == "0":
+            console.print(note)
 
 
 def load_resumable(path: Path, kind: str, cls: type) -> Checkpoint:

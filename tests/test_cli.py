@@ -47,7 +47,8 @@ def test_fit_pca_help_shows_its_options():
 def test_help_shows_the_defaults_it_names():
     # rich reads "[default: ...]" inside a help text as markup and drops it; the text must survive
     out = " ".join(run_cli("denoise", "-h").stdout.split())
-    assert "(default: the newest under runs/)" in out and "(default: if present)" in out
+    assert "(default: the newest pretrain checkpoint anywhere under runs/)" in out and "(default: if present)" in out
+    assert "(default: 0)" in out and "[default:" not in out  # one style for literal and config-backed defaults
     assert "(default: 16)" in " ".join(run_cli("fit-pca", "-h").stdout.split())
 
 
@@ -116,10 +117,10 @@ def test_unexpected_exception_is_one_line_and_debug_reraises(run_main, monkeypat
     def boom(cfg, show_progress=True, force=False):
         raise RuntimeError("internal failure [x]\nsecond line")
     monkeypatch.setattr(fit_pca, "run", boom)
-    res = run_main("fit-pca", "--patch", "4", "--dim", "4")
+    res = run_main("fit-pca", "--patch", "4", "--dim", "4", "--source", "imagefolder")
     assert_one_line_error(res, "RuntimeError", "internal failure [x]", "--debug")
     with pytest.raises(RuntimeError):
-        run_main("--debug", "fit-pca", "--patch", "4", "--dim", "4")
+        run_main("--debug", "fit-pca", "--patch", "4", "--dim", "4", "--source", "imagefolder")
 
 
 @pytest.mark.parametrize("name", ["train-tokenizer", "probe", "finetune", "detect"])

@@ -66,7 +66,7 @@ def test_errors(models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     img = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(img)
-    with pytest.raises(LdaeError, match="no pretrain checkpoint found under runs/pretrain"):
+    with pytest.raises(LdaeError, match="no pretrain checkpoint found under runs/"):
         stage.main([str(img)])
     with pytest.raises(LdaeError, match="either --t or --sigma"):
         stage.main([str(img)], ckpt=str(models["x0"]), t=10, sigma=0.5)

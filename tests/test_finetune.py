@@ -106,7 +106,7 @@ def test_presets_carry_the_papers_numbers():
 
 def test_layer_decay_gives_block_i_scale_decay_to_depth_plus_1_minus_layer_id(halves, tmp_path):
     cfg = config(halves, tmp_path, from_scratch=True, **{"model.arch.depth": 3})
-    model, kwargs, _, _ = stage.build_network(cfg, 2)
+    model, kwargs, _, _ = stage.build_network(cfg, 2, stage.vit_arch(cfg))
     depth, decay = kwargs["depth"], 0.8
     groups = layer_decay_groups(model, 0.05, decay)
     name_of = {id(p): n for n, p in model.named_parameters()}
@@ -191,7 +191,7 @@ def test_randaugment_is_keyed_by_the_sample_seed():
 
 def test_network_from_a_pretrain_checkpoint_is_the_folded_encoder(halves, pretrain_ckpt, tmp_path):
     cfg = config(halves, tmp_path, ckpt=str(pretrain_ckpt))
-    model, kwargs, parents, init = stage.build_network(cfg, 2)
+    model, kwargs, parents, init = stage.build_network(cfg, 2, stage.vit_arch(cfg))
     encoder, enc_kwargs, source = load_encoder(pretrain_ckpt)
     assert kwargs["depth"] == enc_kwargs["depth"] == 2 and kwargs["num_classes"] == 2
     assert parents == [source.parent_ref("init")] and not init["from_scratch"] and init["t"] == 10
@@ -205,14 +205,14 @@ def test_network_from_a_pretrain_checkpoint_is_the_folded_encoder(halves, pretra
     assert model.head.weight.std() < 1e-4 and torch.equal(model.head.bias, torch.zeros(2))
 
     scratch_cfg = config(halves, tmp_path, ckpt=str(pretrain_ckpt), from_scratch=True)
-    scratch, scratch_kwargs, scratch_parents, _ = stage.build_network(scratch_cfg, 2)
+    scratch, scratch_kwargs, scratch_parents, _ = stage.build_network(scratch_cfg, 2, stage.vit_arch(scratch_cfg))
     assert scratch_kwargs == kwargs and scratch_parents[0]["role"] == "architecture"
     assert torch.equal(scratch.pos_embed, model.pos_embed)  # the fixed sin-cos table both start from
     assert torch.equal(scratch.pos_embed[0], sincos_2d(32, (4, 4)))
     assert not torch.allclose(scratch.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
     with pytest.raises(LdaeError, match="data.image_size=16"):
-        stage.build_network(config(halves, tmp_path, ckpt=str(pretrain_ckpt), **{"data.image_size": 32}), 2)
+        stage.vit_arch(config(halves, tmp_path, ckpt=str(pretrain_ckpt), **{"data.image_size": 32}))
 
 
 def test_tiny_run_learns_and_writes_its_records(run_main, halves, tmp_path):

@@ -192,8 +192,9 @@ def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, ru
 
 def test_launch_never_forces_and_runs_its_command_with_continue():
     from ldae_cli import launch
+    from ldae_cli.cli import run_in_process
 
-    job = launch.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"])
+    job = launch.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"], run_in_process)
     assert job.command() == ["pretrain", "--config", "final.yaml", "--out", "runs/x", "--continue"]
     with pytest.raises(LdaeError, match="without --continue"):
         launch.check(["pretrain", "--out", "runs/x", "--continue"])
@@ -372,7 +373,7 @@ RANGES = [
     ({"optim.epochs": ".nan"}, "optim.epochs: expected a finite number"),
     ({"optim.epochs": ".inf"}, "optim.epochs: expected a finite number"),
     ({"run.seed": 2 ** 31}, "run.seed must lie in 0 ... 2147483647"),
-    ({"data.eval_split": "nope"}, "no 'nope' folder"),
+    ({"data.eval_split": "nope"}, "no 'nope' split"),
 ]
 
 

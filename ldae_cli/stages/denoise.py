@@ -21,18 +21,33 @@ from ldae_cli.imagefiles import collect_images
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.pretrained import Pretrained, load_pretrained
 from ldae_cli.reporting import console
-from ldae_cli.rundir import refuse_to_replace
+from ldae_cli.checkpoint import read_metadata
+from ldae_cli.rundir import CHECKPOINT, refuse_to_replace
 
 RUNS = Path("runs")
 BATCH = 16
 
 
 def newest_checkpoint(root: Path = RUNS) -> Path:
-    found = sorted((root / "pretrain").glob("*/checkpoint.safetensors"), key=lambda p: p.stat().st_mtime)
+    """The newest pretrain checkpoint anywhere under `root` (runs/pretrain, a study's runs, runs/demo, ...)."""
+    def pretrain(path: Path) -> bool:
+        try:
+            return read_metadata(path)["kind"] == "pretrain"
+        except LdaeError:
+            return False
+
+    found = sorted((p for p in root.rglob(CHECKPOINT) if pretrain(p)), key=lambda p: p.stat().st_mtime) \
+        if root.is_dir() else []
     if not found:
-        raise LdaeError(f"no pretrain checkpoint found under {root / 'pretrain'}; pass --ckpt FILE or train one "
-                        "with `ldae pretrain --config demo/fmnist.yaml`")
+        raise LdaeError(f"no pretrain checkpoint found under {root}/; pass --ckpt FILE or train one with "
+                        "`ldae pretrain --config demo/fmnist.yaml`")
     return found[-1]
+
+
+def run_name(pre: Pretrained) -> str:
+    """The folder of runs/denoise/ a checkpoint's panels go to: its run directory's name (or the file's stem)."""
+    path = pre.ckpt.path
+    return path.parent.name if path.name == CHECKPOINT else path.stem
 
 
 def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
@@ -40,13 +55,13 @@ def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
     return images + sigma * torch.randn(images.shape, generator=gen).to(images.device)
 
 
-def output_paths(out: str | None, files: list[Path]) -> list[Path]:
+def output_paths(out: str | None, files: list[Path], run: str) -> list[Path]:
     """One panel per image: --out itself for a single image and a .png --out, else <stem>-denoised.png in --out
-    (default runs/denoise). Images whose stems collide (a/x.jpg, b/x.jpg, x.png) are named by their path from
-    the folder they share, so no panel overwrites another."""
+    (default runs/denoise/<run>, so two checkpoints never share one). Images whose stems collide (a/x.jpg,
+    b/x.jpg, x.png) are named by their path from the folder they share, so no panel overwrites another."""
     if out and len(files) == 1 and out.lower().endswith(".png"):
         return [Path(out)]
-    folder = Path(out) if out else RUNS / "denoise"
+    folder = Path(out) if out else RUNS / "denoise" / run
     stems = [f.stem for f in files]
     clashing = [f.resolve() for f in files if stems.count(f.stem) > 1]
     common = Path(os.path.commonpath(clashing)) if clashing else None
@@ -62,7 +77,7 @@ def output_paths(out: str | None, files: list[Path]) -> list[Path]:
 def samples_path(out: str | None, pre: Pretrained, step: int) -> Path:
     if out and out.lower().endswith(".png"):
         return Path(out)
-    return (Path(out) if out else RUNS / "denoise") / f"{pre.ckpt.path.parent.name}-samples-t{step}.png"
+    return (Path(out) if out else RUNS / "denoise" / run_name(pre)) / f"samples-t{step}.png"
 
 
 def _prepare(ckpt: str | None, ema: bool | None, device: str, t: int | None, sigma: float | None):
@@ -89,7 +104,8 @@ def _row(clean, noisy, denoised, extra, i):
 
 def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | None = None,
          sigma: float | None = None, seed: int = 0, out: str | None = None, compare_pixel_noise: bool = False,
-         ema: bool | None = None, device: str = "auto", samples: int | None = None, force: bool = False) -> list[Path]:
+         ema: bool | None = None, device: str = "auto", samples: int | None = None, force: bool = False,
+         eval_split: str | None = None) -> list[Path]:
     """Panels for the given images, or (samples=N) for N eval images of the checkpoint's dataset with mean PSNR."""
     if not inputs and not samples:
         raise LdaeError("give images or folders to denoise, or --samples N to take N images from the "
@@ -100,7 +116,9 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
         raise LdaeError(f"--sigma is a noise level, a finite number above 0 (e.g. 0.577), got {sigma}")
     files = collect_images(inputs or [])
     pre, dev, step, level = _prepare(ckpt, ema, device, t, sigma)
-    targets = output_paths(out, files)
+    if eval_split is not None:
+        pre.data.eval_split = eval_split
+    targets = output_paths(out, files, run_name(pre))
     panel = samples_path(out, pre, step) if samples else None
     if panel is not None and panel in targets:
         raise LdaeError(f"--out {out} cannot hold both the panel of {files[0]} and the --samples panel; give a folder")
@@ -136,6 +154,8 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
     data_cfg = pre.data
     data_cfg.limit, data_cfg.cache = count, "never"
     dataset = build_dataset(data_cfg, "eval", augment=False, seed=seed)
+    split = "training images: this unlabelled dataset has no evaluation split" if data_cfg.source == "images" \
+        else f"the '{data_cfg.split_name('eval')}' split"
     totals, rows = torch.zeros(2), []
     # panel rows spread over the (class-sorted) subset so that several classes show
     picked = set(torch.linspace(0, len(dataset) - 1, min(shown, len(dataset))).round().long().tolist())
@@ -152,7 +172,7 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
         rows += [_row(clean, noisy, denoised, extra, i) for i, j in enumerate(idx) if j in picked]
     mean_noisy, mean_denoised = (totals / len(dataset)).tolist()
     save_grid(rows, path, upscale=upscale, titles=titles)
-    console.print(f"{len(dataset)} {data_cfg.split_name('eval')} images, sigma {level:.3f}: mean PSNR noisy "
+    console.print(f"{len(dataset)} images ({split}), sigma {level:.3f}: mean PSNR noisy "
                   f"{mean_noisy:.2f} dB -> denoised {mean_denoised:.2f} dB ({mean_denoised - mean_noisy:+.2f}); "
                   f"panel of {len(rows)}: {path}")
     return path

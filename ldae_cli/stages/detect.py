@@ -30,7 +30,9 @@ from ldae_cli.optim import accumulation
 from ldae_cli.pretrained import DEFAULT_T, load_encoder
 from ldae_cli.reporting import console
 from ldae_cli.rundir import refuse_to_replace
-from ldae_cli.runs import CHECKPOINT, RunConfig, load_run_config, session
+from ldae_cli import rundir
+from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
+from ldae_cli.runs import CHECKPOINT, RunConfig, kept_config, load_run_config, session
 
 RESUMABLE = ("optim.micro_batch", "eval.every")
 
@@ -170,14 +172,36 @@ class DetectConfig:
                             "set run.compile=false")
 
 
+def dry_run(cfg: DetectConfig, config_name: str | None, stored: Checkpoint | None, force: bool, init: Init) -> Plan:
+    """--dry-run: the checks and plan of a start (COCO splits, backbone, detector size); the step time is not
+    estimated (Mask R-CNN's cost depends on the images' instances)."""
+    world = world_size()
+    micro, accum = cfg.optim.accumulation(world)
+    out_dir = rundir.resolve("detect", "detect", cfg.run.out_dir, config_name, stored.path if stored else None)
+    start = start_of(out_dir, "detect", "detect", force, stored.extra["step"] if stored else None,
+                     kept_config(config_name, out_dir))
+    train_split, _ = register_splits(cfg)
+    spec = detection.BackboneSpec(**stored.extra["backbone"]) if stored is not None else resolve_backbone(cfg, init)[0]
+    model = detection.build_detector(spec, settings(cfg, len(train_split.class_names)))
+    params = sum(p.numel() for p in model.parameters())
+    images = len(train_split.dicts)
+    return Plan("detect", out_dir, start, images, cfg.optim.batch_size, world, accum, micro, cfg.optim.iterations,
+                images / cfg.optim.batch_size, cfg.optim.lr, params, state_bytes(params), None,
+                "not estimated for detect: time a few iterations with --set run.stop_after_steps=20")
+
+
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
          ckpt: str | None = None, from_scratch: bool = False, eval_only: bool = False, force: bool = False,
-         cont: bool = False) -> Path:
+         cont: bool = False, preview: str | None = None) -> Path | None:
     with quiet_detectron2():
         detection.require_detectron2()
         if eval_only:
             return _eval_only(config, overrides, flags, resume, ckpt, from_scratch, force)
         cfg, stored = load_run_config(DetectConfig, "detect", config, overrides, flags, resume, RESUMABLE, cont)
+        if preview == "config":
+            return print_config(cfg)
+        if preview == "plan":
+            return dry_run(cfg, config, stored, force, Init(ckpt, from_scratch)).show()
         if stored is not None:
             _check_resume_init(stored, ckpt, from_scratch)
             return run(cfg, config, None, stored)

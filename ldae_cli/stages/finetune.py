@@ -13,22 +13,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
 from torch import nn
 
-from ldae_cli import engine_finetune
-from ldae_cli.checkpoint import Checkpoint
+from ldae_cli import engine_finetune, rundir
+from ldae_cli.checkpoint import Checkpoint, read_metadata
+from ldae_cli.config import require
 from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.distributed import resolve_device
+from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
-from ldae_cli.config import require
 from ldae_cli.models import SizeName, build_timm_vit, check_shape, resolve_size, sincos_2d, timm_vit_kwargs
-from ldae_cli.optim import OptimConfig
-from ldae_cli.pretrained import DEFAULT_T, load_encoder
+from ldae_cli.optim import OptimConfig, plan_steps
+from ldae_cli.pretrained import DEFAULT_T, load_encoder, timm_export
 from ldae_cli.reporting import console
-from ldae_cli.runs import RunConfig, load_run_config, session
+from ldae_cli.sources import check_splits, open_source
+from ldae_cli.runs import RunConfig, kept_config, load_run_config, session
 
 # a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved
 RESUMABLE = ("model.ckpt",)
@@ -139,6 +143,16 @@ class FinetuneConfig:
                             "(use cifar10, fashion-mnist or imagefolder)")
 
 
+def default_config(ckpt: str | None) -> dict:
+    """The data the encoder was pretrained on, so `ldae finetune --ckpt X` needs no --data (as `ldae probe`); the
+    fine-tuning crops, flips and augmentations stay the recipe's."""
+    if not ckpt or timm_export(ckpt) is not None:
+        return {}
+    meta = read_metadata(ckpt)
+    data = {k: v for k, v in meta["config"].get("data", {}).items() if k not in ("crop", "crop_scale", "hflip")}
+    return {"data": data} if data else {}
+
+
 def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | None]:
     """(timm kwargs without head, folded encoder or None, source checkpoint or None)."""
     mc = cfg.model
@@ -157,10 +171,12 @@ def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | 
     return kwargs, None, None
 
 
-def build_network(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict, list[dict], dict]:
-    """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation)."""
+def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Module | None, Checkpoint | None]
+                  ) -> tuple[nn.Module, dict, list[dict], dict]:
+    """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation) from `vit_arch`'s
+    (kwargs, folded encoder, source)."""
     mc = cfg.model
-    kwargs, encoder, source = vit_arch(cfg)
+    kwargs, encoder, source = arch
     # MAE's global-pool classifier: LayerNorm after the average pool (timm's fc_norm), then the head
     kwargs = {**kwargs, "num_classes": num_classes, "final_norm": True, "fc_norm": True,
               "drop_path_rate": mc.drop_path}
@@ -198,6 +214,8 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
     name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
     with session("finetune", "finetune", cfg, name, resume_ckpt, force, config_file=config_name,
                  resumable=RESUMABLE) as s:
+        arch = vit_arch(cfg) if resume_ckpt is None else None  # the encoder, read and checked before any data
+        check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
@@ -213,7 +231,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
             raise LdaeError(f"mixup/cutmix pair samples within a micro-batch, which must be even (got {micro}); "
                             "change optim.batch_size / optim.micro_batch or set aug.mixup=0 aug.cutmix=0")
         if resume_ckpt is None:
-            model, kwargs, parents, init_desc = build_network(cfg, num_classes)
+            model, kwargs, parents, init_desc = build_network(cfg, num_classes, arch)
             description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
                            "image_size": cfg.data.image_size, "init": init_desc}
         else:
@@ -234,8 +252,50 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
         return s.checkpoint
 
 
+def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoint | None, force: bool) -> Plan:
+    """--dry-run: the checks and plan of a start and a step of the network timed, with nothing written."""
+    world = world_size()
+    micro, accum = cfg.optim.accumulation(world)
+    name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+    out_dir = rundir.resolve("finetune", "finetune", cfg.run.out_dir, name, resume_ckpt.path if resume_ckpt else None)
+    start = start_of(out_dir, "finetune", "finetune", force, resume_ckpt.extra["step"] if resume_ckpt else None,
+                     kept_config(config_name, out_dir))
+    check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
+    source = open_source(cfg.data, "train")
+    images = min(len(source), cfg.data.limit or len(source))
+    plan = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    kwargs = resume_ckpt.extra["timm_kwargs"] if resume_ckpt is not None else \
+        {**vit_arch(cfg)[0], "num_classes": len(source.classes), "final_norm": True, "fc_norm": True}
+    vit = build_timm_vit(kwargs)
+    params = sum(p.numel() for p in vit.parameters())
+    device = resolve_device(cfg.run.device)
+    sample = min(micro, 8)
+    vit.to(device).train()
+    optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-6)
+    size = cfg.data.image_size
+    batch = torch.randn(sample, 3, size, size, device=device)
+    targets = torch.zeros(sample, dtype=torch.long, device=device)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(vit(batch), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Plan("finetune", out_dir, start, images, cfg.optim.batch_size, world, accum, micro, plan.total_steps,
+                plan.steps_per_epoch, cfg.optim.base_lr(), params, state_bytes(params, 2, cfg.optim.ema is not None),
+                seconds_per_image(step, sample), f"measured on {sample} synthetic images on {device}, without "
+                "data loading, augmentation or evaluations")
+
+
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False, force: bool = False, cont: bool = False) -> Path:
+         ckpt: str | None = None, from_scratch: bool = False, force: bool = False, cont: bool = False,
+         preview: str | None = None) -> Path | None:
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
-    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont)
+    base = default_config(ckpt) if resume is None else None
+    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont,
+                                       base)
+    if preview == "config":
+        return print_config(cfg)
+    if preview == "plan":
+        return dry_run(cfg, config, resume_ckpt, force).show()
     return run(cfg, config, resume_ckpt, force)

@@ -57,4 +57,7 @@ def run(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False) -> t
 
 
 def main(config: str | None, overrides: list[str], flags: dict, force: bool = False) -> Path:
-    return run(load_config(FitPCAConfig, config, overrides, flags), force=force)[0]
+    cfg = load_config(FitPCAConfig, config, overrides, flags)
+    for note in cfg.data.resolve():
+        console.print(note)
+    return run(cfg, force=force)[0]

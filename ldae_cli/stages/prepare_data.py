@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ from ldae_cli.config import load_config
 from ldae_cli.data import DataConfig
 from ldae_cli.errors import LdaeError
 from ldae_cli.reporting import console
+from ldae_cli.sources import check_splits
 from ldae_cli.rundir import RunLock
 
 
@@ -41,12 +43,21 @@ def main(config: str | None, overrides: list[str], flags: dict, force: bool = Fa
     cfg = load_config(PrepareConfig, config, overrides, flags)
     if not cfg.out:
         raise LdaeError("prepare-data needs --out DIR, the folder to write the prepared dataset to")
+    for note in cfg.data.resolve():
+        console.print(note)
+    check_splits(cfg.data, [cfg.data.split_name(split) for split in cfg.splits])  # all there before any is written
     out = Path(cfg.out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, "prepare-data")
     lock.acquire()
     try:
         prepared.prepare(cfg.data, cfg.splits, out, cfg.margin, cfg.shard_mb, force)
+    except BaseException:
+        if created and not any(out.rglob("images-*.npy")):  # a start that failed: the folder it made goes too
+            lock.release()
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         lock.release()
     return out

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
-from ldae_cli import engine_pretrain, pca
+from ldae_cli import engine_pretrain, pca, rundir
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
+from ldae_cli.config import parse_override, to_dict
 from ldae_cli.data import DataConfig, build_dataset, to_unit_range
-from ldae_cli.sources import open_source
-from ldae_cli.plots import grid_tensor
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.distributed import barrier
+from ldae_cli.distributed import barrier, resolve_device
+from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
+from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig, build_model
-from ldae_cli.optim import OptimConfig
-from ldae_cli.reporting import console
-from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig, online_subsets
+from ldae_cli.optim import OptimConfig, make_adamw, plan_steps
+from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
-from ldae_cli.runs import RunConfig, Session, amp_dtype, load_run_config, session
-from ldae_cli.checkpoint import Checkpoint
-from ldae_cli.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
+from ldae_cli.reporting import console
+from ldae_cli.runs import RESUMABLE as RUN_RESUMABLE, RunConfig, Session, amp_dtype, config_differences, kept_config, \
+    load_run_config, resume_base, same_unsaved_run, session
+from ldae_cli.sources import check_splits, open_source
+from ldae_cli.tokenizers import PCATokenizer, Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -50,17 +54,22 @@ class PretrainConfig:
                             f"patches, got {tc.fit_patches}")
 
 
-def configured_tokenizer(cfg: PretrainConfig, s: Session) -> tuple[Tokenizer, list[dict]]:
-    """The configured tokenizer; a PCA without tokenizer.path is fitted on the training data first."""
+def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
+    """The configured tokenizer; a PCA without tokenizer.path is fitted on the training data first (`dataset`
+    itself when its images are fixed center crops, else the same images without augmentation)."""
     tc = cfg.tokenizer
     path = tc.path
     if tc.kind == "pca" and not path:
         path = s.output("pca.safetensors")
         if s.ctx.is_main and not path.exists():
             settings = pca.PCASettings(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
-            dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
+            plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
+                build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             console.print(f"tokenizer.path is empty: fitting the PCA tokenizer on the training data -> {path}")
-            fitted = pca.fit(dataset, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
+            warning = pca.oversampling(len(plain), plain.size, settings)
+            if warning:
+                console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
+            fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
             pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings), "out": str(path)},
                          cfg.data.image_size, cfg.data.source)
         barrier(s.ctx)
@@ -68,36 +77,43 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session) -> tuple[Tokenizer, li
 
 
 RESUMABLE = ("optim.micro_batch", "online_probe.")
+# what --init-from may not change: the network and the tokenizer it reads (objective, optimizer, data may differ)
+INIT_KEPT = ("model.", "tokenizer.kind", "tokenizer.patch", "tokenizer.dim", "tokenizer.latent_scale",
+             "data.image_size", "diffusion.input_space", "diffusion.output_space")
 
 
 def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint | None = None,
-        force: bool = False) -> Path:
+        force: bool = False, init_from: Checkpoint | None = None) -> Path:
     with session("pretrain", "pretrain", cfg, config_name, resume, force, config_file=config_name,
                  resumable=RESUMABLE) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after a PCA fit
         if cfg.data.eval_split is not None:  # an evaluation split named explicitly must be there, from the start
-            open_source(cfg.data, "eval")
-        torch.manual_seed(cfg.run.seed)  # model init: identical on every rank
-        if resume is None:
-            tokenizer, parents = configured_tokenizer(cfg, s)
-        else:  # the tokenizer the run trained with, from its own checkpoint: never refitted or swapped
-            resume.require("tokenizer.kind")
-            tokenizer = build_tokenizer(resume.extra["tokenizer"], resume.section("tokenizer"), resume.path)
-            parents = resume.provenance.get("parents", [])
+            check_splits(cfg.data, [cfg.data.eval_split])
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed, training_stream=True)
+        plan_steps(len(dataset), cfg.optim, cfg.run.seed, s.ctx)  # one global batch or more: before the PCA fit
         num_classes = dataset.num_classes
         if cfg.model.class_conditional and num_classes == 0:
             raise LdaeError("model.class_conditional needs labelled data, but the dataset has no classes")
+        stored = resume if resume is not None else init_from
+        if stored is None:
+            tokenizer, parents = configured_tokenizer(cfg, s, dataset)
+        else:  # the tokenizer the run (or its parent) trained with, from its checkpoint: never refitted or swapped
+            stored.require("tokenizer.kind")
+            tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
+            parents = resume.provenance.get("parents", []) if resume is not None else [init_from.parent_ref("init")]
         denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-        torch.manual_seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)  # model init: identical on every rank
         model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
+        if init_from is not None:
+            start_from(model, init_from)
         if s.ctx.is_main:
             n_params = sum(p.numel() for p in model.parameters())
             width, enc, dec, heads = cfg.model.resolved()
             console.print(f"model: {enc}+{dec} blocks, width {width}, {heads} heads, {n_params / 1e6:.1f}M params; "
                           f"tokenizer {tokenizer.kind} p={tokenizer.patch} d={tokenizer.token_dim}; "
                           f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, "
-                          f"{cfg.diffusion.input_space}->{cfg.diffusion.output_space}")
+                          f"{cfg.diffusion.input_space}->{cfg.diffusion.output_space}"
+                          + (f"; weights from {init_from.path}" if init_from is not None else ""))
         tok_tensors, tok_desc = tokenizer.export()
         description = {"model_spec": model.spec, "tokenizer": tok_desc, "image_size": cfg.data.image_size,
                        "num_classes": num_classes, "class_names": dataset.classes, "has_ema": cfg.optim.ema is not None}
@@ -108,21 +124,80 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
         class_dropout = cfg.model.class_dropout if cfg.model.class_conditional else 0.0
         online = online_probe(cfg, model, tokenizer, denoiser, s)
         engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online,
-                              denoising_panel(online) if online is not None else None)
+                              denoising_panel(cfg, model, tokenizer, denoiser) if s.ctx.is_main else None)
         return s.checkpoint
 
 
-def denoising_panel(online: OnlineProbe, images: int = 8) -> Callable[[object], dict[str, torch.Tensor]]:
-    """clean | noisy | denoised of the first test-subset images, for the dashboard at each save."""
+def start_from(model, parent: Checkpoint) -> None:
+    """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read)."""
+    section = "ema" if parent.extra.get("has_ema") and parent.section("ema") else "model"
+    if parent.extra.get("model_spec") != model.spec:
+        differ = sorted(k for k in set(model.spec) | set(parent.extra.get("model_spec") or {})
+                        if model.spec.get(k) != (parent.extra.get("model_spec") or {}).get(k))
+        raise LdaeError(f"--init-from {parent.path}: its network differs from this config's ({', '.join(differ)}); "
+                        "the model, tokenizer and image size must be the parent's")
+    load_state(model, parent.section(section), f"{parent.path} ({section})")
+
+
+def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:
+    """The keys --init-from keeps must equal the parent's, named when they do not."""
+    differ = config_differences(parent.config, to_dict(cfg), ())
+    kept = [d for d in differ if d.split(":", 1)[0].startswith(INIT_KEPT) and not d.startswith("model.class_dropout")]
+    if kept:
+        raise LdaeError(f"--init-from {parent.path}: a new run from its weights keeps its network and tokenizer, but "
+                        f"the config changes {', '.join(kept[:4])}; set them as the parent had them (objective, "
+                        "optimizer, schedule, epochs and data may differ)")
+
+
+def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> None:
+    """A PCA file given as tokenizer.path supplies its own patch size and d; a different value given on the command
+    line is an error, one from the config file gives way (said so)."""
+    tc = cfg.tokenizer
+    if tc.kind != "pca" or not tc.path:
+        return
+    meta = read_metadata(tc.path)
+    if meta["kind"] != "pca":
+        raise LdaeError(f"tokenizer.path {tc.path}: a '{meta['kind']}' checkpoint, expected a PCA from `ldae fit-pca`")
+    given = {".".join(parse_override(o)[0]) for o in overrides}
+    for key in ("patch", "dim"):
+        value, current = meta["extra"].get(key), getattr(tc, key)
+        if value is None or current in (value, None):
+            continue
+        if f"tokenizer.{key}" in given:
+            raise LdaeError(f"tokenizer.{key} is {current} but {tc.path} was fitted with {key} {value}; leave "
+                            f"tokenizer.{key} out (the file supplies it) or fit another PCA")
+        console.print(f"tokenizer: {key} {value} from {tc.path} (the config said {current})")
+        setattr(tc, key, value)
+    cfg.validate()
+
+
+def denoising_panel(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, images: int = 8
+                    ) -> Callable[[object], dict[str, torch.Tensor]]:
+    """clean | noisy | denoised of a few fixed images, for the dashboard at each save: from the evaluation split,
+    or from the training images when there is none (the panel's title says which)."""
+    plain = replace(cfg.data, limit=images, crop="center", hflip=False, cache="never")
+    try:
+        if cfg.data.source == "images":
+            raise LdaeError("a folder of unlabelled images has no evaluation split")
+        check_splits(cfg.data, [cfg.data.split_name("eval")])
+        subset, which = build_dataset(plain, "eval", augment=False, seed=cfg.run.seed), "evaluation images"
+    except LdaeError:
+        subset, which = build_dataset(plain, "train", augment=False, seed=cfg.run.seed), \
+            "training images: no evaluation split"
+    items = [subset[i][0] for i in range(len(subset)) if isinstance(subset[i], tuple)]
+
     def draw(trainer) -> dict[str, torch.Tensor]:
-        pre = online.view(trainer)
-        items = [online.test[i][0] for i in range(min(images, len(online.test)))]
+        weights = trainer.ema.module if trainer.ema is not None else model  # what probes and `ldae denoise` read
+        pre = Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
         clean = to_unit_range(torch.stack(items)).to(trainer.device)
+        was_training = weights.training
+        weights.eval()
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             noisy, denoised = pre.denoise(clean, pre.timestep(), seed=0)
+        weights.train(was_training)
         rows = [[x[i].cpu() for x in (clean, noisy, denoised)] for i in range(len(items))]
-        return {"denoising (clean | noisy | denoised)": grid_tensor(rows, max(1, 64 // clean.shape[-1]))}
-    return draw
+        return {f"denoising (clean | noisy | denoised), {which}": grid_tensor(rows, max(1, 64 // clean.shape[-1]))}
+    return draw if items else None
 
 
 def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, s: Session
@@ -149,10 +224,89 @@ def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Den
     return probe
 
 
+def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | None, force: bool,
+            init_from: Checkpoint | None) -> Plan:
+    """--dry-run: the checks and plan of a start, and a measured step time, with nothing written or trained."""
+    world = world_size()
+    micro, accum = cfg.optim.accumulation(world)
+    out_dir = rundir.resolve("pretrain", "pretrain", cfg.run.out_dir, config_name, resume.path if resume else None)
+    start = start_of(out_dir, "pretrain", "pretrain", force, resume.extra["step"] if resume else None,
+                     kept_config(config_name, out_dir), same_unsaved_run(cfg, RUN_RESUMABLE + RESUMABLE))
+    if cfg.data.eval_split is not None:
+        check_splits(cfg.data, [cfg.data.eval_split])
+    source = open_source(cfg.data, "train")
+    images = min(len(source), cfg.data.limit or len(source))
+    plan = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    notes = []
+    stored = resume if resume is not None else init_from
+    if stored is not None:
+        tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
+    elif cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
+        tokenizer, _ = load_tokenizer(cfg.tokenizer)
+    else:  # timed with a stand-in of the same shape: the real one is fitted when the run starts
+        full = cfg.tokenizer.patch ** 2 * 3
+        basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
+        tokenizer = PCATokenizer(torch.zeros(full), basis, torch.ones(full), cfg.tokenizer.patch,
+                                 cfg.tokenizer.dim or 16, cfg.tokenizer.latent_scale, cfg.tokenizer.scale_dim)
+        notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
+                     "timed)")
+        settings = pca.PCASettings(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
+                                   patches=cfg.tokenizer.fit_patches)
+        warning = pca.oversampling(images, cfg.data.image_size, settings)
+        if warning:
+            notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
+    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
+    model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(source.classes))
+    params = sum(p.numel() for p in model.parameters())
+    device = resolve_device(cfg.run.device)
+    sample = min(micro, 8)
+    step = synthetic_step(cfg, denoiser, model, sample, device)
+    return Plan("pretrain", out_dir, start, images, cfg.optim.batch_size, world, accum, micro, plan.total_steps,
+                plan.steps_per_epoch, cfg.optim.base_lr(), params, state_bytes(params, 2, cfg.optim.ema is not None),
+                seconds_per_image(step, sample), f"measured on {sample} synthetic images on {device}, "
+                "without data loading, online probe or checkpoints", notes)
+
+
+def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, device) -> Callable[[], None]:
+    """One optimizer step of the real objective on `batch` random images: what --dry-run times."""
+    model.to(device)
+    denoiser.to(device)
+    denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
+    objective = engine_pretrain.PretrainObjective(denoiser, model)
+    optimizer = make_adamw(model.parameters(), cfg.optim, device)
+    size = cfg.data.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def step() -> None:
+        noise = engine_pretrain.draw_step_noise(denoiser, cfg.run.seed, 0, batch, 0.0, device)
+        objective(images, noise.t, noise.eps, labels, noise.drop).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False,
-         cont: bool = False) -> Path:
-    if config is None and resume is None:
-        raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5) "
-                        "or --resume RUN_DIR")
-    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, RESUMABLE, cont)
-    return run(cfg, config, ckpt, force)
+         cont: bool = False, init_from: str | None = None, preview: str | None = None) -> Path | None:
+    if config is None and resume is None and init_from is None:
+        raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5), "
+                        "--init-from CKPT (a new run from its weights) or --resume RUN_DIR")
+    parent = None
+    if init_from is not None:
+        if resume is not None:
+            raise LdaeError("--init-from starts a new run from a checkpoint's weights, --resume continues a run; "
+                            "give one of them")
+        parent = load_checkpoint(init_from, "pretrain")
+        parent.require("model_spec", "tokenizer.kind")
+        stored_config(PretrainConfig, parent)
+    base = resume_base(parent.config) if parent is not None else None
+    cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, RESUMABLE, cont, base,
+                                adjust=lambda c: adopt_pca_file(c, overrides) if parent is None else None)
+    if parent is not None:
+        check_init_from(cfg, parent)
+    name = config or (f"{Path(init_from).resolve().parent.name}-continued" if init_from else None)
+    if preview == "config":
+        return print_config(cfg)
+    if preview == "plan":
+        return dry_run(cfg, name, ckpt, force, parent if ckpt is None else None).show()
+    return run(cfg, name, ckpt, force, parent if ckpt is None else None)

@@ -13,19 +13,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal, Optional
 
+import torch
 from rich.table import Table
 
 from ldae_cli import engine_probe
 from ldae_cli.checkpoint import Checkpoint, read_metadata
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_pretrained, pixel_features
+from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
+    pixel_features, read_timm_config, timm_export, vit_features
 from ldae_cli.plots import save_probe_chart
 from ldae_cli.reporting import console
 from ldae_cli.config import require
-from ldae_cli.runs import RunConfig, amp_dtype, load_run_config, session, verified_parent
+from ldae_cli.runs import CHECKPOINT, RunConfig, amp_dtype, kept_config, load_run_config, session, verified_parent
+from ldae_cli.sources import check_splits, open_source
+from ldae_cli import rundir
+from ldae_cli.distributed import resolve_device
+from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 
 RESUMABLE = ("probe.extract_batch",)
 
@@ -68,14 +75,33 @@ class ProbeConfig:
 
 
 def default_config(ckpt_path: str | None) -> dict:
-    """The pretrain run's data (MAE probing crops for training), so `ldae probe --ckpt X` needs nothing else."""
+    """The data the encoder was pretrained on (MAE probing crops for training), so `ldae probe --ckpt X` needs
+    nothing else: a pretrain checkpoint's or an `ldae export` file's (which keeps its pretrain config); a
+    `--format timm` folder records only its image size (give --data)."""
     if ckpt_path is None:
         return {}
+    folder = timm_export(ckpt_path)
+    if folder is not None:
+        size = (read_timm_config(folder).get("ldae") or {}).get("image_size")
+        return {"data": {"image_size": size}} if size else {}
     meta = read_metadata(ckpt_path)
-    if meta["kind"] != "pretrain":
-        raise LdaeError(f"{ckpt_path}: is a '{meta['kind']}' checkpoint, expected 'pretrain'")
-    data = {**meta["config"]["data"], "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}
+    if meta["kind"] not in ("pretrain", "encoder"):
+        raise LdaeError(f"{ckpt_path}: is a '{meta['kind']}' checkpoint; probe reads a pretrain checkpoint, an "
+                        "`ldae export` file or a `--format timm` folder")
+    data = {**meta["config"].get("data", {}), "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}
     return {"data": data}
+
+
+def run_name(ckpt: str | None, config_name: str | None, random_init: bool, features: str) -> str:
+    """runs/probe/<run>[-random-init][-<config>]: named after the encoder's run, so probes of two runs never meet."""
+    if features != "encoder":
+        base = features
+    else:
+        path = Path(ckpt)
+        base = path.parent.name if path.name in (CHECKPOINT, "model.safetensors") else path.stem if path.is_file() \
+            else path.name
+        base += "-random-init" if random_init else ""
+    return f"{base}-{Path(config_name).stem}" if config_name else base
 
 
 def results_table(rows: list[dict], knn: float | None, title: str) -> Table:
@@ -96,6 +122,16 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
     settings = cfg.probe
     if settings.features == "pixels":
         return pixel_features(cfg.data.image_size)
+    if timm_export(ckpt_path) is not None or read_metadata(ckpt_path)["kind"] == "encoder":
+        if settings.noisy_input:
+            raise LdaeError(f"{ckpt_path}: an exported encoder reads clean images (its t is folded in); probe.noisy_input "
+                            "needs the pretrain checkpoint")
+        vit, kwargs, source = load_encoder(ckpt_path, depth=settings.depth)
+        if tuple(kwargs["img_size"]) != (cfg.data.image_size,) * 2:
+            raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} takes {kwargs['img_size'][0]}; "
+                            f"set data.image_size={kwargs['img_size'][0]}")
+        return vit_features(vit, kwargs, source, device, amp_dtype(cfg.run.precision, device),
+                            cfg.run.seed if random_init else None)
     pre = load_pretrained(ckpt_path, settings.ema)
     if cfg.data.image_size != pre.image_size:
         raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
@@ -107,13 +143,14 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
 def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
         resume: Checkpoint | None = None, force: bool = False) -> dict:
     if ckpt is None and cfg.probe.features == "encoder":
-        raise LdaeError("probe needs --ckpt (a pretrain checkpoint), also for --random-init (its architecture)")
-    name = config_name or ("random-init" if random_init else cfg.probe.features if cfg.probe.features != "encoder"
-                           else (Path(ckpt).parent.name if ckpt else "probe"))
+        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
+                        "--random-init (its architecture)")
+    name = run_name(ckpt, config_name, random_init, cfg.probe.features)
     with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
+        check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])  # before any feature
         encoder = build_encoder(cfg, ckpt, random_init, s.ctx.device)
-        train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
         eval_ds = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
+        train_ds = build_dataset(cfg.data, "train", augment=not cfg.probe.fast, seed=cfg.run.seed)
         num_classes = train_ds.num_classes
         if num_classes < 2:
             raise LdaeError(f"probing needs labelled data with 2+ classes; {cfg.data.source} gives {num_classes}")
@@ -134,11 +171,43 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         return results
 
 
+def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: str | None,
+            resume: Checkpoint | None, force: bool) -> Plan:
+    """--dry-run: the checks and plan of a probe, with the encoder's feature extraction timed; nothing written."""
+    world, settings = world_size(), cfg.probe
+    name = run_name(ckpt, config_name, random_init, settings.features)
+    out_dir = rundir.resolve("probe", "probe", cfg.run.out_dir, name, resume.path if resume else None)
+    start = start_of(out_dir, "probe", "probe", force, resume.extra["step"] if resume else None,
+                     kept_config(config_name, out_dir))
+    check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
+    train, held_out = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
+    images = min(len(train), cfg.data.limit or len(train))
+    plan = engine_probe.head_plan(settings, images, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    steps = plan.total_steps
+    device = resolve_device(cfg.run.device)
+    encoder = build_encoder(cfg, ckpt, random_init, device)
+    classes = len(train.classes)
+    params = encoder.dim * classes * len(settings.blrs)  # the heads; the encoder is frozen
+    sample = torch.randint(0, 256, (8, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, device=device)
+    extracted = images + len(held_out) if settings.fast else steps * plan.batch_size + len(held_out)
+    return Plan("probe", out_dir, start, images, plan.batch_size, world, 1, plan.batch_size // world, steps,
+                plan.steps_per_epoch, plan.batch_size / 256 * max(settings.blrs), params,
+                state_bytes(params, 1), seconds_per_image(lambda: encoder.fn(sample, 0), 8),
+                f"the encoder's features measured on 8 synthetic images on {device}; "
+                + ("fast mode: features of every image once" if settings.fast else "full mode: every step's images"),
+                [f"encoder: {encoder.description}; {classes} classes, {len(settings.blrs)} heads"], extracted)
+
+
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False) -> dict:
+         ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False,
+         preview: str | None = None) -> dict | None:
     name = Path(config).stem if config else None
     base = default_config(ckpt) if resume is None else None
     cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont, base)
+    if preview == "config":
+        return print_config(cfg)
+    if preview == "plan":
+        return dry_run(cfg, ckpt, random_init, name, resume_ckpt, force).show()
     if resume_ckpt is None:
         return run(cfg, ckpt, random_init, name, force=force)
     resume_ckpt.require("random_init")
@@ -146,5 +215,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         raise LdaeError(f"--continue: {resume_ckpt.path.parent} holds a probe "
                         f"{'with' if resume_ckpt.extra['random_init'] else 'without'} --random-init; pick another --out")
     if cfg.probe.features == "encoder":
-        ckpt = verified_parent(resume_ckpt, "pretrain", ckpt)
+        role = next((p["role"] for p in resume_ckpt.provenance.get("parents", []) if p.get("role") in
+                     ("pretrain", "encoder")), "pretrain")
+        ckpt = verified_parent(resume_ckpt, role, ckpt)
     return run(cfg, ckpt, resume_ckpt.extra["random_init"], name, resume_ckpt)
