@@ -262,8 +262,8 @@ class Trainer:
         values = {**means, **values}
         self.logged = self.step
         if bar is not None:
-            shown = "  ".join(f"{k} {values[k]:.4g}" for k in self.shown if isinstance(values.get(k), float))
-            bar.update(task, info=f"{shown}  ep {self.epoch:.2f}")
+            shown = " ".join(f"{k} {values[k]:.3g}" for k in self.shown if isinstance(values.get(k), float))
+            bar.update(task, info=f"{shown} ep {self.epoch:.2f}")
         record = {"step": self.step, "epoch": round(self.epoch, 4), **values,
                   "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
                   "time_s": round(time.time() - self._started, 1)}

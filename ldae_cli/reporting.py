@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn
+from rich.table import Column
 from rich.text import Text
 
 from ldae_cli.errors import LdaeError
@@ -37,15 +37,16 @@ def kept() -> str | None:
 class RateColumn(ProgressColumn):
     """Items per second (images, patches) from rich's own speed estimate."""
 
-    def __init__(self, unit: str):
-        super().__init__()
+    def __init__(self, unit: str, table_column: Column | None = None):
+        super().__init__(table_column)
         self.unit = unit
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
         if speed is None:
             return Text(f"-- {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.0f} {self.unit}/s", style="progress.data.speed")
+        shown = f"{speed / 1000:,.0f}k" if speed >= 10_000 else f"{speed:,.0f}"
+        return Text(f"{shown} {self.unit}/s", style="progress.data.speed")
 
 
 def progress_bar(unit: str = "img", enabled: bool = True, line_every: float | None = 30.0):
@@ -54,11 +55,29 @@ def progress_bar(unit: str = "img", enabled: bool = True, line_every: float | No
     every `line_every` seconds and when a task completes (None: never; the caller prints its own)."""
     if enabled and not console.is_terminal:
         return PlainProgress(unit, line_every)
+    # one line in an 80-column terminal: name, a short bar, %, rate, elapsed<ETA, then the losses (cut, not wrapped)
+    one_line = {"no_wrap": True, "overflow": "ellipsis"}
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn("[bold]{task.description}", table_column=Column(**one_line)), BarColumn(bar_width=10),
+        TaskProgressColumn(table_column=Column(**one_line)), RateColumn(unit, table_column=Column(**one_line)),
+        ClockColumn(table_column=Column(**one_line)), TextColumn("{task.fields[info]}", table_column=Column(**one_line)),
         console=console, disable=not enabled, transient=False, refresh_per_second=4,
     )
+
+
+class ClockColumn(ProgressColumn):
+    """Elapsed and remaining time in one short cell, `1:23<9:05` (hours shown only when there are some)."""
+
+    def render(self, task) -> Text:
+        remaining = task.time_remaining
+        eta = short_clock(remaining) if remaining is not None else "?"
+        return Text(f"{short_clock(task.elapsed or 0)}<{eta}", style="progress.elapsed")
+
+
+def short_clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def clock(seconds: float) -> str:

@@ -90,6 +90,11 @@ def test_a_photo_folder_pretrains_and_denoises_on_its_training_images(folders, r
                             "data.image_size": 32}))
     assert res.returncode == 0, res.stderr
     assert "training only" in res.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "pre" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["denoising (clean | noisy | denoised), training images: no evaluation split"]
     denoise = run_main("denoise", "--samples", "4")  # the newest pretrain checkpoint anywhere under runs/
     assert denoise.returncode == 0, denoise.stderr
     assert "training images: this unlabelled dataset has no evaluation split" in denoise.stdout
@@ -196,3 +201,21 @@ def test_log_lines_in_a_file_are_never_wrapped(world, tmp_path):
                   env={"COLUMNS": "80"}, timeout=300)
     assert res.returncode == 0, res.stderr
     assert f"wrote {deep / 'checkpoint.safetensors'}" in res.stdout  # one line, the path whole
+
+
+def test_the_progress_bar_fits_an_80_column_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from ldae_cli import reporting
+
+    out = io.StringIO()
+    monkeypatch.setattr(reporting, "console", Console(file=out, width=80, force_terminal=True, color_system=None))
+    with reporting.progress_bar("img") as bar:
+        task = bar.add_task("train-tokenizer", total=200_000, info="")
+        for _ in range(3):
+            time.sleep(0.2)
+            bar.update(task, advance=2_000, info="loss 0.0168 lr 0.000324 ep 0.51")
+    last = out.getvalue().split("\r")[-1].split("\n")[0]
+    assert "img/s" in last and "<" in last and "loss 0.0168" in last  # rate, elapsed<ETA and the loss on one line
