@@ -24,7 +24,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.reporting import console
-from ldae_cli.sources import ImageSource, decode, detect, eval_split_of, median_short_side, open_source, resolve_path
+from ldae_cli.discovery import detect, eval_split_of
+from ldae_cli.sources import ImageSource, decode, median_short_side, open_source, resolve_path
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)

@@ -23,7 +23,7 @@ from ldae_cli import rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig
-from ldae_cli.sources import detect
+from ldae_cli.discovery import detect
 from ldae_cli.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.reporting import console, note_kept

@@ -15,7 +15,6 @@ import os
 import struct
 import tarfile
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 import numpy as np
@@ -136,7 +135,7 @@ class BytesSource(ImageSource):
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                   "Ankle boot"]
-_FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
@@ -199,10 +198,10 @@ def resolve_path(cfg: SourceSettings) -> Path:
 
 
 def _fmnist(root: Path, split: str) -> ImageSource:
-    if split not in _FMNIST_FILES:
+    if split not in FMNIST_FILES:
         raise LdaeError(f"fashion-mnist has splits 'train' and 'test', not '{split}'")
     found = []
-    for stem in _FMNIST_FILES[split]:
+    for stem in FMNIST_FILES[split]:
         hits = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
         if not hits:
             raise LdaeError(f"{root}: missing {stem}.gz; expected Fashion-MNIST IDX files there ({_HOW_TO_GET['fashion-mnist']})")
@@ -213,7 +212,7 @@ def _fmnist(root: Path, split: str) -> ImageSource:
     return ArraySource(images, labels, FMNIST_CLASSES, f"{found[0].name}")
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -235,7 +234,7 @@ def _imagefolder_dir(root: Path, split: str) -> ImageSource:
     paths, labels = [], []
     for label, cls in enumerate(classes):
         for p in sorted((split_dir / cls).rglob("*")):
-            if p.is_file() and _is_image(p.name):
+            if p.is_file() and is_image(p.name):
                 paths.append(p)
                 labels.append(label)
     if not paths:
@@ -252,7 +251,7 @@ def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
     try:
         with tar:
             for member in tar:
-                if not member.isfile() or not _is_image(member.name):
+                if not member.isfile() or not is_image(member.name):
                     continue
                 parts = member.name.strip("/").split("/")
                 if len(parts) < 3 or parts[-3] != split:
@@ -277,7 +276,7 @@ def _images_tar(archive: Path) -> ImageSource:
     """Every image in an archive, unlabelled, in name order."""
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = sorted((m for m in tar if m.isfile() and _is_image(m.name)), key=lambda m: m.name)
+            members = sorted((m for m in tar if m.isfile() and is_image(m.name)), key=lambda m: m.name)
             blobs = [tar.extractfile(m).read() for m in members]
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LdaeError(f"{archive}: cannot read archive ({short(exc)})") from None
@@ -292,7 +291,7 @@ def _plain_images(root: Path) -> ImageSource:
     if root.is_file():
         paths = [root]
     else:
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image(p.name))
     if not paths:
         raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     return FileSource(paths, [-1] * len(paths), [], root)
@@ -393,98 +392,6 @@ def open_source(cfg: SourceSettings, split: str) -> ImageSource:
             return _imagefolder_tar(root, name)
         return _imagefolder_dir(root, name)
     return _plain_images(root)
-
-
-@dataclass
-class Detected:
-    """What a dataset location holds: its source kind, a class tree's evaluation split, and what to tell the user."""
-
-    source: str
-    eval_split: Optional[str] = None
-    notes: list[str] = field(default_factory=list)
-
-
-def detect(path: str | None, train_split: str = "train") -> Detected:
-    """data.source=auto: the kind of dataset at `path` (none: the default Fashion-MNIST, wherever it is installed)."""
-    if not path:
-        found = next((p for p in default_locations("fashion-mnist") if p.exists()), None)
-        if found is None:
-            raise LdaeError(f"no --data given and no default dataset installed (Fashion-MNIST, looked in "
-                            f"{', '.join(str(p) for p in default_locations('fashion-mnist'))}); give --data PATH: "
-                            f"{DATA_CHOICES}")
-        return Detected("fashion-mnist", notes=[f"data: no --data given, using Fashion-MNIST at {found}"])
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise LdaeError(f"dataset not found: {path} does not exist; give --data PATH: {DATA_CHOICES}")
-    if root.is_dir() and (root / PREPARED).is_file():
-        meta = read_prepared(root)
-        return Detected(meta.get("source") or "images", notes=[f"data: {root} is a prepared dataset (splits "
-                                                                f"{', '.join(meta.get('splits', {}))})"])
-    if root.is_dir() and any((root / f"{_FMNIST_FILES['train'][0]}{ext}").is_file() for ext in ("", ".gz")):
-        return Detected("fashion-mnist", notes=[f"data: {root} holds Fashion-MNIST IDX files"])
-    splits = _tree_splits(root)
-    if train_split in splits:
-        found = [s for s in EVAL_SPLITS if s in splits]
-        notes = [f"data: {root} is a <split>/<class>/<image> tree (splits {', '.join(sorted(splits))})"]
-        if found:
-            also = f" (also there: {', '.join(found[1:])}; --eval-split picks another)" if len(found) > 1 else ""
-            notes.append(f"data: evaluation split '{found[0]}'{also}")
-        else:
-            notes.append(f"data: no evaluation split ({', '.join(EVAL_SPLITS)}); name one with --eval-split")
-        return Detected("imagefolder", found[0] if found else None, notes)
-    kind = "archive" if root.is_file() and tarfile.is_tarfile(root) else "folder" if root.is_dir() else "image"
-    return Detected("images", notes=[f"data: {root} is a {kind} of unlabelled images (no '{train_split}/<class>/' "
-                                     "folders): training only; probes need labels, and 'evaluation' images are "
-                                     "the training images"])
-
-
-def _tree_splits(root: Path) -> set[str]:
-    """The split folders of a <split>/<class>/<image> tree (or archive), at its top or one level down."""
-    if root.is_file():
-        if not tarfile.is_tarfile(root):
-            return set()
-        try:
-            with tarfile.open(root, "r:*") as tar:
-                parts = [m.name.strip("/").split("/") for m in tar if m.isfile() and _is_image(m.name)]
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise LdaeError(f"{root}: cannot read archive ({short(exc)})") from None
-        return {p[-3] for p in parts if len(p) >= 3 and len(p) <= 4}
-    splits = set()
-    for top in [root, *sorted(d for d in root.iterdir() if d.is_dir())]:
-        for split_dir in (d for d in top.iterdir() if d.is_dir()):
-            if any(c.is_dir() and any(_is_image(f.name) for f in c.iterdir() if f.is_file())
-                   for c in split_dir.iterdir()):
-                splits.add(split_dir.name)
-    return splits
-
-
-def eval_split_of(root: Path) -> Detected:
-    """A class tree's evaluation split when data.eval_split is not set: the first of EVAL_SPLITS it has."""
-    splits = _tree_splits(root)
-    found = [s for s in EVAL_SPLITS if s in splits]
-    if not found:
-        return Detected("imagefolder")
-    also = f" (also there: {', '.join(found[1:])}; --eval-split picks another)" if len(found) > 1 else ""
-    return Detected("imagefolder", found[0], [f"data: evaluation split '{found[0]}'{also}"])
-
-
-def check_splits(cfg: SourceSettings, names: list[str]) -> None:
-    """Each named split is there (without reading its images): what a command checks before it writes anything."""
-    root = resolve_path(cfg)
-    if root.is_dir() and (root / PREPARED).is_file():
-        have = set(read_prepared(root).get("splits", {}))
-    elif cfg.source == "fashion-mnist":
-        have = {split for split, (images, _) in _FMNIST_FILES.items()
-                if any((root / f"{images}{ext}").is_file() for ext in ("", ".gz"))}
-    elif cfg.source in ("cifar10", "imagefolder"):
-        have = _tree_splits(root)
-    else:
-        return  # a folder of images: every split is the same images
-    missing = [n for n in names if n not in have]
-    if missing:
-        raise LdaeError(f"{root}: no '{missing[0]}' split (it has {', '.join(sorted(have)) or 'none'}); name the "
-                        "evaluation split with --eval-split (data.eval_split), or the training one with "
-                        "data.train_split")
 
 
 def download_fashion_mnist() -> Path:

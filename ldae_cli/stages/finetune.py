@@ -31,7 +31,8 @@ from ldae_cli.models import SizeName, build_timm_vit, check_shape, resolve_size,
 from ldae_cli.optim import OptimConfig, plan_steps
 from ldae_cli.pretrained import DEFAULT_T, load_encoder, timm_export
 from ldae_cli.reporting import console
-from ldae_cli.sources import check_splits, open_source
+from ldae_cli.discovery import check_splits
+from ldae_cli.sources import open_source
 from ldae_cli.runs import RunConfig, kept_config, load_run_config, session
 
 # a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved

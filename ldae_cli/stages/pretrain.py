@@ -25,7 +25,8 @@ from ldae_cli.pretrained import Pretrained
 from ldae_cli.reporting import console
 from ldae_cli.runs import RESUMABLE as RUN_RESUMABLE, RunConfig, Session, amp_dtype, config_differences, kept_config, \
     load_run_config, resume_base, same_unsaved_run, session
-from ldae_cli.sources import check_splits, open_source
+from ldae_cli.discovery import check_splits
+from ldae_cli.sources import open_source
 from ldae_cli.tokenizers import PCATokenizer, Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 
 

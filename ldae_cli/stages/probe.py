@@ -29,7 +29,8 @@ from ldae_cli.plots import save_probe_chart
 from ldae_cli.reporting import console
 from ldae_cli.config import require
 from ldae_cli.runs import CHECKPOINT, RunConfig, amp_dtype, kept_config, load_run_config, session, verified_parent
-from ldae_cli.sources import check_splits, open_source
+from ldae_cli.discovery import check_splits
+from ldae_cli.sources import open_source
 from ldae_cli import rundir
 from ldae_cli.distributed import resolve_device
 from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size

@@ -32,7 +32,8 @@ from ldae_cli import rundir
 from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
 from ldae_cli.optim import plan_steps
 from ldae_cli.runs import RunConfig, Session, kept_config, load_run_config, session
-from ldae_cli.sources import check_splits, open_source
+from ldae_cli.discovery import check_splits
+from ldae_cli.sources import open_source
 from ldae_cli.tokenizers import PCATokenizer
 
 
