@@ -1,22 +1,31 @@
-"""`ldae study` at toy size (two variants, two seeds, a baseline): it runs, skips what is finished, resumes what
-was interrupted, and its table is the runs' own numbers; the online probe agrees with the offline one."""
+"""`ldae study` at toy size (two variants, two seeds, a baseline): it runs every child with --continue, continues
+what was stopped, extends itself when seeds are added, refuses to reuse a run whose settings differ and a budget
+that would upsample; its page is the runs' own numbers and settings, each row compared with its reference over
+paired seeds; Ctrl-C stops the whole study; the matched-noise latent scale."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
+import math
+import subprocess
 
 import pytest
 import torch
 import yaml
 
 from conftest import train_tiny
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.config import BUNDLED_CONFIGS
+from ldae_cli.errors import Interrupted, LdaeError, Terminated
+from ldae_cli.models import ModelConfig
+from ldae_cli.stages.study import load
+from ldae_cli.studies import patchspace, runner
+from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
+from ldae_cli.studies.spec import BudgetConfig, DepthSweep, StudyConfig, depth_variants
+from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
 
 TOY_BUDGET = {
     "name": "toy",
-    "description": "32x32 stripes, a 1 + 1 block model at width 32, 3 steps; fast probe, 3 epochs.",
     "pretrain": {"data.image_size": 32, "data.num_workers": 0, "tokenizer.patch": 4, "tokenizer.dim": 8,
                  "tokenizer.fit_patches": 4000, "model.size": "custom", "model.width": 32, "model.encoder_depth": 1,
                  "model.decoder_depth": 1, "model.num_heads": 2, "optim.batch_size": 8, "optim.epochs": 1.5,
@@ -25,13 +34,14 @@ TOY_BUDGET = {
     "probe_config": "probe/small-fast.yaml",
     "probe": {"probe.epochs": 3, "probe.batch_size": 8, "probe.blrs": [0.1, 10.0], "data.num_workers": 0,
               "run.progress": False, "run.device": "cpu"},
-    "pretrain_minutes": 0.1,
+    "images_per_second": 100.0,
     "probe_minutes": 0.1,
 }
 TOY_STUDY = {
     "name": "toy",
     "description": "l-DAE against the pixel DAE, at toy size.",
     "pretrain": "final.yaml",
+    "reference": "l-DAE",
     "variants": [{"name": "l-DAE", "paper": 64.5, "paper_row": "T3.5"},
                  {"name": "pixel DAE", "set": {"tokenizer.kind": "pixel", "tokenizer.dim": None,
                                                "tokenizer.latent_scale": "none"}}],
@@ -43,70 +53,178 @@ TOY_STUDY = {
 def toy(tmp_path, pattern_tree):
     (tmp_path / "budget.yaml").write_text(yaml.safe_dump(TOY_BUDGET))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(TOY_STUDY))
-    return ["study", str(tmp_path / "study.yaml"), "--budget", str(tmp_path / "budget.yaml"), "--seeds", "2",
-            "--out", str(tmp_path / "out"), "--source", "imagefolder", "--data", str(pattern_tree)]
+    return ["study", str(tmp_path / "study.yaml"), "--budget", str(tmp_path / "budget.yaml"), "--out",
+            str(tmp_path / "out"), "--source", "imagefolder", "--data", str(pattern_tree)]
 
 
-def test_a_study_runs_resumes_skips_and_tables_the_runs_own_numbers(toy, run_main, tmp_path):
+def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_main, tmp_path):
     out = tmp_path / "out"
-    stopped = run_main(*toy, "--set", "run.stop_after_steps=1")  # interrupted: its first pretrain stops at step 1
+    stopped = run_main(*toy, "--seeds", "1", "--set", "run.stop_after_steps=1")  # its first pretrain stops at step 1
     assert stopped.returncode == 1 and "stopped before its last step" in stopped.stderr
     first = out / "pretrain" / "l-dae-s0" / "checkpoint.safetensors"
     assert load_checkpoint(first).extra["step"] == 1
-    done = run_main(*toy)
-    assert done.returncode == 0, done.stderr
-    assert "pretrain l-DAE, seed 0 (resume)" in done.stdout
+    one = run_main(*toy, "--seeds", "1")
+    assert one.returncode == 0, one.stderr
+    assert "pretrain l-DAE, seed 0 (continued from step 1)" in one.stdout
     assert load_checkpoint(first).extra["finished"] and load_checkpoint(first).extra["step"] == 3
+    assert "One seed: no standard error" in (out / "results.md").read_text()
+
+    two = run_main(*toy, "--seeds", "2")  # a seed added: the finished runs are checked and kept, seed 1 runs
+    assert two.returncode == 0, two.stderr
+    assert "pretrain l-DAE, seed 0 (finished: checked to be this study's run)" in two.stdout
+    assert "pretrain l-DAE, seed 1 (new)" in two.stdout and "at the speed this study measured" in two.stdout
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["l-DAE", "pixel DAE", "random init (same network)"]
+    assert results["seeds"] == [0, 1] and results["budget"]["name"] == "toy" and results["reference"] == "l-DAE"
+    assert [v["name"] for v in results["variants"]] == ["l-DAE", "pixel DAE"]
+    assert results["dataset"][0]["train_sha256"] == read_metadata(first)["extra"]["data_identity"]
+    own = {}
     for row in results["rows"]:
-        runs = {r["seed"]: json.loads((Path(r["probe"]) / "results.json").read_text()) for r in row["runs"]}
-        assert sorted(runs) == [0, 1]
-        linear = [runs[s]["best_top1"] for s in (0, 1)]
-        assert row["linear_mean"] == round(sum(linear) / 2, 2)
-        assert row["linear_std"] == round(abs(linear[0] - linear[1]) / 2 ** 0.5, 2)
-        assert row["knn_mean"] == round((runs[0]["knn_top1"] + runs[1]["knn_top1"]) / 2, 2)
-    table = (out / "results.md").read_text()
-    l_dae = results["rows"][0]
-    assert f"| l-DAE | {l_dae['linear_mean']:.2f} ± {l_dae['linear_std']:.2f} |" in table and "64.5 (T3.5)" in table
+        own[row["name"]] = {}
+        for run in row["runs"]:
+            assert not run["probe"].startswith("/") and (out / run["probe"] / "results.json").is_file()
+            own[row["name"]][run["seed"]] = json.loads((out / run["probe"] / "results.json").read_text())["best_top1"]
+        assert row["linear"]["mean"] == round(sum(own[row["name"]].values()) / 2, 2)
+    diffs = [own["pixel DAE"][s] - own["l-DAE"][s] for s in (0, 1)]
+    pixel = results["rows"][1]["linear"]["paired"]
+    assert pixel["mean"] == round(sum(diffs) / 2, 2) and pixel["se"] == round(abs(diffs[0] - diffs[1]) / 2, 2)
+    assert results["rows"][0]["linear"].get("paired") is None  # the reference
+    # the page says what the runs ran, from their checkpoints: here 3-step runs on 4x4 patches (D = 48)
+    page = (out / "results.md").read_text()
+    assert "32×32 images, 4×4 patches, D = 48, 64 tokens" in page and "3 steps" in page
+    assert "| pixel DAE | l-DAE |" in page and "64.5 (T3.5)" in page and "12.71 at 2 seeds" in page
+    eigen = load_checkpoint(out / "pretrain" / "l-dae-s0" / "pca.safetensors").tensors["pca.eigenvalues"].double()
+    assert results["patch_space"][0]["share_pct"]["8"] == round(100 * float(eigen[:8].sum() / eigen.sum()), 3)
+    noise = results["rows"][0]["settings"]["noise_scale"]
+    assert noise == pytest.approx(math.sqrt(float(eigen[:8].mean())), abs=1e-3)
+    assert results["rows"][1]["settings"]["noise_scale"] == 1.0  # the pixel DAE: sigma in pixels
     assert (out / "results.png").stat().st_size > 1000
-    again = run_main(*toy)  # everything is finished: nothing runs again
-    assert again.returncode == 0 and "0 pretrain run(s) and 0 probe(s) to go" in again.stdout
-    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+    before = (out / "results.json").read_text()
+    changed = run_main(*toy, "--seeds", "2", "--set", "optim.epochs=3")  # other settings, same run directories
+    assert changed.returncode == 1 and "a study never replaces a run" in changed.stderr
+    assert (out / "results.json").read_text() == before
 
 
-def test_every_bundled_study_and_budget_loads(run_main):
-    from ldae_cli.stages.study import load
-    from ldae_cli.study import BudgetConfig, StudyConfig
+def test_the_estimate_counts_the_steps_the_settings_give_and_learns_from_measured_runs(toy, tmp_path):
+    study, budget = load("study", toy[1], StudyConfig), load("budget", toy[3], BudgetConfig)
+    plan = runner.make_plan(study, budget, 2, tmp_path / "out", {"data.source": "imagefolder", "data.path": toy[-1],
+                                                                  "optim.epochs": 30})
+    assert {r.steps for r in plan.pretrains.values()} == {60}  # 30 epochs of 16 images at batch 8: the override counts
+    timings = runner.Timings(plan.out)
+    # 4 pretrains x 60 steps x 8 images at the budget's 100 img/s (19 s) and 6 probes at its 0.1 min (36 s)
+    assert runner.estimate(plan, timings).startswith("4 pretrain run(s) and 6 probe(s) to go of 4 and 6; about 1 min")
+    timings.add(plan, plan.rows[0].pretrains[0], 120.0, 60)  # a run of this model measured at 2 s a step
+    assert "about 9 min (pretrains at the speed this study measured" in runner.estimate(plan, timings)
 
-    from ldae_cli.config import BUNDLED_CONFIGS
 
-    for name in sorted(p.stem for p in (BUNDLED_CONFIGS / "study").glob("*.yaml")):
-        assert load("study", name, StudyConfig).variants
-    assert {load("budget", b, BudgetConfig).name for b in ("cpu", "gpu", "paper")} == {"cpu", "gpu", "paper"}
+def test_a_budget_that_upsamples_is_refused(toy, run_main, tmp_path):
+    res = run_main(*toy, "--seeds", "1", "--set", "data.image_size=64")
+    assert res.returncode == 1
+    assert "data.image_size 64 is above the native 32x32" in res.stderr and "never upsamples" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_paired_differences_standard_errors_and_verdicts():
+    import scipy.stats
+
+    for df in (1, 2, 3, 5, 10, 40):
+        assert t_quantile(0.975, df) == pytest.approx(scipy.stats.t.ppf(0.975, df), rel=1e-6)
+    reference = {0: 40.0, 1: 41.0, 2: 42.0}
+    ahead = paired({0: 41.0, 1: 42.1, 2: 42.9}, reference)  # diffs 1.0, 1.1, 0.9: se 0.0577, 4.30 x se = 0.25
+    assert ahead == {"seeds": 3, "mean": 1.0, "se": 0.06, "t": 4.3, "verdict": "ahead"}
+    assert paired({0: 39.0, 1: 40.1, 2: 40.9}, reference)["verdict"] == "behind"
+    noisy = paired({0: 43.0, 1: 40.0, 2: 43.0}, reference)  # diffs 3, -1, 1: mean 1 < 4.30 x 1.15
+    assert noisy["verdict"] == NO_DIFFERENCE and noisy["se"] == 1.15
+    one = paired({0: 50.0}, {0: 40.0})  # one seed: no standard error, nothing shown
+    assert one["verdict"] == NO_DIFFERENCE and one["se"] is None and one["mean"] == 10.0
+    assert paired({0: 41.0, 1: 42.0, 5: 99.0}, {0: 40.0, 1: 41.0})["seeds"] == 2  # only seeds both rows have
+
+
+class FakeChild:
+    """A child process whose wait is interrupted once (the signal reaching the study), then exits `code`."""
+
+    def __init__(self, signal: KeyboardInterrupt, code: int):
+        self.signal, self.code, self.terminated = signal, code, False
+
+    def wait(self):
+        if self.signal is not None:
+            signal, self.signal = self.signal, None
+            raise signal
+        return self.code
+
+    def terminate(self):
+        self.terminated = True
+
+
+@pytest.mark.parametrize("signal, code", [(KeyboardInterrupt(), 130), (Terminated(), 143)])
+def test_a_stop_ends_the_whole_study_even_when_the_child_finishes_its_run(signal, code, monkeypatch, tmp_path):
+    child = FakeChild(signal, 0)  # the child finished its last step after the signal and exited 0
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: child)
+    run = runner.Run("pretrain", tmp_path / "run", ["pretrain"], "l-DAE, seed 0")
+    with pytest.raises(Interrupted) as stop:
+        runner.launch(run, 1)
+    assert stop.value.code == code and "run the same command again" in str(stop.value)
+    assert child.terminated == isinstance(signal, Terminated)  # SIGTERM is passed on; Ctrl-C reached it already
+
+
+def test_every_bundled_study_and_budget_loads_and_no_budget_upsamples_cifar10(run_main):
+    studies = {p.stem: load("study", p.stem, StudyConfig) for p in sorted((BUNDLED_CONFIGS / "study").glob("*.yaml"))}
+    assert {"pixel-vs-latent", "pixel-dim", "latent-dim", "noise", "depth", "trajectory"} <= set(studies)
+    files = (BUNDLED_CONFIGS / "study" / "budget").glob("*.yaml")
+    budgets = {p.stem: load("budget", p.stem, BudgetConfig) for p in files}
+    assert {"cpu", "cpu-long", "gpu", "paper"} <= set(budgets)
+    for name, budget in budgets.items():  # the CIFAR-10 budgets stay at its native 32x32; paper is ImageNet's recipe
+        assert name == "paper" or budget.pretrain["data.image_size"] <= 32 and budget.pretrain["tokenizer.patch"] == 8
     res = run_main("study", "no-such-study")
-    assert res.returncode == 1 and "pixel-vs-latent" in res.stderr
+    assert res.returncode == 1 and "pixel-dim" in res.stderr
 
 
-def test_the_online_probe_agrees_with_the_offline_one(pattern_tree, tmp_path):
-    """The k-NN logged at the last step (live weights) is the k-NN of the saved checkpoint, read back and folded
-    as `ldae probe` reads it, on the same eval subset."""
-    from ldae_cli.config import config_from_dict
-    from ldae_cli.data import DataConfig, build_dataset
-    from ldae_cli.distributed import DistContext
-    from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig
-    from ldae_cli.pretrained import load_pretrained
+@pytest.mark.slow
+def test_every_bundled_study_plans_on_cifar10_at_the_cpu_and_gpu_budgets(tmp_path):
+    """Resolving every run of every study refuses nothing: no study or budget upsamples CIFAR-10."""
+    for budget in ("cpu", "cpu-long", "gpu"):
+        for path in sorted((BUNDLED_CONFIGS / "study").glob("*.yaml")):
+            plan = runner.make_plan(load("study", path.stem, StudyConfig), load("budget", budget, BudgetConfig), 1,
+                                    tmp_path, {"data.source": "cifar10"})
+            assert all(f.native == 32 and f.train_images == 50000 for f in plan.facts.values())
 
-    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                       "optim.epochs": 2, "optim.ema": 0.9})
-    logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
-    online = [r for r in logged if "online_knn_top1" in r]
-    assert [r["step"] for r in online] == [1, 2, 3, 4]  # a quarter of 4 steps apart, and the last one
-    pre = load_pretrained(ckpt)  # the EMA weights, as the probe reads them
-    cfg = config_from_dict(DataConfig, load_checkpoint(ckpt).config["data"])
-    subset = build_dataset(replace(cfg, limit=OnlineProbeConfig().images), "eval", augment=False, seed=0)
-    offline = OnlineProbe(OnlineProbeConfig(), None, subset, None, 0, 0)
-    knn, linear = offline.measure(pre, DistContext())
-    assert online[-1]["online_knn_top1"] == round(knn, 2)
-    assert online[-1]["online_linear_top1"] == round(linear, 2)
-    assert torch.isfinite(torch.tensor([knn, linear])).all()
+
+def test_the_depth_sweep_follows_the_models_blocks():
+    sweep = DepthSweep(24, {9: 58.5, 12: 64.5, 15: 59.7})
+    variants, split = depth_variants(sweep, ModelConfig(size="custom", width=64, encoder_depth=4, decoder_depth=4,
+                                                        num_heads=4))
+    assert [v.probe_set["probe.depth"] for v in variants] == list(range(1, 9))
+    assert split == "after 4 of 8 blocks (the split)"
+    assert {v.probe_set["probe.depth"]: v.paper for v in variants if v.paper} == {3: 58.5, 4: 64.5, 5: 59.7}
+    variants, split = depth_variants(sweep, ModelConfig(size="custom", width=64, encoder_depth=6, decoder_depth=6,
+                                                        num_heads=4))
+    assert split == "after 6 of 12 blocks (the split)" and [v.paper for v in variants if v.paper] == [64.5]
+
+
+def test_a_fixed_latent_scale_puts_the_same_noise_on_the_kept_components_at_every_d():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(48, 48))[0].T
+    eigenvalues = torch.linspace(4.0, 0.01, 48)
+    mean = torch.zeros(48)
+    at_16 = PCATokenizer(mean, basis, eigenvalues, 4, 16).scale[0]
+    assert at_16 == pytest.approx(float(eigenvalues[:16].mean().sqrt()))
+    for d in (8, 32, 48):
+        fixed = PCATokenizer(mean, basis, eigenvalues, 4, d, "fixed", 16)
+        assert torch.allclose(fixed.scale, at_16.expand(d))
+        again = PCATokenizer.from_export(*fixed.export())  # a pretrain checkpoint keeps the rule
+        assert torch.equal(again.scale, fixed.scale)
+        assert PCATokenizer(mean, basis, eigenvalues, 4, d).scale[0] != pytest.approx(float(at_16))  # global moves
+    with pytest.raises(LdaeError, match="scale_dim"):
+        TokenizerConfig(kind="pixel", latent_scale="fixed", scale_dim=16).validate()
+    with pytest.raises(LdaeError, match="latent_scale 'fixed'"):
+        TokenizerConfig(latent_scale="global", scale_dim=16).validate()
+
+
+def test_the_patch_space_of_a_pixel_only_study_is_measured_by_a_pca_of_its_own(pattern_tree, tmp_path):
+    pixel = {"tokenizer.kind": "pixel", "tokenizer.patch": 4, "tokenizer.dim": None, "tokenizer.latent_scale": "none"}
+    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pixel", **pixel)
+    [space] = patchspace.tables(tmp_path, [ckpt], {48})
+    assert space["D"] == 48 and space["pca"] == "patchspace/imagefolder-32-p4.safetensors"
+    assert list(space["share_pct"]) == [8, 16, 32] and 0 < space["share_pct"][8] < space["share_pct"][32] < 100
+    assert patchspace.noise_scale(ckpt) == {"noise_scale": 1.0}

@@ -11,12 +11,22 @@ from ldae_cli.reporting import read_metrics
 from ldae_cli.rundir import refuse_to_replace
 
 LOSS_KEYS = ("loss", "eval_loss", "ema_eval_loss")
-ACCURACY_KEYS = ("online_knn_top1", "online_linear_top1", "top1", "ema_top1")
+ONLINE_KEYS = ("online_knn_top1", "online_linear_top1")
+ACCURACY_KEYS = ("top1", "ema_top1")
 
 
 def output(path: Path) -> Path:
     """report.png in a run directory; <stem>.report.png beside a checkpoint."""
     return path / "report.png" if path.is_dir() else path.with_name(path.stem + ".report.png")
+
+
+def online_title(path: Path, records: list[dict]) -> str:
+    """The online probe's panel title: what it fits and tests on, as its last record says."""
+    last = next((r for r in reversed(records) if "online_fit_images" in r), None)
+    if last is None:
+        return f"{path.name}: online probe top-1 %"
+    return (f"{path.name}: online probe top-1 %\n(fit {last['online_fit_images']:,} train images, "
+            f"{last['online_fit_per_class']}/class; test {last['online_test_images']:,} eval images)")
 
 
 def main(paths: list[str], force: bool = False) -> list[Path]:
@@ -31,6 +41,7 @@ def main(paths: list[str], force: bool = False) -> list[Path]:
                 raise LdaeError(f"{path}: no metrics.jsonl in this run directory")
             records = read_metrics(metrics)
             png = save_panels(records, output(path), [(LOSS_KEYS, f"{path.name}: loss", True),
+                                                      (ONLINE_KEYS, online_title(path, records), False),
                                                       (ACCURACY_KEYS, f"{path.name}: top-1 % (eval split)", False)])
             if png is None:
                 raise LdaeError(f"{metrics}: no step-wise values to plot")

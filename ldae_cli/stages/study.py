@@ -1,15 +1,19 @@
 """`ldae study NAME`: one of the paper's comparisons (configs/study/NAME.yaml), every variant pretrained and
-probed under one budget (configs/study/budget/*.yaml) for several seeds; see ldae_cli/study.py."""
+probed under one budget (configs/study/budget/*.yaml) for several seeds; see ldae_cli/studies/."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
+import time
 from pathlib import Path
 
-from ldae_cli import study
 from ldae_cli.config import BUNDLED_CONFIGS, find_config, load_config, parse_override
 from ldae_cli.errors import LdaeError
+from ldae_cli.reporting import console
+from ldae_cli.studies import pages, results, runner
+from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 
 
 def load(kind: str, name: str, cls: type):
@@ -29,8 +33,8 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
          overrides: list[str], nproc: int = 1) -> list[Path]:
     if seeds < 1 or nproc < 1:
         raise LdaeError(f"--seeds and --nproc must be at least 1, got {seeds} and {nproc}")
-    spec = load("study", name, study.StudyConfig)
-    plan_budget = load("budget", budget, study.BudgetConfig)
+    spec = load("study", name, StudyConfig)
+    plan_budget = load("budget", budget, BudgetConfig)
     extra = {"data.path": data, "data.source": source}
     extra = {k: v for k, v in extra.items() if v is not None}
     for text in overrides:  # --set for every pretrain run of the study
@@ -38,4 +42,15 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
         extra[".".join(keys)] = value
     run_dir = Path(out) if out else Path("runs") / "study" / spec.name / plan_budget.name
     command = "ldae " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
-    return study.run_study(spec, plan_budget, seeds, run_dir, extra, nproc, command)
+    plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra)
+    written: list[Path] = []
+
+    def publish(complete: int) -> None:  # the page of the seeds complete so far, rewritten as more complete
+        written[:] = pages.write(results.collect(plan, complete, dataclasses.asdict(plan_budget), command), run_dir)
+
+    started = time.time()
+    runner.execute(plan, nproc, publish)
+    console.print(f"study {spec.name} done in {(time.time() - started) / 60:.1f} min; wrote "
+                  f"{', '.join(str(w) for w in written)}")
+    console.print((run_dir / "results.md").read_text())
+    return written

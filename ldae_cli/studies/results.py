@@ -1,0 +1,168 @@
+"""A study's numbers, read back from its runs: every probe's results.json, every run's resolved settings from its
+own checkpoint, and each row against the row it is compared with over paired seeds (the variants of one seed share
+run.seed): the mean difference, its standard error and a verdict computed from the two, nothing read into them.
+Paths are relative to the study directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+from ldae_cli.checkpoint import read_metadata
+from ldae_cli.config import config_from_dict
+from ldae_cli.data import DataConfig
+from ldae_cli.models import ModelConfig
+from ldae_cli.optim import OptimConfig
+from ldae_cli.reporting import read_metrics
+from ldae_cli.rundir import CHECKPOINT, METRICS
+from ldae_cli.studies import patchspace
+from ldae_cli.studies.runner import Plan, Row, Run, Timings
+from ldae_cli.studies.spec import data_key
+
+NO_DIFFERENCE = "no difference shown"
+MEASURES = {"linear": "best_top1", "knn": "knn_top1"}
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile: bisection on its distribution function (Simpson's rule on the density)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 2000) -> float:  # for x >= 0
+        f = [c * (1 + (x * i / n) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + x / n / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired(values: dict[int, float], reference: dict[int, float]) -> dict:
+    """Row minus reference, seed by seed: mean, standard error, t(0.975, n - 1) and the verdict, 'ahead' or
+    'behind' only when |mean| > t x standard error."""
+    seeds = sorted(set(values) & set(reference))
+    diffs = [values[s] - reference[s] for s in seeds]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return {"seeds": n, "mean": round(mean, 2), "se": None, "t": None, "verdict": NO_DIFFERENCE}
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    t = t_quantile(0.975, n - 1)
+    verdict = "ahead" if mean > t * se else "behind" if mean < -t * se else NO_DIFFERENCE
+    return {"seeds": n, "mean": round(mean, 2), "se": round(se, 2), "t": round(t, 2), "verdict": verdict}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return round(mean, 2), None
+    return round(mean, 2), round(math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)), 2)
+
+
+def wall_seconds(records: list[dict]) -> float | None:
+    """A run's training time over all its invocations (each restarts `time_s` from zero when it resumes)."""
+    total, last = 0.0, 0.0
+    for r in records:
+        if "time_s" in r:
+            total, last = (total + last, r["time_s"]) if r["time_s"] < last else (total, r["time_s"])
+    return round(total + last, 1) if records else None
+
+
+def pretrain_settings(ckpt: Path) -> dict:
+    """What a pretrain run ran, from the resolved config and metadata in its own checkpoint."""
+    meta = read_metadata(ckpt)
+    cfg, extra = meta["config"], meta["extra"]
+    data, tok, diffusion = cfg["data"], cfg["tokenizer"], cfg["diffusion"]
+    width, encoder, decoder, heads = config_from_dict(ModelConfig, cfg["model"]).resolved()
+    optim = config_from_dict(OptimConfig, cfg["optim"])
+    patch, size = tok["patch"], data["image_size"]
+    full = patch * patch * 3
+    return {"data": data["source"], "image_size": size, "patch": patch, "tokens": (size // patch) ** 2, "D": full,
+            "tokenizer": tok["kind"], "d": extra["tokenizer"].get("dim") or full,
+            "latent_scale": tok["latent_scale"] + (f" of d = {tok['scale_dim']}" if tok.get("scale_dim") else ""),
+            "model": f"width {width}, {encoder} + {decoder} blocks, {heads} heads", "batch": optim.batch_size,
+            "epochs": optim.epochs, "steps": extra["total_steps"], "lr": optim.base_lr(),
+            "warmup_epochs": optim.warmup_epochs, "ema": optim.ema,
+            "objective": f"{diffusion['schedule']} noise, predict {diffusion['target']}, loss weight "
+                         f"{diffusion['loss_weight']}, {diffusion['input_space']} in, {diffusion['output_space']} out"}
+
+
+def probe_settings(run: Run) -> dict:
+    meta = read_metadata(run.out / CHECKPOINT)
+    probe, data = meta["config"]["probe"], meta["config"]["data"]
+    mode = "fast mode (features of center crops, extracted once)" if probe["fast"] else \
+        "full mode (MAE's: random-resized crops and flips every epoch)"
+    return {"mode": mode, "epochs": probe["epochs"], "batch": probe["batch_size"],
+            "blrs": probe["blrs"], "knn_k": probe["knn_k"], "t": probe["t"], "depth": probe["depth"],
+            "features": probe["features"], "limit": data["limit"], "eval_split": data["eval_split"]}
+
+
+def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
+    """Each distinct training set the study's pretrains read: the identity their checkpoints record (a sha256 of
+    the training data) where they record one, else the source and its path relative to the study directory."""
+    seen = []
+    for ckpt in ckpts:
+        meta = read_metadata(ckpt)
+        facts = plan.facts[data_key(config_from_dict(DataConfig, meta["config"]["data"]))]
+        identity = meta["extra"].get("data_identity")
+        entry = {"source": meta["config"]["data"]["source"], "path": os.path.relpath(facts.location, plan.out),
+                 "train_sha256": identity.get("train") if isinstance(identity, dict) else identity,
+                 "train_images": facts.train_images, "native_size": facts.native}
+        if entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def relative(plan: Plan, path: Path) -> str:
+    return path.relative_to(plan.out).as_posix()
+
+
+def row_results(plan: Plan, row: Row, seeds: int) -> dict:
+    runs = []
+    for seed in range(seeds):
+        result = json.loads((row.probes[seed].out / "results.json").read_text())
+        pretrain = row.pretrains[seed]
+        runs.append({"seed": seed, "linear": result[MEASURES["linear"]], "knn": result[MEASURES["knn"]],
+                     "probe": relative(plan, row.probes[seed].out), "pretrain": relative(plan, pretrain.out),
+                     "probe_s": result.get("seconds"),
+                     "pretrain_s": None if row.baseline else wall_seconds(read_metrics(pretrain.out / METRICS))})
+    variant = row.variant
+    ckpt = row.pretrains[0].out / CHECKPOINT
+    out = {"name": row.name, "family": variant.family if variant else None, "versus": row.versus,
+           "baseline": row.baseline, "runs": runs, "paper": variant.paper if variant else None,
+           "paper_row": variant.paper_row if variant else None, "probe": probe_settings(row.probes[0]),
+           "settings": None if row.baseline else {**pretrain_settings(ckpt), **patchspace.noise_scale(ckpt)}}
+    for metric in MEASURES:
+        values = [r[metric] for r in runs if r[metric] is not None]
+        out[metric] = dict(zip(("mean", "std"), mean_std(values)))
+    return out
+
+
+def collect(plan: Plan, seeds: int, budget_file: dict, command: str) -> dict:
+    """results.json of the first `seeds` seeds (all complete)."""
+    rows = [row_results(plan, row, seeds) for row in plan.rows]
+    by_name = {r["name"]: r for r in rows}
+    for row in rows:
+        if row["versus"] is not None:
+            for metric in MEASURES:
+                values = {r["seed"]: r[metric] for r in row["runs"] if r[metric] is not None}
+                reference = {r["seed"]: r[metric] for r in by_name[row["versus"]]["runs"] if r[metric] is not None}
+                row[metric]["paired"] = paired(values, reference) if values and reference else None
+    ckpts = list(dict.fromkeys(row.pretrains[s].out / CHECKPOINT for row in plan.rows for s in range(seeds)))
+    timings = Timings(plan.out).runs
+    return {"study": plan.study.name, "description": plan.study.description.strip(), "budget": budget_file,
+            "seeds": list(range(seeds)), "seeds_planned": plan.seeds, "reference": plan.reference,
+            "variants": [dataclasses.asdict(row.variant) for row in plan.rows if row.variant is not None],
+            "baselines": list(plan.study.baselines), "dataset": dataset_identity(plan, ckpts),
+            "patch_space": patchspace.tables(plan.out, ckpts, {r["settings"]["d"] for r in rows if r["settings"]}),
+            "minutes": round(sum(t["seconds"] for t in timings.values()) / 60, 1), "rows": rows, "command": command}

@@ -1,0 +1,249 @@
+"""A study's runs: one `ldae pretrain` per distinct (config, overrides, seed), one `ldae probe` per row and seed,
+each an ordinary child process started with `--continue` in its directory of the study. The child starts its run,
+continues it, or, when the run is finished and its resolved settings are the ones asked for, says so and exits;
+a directory holding another run is refused by the child, so a study never publishes another study's numbers.
+Runs go seed by seed (every row of seed 0, then seed 1, ...), so a study stopped early has whole seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ldae_cli.checkpoint import read_metadata
+from ldae_cli.errors import Interrupted, LdaeError, Terminated
+from ldae_cli.reporting import console
+from ldae_cli.rundir import CHECKPOINT
+from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, Settings, StudyConfig, Variant,
+                                   check_rows, depth_variants, resolve, slug, survey, total_steps)
+
+TIMINGS = "timings.json"
+
+
+def as_sets(overrides: dict[str, Any]) -> list[str]:
+    """`--set` arguments; values as JSON, which the config loader reads back as the same YAML values."""
+    return [a for key, value in overrides.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+
+
+@dataclass
+class Run:
+    """One child process of the study: a pretrain or a probe, where it writes and how it is started."""
+
+    kind: Literal["pretrain", "probe"]
+    out: Path
+    args: list[str]  # the command without --out
+    label: str
+    steps: int = 0  # a pretrain's optimizer steps
+    batch: int = 0  # and its global batch
+    speed: str = ""  # pretrains with the same speed key run at the same speed (model, tokens, batch)
+
+    def finished(self) -> bool:
+        if self.kind == "probe":
+            return (self.out / "results.json").is_file()
+        return (self.out / CHECKPOINT).is_file() and bool(read_metadata(self.out / CHECKPOINT)["extra"].get("finished"))
+
+    def done_steps(self) -> int:
+        ckpt = self.out / CHECKPOINT
+        return int(read_metadata(ckpt)["extra"].get("step", 0)) if self.kind == "pretrain" and ckpt.is_file() else 0
+
+    def command(self) -> list[str]:
+        return [*self.args, "--out", str(self.out), "--continue"]
+
+
+@dataclass
+class Row:
+    """A row of the results: a variant (or a baseline) and its runs per seed."""
+
+    name: str
+    variant: Variant | None  # None: a baseline
+    baseline: str | None
+    versus: str | None  # the row it is compared with (None: it is the reference)
+    pretrains: dict[int, Run] = field(default_factory=dict)  # seed -> the pretrain whose checkpoint it probes
+    probes: dict[int, Run] = field(default_factory=dict)  # seed -> its probe
+
+
+@dataclass
+class Plan:
+    study: StudyConfig
+    budget: BudgetConfig
+    seeds: int
+    out: Path
+    pretrains: dict[str, Run]  # by the hash of (config, overrides)
+    facts: dict[tuple, DataFacts]
+    rows: list[Row]
+    reference: str
+
+    def seed_runs(self, seed: int) -> list[Run]:
+        """The pretrains of this seed (each once), then its probes."""
+        pretrains = {id(row.pretrains[seed]): row.pretrains[seed] for row in self.rows}
+        return list(pretrains.values()) + [row.probes[seed] for row in self.rows]
+
+
+def variants_of(study: StudyConfig, base: dict[str, Any]) -> tuple[list[Variant], str]:
+    """The study's variants (a depth sweep's for the budget's model) and its reference row."""
+    if study.depth_sweep is not None:
+        variants, split = depth_variants(study.depth_sweep, resolve(study.pretrain, base).model)
+        return variants, study.reference or split
+    return study.variants, study.reference or study.variants[0].name
+
+
+def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, extra: dict[str, Any]) -> Plan:
+    """Every run of the study, each pretrain's settings resolved and its data surveyed (refused if upsampled)."""
+    variants, reference = variants_of(study, {**budget.pretrain, **extra})
+    pretrains: dict[str, Run] = {}
+    settings: dict[str, Settings] = {}
+    rows = []
+    for variant in variants:
+        config = variant.pretrain or study.pretrain
+        row = Row(variant.name, variant, None, None if variant.name == reference else variant.versus or reference)
+        for seed in range(seeds):
+            overrides = {**budget.pretrain, **variant.set, **extra, "run.seed": seed}
+            key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:16]
+            if key not in pretrains:
+                settings[key] = resolve(config, overrides)
+                pretrains[key] = Run("pretrain", out / "pretrain" / f"{slug(variant.name)}-s{seed}",
+                                     ["pretrain", "--config", config, *as_sets(overrides)],
+                                     f"{variant.name}, seed {seed}")
+            row.pretrains[seed] = pretrains[key]
+            probe = {**budget.probe, **variant.probe_set, "run.seed": seed}
+            row.probes[seed] = probe_run(budget, out, variant.name, seed, pretrains[key], probe)
+        rows.append(row)
+    for baseline in study.baselines:
+        name = BASELINE_NAMES[baseline]
+        row = Row(name, None, baseline, reference)
+        for seed in range(seeds):
+            row.pretrains[seed] = rows[0].pretrains[seed]  # its architecture (random init) and data
+            probe = {**budget.probe, "run.seed": seed, **({"probe.features": "pixels"} if baseline == "pixels" else {})}
+            row.probes[seed] = probe_run(budget, out, name, seed, row.pretrains[seed], probe,
+                                         ["--random-init"] if baseline == "random-init" else [])
+        rows.append(row)
+    check_rows([r.name for r in rows], {r.name: r.versus for r in rows}, f"study {study.name}")
+    facts = survey(list(settings.values()), budget.name)
+    for key, run in pretrains.items():
+        s = settings[key]
+        width, encoder, decoder, heads = s.model.resolved()
+        run.steps, run.batch = total_steps(s, facts), s.optim.batch_size
+        run.speed = f"{width} {encoder}+{decoder} {heads} {(s.data.image_size // s.tokenizer.patch) ** 2} " \
+                    f"{s.optim.batch_size}"
+    return Plan(study, budget, seeds, out, pretrains, facts, rows, reference)
+
+
+def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
+              flags: list[str] = ()) -> Run:
+    return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
+               ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
+                *as_sets(overrides)], f"{name}, seed {seed}")
+
+
+class Timings:
+    """Seconds each run's launches took (start to exit: process start, PCA fit and online probes included) and the
+    steps they made, in the study's timings.json: the estimate's measured speeds and the study's total time."""
+
+    def __init__(self, out: Path):
+        self.path = out / TIMINGS
+        self.runs: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def add(self, plan: Plan, run: Run, seconds: float, steps: int) -> None:
+        entry = self.runs.setdefault(run.out.relative_to(plan.out).as_posix(), {"seconds": 0.0, "steps": 0})
+        entry["seconds"], entry["steps"] = round(entry["seconds"] + seconds, 1), entry["steps"] + steps
+        if run.kind == "pretrain":
+            entry["speed"] = run.speed
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.runs, indent=1) + "\n")
+
+    def seconds_per_step(self, speed: str) -> float | None:
+        done = [e for e in self.runs.values() if e.get("speed") == speed and e["steps"]]
+        return sum(e["seconds"] for e in done) / sum(e["steps"] for e in done) if done else None
+
+    def probe_seconds(self) -> float | None:
+        done = [e["seconds"] for key, e in self.runs.items() if key.startswith("probe/")]
+        return sum(done) / len(done) if done else None
+
+
+def estimate(plan: Plan, timings: Timings) -> str:
+    """What is left to run and how long it takes: each pretrain's remaining steps at the speed this study measured
+    for its model (the budget's images per second until it has), each probe at its measured mean (or the budget's)."""
+    pretrains = [r for r in plan.pretrains.values() if not r.finished()]
+    probes = [r for row in plan.rows for r in row.probes.values() if not r.finished()]
+    seconds, measured = 0.0, set()
+    budget = plan.budget
+    for run in pretrains:
+        rate = timings.seconds_per_step(run.speed)
+        measured.add(rate is not None)
+        seconds += (run.steps - run.done_steps()) * (rate or run.batch / budget.images_per_second)
+    probe_s = timings.probe_seconds()
+    seconds += len(probes) * (probe_s or 60 * budget.probe_minutes)
+    if not measured:
+        how = []
+    elif measured == {True}:
+        how = ["pretrains at the speed this study measured"]
+    else:
+        how = [f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s"
+               + (" where this study has measured none" if True in measured else "")]
+    how.append(f"probes {probe_s / 60:.1f} min as measured" if probe_s else
+               f"probes {budget.probe_minutes:g} min, the budget's figure")
+    return (f"{len(pretrains)} pretrain run(s) and {len(probes)} probe(s) to go of {len(plan.pretrains)} and "
+            f"{sum(len(r.probes) for r in plan.rows)}; about {seconds / 60:.0f} min ({'; '.join(how)})")
+
+
+def wait_for(proc: subprocess.Popen) -> tuple[int, KeyboardInterrupt | None]:
+    """The child's exit code, and the Ctrl-C or SIGTERM that came meanwhile, if one did. Ctrl-C reaches the child
+    from the terminal, SIGTERM is passed on: it saves and stops, and the study stops after it whatever it exits
+    with (a child may finish its last step and exit 0 after the signal)."""
+    stop = None
+    while True:
+        try:
+            return proc.wait(), stop
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Terminated) and stop is None:
+                proc.terminate()
+            stop = stop or exc
+
+
+def launch(run: Run, nproc: int) -> None:
+    """One `ldae` child, its output on this terminal; a failure or a stop ends the study with one line."""
+    prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else \
+        [sys.executable]
+    code, stop = wait_for(subprocess.Popen([*prefix, "-m", "ldae_cli", *run.command()], env=os.environ.copy()))
+    if stop is not None:
+        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        raise Interrupted(f"study stopped by {how} during {run.kind} {run.label}; every finished run and what that "
+                          "one saved are kept: run the same command again to continue",
+                          143 if isinstance(stop, Terminated) else 130)
+    if code != 0:
+        raise LdaeError(f"{run.kind} {run.label} failed (exit {code}, its error is above; its run is {run.out}); a "
+                        "study never replaces a run: fix the cause, or use another --out, and run the same command "
+                        "again (finished runs are kept)")
+    if not run.finished():
+        raise LdaeError(f"{run.kind} {run.label} stopped before its last step ({run.out}), e.g. at a time limit; run "
+                        "the same command again to continue it")
+
+
+def execute(plan: Plan, nproc: int, after_seed) -> None:
+    """Every run, seed by seed; `after_seed(n)` once the first n seeds are complete."""
+    timings = Timings(plan.out)
+    console.print(f"study {plan.study.name}, budget {plan.budget.name}, {plan.seeds} seed(s): "
+                  f"{estimate(plan, timings)}", soft_wrap=True)
+    count = sum(len(plan.seed_runs(seed)) for seed in range(plan.seeds))
+    index = 0
+    for seed in range(plan.seeds):
+        for run in plan.seed_runs(seed):
+            index += 1
+            finished, steps = run.finished(), run.done_steps()
+            state = "finished: checked to be this study's run" if finished else \
+                f"continued from step {steps}" if steps else "new"
+            console.print(f"[bold]study {index}/{count}[/bold]: {run.kind} {run.label} ({state}) -> {run.out}",
+                          soft_wrap=True)
+            started = time.time()
+            launch(run, nproc)
+            if not finished:
+                timings.add(plan, run, time.time() - started, run.done_steps() - steps)
+                console.print(f"study {plan.study.name}: {estimate(plan, timings)}", soft_wrap=True)
+        after_seed(seed + 1)

@@ -1,0 +1,166 @@
+"""What a study is: its variants (a pretrain config plus overrides, and probe overrides), the budget every run gets,
+and each run's settings resolved from the two before anything runs, as `ldae pretrain` resolves them: to refuse a
+budget that would upsample the data, to plan the runs and to estimate their time."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ldae_cli.config import _read_yaml, apply_override, config_from_dict, find_config
+from ldae_cli.data import DataConfig
+from ldae_cli.diffusion import DiffusionConfig
+from ldae_cli.distributed import DistContext
+from ldae_cli.errors import LdaeError
+from ldae_cli.models import ModelConfig
+from ldae_cli.optim import OptimConfig, plan_steps
+from ldae_cli.sources import median_short_side, open_source, resolve_path
+from ldae_cli.tokenizers import TokenizerConfig
+
+Baseline = Literal["random-init", "pixels"]
+BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
+
+
+@dataclass
+class Variant:
+    name: str
+    pretrain: Optional[str] = None  # its pretrain config (a path or a bundled name); null: the study's
+    set: dict[str, Any] = field(default_factory=dict)  # overrides of that config (`--set` keys), after the budget's
+    probe_set: dict[str, Any] = field(default_factory=dict)  # overrides of the budget's probe, e.g. probe.depth
+    family: Optional[str] = None  # rows read together on the page (e.g. one latent-scale rule)
+    versus: Optional[str] = None  # the row this one is compared with; null: the study's reference
+    paper: Optional[float] = None  # the paper's ImageNet linear-probe top-1 for this setting, where it gives one
+    paper_row: Optional[str] = None  # where in the paper that is, or what it says where it gives no number
+
+
+@dataclass
+class DepthSweep:
+    """One variant per encoder cut k = 1 .. every block of the budget's model (probe.depth = k), the paper's number
+    beside each k whose share k / N of the blocks is one of its cuts (after `paper` blocks of `of`)."""
+
+    of: int = 24
+    paper: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    description: str = ""  # what is compared and what the paper finds; a page's settings come from its runs
+    pretrain: str = "final.yaml"  # the pretrain config every variant starts from
+    variants: list[Variant] = field(default_factory=list)
+    baselines: list[Baseline] = field(default_factory=list)  # probed on the first variant's architecture and data
+    reference: Optional[str] = None  # the row the others are compared with; null: the first (a sweep's: the split)
+    depth_sweep: Optional[DepthSweep] = None  # instead of variants: one per encoder cut of the budget's model
+
+    def validate(self) -> None:
+        if bool(self.variants) == (self.depth_sweep is not None):
+            raise LdaeError("a study gives either variants (one or more) or depth_sweep")
+
+
+@dataclass
+class BudgetConfig:
+    """What every run of a study gets (pretrain and probe overrides), and the speed of the machine the budget is
+    made for, which the estimate printed before a study uses until the study has timed runs of its own."""
+
+    name: str = "budget"
+    pretrain: dict[str, Any] = field(default_factory=dict)  # --set overrides of every pretrain run
+    probe_config: str = "probe/small-fast.yaml"
+    probe: dict[str, Any] = field(default_factory=dict)  # --set overrides of every probe
+    images_per_second: float = 500.0  # pretraining speed, every process start and PCA fit included
+    probe_minutes: float = 2.0  # one probe, start to end
+
+    def validate(self) -> None:
+        if not (self.images_per_second > 0 and self.probe_minutes > 0):
+            raise LdaeError(f"budget {self.name}: images_per_second and probe_minutes must be positive")
+
+
+SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
+            "optim": OptimConfig}
+
+
+@dataclass
+class Settings:
+    """The sections of a pretrain run's config that a study reads."""
+
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    optim: OptimConfig
+
+
+def resolve(config: str, overrides: dict[str, Any]) -> Settings:
+    """The settings `ldae pretrain --config CONFIG --set KEY=VALUE ...` runs with."""
+    raw = _read_yaml(find_config(config))
+    for key, value in overrides.items():
+        apply_override(raw, key.split("."), value)
+    return Settings(**{name: config_from_dict(cls, raw.get(name) or {}) for name, cls in SECTIONS.items()})
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"
+
+
+def depth_variants(sweep: DepthSweep, model: ModelConfig) -> tuple[list[Variant], str]:
+    """The sweep's variants for this model, and the name of the one at the encoder/decoder split."""
+    _, encoder, decoder, _ = model.resolved()
+    blocks = encoder + decoder
+    variants = []
+    for k in range(1, blocks + 1):
+        cut = k * sweep.of / blocks
+        paper = sweep.paper.get(int(cut)) if cut.is_integer() else None
+        variants.append(Variant(f"after {k} of {blocks} blocks" + (" (the split)" if k == encoder else ""),
+                                probe_set={"probe.depth": k}, paper=paper,
+                                paper_row=f"A: {int(cut)} of {sweep.of}" if paper is not None else None))
+    return variants, variants[encoder - 1].name
+
+
+def check_rows(names: list[str], versus: dict[str, str | None], where: str) -> None:
+    """Row names distinct (also as run directory names), every comparison naming a row."""
+    slugs = [slug(n) for n in names]
+    if len(set(slugs)) < len(slugs):
+        raise LdaeError(f"{where}: row names must differ (also in letters and digits alone), got {names}")
+    for name, other in versus.items():
+        if other is not None and other not in names:
+            raise LdaeError(f"{where}: row '{name}' is compared with '{other}', which is not a row; rows: "
+                            f"{', '.join(names)}")
+
+
+@dataclass
+class DataFacts:
+    """What a study needs to know of the data its runs train on."""
+
+    native: int | None  # the median short side of its training images
+    train_images: int
+    location: Path
+
+
+def data_key(data: DataConfig) -> tuple:
+    return data.source, data.path, data.train_split, data.limit
+
+
+def survey(settings: list[Settings], budget: str) -> dict[tuple, DataFacts]:
+    """The data of every run; a run whose data.image_size is above its data's native size is refused."""
+    facts: dict[tuple, DataFacts] = {}
+    for s in settings:
+        key = data_key(s.data)
+        if key not in facts:
+            source = open_source(s.data, "train")
+            facts[key] = DataFacts(median_short_side(source), min(len(source), s.data.limit or len(source)),
+                                   resolve_path(s.data))
+        native = facts[key].native
+        if native is not None and s.data.image_size > native:
+            p = s.tokenizer.patch
+            raise LdaeError(f"budget {budget}: data.image_size {s.data.image_size} is above the native "
+                            f"{native}x{native} of {s.data.source} at {facts[key].location} (the median short side of "
+                            f"its training images); a study never upsamples, since an upsampled {p}x{p} patch carries "
+                            f"fewer than its {p * p * 3} values: use a budget at or below {native}, or --set "
+                            f"data.image_size={native}")
+    return facts
+
+
+def total_steps(s: Settings, facts: dict[tuple, DataFacts]) -> int:
+    """Optimizer steps of a pretrain run with these settings (as the run plans them)."""
+    return plan_steps(facts[data_key(s.data)].train_images, s.optim, 0, DistContext()).total_steps
