@@ -76,6 +76,7 @@ def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["l-DAE", "pixel DAE", "random init (same network)"]
     assert results["seeds"] == [0, 1] and results["budget"]["name"] == "toy" and results["reference"] == "l-DAE"
+    assert results["command"].startswith("ldae study ") and "--out" not in results["command"]  # where is no setting
     assert [v["name"] for v in results["variants"]] == ["l-DAE", "pixel DAE"]
     assert results["dataset"][0]["train_sha256"] == read_metadata(first)["extra"]["data_identity"]
     own = {}

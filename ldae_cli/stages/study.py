@@ -29,6 +29,13 @@ def load(kind: str, name: str, cls: type):
     return load_config(cls, path)
 
 
+def reproduce(argv: list[str]) -> str:
+    """The command line that made a study, without --out: where it ran is no part of what it shows."""
+    kept = [arg for i, arg in enumerate(argv)
+            if not (arg == "--out" or arg.startswith("--out=") or (i and argv[i - 1] == "--out"))]
+    return "ldae " + " ".join(shlex.quote(a) for a in kept)
+
+
 def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, source: str | None,
          overrides: list[str], nproc: int = 1) -> list[Path]:
     if seeds < 1 or nproc < 1:
@@ -41,7 +48,7 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
         keys, value = parse_override(text)
         extra[".".join(keys)] = value
     run_dir = Path(out) if out else Path("runs") / "study" / spec.name / plan_budget.name
-    command = "ldae " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
+    command = reproduce(sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
     plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra)
     written: list[Path] = []
 
