@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from ldae_cli import __version__
 from ldae_cli.errors import Finished, Interrupted, LdaeError, Terminated
-from ldae_cli.reporting import console, err_console, kept
+from ldae_cli.logs import console, err_console, kept
 
 app = typer.Typer(
     name="ldae",
@@ -309,7 +309,7 @@ def launch(
 
     call(stage.main, argv=list(ctx.args), runner=run_in_process, local=local, nodes=nodes,
          gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, partition=partition, time_min=time_min,
-         folder=folder, slurm=slurm or [], wait=wait)
+         folder=folder, sbatch=slurm or [], wait=wait)
 
 
 @app.command("export")

@@ -15,7 +15,7 @@ import os
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError, short
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.discovery import detect, eval_split_of
+from ldae_cli.seeds import flip, subset_generator
 from ldae_cli.sources import ImageSource, decode, median_short_side, open_source, resolve_path
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
@@ -145,15 +146,6 @@ def random_resized_box(w: int, h: int, scale: tuple[float, float], rng: random.R
     return center_square(w, h)
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """One integer per (run seed, epoch, image) that drives that image's random crop and flip."""
-    return (seed * 0x9E3779B1 + epoch * 0x85EBCA6B + index * 0xC2B2AE35) & 0x7FFFFFFF
-
-
-def should_flip(aug_seed: int) -> bool:
-    return random.Random(aug_seed ^ 0x5BD1E995).random() < 0.5
-
-
 def prepare(img: Image.Image, size: int, crop: str = "center", crop_scale=(0.2, 1.0), hflip: bool = False,
             aug_seed: int = 0) -> torch.Tensor:
     """PIL image -> uint8 tensor (3, size, size) after the configured crop."""
@@ -165,7 +157,7 @@ def prepare(img: Image.Image, size: int, crop: str = "center", crop_scale=(0.2, 
         box = center_square(w, h)
     if box != (0, 0, w, h) or (w, h) != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    if hflip and should_flip(aug_seed):
+    if hflip and flip(aug_seed):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -268,15 +260,15 @@ class ImageDataset(torch.utils.data.Dataset):
                 data = torch.frombuffer(bytearray(self.source.encoded(self._raw(i))), dtype=torch.uint8)
             except OSError as exc:
                 return BadImage(self.name(i), short(exc))
-            return Encoded(data, self.hflip and should_flip(aug_seed)), self.label(i)
+            return Encoded(data, self.hflip and flip(aug_seed)), self.label(i)
         if self.cached is not None:
             img = self.cached[i]
-            if self.hflip and should_flip(aug_seed):
+            if self.hflip and flip(aug_seed):
                 img = img.flip(-1)
         elif self.crop == "center" and getattr(self.source, "stored_size", None) == self.size:
             # a prepared dataset at this size holds exactly what the crop and resize below would give
             img = torch.from_numpy(np.array(self.source.array(self._raw(i)))).permute(2, 0, 1).contiguous()
-            if self.hflip and should_flip(aug_seed):
+            if self.hflip and flip(aug_seed):
                 img = img.flip(-1)
         else:
             try:
@@ -421,7 +413,7 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     crop = cfg.crop if augment else "center"
     subset = None
     if cfg.limit is not None and cfg.limit < len(source):
-        g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
+        g = subset_generator(seed, "train subset" if split == "train" else "eval subset")
         subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
     encoded = training_stream and cfg.decode == "gpu" and crop == "center" and transform is None
     ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
@@ -443,56 +435,4 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
 # Seeded global batches, split across ranks and micro-batches
 # ---------------------------------------------------------------------------------------------
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
-
-def largest_batch(n: int, multiple: int) -> int:
-    """The largest power-of-two batch (a multiple of `multiple`) that `n` images fill, for error messages."""
-    batch = multiple
-    while batch * 2 <= n:
-        batch *= 2
-    return batch
-
-
-class StepBatches:
-    """Yields, for each optimizer step from `start_step`, this rank's micro-batches of (index, aug_seed).
-
-    Step s of epoch e uses positions [s*B, (s+1)*B) of that epoch's seeded permutation; rank r of
-    W takes an equal slice, cut into `accum` micro-batches. The global batch, and so the loss
-    curve, is the same whatever W and accum are.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1,
-                 start_step: int = 0, total_steps: int | None = None, key: str = "optim.batch_size"):
-        if global_batch % (world * accum):
-            raise LdaeError(f"global batch {global_batch} is not divisible by ranks ({world}) x accumulation "
-                            f"steps ({accum})")
-        if n < global_batch:
-            raise LdaeError(f"the training data has {n:,} images, fewer than one global batch of {global_batch:,}; "
-                            f"lower {key} (e.g. --set {key}={largest_batch(n, world * accum)}) or add images")
-        self.n, self.batch, self.seed, self.rank, self.world, self.accum = n, global_batch, seed, rank, world, accum
-        self.steps_per_epoch = n // global_batch
-        self.start_step = start_step
-        self.total_steps = total_steps
-
-    def micro_batches(self, step: int) -> list[list[tuple[int, int]]]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = epoch_order(self.n, self.seed, epoch)
-        per_rank = self.batch // self.world
-        lo = within * self.batch + self.rank * per_rank
-        idx = order[lo: lo + per_rank].tolist()
-        keys = [(i, sample_seed(self.seed, epoch, i)) for i in idx]
-        m = per_rank // self.accum
-        return [keys[k * m:(k + 1) * m] for k in range(self.accum)]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        step = self.start_step
-        while self.total_steps is None or step < self.total_steps:
-            yield from self.micro_batches(step)
-            step += 1
-
-    def __len__(self) -> int:
-        if self.total_steps is None:
-            raise TypeError("unbounded")
-        return (self.total_steps - self.start_step) * self.accum

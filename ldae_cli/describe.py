@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from ldae_cli.checkpoint import read_metadata, sha256_file
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import read_metrics
+from ldae_cli.logs import read_metrics
 from ldae_cli.rundir import CHECKPOINT, METRICS
 
 # pretrained.TIMM_WEIGHTS, named here so that describing an ldae checkpoint never imports pretrained (and timm,

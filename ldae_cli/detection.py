@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import itertools
 import json
 import math
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from ldae_cli.seeds import SeededSteps, stream_generator, stream_sample_seed
 from ldae_cli.errors import LdaeError
 
 NET_PREFIX = "backbone.net."  # where detectron2's SimpleFeaturePyramid keeps the plain ViT
@@ -81,7 +81,7 @@ class BackboneSpec:
 
 
 @dataclass
-class DetectorSettings:
+class DetectorSpec:
     """The parts of the recipe the model is built from (the stage maps its config onto these)."""
 
     image_size: int
@@ -111,7 +111,7 @@ def model_zoo_config(name: str) -> Path:
     return path
 
 
-def detector_config(spec: BackboneSpec, s: DetectorSettings):
+def detector_config(spec: BackboneSpec, s: DetectorSpec):
     """detectron2's LazyConfig for ViTDet Mask R-CNN (common/models/mask_rcnn_vitdet.py), adjusted.
 
     Changed from the zoo file: our encoder's shape, tanh-GELU (the DiT blocks use it), no class token,
@@ -165,7 +165,7 @@ def detector_config(spec: BackboneSpec, s: DetectorSettings):
     return model
 
 
-def build_detector(spec: BackboneSpec, settings: DetectorSettings) -> nn.Module:
+def build_detector(spec: BackboneSpec, settings: DetectorSpec) -> nn.Module:
     from detectron2.config import instantiate
 
     if settings.image_size % (spec.patch_size * 4):
@@ -379,33 +379,18 @@ class SeededStream(torch.utils.data.Dataset):
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:  # only the current epoch's order is kept
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(len(self.dicts), generator=gen).tolist()}
+            self._orders = {epoch: torch.randperm(len(self.dicts), generator=stream_generator(self.seed, epoch)).tolist()}
         return self._orders[epoch]
 
     def __getitem__(self, k: int) -> dict:
         epoch, pos = divmod(k, len(self.dicts))
         record = polygons_to_rle(self.dicts[self._order(epoch)[pos]])
         state = np.random.get_state()
-        np.random.seed((self.seed * 1_000_003 + k) % 2**32)
+        np.random.seed(stream_sample_seed(self.seed, k))
         try:
             return self.mapper(record)
         finally:
             np.random.set_state(state)
-
-
-class StreamSampler(torch.utils.data.Sampler):
-    """This rank's stream positions from `start_step` on: step s holds positions s*G .. s*G+G-1 of the
-    global stream, rank r takes [s*G + r*b, s*G + (r+1)*b) with b = G / world, in micro-batch order."""
-
-    def __init__(self, global_batch: int, rank: int, world: int, start_step: int):
-        self.global_batch, self.per_rank = global_batch, global_batch // world
-        self.rank, self.start_step = rank, start_step
-
-    def __iter__(self) -> Iterator[int]:
-        for step in itertools.count(self.start_step):
-            base = step * self.global_batch + self.rank * self.per_rank
-            yield from range(base, base + self.per_rank)
 
 
 def train_loader(dicts: list[dict], image_size: int, scale_range: tuple[float, float], seed: int,
@@ -420,7 +405,7 @@ def train_loader(dicts: list[dict], image_size: int, scale_range: tuple[float, f
 
     dataset = SeededStream(dicts, lsj_mapper(image_size, scale_range, train=True), seed)
     return build_detection_train_loader(
-        dataset, mapper=None, sampler=StreamSampler(global_batch, rank, world, start_step),
+        dataset, mapper=None, sampler=SeededSteps(len(dicts), global_batch, seed, rank, world, start_step=start_step, layout="stream"),
         total_batch_size=micro_batch * world, aspect_ratio_grouping=False, num_workers=num_workers)
 
 

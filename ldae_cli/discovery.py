@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ldae_cli.errors import LdaeError, short
-from ldae_cli.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceSettings, FMNIST_FILES, is_image,
+from ldae_cli.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceConfig, FMNIST_FILES, is_image,
                               default_locations, read_prepared, resolve_path)
 
 
@@ -88,7 +88,7 @@ def eval_split_of(root: Path) -> Detected:
     return Detected("imagefolder", found[0], [f"data: evaluation split '{found[0]}'{also}"])
 
 
-def check_splits(cfg: SourceSettings, names: list[str]) -> None:
+def check_splits(cfg: SourceConfig, names: list[str]) -> None:
     """Each named split is there (without reading its images): what a command checks before it writes anything."""
     root = resolve_path(cfg)
     if root.is_dir() and (root / PREPARED).is_file():

@@ -1,4 +1,5 @@
-"""torch.distributed set-up for `torchrun` launches (DDP; nccl on GPU, gloo on CPU), multi-node ready."""
+"""The processes a run is: torch.distributed set-up for `torchrun` launches (DDP; nccl on GPU, gloo on CPU),
+multi-node ready; the device and the autocast precision each process computes in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli.errors import LdaeError
+
+
+PREEMPTIBLE = "LDAE_PREEMPTIBLE"  # set in an `ldae launch` job: the loop also stops cleanly on SIGUSR2
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """run.precision on `device`: bf16 autocast ('bf16', or 'auto' on CUDA), else None (fp32)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 @dataclass

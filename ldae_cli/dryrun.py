@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ldae_cli import rundir
 from ldae_cli.config import dump_yaml
-from ldae_cli.reporting import clock, console
+from ldae_cli.logs import clock, console
 
 
 def print_config(cfg) -> None:

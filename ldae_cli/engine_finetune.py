@@ -1,4 +1,4 @@
-"""Fine-tuning on the engine (MAE protocol): timm's RandAugment, random erasing, Mixup/CutMix with label
+"""Fine-tuning on the Trainer (MAE protocol): timm's RandAugment, random erasing, Mixup/CutMix with label
 smoothing, layer-wise lr decay, EMA; per-epoch top-1/top-5 of the raw and the EMA weights and the best
 checkpoint beside the run's own; DDP. The Trainer does checkpoints, exact resume, NaN guard and metrics.
 
@@ -12,6 +12,8 @@ part of the recipe).
 
 from __future__ import annotations
 
+from typing import Literal, Optional
+from dataclasses import dataclass, field
 import contextlib
 import random
 
@@ -26,40 +28,139 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
+from ldae_cli.config import require
+from ldae_cli.data import DataConfig
+from ldae_cli.models import SizeName, check_shape, resolve_size
+from ldae_cli.optim import OptimConfig
+from ldae_cli.pretrained import DEFAULT_T
+from ldae_cli.seeds import batch_seed, seeded_rngs
+from ldae_cli.session import RunConfig
 from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
-from ldae_cli.distributed import DistContext, all_reduce_sum, barrier
-from ldae_cli.engine import Curve, Trainer, micro_batches
-from ldae_cli.train_state import Evaluation
+from ldae_cli.distributed import DistContext, all_reduce_sum, amp_dtype, barrier
+from ldae_cli.hooks import Curve, Curves, Description, Evaluation, LogLine
+from ldae_cli.train_state import TrainState
+from ldae_cli.trainer import Trainer, micro_batches
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import make_adamw, plan_steps
-from ldae_cli.reporting import console
-from ldae_cli.runs import Session, amp_dtype
+from ldae_cli.optim import make_adamw, make_ema, plan_steps
+from ldae_cli.logs import console
+from ldae_cli.session import Session
+
+
+# a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved
+RESUMABLE = ("model.ckpt",)
+
+
+# what a finetune checkpoint says about its network, carried over unchanged by --resume
+DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "init")
+
+
+@dataclass
+class ArchConfig:
+    """The ViT that --from-scratch builds when no --ckpt is given (ignored when there is one)."""
+
+    size: SizeName = "B"  # the encoder of one of the pretrain sizes (models.SIZES)
+    width: Optional[int] = None  # these three override the size preset (all three needed for 'custom')
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    patch: int = 16
+    mlp_ratio: float = 4.0
+
+    def resolved(self) -> tuple[int, int, int]:
+        return resolve_size("model.arch", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
+
+    def validate(self) -> None:
+        width, depth, heads = self.resolved()
+        check_shape("model.arch", width, heads)
+        require("model.arch", "a positive integer", lambda v: v > 0, depth=depth, patch=self.patch)
+        require("model.arch", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio)
+
+
+@dataclass
+class FinetuneModelConfig:
+    ckpt: Optional[str] = None  # --ckpt: a pretrain checkpoint or an encoder from `ldae export`
+    from_scratch: bool = False  # --from-scratch: the same network, randomly initialised
+    t: int = DEFAULT_T  # timestep the pretrained adaLN encoder is folded at
+    depth: Optional[int] = None  # blocks taken from the pretrained model; null = its encoder depth
+    pretrain_ema: Optional[bool] = None  # which pretrain weights: null = the EMA when that run kept one
+    drop_path: float = 0.1
+    head_init_std: float = 2e-5  # MAE: trunc-normal head weights, zero bias
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+    def validate(self) -> None:
+        if not 0 <= self.drop_path < 1:
+            raise LdaeError(f"model.drop_path is a rate in [0, 1), got {self.drop_path}")
+        if self.head_init_std <= 0:
+            raise LdaeError(f"model.head_init_std must be positive, got {self.head_init_std}")
+        require("model", ">= 0", lambda v: v >= 0, t=self.t)
+        require("model", "a positive integer", lambda v: v > 0, depth=self.depth)
+
+
+@dataclass
+class AugConfig:
+    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
+    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    switch_prob: float = 0.5  # CutMix instead of mixup, when both are on
+    mix_mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+    erase_prob: float = 0.25  # random erasing; 0 = off
+    erase_mode: Literal["pixel", "rand", "const"] = "pixel"
+    erase_count: int = 1
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
+
+    def validate(self) -> None:
+        for name in ("mix_prob", "switch_prob", "erase_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LdaeError(f"aug.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1 or self.erase_count < 1:
+            raise LdaeError("aug: mixup and cutmix must be >= 0, label_smoothing in [0, 1), erase_count >= 1")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The MAE fine-tuning defaults (ViT-B): AdamW, wd 0.05, 5 warm-up epochs of 100, EMA 0.9999."""
+
+    batch_size: int = 1024
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    epochs: float = 100.0
+    warmup_epochs: float = 5.0
+    ema: Optional[float] = 0.9999
+    layer_decay: float = 0.75  # block i of N gets lr x layer_decay^(N - i); 1 = no decay
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.layer_decay <= 1:
+            raise LdaeError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
+
+
+def _finetune_data() -> DataConfig:
+    return DataConfig(crop="random-resized", crop_scale=[0.08, 1.0], hflip=True)
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=_finetune_data)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        if self.data.source == "images":
+            raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
+                            "(use cifar10, fashion-mnist or imagefolder)")
 
 BEST = "best.safetensors"
 # RandAugment's fill colour: mid-grey is 0 in the [-1, 1] input range, as ImageNet's mean colour is 0
 # after the mean/std normalisation MAE uses
 FILL = (128, 128, 128)
-
-
-@contextlib.contextmanager
-def seeded_rngs(key: int, device: torch.device | None = None):
-    """Seed Python's, NumPy's and torch's global RNGs from `key` for the block, then restore them."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        random.seed(key)
-        np.random.seed(key & 0xFFFFFFFF)
-        torch.manual_seed(key)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-
-def step_key(seed: int, step: int, rank: int, micro: int) -> int:
-    return (seed * 0x9E3779B1 + step * 0x85EBCA6B + rank * 0xC2B2AE35 + micro * 0x27D4EB2F) & 0x7FFFFFFFFFFF
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -169,7 +270,7 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistConte
             "images": int(sums[3])}
 
 
-def train(session: Session, model: nn.Module, train_set: ImageDataset, eval_set: ImageDataset, augment: BatchAugment,
+def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDataset, eval_set: ImageDataset, augment: BatchAugment,
           description: dict, parents: list[dict]) -> bool:
     """Fine-tune `model` (a timm ViT with its head); evaluates raw and EMA weights at every epoch's end and
     keeps best.safetensors. True when the run reached its last step."""
@@ -214,8 +315,8 @@ def train(session: Session, model: nn.Module, train_set: ImageDataset, eval_set:
               Curve("accuracy.png", ("top1", "ema_top1", "top5", "ema_top5"), "fine-tune eval accuracy %", x="epoch",
                     log_y=False))
     evaluation = Evaluation(run_eval, every=lambda step: step % plan.steps_per_epoch == 0)
-    trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
-                      describe=describe, parents=parents, curves=curves, hooks=(evaluation,))
+    state = TrainState({"model": model}, {"optim": optimizer}, make_ema(model, cfg.optim.ema), parents)
+    trainer = Trainer(session, plan, state, [LogLine(), Curves(*curves), Description(describe), evaluation])
     runner = trainer.wrap(model)
     stream = trainer.stream(train_set, cfg.data)
     criterion = SoftTargetCrossEntropy()
@@ -224,7 +325,7 @@ def train(session: Session, model: nn.Module, train_set: ImageDataset, eval_set:
         for k, batch in enumerate(micro_batches(stream, plan.accum, device)):
             labels = batch.labels
             sync = runner.no_sync() if ctx.enabled and k < plan.accum - 1 else contextlib.nullcontext()
-            with seeded_rngs(step_key(cfg.run.seed, index, ctx.rank, k), device), sync:
+            with seeded_rngs(batch_seed(cfg.run.seed, index, ctx.rank, k), device), sync:
                 images, targets = augment(to_unit_range(batch.images), labels)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = runner(images)

@@ -1,29 +1,77 @@
-"""The pretraining step on the engine: latent noise for the global batch, gradient accumulation over
-micro-batches, DDP; the Trainer does the rest (checkpoints, exact resume, EMA, NaN guard, metrics).
+"""Pretraining: its config and its step on the Trainer (latent noise for the global batch, gradient accumulation over
+micro-batches, DDP); the Trainer does the rest (checkpoints, exact resume, EMA, NaN guard, metrics).
 
-Everything random is keyed by (seed, step): the data order by StepBatches, the timesteps, noise
-and label drops by a generator re-seeded each step and drawn for the whole global batch (each rank
-and micro-batch takes its slice). A resumed run, or the same global batch split over more ranks,
-therefore sees exactly the same samples, noise and schedule.
+Reading path, the files one pretrain step passes through, in order:
+1. seeds.py         `SeededSteps` picks the step's images (this rank's share, cut into micro-batches);
+2. data.py          each image decoded, cropped and resized to uint8 (a DataLoader worker; trainer.ImageStream);
+3. engine_pretrain  `draw_step_noise` draws timesteps, noise and label drops for the global batch
+                    (`seeds.step_generator`), then `optimizer_step` runs each micro-batch through
+4. diffusion.py     `Denoiser.loss`: images to latents (tokenizers.py: the PCA encode), noise at level t, the
+                    network (models.py: `DenoisingViT`), the target and the weighted loss;
+5. optim.py         the lr of the step (`StepPlan.lr`), AdamW's update;
+6. trainer.py       the EMA update, then the cadence: a metrics line, the hooks (hooks.py, online_probe.py), a
+                    checkpoint (train_state.py, checkpoint.py) when one is due.
+
+Everything random is keyed by (seed, step), so a resumed run, or the same global batch split over more ranks,
+sees exactly the same samples, noise and schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ldae_cli.data import DataConfig
+from ldae_cli.diffusion import DiffusionConfig
+from ldae_cli.errors import LdaeError
+from ldae_cli.models import ModelConfig
+from ldae_cli.online_probe import OnlineProbeConfig
+from ldae_cli.optim import OptimConfig
+from ldae_cli.tokenizers import TokenizerConfig
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
-from ldae_cli.engine import Trainer, micro_batches
-from ldae_cli.engine_probe import OnlineProbe
-from ldae_cli.optim import make_adamw, plan_steps
-from ldae_cli.reporting import console
-from ldae_cli.runs import Session, amp_dtype
+from ldae_cli.distributed import amp_dtype
+from ldae_cli.hooks import Curve, Curves, Description, LogLine, Pictures
+from ldae_cli.train_state import TrainState
+from ldae_cli.trainer import Trainer, micro_batches
+from ldae_cli.online_probe import OnlineProbe
+from ldae_cli.optim import make_adamw, make_ema, plan_steps
+from ldae_cli.logs import console
+from ldae_cli.seeds import step_generator
+from ldae_cli.session import RunConfig, Session
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
+
+    def validate(self) -> None:
+        if self.model.class_conditional and self.data.source == "images":
+            raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
+        tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
+        if tc.kind != "trained" and self.data.image_size % tc.patch:
+            raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
+                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
+        if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
+            raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
+                            f"PCA keeps between 1 and {full} components")
+        if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
+            raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
+                            f"patches, got {tc.fit_patches}")
+
+
+RESUMABLE = ("optim.micro_batch", "online_probe.")
 
 
 class PretrainObjective(nn.Module):
@@ -47,7 +95,7 @@ class StepNoise:
 
 def draw_step_noise(denoiser: Denoiser, seed: int, step: int, batch: int, class_dropout: float,
                     device: torch.device) -> StepNoise:
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step, device)
     n_tokens = denoiser.grid[0] * denoiser.grid[1]
     t = denoiser.schedule.sample_t(batch, gen, device)
     eps = torch.randn((batch, n_tokens, denoiser.tokenizer.token_dim), generator=gen, device=device)
@@ -81,7 +129,7 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     return loss_sum, count
 
 
-def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: ImageDataset, class_dropout: float,
+def train(session: Session[PretrainConfig], denoiser: Denoiser, model: nn.Module, dataset: ImageDataset, class_dropout: float,
           describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None,
           pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None) -> bool:
     """Pretrain `model` on `dataset` with the run's optim settings (and the online probe, when given); True when
@@ -93,9 +141,10 @@ def train(session: Session, denoiser: Denoiser, model: nn.Module, dataset: Image
     denoiser.to(device)
     denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     optimizer = make_adamw(model.parameters(), cfg.optim, device)
-    trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema,
-                      describe=describe, parents=parents, hooks=(online,) if online is not None else (),
-                      pictures=pictures)
+    state = TrainState({"model": model}, {"optim": optimizer}, make_ema(model, cfg.optim.ema), parents)
+    hooks = [LogLine(), Curves(Curve("loss.png", ("loss",), "pretrain loss")), Description(describe),
+             *([online] if online is not None else []), *([Pictures(pictures)] if pictures is not None else [])]
+    trainer = Trainer(session, plan, state, hooks)
     runner = trainer.wrap(PretrainObjective(denoiser, model))
     stream = trainer.stream(dataset, cfg.data)
     per_rank = cfg.optim.batch_size // ctx.world

@@ -1,4 +1,4 @@
-"""Tokenizer training on the engine: reconstruction + KL (+ perceptual, + adversarial), per-step seeded
+"""Tokenizer training on the Trainer: reconstruction + KL (+ perceptual, + adversarial), per-step seeded
 posterior noise, gradient accumulation over micro-batches, several ranks; the Trainer does the
 checkpoints (holding both optimizers), exact resume, NaN guard, progress and metrics.
 
@@ -14,20 +14,26 @@ needs `autograd.grad` through the decoder, and the discriminator runs twice per 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldae_cli.autoencoders import AutoencoderConfig
+from ldae_cli.data import DataConfig
+from ldae_cli.optim import OptimConfig
 from ldae_cli.autoencoders import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
 from ldae_cli.data import ImageDataset, to_unit_range
-from ldae_cli.distributed import DistContext
-from ldae_cli.engine import Curve, Trainer, micro_batches
+from ldae_cli.distributed import DistContext, amp_dtype
+from ldae_cli.hooks import Curve, Curves, Description, LogLine
+from ldae_cli.train_state import TrainState
+from ldae_cli.trainer import Trainer, micro_batches
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import make_adamw, plan_steps
-from ldae_cli.runs import Session, amp_dtype
+from ldae_cli.seeds import step_generator
+from ldae_cli.session import RunConfig, Session
 
 
 @dataclass
@@ -51,6 +57,32 @@ class LossConfig:
                             f".safetensors; none is downloaded); set loss.vgg_weights=PATH or loss.perceptual_weight=0")
         if self.disc_start < 0 or self.disc_layers < 1 or self.disc_channels < 1:
             raise LdaeError("loss.disc_start must be >= 0, loss.disc_layers and loss.disc_channels positive")
+
+
+RESUMABLE = ("optim.micro_batch",)
+
+
+@dataclass
+class ReportConfig:
+    images: int = 1000  # held-out images (eval split) for the reconstruction PSNR
+    stats_images: int = 10000  # training images for the latent mean / std stored for latent_scale
+    pca_reference: bool = True  # also fit a patch PCA of the same footprint and d, and report its PSNR
+    pca_patches: int = 200_000  # patches for that PCA
+    grid_images: int = 8  # rows of reconstructions.png
+
+    def validate(self) -> None:
+        if min(self.images, self.stats_images, self.grid_images) < 1:
+            raise LdaeError("report.images, report.stats_images and report.grid_images must be positive")
+
+
+@dataclass
+class TrainTokenizerConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 class TokenizerObjective(nn.Module):
@@ -137,11 +169,11 @@ def average_gradients(params: list[nn.Parameter], ctx: DistContext) -> None:
 def draw_posterior_noise(net: Autoencoder, seed: int, step: int, batch: int, grid: tuple[int, int],
                          device: torch.device) -> torch.Tensor:
     """The global batch's posterior samples, keyed by (seed, step) so resumes and rank counts agree."""
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step, device)
     return torch.randn((batch, grid[0] * grid[1], net.token_dim), generator=gen, device=device)
 
 
-def train(session: Session, objective: TokenizerObjective, dataset: ImageDataset,
+def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective, dataset: ImageDataset,
           finalize: Callable[[Autoencoder], tuple[dict[str, torch.Tensor], dict]], description: dict) -> bool:
     """Train the autoencoder (and its discriminator); `finalize(net)` runs once on the main rank after the last
     step and adds its (tensors, extra) to the final checkpoint. True when the run reached its last step."""
@@ -170,9 +202,10 @@ def train(session: Session, objective: TokenizerObjective, dataset: ImageDataset
             final.extend(finalize(net))
         return dict(final[0]), {**description, **final[1]}
 
-    trainer = Trainer(session, plan, {"net": net, "disc": disc}, optimizers, describe=describe,
-                      losses=("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"), shown=("loss", "mse", "lr"),
-                      curves=(Curve("loss.png", ("loss", "mse"), "train-tokenizer"),))
+    hooks = [LogLine(("loss", "mse", "lr")), Curves(Curve("loss.png", ("loss", "mse"), "train-tokenizer")),
+             Description(describe)]
+    trainer = Trainer(session, plan, TrainState({"net": net, "disc": disc}, optimizers), hooks,
+                      losses=("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"))
     stream = trainer.stream(dataset, cfg.data)
     per_rank = cfg.optim.batch_size // ctx.world
 

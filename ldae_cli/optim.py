@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from timm.utils import ModelEmaV3
 
-from ldae_cli.data import StepBatches
+from ldae_cli.seeds import SeededSteps
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 
@@ -86,7 +86,7 @@ class StepPlan:
     steps_per_epoch: float
     batch_size: int  # images per optimizer step, all ranks together
     lr: Callable[[int], float]
-    batches: StepBatches | None = None  # this rank's seeded micro-batches, for image datasets
+    batches: SeededSteps | None = None  # this rank's seeded micro-batches, for image datasets
     micro: int = 0
     accum: int = 1
 
@@ -94,7 +94,7 @@ class StepPlan:
 def plan_steps(n_images: int, optim: OptimConfig, seed: int, ctx) -> StepPlan:
     """`optim.epochs` over n images in seeded global batches; warm-up + cosine from `optim.base_lr()`."""
     micro, accum = optim.accumulation(ctx.world)
-    batches = StepBatches(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
+    batches = SeededSteps(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
     per_epoch = batches.steps_per_epoch
     total = max(1, round(optim.epochs * per_epoch))
     schedule = partial(lr_at, total_steps=total, warmup_steps=round(optim.warmup_epochs * per_epoch),

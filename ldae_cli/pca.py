@@ -19,12 +19,12 @@ from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import random_patches
-from ldae_cli.reporting import progress_bar
+from ldae_cli.logs import progress_bar
 from ldae_cli.tokenizers import latent_normalization
 
 
 @dataclass
-class PCASettings:
+class PCAConfig:
     patch: int = 16
     dim: int = 16
     patches: int = 1_000_000
@@ -92,7 +92,7 @@ class PCAFit:
         return float(self.eigenvalues[:dim].sum() / self.eigenvalues.sum().clamp_min(1e-30))
 
 
-def distinct_patches(n_images: int, image_size: int, settings: PCASettings) -> int:
+def distinct_patches(n_images: int, image_size: int, settings: PCAConfig) -> int:
     """How many different patches `fit` can draw: every image's positions on the p-grid ('grid') or at every
     pixel offset ('any')."""
     p = settings.patch
@@ -100,7 +100,7 @@ def distinct_patches(n_images: int, image_size: int, settings: PCASettings) -> i
     return n_images * max(side, 0) ** 2
 
 
-def oversampling(n_images: int, image_size: int, settings: PCASettings) -> str | None:
+def oversampling(n_images: int, image_size: int, settings: PCAConfig) -> str | None:
     """A warning when pca.patches exceeds the distinct patches the images hold (each is then drawn many times,
     and a larger pca.patches only costs time); None otherwise."""
     distinct = distinct_patches(n_images, image_size, settings)
@@ -113,7 +113,7 @@ def oversampling(n_images: int, image_size: int, settings: PCASettings) -> str |
             "--patches or add images")
 
 
-def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error", num_workers: int = 0,
+def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error", num_workers: int = 0,
         show_progress: bool = True) -> PCAFit:
     p = settings.patch
     if dataset.size < p:
@@ -141,7 +141,7 @@ def fit(dataset: ImageDataset, settings: PCASettings, on_bad_image: str = "error
     return PCAFit(acc.mean, basis, eigenvalues, acc.n, dataset.skipped + bad.skipped)
 
 
-def save_fit(result: PCAFit, out: Path, settings: PCASettings, config: dict, image_size: int, dataset: str) -> Path:
+def save_fit(result: PCAFit, out: Path, settings: PCAConfig, config: dict, image_size: int, dataset: str) -> Path:
     """A `pca` checkpoint: mean, full basis and eigenvalues; the metadata says what d = settings.dim keeps."""
     dim = settings.dim
     variance = result.eigenvalues[:dim].clamp_min(1e-12)

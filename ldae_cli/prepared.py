@@ -29,7 +29,7 @@ import numpy as np
 
 from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, make_loader
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import console, note_kept, progress_bar
+from ldae_cli.logs import console, note_kept, progress_bar
 from ldae_cli import rundir
 from ldae_cli.rundir import remove_temp_files, write_atomically
 from ldae_cli.sources import PREPARED, file_sha256, open_source, read_prepared, verify_split

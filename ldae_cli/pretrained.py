@@ -23,6 +23,7 @@ from ldae_cli.data import DataConfig, to_unit_range
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.models import DenoisingViT, build_timm_vit, fold_to_vit
+from ldae_cli.seeds import image_noise_seed
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer
 
 DEFAULT_T = 10  # the timestep encoders are folded at
@@ -64,7 +65,7 @@ class Pretrained:
         """(noisy, denoised) images in [-1, 1]; image i's noise depends only on (seed, first_index + i)."""
         den = self.denoiser
         z_shape = (den.grid[0] * den.grid[1], self.tokenizer.token_dim)
-        eps = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(seed * 100_003 + first_index + i))
+        eps = torch.stack([torch.randn(z_shape, generator=torch.Generator().manual_seed(image_noise_seed(seed, first_index + i)))
                            for i in range(len(images))]).to(images.device)
         tt = torch.full((len(images),), t, dtype=torch.long, device=images.device)
         return den.denoise(self.model, images, tt, eps)

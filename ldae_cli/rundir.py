@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ldae_cli.errors import LdaeError
 
+RUNS = Path("runs")  # where outputs go when no --out names a place
 CHECKPOINT = "checkpoint.safetensors"  # every training stage's resumable checkpoint, inside its run directory
 CONFIG = "ldae-config.yaml"  # the resolved config of a run, under a name of ldae's (a user's config.yaml is theirs)
 LOCK = ".ldae.lock"
@@ -316,7 +317,7 @@ def adopt(path: Path, command: str) -> Manifest:
 
 
 def default_dir(kind: str, name: str | None) -> Path:
-    return Path("runs") / kind / (Path(name).stem if name else "default")
+    return RUNS / kind / (Path(name).stem if name else "default")
 
 
 def resolve(command: str, kind: str, out: str | None, name: str | None, resume_path: Path | None) -> Path:

@@ -23,7 +23,7 @@ from PIL import Image
 from ldae_cli.errors import LdaeError, short
 
 
-class SourceSettings(Protocol):
+class SourceConfig(Protocol):
     """What a source needs of the data config (data.DataConfig): which dataset, where, which split."""
 
     source: str
@@ -181,7 +181,7 @@ _HOW_TO_GET = {
 }
 
 
-def resolve_path(cfg: SourceSettings) -> Path:
+def resolve_path(cfg: SourceConfig) -> Path:
     if cfg.path:
         path = Path(cfg.path).expanduser()
         if not path.exists():
@@ -379,7 +379,7 @@ def read_prepared(root: Path) -> dict:
                         "the dataset again") from None
 
 
-def open_source(cfg: SourceSettings, split: str) -> ImageSource:
+def open_source(cfg: SourceConfig, split: str) -> ImageSource:
     """The raw images of `split` ('train' or 'eval') for the configured dataset."""
     root = resolve_path(cfg)
     name = cfg.split_name(split)
@@ -417,6 +417,6 @@ def median_short_side(source: ImageSource, count: int = 64, seed: int = 0) -> in
         try:
             with source.open(i) as img:
                 sides.append(min(img.size))
-        except (OSError, ValueError, SyntaxError):
-            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # unreadable images are skipped or named where the data is read
     return int(np.median(sides)) if sides else None

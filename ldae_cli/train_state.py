@@ -1,9 +1,6 @@
-"""The train state every training checkpoint holds (one schema, written and read here), and the hooks through
-which a run's extras (evaluations, online probes) take part in it."""
+"""The train state every training checkpoint holds: one schema, written and read here."""
 
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import nn
@@ -13,13 +10,25 @@ from ldae_cli.errors import LdaeError, short
 
 
 class TrainState:
-    """What every training checkpoint holds besides the stage's own description, in one schema.
+    """What every training checkpoint holds besides the stage's own description, in one schema: a run's modules
+    (the EMA copy among them), optimizers and the checkpoints it was made from (`parents`). `non_finite` is the
+    stage's own rule for what the NaN guard refuses to save (default: any weight or optimizer state).
 
     tensors: `<module>.<param>` for each module (model, ema, heads, net, disc, ...) and
              `<optimizer>.state.<param index>.<key>` for each optimizer (optim, optim_disc, ...);
     extra:   step, total_steps, steps_per_epoch, epoch, finished, world_size, and `optimizers`:
              {name: its param groups and scalar state}, or null for an optimizer that has not stepped yet.
     """
+
+    def __init__(self, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer],
+                 ema=None, parents: list[dict] = (), non_finite=None):
+        self.ema = ema  # timm's ModelEmaV3 of modules["model"], or None
+        self.modules = {**modules, **({"ema": ema.module} if ema is not None else {})}
+        self.optimizers, self.parents, self.rule = optimizers, list(parents), non_finite
+
+    def first_non_finite(self) -> str | None:
+        """What of the state is not finite (None: all of it is), by the stage's rule when it has one."""
+        return self.rule() if self.rule is not None else self.non_finite(self.modules, self.optimizers)
 
     @staticmethod
     def write(step: int, total: int, steps_per_epoch: float, world: int, modules: dict[str, nn.Module | None],
@@ -96,58 +105,3 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
             if torch.is_tensor(value) and key != "step":  # AdamW keeps `step` on the CPU unless fused/capturable
                 entry[key] = value.to(device)
     optimizer.load_state_dict(state)
-
-
-class Hook:
-    """Something a run does besides its steps (detectron2's HookBase). Every method runs on every rank."""
-
-    def state(self) -> dict:
-        """JSON values written into every checkpoint's extra (and given back to `load_state` on resume)."""
-        return {}
-
-    def load_state(self, extra: dict) -> None:
-        pass
-
-    def wants_save(self, trainer) -> bool:
-        """After an optimizer step: ask for a checkpoint at this step."""
-        return False
-
-    def after_step(self, trainer) -> None:
-        """After the step's log line, before its checkpoint."""
-
-    def after_last_save(self, trainer) -> bool:
-        """The last step's checkpoint is written (training is safe); True asks for one more checkpoint."""
-        return False
-
-
-class Evaluation(Hook):
-    """`evaluate(step)` at the steps `every(step)` names and after the last step. The latest result is part of
-    the train state (extra['eval']), so a run killed after its last step but before the final evaluation
-    finishes that evaluation on resume, and never trains again."""
-
-    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False):
-        self.evaluate, self.every = evaluate, every
-        self.latest: dict | None = None
-
-    def state(self) -> dict:
-        return {"eval": self.latest}
-
-    def load_state(self, extra: dict) -> None:
-        self.latest = extra.get("eval")
-
-    def run(self, step: int) -> None:
-        self.latest = {"step": step, **self.evaluate(step)}
-
-    def wants_save(self, trainer):
-        return self.every(trainer.step)
-
-    def after_step(self, trainer):
-        if self.every(trainer.step) and trainer.step < trainer.total_steps:
-            self.run(trainer.step)
-
-    def after_last_save(self, trainer):
-        self.run(trainer.total_steps)
-        return True
-
-    def missing(self, total_steps: int) -> bool:
-        return self.latest is None or self.latest.get("step") != total_steps

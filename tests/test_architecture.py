@@ -98,3 +98,67 @@ def test_comments_do_not_point_outside_the_repository():
                  for i, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"\bSPEC\b|\.\./shared|DETECTRON2\.md", line)]
     assert not offenders
+
+
+def stems() -> dict[str, list[str]]:
+    """Module file stem -> the modules with it (ignoring __init__ and __main__)."""
+    out: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        if path.stem not in ("__init__", "__main__"):
+            out.setdefault(path.stem, []).append(name)
+    return out
+
+
+def test_one_meaning_per_name():
+    """No two modules share a stem (launch.py beside stages/launch.py), and no module's stem is another's followed by
+    `_` (engine.py beside engine_pretrain.py): a newcomer never wonders which one is meant."""
+    assert not {stem: names for stem, names in stems().items() if len(names) > 1}
+    all_stems = set(stems())
+    assert not sorted(f"{a} / {b}" for a in all_stems for b in all_stems if b.startswith(a + "_"))
+
+
+def test_engines_read_no_config_defined_in_a_stage():
+    """A config class lives with the code that reads it: an engine_<stage> module imports no stage, and each
+    engine's Session[...] names a config class defined in the engine itself or a library module."""
+    stage_classes = {node.name for name, path in modules().items() if name.startswith("ldae_cli.stages.")
+                     for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)}
+    for name, path in modules().items():
+        if not name.startswith("ldae_cli.engine_"):
+            continue
+        tree = ast.parse(path.read_text())
+        sessions = [node.slice.id for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                    and getattr(node.value, "id", None) == "Session" and isinstance(node.slice, ast.Name)]
+        assert sessions, f"{name}: its train() takes no typed Session[...]"
+        defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+        assert set(sessions) <= defined, (name, sessions)
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+            {alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for alias in n.names}
+        assert not (read & stage_classes) - defined, (name, sorted((read & stage_classes) - defined))
+
+
+SEEDING = ("manual_seed", "seed", "Random", "default_rng")  # the calls a seed goes into
+MIXING = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x5BD1E995, 1_000_003, 100_003, 7919)
+
+
+def test_one_module_derives_seeds():
+    """Outside seeds.py no seed is computed: what goes into manual_seed / np.random.seed / random.Random is a plain
+    value (the run seed, or a key from seeds.py), and no seed-mixing constant appears."""
+    offenders = []
+    for name, path in modules().items():
+        if name == "ldae_cli.seeds":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            func = node.func if isinstance(node, ast.Call) else None
+            called = getattr(func, "attr", None) or getattr(func, "id", None)
+            if called in SEEDING and any(isinstance(arg, ast.BinOp) for arg in node.args):
+                offenders.append(f"{name}:{node.lineno} {called}(...)")
+            if isinstance(node, ast.Constant) and node.value in MIXING and not isinstance(node.value, bool):
+                offenders.append(f"{name}:{node.lineno} constant {node.value}")
+    assert not offenders
+
+
+def test_nothing_imports_the_cli():
+    """Library code never calls back into the command line (`ldae launch` is handed the function it runs)."""
+    importers = [name for name, path in modules().items() if name not in ("ldae_cli.cli", "ldae_cli.__main__") and
+                 "ldae_cli.cli" in imports_of(path, name)]
+    assert not importers

@@ -54,12 +54,12 @@ def test_help_shows_the_defaults_it_names():
 
 def test_help_defaults_are_the_configs_defaults():
     # cli.py names these defaults in its help without importing torch-heavy modules; keep them in step
-    from ldae_cli.pca import PCASettings
+    from ldae_cli.pca import PCAConfig
     from ldae_cli.pretrained import DEFAULT_T
     from ldae_cli.stages.prepare_data import PrepareConfig
 
     fit = " ".join(run_cli("fit-pca", "-h").stdout.split())
-    s = PCASettings()
+    s = PCAConfig()
     for option, value in (("Patch size p (D = p*p*3).", s.patch), ("Kept components d.", s.dim),
                           ("Random patches to sample.", s.patches)):
         assert f"{option} (default: {value})" in fit

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import ldae_cli.sources as sources_mod
-from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, StepBatches, build_dataset, collate,
+from ldae_cli.seeds import SeededSteps
+from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, build_dataset, collate,
                            load_image_file, make_loader, prepare, to_rgb, to_uint8, to_unit_range)
 from ldae_cli.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
@@ -168,7 +169,7 @@ def test_random_resized_crops_same_with_and_without_workers(image_tree):
     cfg = DataConfig(source="imagefolder", path=str(image_tree), image_size=8, crop="random-resized", hflip=True)
     ds = build_dataset(cfg, "train")
     assert ds.cached is None and not ds.deterministic
-    keys = [list(k) for k in StepBatches(len(ds), 4, seed=5, total_steps=3)]
+    keys = [list(k) for k in SeededSteps(len(ds), 4, seed=5, total_steps=3)]
     one = [b.images for b in make_loader(ds, keys, num_workers=0)]
     two = [b.images for b in make_loader(ds, keys, num_workers=2)]
     assert all(torch.equal(x, y) for x, y in zip(one, two))
@@ -378,7 +379,7 @@ def _steps(n, batch, seed, world=1, accum=1, start=0, total=12):
     """{step: [rank0 micro-batches..., rank1 micro-batches...]} as flat lists of (index, aug_seed)."""
     out = {}
     for rank in range(world):
-        it = iter(StepBatches(n, batch, seed, rank, world, accum, start_step=start, total_steps=total))
+        it = iter(SeededSteps(n, batch, seed, rank, world, accum, start_step=start, total_steps=total))
         for step in range(start, total):
             micro = [next(it) for _ in range(accum)]
             assert all(len(m) == batch // world // accum for m in micro)
@@ -405,24 +406,24 @@ def test_epochs_are_permutations_and_aug_seeds_change_per_epoch():
 
 
 def test_resuming_at_start_step_gives_the_same_batches():
-    full = list(StepBatches(50, 8, seed=3, accum=2, total_steps=15))
-    resumed = list(StepBatches(50, 8, seed=3, accum=2, start_step=9, total_steps=15))
+    full = list(SeededSteps(50, 8, seed=3, pieces=2, total_steps=15))
+    resumed = list(SeededSteps(50, 8, seed=3, pieces=2, start_step=9, total_steps=15))
     assert resumed == full[9 * 2:]
-    assert len(StepBatches(50, 8, seed=3, accum=2, start_step=9, total_steps=15)) == 12
+    assert len(SeededSteps(50, 8, seed=3, pieces=2, start_step=9, total_steps=15)) == 12
 
 
 def test_step_batches_reject_bad_sizes():
     with pytest.raises(LdaeError, match="not divisible"):
-        StepBatches(100, 10, 0, world=4)
+        SeededSteps(100, 10, 0, world=4)
     with pytest.raises(LdaeError, match="fewer than one global batch"):
-        StepBatches(5, 8, 0)
+        SeededSteps(5, 8, 0)
 
 
 def test_loader_over_step_batches_yields_the_indexed_images(fmnist_dir):
     root, arrays = fmnist_dir
     ds = build_dataset(DataConfig(source="fashion-mnist", path=str(root), image_size=28), "train")
     assert ds.cached is not None  # center crops are decoded once
-    keys = list(StepBatches(len(ds), 4, seed=0, total_steps=3))
+    keys = list(SeededSteps(len(ds), 4, seed=0, total_steps=3))
     for k, batch in zip(keys, make_loader(ds, keys, num_workers=0)):
         idx = [i for i, _ in k]
         np.testing.assert_array_equal(batch.images[:, 0].numpy(), arrays["train"][0][idx])

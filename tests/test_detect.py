@@ -125,7 +125,7 @@ def test_global_blocks_at_each_quarter():
     assert detection.global_block_indexes(2) == [0, 1]
     spec = detection.BackboneSpec(32, 12, 2, 16, 256)
     with MetaParams():
-        model = detection.build_detector(spec, detection.DetectorSettings(image_size=1024, num_classes=3,
+        model = detection.build_detector(spec, detection.DetectorSpec(image_size=1024, num_classes=3,
                                                                           drop_path=0.1, window_size=8))
     windows = [block.window_size for block in model.backbone.net.blocks]
     assert windows == [8, 8, 0, 8, 8, 0, 8, 8, 0, 8, 8, 0]
@@ -137,7 +137,7 @@ def test_global_blocks_at_each_quarter():
     assert model.backbone.net.blocks[0].mlp.act.approximate == "tanh"
     # patch 16 gives exactly ViTDet's pyramid p2..p6 (strides 4..64) with anchors 32..512
     assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
-    anchors = detection.detector_config(spec, detection.DetectorSettings(1024, 3, 0.1, 8)).proposal_generator
+    anchors = detection.detector_config(spec, detection.DetectorSpec(1024, 3, 0.1, 8)).proposal_generator
     assert anchors.anchor_generator.strides == [4, 8, 16, 32, 64]
     assert anchors.anchor_generator.sizes == [[32], [64], [128], [256], [512]]
 
@@ -152,7 +152,7 @@ def test_loading_report_is_exact_for_every_size(size):
     with MetaParams():
         encoder = build_timm_vit(kwargs).state_dict()  # the fold writes exactly these names and shapes
         spec = detection.BackboneSpec.from_timm_kwargs(kwargs, size)
-        model = detection.build_detector(spec, detection.DetectorSettings(1024, 80, 0.1, 8))
+        model = detection.build_detector(spec, detection.DetectorSpec(1024, 80, 0.1, 8))
     report = detection.loading_report(detection.shapes(model.state_dict()), detection.shapes(encoder))
     assert report.ok, report.to_dict()
     assert sorted(report.loaded) == sorted(detection.NET_PREFIX + k for k in encoder)
@@ -167,7 +167,7 @@ def test_loading_report_names_anything_else():
     kwargs = dict(img_size=(32, 32), patch_size=4, embed_dim=32, depth=2, num_heads=2)
     spec = detection.BackboneSpec.from_timm_kwargs(kwargs, "x")
     with MetaParams():
-        model = detection.build_detector(spec, detection.DetectorSettings(64, 2, 0.0, 8, 16, 32, 32))
+        model = detection.build_detector(spec, detection.DetectorSpec(64, 2, 0.0, 8, 16, 32, 32))
     target = detection.shapes(model.state_dict())
     good = {k[len(detection.NET_PREFIX):]: v for k, v in target.items()
             if k.startswith(detection.NET_PREFIX) and not k.endswith(detection.REL_POS)}
@@ -190,7 +190,7 @@ def test_folded_encoder_computes_the_same_features_in_detectron2(pretrain_ckpt):
     folded, _ = fold_encoder(load_pretrained(pretrain_ckpt))
     assert set(folded) == set(vit.state_dict())  # what the every-size report test takes from timm
     spec = detection.BackboneSpec.from_timm_kwargs(kwargs, "x")
-    model = detection.build_detector(spec, detection.DetectorSettings(32, 2, 0.0, 8, 16, 32, 32)).eval()
+    model = detection.build_detector(spec, detection.DetectorSpec(32, 2, 0.0, 8, 16, 32, 32)).eval()
     detection.load_encoder_into(model, vit.state_dict(), "x")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -11,12 +11,13 @@ import torch
 
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.distributed import DistContext
-from ldae_cli.engine import LossMeter, Trainer
-from ldae_cli.train_state import Evaluation, TrainState
+from ldae_cli.hooks import Description, Evaluation
+from ldae_cli.trainer import LossMeter, Trainer
+from ldae_cli.train_state import TrainState
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import StepPlan, accumulation, lr_at
-from ldae_cli.reporting import read_metrics
-from ldae_cli.runs import RunConfig, Session
+from ldae_cli.logs import read_metrics
+from ldae_cli.session import RunConfig, Session
 
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine():
@@ -60,7 +61,7 @@ class RecordingTrainer(Trainer):
 def run_loop(tmp_path, steps, add, save_every=1000, stop_after=None, hooks=()):
     """Run `steps` empty optimizer steps, calling add(meter, step) each; log every 2 steps."""
     trainer = RecordingTrainer(session_in(tmp_path, save_every=save_every, stop_after_steps=stop_after),
-                               StepPlan(steps, 10, 4, lambda step: 0.1), {}, {}, losses=("loss", "kl"), hooks=hooks)
+                               StepPlan(steps, 10, 4, lambda step: 0.1), TrainState({}, {}), hooks, losses=("loss", "kl"))
     finished = trainer.fit(lambda step: add(trainer.meter, step))
     return read_metrics(tmp_path / "metrics.jsonl"), getattr(trainer, "saved", []), finished
 
@@ -117,8 +118,8 @@ def test_evaluations_run_on_cadence_and_the_last_one_after_the_final_checkpoint(
 
     evaluation = Evaluation(lambda step: events.append(("eval", step)) or {"score": step},
                             every=lambda step: step % 3 == 0)
-    trainer = Recording(session_in(tmp_path, save_every=1000), StepPlan(7, 10, 4, lambda s: 0.1), {}, {},
-                        hooks=(evaluation,))
+    trainer = Recording(session_in(tmp_path, save_every=1000), StepPlan(7, 10, 4, lambda s: 0.1), TrainState({}, {}),
+                        [evaluation])
     assert trainer.fit(lambda step: trainer.meter.add("loss", 1.0))
     # an evaluation is saved with its step; the final one comes after the last checkpoint, then is saved too
     assert events == [("eval", 3), ("save", 3), ("eval", 6), ("save", 6), ("save", 7), ("eval", 7), ("save", 7)]
@@ -137,9 +138,10 @@ def _model_and_optimizer(seed: int):
 def test_train_state_round_trips_modules_optimizers_and_evaluations(tmp_path):
     model, optimizer = _model_and_optimizer(0)
     evaluation = Evaluation(lambda step: {"top1": 50.0})
-    trainer = Trainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 0.1), {"model": model},
-                      {"optim": optimizer, "optim_disc": torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])},
-                      hooks=(evaluation,), describe=lambda: ({"extra.table": torch.arange(3)}, {"note": "kept"}))
+    state = TrainState({"model": model}, {"optim": optimizer,
+                                          "optim_disc": torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))])})
+    trainer = Trainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 0.1), state,
+                      [evaluation, Description(lambda: ({"extra.table": torch.arange(3)}, {"note": "kept"}))])
     trainer.step = 3
     evaluation.run(3)
     trainer.save()
@@ -153,14 +155,14 @@ def test_train_state_round_trips_modules_optimizers_and_evaluations(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     exp_avg = lambda opt: next(iter(opt.state.values()))["exp_avg"]  # noqa: E731
     assert torch.equal(exp_avg(fresh_opt), exp_avg(optimizer))
-    resumed = Trainer(session_in(tmp_path, resume=ck), StepPlan(5, 2, 4, lambda s: 0.1), {"model": fresh},
-                      {"optim": fresh_opt}, hooks=(Evaluation(lambda step: {}),))
+    resumed = Trainer(session_in(tmp_path, resume=ck), StepPlan(5, 2, 4, lambda s: 0.1),
+                      TrainState({"model": fresh}, {"optim": fresh_opt}), [Evaluation(lambda step: {})])
     assert resumed.step == 3 and resumed.hooks[0].latest == {"step": 3, "top1": 50.0}
 
 
 def test_a_finished_run_does_nothing_unless_its_final_evaluation_is_missing(tmp_path, capsys):
     evaluation = Evaluation(lambda step: {"score": 1})
-    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(4, 2, 4, lambda s: 0.1), {}, {}, hooks=(evaluation,))
+    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(4, 2, 4, lambda s: 0.1), TrainState({}, {}), [evaluation])
     trainer.step = 4
     assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
     assert trainer.saved == [4] and evaluation.latest == {"step": 4, "score": 1}
@@ -172,7 +174,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
     """Saves at steps 1 and 2; at step 3 the weights hold an infinity: the run stops naming the step-2 checkpoint,
     which is left as it was."""
     model = torch.nn.Linear(2, 2)
-    trainer = Trainer(session_in(tmp_path, save_every=1), StepPlan(5, 2, 4, lambda s: 0.1), {"model": model}, {})
+    trainer = Trainer(session_in(tmp_path, save_every=1), StepPlan(5, 2, 4, lambda s: 0.1), TrainState({"model": model}, {}))
 
     def step(index):
         trainer.meter.add("loss", 1.0)
@@ -188,7 +190,7 @@ def test_a_checkpoint_is_never_written_from_non_finite_weights(tmp_path):
 
 
 def test_an_lr_schedule_overflow_stops_like_a_nan(tmp_path):
-    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 1e308 * 10 if s == 2 else 0.1), {},
-                               {})
+    trainer = RecordingTrainer(session_in(tmp_path), StepPlan(5, 2, 4, lambda s: 1e308 * 10 if s == 2 else 0.1),
+                               TrainState({}, {}))
     with pytest.raises(LdaeError, match=r"the lr schedule gives inf at step 2; no checkpoint was written before"):
         trainer.fit(lambda step: trainer.meter.add("loss", 1.0))

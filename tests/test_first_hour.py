@@ -53,13 +53,13 @@ def test_data_alone_says_what_it_is(folders, run_main, tmp_path):
 
 
 def test_no_data_and_no_default_dataset_names_the_choices(monkeypatch):
-    from ldae_cli import sources
+    from ldae_cli import discovery
     from ldae_cli.errors import LdaeError
 
-    monkeypatch.setattr(sources, "default_locations", lambda source: [Path("/nonexistent/fashion-mnist")])
+    monkeypatch.setattr(discovery, "default_locations", lambda source: [Path("/nonexistent/fashion-mnist")])
     with pytest.raises(LdaeError, match="no --data given and no default dataset installed.*give --data PATH: a "
                                         "folder of images"):
-        sources.detect(None)
+        discovery.detect(None)
 
 
 def test_a_train_test_tree_runs_every_stage_with_no_source_and_no_data_settings(folders, run_main, tmp_path):
@@ -208,11 +208,11 @@ def test_the_progress_bar_fits_an_80_column_terminal(monkeypatch):
 
     from rich.console import Console
 
-    from ldae_cli import reporting
+    from ldae_cli import logs
 
     out = io.StringIO()
-    monkeypatch.setattr(reporting, "console", Console(file=out, width=80, force_terminal=True, color_system=None))
-    with reporting.progress_bar("img") as bar:
+    monkeypatch.setattr(logs, "console", Console(file=out, width=80, force_terminal=True, color_system=None))
+    with logs.progress_bar("img") as bar:
         task = bar.add_task("train-tokenizer", total=200_000, info="")
         for _ in range(3):
             time.sleep(0.2)

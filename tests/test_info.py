@@ -14,7 +14,7 @@ from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.describe import describe_checkpoint
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import export_encoder, export_timm
-from ldae_cli.reporting import read_metrics
+from ldae_cli.logs import read_metrics
 from ldae_cli.stages import info as stage
 from ldae_cli.stages import probe
 
@@ -113,7 +113,7 @@ def test_json_output_is_the_description(runs, capsys):
 
 
 def test_tables_show_kind_progress_provenance_and_metrics(runs, capsys, monkeypatch):
-    from ldae_cli.reporting import console
+    from ldae_cli.logs import console
 
     monkeypatch.setattr(console, "width", 200)
     run = stage.main(str(runs["probe"]))["training"]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from ldae_cli import launch
+from ldae_cli import slurm
 from ldae_cli.cli import run_in_process
 from ldae_cli.checkpoint import read_metadata
 from ldae_cli.errors import LdaeError
@@ -33,7 +33,7 @@ def test_a_preempted_job_is_requeued_and_finishes_bit_equal(pattern_tree, run_ma
     out = tmp_path / "job"
     argv = ["pretrain", "--config", "final.yaml", "--out", str(out),
             *[a for s in tiny_overrides(pattern_tree, out, **sets) for a in ("--set", s)]]
-    job = launch.submit(argv, run_in_process, local=True, nodes=1, gpus_per_node=0, cpus_per_task=1, partition=None, time_min=10,
+    job = slurm.submit(argv, run_in_process, local=True, nodes=1, gpus_per_node=0, cpus_per_task=1, partition=None, time_min=10,
                         folder=tmp_path / "jobs", extra={})
     deadline = time.time() + 120
     while not ((out / "checkpoint.safetensors").exists() and (out / ".ldae.lock").exists()):
@@ -51,12 +51,12 @@ def test_a_preempted_job_is_requeued_and_finishes_bit_equal(pattern_tree, run_ma
 
 def test_a_launch_needs_a_training_stage_and_its_out(run_main):
     with pytest.raises(LdaeError, match="needs the command's --out"):
-        launch.check(["pretrain", "--config", "final.yaml"])
+        slurm.check(["pretrain", "--config", "final.yaml"])
     with pytest.raises(LdaeError, match="runs a training stage"):
-        launch.check(["denoise", "x.jpg"])
+        slurm.check(["denoise", "x.jpg"])
     with pytest.raises(LdaeError, match="without\\s+--resume"):
-        launch.check(["pretrain", "--resume", "runs/x", "--out", "runs/x"])
+        slurm.check(["pretrain", "--resume", "runs/x", "--out", "runs/x"])
     res = run_main("launch", "--", "denoise", "x.jpg")
     assert res.returncode == 1 and "runs a training stage" in res.stderr
-    assert launch.LdaeJob(["probe", "--ckpt", "c", "--out", "/nonexistent/p"], run_in_process).command()[-2:] == ["/nonexistent/p",
+    assert slurm.LdaeJob(["probe", "--ckpt", "c", "--out", "/nonexistent/p"], run_in_process).command()[-2:] == ["/nonexistent/p",
                                                                                                   "--continue"]

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -191,13 +190,13 @@ def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, ru
 
 
 def test_launch_never_forces_and_runs_its_command_with_continue():
-    from ldae_cli import launch
+    from ldae_cli import slurm
     from ldae_cli.cli import run_in_process
 
-    job = launch.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"], run_in_process)
+    job = slurm.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"], run_in_process)
     assert job.command() == ["pretrain", "--config", "final.yaml", "--out", "runs/x", "--continue"]
     with pytest.raises(LdaeError, match="without --continue"):
-        launch.check(["pretrain", "--out", "runs/x", "--continue"])
+        slurm.check(["pretrain", "--out", "runs/x", "--continue"])
 
 
 def test_a_failed_job_reports_the_stages_own_error(run_main, tmp_path):

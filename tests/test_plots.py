@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldae_cli import plots
 from ldae_cli.engine_probe import results_rows
-from ldae_cli.pca import PCASettings, distinct_patches, oversampling
+from ldae_cli.pca import PCAConfig, distinct_patches, oversampling
 
 
 @pytest.fixture
@@ -102,12 +102,12 @@ def test_hundreds_of_components_get_a_log_component_axis(tmp_path, figures):
 # --- fit-pca: more patches than the data holds -----------------------------------------------------
 
 def test_distinct_patches_on_the_grid_and_at_every_offset():
-    assert distinct_patches(100, 16, PCASettings(patch=4)) == 100 * 16
-    assert distinct_patches(100, 16, PCASettings(patch=4, positions="any")) == 100 * 13 * 13
-    assert distinct_patches(10, 16, PCASettings(patch=32)) == 0  # `fit` reports that one itself
-    assert oversampling(10, 16, PCASettings(patch=32)) is None
-    assert oversampling(100, 16, PCASettings(patch=4, patches=1600)) is None
-    assert oversampling(100, 16, PCASettings(patch=4, patches=1_000_000)) == (
+    assert distinct_patches(100, 16, PCAConfig(patch=4)) == 100 * 16
+    assert distinct_patches(100, 16, PCAConfig(patch=4, positions="any")) == 100 * 13 * 13
+    assert distinct_patches(10, 16, PCAConfig(patch=32)) == 0  # `fit` reports that one itself
+    assert oversampling(10, 16, PCAConfig(patch=32)) is None
+    assert oversampling(100, 16, PCAConfig(patch=4, patches=1600)) is None
+    assert oversampling(100, 16, PCAConfig(patch=4, patches=1_000_000)) == (
         "drawing 1,000,000 patches from 1,600 distinct ones (100 images x 16 positions on the 4-pixel grid): each "
         "is seen about 625 times; lower --patches or add images")
 

@@ -13,7 +13,8 @@ from conftest import tiny_overrides, write_pattern_tree
 from ldae_cli import prepared
 from ldae_cli.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
-from ldae_cli.data import DataConfig, StepBatches, build_dataset, make_loader
+from ldae_cli.data import DataConfig, build_dataset, make_loader
+from ldae_cli.seeds import SeededSteps
 from ldae_cli.errors import LdaeError
 from ldae_cli.sources import PreparedSource
 
@@ -73,7 +74,7 @@ def test_two_ranks_read_disjoint_images(pattern_tree, run_main, tmp_path):
         seen = touched.setdefault(rank, [])
         read = ds.source.array
         ds.source.array = lambda i, read=read, seen=seen: seen.append(i) or read(i)
-        for _ in make_loader(ds, StepBatches(len(ds), 8, 0, rank, 2, total_steps=2), 0):
+        for _ in make_loader(ds, SeededSteps(len(ds), 8, 0, rank, 2, total_steps=2), 0):
             pass
     assert len(touched[0]) == len(touched[1]) == 8 and not set(touched[0]) & set(touched[1])
     assert sorted(touched[0] + touched[1]) == list(range(16))  # two steps of 8: one epoch, split by rank

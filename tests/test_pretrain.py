@@ -70,7 +70,7 @@ def test_overfits_a_fixed_batch():
     from ldae_cli.pca import CovarianceAccumulator, principal_components
     from ldae_cli.tokenizers import PCATokenizer
 
-    torch.set_flush_denormal(True)  # as the engine does on CPU (adaLN-Zero grads underflow otherwise: slow)
+    torch.set_flush_denormal(True)  # as the Trainer does on CPU (adaLN-Zero grads underflow otherwise: slow)
     torch.manual_seed(0)
     imgs = torch.rand(8, 3, 16, 16) * 2 - 1
     acc = CovarianceAccumulator(48)

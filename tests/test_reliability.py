@@ -5,7 +5,6 @@ existed before the command is byte-identical afterwards (and that a failed start
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -116,7 +115,7 @@ BAD_FILES = [
     ("empty", lambda s, d: d.write_bytes(b"") == 0 and d, "too short for safetensors"),
     ("foreign safetensors", lambda s, d: save_file({"w": torch.zeros(2)}, str(d)) or d, "without ldae metadata"),
     ("wrong kind", lambda s, d: d.write_bytes((s.parent / "pca.safetensors").read_bytes()) and d,
-     "is a 'pca' checkpoint, expected 'pretrain'"),
+     "is a 'pca' checkpoint; probe reads a pretrain checkpoint"),
     ("missing grid", lambda s, d: _rewrite(s, d, lambda m: m["extra"]["model_spec"].pop("grid")),
      "without 'model_spec.grid' in its metadata"),
     ("missing tokenizer", lambda s, d: _rewrite(s, d, lambda m: m["extra"].pop("tokenizer")),

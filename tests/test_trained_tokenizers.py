@@ -19,7 +19,7 @@ from ldae_cli.stages import train_tokenizer as stage
 from ldae_cli.autoencoders import AutoencoderConfig, PatchDiscriminator, PerceptualLoss, build_autoencoder, hinge_d_loss
 from ldae_cli.engine_tokenizer import TokenizerObjective
 from ldae_cli.patches import patchify
-from ldae_cli.runs import load_run_config
+from ldae_cli.session import load_run_config
 from ldae_cli.tokenizers import TOKENIZER_KINDS, TokenizerConfig, build_tokenizer, load_tokenizer
 
 

@@ -20,11 +20,11 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.imagefiles import collect_images
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.pretrained import Pretrained, load_pretrained
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.checkpoint import read_metadata
-from ldae_cli.rundir import CHECKPOINT, refuse_to_replace
+from ldae_cli.seeds import pixel_noise_seed
+from ldae_cli.rundir import CHECKPOINT, RUNS, refuse_to_replace
 
-RUNS = Path("runs")
 BATCH = 16
 
 
@@ -50,8 +50,9 @@ def run_name(pre: Pretrained) -> str:
     return path.parent.name if path.name == CHECKPOINT else path.stem
 
 
-def pixel_noise(images: torch.Tensor, sigma: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed + 1)
+def pixel_noise(images: torch.Tensor, sigma: float, seed: int, first: int = 0) -> torch.Tensor:
+    """The same sigma in pixels (the paper's Fig. 6), drawn apart from the latent noise."""
+    gen = torch.Generator().manual_seed(pixel_noise_seed(seed, first))
     return images + sigma * torch.randn(images.shape, generator=gen).to(images.device)
 
 
@@ -168,7 +169,7 @@ def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, 
         clean = to_unit_range(torch.stack([img for img, _ in items])).to(dev)
         noisy, denoised = pre.denoise(clean, step, seed, start)
         totals += torch.stack([psnr(noisy, clean).sum(), psnr(denoised, clean).sum()]).cpu()
-        extra = pixel_noise(clean, level, seed + start) if compare_pixel_noise else None
+        extra = pixel_noise(clean, level, seed, start) if compare_pixel_noise else None
         rows += [_row(clean, noisy, denoised, extra, i) for i, j in enumerate(idx) if j in picked]
     mean_noisy, mean_denoised = (totals / len(dataset)).tolist()
     save_grid(rows, path, upscale=upscale, titles=titles)

@@ -11,137 +11,27 @@ what pretraining learned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Optional
 
 import torch
 from torch import nn
 
+from ldae_cli.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
 from ldae_cli import engine_finetune, rundir
 from ldae_cli.checkpoint import Checkpoint, read_metadata
-from ldae_cli.config import require
-from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.data import build_dataset
 from ldae_cli.distributed import resolve_device
 from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import SizeName, build_timm_vit, check_shape, resolve_size, sincos_2d, timm_vit_kwargs
-from ldae_cli.optim import OptimConfig, plan_steps
-from ldae_cli.pretrained import DEFAULT_T, load_encoder, timm_export
-from ldae_cli.reporting import console
+from ldae_cli.models import build_timm_vit, sincos_2d, timm_vit_kwargs
+from ldae_cli.optim import plan_steps
+from ldae_cli.pretrained import load_encoder, timm_export
+from ldae_cli.logs import console
 from ldae_cli.discovery import check_splits
 from ldae_cli.sources import open_source
-from ldae_cli.runs import RunConfig, kept_config, load_run_config, session
-
-# a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved
-RESUMABLE = ("model.ckpt",)
-# what a finetune checkpoint says about its network, carried over unchanged by --resume
-DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "init")
-
-
-@dataclass
-class ArchConfig:
-    """The ViT that --from-scratch builds when no --ckpt is given (ignored when there is one)."""
-
-    size: SizeName = "B"  # the encoder of one of the pretrain sizes (models.SIZES)
-    width: Optional[int] = None  # these three override the size preset (all three needed for 'custom')
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch: int = 16
-    mlp_ratio: float = 4.0
-
-    def resolved(self) -> tuple[int, int, int]:
-        return resolve_size("model.arch", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
-
-    def validate(self) -> None:
-        width, depth, heads = self.resolved()
-        check_shape("model.arch", width, heads)
-        require("model.arch", "a positive integer", lambda v: v > 0, depth=depth, patch=self.patch)
-        require("model.arch", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio)
-
-
-@dataclass
-class FinetuneModelConfig:
-    ckpt: Optional[str] = None  # --ckpt: a pretrain checkpoint or an encoder from `ldae export`
-    from_scratch: bool = False  # --from-scratch: the same network, randomly initialised
-    t: int = DEFAULT_T  # timestep the pretrained adaLN encoder is folded at
-    depth: Optional[int] = None  # blocks taken from the pretrained model; null = its encoder depth
-    pretrain_ema: Optional[bool] = None  # which pretrain weights: null = the EMA when that run kept one
-    drop_path: float = 0.1
-    head_init_std: float = 2e-5  # MAE: trunc-normal head weights, zero bias
-    arch: ArchConfig = field(default_factory=ArchConfig)
-
-    def validate(self) -> None:
-        if not 0 <= self.drop_path < 1:
-            raise LdaeError(f"model.drop_path is a rate in [0, 1), got {self.drop_path}")
-        if self.head_init_std <= 0:
-            raise LdaeError(f"model.head_init_std must be positive, got {self.head_init_std}")
-        require("model", ">= 0", lambda v: v >= 0, t=self.t)
-        require("model", "a positive integer", lambda v: v > 0, depth=self.depth)
-
-
-@dataclass
-class AugConfig:
-    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
-    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 = off
-    mix_prob: float = 1.0  # probability that a batch is mixed at all
-    switch_prob: float = 0.5  # CutMix instead of mixup, when both are on
-    mix_mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = 0.1
-    erase_prob: float = 0.25  # random erasing; 0 = off
-    erase_mode: Literal["pixel", "rand", "const"] = "pixel"
-    erase_count: int = 1
-
-    @property
-    def mixing(self) -> bool:
-        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
-
-    def validate(self) -> None:
-        for name in ("mix_prob", "switch_prob", "erase_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise LdaeError(f"aug.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1 or self.erase_count < 1:
-            raise LdaeError("aug: mixup and cutmix must be >= 0, label_smoothing in [0, 1), erase_count >= 1")
-
-
-@dataclass
-class FinetuneOptimConfig(OptimConfig):
-    """The MAE fine-tuning defaults (ViT-B): AdamW, wd 0.05, 5 warm-up epochs of 100, EMA 0.9999."""
-
-    batch_size: int = 1024
-    blr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    epochs: float = 100.0
-    warmup_epochs: float = 5.0
-    ema: Optional[float] = 0.9999
-    layer_decay: float = 0.75  # block i of N gets lr x layer_decay^(N - i); 1 = no decay
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0 < self.layer_decay <= 1:
-            raise LdaeError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
-
-
-def _finetune_data() -> DataConfig:
-    return DataConfig(crop="random-resized", crop_scale=[0.08, 1.0], hflip=True)
-
-
-@dataclass
-class FinetuneConfig:
-    data: DataConfig = field(default_factory=_finetune_data)
-    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self) -> None:
-        if self.data.source == "images":
-            raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
-                            "(use cifar10, fashion-mnist or imagefolder)")
+from ldae_cli.session import kept_config, load_run_config, session
 
 
 def default_config(ckpt: str | None) -> dict:

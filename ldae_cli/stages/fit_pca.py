@@ -10,19 +10,19 @@ from ldae_cli import pca
 from ldae_cli.config import load_config, save_resolved, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.plots import save_filters
-from ldae_cli.reporting import console
-from ldae_cli.rundir import refuse_to_replace, remove_temp_files
+from ldae_cli.logs import console
+from ldae_cli.rundir import RUNS, refuse_to_replace, remove_temp_files
 
 
 @dataclass
 class FitPCAConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    pca: pca.PCASettings = field(default_factory=pca.PCASettings)
+    pca: pca.PCAConfig = field(default_factory=pca.PCAConfig)
     out: Optional[str] = None  # default: runs/pca/<source>-p<patch>-d<dim>.safetensors
 
 
 def default_out(cfg: FitPCAConfig) -> Path:
-    return Path("runs") / "pca" / f"{cfg.data.source}-p{cfg.pca.patch}-d{cfg.pca.dim}.safetensors"
+    return RUNS / "pca" / f"{cfg.data.source}-p{cfg.pca.patch}-d{cfg.pca.dim}.safetensors"
 
 
 def outputs(out: Path) -> tuple[Path, Path]:

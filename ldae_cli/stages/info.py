@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ldae_cli.describe import describe_checkpoint, render
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 
 
 def main(path: str, as_json: bool = False) -> dict:

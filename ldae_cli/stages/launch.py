@@ -1,30 +1,30 @@
-"""`ldae launch`: submit a training command as a SLURM (or local) job; see ldae_cli/launch.py."""
+"""`ldae launch`: submit a training command as a SLURM (or local) job; see ldae_cli/slurm.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from ldae_cli import launch
+from ldae_cli import slurm
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 
 
 def main(argv: list[str], runner: Callable[[list[str]], None], local: bool, nodes: int, gpus_per_node: int,
-         cpus_per_task: int, partition: str | None, time_min: int, folder: str, slurm: list[str], wait: bool) -> str:
+         cpus_per_task: int, partition: str | None, time_min: int, folder: str, sbatch: list[str], wait: bool) -> str:
     """Submit `ldae <argv>`; every task of the job calls `runner(argv)` (the CLI's in-process entry, by reference)."""
     argv = argv[1:] if argv[:1] == ["--"] else argv
-    launch.check(argv)
+    slurm.check(argv)
     if min(nodes, time_min, cpus_per_task) < 1 or gpus_per_node < 0:
         raise LdaeError("--nodes, --time and --cpus-per-task must be at least 1, --gpus-per-node at least 0")
     extra = {}
-    for item in slurm:
+    for item in sbatch:
         if "=" not in item:
             raise LdaeError(f"--slurm '{item}': expected KEY=VALUE, e.g. --slurm account=myproject")
         key, value = item.split("=", 1)
         extra[key.strip()] = value
     try:
-        job = launch.submit(argv, runner, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder),
+        job = slurm.submit(argv, runner, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder),
                             extra)
     except (RuntimeError, OSError) as exc:  # no sbatch on this machine, a rejected submission
         raise LdaeError(f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "

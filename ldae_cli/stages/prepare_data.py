@@ -11,7 +11,7 @@ from ldae_cli import prepared
 from ldae_cli.config import load_config
 from ldae_cli.data import DataConfig
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.discovery import check_splits
 from ldae_cli.rundir import RunLock
 

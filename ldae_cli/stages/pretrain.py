@@ -1,58 +1,34 @@
-"""`ldae pretrain`: build tokenizer, model and objective from a config, then run the training engine."""
+"""`ldae pretrain`: build tokenizer, model and objective from a config, then run it on the trainer (engine_pretrain.train)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
+from ldae_cli.engine_pretrain import RESUMABLE, PretrainConfig
 from ldae_cli import engine_pretrain, pca, rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
-from ldae_cli.data import DataConfig, build_dataset, to_unit_range
-from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.distributed import barrier, resolve_device
+from ldae_cli.data import build_dataset, to_unit_range
+from ldae_cli.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.distributed import amp_dtype, barrier, resolve_device
 from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
-from ldae_cli.engine_probe import OnlineProbe, OnlineProbeConfig, online_subsets
+from ldae_cli.online_probe import OnlineProbe, online_subsets
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import ModelConfig, build_model
-from ldae_cli.optim import OptimConfig, make_adamw, plan_steps
+from ldae_cli.models import build_model
+from ldae_cli.optim import make_adamw, plan_steps
 from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
-from ldae_cli.reporting import console
-from ldae_cli.runs import RESUMABLE as RUN_RESUMABLE, RunConfig, Session, amp_dtype, config_differences, kept_config, \
+from ldae_cli.logs import console
+from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, kept_config, \
     load_run_config, resume_base, same_unsaved_run, session
 from ldae_cli.discovery import check_splits
 from ldae_cli.sources import open_source
-from ldae_cli.tokenizers import PCATokenizer, Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
-
-
-@dataclass
-class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
-
-    def validate(self) -> None:
-        if self.model.class_conditional and self.data.source == "images":
-            raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
-        tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
-        if tc.kind != "trained" and self.data.image_size % tc.patch:
-            raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
-                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
-        if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
-            raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
-                            f"PCA keeps between 1 and {full} components")
-        if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
-            raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
-                            f"patches, got {tc.fit_patches}")
+from ldae_cli.tokenizers import PCATokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
@@ -63,7 +39,7 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Toke
     if tc.kind == "pca" and not path:
         path = s.output("pca.safetensors")
         if s.ctx.is_main and not path.exists():
-            settings = pca.PCASettings(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
+            settings = pca.PCAConfig(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
             plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             console.print(f"tokenizer.path is empty: fitting the PCA tokenizer on the training data -> {path}")
@@ -77,7 +53,6 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Toke
     return load_tokenizer(tc, path)
 
 
-RESUMABLE = ("optim.micro_batch", "online_probe.")
 # what --init-from may not change: the network and the tokenizer it reads (objective, optimizer, data may differ)
 INIT_KEPT = ("model.", "tokenizer.kind", "tokenizer.patch", "tokenizer.dim", "tokenizer.latent_scale",
              "data.image_size", "diffusion.input_space", "diffusion.output_space")
@@ -251,7 +226,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
                                  cfg.tokenizer.dim or 16, cfg.tokenizer.latent_scale, cfg.tokenizer.scale_dim)
         notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
                      "timed)")
-        settings = pca.PCASettings(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
+        settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
                                    patches=cfg.tokenizer.fit_patches)
         warning = pca.oversampling(images, cfg.data.image_size, settings)
         if warning:

@@ -11,68 +11,27 @@ Baselines read against every result: `--random-init` (the same ViT, untrained) a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Optional
 
 import torch
 from rich.table import Table
 
 from ldae_cli import engine_probe
+from ldae_cli.engine_probe import RESUMABLE, ProbeConfig
 from ldae_cli.checkpoint import Checkpoint, read_metadata
-from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.data import build_dataset
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
+from ldae_cli.pretrained import FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
     pixel_features, read_timm_config, timm_export, vit_features
 from ldae_cli.plots import save_probe_chart
-from ldae_cli.reporting import console
-from ldae_cli.config import require
-from ldae_cli.runs import CHECKPOINT, RunConfig, amp_dtype, kept_config, load_run_config, session, verified_parent
+from ldae_cli.logs import console
+from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, session, verified_parent
 from ldae_cli.discovery import check_splits
 from ldae_cli.sources import open_source
 from ldae_cli import rundir
-from ldae_cli.distributed import resolve_device
+from ldae_cli.distributed import amp_dtype, resolve_device
 from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
-
-RESUMABLE = ("probe.extract_batch",)
-
-
-@dataclass
-class ProbeSettings:
-    t: int = DEFAULT_T
-    depth: Optional[int] = None  # blocks of the encoder; null = the encoder/decoder split
-    noisy_input: bool = False  # add the level-t latent noise to the input (the paper's default is clean)
-    features: Literal["encoder", "pixels"] = "encoder"  # pixels: the raw-image baseline
-    ema: Optional[bool] = None  # the pretrain EMA weights; null = when the run kept them
-    fast: bool = False
-    blrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])  # one head each
-    batch_size: int = 16384
-    epochs: float = 90.0
-    warmup_epochs: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    extract_batch: int = 256  # images per encoder forward
-
-    def validate(self) -> None:
-        if not self.blrs or any(b <= 0 for b in self.blrs):
-            raise LdaeError(f"probe.blrs: give one or more positive base learning rates, got {self.blrs}")
-        if self.batch_size < 1 or self.epochs <= 0 or self.extract_batch < 1:
-            raise LdaeError("probe.batch_size, probe.epochs and probe.extract_batch must be positive")
-        require("probe", "a positive integer", lambda v: v > 0, depth=self.depth, knn_k=self.knn_k)
-        require("probe", ">= 0", lambda v: v >= 0, t=self.t, warmup_epochs=self.warmup_epochs,
-                weight_decay=self.weight_decay)
-        require("probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
-        require("probe", "in [0, 1)", lambda v: 0 <= v < 1, momentum=self.momentum)
-
-
-@dataclass
-class ProbeConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
-    run: RunConfig = field(default_factory=lambda: RunConfig(save_every=1000, log_every=50))
 
 
 def default_config(ckpt_path: str | None) -> dict:

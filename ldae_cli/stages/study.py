@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from ldae_cli.config import BUNDLED_CONFIGS, find_config, load_config, parse_override
+from ldae_cli.rundir import RUNS
 from ldae_cli.errors import LdaeError
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.studies import pages, results, runner
 from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 
@@ -47,7 +48,7 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
     for text in overrides:  # --set for every pretrain run of the study
         keys, value = parse_override(text)
         extra[".".join(keys)] = value
-    run_dir = Path(out) if out else Path("runs") / "study" / spec.name / plan_budget.name
+    run_dir = Path(out) if out else RUNS / "study" / spec.name / plan_budget.name
     command = reproduce(sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
     plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra)
     written: list[Path] = []

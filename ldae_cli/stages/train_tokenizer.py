@@ -12,55 +12,29 @@ plus report.json and reconstructions.png in the run directory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ldae_cli.engine_tokenizer import RESUMABLE, TrainTokenizerConfig
 from ldae_cli import engine_tokenizer, pca
-from ldae_cli.autoencoders import Autoencoder, AutoencoderConfig, build_autoencoder
+from ldae_cli.autoencoders import Autoencoder, build_autoencoder
 from ldae_cli.checkpoint import Checkpoint
-from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
-from ldae_cli.engine_tokenizer import LossConfig, TokenizerObjective
+from ldae_cli.data import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.engine_tokenizer import TokenizerObjective
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import OptimConfig
 from ldae_cli.plots import psnr, save_grid
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli import rundir
 from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
 from ldae_cli.optim import plan_steps
-from ldae_cli.runs import RunConfig, Session, kept_config, load_run_config, session
+from ldae_cli.seeds import derived
+from ldae_cli.session import Session, kept_config, load_run_config, session
 from ldae_cli.discovery import check_splits
 from ldae_cli.sources import open_source
 from ldae_cli.tokenizers import PCATokenizer
-
-
-RESUMABLE = ("optim.micro_batch",)
-
-
-@dataclass
-class ReportConfig:
-    images: int = 1000  # held-out images (eval split) for the reconstruction PSNR
-    stats_images: int = 10000  # training images for the latent mean / std stored for latent_scale
-    pca_reference: bool = True  # also fit a patch PCA of the same footprint and d, and report its PSNR
-    pca_patches: int = 200_000  # patches for that PCA
-    grid_images: int = 8  # rows of reconstructions.png
-
-    def validate(self) -> None:
-        if min(self.images, self.stats_images, self.grid_images) < 1:
-            raise LdaeError("report.images, report.stats_images and report.grid_images must be positive")
-
-
-@dataclass
-class TrainTokenizerConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:
@@ -101,7 +75,7 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     grid = net.grid(eval_set.size)
     reference = None
     if cfg.report.pca_reference:
-        settings = pca.PCASettings(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
+        settings = pca.PCAConfig(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
                                    seed=cfg.run.seed)
         console.print(f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} "
                       "training patches")
@@ -110,7 +84,7 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     scores: dict[str, list[torch.Tensor]] = {"tokenizer": [], "pca": []}
     shown: list[list[torch.Tensor]] = []
     bad = BadImageCounter(cfg.data.on_bad_image)
-    indices = _subset(len(eval_set), cfg.report.images, cfg.run.seed + 1)
+    indices = _subset(len(eval_set), cfg.report.images, derived(cfg.run.seed, "held-out report"))
     for batch in make_loader(eval_set, _chunks(indices), cfg.data.num_workers):
         images = to_unit_range(bad.check(batch).images.to(device))
         recon = net.decode_tokens(net.posterior(images)[0], grid).clamp(-1, 1)

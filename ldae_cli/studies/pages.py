@@ -29,7 +29,7 @@ def setting_text(key: str, value, texts: dict[str, str]) -> str:
 
 
 def common_and_varying(settings: list[dict], texts: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Settings every row shares (as text), and the keys that differ between rows."""
+    """RunSections every row shares (as text), and the keys that differ between rows."""
     common, varying = [], []
     for key in texts:
         values = [json.dumps(s.get(key)) for s in settings]

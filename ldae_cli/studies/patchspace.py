@@ -12,7 +12,7 @@ from ldae_cli import pca
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import config_from_dict
 from ldae_cli.data import DataConfig, build_dataset
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.tokenizers import build_tokenizer
 
 SHARE_DIMS = (8, 16, 32, 48, 64, 128)
@@ -36,7 +36,7 @@ def fit_here(out: Path, data: dict, patch: int) -> Path:
     path = out / "patchspace" / f"{data['source']}-{data['image_size']}-p{patch}.safetensors"
     if not path.is_file():
         cfg = config_from_dict(DataConfig, data)
-        settings = pca.PCASettings(patch=patch, dim=min(16, patch * patch * 3), patches=FIT_PATCHES)
+        settings = pca.PCAConfig(patch=patch, dim=min(16, patch * patch * 3), patches=FIT_PATCHES)
         console.print(f"fitting a PCA of {patch}x{patch} patches at {cfg.image_size}x{cfg.image_size} for the "
                       f"study's patch-space table -> {path}")
         fitted = pca.fit(build_dataset(cfg, "train", augment=False), settings, cfg.on_bad_image, cfg.num_workers,

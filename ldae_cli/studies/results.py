@@ -17,7 +17,7 @@ from ldae_cli.config import config_from_dict
 from ldae_cli.data import DataConfig
 from ldae_cli.models import ModelConfig
 from ldae_cli.optim import OptimConfig
-from ldae_cli.reporting import read_metrics
+from ldae_cli.logs import read_metrics
 from ldae_cli.rundir import CHECKPOINT, METRICS
 from ldae_cli.studies import patchspace
 from ldae_cli.studies.runner import Plan, Row, Run, Timings

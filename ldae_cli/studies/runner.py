@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from ldae_cli.checkpoint import read_metadata
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 from ldae_cli.rundir import CHECKPOINT
-from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, Settings, StudyConfig, Variant,
+from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, RunSections, StudyConfig, Variant,
                                    check_rows, depth_variants, resolve, slug, survey, total_steps)
 
 TIMINGS = "timings.json"
@@ -98,7 +98,7 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
     """Every run of the study, each pretrain's settings resolved and its data surveyed (refused if upsampled)."""
     variants, reference = variants_of(study, {**budget.pretrain, **extra})
     pretrains: dict[str, Run] = {}
-    settings: dict[str, Settings] = {}
+    settings: dict[str, RunSections] = {}
     rows = []
     for variant in variants:
         config = variant.pretrain or study.pretrain

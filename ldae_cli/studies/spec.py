@@ -81,7 +81,7 @@ SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConf
 
 
 @dataclass
-class Settings:
+class RunSections:
     """The sections of a pretrain run's config that a study reads."""
 
     data: DataConfig
@@ -91,12 +91,12 @@ class Settings:
     optim: OptimConfig
 
 
-def resolve(config: str, overrides: dict[str, Any]) -> Settings:
+def resolve(config: str, overrides: dict[str, Any]) -> RunSections:
     """The settings `ldae pretrain --config CONFIG --set KEY=VALUE ...` runs with."""
     raw = _read_yaml(find_config(config))
     for key, value in overrides.items():
         apply_override(raw, key.split("."), value)
-    return Settings(**{name: config_from_dict(cls, raw.get(name) or {}) for name, cls in SECTIONS.items()})
+    return RunSections(**{name: config_from_dict(cls, raw.get(name) or {}) for name, cls in SECTIONS.items()})
 
 
 def slug(text: str) -> str:
@@ -141,7 +141,7 @@ def data_key(data: DataConfig) -> tuple:
     return data.source, data.path, data.train_split, data.limit
 
 
-def survey(settings: list[Settings], budget: str) -> dict[tuple, DataFacts]:
+def survey(settings: list[RunSections], budget: str) -> dict[tuple, DataFacts]:
     """The data of every run; a run whose data.image_size is above its data's native size is refused."""
     facts: dict[tuple, DataFacts] = {}
     for s in settings:
@@ -161,6 +161,6 @@ def survey(settings: list[Settings], budget: str) -> dict[tuple, DataFacts]:
     return facts
 
 
-def total_steps(s: Settings, facts: dict[tuple, DataFacts]) -> int:
+def total_steps(s: RunSections, facts: dict[tuple, DataFacts]) -> int:
     """Optimizer steps of a pretrain run with these settings (as the run plans them)."""
     return plan_steps(facts[data_key(s.data)].train_images, s.optim, 0, DistContext()).total_steps

@@ -1,16 +1,17 @@
-"""The training engine: one `Trainer` owns a run from its first step to its last checkpoint.
+"""The training loop: one `Trainer` owns a run from its first step to its last checkpoint.
 
-A stage builds its network, data and optimizers; its `engine_<stage>` module gives the Trainer a step
-function (one optimizer step: forward, backward, update, its losses added to `trainer.meter`) and
-hooks for what the run does besides (evaluations). The Trainer does the rest the same way for every
-stage, as detectron2's TrainerBase does with its hooks:
+A stage builds its network, data and optimizers; its `engine_<stage>` module gives the Trainer the built train
+state (modules, optimizers, EMA), a step function (one optimizer step: forward, backward, update, its losses added
+to `trainer.meter`) and hooks for what the run does besides (log lines, curves, dashboard pictures, the stage's
+checkpoint content, evaluations: hooks.py). The Trainer does the rest the same way for every stage, as
+detectron2's TrainerBase does with its hooks:
 
 - the plan: steps, epochs and the lr of every step, applied to each optimizer's parameter groups;
 - the train state, saved and restored in one schema (`TrainState`), atomically, on one rank;
-- the cadence: a metrics.jsonl line (and the progress bar) every run.log_every steps, a checkpoint
-  every run.save_every steps and at the end, clean stops on Ctrl-C / SIGTERM / time limit /
-  stop_after_steps, and the NaN guard;
-- the EMA of the weights, DDP and torch.compile wrapping, the seeded image stream, loss curves as PNG.
+- the cadence: a metrics.jsonl line every run.log_every steps, a checkpoint every run.save_every steps and at
+  the end (every one a multiple of its period, so a resumed run keeps it), clean stops on Ctrl-C / SIGTERM /
+  time limit / stop_after_steps, and the NaN guard;
+- the EMA update, DDP and torch.compile wrapping, the seeded image stream.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -27,27 +27,15 @@ from torch import nn
 
 from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import Batch, BadImageCounter, ImageDataset, decode_batch, make_loader
-from ldae_cli.distributed import all_reduce_sum, barrier, ddp_wrap
+from ldae_cli.distributed import PREEMPTIBLE, all_reduce_sum, barrier, ddp_wrap
 from ldae_cli.errors import Interrupted, LdaeError
-from ldae_cli.optim import StepPlan, make_ema, set_lr
-from ldae_cli.plots import save_curves
-from ldae_cli.reporting import Board, MetricsLog, PlainProgress, clock, console, note_kept, progress_bar, read_metrics
-from ldae_cli.runs import Session
-from ldae_cli.train_state import Evaluation, Hook, TrainState
+from ldae_cli.logs import Board, MetricsLog, console, note_kept, progress_bar
+from ldae_cli.optim import StepPlan, set_lr
+from ldae_cli.session import Session
+from ldae_cli.train_state import TrainState
 
 # what to change when a training loss stops being finite
 DIVERGED_HINT = "Lower the lr (optim.blr or optim.lr), set optim.clip_grad, or check the data"
-
-
-@dataclass
-class Curve:
-    """A PNG drawn from metrics.jsonl at every checkpoint."""
-
-    file: str
-    keys: tuple[str, ...]
-    title: str
-    x: str = "step"
-    log_y: bool = True
 
 
 class ImageStream:
@@ -78,10 +66,51 @@ class ImageStream:
         return batch
 
 
-class Trainer:
-    """One training run on the engine: see the module docstring. Typical use, in an `engine_<stage>` module:
+class Hook:
+    """Something a run does besides its steps (detectron2's HookBase); concrete ones are in hooks.py. Every
+    method runs on every rank unless it says otherwise."""
 
-        trainer = Trainer(session, plan, {"model": model}, {"optim": optimizer}, ema_decay=cfg.optim.ema)
+    def state(self) -> dict:
+        """JSON values written into every checkpoint's extra (and given back to `load_state` on resume)."""
+        return {}
+
+    def load_state(self, extra: dict) -> None:
+        pass
+
+    def checkpoint(self, trainer: "Trainer") -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, extra) this hook adds to every checkpoint (main rank); default: no tensors, `state()`."""
+        return {}, self.state()
+
+    def wants_save(self, trainer: "Trainer") -> bool:
+        """After an optimizer step: ask for a checkpoint (and a log line) at this step."""
+        return False
+
+    def after_log(self, trainer: "Trainer", record: dict) -> None:
+        """A metrics.jsonl line was written (main rank)."""
+
+    def after_step(self, trainer: "Trainer") -> None:
+        """After the step's log line, before its checkpoint."""
+
+    def after_save(self, trainer: "Trainer") -> None:
+        """A checkpoint was written (main rank)."""
+
+    def after_last_save(self, trainer: "Trainer") -> bool:
+        """The last step's checkpoint is written (training is safe); True asks for one more checkpoint."""
+        return False
+
+    def pending(self, total_steps: int) -> bool:
+        """Work left after the last step (a run stopped between its last checkpoint and an evaluation)."""
+        return False
+
+    def finish(self, total_steps: int) -> None:
+        """Do that work (the run resumed after its last step)."""
+
+
+class Trainer:
+    """One training run: see the module docstring. Typical use, in an `engine_<stage>` module:
+
+        state = TrainState({"model": model}, {"optim": optimizer}, ema=make_ema(model, cfg.optim.ema))
+        trainer = Trainer(session, plan, state, [LogLine(), Curves(Curve("loss.png", ("loss",), "loss"))])
         stream = trainer.stream(dataset, cfg.data)
         def step(step: int) -> dict:
             ...forward / backward / optimizer.step() on stream.next() batches...
@@ -89,26 +118,17 @@ class Trainer:
         trainer.fit(step)
     """
 
-    def __init__(self, session: Session, plan: StepPlan, modules: dict[str, nn.Module | None],
-                 optimizers: dict[str, torch.optim.Optimizer], *, ema_decay: float | None = None,
-                 describe: Callable[[], tuple[dict[str, torch.Tensor], dict]] | None = None,
-                 parents: list[dict] = (), losses: tuple[str, ...] = ("loss",), shown: tuple[str, ...] = ("loss", "lr"),
-                 hint: str = DIVERGED_HINT, curves: tuple[Curve, ...] | None = None, hooks: tuple[Hook, ...] = (),
-                 non_finite: Callable[[], str | None] | None = None,
-                 pictures: Callable[["Trainer"], dict[str, torch.Tensor]] | None = None):
+    def __init__(self, session: Session, plan: StepPlan, state: TrainState, hooks: list[Hook] | tuple[Hook, ...] = (),
+                 losses: tuple[str, ...] = ("loss",), hint: str = DIVERGED_HINT):
         self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
         self.out_dir, self.path = session.out_dir, session.checkpoint
-        self.ema = make_ema(modules["model"], ema_decay) if ema_decay else None
-        self.modules = {**modules, **({"ema": self.ema.module} if self.ema is not None else {})}
-        self.optimizers, self.describe, self.parents = optimizers, describe, list(parents)
-        self.hint, self.shown, self.hooks = hint, shown, list(hooks)
-        self._non_finite, self.pictures = non_finite, pictures
-        self.curves = curves if curves is not None else (Curve("loss.png", ("loss",), f"{session.command} loss"),)
+        self.state, self.ema, self.modules, self.optimizers = state, state.ema, state.modules, state.optimizers
+        self.hint, self.hooks = hint, list(hooks)
         self.meter = LossMeter(losses, self.ctx.device)
         self.total_steps, self.steps_per_epoch = plan.total_steps, plan.steps_per_epoch
         self.step = 0
         if session.resume is not None:
-            self.step = TrainState.read(session.resume, self.modules, optimizers)
+            self.step = TrainState.read(session.resume, self.modules, self.optimizers)
             self.meter.load(session.resume.section("meter"), self.ctx)
             for hook in self.hooks:
                 hook.load_state(session.resume.extra)
@@ -124,7 +144,7 @@ class Trainer:
         self.metrics = MetricsLog(session.output("metrics.jsonl"), self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
         self.data_identity: str | None = None
-        self.progress = None  # the live progress bar while `fit` runs (evaluations show theirs in it)
+        self.progress, self.bar_task = None, None  # the live progress bar while `fit` runs, and the run's task in it
         self._wait_mark, self._warned_wait = (time.perf_counter(), 0.0, False), False
         self.rate = float("nan")
         self._throughput = Throughput()
@@ -180,14 +200,14 @@ class Trainer:
                     progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
                 self.progress = bar
                 self._wait_mark = (time.perf_counter(), 0.0, False)
-                task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
-                                    completed=self.step * self.plan.batch_size, info="")
+                task = self.bar_task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
+                                                    completed=self.step * self.plan.batch_size, info="")
                 while self.step < self.total_steps:
                     values = self._step(step_fn)
                     bar.update(task, advance=self.plan.batch_size)
                     limit = self.run.stop_after_steps
                     stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
-                    self._after_step(values, stopping, bar, task)
+                    self._after_step(values, stopping)
                     if stopping and self.step < self.total_steps:
                         return self._stopped(stop.reason)
             if self.ctx.is_main:
@@ -212,7 +232,7 @@ class Trainer:
         self.rate = self._throughput.mark(self.plan.batch_size)
         return values
 
-    def _after_step(self, values: dict, stopping: bool, bar, task) -> None:
+    def _after_step(self, values: dict, stopping: bool) -> None:
         """The cadence: a log line, the hooks, a checkpoint when due, and the final one's extra round. Every step
         of it is a multiple of its period (or the last step, or a hook's), so a run stopped and resumed logs and
         saves at the same steps as one that never stopped; a stop saves without a log line (the meter's sums go
@@ -220,7 +240,7 @@ class Trainer:
         due_save = (self.step % self.run.save_every == 0 or self.step == self.total_steps
                     or any(hook.wants_save(self) for hook in self.hooks))
         if self.step % self.run.log_every == 0 or due_save:
-            self.log(values, bar, task)
+            self.log(values)
         due_save = due_save or stopping
         for hook in self.hooks:
             hook.after_step(self)
@@ -241,17 +261,17 @@ class Trainer:
         return False
 
     def _finished_already(self) -> None:
-        unevaluated = [hook for hook in self.hooks if isinstance(hook, Evaluation) and hook.missing(self.step)]
-        for hook in unevaluated:  # stopped between the last checkpoint and its evaluation
-            hook.run(self.step)
-        if unevaluated:
+        unfinished = [hook for hook in self.hooks if hook.pending(self.step)]
+        for hook in unfinished:  # stopped between the last checkpoint and its evaluation
+            hook.finish(self.step)
+        if unfinished:
             self.save()
         elif self.ctx.is_main:
             console.print("this run has already finished; nothing to do")
 
-    def log(self, values: dict, bar=None, task=None) -> None:
+    def log(self, values: dict) -> None:
         """Average the meter over all ranks, stop on a non-finite loss (its first term), and write a
-        metrics.jsonl line of the means, `values`, throughput and time."""
+        metrics.jsonl line of the means, `values`, throughput and time; the hooks see it (bar, plain line)."""
         means = self.meter.take(self.ctx)
         first = means.get(self.meter.names[0], 0.0)
         if not math.isfinite(first):
@@ -259,28 +279,14 @@ class Trainer:
                             f"{self.hint}")
         if self._stream is not None:
             values = {**values, "skipped_images": self._stream.skipped, "data_wait": self._data_wait()}
-        values = {**means, **values}
         self.logged = self.step
-        if bar is not None:
-            shown = " ".join(f"{k} {values[k]:.3g}" for k in self.shown if isinstance(values.get(k), float))
-            bar.update(task, info=f"{shown} ep {self.epoch:.2f}")
-        record = {"step": self.step, "epoch": round(self.epoch, 4), **values,
+        record = {"step": self.step, "epoch": round(self.epoch, 4), **means, **values,
                   "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
                   "time_s": round(time.time() - self._started, 1)}
         self.metrics.write(record)
-        if isinstance(bar, PlainProgress):  # off a terminal (nohup, a scheduler): one plain line per log
-            self.print_line(record)
-
-    def print_line(self, r: dict) -> None:
-        """step/total, epoch, every logged term, img/s, data wait and ETA in one line, for a log file."""
-        terms = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)
-                          and k not in ("epoch", "img_per_s", "time_s", "data_wait"))
-        rate = self.rate if self.rate == self.rate and self.rate > 0 else None
-        eta = clock((self.total_steps - self.step) * self.plan.batch_size / rate) if rate else "?"
-        wait = f"  data wait {100 * r['data_wait']:.0f}%" if r.get("data_wait") is not None else ""
-        speed = f"{rate:,.0f} img/s" if rate else "-- img/s"
-        console.print(f"{self.session.command} step {self.step:,}/{self.total_steps:,} ep {self.epoch:.2f}  {terms}  "
-                      f"{speed}{wait}  eta {eta}", soft_wrap=True, highlight=False)
+        if self.ctx.is_main:
+            for hook in self.hooks:
+                hook.after_log(self, record)
 
     def _data_wait(self) -> float | None:
         """The share of the time since the last log line the loop waited for batches; warns once above 10% (the
@@ -304,8 +310,9 @@ class Trainer:
         return "no checkpoint was written before (the run had not reached its first save)"
 
     def save(self) -> None:
-        """The checkpoint of the current step (rank 0 writes, every rank waits), and the curves. Weights or
-        optimizer state that are not finite are never saved: the run stops, keeping the last good one."""
+        """The checkpoint of the current step (rank 0 writes, every rank waits), then the hooks' after_save (curves,
+        pictures). Weights, optimizer state or loss sums that are not finite are never saved: the run stops,
+        keeping the last good one."""
         bad = self.non_finite_state()
         if bad is not None:
             raise LdaeError(f"{bad} became non-finite by step {self.step}; {self.kept()}. {self.hint}")
@@ -314,23 +321,19 @@ class Trainer:
             raise LdaeError(f"loss became non-finite between steps {self.logged} and {self.step}; {self.kept()}. "
                             f"{self.hint}")
         if self.ctx.is_main:
-            tensors, extra = self.describe() if self.describe is not None else ({}, {})
+            tensors, extra = {}, {}
+            for hook in self.hooks:  # the stage's description, evaluations, ...
+                more_tensors, more_extra = hook.checkpoint(self)
+                tensors.update(more_tensors)
+                extra.update(more_extra)
             state_tensors, state_extra = TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
                                                           self.ctx.world, self.modules, self.optimizers)
-            tensors, extra = {**tensors, "meter.sums": meter}, {**extra, **state_extra}
+            tensors, extra = {**tensors, **state_tensors, "meter.sums": meter}, {**extra, **state_extra}
             if self.data_identity is not None:
                 extra["data_identity"] = self.data_identity
+            save_checkpoint(self.path, self.session.kind, tensors, self.session.config, self.state.parents, extra)
             for hook in self.hooks:
-                extra.update(hook.state())
-            save_checkpoint(self.path, self.session.kind, {**tensors, **state_tensors}, self.session.config,
-                            self.parents, extra)
-            records = read_metrics(self.metrics.path)
-            for curve in self.curves:
-                save_curves(records, self.session.output(curve.file), curve.keys, x=curve.x,
-                            title=f"{curve.title} ({self.out_dir.name})", log_y=curve.log_y)
-            if self.board is not None and self.pictures is not None:
-                for tag, image in self.pictures(self).items():
-                    self.board.image(tag, image, self.step)
+                hook.after_save(self)
         barrier(self.ctx)
         self.last_saved = self.step
         note_kept(f"the checkpoint of step {self.step} in {self.out_dir} (continue with `ldae {self.session.command} "
@@ -338,9 +341,7 @@ class Trainer:
 
     def non_finite_state(self) -> str | None:
         """What of the state is not finite (None: all of it is), or the stage's own rule when it has one."""
-        if self._non_finite is not None:
-            return self._non_finite()
-        return TrainState.non_finite(self.modules, self.optimizers)
+        return self.state.first_non_finite()
 
 
 class StopSignal:
@@ -354,7 +355,7 @@ class StopSignal:
 
     def __enter__(self):
         # a job under `ldae launch` is also warned by SIGUSR2 before a preemption or its time limit
-        extra = (signal.SIGUSR2,) if os.environ.get("LDAE_PREEMPTIBLE") else ()
+        extra = (signal.SIGUSR2,) if os.environ.get(PREEMPTIBLE) else ()
         for sig in (signal.SIGINT, signal.SIGTERM, *extra):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -14,9 +14,8 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Generic, Iterator, Literal, Optional, TypeVar
 
-import torch
 import yaml
 
 from ldae_cli import rundir
@@ -26,7 +25,7 @@ from ldae_cli.data import DataConfig
 from ldae_cli.discovery import detect
 from ldae_cli.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
-from ldae_cli.reporting import console, note_kept
+from ldae_cli.logs import console, note_kept
 from ldae_cli.rundir import CHECKPOINT
 # keys a resumed run may change: where things are and how they are run, not what is computed; stages add theirs
 RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.verify", "data.on_bad_image", "run.device", "run.compile",
@@ -62,12 +61,6 @@ class RunConfig:
             raise LdaeError(f"run.time_limit_minutes must be positive (or null), got {self.time_limit_minutes}")
         if not 0 <= self.seed <= MAX_SEED:
             raise LdaeError(f"run.seed must lie in 0 ... {MAX_SEED} (2**31 - 1), got {self.seed}")
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def resume_path(resume: str) -> Path:
@@ -212,14 +205,17 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
     return str(path)
 
 
+C = TypeVar("C")  # a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
+
+
 @dataclass
-class Session:
+class Session(Generic[C]):
     """One invocation of a stage: its config, process group and run directory, and the manifest of what ldae
     writes there (every file a stage writes in its run directory is named through `output`)."""
 
     command: str  # the subcommand, for messages (`ldae <command> --resume ...`)
     kind: str  # the checkpoint kind it writes
-    cfg: Any  # the stage's resolved config dataclass (with a `run: RunConfig` section)
+    cfg: C  # the stage's resolved config dataclass (with a `run: RunConfig` section)
     ctx: DistContext
     out_dir: Path
     resume: Checkpoint | None
@@ -282,9 +278,9 @@ def kept_config(config_file: str | None, out_dir: Path) -> set[str]:
 
 
 @contextlib.contextmanager
-def session(command: str, kind: str, cfg: Any, name: str | None, resume: Checkpoint | None = None,
+def session(command: str, kind: str, cfg: C, name: str | None, resume: Checkpoint | None = None,
             force: bool = False, *, config_file: str | None = None, resumable: tuple[str, ...] = ()
-            ) -> Iterator[Session]:
+            ) -> Iterator[Session[C]]:
     out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume is not None else None)
     ctx = init(cfg.run.device)
     lock = rundir.RunLock(out_dir, command)

@@ -16,11 +16,11 @@ import signal
 from pathlib import Path
 from typing import Callable
 
+from ldae_cli.distributed import PREEMPTIBLE
 from ldae_cli.errors import Interrupted, LdaeError
-from ldae_cli.reporting import console
+from ldae_cli.logs import console
 
 RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
-PREEMPTIBLE = "LDAE_PREEMPTIBLE"  # set in a job: the loop also stops cleanly on SIGUSR2
 
 
 def output_of(argv: list[str]) -> Path:
