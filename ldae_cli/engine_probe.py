@@ -152,6 +152,9 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
         if ctx.is_main:
             (session.out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
             show(rows, knn)
+        # metrics.jsonl, hence TensorBoard and W&B, get the top-1 beside the head losses
+        trainer.metrics.write({"step": step, "probe_best_top1": results["best_top1"],
+                               **({} if knn is None else {"probe_knn_top1": results["knn_top1"]})})
         return results
 
     evaluation = Evaluation(final_evaluation)

@@ -53,6 +53,7 @@ class OnlineProbeConfig:
                 fit_images=self.fit_images, per_class=self.per_class, test_images=self.test_images,
                 linear_steps=self.linear_steps, linear_batch=self.linear_batch, batch=self.batch)
         require("online_probe", ">= 0", lambda v: v >= 0, t=self.t)
+        require("online_probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
         require("online_probe", "in (0, 1]", lambda v: 0 < v <= 1, max_share=self.max_share)
         if not self.linear_blrs or any(b <= 0 for b in self.linear_blrs):
             raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")

@@ -92,6 +92,18 @@ def test_filters_with_eigenvalues_show_the_spectrum_and_the_kept_d(tmp_path, fig
         assert im.width > 1000
 
 
+def test_report_of_a_pca_file_draws_its_spectrum_and_kept_d(tmp_path, figures):
+    from ldae_cli.pca import PCAFit, save_fit
+    from ldae_cli.stages import report
+
+    g = torch.Generator().manual_seed(0)
+    fit = PCAFit(torch.zeros(48), torch.linalg.qr(torch.randn(48, 48, generator=g))[0].T,
+                 torch.logspace(0, -3, 48), n_patches=1000)
+    ckpt = save_fit(fit, tmp_path / "pca.safetensors", PCAConfig(patch=4, dim=8), {}, 32, "synthetic")
+    assert report.main([str(ckpt)]) == [tmp_path / "pca.report.png"]
+    assert "d = 8 keeps" in figures[0].axes[1].get_title()
+
+
 def test_hundreds_of_components_get_a_log_component_axis(tmp_path, figures):
     basis = torch.eye(768, dtype=torch.float64)
     plots.save_filters(basis, 16, tmp_path / "f.png", eigenvalues=torch.logspace(0, -4, 768), dim=32)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import train_tiny, train_tiny_conv_vae
 from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.logs import read_metrics
 from ldae_cli.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
 from ldae_cli.optim import lr_at, set_lr
 from ldae_cli.errors import LdaeError
@@ -131,6 +132,8 @@ def test_probe_works_from_every_target_type(target, extra, pattern_tree, tmp_pat
     saved = load_checkpoint(tmp_path / f"probe-{target}" / "checkpoint.safetensors", "probe")
     assert saved.extra["finished"] and saved.provenance["parents"][0]["sha256"] == load_checkpoint(ckpt).sha256
     assert json.loads((tmp_path / f"probe-{target}" / "results.json").read_text())["best_head"] in (0, 1)
+    last = read_metrics(tmp_path / f"probe-{target}" / "metrics.jsonl")[-1]  # what TensorBoard plots
+    assert last["probe_best_top1"] == results["best_top1"] and last["probe_knn_top1"] == results["knn_top1"]
 
 
 def test_baselines_random_init_and_pixels(pattern_tree, tmp_path):

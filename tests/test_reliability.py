@@ -48,6 +48,7 @@ BAD_OPTIONS = [
     ({"diffusion.schedule": "cosine"}, "'cosine' is not one of"),
     ({"diffusion.constant_sigma": 0}, "diffusion.constant_sigma must be a positive noise level"),
     ({"model.class_dropout": 1.0}, "model.class_dropout must be in [0, 1)"),
+    ({"online_probe.knn_temperature": 0}, "online_probe.knn_temperature must be > 0"),
     ({"model.widht": 64}, "did you mean 'model.width'"),
 ]
 

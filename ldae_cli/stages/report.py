@@ -53,7 +53,9 @@ def main(paths: list[str], force: bool = False) -> list[Path]:
                                 "directories' metrics")
             ckpt = load_checkpoint(path, "pca")
             ckpt.require("patch")
-            written.append(save_filters(ckpt.section("pca")["basis"], ckpt.extra["patch"], output(path)))
+            pca = ckpt.section("pca")
+            written.append(save_filters(pca["basis"], ckpt.extra["patch"], output(path),
+                                        eigenvalues=pca.get("eigenvalues"), dim=ckpt.extra.get("dim")))
         else:
             raise LdaeError(f"{path}: expected a run directory or a .safetensors PCA checkpoint")
     return written
