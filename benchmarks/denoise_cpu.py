@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import synthetic_pca, trained_like  # noqa: E402
+from timing import best_of  # noqa: E402
 
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule  # noqa: E402
 from ldae_cli.models import ModelConfig, build_model, model_flops_per_image  # noqa: E402
 from ldae_cli.pretrained import Pretrained  # noqa: E402
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -15,13 +15,14 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from timing import best_of  # noqa: E402
 from ldae_cli.prepared import finish_split, npy_bytes  # noqa: E402
 from ldae_cli.sources import verify_split  # noqa: E402
 
@@ -40,15 +41,6 @@ def write_split(folder: Path, total_mb: int, shards: int) -> dict:
         (folder / f"files-{k:05d}.txt").write_text("".join(f"img{k}-{i}.jpg\n" for i in range(per_shard)))
         (folder / f"skipped-{k:05d}.txt").write_text("")
     return finish_split(folder, shards)
-
-
-def best_of(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -13,13 +13,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import SimpleNamespace
+from typing import Any, Callable
 
 from rich.table import Table
 
 from ldae_cli import rundir
+from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.config import dump_yaml
+from ldae_cli.discovery import check_splits
 from ldae_cli.logs import clock, console
+from ldae_cli.optim import StepPlan, plan_steps
+from ldae_cli.session import kept_config
+from ldae_cli.sources import open_source
 
 
 def print_config(cfg) -> None:
@@ -98,6 +104,44 @@ def start_of(out_dir: Path, command: str, kind: str, force: bool, resume_step: i
     return {"empty": "a new run in the empty folder",
             "restart": "the same run, stopped before its first checkpoint, started again",
             "replace": f"replaces the earlier run ({len(ours)} file(s) ldae wrote there)"}[action]
+
+
+@dataclass
+class Outline:
+    """What every training stage's --dry-run settles before its own part: where the run would go and what a start
+    there would do, the training data and the step plan at this launch's world size."""
+
+    out_dir: Path
+    start: str
+    source: Any  # the training split, opened (its images are not read)
+    images: int
+    steps: StepPlan
+    world: int
+    micro: int
+    accum: int
+
+    def plan(self, command: str, cfg, params: int, seconds_per_image: float | None, timing: str,
+             notes: list[str] = ()) -> Plan:
+        """The stage's plan: this outline, the network's `params` with AdamW state (and EMA), and the timing."""
+        return Plan(command, self.out_dir, self.start, self.images, cfg.optim.batch_size, self.world, self.accum,
+                    self.micro, self.steps.total_steps, self.steps.steps_per_epoch, cfg.optim.base_lr(), params,
+                    state_bytes(params, 2, cfg.optim.ema is not None), seconds_per_image, timing, list(notes))
+
+
+def outline(cfg, command: str, kind: str, name: str | None, config_file: str | None, resume: Checkpoint | None,
+            force: bool, splits: list[str], restartable=None) -> Outline:
+    """The run directory (`name` names a new one under runs/), the start it would get, the splits present, and the
+    steps over the training images; refusals raise as a start's would."""
+    world = world_size()
+    micro, accum = cfg.optim.accumulation(world)
+    out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume else None)
+    start = start_of(out_dir, command, kind, force, resume.extra["step"] if resume else None,
+                     kept_config(config_file, out_dir), restartable)
+    check_splits(cfg.data, splits)
+    source = open_source(cfg.data, "train")
+    images = min(len(source), cfg.data.limit or len(source))
+    steps = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    return Outline(out_dir, start, source, images, steps, world, micro, accum)
 
 
 def seconds_per_image(step: Callable[[], None], images: int, repeats: int = 3) -> float:

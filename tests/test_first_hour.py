@@ -141,7 +141,9 @@ def test_print_config_round_trips_and_dry_run_writes_nothing(world, run_main, tm
     for stage in (["finetune", "--ckpt", str(world.ckpt), "--config", "finetune/cifar10", "--data", str(world.images),
                    "--set", "optim.batch_size=8"],
                   ["probe", "--ckpt", str(world.ckpt), "--config", "probe/small-fast.yaml", "--set",
-                   "probe.batch_size=8"]):
+                   "probe.batch_size=8"],
+                  ["train-tokenizer", "--config", "tokenizer/patch-ae", "--data", str(world.images), "--set",
+                   "optim.batch_size=8"]):
         res = run_main(*stage, "--dry-run")
         assert res.returncode == 0 and "nothing was written" in res.stdout, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resolved.yaml"]

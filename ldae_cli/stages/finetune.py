@@ -12,26 +12,23 @@ what pretraining learned.
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ldae_cli.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
-from ldae_cli import engine_finetune, rundir
+from ldae_cli import engine_finetune
 from ldae_cli.checkpoint import Checkpoint, read_metadata
 from ldae_cli.data import build_dataset
 from ldae_cli.distributed import resolve_device
-from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
+from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_timm_vit, sincos_2d, timm_vit_kwargs
-from ldae_cli.optim import plan_steps
 from ldae_cli.pretrained import load_encoder, timm_export
 from ldae_cli.logs import console
 from ldae_cli.discovery import check_splits
-from ldae_cli.sources import open_source
-from ldae_cli.session import kept_config, load_run_config, session
+from ldae_cli.session import load_run_config, session
 
 
 def default_config(ckpt: str | None) -> dict:
@@ -145,22 +142,15 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
 
 def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a start and a step of the network timed, with nothing written."""
-    world = world_size()
-    micro, accum = cfg.optim.accumulation(world)
     name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
-    out_dir = rundir.resolve("finetune", "finetune", cfg.run.out_dir, name, resume_ckpt.path if resume_ckpt else None)
-    start = start_of(out_dir, "finetune", "finetune", force, resume_ckpt.extra["step"] if resume_ckpt else None,
-                     kept_config(config_name, out_dir))
-    check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
-    source = open_source(cfg.data, "train")
-    images = min(len(source), cfg.data.limit or len(source))
-    plan = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    o = outline(cfg, "finetune", "finetune", name, config_name, resume_ckpt, force,
+                [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     kwargs = resume_ckpt.extra["timm_kwargs"] if resume_ckpt is not None else \
-        {**vit_arch(cfg)[0], "num_classes": len(source.classes), "final_norm": True, "fc_norm": True}
+        {**vit_arch(cfg)[0], "num_classes": len(o.source.classes), "final_norm": True, "fc_norm": True}
     vit = build_timm_vit(kwargs)
     params = sum(p.numel() for p in vit.parameters())
     device = resolve_device(cfg.run.device)
-    sample = min(micro, 8)
+    sample = min(o.micro, 8)
     vit.to(device).train()
     optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-6)
     size = cfg.data.image_size
@@ -172,10 +162,8 @@ def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoin
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Plan("finetune", out_dir, start, images, cfg.optim.batch_size, world, accum, micro, plan.total_steps,
-                plan.steps_per_epoch, cfg.optim.base_lr(), params, state_bytes(params, 2, cfg.optim.ema is not None),
-                seconds_per_image(step, sample), f"measured on {sample} synthetic images on {device}, without "
-                "data loading, augmentation or evaluations")
+    return o.plan("finetune", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
+                  f"on {device}, without data loading, augmentation or evaluations")
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from ldae_cli.engine_pretrain import RESUMABLE, PretrainConfig
-from ldae_cli import engine_pretrain, pca, rundir
+from ldae_cli import engine_pretrain, pca
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
 from ldae_cli.data import build_dataset, to_unit_range
 from ldae_cli.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.distributed import amp_dtype, barrier, resolve_device
-from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
+from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
 from ldae_cli.online_probe import OnlineProbe, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_model
@@ -24,10 +23,9 @@ from ldae_cli.optim import make_adamw, plan_steps
 from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
 from ldae_cli.logs import console
-from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, kept_config, \
-    load_run_config, resume_base, same_unsaved_run, session
+from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
+    resume_base, same_unsaved_run, session
 from ldae_cli.discovery import check_splits
-from ldae_cli.sources import open_source
 from ldae_cli.tokenizers import PCATokenizer, Tokenizer, build_tokenizer, load_tokenizer
 
 
@@ -203,16 +201,9 @@ def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Den
 def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | None, force: bool,
             init_from: Checkpoint | None) -> Plan:
     """--dry-run: the checks and plan of a start, and a measured step time, with nothing written or trained."""
-    world = world_size()
-    micro, accum = cfg.optim.accumulation(world)
-    out_dir = rundir.resolve("pretrain", "pretrain", cfg.run.out_dir, config_name, resume.path if resume else None)
-    start = start_of(out_dir, "pretrain", "pretrain", force, resume.extra["step"] if resume else None,
-                     kept_config(config_name, out_dir), same_unsaved_run(cfg, RUN_RESUMABLE + RESUMABLE))
-    if cfg.data.eval_split is not None:
-        check_splits(cfg.data, [cfg.data.eval_split])
-    source = open_source(cfg.data, "train")
-    images = min(len(source), cfg.data.limit or len(source))
-    plan = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    o = outline(cfg, "pretrain", "pretrain", config_name, config_name, resume, force,
+                [cfg.data.eval_split] if cfg.data.eval_split is not None else [],
+                same_unsaved_run(cfg, RUN_RESUMABLE + RESUMABLE))
     notes = []
     stored = resume if resume is not None else init_from
     if stored is not None:
@@ -228,19 +219,17 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
                      "timed)")
         settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
                                    patches=cfg.tokenizer.fit_patches)
-        warning = pca.oversampling(images, cfg.data.image_size, settings)
+        warning = pca.oversampling(o.images, cfg.data.image_size, settings)
         if warning:
             notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
     denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-    model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(source.classes))
+    model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(o.source.classes))
     params = sum(p.numel() for p in model.parameters())
     device = resolve_device(cfg.run.device)
-    sample = min(micro, 8)
+    sample = min(o.micro, 8)
     step = synthetic_step(cfg, denoiser, model, sample, device)
-    return Plan("pretrain", out_dir, start, images, cfg.optim.batch_size, world, accum, micro, plan.total_steps,
-                plan.steps_per_epoch, cfg.optim.base_lr(), params, state_bytes(params, 2, cfg.optim.ema is not None),
-                seconds_per_image(step, sample), f"measured on {sample} synthetic images on {device}, "
-                "without data loading, online probe or checkpoints", notes)
+    return o.plan("pretrain", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
+                  f"on {device}, without data loading, online probe or checkpoints", notes)
 
 
 def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, device) -> Callable[[], None]:

@@ -12,7 +12,6 @@ plus report.json and reconstructions.png in the run directory.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +26,9 @@ from ldae_cli.engine_tokenizer import TokenizerObjective
 from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.logs import console
-from ldae_cli import rundir
-from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
-from ldae_cli.optim import plan_steps
+from ldae_cli.dryrun import Plan, outline, print_config
 from ldae_cli.seeds import derived
-from ldae_cli.session import Session, kept_config, load_run_config, session
-from ldae_cli.discovery import check_splits
-from ldae_cli.sources import open_source
+from ldae_cli.session import Session, load_run_config, session
 from ldae_cli.tokenizers import PCATokenizer
 
 
@@ -151,23 +146,13 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
 
 def dry_run(cfg: TrainTokenizerConfig, config_name: str | None, resume: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a start; the step time is not estimated (GAN and perceptual losses)."""
-    world = world_size()
-    micro, accum = cfg.optim.accumulation(world)
-    out_dir = rundir.resolve("train-tokenizer", "tokenizer", cfg.run.out_dir, config_name,
-                             resume.path if resume else None)
-    start = start_of(out_dir, "train-tokenizer", "tokenizer", force, resume.extra["step"] if resume else None,
-                     kept_config(config_name, out_dir))
-    check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
-    source = open_source(cfg.data, "train")
-    images = min(len(source), cfg.data.limit or len(source))
-    plan = plan_steps(images, cfg.optim, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    o = outline(cfg, "train-tokenizer", "tokenizer", config_name, config_name, resume, force,
+                [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     net = build_autoencoder(cfg.tokenizer.spec())
     net.grid(cfg.data.image_size)
     params = sum(p.numel() for p in net.parameters())
-    return Plan("train-tokenizer", out_dir, start, images, cfg.optim.batch_size, world, accum, micro,
-                plan.total_steps, plan.steps_per_epoch, cfg.optim.base_lr(), params,
-                state_bytes(params, 2, cfg.optim.ema is not None), None,
-                "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20")
+    return o.plan("train-tokenizer", cfg, params, None,
+                  "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20")
 
 
 def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
