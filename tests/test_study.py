@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_
     # the page says what the runs ran, from their checkpoints: here 3-step runs on 4x4 patches (D = 48)
     page = (out / "results.md").read_text()
     assert "32×32 images, 4×4 patches, D = 48, 64 tokens" in page and "3 steps" in page
+    assert f"Data: `imagefolder` (`{Path(toy[-1]).name}`, 16 training images" in page  # no path of this machine
     assert "| pixel DAE | l-DAE |" in page and "64.5 (T3.5)" in page and "12.71 at 2 seeds" in page
     eigen = load_checkpoint(out / "pretrain" / "l-dae-s0" / "pca.safetensors").tensors["pca.eigenvalues"].double()
     assert results["patch_space"][0]["share_pct"]["8"] == round(100 * float(eigen[:8].sum() / eigen.sum()), 3)

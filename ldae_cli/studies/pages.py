@@ -4,7 +4,7 @@ the runs (their resolved settings, numbers, timings), never from a budget's or s
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ldae_cli.studies.results import NO_DIFFERENCE
 
@@ -68,8 +68,9 @@ def what_ran(results: dict) -> tuple[list[str], list[str], list[str]]:
     data = []
     for d in results["dataset"]:
         identity = f", training data sha256 {d['train_sha256'][:16]}…" if d["train_sha256"] else ""
-        data.append(f"`{d['source']}` at `{d['path']}` ({d['train_images']:,} training images, native "
-                    f"{d['native_size']}×{d['native_size']}{identity})")
+        # the file's name, not its path: the page is read away from the machine the study ran on
+        data.append(f"`{d['source']}` (`{PurePosixPath(d['path']).name}`, {d['train_images']:,} training images, "
+                    f"native {d['native_size']}×{d['native_size']}{identity})")
     lines = [f"Data: {'; '.join(data)}.", ""]
     if common:
         lines += [f"Every pretrain run: {', '.join(common)}.", ""]
