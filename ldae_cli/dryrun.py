@@ -68,7 +68,8 @@ class Plan:
         table.add_column()
         rows = [("run directory", f"{self.out_dir}: {self.start}"),
                 ("data", f"{self.images:,} training images"),
-                ("plan", f"{self.steps:,} steps = {self.epochs:g} epochs of {self.steps_per_epoch:g} steps"),
+                ("plan", f"{self.steps:,} steps = {self.epochs:g} epoch{'' if self.epochs == 1 else 's'} of "
+                         f"{self.steps_per_epoch:g} steps"),
                 ("batch", f"{self.batch:,} global = {self.ranks} rank(s) x {self.accum} accumulation x {self.micro}"),
                 ("peak lr", f"{self.lr:.3g}"),
                 ("network", f"{self.params / 1e6:,.2f}M parameters"),

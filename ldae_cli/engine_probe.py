@@ -108,6 +108,12 @@ def results_rows(blrs: list[float], lrs: list[float], last_losses: list[float | 
              "top5": round(float(acc[5][i]), 2)} for i, (b, lr, loss) in enumerate(zip(blrs, lrs, last_losses))]
 
 
+def top1_record(step: int, results: dict) -> dict:
+    """The probe's metrics line after its evaluation (so TensorBoard and W&B show the top-1 beside the losses)."""
+    knn = {} if results["knn_top1"] is None else {"probe_knn_top1": results["knn_top1"]}
+    return {"step": step, "probe_best_top1": results["best_top1"], **knn}
+
+
 def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: ImageDataset, eval_set: ImageDataset,
           about: dict, show: Callable[[list[dict], float | None], None]) -> dict:
     """Train the heads on `encoder`'s features and evaluate them; returns the results ({} when stopped early).
@@ -152,9 +158,7 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
         if ctx.is_main:
             (session.out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
             show(rows, knn)
-        # metrics.jsonl, hence TensorBoard and W&B, get the top-1 beside the head losses
-        trainer.metrics.write({"step": step, "probe_best_top1": results["best_top1"],
-                               **({} if knn is None else {"probe_knn_top1": results["knn_top1"]})})
+        trainer.metrics.write(top1_record(step, results))
         return results
 
     evaluation = Evaluation(final_evaluation)

@@ -134,7 +134,7 @@ def test_print_config_round_trips_and_dry_run_writes_nothing(world, run_main, tm
     assert run_main("pretrain", "--config", str(tmp_path / "resolved.yaml"), "--print-config").stdout == printed
     plan = run_main(*args, "--dry-run")
     assert plan.returncode == 0, plan.stderr
-    for fragment in ("nothing was written", "2 steps = 1 epochs", "8 global = 1 rank(s) x 1 accumulation x 8",
+    for fragment in ("nothing was written", "2 steps = 1 epoch of 2 steps", "8 global = 1 rank(s) x 1 accumulation x 8",
                      "img/s per rank", "the PCA tokenizer is fitted on"):
         assert fragment in " ".join(plan.stdout.split()), fragment
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resolved.yaml"]
