@@ -59,14 +59,18 @@ class OnlineProbeConfig:
             raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")
 
 
+def probe_every(s: OnlineProbeConfig, total_steps: int) -> int:
+    """Steps between online probes: `s.every`, or a quarter of the run (the last probe falls on the final step)."""
+    return s.every or math.ceil(total_steps / 4)
+
+
 def online_fit_per_class(s: OnlineProbeConfig, train_images: int, encoder_depth: int, decoder_depth: int,
                          total_steps: int, num_classes: int) -> int:
     """Fit images per class: as many as `s.fit_images` holds, fewer where the probes would take more than
     `s.max_share` of the run (at least one). The cost model: a training image costs a forward and a backward pass
     (3 forwards) of every block, a probed image one forward of the encoder's, and the run probes `probes` times
     the fit and test images; `train_images` is what the whole run trains on (steps x batch)."""
-    every = s.every or math.ceil(total_steps / 4)
-    probes = math.ceil(total_steps / every)
+    probes = math.ceil(total_steps / probe_every(s, total_steps))
     affordable = s.max_share * train_images * 3 * (encoder_depth + decoder_depth) / encoder_depth / probes
     return max(1, min(s.fit_images, int(affordable) - s.test_images) // num_classes)
 
@@ -143,8 +147,7 @@ class OnlineProbe(Hook):
                 f"test {len(self.test):,} eval images)")
 
     def due(self, trainer: Trainer) -> bool:
-        every = self.s.every or math.ceil(trainer.total_steps / 4)
-        return trainer.step % every == 0 or trainer.step == trainer.total_steps
+        return trainer.step % probe_every(self.s, trainer.total_steps) == 0 or trainer.step == trainer.total_steps
 
     def after_step(self, trainer):
         if not self.due(trainer):
@@ -165,7 +168,7 @@ class OnlineProbe(Hook):
                                "online_test_images": len(self.test)})
 
     def measure(self, pre: Pretrained, ctx: DistContext) -> tuple[float, float]:
-        """(k-NN top-1, best linear head's top-1) of `pre`'s encoder: fitted on the fit subset, tested on the test one."""
+        """(k-NN top-1, best linear top-1) of `pre`'s encoder: fitted on the fit subset, tested on the test one."""
         s = self.s
         encoder = encoder_features(pre, s.t, None, False, ctx.device, self.amp)
         reading = dict(batch=s.batch, seed=self.seed, num_workers=self.num_workers, progress=False)

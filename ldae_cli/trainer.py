@@ -313,7 +313,7 @@ class Trainer:
         """The checkpoint of the current step (rank 0 writes, every rank waits), then the hooks' after_save (curves,
         pictures). Weights, optimizer state or loss sums that are not finite are never saved: the run stops,
         keeping the last good one."""
-        bad = self.non_finite_state()
+        bad = self.state.first_non_finite()  # weights, optimizer state, or the stage's own rule
         if bad is not None:
             raise LdaeError(f"{bad} became non-finite by step {self.step}; {self.kept()}. {self.hint}")
         meter = self.meter.state(self.ctx)  # the sums since the last log line (every rank's), for an exact resume
@@ -338,10 +338,6 @@ class Trainer:
         self.last_saved = self.step
         note_kept(f"the checkpoint of step {self.step} in {self.out_dir} (continue with `ldae {self.session.command} "
                   f"--resume {self.out_dir}`)")
-
-    def non_finite_state(self) -> str | None:
-        """What of the state is not finite (None: all of it is), or the stage's own rule when it has one."""
-        return self.state.first_non_finite()
 
 
 class StopSignal:
