@@ -165,6 +165,8 @@ def chart(results: dict, path: Path) -> Path:
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.2), dpi=120)
     xs = range(len(rows))
+    tops = [(r[key]["mean"] or 0.0) + (r[key]["std"] or 0.0) for r in rows for key in ("linear", "knn")]
+    ax.set_ylim(0, 1.2 * max(tops, default=1.0) or 1.0)  # headroom: the legend sits above the tallest bar's label
     for offset, key, label in ((-0.2, "linear", "linear probe"), (0.2, "knn", "k-NN")):
         means = [r[key]["mean"] or 0.0 for r in rows]
         bars = ax.bar([x + offset for x in xs], means, 0.4, yerr=[r[key]["std"] or 0.0 for r in rows], capsize=3,
@@ -176,7 +178,7 @@ def chart(results: dict, path: Path) -> Path:
     ax.set_title(f"study {results['study']}: {data}, budget {results['budget']['name']}, {len(results['seeds'])} "
                  "seed(s), mean ± std", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
