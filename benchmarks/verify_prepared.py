@@ -4,7 +4,7 @@ label array and file list, against reading the same bytes once (the least a pass
     python benchmarks/verify_prepared.py [--mb 512] [--shards 4]
 
 Writes a synthetic prepared split (random uint8 images at 64x64 in `--shards` shards of about `--mb / shards` MB)
-in a temp folder, then times (a) a plain read of every file and (b) `sources.verify_split`, each three times
+in a temp folder, then times (a) a plain read of every file and (b) `sources.check_split`, each three times
 (best of three: the files sit in the page cache, so both measure the CPU, not the disk). Prints MB/s and the
 time ImageNet-1k's prepared train split (251.9 GB at 256x256) would take at that rate.
 """
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import best_of  # noqa: E402
 from ldae_cli.prepared import finish_split, npy_bytes  # noqa: E402
-from ldae_cli.sources import verify_split  # noqa: E402
+from ldae_cli.sources import check_split  # noqa: E402
 
 IMAGENET_TRAIN_GB = 251.9
 
@@ -51,6 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         info = write_split(root / "train", args.mb, args.shards)
+        meta = {"stored_size": 64, "classes": [str(c) for c in range(1000)], "splits": {"train": info}}
         files = [root / "train" / name for name in info["file_sha256"]]
         size_mb = sum(f.stat().st_size for f in files) / 2 ** 20
 
@@ -61,7 +62,7 @@ def main() -> None:
                         pass
 
         read_s = best_of(read_all)
-        verify_s = best_of(lambda: verify_split(root, "train", info))
+        verify_s = best_of(lambda: check_split(root, "train", meta, verify=True))
     result = {"mb": round(size_mb, 1), "read_s": round(read_s, 3), "verify_s": round(verify_s, 3),
               "read_mb_per_s": round(size_mb / read_s), "verify_mb_per_s": round(size_mb / verify_s),
               "verify_vs_read": round(verify_s / read_s, 2),

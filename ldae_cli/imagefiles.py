@@ -1,4 +1,5 @@
-"""The image files a list of paths names: files as given, folders searched recursively, each file once."""
+"""The image files a list of paths names: files as given, folders searched recursively (but for links leading out
+of them), each file once."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from pathlib import Path
 
 from ldae_cli.errors import LdaeError
-from ldae_cli.sources import IMAGE_EXTENSIONS
+from ldae_cli.sources import images_under, note_escaping
 
 
 def collect_images(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -14,10 +15,11 @@ def collect_images(inputs: list[str | os.PathLike]) -> list[Path]:
     files = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        if path.is_dir():  # a link in it that leads outside it is skipped, with a count printed
+            found, outside = images_under(path, path)
+            told = note_escaping(outside, path, path)
             if not found:
-                raise LdaeError(f"{path}: no images in this folder")
+                raise LdaeError(f"{path}: no images in this folder{told}")
             files += found
         elif path.exists():
             files.append(path)

@@ -2,7 +2,8 @@
 arrays that training reads through memory maps instead of decoding JPEGs every epoch.
 
 Layout of a prepared dataset DIR:
-    prepared.json                 settings, classes, and per split: shards, image counts, content sha256
+    prepared.json                 settings, classes, per split: shards, image counts, each file's sha256;
+                                  and index_sha256, the hash of its own content
     <split>/images-00000.npy ...  uint8 (n, S, S, 3) per shard, about `shard_mb` each
     <split>/labels-00000.npy ...  int64 (n,), and files-00000.txt: each image's source name
     <split>/labels.npy, files.txt the whole split's, written when the split is complete
@@ -32,7 +33,8 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.logs import console, note_kept, progress_bar
 from ldae_cli import rundir
 from ldae_cli.rundir import remove_temp_files, write_atomically
-from ldae_cli.sources import PREPARED, file_sha256, open_source, read_prepared, verify_split
+from ldae_cli.sources import PREPARED, check_split, file_sha256, index_sha256, open_source, read_prepared, \
+    split_files
 
 FORMAT = 1
 
@@ -54,8 +56,13 @@ def start(out: Path, settings: dict, force: bool) -> tuple[dict, rundir.Manifest
     """prepared.json for these settings, a new one or the one of an interrupted preparation to continue, and the
     folder's manifest. Other settings need --force, which starts again from a folder emptied of what ldae wrote."""
     path = out / PREPARED
-    if path.is_file():
-        meta = read_prepared(out)
+    try:
+        meta = read_prepared(out) if path.is_file() else None
+    except LdaeError:
+        if not force:
+            raise
+        meta = None  # an edited or damaged index: --force prepares the dataset again
+    if meta is not None:
         manifest = rundir.Manifest.read(out) or rundir.Manifest.create(
             out, "prepare-data", {PREPARED, *(n for n in meta.get("splits", {}) if (out / n).is_dir())})
         if {k: meta.get(k) for k in settings} == settings:
@@ -117,8 +124,14 @@ def write_shard(dataset: ImageDataset, chunk: list[int], folder: Path, k: int, b
     write_atomically(folder / f"images-{k:05d}.npy", npy_bytes(np.ascontiguousarray(array, dtype=np.uint8)))
 
 
+def write_index(out: Path, meta: dict) -> None:
+    """prepared.json with the sha256 of its own content: an edited count, class list or hash is named."""
+    meta["index_sha256"] = index_sha256(meta)
+    write_atomically(out / PREPARED, (json.dumps(meta, indent=1) + "\n").encode())
+
+
 def finish_split(folder: Path, count: int) -> dict:
-    shards = [f"images-{k:05d}.npy" for k in range(count)]
+    shards = split_files(count)[:count]
     counts, digest = [], hashlib.sha256()
     for k, shard in enumerate(shards):
         digest.update(bytes.fromhex(file_sha256(folder / shard)))
@@ -130,11 +143,9 @@ def finish_split(folder: Path, count: int) -> dict:
     write_atomically(folder / "labels.npy", npy_bytes(labels))
     write_atomically(folder / "files.txt", files.encode())
     # every file a run reads, with its own hash: a changed byte is named by file when a run opens the split
-    names = shards + [f"{kind}-{k:05d}.{ext}" for k in range(count) for kind, ext in
-                      (("labels", "npy"), ("files", "txt"))] + ["labels.npy", "files.txt"]
     return {"complete": True, "images": int(sum(counts)), "shards": shards, "counts": counts,
             "skipped": skipped, "content_sha256": digest.hexdigest(),
-            "file_sha256": {n: file_sha256(folder / n) for n in names}}
+            "file_sha256": {n: file_sha256(folder / n) for n in split_files(count)}}
 
 
 def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_mb: float, force: bool,
@@ -148,27 +159,29 @@ def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_
             console.print(f"{name}: already prepared ({meta['splits'][name]['images']:,} images)")
             continue
         meta["splits"][name] = {"complete": False}
-        write_atomically(out / PREPARED, (json.dumps(meta, indent=1) + "\n").encode())
+        write_index(out, meta)
         meta["splits"][name] = prepare_split(cfg, split, out, meta, progress, manifest)
-        write_atomically(out / PREPARED, (json.dumps(meta, indent=1) + "\n").encode())
+        write_index(out, meta)
         info = meta["splits"][name]
         console.print(f"{name}: {info['images']:,} images at {stored}x{stored} in {len(info['shards'])} shard(s)"
                       + (f", {len(info['skipped'])} unreadable skipped" if info["skipped"] else ""))
     return meta
 
 
-def verify(out: Path, progress: bool = True) -> dict[str, int]:
-    """`prepare-data --verify`: every file of every complete split against its recorded sha256; the number of
-    images per split checked."""
+def verify(out: Path, progress: bool = True) -> tuple[dict[str, int], int]:
+    """`prepare-data --verify`: prepared.json against its own hash and its files, and every file of every split
+    against its recorded sha256; the number of images per split and of files checked (none is an error)."""
     meta = read_prepared(out)
-    checked = {}
+    if not meta["splits"]:
+        raise LdaeError(f"{out / PREPARED}: lists no split, so nothing can be checked; prepare the dataset again")
+    checked, files = {}, 0
     with progress_bar("split", progress) as bar:
         task = bar.add_task(f"verify {out}", total=len(meta["splits"]), info="")
         for name, info in meta["splits"].items():
             if not info.get("complete"):
                 raise LdaeError(f"{out}: the preparation of its '{name}' split was interrupted; run the same "
                                 "`ldae prepare-data` command again to finish it")
-            verify_split(out, name, info)
-            checked[name] = info["images"]
+            check_split(out, name, meta, verify=True)
+            checked[name], files = info["images"], files + len(info["file_sha256"])
             bar.update(task, advance=1)
-    return checked
+    return checked, files

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ldae_cli.errors import LdaeError, short
+from ldae_cli.logs import console
 
 
 class SourceConfig(Protocol):
@@ -223,6 +224,28 @@ def _find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
+def escapes(path: Path, root: Path) -> bool:
+    """Whether `path` leads, through a link, outside the dataset folder `root` (--data)."""
+    return not path.resolve().is_relative_to(root.resolve())
+
+
+def images_under(folder: Path, root: Path) -> tuple[list[Path], int]:
+    """The image files below `folder` in name order but the links among them leading outside `root`, which are
+    never read, and how many of those there were (linked folders below `folder` are not followed)."""
+    found = sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p.name))
+    kept = [p for p in found if not (p.is_symlink() and escapes(p, root))]
+    return kept, len(found) - len(kept)
+
+
+def note_escaping(count: int, where: Path, root: Path) -> str:
+    """What the user is told of the links skipped by `images_under`."""
+    if not count:
+        return ""
+    text = f"{count} link(s) in {where} lead outside {root} and were skipped (never read)"
+    console.print(f"data: {text}")
+    return f"; {text}"
+
+
 def _imagefolder_dir(root: Path, split: str) -> ImageSource:
     split_dir = _find_split_dir(root, split)
     if split_dir is None:
@@ -230,15 +253,18 @@ def _imagefolder_dir(root: Path, split: str) -> ImageSource:
         raise LdaeError(f"{root}: no '{split}' folder (looked for {root / split} and {root}/*/{split}; folders there: "
                         f"{present}); expected the layout <split>/<class>/<image>; name the split with --eval-split "
                         "(data.eval_split) or data.train_split")
-    classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-    paths, labels = [], []
+    folders = [d for d in sorted(split_dir.iterdir()) if d.is_dir()]
+    classes = [d.name for d in folders if not escapes(d, root)]
+    paths, labels, skipped = [], [], len(folders) - len(classes)
     for label, cls in enumerate(classes):
-        for p in sorted((split_dir / cls).rglob("*")):
-            if p.is_file() and is_image(p.name):
-                paths.append(p)
-                labels.append(label)
+        found, outside = images_under(split_dir / cls, root)
+        paths += found
+        labels += [label] * len(found)
+        skipped += outside
+    told = note_escaping(skipped, split_dir, root)
     if not paths:
-        raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                        + told)
     return FileSource(paths, labels, classes, root)
 
 
@@ -288,12 +314,12 @@ def _images_tar(archive: Path) -> ImageSource:
 def _plain_images(root: Path) -> ImageSource:
     if root.is_file() and tarfile.is_tarfile(root):
         return _images_tar(root)
-    if root.is_file():
-        paths = [root]
-    else:
-        paths = sorted(p for p in root.rglob("*") if p.is_file() and is_image(p.name))
+    paths, told = [root], ""
+    if root.is_dir():
+        paths, skipped = images_under(root, root)
+        told = note_escaping(skipped, root, root)
     if not paths:
-        raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise LdaeError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)}){told}")
     return FileSource(paths, [-1] * len(paths), [], root)
 
 
@@ -302,9 +328,9 @@ PREPARED = "prepared.json"  # marks a dataset written by `ldae prepare-data`
 
 class PreparedSource(ImageSource):
     """A split of a prepared dataset: uint8 images (N, S, S, 3) in .npy shards read through memory maps, so a
-    worker or a DDP rank reads the images it indexes and no others. `stored_size` is S. With `verify`, every
-    shard, label array and file list is checked against the sha256 recorded when it was written, before any
-    image is read."""
+    worker or a DDP rank reads the images it indexes and no others. `stored_size` is S. Before any image is read,
+    its index is checked against its files (`check_split`) and, with `verify`, every shard, label array and file
+    list against the sha256 recorded when it was written."""
 
     def __init__(self, root: Path, split: str, verify: bool = True):
         meta = read_prepared(root)
@@ -315,13 +341,10 @@ class PreparedSource(ImageSource):
         if not info.get("complete"):
             raise LdaeError(f"{root}: the preparation of its '{split}' split was interrupted; run the same "
                             "`ldae prepare-data` command again to finish it")
-        if verify:
-            verify_split(root, split, info)
+        self.labels, self.names = check_split(root, split, meta, verify)
         self.root, self.split, self.stored_size = root, split, meta["stored_size"]
         self.shards, self.starts = info["shards"], np.cumsum([0] + info["counts"])[:-1]
         self.classes = meta["classes"]
-        self.labels = np.load(root / split / "labels.npy").tolist()
-        self.names = (root / split / "files.txt").read_text().splitlines()
         self.content = info["content_sha256"]
         self._maps: list | None = None
 
@@ -346,37 +369,101 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_split(root: Path, split: str, info: dict) -> None:
-    """Each file of a prepared split against its recorded sha256: a changed byte is an error naming the file.
-    Datasets prepared before per-file hashes were recorded are checked against their content hash."""
-    folder = root / split
-    fix = (f"prepare it again (`ldae prepare-data ... --out {root} --force`); `ldae prepare-data --verify {root}` "
-           "checks every file, and data.verify=false skips this check")
-    hashes = info.get("file_sha256")
-    if hashes is None:
-        digest = hashlib.sha256()
-        for shard in info["shards"]:
-            digest.update(bytes.fromhex(file_sha256(folder / shard)))
-        digest.update(np.load(folder / "labels.npy").astype(np.int64).tobytes())
-        if digest.hexdigest() != info["content_sha256"]:
-            raise LdaeError(f"{folder}: its images or labels differ from what was prepared (content sha256 "
-                            f"mismatch); {fix}")
-        return
-    for name, recorded in hashes.items():
-        path = folder / name
-        if not path.is_file():
-            raise LdaeError(f"{path}: missing from the prepared dataset; {fix}")
-        if file_sha256(path) != recorded:
-            raise LdaeError(f"{path}: its sha256 differs from the one recorded when it was prepared (the file was "
-                            f"changed or damaged); {fix}")
+def split_files(shards: int) -> list[str]:
+    """The files of a prepared split of `shards` shards that a run reads: each has its sha256 in prepared.json."""
+    return ([f"images-{k:05d}.npy" for k in range(shards)] + [f"{kind}-{k:05d}.{ext}" for k in range(shards)
+                                                              for kind, ext in (("labels", "npy"), ("files", "txt"))]
+            + ["labels.npy", "files.txt"])
+
+
+def index_sha256(meta: dict) -> str:
+    """The sha256 of prepared.json's content but this hash itself, as canonical JSON (sorted keys, no spaces)."""
+    body = json.dumps({k: v for k, v in meta.items() if k != "index_sha256"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _again(root: Path) -> str:
+    return f"prepare it again (`ldae prepare-data ... --out {root} --force`)"
 
 
 def read_prepared(root: Path) -> dict:
+    """prepared.json, checked against its own index_sha256 (one written before the index had a hash is read, and
+    `check_split` still checks it against its files), with splits named by folders inside `root`."""
+    path = root / PREPARED
     try:
-        return json.loads((root / PREPARED).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise LdaeError(f"{root / PREPARED}: not a readable prepared-dataset description ({short(exc)}); prepare "
+        raise LdaeError(f"{path}: not a readable prepared-dataset description ({short(exc)}); prepare "
                         "the dataset again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or not all(
+            isinstance(info, dict) and name == Path(name).name and name not in ("", ".", "..")
+            for name, info in meta["splits"].items()):
+        raise LdaeError(f"{path}: 'splits' must map split folder names to their descriptions; {_again(root)}")
+    if meta.get("index_sha256", index_sha256(meta)) != index_sha256(meta):
+        raise LdaeError(f"{path}: its content differs from its index_sha256 (the file was edited or damaged after "
+                        f"it was written); {_again(root)}")
+    return meta
+
+
+def check_split(root: Path, split: str, meta: dict, verify: bool) -> tuple[list[int], list[str]]:
+    """The labels and file names of a complete prepared split, once its entry in prepared.json agrees with its
+    files (image counts and size, classes and labels: seconds, always) and, with `verify`, every file with its
+    recorded sha256: an edited or damaged dataset is one line naming the file and key before any image is read."""
+    index, folder, info = root / PREPARED, root / split, meta["splits"][split]
+    stored, classes, shards, counts, hashes = (meta.get("stored_size"), meta.get("classes"), info.get("shards"),
+                                               info.get("counts"), info.get("file_sha256"))
+
+    def need(ok, key: str, what: str) -> None:
+        if not ok:
+            raise LdaeError(f"{index}: {key} {what}; {_again(root)}")
+
+    def natural(x) -> bool:
+        return type(x) is int and x >= 0  # a bool is no count
+
+    need(natural(stored) and stored > 0, "stored_size", f"must be an image side in pixels, not {stored!r}")
+    need(isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
+         "classes", "must be a list of distinct class names")
+    need(isinstance(shards, list) and shards and shards == split_files(len(shards))[:len(shards)],
+         f"splits.{split}.shards", "must list images-00000.npy, images-00001.npy, ... in order")
+    need(isinstance(counts, list) and len(counts) == len(shards) and all(map(natural, counts)),
+         f"splits.{split}.counts", f"must hold {len(shards)} image counts, one per shard, not {counts!r}")
+    need(info.get("images") == sum(counts) and natural(info["images"]), f"splits.{split}.images",
+         f"is {info.get('images')!r}, but its counts add up to {sum(counts)}")
+    # a missing or empty hash list is an error, never a pass that checked nothing
+    need(isinstance(hashes, dict) and sorted(hashes) == sorted(split_files(len(shards))) and all(
+        isinstance(h, str) and len(h) == 64 for h in hashes.values()), f"splits.{split}.file_sha256",
+        f"must hold the sha256 of each of the split's {len(split_files(len(shards)))} files (it is missing, empty "
+        "or lists others)")
+    if verify:
+        fix = (f"{_again(root)}; `ldae prepare-data --verify {root}` checks every file, and data.verify=false skips "
+               "this check")
+        for name, recorded in hashes.items():
+            if not (folder / name).is_file():
+                raise LdaeError(f"{folder / name}: missing from the prepared dataset; {fix}")
+            if file_sha256(folder / name) != recorded:
+                raise LdaeError(f"{folder / name}: its sha256 differs from the one recorded when it was prepared (the "
+                                f"file was changed or damaged); {fix}")
+
+    def read(name: str):
+        try:
+            return np.load(folder / name, mmap_mode="r") if name.endswith(".npy") else \
+                (folder / name).read_text().splitlines()
+        except (OSError, ValueError) as exc:
+            raise LdaeError(f"{folder / name}: missing or unreadable ({short(exc)}); {_again(root)}") from None
+
+    for name, count in zip(shards, counts):
+        array = read(name)
+        need(array.shape == (count, stored, stored, 3) and array.dtype == np.uint8,
+             f"splits.{split}.counts and stored_size", f"say {count} images of {stored}x{stored}, but {folder / name} "
+             f"holds {array.dtype} {array.shape}")
+    labels, names = read("labels.npy"), read("files.txt")
+    need(labels.shape == (len(names),) == (info["images"],) and labels.dtype == np.int64, f"splits.{split}.images",
+         f"is {info['images']}, but {folder / 'labels.npy'} holds {labels.dtype} {labels.shape} and "
+         f"{folder / 'files.txt'} {len(names)} names")
+    low, high = (int(labels.min()), int(labels.max())) if len(labels) else (-1, -1)
+    need(not len(labels) or (0 <= low and high < len(classes) if classes else low == high == -1), "classes",
+         f"holds {len(classes)} class(es), but {folder / 'labels.npy'} holds labels {low} to {high}")
+    return labels.tolist(), names
 
 
 def open_source(cfg: SourceConfig, split: str) -> ImageSource:

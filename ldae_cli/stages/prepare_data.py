@@ -14,6 +14,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.logs import console
 from ldae_cli.discovery import check_splits
 from ldae_cli.rundir import RunLock
+from ldae_cli.sources import PREPARED
 
 
 @dataclass
@@ -36,8 +37,8 @@ class PrepareConfig:
 def main(config: str | None, overrides: list[str], flags: dict, force: bool = False, verify: str | None = None
          ) -> Path:
     if verify is not None:
-        checked = prepared.verify(Path(verify))
-        console.print(f"{verify}: every file matches its recorded sha256 ("
+        checked, files = prepared.verify(Path(verify))
+        console.print(f"{verify}: every file matches its recorded sha256: {PREPARED} and the {files} files it lists ("
                       + ", ".join(f"{name}: {n:,} images" for name, n in checked.items()) + ")")
         return Path(verify)
     cfg = load_config(PrepareConfig, config, overrides, flags)
