@@ -115,6 +115,9 @@ def _tensor_images(images: torch.Tensor, size: int) -> torch.Tensor:
         return to_unit_range(images)
     if not images.is_floating_point():
         raise LdaeError(f"images: expected uint8 or float values, got {images.dtype}")
+    if not bool(torch.isfinite(images).all()):
+        raise LdaeError("images: the batch holds NaN or infinite values; pass uint8 pixels, or x / 127.5 - 1 of "
+                        "finite ones")
     if images.numel() and (images.min() < -1.001 or images.max() > 1.001):
         raise LdaeError(f"images: float values must lie in [-1, 1] (got {float(images.min()):.3g} .. "
                         f"{float(images.max()):.3g}); pass uint8 pixels, or x / 127.5 - 1")

@@ -13,13 +13,16 @@ import datetime as _dt
 import errno
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
+import stat
 import struct
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -200,13 +203,17 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _check_header(path: Path) -> dict:
     """Validate the safetensors framing ourselves so damage gets a one-line explanation."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise LdaeError(f"{path}: checkpoint not found") from None
     except OSError as exc:
         raise LdaeError(f"{path}: cannot read checkpoint ({exc.strerror})") from None
+    size = st.st_size
     if path.is_dir():
         raise LdaeError(f"{path}: is a directory, expected a .safetensors checkpoint file")
+    if not stat.S_ISREG(st.st_mode):  # a named pipe or a device would block the read or never end
+        raise LdaeError(f"{path}: not a regular file (a pipe, socket or device), expected a .safetensors checkpoint "
+                        "file")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -269,9 +276,114 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
             raise LdaeError(f"{path}: tensor '{bad}' holds NaN or infinite values, and ldae never writes such a "
                             "checkpoint (its NaN guard keeps only finite ones): the file is damaged or was edited; "
                             "use an earlier checkpoint")
-    return Checkpoint(path=path, kind=meta["kind"], tensors=tensors, config=meta["config"], extra=meta["extra"],
-                      provenance=meta["provenance"], sha256=sha256_file(path),
-                      format_version=meta["format_version"], package_version=meta["package_version"])
+    ck = Checkpoint(path=path, kind=meta["kind"], tensors=tensors, config=meta["config"], extra=meta["extra"],
+                    provenance=meta["provenance"], sha256=sha256_file(path),
+                    format_version=meta["format_version"], package_version=meta["package_version"])
+    check_network(ck)
+    return ck
+
+
+def check_network(ck: Checkpoint) -> None:
+    """The metadata that decides the network (sizes, grid, tokenizer, EMA) against the tensors' names and shapes,
+    for every reader at once: a resumed run builds its network from the stored config, the other readers from the
+    stored description, so an edit of either must not go unseen. What shapes cannot show (the number of heads, d
+    behind an image-space network) is compared between config and description. A mismatch names the key and both
+    values; the full module comparison (`load_state`) still follows when a network is built."""
+    shape = {k: tuple(v.shape) for k, v in ck.tensors.items()}
+    for key, stated, source, held in _claims(ck.kind, ck.config, ck.extra, shape):
+        if stated is not None and held is not None and stated != held:
+            said = f"its metadata says {key} {_value(stated)}, but {source} holds {_value(held)}"
+            what = f"its tensors do not match the network its metadata describes: {said}" \
+                if source.startswith("tensor") else f"its metadata disagrees with itself: {said}"
+            raise LdaeError(f"{ck.path}: {what}; the metadata is damaged or was edited; use an earlier checkpoint")
+
+
+def _value(v) -> str:
+    return json.dumps(v) if isinstance(v, (bool, list)) else str(v)
+
+
+def _dim(shape: dict, name: str, axis: int = 0) -> tuple[str, int | None]:
+    """(tensor `name` and its shape, its size along `axis`); None when there is no such tensor."""
+    return (f"tensor {name} {shape[name]}", shape[name][axis]) if name in shape else (name, None)
+
+
+def _patch(source: tuple[str, int | None]) -> tuple[str, int | None]:
+    """The patch p of a dimension of p*p*3 values."""
+    return f"{source[0]} (p*p*3 values)", None if source[1] is None else math.isqrt(source[1] // 3)
+
+
+def _blocks(shape: dict, prefix: str) -> tuple[str, int]:
+    found = {k[len(prefix):].split(".")[0] for k in shape if k.startswith(prefix)}
+    return f"tensors {prefix}* ({len(found)} blocks)", len(found)
+
+
+def _section(config: dict, name: str) -> dict:
+    return config[name] if isinstance(config.get(name), dict) else {}
+
+
+def _depth(spec: dict) -> int | None:
+    enc, dec = spec.get("encoder_depth"), spec.get("decoder_depth")
+    return enc + dec if isinstance(enc, int) and isinstance(dec, int) else None
+
+
+def _claims(kind: str, config: dict, extra: dict, shape: dict) -> list[tuple[str, Any, str, Any]]:
+    """(metadata key, what it says, what it is compared with, what that holds) for a checkpoint of `kind`."""
+    claims = []
+    section = partial(_section, config)
+    if kind == "pca":
+        claims.append(("patch", extra.get("patch"), *_patch(_dim(shape, "pca.basis"))))
+    if kind == "tokenizer" and isinstance(extra.get("tokenizer"), dict) and "net.decoder.weight" in shape:
+        claims += [("tokenizer.patch", extra["tokenizer"].get("patch"), *_patch(_dim(shape, "net.decoder.weight"))),
+                   ("tokenizer.dim", extra["tokenizer"].get("dim"), *_dim(shape, "net.decoder.weight", 1))]
+    if kind == "probe" and isinstance(extra.get("blrs"), list):
+        claims.append(("blrs (one head each)", len(extra["blrs"]), *_blocks(shape, "heads.heads.")))
+    spec = extra.get("timm_kwargs")
+    if isinstance(spec, dict):  # an exported encoder or a fine-tuned ViT, under timm's names
+        prefix = "model." if kind == "finetune" else ""
+        claims += [("timm_kwargs.embed_dim", spec.get("embed_dim"), *_dim(shape, f"{prefix}patch_embed.proj.weight")),
+                   ("timm_kwargs.patch_size", spec.get("patch_size"),
+                    *_dim(shape, f"{prefix}patch_embed.proj.weight", 2)),
+                   ("timm_kwargs.depth", spec.get("depth"), *_blocks(shape, f"{prefix}blocks."))]
+    if "has_ema" in extra:  # a run that kept an EMA copy of its network stores it as ema.*
+        optim = section("optim")
+        claims += [("has_ema", True if extra["has_ema"] else None, "tensors ema.* (any there)",
+                    any(k.startswith("ema.") for k in shape)),
+                   ("optim.ema (set)", optim["ema"] is not None if "ema" in optim else None, "has_ema",
+                    extra["has_ema"])]
+    if kind == "pretrain" and isinstance(extra.get("model_spec"), dict):
+        claims += _pretrain_claims(config, extra, shape, section)
+    return claims
+
+
+def _pretrain_claims(config: dict, extra: dict, shape: dict, section) -> list[tuple[str, Any, str, Any]]:
+    """A DenoisingViT (models.py) under `model.`, its tokenizer under `tokenizer.`: the width and token sizes are
+    its embedding's shape, the depth its number of blocks; the grid is the image size over the patch. A resumed
+    run builds its network from the config (`model`, `tokenizer`, `data` sections), the other readers from the
+    description (`model_spec`, `tokenizer`, `image_size`): both are compared."""
+    spec, tok, model = extra["model_spec"], extra.get("tokenizer") or {}, section("model")
+    width, blocks = _dim(shape, "model.embed.weight"), _blocks(shape, "model.blocks.")
+    in_dim, out_dim = _dim(shape, "model.embed.weight", 1), _dim(shape, "model.final.linear.weight")
+    patch, size = tok.get("patch"), extra.get("image_size")
+    grid = [size // patch] * 2 if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
+    claims = [("model_spec.width", spec.get("width"), *width), ("model.width", model.get("width"), *width),
+              ("model_spec.in_dim", spec.get("in_dim"), *in_dim), ("model_spec.out_dim", spec.get("out_dim"), *out_dim),
+              ("model_spec.encoder_depth + decoder_depth", _depth(spec), *blocks),
+              ("model.encoder_depth + decoder_depth", _depth(model), *blocks)]
+    if tok.get("kind") == "pca":
+        claims.append(("tokenizer.patch", patch, *_patch(_dim(shape, "tokenizer.basis"))))
+    for space, held in (("input_space", in_dim), ("output_space", out_dim)):
+        if section("diffusion").get(space) == "image":
+            claims.append(("tokenizer.patch", patch, *_patch(held)))
+        elif tok.get("kind") == "pca":
+            claims.append(("tokenizer.dim", tok.get("dim"), *held))
+    # what no tensor shows: the heads split the width inside attention, the grid sets a buffer that is not stored
+    claims += [("model.num_heads", model.get("num_heads"), "model_spec.num_heads", spec.get("num_heads")),
+               ("data.image_size", section("data").get("image_size"), "image_size", size),
+               ("model_spec.grid", spec.get("grid"), f"image_size {size} over tokenizer.patch", grid)]
+    stated = section("tokenizer")
+    for key in ("dim", "latent_scale") if stated.get("kind") == tok.get("kind") else ():  # patch: see above
+        claims.append((f"tokenizer.{key} (config)", stated.get(key), f"the stored tokenizer's {key}", tok.get(key)))
+    return claims
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from ldae_cli.errors import LdaeError
+from ldae_cli.rundir import write_atomically
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -259,7 +260,7 @@ def dump_yaml(cfg: Any) -> str:
 
 def save_resolved(cfg: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_yaml(cfg))
+    write_atomically(path, dump_yaml(cfg).encode())
 
 
 def require(section: str, rule: str, ok, **values) -> None:

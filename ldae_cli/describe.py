@@ -14,7 +14,7 @@ from rich.console import Group
 from rich.table import Table
 from safetensors import safe_open
 
-from ldae_cli.checkpoint import read_metadata, sha256_file
+from ldae_cli.checkpoint import load_checkpoint, read_metadata, sha256_file
 from ldae_cli.errors import LdaeError
 from ldae_cli.logs import read_metrics
 from ldae_cli.rundir import CHECKPOINT, METRICS
@@ -58,13 +58,14 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     folder = _timm_folder(path)
     if folder is not None:
         return _describe_timm(folder)
-    meta = read_metadata(path)
-    kind, extra, config = meta["kind"], meta["extra"], meta["config"]
-    provenance = meta["provenance"]
+    # read as every stage reads it: a file they refuse (non-finite weights, metadata that does not fit its tensors)
+    # is refused here with the same line, never described as normal
+    ck = load_checkpoint(path)
+    kind, extra, config, provenance = ck.kind, ck.extra, ck.config, ck.provenance
     info = {
-        "path": str(path), "kind": kind, "format": "ldae checkpoint", "format_version": meta["format_version"],
-        "package_version": meta["package_version"], "created": provenance.get("created"),
-        "command": provenance.get("command"), "file_size": path.stat().st_size, "sha256": sha256_file(path),
+        "path": str(path), "kind": kind, "format": "ldae checkpoint", "format_version": ck.format_version,
+        "package_version": ck.package_version, "created": provenance.get("created"),
+        "command": provenance.get("command"), "file_size": path.stat().st_size, "sha256": ck.sha256,
         "parameters": _parameters(path, NETWORK_SECTION.get(kind, "" if kind == "encoder" else None)),
         "training": _training(extra, config), "config": _config_summary(config),
         "network": _pick(_network_spec(extra), NETWORK_KEYS),

@@ -25,6 +25,7 @@ from torch import nn
 
 from ldae_cli.seeds import SeededSteps, stream_generator, stream_sample_seed
 from ldae_cli.errors import LdaeError
+from ldae_cli.rundir import write_atomically
 
 NET_PREFIX = "backbone.net."  # where detectron2's SimpleFeaturePyramid keeps the plain ViT
 REL_POS = ("attn.rel_pos_h", "attn.rel_pos_w")
@@ -445,7 +446,7 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path,
         results = inference_on_dataset(model, _Counted(loader, advance), evaluator)
     if printed.getvalue():
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / text).write_text(printed.getvalue())
+        write_atomically(out_dir / text, printed.getvalue().encode())
     if not results:
         return {}
     return {task: {k: float(v) if math.isfinite(v) else None for k, v in results.get(task, {}).items()

@@ -24,6 +24,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.models import SizeName, check_shape, resolve_size
 from ldae_cli.optim import accumulation
 from ldae_cli.pretrained import DEFAULT_T
+from ldae_cli.rundir import write_atomically
 from ldae_cli.seeds import detect_step_seed
 from ldae_cli.session import RunConfig
 from ldae_cli import detection
@@ -132,6 +133,16 @@ class DetectOptimConfig:
         if milestones and (milestones[0] < 1 or len(set(milestones)) < len(milestones)):
             raise LdaeError(f"optim.lr_steps {self.lr_steps} of {self.iterations} iterations put lr steps at "
                             f"{milestones}; use more optim.iterations or fewer lr_steps")
+        if self.warmup_iterations >= self.iterations:
+            raise LdaeError(f"optim.warmup_iterations {self.warmup_iterations} is not fewer than optim.iterations "
+                            f"{self.iterations}: the lr would never reach its peak; set it below {self.iterations}")
+        if milestones and milestones[0] < self.warmup_iterations:
+            raise LdaeError(f"optim.lr_steps {self.lr_steps} puts the first lr step at iteration {milestones[0]}, "
+                            f"inside the optim.warmup_iterations {self.warmup_iterations}; raise the first step or "
+                            "shorten the warm-up")
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise LdaeError(f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size}; "
+                            "use a divisor of it, or null")
 
     def milestones(self) -> list[int]:
         return [round(f * self.iterations) for f in self.lr_steps]
@@ -172,6 +183,9 @@ class DetectConfig:
         if self.run.compile:
             raise LdaeError("run.compile: detect does not compile (Mask R-CNN has data-dependent shapes); "
                             "set run.compile=false")
+        if self.eval.every is not None and self.eval.every > self.optim.iterations:
+            raise LdaeError(f"eval.every {self.eval.every} is more than optim.iterations {self.optim.iterations}: no "
+                            "evaluation would fall inside the run (the end always evaluates); lower it, or null")
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -264,7 +278,8 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
         if ctx.is_main:
             console.print(ap_table(results, f"COCO {cfg.data.eval_split} at step {step:,}"))
             trainer.metrics.write({"step": step, **flat_results(results)})
-            (session.out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=1) + "\n")
+            record = json.dumps({"step": step, **results}, indent=1) + "\n"
+            write_atomically(session.output("eval.json"), record.encode())
         return results
 
     every = cfg.eval.every

@@ -156,8 +156,22 @@ class FinetuneConfig:
         if self.data.source == "images":
             raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
                             "(use cifar10, fashion-mnist or imagefolder)")
+        even_micro_batch(self.aug, self.optim.micro_batch or self.optim.batch_size)
+
+
+def even_micro_batch(aug: AugConfig, micro: int) -> None:
+    """Mixup and CutMix pair the samples of a micro-batch (timm's Mixup), so it must hold an even number."""
+    if aug.mixing and micro % 2:
+        raise LdaeError(f"aug.mixup {aug.mixup:g} / aug.cutmix {aug.cutmix:g} pair the samples of a micro-batch, which "
+                        f"must be even, but it holds {micro} (optim.micro_batch, else optim.batch_size per rank); make "
+                        "it even or set aug.mixup=0 aug.cutmix=0")
 
 BEST = "best.safetensors"
+
+
+def without_ema(description: dict) -> dict:
+    """best.safetensors holds one network, the raw or the EMA weights (`weights` says which), never both."""
+    return {k: v for k, v in description.items() if k != "has_ema"}
 # RandAugment's fill colour: mid-grey is 0 in the [-1, 1] input range, as ImageNet's mean colour is 0
 # after the mean/std normalisation MAE uses
 FILL = (128, 128, 128)
@@ -297,9 +311,9 @@ def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDa
             best.update(top1=results[kind]["top1"], top5=results[kind]["top5"], weights=kind, step=step, epoch=epoch)
             if ctx.is_main:
                 weights = (trainer.ema.module if kind == "ema" else model).state_dict()
-                save_checkpoint(session.out_dir / BEST, "finetune", {f"model.{k}": v for k, v in weights.items()},
-                                session.config, parents, {**describe()[1], "step": step, "epoch": epoch,
-                                                          "weights": kind, "eval": results})
+                save_checkpoint(session.output(BEST), "finetune", {f"model.{k}": v for k, v in weights.items()},
+                                session.config, parents, {**without_ema(describe()[1]), "step": step,
+                                                          "epoch": epoch, "weights": kind, "eval": results})
             barrier(ctx)
         record = {"step": step, "epoch": epoch}
         for kind, r in results.items():
@@ -343,5 +357,5 @@ def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDa
     finished = trainer.fit(step)
     if finished and ctx.is_main and "weights" in best:
         console.print(f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
-                      f"{session.out_dir / BEST} and accuracy.png")
+                      f"{session.output(BEST)} and accuracy.png")
     return finished

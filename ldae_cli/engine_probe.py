@@ -29,8 +29,9 @@ from ldae_cli.hooks import Curve, Curves, Description, Evaluation, LogLine
 from ldae_cli.train_state import TrainState
 from ldae_cli.trainer import Trainer
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import StepPlan, lr_at
+from ldae_cli.optim import StepPlan, check_warmup, lr_at
 from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder
+from ldae_cli.rundir import write_atomically
 from ldae_cli.session import RunConfig, Session
 
 
@@ -48,7 +49,7 @@ class LinearProbeConfig:
     blrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])  # one head each
     batch_size: int = 16384
     epochs: float = 90.0
-    warmup_epochs: float = 10.0
+    warmup_epochs: Optional[float] = None  # null = MAE's share of the run, 10 of 90 epochs (probe.epochs / 9)
     momentum: float = 0.9
     weight_decay: float = 0.0
     knn_k: int = 20
@@ -65,6 +66,11 @@ class LinearProbeConfig:
                 weight_decay=self.weight_decay)
         require("probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
         require("probe", "in [0, 1)", lambda v: 0 <= v < 1, momentum=self.momentum)
+        check_warmup("probe.warmup_epochs", self.warmup, "probe.epochs", self.epochs)
+
+    @property
+    def warmup(self) -> float:
+        return self.epochs / 9 if self.warmup_epochs is None else self.warmup_epochs
 
 
 @dataclass
@@ -93,7 +99,7 @@ def head_plan(s, n: int, seed: int, ctx: DistContext) -> StepPlan:
                                                    piece=s.extract_batch)
         per_epoch = batches.steps_per_epoch
         total = max(1, round(s.epochs * per_epoch))
-    lr = partial(lr_at, total_steps=total, warmup_steps=round(s.warmup_epochs * per_epoch), base_lr=1.0)
+    lr = partial(lr_at, total_steps=total, warmup_steps=round(s.warmup * per_epoch), base_lr=1.0)
     return StepPlan(total, per_epoch, batch, lr, batches)
 
 
@@ -156,7 +162,7 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
                    "knn_top1": None if knn is None else round(knn, 2), **about, "fast": s.fast,
                    "eval_split": cfg.data.split_name("eval"), "seconds": round(time.time() - started, 1)}
         if ctx.is_main:
-            (session.out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            write_atomically(session.output("results.json"), (json.dumps(results, indent=1) + "\n").encode())
             show(rows, knn)
         trainer.metrics.write(top1_record(step, results))
         return results

@@ -15,6 +15,7 @@ from rich.table import Column
 from rich.text import Text
 
 from ldae_cli.errors import LdaeError
+from ldae_cli.rundir import open_own, read_own, write_atomically
 
 # soft_wrap: a line is never broken by rich (a log file gets whole lines, paths are never split; a terminal wraps them)
 console = Console(highlight=False, soft_wrap=True)
@@ -190,31 +191,37 @@ class MetricsLog:
         self.path, self.enabled, self.board = Path(path), enabled, board
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if truncate_after_step is not None and self.path.exists():
+            old = read_own(self.path) if truncate_after_step is not None else None
+            if old is not None:
                 # lines logged after the checkpoint we resume from would be logged again: drop them
-                text = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path)
-                               if r.get("step", -1) <= truncate_after_step)
-                if text != self.path.read_text(errors="replace"):
-                    self.path.write_text(text)
+                text = "".join(json.dumps(r) + "\n" for r in parse_metrics(old)
+                               if r.get("step", -1) <= truncate_after_step).encode()
+                if text != old:
+                    write_atomically(self.path, text)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fd = open_own(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a link
+        try:
+            os.write(fd, (json.dumps(clean) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if self.board is not None:
             self.board.scalars(clean)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line that is not a JSON object (torn by a kill) is skipped."""
-    if not Path(path).exists():
-        return []
+    """The records of a metrics.jsonl (none when there is none); a FIFO or device there is named, never read."""
+    return parse_metrics(read_own(Path(path), follow=True) or b"")
+
+
+def parse_metrics(raw: bytes) -> list[dict]:
+    """metrics.jsonl's records; a line that is not a JSON object (torn by a kill) is skipped."""
     records = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in raw.decode(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -57,6 +57,11 @@ class OnlineProbeConfig:
         require("online_probe", "in (0, 1]", lambda v: 0 < v <= 1, max_share=self.max_share)
         if not self.linear_blrs or any(b <= 0 for b in self.linear_blrs):
             raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")
+        for key in ("knn_k", "linear_batch"):  # both are cut to the fit subset, which holds at most fit_images
+            if getattr(self, key) > self.fit_images:
+                raise LdaeError(f"online_probe.{key} {getattr(self, key)} is more than online_probe.fit_images "
+                                f"{self.fit_images}, the most images the probe fits on; lower it to {self.fit_images} "
+                                "or less, or raise fit_images")
 
 
 def probe_every(s: OnlineProbeConfig, total_steps: int) -> int:

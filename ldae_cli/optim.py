@@ -47,12 +47,23 @@ class OptimConfig:
         if self.min_lr > self.base_lr():
             raise LdaeError(f"optim.min_lr {self.min_lr:g} is above the peak lr {self.base_lr():g} (blr x batch_size / 256,"
                             " or lr) that the schedule decays from; lower optim.min_lr")
+        if self.micro_batch is not None and self.batch_size % self.micro_batch:
+            raise LdaeError(f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size} "
+                            "(each rank's share is cut into whole micro-batches); use a divisor of it, or null")
+        check_warmup("optim.warmup_epochs", self.warmup_epochs, "optim.epochs", self.epochs)
 
     def base_lr(self) -> float:
         return self.lr if self.lr is not None else self.blr * self.batch_size / 256
 
     def accumulation(self, world: int) -> tuple[int, int]:
         return accumulation(self.batch_size, self.micro_batch, world)
+
+
+def check_warmup(warmup_key: str, warmup: float, run_key: str, run: float) -> None:
+    """A warm-up must end before the run does: one as long as the run never reaches the peak lr, nor decays."""
+    if warmup and warmup >= run:
+        raise LdaeError(f"{warmup_key} {warmup:g} is not shorter than {run_key} {run:g}: the lr would never reach its "
+                        f"peak; set {warmup_key} below {run:g} (e.g. {run / 10:g}) or 0")
 
 
 def accumulation(batch_size: int, micro_batch: int | None, world: int) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""The one plotting helper: image grids and panels (PIL) and loss curves (matplotlib)."""
+"""The one plotting helper: image grids and panels (PIL) and loss curves (matplotlib), each written atomically."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldae_cli.data import to_uint8
+from ldae_cli.rundir import write_output
 
 
 def _to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
@@ -24,10 +26,9 @@ def _to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
 def save_grid(rows: list[list[torch.Tensor]], path: Path, upscale: int = 1, pad: int = 2,
               titles: list[str] | None = None, background=(255, 255, 255)) -> Path:
     """Tile equally sized images: rows[r][c]. Optional column titles above the first row."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(rows, upscale, pad, titles, background).save(path)
-    return path
+    buffer = io.BytesIO()
+    grid_image(rows, upscale, pad, titles, background).save(buffer, format="png")
+    return write_output(Path(path), buffer.getvalue(), "picture")
 
 
 def grid_tensor(rows: list[list[torch.Tensor]], upscale: int = 1, titles: list[str] | None = None) -> torch.Tensor:
@@ -209,11 +210,10 @@ def _ticker():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     _pyplot().close(fig)
-    return path
+    return write_output(Path(path), buffer.getvalue(), "picture")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

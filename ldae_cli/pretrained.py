@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
 from ldae_cli import __version__
@@ -22,6 +22,7 @@ from ldae_cli.checkpoint import (Checkpoint, first_non_finite, load_checkpoint, 
 from ldae_cli.data import DataConfig, to_unit_range
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.errors import LdaeError, short
+from ldae_cli.rundir import write_atomically
 from ldae_cli.models import DenoisingViT, build_timm_vit, fold_to_vit
 from ldae_cli.seeds import image_noise_seed
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer
@@ -49,12 +50,13 @@ class Pretrained:
         """The t to add noise at: `t` itself, or the t whose noise level is closest to `sigma` (default
         DEFAULT_SIGMA); a model trained at one noise level (the constant schedule) always uses it."""
         schedule = self.denoiser.schedule
+        check_sigma(sigma)
         if t is not None and sigma is not None:
             raise LdaeError("give either --t or --sigma, not both")
         if schedule.kind == "constant":
             return schedule.constant_t
         if t is not None:
-            if not 1 <= t <= schedule.T:
+            if not (isinstance(t, int) and 1 <= t <= schedule.T):
                 raise LdaeError(f"--t must lie in 1..{schedule.T}, got {t}")
             return t
         return schedule.sigma_to_t(DEFAULT_SIGMA if sigma is None else sigma)
@@ -69,6 +71,12 @@ class Pretrained:
                            for i in range(len(images))]).to(images.device)
         tt = torch.full((len(images),), t, dtype=torch.long, device=images.device)
         return den.denoise(self.model, images, tt, eps)
+
+
+def check_sigma(sigma: float | None) -> None:
+    """--sigma (and the API's sigma): a noise level, finite and above 0; None is the default."""
+    if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+        raise LdaeError(f"--sigma is a noise level, a finite number above 0 (e.g. 0.577), got {sigma}")
 
 
 def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
@@ -155,15 +163,16 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
         "ldae": {"package_version": __version__, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
                  "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain")},
     }
-    save_file(state, str(out / TIMM_WEIGHTS))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "README.md").write_text(
+    # atomic renames: a kill leaves no torn file, and nothing is written through a link
+    write_atomically(out / TIMM_WEIGHTS, save(state))
+    write_atomically(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    write_atomically(out / "README.md", (
         f"---\ntags: [image-feature-extraction, timm, l-dae]\nlibrary_name: timm\n---\n# l-DAE encoder\n\n"
         f"A ViT ({kwargs['depth']} blocks, width {kwargs['embed_dim']}, {kwargs['num_heads']} heads, "
         f"{kwargs['patch_size']}x{kwargs['patch_size']} patches, {size[0]}x{size[1]} input, no class token, average "
         f"pool) pretrained as a latent denoising autoencoder (l-DAE) with ldae, folded at t = {t}.\n\n"
         f"```python\nimport timm\nmodel = timm.create_model('local-dir:{out.name}', pretrained=True)  # features\n```"
-        f"\n\nSource checkpoint sha256: {pre.ckpt.sha256}\n")
+        f"\n\nSource checkpoint sha256: {pre.ckpt.sha256}\n").encode())
     return out
 
 

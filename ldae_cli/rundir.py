@@ -3,14 +3,29 @@
 - Proof of ownership: when ldae starts a run (or an export folder, or a prepared dataset) in a folder it
   writes a marker, `.ldae-run.json`, with a run id and the manifest of every file and folder it writes
   there, each recorded before it is written. `--force` removes what the manifest lists and nothing else;
-  a folder holding anything else is refused, naming those files. `.`, the home directory and a filesystem
-  root are never replaced. Ownership is judged on the folder a path resolves to (a `runs -> /scratch` link
-  stays usable); inside it, symlinks are removed as links and never followed.
+  a folder holding anything else is refused, naming those files. A folder the manifest lists (`tensorboard`)
+  is emptied of the files ldae writes there (FOLDER_FILES), never removed whole: a user's file inside it makes
+  `--force` refuse, naming it, so nothing of theirs is lost. `.`, the home directory and a filesystem root are
+  never replaced. Ownership is judged on the folder a path resolves to (a `runs -> /scratch` link stays
+  usable); inside it, symlinks are removed as links and never followed. A damaged marker is named as such:
+  ldae cannot tell its files from the user's, so it neither replaces nor resumes that folder.
+- ldae never writes through a link it did not make: its files are created by an atomic rename onto the path
+  (`write_atomically`) or opened with O_NOFOLLOW (`open_own`); a link, FIFO, device or socket where ldae keeps
+  a file of a run it resumes is an error naming it before anything is written (`check_own`).
 - Run folders written before the marker existed still resume (the marker is added then), and `--force`
   replaces one only when every file in it is one ldae writes and its checkpoint reads as ldae's.
 - A live run holds `.ldae.lock` (pid, host, command) under an exclusive flock: of several processes that
-  want a folder at once exactly one gets it, and a lock whose process died is released by the kernel.
+  want a folder at once exactly one gets it, and a lock whose process died is released by the kernel. A lock
+  naming a live process that is not an ldae run, or a pid no process can have, is refused with what it names.
 - Temp files a killed save left behind are removed when the run next starts.
+- A single-file output (a PCA file and its sidecars, an exported encoder, a panel, a report, an evaluation) proves
+  in itself that ldae wrote it: a checkpoint by its `ldae.kind` metadata, a PNG by an `ldae` text chunk right
+  after its header, a JSON file by its first key `ldae`, a YAML file by its first line `# ldae: <kind>`, each
+  naming the kind of output. The proof travels with the file (a renamed or copied output stays provable, a
+  sidecar needs no other file) and costs one read of its head. `--force` replaces a file only when it names the
+  kind being written; a user's file, a link (it is the user's, wherever it points), a FIFO or device, an input
+  of the command or anything inside a folder the command reads (its dataset) is never replaced. Outputs are
+  written by atomic rename, which replaces a link put there meanwhile rather than writing through it.
 """
 
 from __future__ import annotations
@@ -18,10 +33,12 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -39,10 +56,15 @@ BOOKKEEPING = (LOCK, MARKER)
 TRAINING_COMMANDS = ("pretrain", "probe", "finetune", "train-tokenizer", "detect")
 # what runs written before the marker existed hold: a folder of nothing else (with a checkpoint ldae reads) is
 # such a run, and --force may replace it
-LEGACY_OUTPUTS = {"config.yaml", CHECKPOINT, METRICS, "pca.safetensors", "loss.png", "accuracy.png", "report.png",
-                  "results.json", "eval.json", "best.safetensors", "coco_eval.txt", "load_report.json",
+LEGACY_OUTPUTS = {"config.yaml", CONFIG, CHECKPOINT, METRICS, "pca.safetensors", "loss.png", "accuracy.png",
+                  "report.png", "results.json", "eval.json", "best.safetensors", "coco_eval.txt", "load_report.json",
                   "reconstructions.png", "report.json", "tensorboard", "wandb"}
 LEGACY_PREFIXES = ("eval-only-", "coco_eval-only-")
+FOLDERS = ("tensorboard", "wandb")  # the entries of a run that are folders
+# what ldae writes inside a folder it lists: TensorBoard's event files, W&B's, a prepared split's shards and indexes
+FOLDER_FILES = ("events.out.tfevents.*", "run-*", "offline-run-*", "latest-run", "debug*.log", "images-[0-9]*.npy",
+                "labels-[0-9]*.npy", "files-[0-9]*.txt", "skipped-[0-9]*.txt", "labels.npy", "files.txt", TEMP_GLOB)
+PID_MAX = 2 ** 22  # Linux's largest possible pid (PID_MAX_LIMIT); other systems stay below it
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,8 +77,76 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_command(pid: int) -> str | None:
+    """The command line of process `pid`, None where it cannot be read (no /proc, another user's, a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a) or None
+
+
+def might_be_ldae(command: str | None) -> bool:
+    """Whether a process with this command line can be an ldae run: ldae runs in Python (its console script,
+    torchrun, a submitit job, a script calling ldae.api); unknown (None) counts as yes."""
+    return command is None or "ldae" in command or Path(command.split()[0]).name.startswith("python")
+
+
+def entry_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "a file"
+
+
+def check_own(path: Path, folder: bool = False) -> None:
+    """Where ldae keeps one of its files (a folder, with `folder`) there is nothing yet or exactly that, never a
+    link, FIFO, device or socket it would read or write through; anything else is an error naming it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        raise LdaeError(f"{path} is {entry_kind(mode)}, not the {'folder' if folder else 'file'} ldae keeps there; "
+                        "ldae writes only its own files there, never through a link, FIFO or device; move it away or "
+                        "pick another --out")
+
+
+def open_own(path: Path, flags: int, follow: bool = False) -> int:
+    """A descriptor of the regular file `path` (created with O_CREAT in `flags`): never opened through a link
+    (`follow` allows one, for reading), never a FIFO, which would block, nor a device."""
+    if not follow:
+        check_own(path)
+    elif path.exists() and not path.is_file():
+        check_own(path.resolve())
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW), 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR):  # replaced since it was checked
+            check_own(path)
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # replaced since it was checked
+        os.close(fd)
+        raise LdaeError(f"{path} is {entry_kind(mode)} where ldae keeps its own file; move it away")
+    return fd
+
+
+def read_own(path: Path, follow: bool = False) -> bytes | None:
+    """The bytes of file `path` (None when there is none), read as `open_own` opens it."""
+    try:
+        fd = open_own(path, os.O_RDONLY, follow)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a kill leaves the old file or the new one."""
+    """Temp file in the same folder, fsync, rename: a kill leaves the old file or the new one. The rename
+    replaces the path itself, so nothing is ever written through a link; one found there is refused."""
+    check_own(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,21 +179,23 @@ class RunLock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": f"ldae {self.command}",
               "since": _dt.datetime.now().isoformat(timespec="seconds")}
         for _ in range(10):
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = open_own(self.path, os.O_CREAT | os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                holder = self._read(fd)
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    self._refuse(self._holder() or {})
+                    self._refuse(holder or {})
                 raise
             if not self._same_file(fd):  # its holder released (unlinked) it between our open and our flock
                 os.close(fd)
                 continue
-            holder = self._read(fd)
-            if holder and not self._stale(holder):
+            try:
+                self._check_taken(self._read(fd))
+            except LdaeError:
                 os.close(fd)
-                self._refuse(holder)
+                raise
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(me).encode(), 0)
             os.fsync(fd)
@@ -113,7 +205,7 @@ class RunLock:
 
     def _same_file(self, fd: int) -> bool:
         try:
-            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            return os.lstat(self.path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             return False
 
@@ -125,22 +217,26 @@ class RunLock:
             return None  # torn by a start killed while writing it: nobody holds it (we have the flock)
         return holder if isinstance(holder, dict) else None
 
-    def _holder(self) -> dict | None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return holder if isinstance(holder, dict) else None
-
-    @staticmethod
-    def _stale(holder: dict) -> bool:
-        """A holder whose lock we could flock: gone, unless it is a live process of this host (an ldae from before
-        locks were flocked) or of another host (which cannot be checked from here)."""
+    def _check_taken(self, holder: dict | None) -> None:
+        """Refuse a lock we could flock whose holder may still be alive: an ldae from before locks were flocked,
+        or a process of another host (which cannot be checked from here); a dead holder's lock is ours. A pid no
+        process can have, or a live process that cannot be an ldae run, is said as it is."""
         try:
             pid, host = int(holder["pid"]), str(holder["host"])
         except (KeyError, TypeError, ValueError):
-            return True
-        return host == socket.gethostname() and (pid == os.getpid() or not pid_alive(pid))
+            return
+        if host != socket.gethostname():
+            self._refuse(holder)
+        fix = f"delete {self.path} if no ldae run uses {self.path.parent}"
+        if not 0 < pid <= PID_MAX:
+            raise LdaeError(f"{self.path} names pid {pid}, which no process can have (the file was edited); {fix}")
+        if pid == os.getpid() or not pid_alive(pid):
+            return
+        command = process_command(pid)
+        if not might_be_ldae(command):
+            raise LdaeError(f"{self.path} names pid {pid}, which is a live process but not an ldae run "
+                            f"({command.split()[0]}) and holds no lock; {fix}")
+        self._refuse(holder)
 
     def _refuse(self, holder: dict) -> None:
         host = str(holder.get("host", "?"))
@@ -169,14 +265,26 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest | None":
-        """The folder's marker; None when it has none (or one that does not read as ldae's)."""
+        """The folder's marker; None when it has none. A damaged one is an error: without it ldae cannot tell its
+        files there from the user's."""
+        path = directory / MARKER
         try:
-            data = json.loads((directory / MARKER).read_text())
-        except (OSError, ValueError):
-            return None
+            raw = read_own(path)
+            if raw is None:
+                return None
+            data, why = json.loads(raw), "not ldae's marker format"
+        except LdaeError:
+            data, why = None, f"{entry_kind(os.lstat(path).st_mode)}, not a file"
+        except ValueError:
+            data, why = None, "not valid JSON, e.g. truncated"
+        except OSError as exc:
+            data, why = None, f"unreadable: {exc.strerror}"
         if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or \
-                not isinstance(data.get("files"), list):
-            return None
+                not isinstance(data.get("files"), list) or not all(isinstance(n, str) for n in data["files"]):
+            raise LdaeError(f"{path}, the marker of what ldae wrote in {directory}, is damaged ({why}), so ldae cannot "
+                            f"tell its files there from yours; delete it if {directory} holds only a run of ldae's "
+                            "(it then counts as a run from before the marker), else move the folder away or pick "
+                            "another --out")
         return cls(directory, data)
 
     @classmethod
@@ -208,12 +316,29 @@ def entries(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.name not in BOOKKEEPING and not p.match(TEMP_GLOB))
 
 
+def foreign_inside(folder: Path) -> list[str]:
+    """What a folder ldae lists holds that ldae does not write there (nothing, for a link or a file)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, g) for g in FOLDER_FILES))
+
+
 def remove_entry(path: Path) -> None:
-    """Delete one file or folder; a symlink is removed as a link, never followed."""
+    """Delete one file, or what ldae writes in a folder and then the folder if that empties it (a user's file
+    there is kept, and the folder with it); a symlink is removed as a link, never followed."""
     if path.is_symlink() or not path.is_dir():
         path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path)
+        return
+    theirs = set(foreign_inside(path))
+    for p in path.iterdir():
+        if p.name in theirs:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)  # W&B's run folder: all its own
+        else:
+            p.unlink()
+    if not theirs:
+        path.rmdir()
 
 
 def protected(path: Path) -> str | None:
@@ -255,16 +380,17 @@ def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), 
     if not names:
         return "empty", []
     if manifest is not None:
-        ours, foreign = [n for n in names if n in manifest.files], [n for n in names if n not in manifest.files]
+        ours = [n for n in names if n in manifest.files]
+    else:
+        ours = names if legacy_run(path, names) and command in TRAINING_COMMANDS else []
+    foreign = [n for n in names if n not in ours] + [f"{n}/{e}" for n in ours for e in foreign_inside(path / n)]
+    if manifest is not None:
         written_by = str(manifest.data.get("command", "")).removeprefix("ldae ")
         if not foreign and restartable is not None and restartable(path):
             return "restart", ours
         if force and written_by not in (replaces or TRAINING_COMMANDS):
             raise LdaeError(f"{path} holds what `ldae {written_by}` wrote; `ldae {command} --force` does not replace "
                             "it; pick another --out")
-    else:
-        legacy = legacy_run(path, names) and command in TRAINING_COMMANDS
-        ours, foreign = (names, []) if legacy else ([], names)
     if not force:
         if CHECKPOINT in names:
             raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume {path}`"
@@ -307,13 +433,14 @@ def clear(path: Path, names: list[str], manifest: Manifest) -> None:
 
 
 def adopt(path: Path, command: str) -> Manifest:
-    """The manifest of a run being resumed; a run written before the marker existed gets one now, listing the
-    files ldae writes that it holds."""
+    """The manifest of a run being resumed, whose entries are checked before anything is written (`check_own`); a
+    run written before the marker existed gets one now, listing the files ldae writes that it holds."""
     manifest = Manifest.read(path)
-    if manifest is None:
-        names = [n for n in entries(path) if n in LEGACY_OUTPUTS or n.startswith(LEGACY_PREFIXES)]
-        manifest = Manifest.create(path, command, set(names))
-    return manifest
+    names = manifest.files if manifest is not None else \
+        {n for n in entries(path) if n in LEGACY_OUTPUTS or n.startswith(LEGACY_PREFIXES)}
+    for name in sorted(names):
+        check_own(path / name, folder=name in FOLDERS)
+    return manifest or Manifest.create(path, command, names)
 
 
 def default_dir(kind: str, name: str | None) -> Path:
@@ -344,21 +471,77 @@ def remove_temp_files(directory: Path, name: str = "*") -> list[Path]:
     return removed
 
 
-def refuse_to_replace(path: Path, force: bool, what: str = "file", inputs: tuple[Path, ...] = ()) -> None:
-    """Single-file outputs (PCA files, exported encoders, panels, reports) are never replaced without --force, and
-    never replace one of the command's own inputs or a run's checkpoint, even with it."""
+def refuse_to_replace(path: Path, force: bool, what: str, kind: str, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse to write the single-file output `path` (of `kind`, see `write_output`) over anything but an earlier
+    output of that kind, and that only with --force; never over or inside one of the command's `inputs` (files,
+    or folders such as a dataset), nor over a link, a FIFO or device, or a run's files."""
     target = path.resolve()
-    for given in inputs:
-        if Path(given).resolve() == target:
+    for given in map(Path, inputs):
+        real = given.resolve()
+        if real == target:
             raise LdaeError(f"{path} is also an input of this command; writing the {what} there would destroy it; "
                             "pick another --out")
+        if real.is_dir() and target.is_relative_to(real):
+            raise LdaeError(f"{path} is inside {given}, which this command reads; the {what} is never written into "
+                            "its own input; pick an --out outside it")
+    check_own(path)  # a link (the user's, wherever it points), folder, FIFO or device is named
     if not path.exists():
         return
-    if path.is_dir():
-        raise LdaeError(f"{path} is a folder; give a file name for the {what}")
     manifest = Manifest.read(path.parent)
     if path.name == CHECKPOINT or (manifest is not None and path.name in manifest.files):
         raise LdaeError(f"{path} belongs to the run in {path.parent}; pick another --out (--force never replaces a "
                         "run's files)")
+    found = stamp(path)
+    if found is None:
+        raise LdaeError(f"{path} already exists and ldae did not write it (--force replaces only ldae's own {what}); "
+                        "move it away or pick another --out")
+    if found != kind:
+        from ldae_cli.checkpoint import KINDS
+
+        raise LdaeError(f"{path} is a '{found}' {'checkpoint' if found in KINDS else 'output'} of ldae; --force "
+                        f"replaces it only with another of its kind, never with the {what}; pick another --out")
     if not force:
         raise LdaeError(f"{path} already exists; pick another --out, or add --force to replace the {what}")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_HEAD = 33  # the signature and the IHDR chunk, which PNG puts first
+
+
+def write_output(path: Path, data: bytes, kind: str) -> Path:
+    """Write a single-file output (PNG, JSON object, or YAML text) stamped as ldae's `kind` (see `stamp`), by atomic
+    rename: a link at `path` is replaced, never written through."""
+    import zlib
+
+    if data.startswith(PNG_SIGNATURE):
+        body = b"tEXtldae\0" + kind.encode()
+        chunk = (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+        data = data[:PNG_HEAD] + chunk + data[PNG_HEAD:]
+    elif data.startswith(b"{"):
+        data = (json.dumps({"ldae": kind, **json.loads(data)}, indent=1) + "\n").encode()
+    else:
+        data = f"# ldae: {kind}\n".encode() + data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, data)
+    return path
+
+
+def stamp(path: Path) -> str | None:
+    """The kind of output the regular file `path` says ldae wrote it as (`write_output`'s stamp, or a checkpoint's
+    kind); None for any other file."""
+    from ldae_cli.checkpoint import read_metadata
+
+    try:
+        fd = open_own(path, os.O_RDONLY)  # never blocks on a FIFO put there meanwhile
+        with os.fdopen(fd, "rb") as f:
+            head = f.read(4096)
+        if head.startswith(PNG_SIGNATURE):
+            size = int.from_bytes(head[PNG_HEAD:PNG_HEAD + 4], "big")
+            chunk = head[PNG_HEAD + 4:PNG_HEAD + 8 + size]
+            return chunk[9:].decode() if chunk.startswith(b"tEXtldae\0") else None
+        for prefix, end in ((b"# ldae: ", b"\n"), (b'{\n "ldae": "', b'"')):
+            if head.startswith(prefix):
+                return head[len(prefix):].split(end, 1)[0].decode()
+        return read_metadata(path)["kind"]
+    except (LdaeError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -205,6 +205,39 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
     return str(path)
 
 
+
+def refuse_force(resume: str | None, cont: bool, force: bool) -> None:
+    """--force replaces a run; --resume and --continue keep the one there, so with either it would do nothing."""
+    if force and (resume is not None or cont):
+        keeps = f"--resume {resume}" if resume is not None else "--continue"
+        raise LdaeError(f"--force replaces a run, and {keeps} continues the one there; give one of them")
+
+
+def same_parent(ck: Checkpoint, option: str, given: str | None, roles: tuple[str, ...]) -> None:
+    """`option` (--ckpt, --init-from) given again on a continued run may only name the checkpoint the run was made
+    from (its provenance entry of one of `roles`, wherever it is now): the run reads its weights from `ck`."""
+    if given is None:
+        return
+    record = next((p for p in ck.provenance.get("parents", []) if p.get("role") in roles), None)
+    if record is None:
+        raise LdaeError(f"{ck.path.parent} holds a run started without {option}, which continuing it does not read; "
+                        f"leave out {option} {given}")
+    if not Path(given).is_file() or sha256_file(given) != record["sha256"]:
+        raise LdaeError(f"{ck.path.parent} holds a run started from {record['path']}, not from {option} {given} "
+                        f"(sha256 differs); continuing it reads its own checkpoint: leave out {option}")
+
+
+def refuse_inputs_inside(command: str, kind: str, out: str | None, name: str | None,
+                         inputs: dict[str, str | None]) -> None:
+    """The folder a new run claims (--out, else runs/<kind>/<name>) may not hold one of its `inputs` (option ->
+    path): starting there with --force would remove it. Judged where the paths resolve, through any link."""
+    home = rundir.resolve(command, kind, out, name, None).resolve()
+    for option, given in inputs.items():
+        if given and Path(given).resolve().is_relative_to(home):
+            raise LdaeError(f"{option} {given} lies in {home}, the folder this run would write (and --force would "
+                            "replace); pick another --out")
+
+
 C = TypeVar("C")  # a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
 
 
@@ -236,7 +269,9 @@ class Session(Generic[C]):
         return self.output(CHECKPOINT)
 
     def output(self, name: str) -> Path:
-        """`out_dir / name`, recorded as ldae's in the run's manifest (before it is written)."""
+        """`out_dir / name`, recorded as ldae's in the run's manifest (before it is written); a link, FIFO or device
+        there is an error naming it (rundir.check_own)."""
+        rundir.check_own(self.out_dir / name, folder=name in rundir.FOLDERS)
         if self.manifest is not None and name not in self.manifest.files:
             self.manifest.add(name)
             self.created.add(name)

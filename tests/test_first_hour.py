@@ -17,8 +17,9 @@ from conftest import REPO_ROOT, one_line, run_cli, sets, snapshot, tiny_override
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
 
 TINY = {"model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,
-        "model.num_heads": 2, "optim.batch_size": 8, "optim.epochs": 1, "data.num_workers": 0, "run.compile": False,
-        "run.progress": False, "run.device": "cpu", "online_probe.enabled": False}
+        "model.num_heads": 2, "optim.batch_size": 8, "optim.epochs": 1, "optim.warmup_epochs": 0.1,
+        "data.num_workers": 0, "run.compile": False, "run.progress": False, "run.device": "cpu",
+        "online_probe.enabled": False}
 
 
 def tiny(**extra) -> list[str]:
@@ -71,7 +72,8 @@ def test_a_train_test_tree_runs_every_stage_with_no_source_and_no_data_settings(
     ckpt = tmp_path / "pre" / "checkpoint.safetensors"
     assert load_checkpoint(ckpt).config["data"]["eval_split"] == "test"
     probe = run_main("probe", "--ckpt", str(ckpt), "--config", "probe/small-fast.yaml", *sets(
-        ["probe.batch_size=8", "probe.epochs=1", "data.num_workers=0", "run.progress=false"]))
+        ["probe.batch_size=8", "probe.epochs=1", "probe.warmup_epochs=0.1", "data.num_workers=0",
+         "run.progress=false"]))
     assert probe.returncode == 0, probe.stderr
     assert (tmp_path / "runs" / "probe" / "pre-small-fast" / "results.json").is_file()  # named after the run
     assert (tmp_path / "runs" / "probe" / "pre-small-fast" / "results.png").is_file()
@@ -176,7 +178,8 @@ def test_probe_reads_plain_and_timm_exports(world, run_main, tmp_path):
 
 def probe_args_for(ckpt: Path, out: Path) -> list[str]:
     return ["probe", "--ckpt", str(ckpt), "--out", str(out), "--config", "probe/small-fast.yaml", *sets(
-        ["probe.batch_size=8", "probe.epochs=1", "data.num_workers=0", "run.progress=false"])]
+        ["probe.batch_size=8", "probe.epochs=1", "probe.warmup_epochs=0.1", "data.num_workers=0",
+         "run.progress=false"])]
 
 
 def test_the_cli_conventions(tmp_path):

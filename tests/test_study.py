@@ -33,8 +33,8 @@ TOY_BUDGET = {
                  "optim.warmup_epochs": 0.5, "run.compile": False, "run.progress": False, "run.log_every": 1,
                  "run.device": "cpu"},
     "probe_config": "probe/small-fast.yaml",
-    "probe": {"probe.epochs": 3, "probe.batch_size": 8, "probe.blrs": [0.1, 10.0], "data.num_workers": 0,
-              "run.progress": False, "run.device": "cpu"},
+    "probe": {"probe.epochs": 3, "probe.warmup_epochs": 0.3, "probe.batch_size": 8, "probe.blrs": [0.1, 10.0],
+              "data.num_workers": 0, "run.progress": False, "run.device": "cpu"},
     "images_per_second": 100.0,
     "probe_minutes": 0.1,
 }

@@ -8,7 +8,6 @@ space the network wrote (image or latent).
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from ldae_cli.distributed import resolve_device
 from ldae_cli.errors import LdaeError
 from ldae_cli.imagefiles import collect_images
 from ldae_cli.plots import psnr, save_grid
-from ldae_cli.pretrained import Pretrained, load_pretrained
+from ldae_cli.pretrained import Pretrained, check_sigma, load_pretrained
 from ldae_cli.logs import console
 from ldae_cli.checkpoint import read_metadata
 from ldae_cli.seeds import pixel_noise_seed
@@ -113,8 +112,7 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
                         "checkpoint's own evaluation split")
     if samples is not None and samples < 1:
         raise LdaeError(f"--samples is a number of images (1 or more), got {samples}")
-    if sigma is not None and not (math.isfinite(sigma) and sigma > 0):
-        raise LdaeError(f"--sigma is a noise level, a finite number above 0 (e.g. 0.577), got {sigma}")
+    check_sigma(sigma)  # before the checkpoint is read: the API checks the same in Pretrained.timestep
     files = collect_images(inputs or [])
     pre, dev, step, level = _prepare(ckpt, ema, device, t, sigma)
     if eval_split is not None:
@@ -123,8 +121,10 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
     panel = samples_path(out, pre, step) if samples else None
     if panel is not None and panel in targets:
         raise LdaeError(f"--out {out} cannot hold both the panel of {files[0]} and the --samples panel; give a folder")
+    # the images, and with --samples the dataset they come from: no panel lands on or in them
+    reads = (*files, *([Path(pre.data.path)] if samples and pre.data.path else []))
     for path in targets + ([panel] if panel is not None else []):
-        refuse_to_replace(path, force, "panel", inputs=tuple(files))
+        refuse_to_replace(path, force, "panel", "picture", inputs=reads)
     size = pre.image_size
     upscale = max(1, 128 // size)
     titles = ["clean", f"noisy ({level:.2f})", "denoised"] + ([f"pixel noise ({level:.2f})"] if compare_pixel_noise

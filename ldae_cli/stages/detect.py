@@ -20,17 +20,18 @@ import torch
 
 from ldae_cli.engine_detect import RESUMABLE, DetectConfig
 from ldae_cli import detection, engine_detect
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, sha256_file
+from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata
 from ldae_cli.distributed import init, shutdown
 from ldae_cli.engine_detect import ap_table, quiet_detectron2, run_evaluation
 from ldae_cli.errors import LdaeError
 from ldae_cli.config import load_config
 from ldae_cli.pretrained import load_encoder
 from ldae_cli.logs import console
-from ldae_cli.rundir import refuse_to_replace
+from ldae_cli.rundir import refuse_to_replace, write_output
 from ldae_cli import rundir
 from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
-from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, session
+from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
+    same_parent, session
 
 
 def dry_run(cfg: DetectConfig, config_name: str | None, stored: Checkpoint | None, force: bool, init: Init) -> Plan:
@@ -58,7 +59,10 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         detection.require_detectron2()
         if eval_only:
             return _eval_only(config, overrides, flags, resume, ckpt, from_scratch, force)
+        refuse_force(resume, cont, force)
         cfg, stored = load_run_config(DetectConfig, "detect", config, overrides, flags, resume, RESUMABLE, cont)
+        if stored is None:
+            refuse_inputs_inside("detect", "detect", cfg.run.out_dir, config, {"--ckpt": ckpt})
         if preview == "config":
             return print_config(cfg)
         if preview == "plan":
@@ -103,11 +107,8 @@ def _check_resume_init(stored: Checkpoint, ckpt: str | None, from_scratch: bool)
     if from_scratch != was_scratch and (from_scratch or ckpt):
         raise LdaeError(f"--resume: {stored.path} was started {'--from-scratch' if was_scratch else 'from --ckpt'}; "
                         "resume without changing that (or leave out --ckpt/--from-scratch)")
-    parents = stored.provenance.get("parents", [])
-    if ckpt and not was_scratch and parents:
-        if sha256_file(ckpt) != parents[0]["sha256"]:
-            raise LdaeError(f"--resume: {stored.path} was trained from {parents[0]['path']}, not {ckpt}; leave out "
-                            "--ckpt when resuming")
+    if not was_scratch:
+        same_parent(stored, "--ckpt", ckpt, ("pretrain", "encoder"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,8 @@ def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint, force: bool = Fa
     it, or in run.out_dir; files of that name are replaced only with --force."""
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else trained.path.parent
     result, text = out_dir / f"eval-only-{cfg.data.eval_split}.json", f"coco_eval-only-{cfg.data.eval_split}.txt"
-    refuse_to_replace(result, force, "evaluation")
+    refuse_to_replace(result, force, "evaluation", "evaluation",
+                      inputs=(trained.path, *([Path(cfg.data.path)] if cfg.data.path else [])))
     trained.require("backbone.width", "backbone.depth", "backbone.num_heads", "backbone.patch_size",
                     "backbone.pretrain_image_size", "num_classes", "class_names", "step")
     if not cfg.data.path:
@@ -217,7 +219,7 @@ def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint, force: bool = Fa
             console.print(ap_table(results, f"COCO {cfg.data.eval_split}: {trained.path}"))
             record = {"checkpoint": str(trained.path), "sha256": trained.sha256, "step": trained.extra["step"],
                       **results}
-            result.write_text(json.dumps(record, indent=1) + "\n")
+            write_output(result, json.dumps(record).encode(), "evaluation")
         return result
     finally:
         shutdown(ctx)

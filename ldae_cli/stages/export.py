@@ -1,15 +1,15 @@
 """`ldae export`: the encoder folded at fixed t, as a timm ViT state dict (an `encoder` checkpoint) or as a folder
 timm loads with `create_model("local-dir:DIR", pretrained=True)` (see pretrained.export_encoder / export_timm).
 
-An export never eats its input or a run: --out may not be the checkpoint read, a file of a run, or a checkpoint
-of another kind; `--format timm --force` replaces only a folder `ldae export` wrote (its marker lists its files)."""
+An export never eats its input, a run or a user's file: --out may not be the checkpoint read, a file of a run, or any
+file but an earlier export (rundir.refuse_to_replace); `--format timm --force` replaces only a folder `ldae export`
+wrote (its marker lists its files)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ldae_cli import rundir
-from ldae_cli.checkpoint import read_metadata
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import TIMM_EXPORT_FILES, export_encoder, export_timm
 
@@ -21,14 +21,7 @@ def main(ckpt: str, out: str, t: int, depth: int | None, ema: bool | None, force
         return export_folder(ckpt, target, t, depth, ema, force)
     if form != "ldae":
         raise LdaeError(f"--format must be 'ldae' (one .safetensors checkpoint) or 'timm' (a folder), got {form!r}")
-    rundir.refuse_to_replace(target, force, "exported encoder", inputs=(Path(ckpt),))
-    if target.is_file():
-        try:
-            kind = read_metadata(target)["kind"]
-        except LdaeError:
-            kind = None
-        if kind not in (None, "encoder"):
-            raise LdaeError(f"{target} is a '{kind}' checkpoint; an export never replaces one; pick another --out")
+    rundir.refuse_to_replace(target, force, "exported encoder", "encoder", inputs=(Path(ckpt),))
     return export_encoder(ckpt, out, t, depth, ema)
 
 

@@ -28,7 +28,7 @@ from ldae_cli.models import build_timm_vit, sincos_2d, timm_vit_kwargs
 from ldae_cli.pretrained import load_encoder, timm_export
 from ldae_cli.logs import console
 from ldae_cli.discovery import check_splits
-from ldae_cli.session import load_run_config, session
+from ldae_cli.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
 
 
 def default_config(ckpt: str | None) -> dict:
@@ -94,12 +94,17 @@ def describe_init(init_desc: dict) -> str:
     return f"random (timm init, fixed sin-cos position embedding), {where}"
 
 
+def run_name(cfg: FinetuneConfig, config_name: str | None) -> str:
+    """runs/finetune/<config>[-scratch]"""
+    return (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+
+
 def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
         force: bool = False) -> Path:
     if not cfg.model.ckpt and not cfg.model.from_scratch:
         raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
                         "(config keys model.ckpt / model.from_scratch)")
-    name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+    name = run_name(cfg, config_name)
     with session("finetune", "finetune", cfg, name, resume_ckpt, force, config_file=config_name,
                  resumable=RESUMABLE) as s:
         arch = vit_arch(cfg) if resume_ckpt is None else None  # the encoder, read and checked before any data
@@ -114,10 +119,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
         if eval_set.classes != train_set.classes:
             raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
                             f"the train split {train_set.classes[:5]}; both need the same class folders")
-        micro, _ = cfg.optim.accumulation(s.ctx.world)
-        if cfg.aug.mixing and micro % 2:
-            raise LdaeError(f"mixup/cutmix pair samples within a micro-batch, which must be even (got {micro}); "
-                            "change optim.batch_size / optim.micro_batch or set aug.mixup=0 aug.cutmix=0")
+        engine_finetune.even_micro_batch(cfg.aug, cfg.optim.accumulation(s.ctx.world)[0])  # this many ranks' share
         if resume_ckpt is None:
             model, kwargs, parents, init_desc = build_network(cfg, num_classes, arch)
             description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
@@ -142,7 +144,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
 
 def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a start and a step of the network timed, with nothing written."""
-    name = (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+    name = run_name(cfg, config_name)
     o = outline(cfg, "finetune", "finetune", name, config_name, resume_ckpt, force,
                 [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     kwargs = resume_ckpt.extra["timm_kwargs"] if resume_ckpt is not None else \
@@ -169,10 +171,15 @@ def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoin
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
          ckpt: str | None = None, from_scratch: bool = False, force: bool = False, cont: bool = False,
          preview: str | None = None) -> Path | None:
+    refuse_force(resume, cont, force)
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
     base = default_config(ckpt) if resume is None else None
     cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont,
                                        base)
+    if resume_ckpt is None:
+        refuse_inputs_inside("finetune", "finetune", cfg.run.out_dir, run_name(cfg, config), {"--ckpt": cfg.model.ckpt})
+    elif cfg.model.ckpt != resume_ckpt.config.get("model", {}).get("ckpt"):  # recorded, never read: may only relocate
+        same_parent(resume_ckpt, "--ckpt", cfg.model.ckpt, ("init", "architecture"))
     if preview == "config":
         return print_config(cfg)
     if preview == "plan":

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 from ldae_cli import pca
-from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.config import dump_yaml, load_config, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.plots import save_filters
 from ldae_cli.logs import console
-from ldae_cli.rundir import RUNS, refuse_to_replace, remove_temp_files
+from ldae_cli.rundir import RUNS, refuse_to_replace, remove_temp_files, write_output
+from ldae_cli.sources import resolve_path
 
 
 @dataclass
@@ -33,8 +34,10 @@ def outputs(out: Path) -> tuple[Path, Path]:
 
 def run(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False) -> tuple[Path, pca.PCAFit]:
     out = Path(cfg.out) if cfg.out else default_out(cfg)
-    for path in (out, *outputs(out)):
-        refuse_to_replace(path, force, "PCA fit")
+    config_file, filters_file = outputs(out)
+    for path, kind, what in ((out, "pca", "PCA fit"), (config_file, "config", "config of the PCA fit"),
+                             (filters_file, "picture", "filters picture of the PCA fit")):
+        refuse_to_replace(path, force, what, kind, inputs=(resolve_path(cfg.data),))
     if out.parent.is_dir():
         remove_temp_files(out.parent, out.name)  # of an earlier fit killed while saving
     dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.pca.seed)
@@ -47,8 +50,7 @@ def run(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False) -> t
     if result.skipped:
         console.print(f"skipped {result.skipped:,} unreadable image(s) (data.on_bad_image=skip)")
     pca.save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.image_size, cfg.data.source)
-    config_file, filters_file = outputs(out)
-    save_resolved(cfg, config_file)
+    write_output(config_file, dump_yaml(cfg).encode(), "config")
     filters = save_filters(result.basis, cfg.pca.patch, filters_file, eigenvalues=result.eigenvalues, dim=cfg.pca.dim)
     console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
                   f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]")

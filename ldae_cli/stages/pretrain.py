@@ -24,9 +24,9 @@ from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
 from ldae_cli.logs import console
 from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
-    resume_base, same_unsaved_run, session
+    refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
 from ldae_cli.discovery import check_splits
-from ldae_cli.tokenizers import PCATokenizer, Tokenizer, build_tokenizer, load_tokenizer
+from ldae_cli.tokenizers import PCATokenizer, Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
 
 
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
@@ -210,11 +210,8 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
         tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
     elif cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
         tokenizer, _ = load_tokenizer(cfg.tokenizer)
-    else:  # timed with a stand-in of the same shape: the real one is fitted when the run starts
-        full = cfg.tokenizer.patch ** 2 * 3
-        basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
-        tokenizer = PCATokenizer(torch.zeros(full), basis, torch.ones(full), cfg.tokenizer.patch,
-                                 cfg.tokenizer.dim or 16, cfg.tokenizer.latent_scale, cfg.tokenizer.scale_dim)
+    else:
+        tokenizer = stand_in(cfg.tokenizer)
         notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
                      "timed)")
         settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
@@ -230,6 +227,14 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
     step = synthetic_step(cfg, denoiser, model, sample, device)
     return o.plan("pretrain", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
                   f"on {device}, without data loading, online probe or checkpoints", notes)
+
+
+def stand_in(tc: TokenizerConfig) -> PCATokenizer:
+    """A PCA tokenizer of the configured shape, to time steps with before the real one is fitted."""
+    full = tc.patch ** 2 * 3
+    basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
+    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or 16, tc.latent_scale,
+                        tc.scale_dim)
 
 
 def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, device) -> Callable[[], None]:
@@ -256,6 +261,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     if config is None and resume is None and init_from is None:
         raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5), "
                         "--init-from CKPT (a new run from its weights) or --resume RUN_DIR")
+    refuse_force(resume, cont, force)
     parent = None
     if init_from is not None:
         if resume is not None:
@@ -270,6 +276,11 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     if parent is not None:
         check_init_from(cfg, parent)
     name = config or (f"{Path(init_from).resolve().parent.name}-continued" if init_from else None)
+    if ckpt is None:
+        refuse_inputs_inside("pretrain", "pretrain", cfg.run.out_dir, name,
+                             {"--init-from": init_from, "tokenizer.path": cfg.tokenizer.path})
+    else:  # --continue: the run in --out continues from its own checkpoint
+        same_parent(ckpt, "--init-from", init_from, ("init",))
     if preview == "config":
         return print_config(cfg)
     if preview == "plan":

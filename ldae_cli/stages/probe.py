@@ -26,7 +26,8 @@ from ldae_cli.pretrained import FeatureEncoder, encoder_features, load_encoder, 
     pixel_features, read_timm_config, timm_export, vit_features
 from ldae_cli.plots import save_probe_chart
 from ldae_cli.logs import console
-from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, session, verified_parent
+from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
+    same_parent, session, verified_parent
 from ldae_cli.discovery import check_splits
 from ldae_cli.sources import open_source
 from ldae_cli import rundir
@@ -161,9 +162,16 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
          ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False,
          preview: str | None = None) -> dict | None:
+    refuse_force(resume, cont, force)
     name = Path(config).stem if config else None
     base = default_config(ckpt) if resume is None else None
     cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont, base)
+    if random_init and cfg.probe.features != "encoder":
+        raise LdaeError(f"--random-init probes an untrained encoder, but probe.features is '{cfg.probe.features}' "
+                        "(the raw-image baseline, no encoder); give one of them")
+    if resume_ckpt is None and ckpt is not None:
+        refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg.probe.features),
+                             {"--ckpt": ckpt})
     if preview == "config":
         return print_config(cfg)
     if preview == "plan":
@@ -171,11 +179,15 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     if resume_ckpt is None:
         return run(cfg, ckpt, random_init, name, force=force)
     resume_ckpt.require("random_init")
-    if cont and bool(resume_ckpt.extra["random_init"]) != random_init:
-        raise LdaeError(f"--continue: {resume_ckpt.path.parent} holds a probe "
-                        f"{'with' if resume_ckpt.extra['random_init'] else 'without'} --random-init; pick another --out")
+    was_random = bool(resume_ckpt.extra["random_init"])
+    if (random_init and not was_random) or (cont and was_random != random_init):  # a resume may leave it out
+        raise LdaeError(f"{'--continue' if cont else '--resume'}: {resume_ckpt.path.parent} holds a probe "
+                        f"{'with' if was_random else 'without'} --random-init; "
+                        + ("pick another --out" if cont else "resume it as it was started"))
     if cfg.probe.features == "encoder":
         role = next((p["role"] for p in resume_ckpt.provenance.get("parents", []) if p.get("role") in
                      ("pretrain", "encoder")), "pretrain")
         ckpt = verified_parent(resume_ckpt, role, ckpt)
-    return run(cfg, ckpt, resume_ckpt.extra["random_init"], name, resume_ckpt)
+    else:  # the pixel baseline reads no encoder
+        same_parent(resume_ckpt, "--ckpt", ckpt, ())
+    return run(cfg, ckpt, was_random, name, resume_ckpt)

@@ -31,7 +31,7 @@ def online_title(path: Path, records: list[dict]) -> str:
 
 def main(paths: list[str], force: bool = False) -> list[Path]:
     for item in paths:
-        refuse_to_replace(output(Path(item)), force, "report")
+        refuse_to_replace(output(Path(item)), force, "report", "picture")
     written = []
     for item in paths:
         path = Path(item)

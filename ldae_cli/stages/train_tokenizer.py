@@ -28,7 +28,7 @@ from ldae_cli.plots import psnr, save_grid
 from ldae_cli.logs import console
 from ldae_cli.dryrun import Plan, outline, print_config
 from ldae_cli.seeds import derived
-from ldae_cli.session import Session, load_run_config, session
+from ldae_cli.session import Session, load_run_config, refuse_force, session
 from ldae_cli.tokenizers import PCATokenizer
 
 
@@ -159,6 +159,7 @@ def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume
          force: bool = False, cont: bool = False, preview: str | None = None) -> Path | None:
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
+    refuse_force(resume, cont, force)
     cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont)
     if preview == "config":
         return print_config(cfg)
