@@ -27,7 +27,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.config import load_config
 from ldae_cli.pretrained import load_encoder
 from ldae_cli.logs import console
-from ldae_cli.rundir import refuse_to_replace, write_output
+from ldae_cli.rundir import refuse_to_replace, write_atomically, write_output
 from ldae_cli import rundir
 from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
 from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
@@ -178,7 +178,7 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
             report = loaded.to_dict()
             if s.ctx.is_main:
                 console.print(loaded.summary())
-                s.output("load_report.json").write_text(json.dumps(report, indent=1) + "\n")
+                write_atomically(s.output("load_report.json"), (json.dumps(report, indent=1) + "\n").encode())
         model.to(s.ctx.device)
         description = {"backbone": spec.to_dict(), "num_classes": len(train_split.class_names),
                        "class_names": train_split.class_names, "image_size": cfg.data.image_size,

@@ -27,6 +27,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.plots import psnr, save_grid
 from ldae_cli.logs import console
 from ldae_cli.dryrun import Plan, outline, print_config
+from ldae_cli.rundir import write_atomically
 from ldae_cli.seeds import derived
 from ldae_cli.session import Session, load_run_config, refuse_force, session
 from ldae_cli.tokenizers import PCATokenizer
@@ -103,12 +104,12 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
         report["pca_psnr"] = round(float(torch.cat(scores["pca"]).mean()), 3)
         titles.append(f"pca d={net.token_dim}")
     save_grid(shown, session.output("reconstructions.png"), upscale=max(1, 96 // eval_set.size), titles=titles)
-    session.output("report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(session.output("report.json"), (json.dumps(report, indent=2) + "\n").encode())
     line = f"held-out PSNR ({report['images']} {report['split']} images): {kind} [bold]{report['psnr']:.2f} dB[/bold]"
     if reference is not None:
         line += f", PCA p={net.patch} d={net.token_dim} {report['pca_psnr']:.2f} dB"
     console.print(line)
-    console.print(f"wrote {session.out_dir / 'reconstructions.png'} and {session.out_dir / 'report.json'}")
+    console.print(f"wrote {session.output('reconstructions.png')} and {session.output('report.json')}")
     return report
 
 
