@@ -278,13 +278,16 @@ def study(
     out: Optional[str] = typer.Option(None, "--out", help="Study directory (default: runs/study/NAME/BUDGET)."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, overrides: Optional[List[str]] = SetOpt,
     nproc: int = opt(1, "--nproc", help="GPUs per run (each run is launched with torchrun when > 1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the study's runs (each pretrain and probe, its "
+                                 "settings and seed, which are done) and the time the rest takes, timed on this "
+                                 "machine in seconds, then exit; nothing is written or trained."),
 ) -> None:
     """Run one of the paper's comparisons: every variant pretrained and probed (linear + k-NN) under one budget,
     with baselines; writes results.json, results.md and results.png. Finished runs are skipped on a re-run."""
     from ldae_cli.stages import study as stage
 
     call(stage.main, name=name, budget=budget, seeds=seeds, out=out, data=data, source=source,
-         overrides=overrides or [], nproc=nproc)
+         overrides=overrides or [], nproc=nproc, dry_run=dry_run)
 
 
 @app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -52,7 +52,10 @@ def detect(path: str | None, train_split: str = "train") -> Detected:
         else:
             notes.append(f"data: no evaluation split ({', '.join(EVAL_SPLITS)}); name one with --eval-split")
         return Detected("imagefolder", found[0] if found else None, notes)
-    kind = "archive" if root.is_file() and tarfile.is_tarfile(root) else "folder" if root.is_dir() else "image"
+    if root.is_file() and is_image(root.name) and not tarfile.is_tarfile(root):  # one image is no dataset to train on
+        raise LdaeError(f"`{path}` is a single image; --data takes a folder of images, an image tree or an archive "
+                        "(.tar/.tar.gz): put it in a folder")
+    kind = "archive" if root.is_file() and tarfile.is_tarfile(root) else "folder" if root.is_dir() else "file"
     return Detected("images", notes=[f"data: {root} is a {kind} of unlabelled images (no '{train_split}/<class>/' "
                                      "folders): training only; probes need labels, and 'evaluation' images are "
                                      "the training images"])

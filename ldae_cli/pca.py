@@ -1,9 +1,10 @@
 """The patch-wise PCA tokenizer's basis (the paper's Sec. 4.2), fitted by streaming random patches (what `ldae fit-pca` runs).
 
 Patches (p x p x 3, images in [-1, 1]) are taken at random positions of randomly chosen,
-center-cropped images and merged batch by batch into a float64 mean/covariance accumulator
-(Chan's parallel update, so no cancellation however many patches stream through). The full D x D
-eigenbasis, sorted by eigenvalue, is kept; the tokenizer keeps the first d rows.
+center-cropped images (or, when pca.patches reaches the distinct patches the images hold, every one of
+those once: more draws would only repeat them) and merged batch by batch into a float64 mean/covariance
+accumulator (Chan's parallel update, so no cancellation however many patches stream through). The full
+D x D eigenbasis, sorted by eigenvalue, is kept; the tokenizer keeps the first d rows.
 """
 
 from __future__ import annotations
@@ -101,16 +102,17 @@ def distinct_patches(n_images: int, image_size: int, settings: PCAConfig) -> int
 
 
 def oversampling(n_images: int, image_size: int, settings: PCAConfig) -> str | None:
-    """A warning when pca.patches exceeds the distinct patches the images hold (each is then drawn many times,
-    and a larger pca.patches only costs time); None otherwise."""
+    """A warning when pca.patches reaches the distinct patches the images hold (`fit` then takes each once), and
+    when they are fewer than the D dimensions of a patch (the fit is rank-deficient); None otherwise."""
     distinct = distinct_patches(n_images, image_size, settings)
     if distinct == 0 or settings.patches <= distinct:  # none at all: `fit` says why
         return None
-    ratio = settings.patches / distinct
     where = f"positions on the {settings.patch}-pixel grid" if settings.positions == "grid" else "pixel offsets"
-    return (f"drawing {settings.patches:,} patches from {distinct:,} distinct ones ({n_images:,} images x "
-            f"{distinct // n_images:,} {where}): each is seen about {ratio:,.{1 if ratio < 10 else 0}f} times; lower "
-            "--patches or add images")
+    full = settings.patch ** 2 * 3
+    rank = (f"; the fit is rank-deficient: {distinct:,} distinct patches for D = {full:,} dimensions; components "
+            f"beyond {distinct:,} are noise: add images" if distinct < full else "")
+    return (f"fitting on each of the {distinct:,} distinct patches ({n_images:,} images x {distinct // n_images:,} "
+            f"{where}) once, not on --patches {settings.patches:,}: more draws would only repeat them{rank}")
 
 
 def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error", num_workers: int = 0,
@@ -119,26 +121,39 @@ def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error",
     if dataset.size < p:
         raise LdaeError(f"pca.patch {p} is larger than the images ({dataset.size}x{dataset.size})")
     gen = torch.Generator().manual_seed(settings.seed)
-    n_images = math.ceil(settings.patches / settings.patches_per_image)
+    grid = settings.positions == "grid"
+    distinct = distinct_patches(len(dataset), dataset.size, settings)
+    every = distinct <= settings.patches  # every distinct patch once (`oversampling` says so): more only repeats them
+    total = distinct if every else settings.patches
+    n_images = len(dataset) if every else math.ceil(total / settings.patches_per_image)
     passes = math.ceil(n_images / len(dataset))
-    order = torch.cat([torch.randperm(len(dataset), generator=gen) for _ in range(passes)])[:n_images].tolist()
+    order = list(range(n_images)) if every else \
+        torch.cat([torch.randperm(len(dataset), generator=gen) for _ in range(passes)])[:n_images].tolist()
     batches = [order[i:i + settings.batch_images] for i in range(0, n_images, settings.batch_images)]
     acc = CovarianceAccumulator(p * p * 3)
     bad = BadImageCounter(on_bad_image)
-    remaining = settings.patches
+    remaining = total
     with progress_bar("patch", show_progress) as bar:
-        task = bar.add_task("fit-pca", total=settings.patches, info="")
+        task = bar.add_task("fit-pca", total=total, info="")
         for batch in make_loader(dataset, batches, num_workers):
             images = to_unit_range(bad.check(batch).images)
-            patches = random_patches(images, p, settings.patches_per_image, gen,
-                                     grid=settings.positions == "grid")[:remaining]
-            acc.update(patches)
-            remaining -= patches.shape[0]
-            bar.update(task, advance=patches.shape[0])
-    if acc.n <= p * p * 3:
+            chunks = (all_patches(image, p, grid) for image in images) if every else \
+                [random_patches(images, p, settings.patches_per_image, gen, grid=grid)[:remaining]]
+            for patches in chunks:  # every patch: an image at a time, as all its offsets may be many
+                acc.update(patches)
+                remaining -= patches.shape[0]
+                bar.update(task, advance=patches.shape[0])
+    if acc.n < min(total, p * p * 3 + 1):
         raise LdaeError(f"only {acc.n} patches could be read; PCA of {p * p * 3} dims needs more")
     eigenvalues, basis = principal_components(acc.covariance())
     return PCAFit(acc.mean, basis, eigenvalues, acc.n, dataset.skipped + bad.skipped)
+
+
+def all_patches(image: torch.Tensor, p: int, grid: bool) -> torch.Tensor:
+    """Every patch of one (C, H, W) image on the p-grid or at every pixel offset, in `patchify`'s layout."""
+    step = p if grid else 1
+    tiles = image.unfold(1, p, step).unfold(2, p, step)  # (C, rows, columns, p, p)
+    return tiles.permute(1, 2, 3, 4, 0).reshape(-1, p * p * image.shape[0])
 
 
 def save_fit(result: PCAFit, out: Path, settings: PCAConfig, config: dict, image_size: int, dataset: str) -> Path:

@@ -439,3 +439,37 @@ def test_a_cached_dataset_flips_exactly_like_an_uncached_one(image_tree):
     assert cached.cached is not None and fresh.cached is None
     for key in [(i, seed) for i in range(len(fresh)) for seed in (0, 1, 2, 3)]:
         assert torch.equal(cached[key][0], fresh[key][0]), key
+
+
+# --- one image is no training data ----------------------------------------------------------------
+
+SINGLE_IMAGE = {  # a training stage given --data IMAGE, where `data.source: auto` looks at what --data is
+    "pretrain": lambda world: ["pretrain", "--config", "final.yaml"],
+    "fit-pca": lambda world: ["fit-pca"],
+    "probe": lambda world: ["probe", "--ckpt", str(world.ckpt)],
+    "finetune": lambda world: ["finetune", "--ckpt", str(world.ckpt)],
+    "train-tokenizer": lambda world: ["train-tokenizer", "--config", "tokenizer/conv-vae"],
+}
+
+
+@pytest.mark.parametrize("stage", SINGLE_IMAGE)
+def test_one_image_as_training_data_is_refused_with_the_fix(stage, world, run_main, tmp_path):
+    from conftest import one_line, snapshot, unchanged
+
+    image = tmp_path / "img.png"
+    image.write_bytes((world.images / "train" / "a" / "0.png").read_bytes())
+    before = snapshot(tmp_path, world.root)
+    res = run_main(*SINGLE_IMAGE[stage](world), "--data", str(image))
+    one_line(res, 1, f"`{image}` is a single image; --data takes a folder of images, an image tree or an archive "
+                     "(.tar/.tar.gz): put it in a folder")
+    unchanged(before)
+    assert set(snapshot(tmp_path, world.root)) == set(before)  # nothing written either
+
+
+def test_denoise_still_takes_one_image(world, run_main, tmp_path):
+    image = tmp_path / "img.png"
+    image.write_bytes((world.images / "val" / "a" / "0.png").read_bytes())
+    res = run_main("denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "panel.png"), "--device",
+                   "cpu")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "panel.png").stat().st_size > 0

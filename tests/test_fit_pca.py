@@ -200,7 +200,7 @@ def test_fit_pca_cli_on_a_tiny_imagefolder(cli, image_tree, tmp_path):
     assert "variance explained by d = 8 of 48 components" in res.stdout
     shown = float(res.stdout.split("components:")[1].split("%")[0])
     ck = load_checkpoint(out, "pca")
-    assert ck.extra["patch"] == 4 and ck.extra["dim"] == 8 and ck.extra["n_patches"] == 3000
+    assert ck.extra["patch"] == 4 and ck.extra["dim"] == 8 and ck.extra["n_patches"] == 192  # all 12 x 16, once
     assert ck.extra["image_size"] == 16 and ck.extra["dataset"] == "imagefolder"
     assert abs(100 * ck.extra["variance_explained"] - shown) < 0.01
     t = ck.section("pca")
@@ -341,3 +341,50 @@ def test_cifar10_pca_reconstruction_within_one_percent_of_exact(tmp_path, capsys
               f"({100 * rel:+.3f}%), {time.time() - t0:.1f} s")
     assert err_ours > 0 and err_exact > 0
     assert abs(rel) <= 0.01
+
+
+# --- no more patches than the images hold ---------------------------------------------------------
+
+OVERSAMPLING = [  # images, image size, patch, pca.patches -> what `fit-pca` says before it fits (None: nothing)
+    (10, 64, 16, 1_000_000, "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel "
+                            "grid) once, not on --patches 1,000,000: more draws would only repeat them; the fit is "
+                            "rank-deficient: 160 distinct patches for D = 768 dimensions; components beyond 160 are "
+                            "noise: add images"),
+    (100, 16, 4, 3000, "fitting on each of the 1,600 distinct patches (100 images x 16 positions on the 4-pixel grid) "
+                       "once, not on --patches 3,000: more draws would only repeat them"),  # D = 48: full rank
+    (100, 16, 4, 1600, None),  # exactly the distinct ones
+    (1000, 64, 16, 10_000, None),  # 16,000 distinct: random draws, full rank
+]
+
+
+@pytest.mark.parametrize("images, size, patch, patches, said", OVERSAMPLING)
+def test_the_warning_says_each_distinct_patch_is_taken_once_and_when_the_fit_is_rank_deficient(images, size, patch,
+                                                                                                patches, said):
+    from ldae_cli.pca import PCAConfig, oversampling
+
+    assert oversampling(images, size, PCAConfig(patch=patch, patches=patches)) == said
+
+
+def test_fit_pca_stops_at_the_distinct_patches_and_says_the_fit_is_rank_deficient(run_main, tmp_path):
+    from conftest import write_image_tree
+
+    tree = write_image_tree(tmp_path / "tree", classes=("a", "b"), per_class=5, size=(64, 64), splits=("train",))
+    out = tmp_path / "pca.safetensors"
+    started = time.perf_counter()
+    res = run_main("fit-pca", "--source", "imagefolder", "--data", tree, "--patch", "16", "--dim", "8",
+                   "--image-size", "64", "--out", out, "--set", "data.num_workers=0")  # --patches 1,000,000
+    assert res.returncode == 0, res.stderr
+    assert time.perf_counter() - started < 20  # 160 patches, not a million
+    said = " ".join(res.stdout.split())
+    assert "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel grid) once, not on " \
+           "--patches 1,000,000" in said and "the fit is rank-deficient: 160 distinct patches for D = 768 " \
+           "dimensions; components beyond 160 are noise" in said
+    ck = load_checkpoint(out, "pca")
+    assert ck.extra["n_patches"] == 160
+    # the exact PCA of the 160 grid patches: their mean, and no variance beyond the 159 directions they span
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                          for p in sorted((tree / "train").rglob("*.png"))]).double() / 127.5 - 1
+    patches = patchify(images, 16).reshape(-1, 768)
+    torch.testing.assert_close(ck.tensors["pca.mean"], patches.mean(0), rtol=0, atol=1e-6)  # fp32 pixels
+    eigenvalues = ck.tensors["pca.eigenvalues"]
+    assert eigenvalues[158] > 1e-4 and eigenvalues[159:].abs().max() < 1e-9

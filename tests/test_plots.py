@@ -120,8 +120,8 @@ def test_distinct_patches_on_the_grid_and_at_every_offset():
     assert oversampling(10, 16, PCAConfig(patch=32)) is None
     assert oversampling(100, 16, PCAConfig(patch=4, patches=1600)) is None
     assert oversampling(100, 16, PCAConfig(patch=4, patches=1_000_000)) == (
-        "drawing 1,000,000 patches from 1,600 distinct ones (100 images x 16 positions on the 4-pixel grid): each "
-        "is seen about 625 times; lower --patches or add images")
+        "fitting on each of the 1,600 distinct patches (100 images x 16 positions on the 4-pixel grid) once, not on "
+        "--patches 1,000,000: more draws would only repeat them")
 
 
 def test_fit_pca_warns_when_it_oversamples_and_draws_the_spectrum(run_main, image_tree, tmp_path):
@@ -131,8 +131,8 @@ def test_fit_pca_warns_when_it_oversamples_and_draws_the_spectrum(run_main, imag
     res = run_main(*args, "--patches", "3000", "--out", out)
     assert res.returncode == 0, res.stderr
     # 12 training images x 16 grid positions
-    assert "warning: drawing 3,000 patches from 192 distinct ones (12 images x 16 positions on the 4-pixel " \
-           "grid): each is seen about 16 times; lower --patches or add images" in " ".join(res.stdout.split())
+    assert "warning: fitting on each of the 192 distinct patches (12 images x 16 positions on the 4-pixel grid) " \
+           "once, not on --patches 3,000" in " ".join(res.stdout.split())
     with Image.open(tmp_path / "pca.filters.png") as im:
         assert im.width > 1000  # grid + spectrum panel
     quiet = run_main(*args, "--patches", "150", "--out", tmp_path / "b.safetensors")

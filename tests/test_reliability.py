@@ -433,7 +433,8 @@ def test_a_signal_during_training_saves_and_says_so_in_one_line(sig, code, name,
 
 def test_sigterm_before_training_says_nothing_was_saved(world, tmp_path):
     run = tmp_path / "run"
-    proc = _cli(*pretrain_args(world, run, **{"tokenizer.fit_patches": 50_000_000}))
+    # a PCA fit of D = 3072 takes seconds (more patches than the images hold would not: each is taken once)
+    proc = _cli(*pretrain_args(world, run, **{"tokenizer.patch": 32, "data.image_size": 512}))
     _wait_for(run / ".ldae.lock")
     time.sleep(1.0)  # inside the PCA fit
     proc.send_signal(signal.SIGTERM)

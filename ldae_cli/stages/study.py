@@ -38,7 +38,7 @@ def reproduce(argv: list[str]) -> str:
 
 
 def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, source: str | None,
-         overrides: list[str], nproc: int = 1) -> list[Path]:
+         overrides: list[str], nproc: int = 1, dry_run: bool = False) -> list[Path]:
     if seeds < 1 or nproc < 1:
         raise LdaeError(f"--seeds and --nproc must be at least 1, got {seeds} and {nproc}")
     spec = load("study", name, StudyConfig)
@@ -51,6 +51,9 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
     run_dir = Path(out) if out else RUNS / "study" / spec.name / plan_budget.name
     command = reproduce(sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
     plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra)
+    if dry_run:
+        runner.dry_run(plan, nproc)
+        return []
     written: list[Path] = []
 
     def publish(complete: int) -> None:  # the page of the seeds complete so far, rewritten as more complete

@@ -18,18 +18,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ldae_cli.checkpoint import read_metadata
+from ldae_cli.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.distributed import resolve_device
+from ldae_cli.dryrun import seconds_per_image
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.logs import console
+from ldae_cli.models import build_model
 from ldae_cli.rundir import CHECKPOINT
+from ldae_cli.stages.pretrain import stand_in, synthetic_step
 from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, RunSections, StudyConfig, Variant,
                                    check_rows, depth_variants, resolve, slug, survey, total_steps)
+from ldae_cli.tokenizers import load_tokenizer
 
 TIMINGS = "timings.json"
 
 
+def settings_of(overrides: dict[str, Any]) -> list[str]:
+    """KEY=VALUE, values as JSON, which the config loader reads back as the same YAML values."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
 def as_sets(overrides: dict[str, Any]) -> list[str]:
-    """`--set` arguments; values as JSON, which the config loader reads back as the same YAML values."""
-    return [a for key, value in overrides.items() for a in ("--set", f"{key}={json.dumps(value)}")]
+    """`--set` arguments."""
+    return [a for setting in settings_of(overrides) for a in ("--set", setting)]
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Run:
     steps: int = 0  # a pretrain's optimizer steps
     batch: int = 0  # and its global batch
     speed: str = ""  # pretrains with the same speed key run at the same speed (model, tokens, batch)
+    own: list[str] = field(default_factory=list)  # its settings beyond the budget's (what --dry-run lists)
 
     def finished(self) -> bool:
         if self.kind == "probe":
@@ -76,6 +88,7 @@ class Plan:
     seeds: int
     out: Path
     pretrains: dict[str, Run]  # by the hash of (config, overrides)
+    settings: dict[str, RunSections]  # their resolved settings, by the same hash
     facts: dict[tuple, DataFacts]
     rows: list[Row]
     reference: str
@@ -110,7 +123,7 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
                 settings[key] = resolve(config, overrides)
                 pretrains[key] = Run("pretrain", out / "pretrain" / f"{slug(variant.name)}-s{seed}",
                                      ["pretrain", "--config", config, *as_sets(overrides)],
-                                     f"{variant.name}, seed {seed}")
+                                     f"{variant.name}, seed {seed}", own=[config, *settings_of(variant.set)])
             row.pretrains[seed] = pretrains[key]
             probe = {**budget.probe, **variant.probe_set, "run.seed": seed}
             row.probes[seed] = probe_run(budget, out, variant.name, seed, pretrains[key], probe)
@@ -132,14 +145,16 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         run.steps, run.batch = total_steps(s, facts), s.optim.batch_size
         run.speed = f"{width} {encoder}+{decoder} {heads} {(s.data.image_size // s.tokenizer.patch) ** 2} " \
                     f"{s.optim.batch_size}"
-    return Plan(study, budget, seeds, out, pretrains, facts, rows, reference)
+    return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference)
 
 
 def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
               flags: list[str] = ()) -> Run:
+    own = {key: value for key, value in overrides.items() if key != "run.seed" and budget.probe.get(key) != value}
     return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
                ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
-                *as_sets(overrides)], f"{name}, seed {seed}")
+                *as_sets(overrides)], f"{name}, seed {seed}",
+               own=[f"of {pretrain.out.relative_to(out)}", *flags, *settings_of(own)])
 
 
 class Timings:
@@ -167,30 +182,83 @@ class Timings:
         return sum(done) / len(done) if done else None
 
 
-def estimate(plan: Plan, timings: Timings) -> str:
+def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] | None = None) -> str:
     """What is left to run and how long it takes: each pretrain's remaining steps at the speed this study measured
-    for its model (the budget's images per second until it has), each probe at its measured mean (or the budget's)."""
+    for its model, else at the seconds per step `timed` now on this machine (--dry-run), else at the budget's images
+    per second; each probe at its measured mean (or the budget's)."""
+    timed = timed or {}
     pretrains = [r for r in plan.pretrains.values() if not r.finished()]
     probes = [r for row in plan.rows for r in row.probes.values() if not r.finished()]
-    seconds, measured = 0.0, set()
+    seconds, sources, now = 0.0, set(), set()  # where the speeds came from; the speeds timed now, in words
     budget = plan.budget
     for run in pretrains:
-        rate = timings.seconds_per_step(run.speed)
-        measured.add(rate is not None)
-        seconds += (run.steps - run.done_steps()) * (rate or run.batch / budget.images_per_second)
+        rate, source = timings.seconds_per_step(run.speed), "study"
+        if rate is None and run.speed in timed:
+            (rate, speed), source = timed[run.speed], "now"
+            now.add(speed)
+        elif rate is None:
+            rate, source = run.batch / budget.images_per_second, "budget"
+        sources.add(source)
+        seconds += (run.steps - run.done_steps()) * rate
+    rest = " where this study has measured none" if "study" in sources else ""
+    how = [text for source, text in (
+        ("study", "pretrains at the speed this study measured"),
+        ("now", f"pretrains at {', '.join(sorted(now))}, the training step alone, timed now{rest}: data loading, "
+                "the PCA fit, online probes, checkpoints and process starts come on top"),
+        ("budget", f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s{rest}"))
+        if source in sources]
     probe_s = timings.probe_seconds()
     seconds += len(probes) * (probe_s or 60 * budget.probe_minutes)
-    if not measured:
-        how = []
-    elif measured == {True}:
-        how = ["pretrains at the speed this study measured"]
-    else:
-        how = [f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s"
-               + (" where this study has measured none" if True in measured else "")]
     how.append(f"probes {probe_s / 60:.1f} min as measured" if probe_s else
                f"probes {budget.probe_minutes:g} min, the budget's figure")
     return (f"{len(pretrains)} pretrain run(s) and {len(probes)} probe(s) to go of {len(plan.pretrains)} and "
             f"{sum(len(r.probes) for r in plan.rows)}; about {seconds / 60:.0f} min ({'; '.join(how)})")
+
+
+TIMING_SECONDS = 2.0  # the longest a --dry-run spends timing one model's steps, roughly
+
+
+def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[float, str]]:
+    """Seconds per step of each model still to pretrain that this study has not timed yet, timed on this machine now:
+    optimizer steps of its network on synthetic images, as many as its batch where that stays within TIMING_SECONDS
+    (and its speed, in words)."""
+    timed = {}
+    for key, run in plan.pretrains.items():
+        if run.speed in timed or timings.seconds_per_step(run.speed) is not None or run.finished():
+            continue
+        s = plan.settings[key]
+        tokenizer = stand_in(s.tokenizer) if s.tokenizer.kind == "pca" and not s.tokenizer.path else \
+            load_tokenizer(s.tokenizer)[0]
+        denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.image_size)
+        model = build_model(s.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid)
+        device, micro, sample = resolve_device(s.run.device), run.batch // nproc, 1
+        while True:  # 1, 16, 256, ... images, up to the batch of one GPU, while 4 steps take under TIMING_SECONDS
+            per_image = seconds_per_image(synthetic_step(s, denoiser, model, sample, device), sample)
+            larger = min(sample * 16, micro)
+            if larger <= sample or 4 * per_image * larger > TIMING_SECONDS:
+                break
+            sample = larger
+        timed[run.speed] = (per_image * run.batch / nproc, f"{1 / per_image:,.0f} img/s per device ({sample} "
+                                                              f"synthetic images on {device})")
+    return timed
+
+
+def dry_run(plan: Plan, nproc: int) -> None:
+    """`ldae study --dry-run`: every run, what its folder holds, and the time the rest takes; nothing is written."""
+    runs = [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
+    budget = plan.budget
+    console.print(f"study {plan.study.name}, budget {budget.name}, {plan.seeds} seed(s) in {plan.out}: {len(runs)} "
+                  "runs (--dry-run: nothing is written or trained)", soft_wrap=True)
+    console.print(f"every pretrain: {' '.join(settings_of(budget.pretrain))}\nevery probe: {budget.probe_config} "
+                  f"{' '.join(settings_of(budget.probe))}", soft_wrap=True, markup=False)
+    for index, run in enumerate(runs, 1):
+        steps = run.done_steps()
+        state = "done" if run.finished() else f"to continue from step {steps:,}" if steps else "to run"
+        size = [f"{run.steps:,} steps of {run.batch:,} images"] if run.kind == "pretrain" else []
+        console.print(f"{index}/{len(runs)} {run.kind} {run.label}: {state} ({', '.join([*run.own, *size])}) -> "
+                      f"{run.out.relative_to(plan.out)}", soft_wrap=True)
+    timings = Timings(plan.out)
+    console.print(f"time: {estimate(plan, timings, time_steps(plan, nproc, timings))}", soft_wrap=True)
 
 
 def wait_for(proc: subprocess.Popen) -> tuple[int, KeyboardInterrupt | None]:

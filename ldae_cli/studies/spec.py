@@ -16,6 +16,7 @@ from ldae_cli.distributed import DistContext
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig
 from ldae_cli.optim import OptimConfig, plan_steps
+from ldae_cli.session import RunConfig
 from ldae_cli.sources import median_short_side, open_source, resolve_path
 from ldae_cli.tokenizers import TokenizerConfig
 
@@ -77,18 +78,19 @@ class BudgetConfig:
 
 
 SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "optim": OptimConfig}
+            "optim": OptimConfig, "run": RunConfig}
 
 
 @dataclass
 class RunSections:
-    """The sections of a pretrain run's config that a study reads."""
+    """The sections of a pretrain run's config that a study reads (and times a step of: --dry-run)."""
 
     data: DataConfig
     tokenizer: TokenizerConfig
     model: ModelConfig
     diffusion: DiffusionConfig
     optim: OptimConfig
+    run: RunConfig
 
 
 def resolve(config: str, overrides: dict[str, Any]) -> RunSections:
