@@ -21,7 +21,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from ldae_cli.errors import LdaeError
-from ldae_cli.rundir import write_atomically
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -256,11 +255,6 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def save_resolved(cfg: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, dump_yaml(cfg).encode())
 
 
 def require(section: str, rule: str, ok, **values) -> None:

@@ -26,7 +26,7 @@ from ldae_cli.errors import LdaeError, short
 from ldae_cli.logs import console
 from ldae_cli.discovery import detect, eval_split_of
 from ldae_cli.seeds import flip, subset_generator
-from ldae_cli.sources import ImageSource, decode, median_short_side, open_source, resolve_path
+from ldae_cli.sources import ImageSource, decode, open_source, resolve_path
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -436,3 +436,18 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
 # ---------------------------------------------------------------------------------------------
 
 
+def median_short_side(source: ImageSource, count: int = 64, seed: int = 0) -> int | None:
+    """The median short side of a seeded sample of `count` images (their native resolution: training above it
+    upsamples); None when none of them can be read."""
+    picks = random.Random(seed).sample(range(len(source)), min(count, len(source)))
+    sides = []
+    for i in picks:
+        stored = getattr(source, "stored_size", None)
+        if stored is not None:
+            return int(stored)
+        try:
+            with source.open(i) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # unreadable images are skipped or named where the data is read
+    return int(np.median(sides)) if sides else None

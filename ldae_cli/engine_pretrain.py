@@ -32,7 +32,7 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig
 from ldae_cli.online_probe import OnlineProbeConfig
 from ldae_cli.optim import OptimConfig
-from ldae_cli.tokenizers import TokenizerConfig
+from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
 from ldae_cli.distributed import amp_dtype
@@ -163,3 +163,30 @@ def train(session: Session[PretrainConfig], denoiser: Denoiser, model: nn.Module
         console.print(f"online probe: {online.count} x {online.images} images, {online.seconds:.1f} s "
                       f"({100 * online.seconds / (time.time() - started):.1f}% of this run's time)")
     return finished
+
+
+def stand_in(tc: TokenizerConfig) -> PCATokenizer:
+    """A PCA tokenizer of the configured shape, to time steps with before the real one is fitted."""
+    full = tc.patch ** 2 * 3
+    basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
+    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or 16, tc.latent_scale,
+                        tc.scale_dim)
+
+
+def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, device) -> Callable[[], None]:
+    """One optimizer step of the real objective on `batch` random images: what --dry-run times."""
+    model.to(device)
+    denoiser.to(device)
+    denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
+    objective = PretrainObjective(denoiser, model)
+    optimizer = make_adamw(model.parameters(), cfg.optim, device)
+    size = cfg.data.image_size
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def step() -> None:
+        noise = draw_step_noise(denoiser, cfg.run.seed, 0, batch, 0.0, device)
+        objective(images, noise.t, noise.eps, labels, noise.drop).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldae_cli.data import to_uint8
-from ldae_cli.rundir import write_output
+from ldae_cli.outputs import write_output
 
 
 def _to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:

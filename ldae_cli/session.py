@@ -20,7 +20,7 @@ import yaml
 
 from ldae_cli import rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
-from ldae_cli.config import load_config, save_resolved, to_dict
+from ldae_cli.config import dump_yaml, load_config, to_dict
 from ldae_cli.data import DataConfig
 from ldae_cli.discovery import detect
 from ldae_cli.distributed import DistContext, init, shutdown
@@ -336,7 +336,7 @@ def session(command: str, kind: str, cfg: C, name: str | None, resume: Checkpoin
                 console.print(f"removed {len(litter)} temp file(s) an interrupted save left in {out_dir}")
         s = Session(command, kind, cfg, ctx, out_dir, resume, manifest)
         if ctx.is_main and (resume is None or not (out_dir / rundir.CONFIG).exists()):  # a resume keeps its start's
-            save_resolved(cfg, s.output(rundir.CONFIG))
+            rundir.write_atomically(s.output(rundir.CONFIG), dump_yaml(cfg).encode())
         note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir} (continue with `ldae {command} "
                   f"--resume {out_dir}`)" if resume is not None else None)
         yield s

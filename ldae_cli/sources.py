@@ -488,22 +488,3 @@ def download_fashion_mnist() -> Path:
     FashionMNIST(str(CACHE_HOME), train=True, download=True)
     FashionMNIST(str(CACHE_HOME), train=False, download=True)
     return CACHE_HOME / "FashionMNIST" / "raw"
-
-
-def median_short_side(source: ImageSource, count: int = 64, seed: int = 0) -> int | None:
-    """The median short side of a seeded sample of `count` images (their native resolution: training above it
-    upsamples); None when none of them can be read."""
-    import random
-
-    picks = random.Random(seed).sample(range(len(source)), min(count, len(source)))
-    sides = []
-    for i in picks:
-        stored = getattr(source, "stored_size", None)
-        if stored is not None:
-            return int(stored)
-        try:
-            with source.open(i) as img:
-                sides.append(min(img.size))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue  # unreadable images are skipped or named where the data is read
-    return int(np.median(sides)) if sides else None

@@ -8,8 +8,8 @@ from typing import Literal, Optional
 
 import pytest
 
-from ldae_cli.config import (BUNDLED_CONFIGS, config_from_dict, find_config, load_config, parse_override,
-                             save_resolved, to_dict)
+from ldae_cli.config import (BUNDLED_CONFIGS, config_from_dict, dump_yaml, find_config, load_config, parse_override,
+                             to_dict)
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages.fit_pca import FitPCAConfig
 
@@ -248,7 +248,7 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(FitPCAConfig, "fmnist-pca", ["data.crop_scale=[0.5, 1.0]", "out=x.safetensors"])
-    save_resolved(cfg, tmp_path / "resolved.yaml")
+    (tmp_path / "resolved.yaml").write_text(dump_yaml(cfg))
     again = load_config(FitPCAConfig, tmp_path / "resolved.yaml")
     assert again == cfg
     assert config_from_dict(FitPCAConfig, to_dict(cfg)) == cfg

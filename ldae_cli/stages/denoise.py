@@ -22,7 +22,8 @@ from ldae_cli.pretrained import Pretrained, check_sigma, load_pretrained
 from ldae_cli.logs import console
 from ldae_cli.checkpoint import read_metadata
 from ldae_cli.seeds import pixel_noise_seed
-from ldae_cli.rundir import CHECKPOINT, RUNS, refuse_to_replace
+from ldae_cli.outputs import refuse_to_replace
+from ldae_cli.rundir import CHECKPOINT, RUNS
 
 BATCH = 16
 

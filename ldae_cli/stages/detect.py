@@ -27,7 +27,8 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.config import load_config
 from ldae_cli.pretrained import load_encoder
 from ldae_cli.logs import console
-from ldae_cli.rundir import refuse_to_replace, write_atomically, write_output
+from ldae_cli.outputs import refuse_to_replace, write_output
+from ldae_cli.rundir import write_atomically
 from ldae_cli import rundir
 from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
 from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \

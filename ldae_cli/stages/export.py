@@ -2,14 +2,14 @@
 timm loads with `create_model("local-dir:DIR", pretrained=True)` (see pretrained.export_encoder / export_timm).
 
 An export never eats its input, a run or a user's file: --out may not be the checkpoint read, a file of a run, or any
-file but an earlier export (rundir.refuse_to_replace); `--format timm --force` replaces only a folder `ldae export`
+file but an earlier export (outputs.refuse_to_replace); `--format timm --force` replaces only a folder `ldae export`
 wrote (its marker lists its files)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ldae_cli import rundir
+from ldae_cli import outputs, rundir
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import TIMM_EXPORT_FILES, export_encoder, export_timm
 
@@ -21,7 +21,7 @@ def main(ckpt: str, out: str, t: int, depth: int | None, ema: bool | None, force
         return export_folder(ckpt, target, t, depth, ema, force)
     if form != "ldae":
         raise LdaeError(f"--format must be 'ldae' (one .safetensors checkpoint) or 'timm' (a folder), got {form!r}")
-    rundir.refuse_to_replace(target, force, "exported encoder", "encoder", inputs=(Path(ckpt),))
+    outputs.refuse_to_replace(target, force, "exported encoder", "encoder", inputs=(Path(ckpt),))
     return export_encoder(ckpt, out, t, depth, ema)
 
 

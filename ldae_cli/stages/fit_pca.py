@@ -11,7 +11,8 @@ from ldae_cli.config import dump_yaml, load_config, to_dict
 from ldae_cli.data import DataConfig, build_dataset
 from ldae_cli.plots import save_filters
 from ldae_cli.logs import console
-from ldae_cli.rundir import RUNS, refuse_to_replace, remove_temp_files, write_output
+from ldae_cli.outputs import refuse_to_replace, write_output
+from ldae_cli.rundir import RUNS, remove_temp_files
 from ldae_cli.sources import resolve_path
 
 

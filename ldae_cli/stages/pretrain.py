@@ -19,14 +19,14 @@ from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
 from ldae_cli.online_probe import OnlineProbe, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_model
-from ldae_cli.optim import make_adamw, plan_steps
+from ldae_cli.optim import plan_steps
 from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
 from ldae_cli.logs import console
 from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
     refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
 from ldae_cli.discovery import check_splits
-from ldae_cli.tokenizers import PCATokenizer, Tokenizer, TokenizerConfig, build_tokenizer, load_tokenizer
+from ldae_cli.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
@@ -211,7 +211,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
     elif cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
         tokenizer, _ = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = stand_in(cfg.tokenizer)
+        tokenizer = engine_pretrain.stand_in(cfg.tokenizer)
         notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
                      "timed)")
         settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
@@ -224,36 +224,9 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
     params = sum(p.numel() for p in model.parameters())
     device = resolve_device(cfg.run.device)
     sample = min(o.micro, 8)
-    step = synthetic_step(cfg, denoiser, model, sample, device)
+    step = engine_pretrain.synthetic_step(cfg, denoiser, model, sample, device)
     return o.plan("pretrain", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
                   f"on {device}, without data loading, online probe or checkpoints", notes)
-
-
-def stand_in(tc: TokenizerConfig) -> PCATokenizer:
-    """A PCA tokenizer of the configured shape, to time steps with before the real one is fitted."""
-    full = tc.patch ** 2 * 3
-    basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
-    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or 16, tc.latent_scale,
-                        tc.scale_dim)
-
-
-def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, device) -> Callable[[], None]:
-    """One optimizer step of the real objective on `batch` random images: what --dry-run times."""
-    model.to(device)
-    denoiser.to(device)
-    denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
-    objective = engine_pretrain.PretrainObjective(denoiser, model)
-    optimizer = make_adamw(model.parameters(), cfg.optim, device)
-    size = cfg.data.image_size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    labels = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def step() -> None:
-        noise = engine_pretrain.draw_step_noise(denoiser, cfg.run.seed, 0, batch, 0.0, device)
-        objective(images, noise.t, noise.eps, labels, noise.drop).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False,

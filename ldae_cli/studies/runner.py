@@ -25,7 +25,7 @@ from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.logs import console
 from ldae_cli.models import build_model
 from ldae_cli.rundir import CHECKPOINT
-from ldae_cli.stages.pretrain import stand_in, synthetic_step
+from ldae_cli.engine_pretrain import stand_in, synthetic_step
 from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, RunSections, StudyConfig, Variant,
                                    check_rows, depth_variants, resolve, slug, survey, total_steps)
 from ldae_cli.tokenizers import load_tokenizer

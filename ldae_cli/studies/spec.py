@@ -17,7 +17,8 @@ from ldae_cli.errors import LdaeError
 from ldae_cli.models import ModelConfig
 from ldae_cli.optim import OptimConfig, plan_steps
 from ldae_cli.session import RunConfig
-from ldae_cli.sources import median_short_side, open_source, resolve_path
+from ldae_cli.data import median_short_side
+from ldae_cli.sources import open_source, resolve_path
 from ldae_cli.tokenizers import TokenizerConfig
 
 Baseline = Literal["random-init", "pixels"]
