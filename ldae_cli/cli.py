@@ -172,17 +172,27 @@ def pretrain(
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from this pretrain "
                                             "checkpoint's weights (its config is the base; network and tokenizer "
                                             "stay, optimizer, schedule, epochs, data and objective may change)."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Size a new run to --data and this time: 30m, 2h, "
+                                         "1d at this machine's measured speed, or 8xH100:12h for N GPUs (image "
+                                         "size, patch, d, model, batch, epochs, online probe; sizes --config when "
+                                         "given, else final.yaml; --print-config shows it)."),
     print_config: bool = PrintConfigOpt, dry_run: bool = DryRunOpt,
 ) -> None:
     """Pretrain a DiT-style denoising model: any row of the deconstruction trajectory, l-DAE by default.
 
     Launch on several GPUs or nodes with `torchrun --nproc-per-node N -m ldae_cli pretrain ...`.
     """
+    flags = {**data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device}
+    if config is not None and resume is None and init_from is None and budget is None:
+        # a new run's config read as the stage reads it, before the stage loads torch: its errors come in a second
+        from ldae_cli.config import load_config
+        from ldae_cli.settings import PretrainConfig
+
+        load_config(PretrainConfig, config, overrides or [], flags)
     from ldae_cli.stages import pretrain as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, force=force, cont=cont,
-         init_from=init_from, preview=preview(print_config, dry_run), flags={
-             **data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device})
+         init_from=init_from, budget=budget, preview=preview(print_config, dry_run), flags=flags)
 
 
 @app.command("probe")

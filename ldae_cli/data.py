@@ -14,88 +14,21 @@ import math
 import os
 import random
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldae_cli.config import require
+from ldae_cli.settings import DataConfig
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.logs import console
-from ldae_cli.discovery import detect, eval_split_of
 from ldae_cli.seeds import flip, subset_generator
-from ldae_cli.sources import ImageSource, decode, open_source, resolve_path
+from ldae_cli.sources import ImageSource, decode, open_source
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-Source = Literal["auto", "fashion-mnist", "cifar10", "imagefolder", "images"]
-
-
-@dataclass
-class DataConfig:
-    # auto: what data.path holds (a prepared dataset, IDX files, a class tree, a folder or archive of images; no
-    # path: the default Fashion-MNIST), detected when a run starts and stored in its config as the kind found
-    source: Source = "auto"
-    path: Optional[str] = None  # None: the source's default location (see `default_locations`)
-    train_split: str = "train"
-    # None: 'test' for fashion-mnist/cifar10; for a class tree the first of val, validation, test it has
-    eval_split: Optional[str] = None
-    image_size: int = 32
-    crop: Literal["center", "random-resized"] = "center"
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    hflip: bool = False
-    on_bad_image: Literal["error", "skip"] = "error"
-    # where training images are decoded: PIL in DataLoader workers, or batched on the training device
-    # (torchvision's decode_jpeg: nvjpeg on CUDA), center crop and antialiased bicubic resize there too
-    decode: Literal["pil", "gpu"] = "pil"
-    num_workers: int = 2
-    cache: Literal["auto", "always", "never"] = "auto"  # decoded images kept in RAM when crops are fixed
-    verify: bool = True  # a prepared dataset: check every file's sha256 when the split is opened
-    limit: Optional[int] = None  # use a seeded random subset of this many images per split
-
-    def validate(self) -> None:
-        if self.image_size < 2:
-            raise LdaeError(f"data.image_size: must be at least 2, got {self.image_size}")
-        require("data", ">= 0", lambda v: v >= 0, num_workers=self.num_workers)
-        if len(self.crop_scale) != 2 or not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
-            raise LdaeError(f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
-        if self.limit is not None and self.limit < 1:
-            raise LdaeError(f"data.limit: must be a positive number of images or null, got {self.limit}")
-        if self.decode == "gpu" and self.crop != "center":
-            raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
-                            "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
-
-    def resolve(self) -> list[str]:
-        """Settle what a new run reads, before any work: the source kind (auto), a class tree's evaluation split,
-        DataLoader workers capped to the machine's cores. Returns what to tell the user."""
-        notes = []
-        if self.source == "auto":
-            found = detect(self.path, self.train_split)
-            self.source, notes = found.source, found.notes
-            if self.eval_split is None:
-                self.eval_split = found.eval_split
-        elif self.source == "imagefolder" and self.eval_split is None:
-            try:
-                found = eval_split_of(resolve_path(self))
-            except LdaeError:
-                found = None  # a missing dataset is reported, with its fix, where it is opened
-            if found is not None and found.eval_split is not None:
-                self.eval_split, notes = found.eval_split, found.notes
-        cores = os.cpu_count() or 1
-        if self.num_workers > cores:
-            notes.append(f"data: {self.num_workers} DataLoader workers capped to this machine's {cores} cores")
-            self.num_workers = cores
-        return notes
-
-    def split_name(self, split: str) -> str:
-        if split == "train":
-            return self.train_split
-        if self.eval_split is not None:
-            return self.eval_split
-        return "val" if self.source == "imagefolder" else "test"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +186,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def name(self, i: int) -> str:
         return self.source.names[self._raw(i)]
 
+    def identity(self) -> str:
+        return identity_of(self.source, len(self))
+
     def __getitem__(self, key):
         i, aug_seed = key if isinstance(key, tuple) else (key, 0)
         if self.encoded:
@@ -309,6 +245,13 @@ class ImageDataset(torch.utils.data.Dataset):
         self.skipped = counter.skipped
         chunks = [c for c in chunks if c.shape[0]]
         self.cached = torch.cat(chunks) if chunks else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+
+
+def identity_of(source: ImageSource, images: int) -> str:
+    """What a dataset of `images` of the source's images reads: the source's identity (sources.py), and how many when
+    data.limit took a subset (what a PCA file records of the data it was fitted on)."""
+    whole = source.identity()
+    return whole if images == len(source) else f"{whole}, {images} of them"
 
 
 def raise_bad(bad: list[BadImage]) -> None:
@@ -388,18 +331,49 @@ class BadImageCounter:
 _warned_upsampling: set = set()
 
 
-def warn_upsampling(cfg: DataConfig, source: ImageSource, size: int) -> None:
-    """Say it out loud (once per dataset and size) when data.image_size is above the images' own resolution: every
-    image is then upsampled, and its patches carry fewer dimensions than p*p*3."""
+def upsampling(cfg: DataConfig, source: ImageSource, size: int) -> str | None:
+    """The warning (said once per dataset and size) when `size` is above the images' own resolution: every image is
+    then upsampled, and its patches carry fewer dimensions than p*p*3."""
     key = (cfg.source, str(cfg.path), size)
     if key in _warned_upsampling:
-        return
+        return None
     _warned_upsampling.add(key)
     native = median_short_side(source)
-    if native is not None and size > native:
-        console.print(f"[yellow]warning:[/yellow] data.image_size {size} is above the images' own resolution (median "
-                      f"short side {native} over a sample of {min(64, len(source))}): every image is upsampled "
-                      f"{size / native:.3g}x; set data.image_size={native} to train at native resolution")
+    if native is None or size <= native:
+        return None
+    return (f"[yellow]warning:[/yellow] data.image_size {size} is above the images' own resolution (median short side "
+            f"{native} over a sample of {min(64, len(source))}): every image is upsampled {size / native:.3g}x; set "
+            f"data.image_size=null to train at native resolution")
+
+
+def native_image_size(data: DataConfig, patch: int) -> tuple[int, str]:
+    """The data's native image size for images cut in `patch`-pixel patches: the median short side of a seeded sample
+    of the training split, rounded down to a multiple of the patch; and the line saying so."""
+    source = open_source(data, "train")
+    side = median_short_side(source)
+    if side is None:
+        raise LdaeError(f"data.image_size: none of the sampled images of {data.path or data.source} could be read to "
+                        "measure their size; set data.image_size")
+    size = side // patch * patch
+    if size == 0:
+        raise LdaeError(f"data.image_size: the images' median short side {side} is below the patch {patch}; use a "
+                        f"patch of at most {side}, or set data.image_size (upsampling them)")
+    how = "a multiple of" if size == side else "rounded down to a multiple of"
+    return size, (f"data: image size {size} (native: median short side {side} of {min(64, len(source))} sampled "
+                  f"images; {how} patch {patch})")
+
+
+def resolve_image_size(data: DataConfig, patch: int) -> list[str]:
+    """Settle the image size a new run reads its images at, the one place every stage decides it: data.image_size
+    null becomes the native size; a size set above native is warned about (in --dry-run too). Returns what to say."""
+    if data.image_size is None:
+        data.image_size, note = native_image_size(data, patch)
+        return [note]
+    try:
+        warning = upsampling(data, open_source(data, "train"), data.image_size)
+    except LdaeError:  # a missing dataset is reported, with its fix, where it is opened
+        warning = None
+    return [f"data: image size {data.image_size} (data.image_size)"] + ([warning] if warning else [])
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
@@ -416,14 +390,17 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
         g = subset_generator(seed, "train subset" if split == "train" else "eval subset")
         subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
     encoded = training_stream and cfg.decode == "gpu" and crop == "center" and transform is None
+    if size is None and cfg.image_size is None:  # a config no stage settled: the images' own size, unrounded
+        size = native_image_size(cfg, 1)[0]
     ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
                       transform, encoded)
     stored = getattr(source, "stored_size", None)
     if stored is not None and stored < ds.size:
         raise LdaeError(f"{cfg.path}: prepared at {stored}x{stored}, smaller than data.image_size {ds.size}; prepare "
                         f"it again with --image-size {ds.size}")
-    if split == "train" and stored is None:
-        warn_upsampling(cfg, source, ds.size)
+    warning = upsampling(cfg, source, ds.size) if split == "train" and stored is None else None
+    if warning:
+        console.print(warning)
     if ds.deterministic and cfg.cache != "never" and stored is None and not encoded:  # prepared: its own cache
         nbytes = len(ds) * 3 * ds.size * ds.size
         if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:

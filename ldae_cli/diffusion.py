@@ -10,45 +10,15 @@ per PCA component: 1 for the first d, `tail_weight` beyond).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import nn
 
+from ldae_cli.settings import Schedule, LossWeight, DiffusionConfig
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import patchify, unpatchify
 from ldae_cli.tokenizers import Tokenizer
-
-Schedule = Literal["ddpm", "linear-gamma2", "linear-sigma", "constant"]
-LossWeight = Literal["1", "gamma2", "snr", "inv1p"]
-
-
-@dataclass
-class DiffusionConfig:
-    schedule: Schedule = "linear-sigma"
-    timesteps: int = 1000
-    constant_sigma: float = math.sqrt(1 / 3)
-    constant_t: int = 10  # the t the model is conditioned on under the `constant` schedule
-    target: Literal["eps", "z0", "x0"] = "x0"
-    loss_weight: LossWeight = "inv1p"
-    input_space: Literal["latent", "image"] = "image"
-    output_space: Literal["latent", "image"] = "image"
-    tail_weight: float = 0.1  # w_i for PCA components i > d under the x0 target (1.0 = plain pixel MSE)
-
-    def validate(self) -> None:
-        if self.timesteps < 1:
-            raise LdaeError(f"diffusion.timesteps must be positive, got {self.timesteps}")
-        if self.target == "eps" and self.output_space != "latent":
-            raise LdaeError("diffusion.target 'eps' predicts latent noise: set diffusion.output_space to 'latent'")
-        if self.target == "x0" and self.output_space != "image":
-            raise LdaeError("diffusion.target 'x0' predicts the original image: set diffusion.output_space to 'image'")
-        if not 0 <= self.tail_weight:
-            raise LdaeError(f"diffusion.tail_weight must be >= 0, got {self.tail_weight}")
-        if not 0 < self.constant_sigma < 1e6:
-            raise LdaeError(f"diffusion.constant_sigma must be a positive noise level, got {self.constant_sigma}")
-        if self.schedule == "constant" and not 0 <= self.constant_t <= self.timesteps:
-            raise LdaeError(f"diffusion.constant_t must lie in 0..{self.timesteps}")
 
 
 def schedule_table(kind: str, T: int, constant_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:

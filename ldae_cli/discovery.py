@@ -1,6 +1,7 @@
 """What a dataset location holds (`data.source: auto`): a prepared dataset, Fashion-MNIST IDX files, a
 <split>/<class>/<image> tree or an archive of one, or a folder or archive of unlabelled images; a tree's splits and
 its evaluation split; and the check that the splits a command reads are there before it reads or writes anything.
+No stage has a default dataset: where nothing names the data, it stops (`NoData`) and asks for --data.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Optional
 
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceConfig, FMNIST_FILES, is_image,
-                              default_locations, read_prepared, resolve_path)
+                              read_prepared, resolve_path)
 
 
 @dataclass
@@ -24,15 +25,16 @@ class Detected:
     notes: list[str] = field(default_factory=list)
 
 
+class NoData(LdaeError):
+    """Nothing names the data: no --data, no data.path or data.source in the config (a stage whose input may
+    record its data says so in its own words)."""
+
+
 def detect(path: str | None, train_split: str = "train") -> Detected:
-    """data.source=auto: the kind of dataset at `path` (none: the default Fashion-MNIST, wherever it is installed)."""
+    """data.source=auto: the kind of dataset at `path`; none is `NoData` (no stage assumes a dataset)."""
     if not path:
-        found = next((p for p in default_locations("fashion-mnist") if p.exists()), None)
-        if found is None:
-            raise LdaeError(f"no --data given and no default dataset installed (Fashion-MNIST, looked in "
-                            f"{', '.join(str(p) for p in default_locations('fashion-mnist'))}); give --data PATH: "
-                            f"{DATA_CHOICES}")
-        return Detected("fashion-mnist", notes=[f"data: no --data given, using Fashion-MNIST at {found}"])
+        raise NoData(f"nothing names the data: no --data, and the config sets neither data.path nor data.source; "
+                     f"give --data DIR: {DATA_CHOICES}")
     root = Path(path).expanduser()
     if not root.exists():
         raise LdaeError(f"dataset not found: {path} does not exist; give --data PATH: {DATA_CHOICES}")

@@ -20,18 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ldae_cli.data import DataConfig
-from ldae_cli.diffusion import DiffusionConfig
-from ldae_cli.errors import LdaeError
-from ldae_cli.models import ModelConfig
-from ldae_cli.online_probe import OnlineProbeConfig
-from ldae_cli.optim import OptimConfig
+from ldae_cli.settings import PretrainConfig
 from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
@@ -43,32 +38,7 @@ from ldae_cli.online_probe import OnlineProbe
 from ldae_cli.optim import make_adamw, make_ema, plan_steps
 from ldae_cli.logs import console
 from ldae_cli.seeds import step_generator
-from ldae_cli.session import RunConfig, Session
-
-
-@dataclass
-class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
-
-    def validate(self) -> None:
-        if self.model.class_conditional and self.data.source == "images":
-            raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
-        tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
-        if tc.kind != "trained" and self.data.image_size % tc.patch:
-            raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
-                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
-        if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
-            raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
-                            f"PCA keeps between 1 and {full} components")
-        if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
-            raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
-                            f"patches, got {tc.fit_patches}")
+from ldae_cli.session import Session
 
 
 RESUMABLE = ("optim.micro_batch", "online_probe.")

@@ -15,85 +15,17 @@ writes that network as a state dict for timm's `VisionTransformer`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
 
 import torch
 from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ldae_cli.config import require
+from ldae_cli.settings import ModelConfig
+# the presets and shape checks the fine-tuning and detection backbones share, re-exported where they were
+from ldae_cli.settings import SIZES as SIZES, SizeName as SizeName, check_shape as check_shape, \
+    resolve_size as resolve_size
 from ldae_cli.errors import LdaeError
-
-
-class Size(NamedTuple):
-    width: int
-    encoder_depth: int
-    decoder_depth: int
-    num_heads: int
-
-
-# The encoder of B / L is ViT-B / ViT-L; half-L is DiT-L (its 12 encoder blocks are ViT-1/2L).
-SIZES = {
-    "T": Size(192, 12, 12, 3),
-    "S": Size(384, 12, 12, 6),
-    "B": Size(768, 12, 12, 12),
-    "half-L": Size(1024, 12, 12, 16),
-    "L": Size(1024, 24, 24, 16),
-}
-SizeName = Literal["T", "S", "B", "half-L", "L", "custom"]
-
-
-def check_shape(where: str, width: int, num_heads: int) -> None:
-    """Heads must split the width, and the 2-D sin-cos position embedding needs a width divisible by 4."""
-    if num_heads < 1 or width < 4:
-        raise LdaeError(f"{where}: width must be >= 4 and num_heads >= 1, got width {width} and {num_heads} heads")
-    if width % num_heads or width % 4:
-        raise LdaeError(f"{where}.width {width} must be divisible by {where}.num_heads {num_heads} and by 4 (the "
-                        f"2-D sin-cos position embedding); e.g. width {max(num_heads, 4) * 16 // 4 * 4}")
-
-
-def resolve_size(where: str, size: str, **given: int | None) -> tuple[int, ...]:
-    """The values named in `given` (width, encoder_depth or depth for the encoder, decoder_depth,
-    num_heads), in that order: each the config's own when set, else the preset's. `where` is the config
-    section (`model`, `model.arch`, `backbone`), named in the error when a 'custom' size lacks a value."""
-    preset = SIZES.get(size)
-    values, missing = [], []
-    for name, value in given.items():
-        if value is None and preset is not None:
-            value = getattr(preset, "encoder_depth" if name == "depth" else name)
-        if value is None:
-            missing.append(f"{where}.{name}")
-        values.append(value)
-    if missing:
-        raise LdaeError(f"{where}.size '{size}' needs {', '.join(missing)}")
-    return tuple(values)
-
-
-@dataclass
-class ModelConfig:
-    size: SizeName = "half-L"
-    width: Optional[int] = None  # these four override the size preset (all four needed for 'custom')
-    encoder_depth: Optional[int] = None
-    decoder_depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: float = 4.0
-    adaln_hidden_ratio: float = 0.25  # the paper's "1/4 width" conditioning MLP
-    class_conditional: bool = False
-    class_dropout: float = 0.1  # labels replaced by the null label this often (classifier-free guidance style)
-
-    def resolved(self) -> tuple[int, int, int, int]:
-        return resolve_size("model", self.size, width=self.width, encoder_depth=self.encoder_depth,
-                            decoder_depth=self.decoder_depth, num_heads=self.num_heads)
-
-    def validate(self) -> None:
-        width, enc, dec, heads = self.resolved()
-        check_shape("model", width, heads)
-        if enc < 1 or dec < 0:
-            raise LdaeError(f"model: encoder_depth must be >= 1 and decoder_depth >= 0 (got {enc}, {dec})")
-        require("model", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio, adaln_hidden_ratio=self.adaln_hidden_ratio)
-        require("model", "in [0, 1)", lambda v: 0 <= v < 1, class_dropout=self.class_dropout)
 
 
 def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:

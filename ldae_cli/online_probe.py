@@ -1,67 +1,32 @@
 """The online probe: is a pretraining run learning? k-NN and quick linear heads on the encoder being trained, a
 few times per run, at a bounded share of its compute (the fit subset shrinks to stay within it).
 
-It fits on a class-balanced seeded subset of the train split (at least `per_class` images per class where the
-share allows, at most `fit_images`) and tests on a seeded subset of the eval split; metrics.jsonl records both
-sizes and TensorBoard draws it in a chart of its own titled with them.
+It fits on a class-balanced seeded subset of the train split (at most `fit_images`) and tests on a seeded subset
+of the eval split; metrics.jsonl records both sizes and TensorBoard draws it in a chart of its own titled with
+them. Below `per_class` fit images per class (too few training images, or a share that pays for fewer) it is off,
+and the start and --dry-run say why; a measured share over `max_share` makes it probe less often, said in the log.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Optional
+from dataclasses import replace
+from typing import Callable
 
 import torch
 
-from ldae_cli.config import require
+from ldae_cli.settings import OnlineProbeConfig
 from ldae_cli.data import ImageDataset, build_dataset
-from ldae_cli.distributed import DistContext
+from ldae_cli.distributed import DistContext, all_reduce_sum
 from ldae_cli.errors import LdaeError
+from ldae_cli.logs import console
 from ldae_cli.heads import ProbeHeads, evaluate, extract, head_step, knn_accuracy, lars_for_heads
 from ldae_cli.optim import lr_at, plan_steps, set_lr
-from ldae_cli.pretrained import DEFAULT_T, Pretrained, encoder_features
+from ldae_cli.pretrained import Pretrained, encoder_features
 from ldae_cli.seeds import derived, epoch_order
+from ldae_cli.sources import open_source
 from ldae_cli.trainer import Hook, Trainer
-
-
-@dataclass
-class OnlineProbeConfig:
-    """k-NN and a quick linear probe of the encoder while it pretrains: fitted on a class-balanced seeded subset of
-    the train split, tested on a seeded subset of the eval split."""
-
-    enabled: bool = True  # runs whenever the dataset has labelled train and evaluation splits
-    every: Optional[int] = None  # optimizer steps between probes; null = a quarter of the run (4 probes)
-    fit_images: int = 20000  # the most train images it fits on (k-NN bank, linear heads), the same count per class
-    per_class: int = 10  # the fewest fit images per class it aims for; below this only where max_share allows less
-    test_images: int = 1000  # the seeded eval subset it tests on
-    # of the run's compute all probes together may take, by a cost model (a training image 3 forwards of every
-    # block, a probed one 1 of the encoder's) that a CPU measures a little low (5.3 probed images per training
-    # image, not 6): 4 % keeps the measured share under 5 %; the fit subset shrinks to stay within it
-    max_share: float = 0.04
-    t: int = DEFAULT_T
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    linear_steps: int = 500  # LARS steps of the quick linear heads on cached features: a second or so on a CPU
-    linear_batch: int = 256
-    linear_blrs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # the best head is reported
-    batch: int = 256  # feature extraction
-
-    def validate(self) -> None:
-        require("online_probe", "a positive integer", lambda v: v > 0, every=self.every, knn_k=self.knn_k,
-                fit_images=self.fit_images, per_class=self.per_class, test_images=self.test_images,
-                linear_steps=self.linear_steps, linear_batch=self.linear_batch, batch=self.batch)
-        require("online_probe", ">= 0", lambda v: v >= 0, t=self.t)
-        require("online_probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
-        require("online_probe", "in (0, 1]", lambda v: 0 < v <= 1, max_share=self.max_share)
-        if not self.linear_blrs or any(b <= 0 for b in self.linear_blrs):
-            raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")
-        for key in ("knn_k", "linear_batch"):  # both are cut to the fit subset, which holds at most fit_images
-            if getattr(self, key) > self.fit_images:
-                raise LdaeError(f"online_probe.{key} {getattr(self, key)} is more than online_probe.fit_images "
-                                f"{self.fit_images}, the most images the probe fits on; lower it to {self.fit_images} "
-                                "or less, or raise fit_images")
 
 
 def probe_every(s: OnlineProbeConfig, total_steps: int) -> int:
@@ -70,14 +35,53 @@ def probe_every(s: OnlineProbeConfig, total_steps: int) -> int:
 
 
 def online_fit_per_class(s: OnlineProbeConfig, train_images: int, encoder_depth: int, decoder_depth: int,
-                         total_steps: int, num_classes: int) -> int:
+                         total_steps: int, num_classes: int, test_images: int | None = None) -> int:
     """Fit images per class: as many as `s.fit_images` holds, fewer where the probes would take more than
-    `s.max_share` of the run (at least one). The cost model: a training image costs a forward and a backward pass
-    (3 forwards) of every block, a probed image one forward of the encoder's, and the run probes `probes` times
-    the fit and test images; `train_images` is what the whole run trains on (steps x batch)."""
+    `s.max_share` of the run (0 or less: not even the test images). The cost model: a training image costs a forward
+    and a backward pass (3 forwards) of every block, a probed image one forward of the encoder's, and the run probes
+    `probes` times the fit and `test_images` (default `s.test_images`); `train_images` is what the whole run trains
+    on (steps x batch)."""
     probes = math.ceil(total_steps / probe_every(s, total_steps))
     affordable = s.max_share * train_images * 3 * (encoder_depth + decoder_depth) / encoder_depth / probes
-    return max(1, min(s.fit_images, int(affordable) - s.test_images) // num_classes)
+    tested = s.test_images if test_images is None else test_images
+    return min(s.fit_images, int(affordable) - tested) // num_classes
+
+
+def online_fit_size(cfg, ctx, images: int, classes: int, test_images: int) -> int:
+    """Fit images per class for a pretrain config `cfg` over `images` labelled training images in `classes` classes
+    and a test subset of `test_images`; an LdaeError saying why when that is below the floor (the probe is off)."""
+    s = cfg.online_probe
+    if classes < 2 or test_images == 0:
+        raise LdaeError("no usable labelled train and evaluation splits (it has no labelled images)")
+    if images // classes < s.per_class:
+        raise LdaeError(f"{images:,} training images over {classes} classes give {images // classes} per class, "
+                        f"below its floor of {s.per_class} (online_probe.per_class)")
+    total = plan_steps(images, cfg.optim, cfg.run.seed, ctx).total_steps
+    _, encoder_depth, decoder_depth, _ = cfg.model.resolved()
+    per_class = online_fit_per_class(s, total * cfg.optim.batch_size, encoder_depth, decoder_depth, total, classes,
+                                     test_images)
+    if per_class < s.per_class:
+        raise LdaeError(f"its {s.max_share:.0%} share of the run (online_probe.max_share) pays for "
+                        f"{max(per_class, 0)} fit images per class, below its floor of {s.per_class} "
+                        "(online_probe.per_class)")
+    return min(per_class, images // classes)
+
+
+def online_plan(cfg, ctx) -> str:
+    """The plan's line on the online probe (--dry-run): on, with its fit and test sizes, or off and why."""
+    if not cfg.online_probe.enabled:
+        return "online probe: off (online_probe.enabled is false)"
+    try:
+        train, held = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
+    except LdaeError as exc:
+        return f"online probe: off: no usable labelled train and evaluation splits ({exc})"
+    tested = min(cfg.online_probe.test_images, len(held)) if len(held.classes) >= 2 else 0
+    try:
+        per_class = online_fit_size(cfg, ctx, min(len(train), cfg.data.limit or len(train)), len(train.classes),
+                                    tested)
+    except LdaeError as exc:
+        return f"online probe: off: {exc}"
+    return f"online probe: on: fit up to {per_class:,} train images per class, test {tested:,} eval images"
 
 
 def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> list[int]:
@@ -92,16 +96,14 @@ def balanced_subset(labels: torch.Tensor, per_class: int, seed: int) -> list[int
 def online_subsets(cfg, ctx: DistContext) -> tuple[ImageDataset, ImageDataset]:
     """The online probe's (fit, test) subsets for a pretrain config `cfg`: class-balanced train images, as many as
     its cost share allows, and a seeded eval subset; center crops, decoded once when they fit in memory (as
-    data.cache says)."""
+    data.cache says). An LdaeError saying why when the probe is off."""
     s, plain = cfg.online_probe, replace(cfg.data, crop="center", hflip=False)
-    test = build_dataset(replace(plain, limit=s.test_images), "eval", augment=False, seed=cfg.run.seed)
-    train = build_dataset(replace(plain, cache="never"), "train", augment=False, seed=cfg.run.seed)
-    if test.num_classes < 2 or train.num_classes < 2:
-        raise LdaeError("it has no labelled images")
-    total = plan_steps(len(train), cfg.optim, cfg.run.seed, ctx).total_steps
-    _, encoder_depth, decoder_depth, _ = cfg.model.resolved()
-    per_class = online_fit_per_class(s, total * cfg.optim.batch_size, encoder_depth, decoder_depth, total,
-                                     train.num_classes)
+    try:
+        test = build_dataset(replace(plain, limit=s.test_images), "eval", augment=False, seed=cfg.run.seed)
+        train = build_dataset(replace(plain, cache="never"), "train", augment=False, seed=cfg.run.seed)
+    except LdaeError as exc:
+        raise LdaeError(f"no usable labelled train and evaluation splits ({exc})") from None
+    per_class = online_fit_size(cfg, ctx, len(train), train.num_classes, len(test) if test.num_classes >= 2 else 0)
     picked = balanced_subset(train.labels_tensor(), per_class, derived(cfg.run.seed, "online fit subset"))
     raw = [train.subset[i] for i in picked] if train.subset is not None else picked
     fit = ImageDataset(train.source, train.size, subset=raw)
@@ -131,7 +133,9 @@ def quick_linear(fit_f: torch.Tensor, fit_y: torch.Tensor, test_f: torch.Tensor,
 class OnlineProbe(Hook):
     """Every `every` steps and at the last one: features of the fit and test subsets from the weights being trained
     (the EMA when the run keeps one, as the offline probe reads), k-NN and linear top-1 into metrics.jsonl with the
-    subset sizes, and on TensorBoard a chart of its own (Custom Scalars) titled with them."""
+    subset sizes, and on TensorBoard a chart of its own (Custom Scalars) titled with them. After each probe its
+    measured share of this process's time is checked against max_share: over it, it probes that many times less
+    often."""
 
     def __init__(self, settings: OnlineProbeConfig, view: Callable[[Trainer], Pretrained], fit: ImageDataset,
                  test: ImageDataset, amp: torch.dtype | None, seed: int, num_workers: int):
@@ -139,6 +143,7 @@ class OnlineProbe(Hook):
             settings, view, fit, test, amp, seed, num_workers
         self.per_class = max(fit.labels_tensor().bincount().tolist()) if len(fit) else 0
         self.seconds, self.count, self.charted = 0.0, 0, False
+        self.started, self.every = time.time(), None  # the cadence: probe_every until a measured share lowers it
 
     @property
     def images(self) -> int:
@@ -146,13 +151,25 @@ class OnlineProbe(Hook):
         return len(self.fit) + len(self.test)
 
     def title(self) -> str:
-        short = f", fewer than {self.s.per_class}/class to stay under {self.s.max_share:.0%} of the run" \
-            if self.per_class < self.s.per_class else ""
-        return (f"online probe top-1 % (fit {len(self.fit):,} train images, {self.per_class}/class{short}; "
+        return (f"online probe top-1 % (fit {len(self.fit):,} train images, {self.per_class}/class; "
                 f"test {len(self.test):,} eval images)")
 
     def due(self, trainer: Trainer) -> bool:
-        return trainer.step % probe_every(self.s, trainer.total_steps) == 0 or trainer.step == trainer.total_steps
+        self.every = self.every or probe_every(self.s, trainer.total_steps)
+        return trainer.step % self.every == 0 or trainer.step == trainer.total_steps
+
+    def keep_share(self, trainer: Trainer) -> None:
+        """Probe less often when the probes so far took more than max_share of the time (the ranks' mean, so every
+        rank keeps the same cadence)."""
+        spent, elapsed = all_reduce_sum(torch.tensor([self.seconds, time.time() - self.started], dtype=torch.float64,
+                                                     device=trainer.device), trainer.ctx).tolist()
+        share = spent / max(elapsed, 1e-9)
+        if share > self.s.max_share and trainer.step < trainer.total_steps:
+            slower = self.every * math.ceil(share / self.s.max_share)
+            if trainer.ctx.is_main:
+                console.print(f"online probe: {share:.0%} of the run's time so far, over online_probe.max_share "
+                              f"{self.s.max_share:.0%}: probing every {slower:,} steps instead of {self.every:,}")
+            self.every = slower
 
     def after_step(self, trainer):
         if not self.due(trainer):
@@ -162,6 +179,7 @@ class OnlineProbe(Hook):
             knn, linear = self.measure(self.view(trainer), trainer.ctx)
         spent = time.time() - started
         self.seconds, self.count = self.seconds + spent, self.count + 1
+        self.keep_share(trainer)
         board = trainer.board.tb if trainer.board is not None else None
         if board is not None and not self.charted:
             board.add_custom_scalars({"online probe": {self.title(): ["Multiline", ["online_knn_top1",

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from timm.utils import ModelEmaV3
-
-from ldae_cli.seeds import SeededSteps
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
+
+if TYPE_CHECKING:  # torch and timm load when a run starts, not when its config is read
+    import torch
+    from timm.utils import ModelEmaV3
+
+    from ldae_cli.seeds import SeededSteps
 
 
 @dataclass
@@ -104,6 +106,8 @@ class StepPlan:
 
 def plan_steps(n_images: int, optim: OptimConfig, seed: int, ctx) -> StepPlan:
     """`optim.epochs` over n images in seeded global batches; warm-up + cosine from `optim.base_lr()`."""
+    from ldae_cli.seeds import SeededSteps
+
     micro, accum = optim.accumulation(ctx.world)
     batches = SeededSteps(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
     per_epoch = batches.steps_per_epoch
@@ -120,10 +124,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def make_adamw(params, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW at the run's base lr; parameter groups may carry their own weight decay and lr_scale."""
+    import torch
+
     return torch.optim.AdamW(params, lr=optim.base_lr(), betas=tuple(optim.betas), weight_decay=optim.weight_decay,
                              fused=device.type == "cuda")
 
 
 def make_ema(model: torch.nn.Module, decay: float | None) -> ModelEmaV3 | None:
     """ema <- decay * ema + (1 - decay) * weights after every optimizer step (no warm-up)."""
+    from timm.utils import ModelEmaV3
+
     return ModelEmaV3(model, decay=decay) if decay else None

@@ -10,17 +10,22 @@ D x D eigenbasis, sorted by eigenvalue, is kept; the tokenizer keeps the first d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
 from ldae_cli.checkpoint import save_checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
+from ldae_cli.config import dump_yaml, to_dict
+from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import random_patches
-from ldae_cli.logs import progress_bar
+from ldae_cli.logs import console, progress_bar
+from ldae_cli.outputs import refuse_to_replace, write_output
+from ldae_cli.plots import save_filters
+from ldae_cli.rundir import RUNS, data_name, remove_temp_files
+from ldae_cli.sources import resolve_path
 from ldae_cli.tokenizers import latent_normalization
 
 
@@ -88,6 +93,7 @@ class PCAFit:
     eigenvalues: torch.Tensor
     n_patches: int
     skipped: int = 0  # unreadable images left out (data.on_bad_image=skip)
+    data_identity: str = ""  # what the images were (ImageDataset.identity): a file names the data it was fitted on
 
     def variance_explained(self, dim: int) -> float:
         return float(self.eigenvalues[:dim].sum() / self.eigenvalues.sum().clamp_min(1e-30))
@@ -146,7 +152,7 @@ def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error",
     if acc.n < min(total, p * p * 3 + 1):
         raise LdaeError(f"only {acc.n} patches could be read; PCA of {p * p * 3} dims needs more")
     eigenvalues, basis = principal_components(acc.covariance())
-    return PCAFit(acc.mean, basis, eigenvalues, acc.n, dataset.skipped + bad.skipped)
+    return PCAFit(acc.mean, basis, eigenvalues, acc.n, dataset.skipped + bad.skipped, dataset.identity())
 
 
 def all_patches(image: torch.Tensor, p: int, grid: bool) -> torch.Tensor:
@@ -166,5 +172,54 @@ def save_fit(result: PCAFit, out: Path, settings: PCAConfig, config: dict, image
     extra = {"patch": settings.patch, "dim": dim, "channels": 3, "n_patches": result.n_patches,
              "skipped_images": result.skipped,
              "variance_explained": result.variance_explained(dim), "latent_scale_global": float(global_scale[0]),
-             "image_size": image_size, "dataset": dataset}
+             "image_size": image_size, "dataset": dataset, "data_identity": result.data_identity}
     return save_checkpoint(out, "pca", tensors, config, extra=extra)
+
+
+@dataclass
+class FitPCAConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    out: Optional[str] = None  # default: runs/pca/<data folder>-p<patch>-d<dim>-<size>px.safetensors (default_out)
+
+
+def default_out(cfg: FitPCAConfig) -> Path:
+    """runs/pca/<data folder>-p<patch>-d<dim>-<image size>px.safetensors: named after the data (rundir.data_name), so
+    fits of two datasets never meet; the one place that names it (pretrain looks for the same file)."""
+    return RUNS / "pca" / f"{data_name(cfg.data)}-p{cfg.pca.patch}-d{cfg.pca.dim}-{cfg.data.image_size}px.safetensors"
+
+
+def sidecars(out: Path) -> tuple[Path, Path]:
+    """The resolved config and the filters PNG written beside the PCA file."""
+    stem = out.with_suffix("")
+    return stem.with_name(stem.name + ".config.yaml"), stem.with_name(stem.name + ".filters.png")
+
+
+def fit_and_write(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False, dataset: ImageDataset | None = None
+        ) -> tuple[Path, PCAFit]:
+    """Fit and write the PCA file with its config and filters; on `dataset` when given (pretrain's training images,
+    read already), else on cfg.data's (its image size settled)."""
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    config_file, filters_file = sidecars(out)
+    for path, kind, what in ((out, "pca", "PCA fit"), (config_file, "config", "config of the PCA fit"),
+                             (filters_file, "picture", "filters picture of the PCA fit")):
+        refuse_to_replace(path, force, what, kind, inputs=(resolve_path(cfg.data),))
+    if out.parent.is_dir():
+        remove_temp_files(out.parent, out.name)  # of an earlier fit killed while saving
+    if dataset is None:
+        dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.pca.seed)
+    console.print(f"fit-pca: {len(dataset):,} images from {cfg.data.source}, {cfg.pca.patches:,} patches of "
+                  f"{cfg.pca.patch}x{cfg.pca.patch}x3 (D = {cfg.pca.patch ** 2 * 3})")
+    warning = oversampling(len(dataset), dataset.size, cfg.pca)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    result = fit(dataset, cfg.pca, cfg.data.on_bad_image, cfg.data.num_workers, show_progress)
+    if result.skipped:
+        console.print(f"skipped {result.skipped:,} unreadable image(s) (data.on_bad_image=skip)")
+    save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.image_size, cfg.data.source)
+    write_output(config_file, dump_yaml(cfg).encode(), "config")
+    filters = save_filters(result.basis, cfg.pca.patch, filters_file, eigenvalues=result.eigenvalues, dim=cfg.pca.dim)
+    console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
+                  f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]")
+    console.print(f"wrote {out} and {filters}")
+    return out, result

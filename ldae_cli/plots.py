@@ -173,7 +173,8 @@ def save_probe_chart(results: dict, path: Path) -> Path | None:
 
 def readable_log_ticks(axis) -> None:
     """Ticks of a log-scaled axis as plain decimals (0.2, 0.1, 0.05, 0.02) at 1-2-5 steps, instead of
-    matplotlib's 10^k and 1.5x10^-1 labels; a range narrower than that gets evenly spaced ticks."""
+    matplotlib's 10^k and 1.5x10^-1 labels; a range narrower than that gets evenly spaced ticks. An axis reaching
+    below 0.0001 or above 10000 labels every tick as 1e-19, 1e+05: a plain decimal there is a row of zeros."""
     ticker = _ticker()
     lo, hi = sorted(axis.get_view_interval())
     lo = max(lo, 1e-300)
@@ -187,7 +188,9 @@ def readable_log_ticks(axis) -> None:
     if not ticks:
         ticks = [v for v in ticker.MaxNLocator(nbins=4).tick_values(lo, hi) if lo <= v <= hi and v > 0]
     axis.set_major_locator(ticker.FixedLocator(ticks))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: plain_number(v)))
+    short = all(1e-4 <= v < 1e4 for v in ticks)
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: plain_number(v) if short else
+                                                  np.format_float_scientific(v, precision=3, trim="-", exp_digits=1)))
     axis.set_minor_formatter(ticker.NullFormatter())
 
 

@@ -16,10 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from timm.models.vision_transformer import VisionTransformer
 
+from ldae_cli.settings import DEFAULT_T
 from ldae_cli import __version__
 from ldae_cli.checkpoint import (Checkpoint, first_non_finite, load_checkpoint, load_state, read_metadata,
                                  save_checkpoint, sha256_file, stored_config)
 from ldae_cli.data import DataConfig, to_unit_range
+from ldae_cli.sources import open_source
 from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.rundir import write_atomically
@@ -27,7 +29,6 @@ from ldae_cli.models import DenoisingViT, build_timm_vit, fold_to_vit
 from ldae_cli.seeds import image_noise_seed
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer
 
-DEFAULT_T = 10  # the timestep encoders are folded at
 DEFAULT_SIGMA = math.sqrt(1 / 3)  # the noise level of the paper's Figs. 6 and 7
 TIMM_WEIGHTS = "model.safetensors"  # the weights file of a `--format timm` export folder
 TIMM_EXPORT_FILES = ("config.json", TIMM_WEIGHTS, "README.md")  # what `export --format timm` writes
@@ -135,8 +136,56 @@ def export_encoder(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth:
     pre = load_pretrained(path, ema)
     state, kwargs = fold_encoder(pre, t, depth)
     extra = {"timm_kwargs": kwargs, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
-             "class_names": pre.ckpt.extra.get("class_names", [])}
-    return save_checkpoint(out, "encoder", state, pre.ckpt.config, [pre.ckpt.parent_ref("pretrain")], extra)
+             "class_names": pre.ckpt.extra.get("class_names", []), "data_identity": pre.ckpt.extra.get("data_identity")}
+    config = {**pre.ckpt.config, "data": exported_data(pre.ckpt.config)}
+    return save_checkpoint(out, "encoder", state, config, [pre.ckpt.parent_ref("pretrain")], extra)
+
+
+def exported_data(config: dict) -> dict:
+    """The data settings an export records (its pretraining's, which probe and finetune read when no --data is
+    given): the path made absolute where it is found from here, so the export names it from any folder."""
+    data = dict(config.get("data") or {})
+    if data.get("path") and Path(data["path"]).expanduser().exists():
+        data["path"] = str(Path(data["path"]).expanduser().absolute())
+    return data
+
+
+DATASET_KEYS = ("source", "path", "train_split", "eval_split")  # which data; the other data keys say how it is read
+
+
+def named(flags: dict) -> bool:
+    """Whether the command line names the data (--data, or --source for a kind's default location)."""
+    return bool(flags.get("data.path") or flags.get("data.source"))
+
+
+def pretraining_data(path: str | Path, given: bool) -> tuple[dict, str]:
+    """The data settings of what the encoder at `path` (a pretrain checkpoint or an export) was pretrained on, for a
+    stage that reads it: (settings, '') where its record names data that is still there, the same files (its
+    identity); else the settings without the dataset (DATASET_KEYS) and why, for the stage's "give --data" line.
+    `given`: the command line names the data (`named`), so the record's dataset is not looked at."""
+    folder = timm_export(path)
+    if folder is not None:
+        about = read_timm_config(folder).get("ldae") or {}
+        data = dict(about.get("data") or {"image_size": about.get("image_size")})
+        identity = about.get("data_identity")
+    else:
+        meta = read_metadata(path)
+        data, identity = dict(meta["config"].get("data") or {}), meta["extra"].get("data_identity")
+    how = {k: v for k, v in data.items() if k not in DATASET_KEYS and v is not None}
+    if given:
+        return how, ""
+    if not data.get("source"):
+        return how, f"{path} records none"
+    cfg = DataConfig(**{k: data[k] for k in DATASET_KEYS if k in data}, verify=False)  # the index, not the hashes
+    where = cfg.path or f"{cfg.source}, wherever installed"
+    try:
+        found = open_source(cfg, "train").identity()
+    except LdaeError:
+        return how, f"{path} records the data it was pretrained on ({where}), which is not there any more"
+    if identity is not None and found != identity:
+        return how, (f"{path} records the data it was pretrained on ({where}), which holds other images now (its "
+                     "files, sizes or labels differ)")
+    return data, ""
 
 
 def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: int | None = None,
@@ -161,7 +210,8 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
                            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
         # ignored by timm; what `ldae info` and load_encoder report about the folder
         "ldae": {"package_version": __version__, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
-                 "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain")},
+                 "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain"),
+                 "data": exported_data(pre.ckpt.config), "data_identity": pre.ckpt.extra.get("data_identity")},
     }
     # atomic renames: a kill leaves no torn file, and nothing is written through a link
     write_atomically(out / TIMM_WEIGHTS, save(state))

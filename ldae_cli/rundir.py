@@ -28,6 +28,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -363,6 +364,21 @@ def listing(names: list[str] | set[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def finished_at(ckpt: Path) -> str | None:
+    """'step N of N' when `ckpt`'s metadata says its run finished, final evaluation included (else None)."""
+    from ldae_cli.checkpoint import read_metadata
+
+    try:
+        extra = read_metadata(ckpt)["extra"]
+    except LdaeError:
+        return None
+    step, total = extra.get("step"), extra.get("total_steps")
+    last = extra.get("eval", {"step": total})  # a run stopped before its final evaluation: --resume finishes it
+    done = extra.get("finished") and isinstance(step, int) and isinstance(total, int) and \
+        isinstance(last, dict) and last.get("step") == total
+    return f"step {step:,} of {total:,}" if done else None
+
+
 def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
            replaces: tuple[str, ...] | None = None, kind: str = "run's") -> tuple[str, list[str]]:
     """What a new start in the existing folder `path` does, without touching it: ("empty" | "restart" | "replace",
@@ -385,6 +401,10 @@ def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), 
                             "it; pick another --out")
     if not force:
         if CHECKPOINT in names:
+            if done := finished_at(path / CHECKPOINT):
+                raise LdaeError(f"{path} already holds a {kind} checkpoint of a finished run ({done}): its outputs "
+                                f"are {listing(ours or names, 8)}; pick another --out for a new run, or add --force "
+                                "to replace it")
             raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume {path}`"
                             f" (or add --continue), pick another --out, or add --force to replace that run")
         raise LdaeError(f"{path} already holds {listing(names)}; pick another --out"
@@ -435,8 +455,24 @@ def adopt(path: Path, command: str) -> Manifest:
     return manifest or Manifest.create(path, command, names)
 
 
+def data_name(data) -> str:
+    """What default names carry of a dataset (a SourceConfig): data.path's folder or archive, else the kind a config
+    names (fashion-mnist), so outputs of one recipe on two datasets never meet."""
+    name = Path(os.path.abspath(os.path.expanduser(data.path))).name if data.path else data.source
+    return re.sub(r"\.(tar\.gz|tgz|tar)$", "", name) or name
+
+
+def run_name(config: str | None, data) -> str | None:
+    """<config>-<data folder>, a run's default name (a config that names only a kind, cifar10, names its data)."""
+    return f"{config_stem(config)}-{data_name(data)}" if config and data.path else config
+
+
+def config_stem(name: str) -> str:
+    return re.sub(r"\.ya?ml$", "", Path(name).name)  # trajectory/T3.5 -> T3.5, never T3
+
+
 def default_dir(kind: str, name: str | None) -> Path:
-    return RUNS / kind / (Path(name).stem if name else "default")
+    return RUNS / kind / (config_stem(name) if name else "default")
 
 
 def resolve(command: str, kind: str, out: str | None, name: str | None, resume_path: Path | None) -> Path:

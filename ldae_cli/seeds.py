@@ -43,7 +43,8 @@ def seeded_rngs(key: int, device: torch.device | None = None):
             np.random.set_state(np_state)
 
 # what `derived` adds to the run seed for a draw of its own
-OFFSETS = {"train subset": 0, "eval subset": 1, "online fit subset": 2, "pixel noise": 1, "held-out report": 1}
+OFFSETS = {"train subset": 0, "eval subset": 1, "online fit subset": 2, "pixel noise": 1, "held-out report": 1,
+           "probe holdout": 3}
 
 
 def derived(seed: int, purpose: str) -> int:

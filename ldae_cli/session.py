@@ -14,10 +14,11 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Literal, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import yaml
 
+from ldae_cli.settings import RunConfig
 from ldae_cli import rundir
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import dump_yaml, load_config, to_dict
@@ -31,36 +32,6 @@ from ldae_cli.rundir import CHECKPOINT
 RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.verify", "data.on_bad_image", "run.device", "run.compile",
              "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps", "run.progress",
              "run.out_dir", "run.tensorboard", "run.wandb")
-
-
-MAX_SEED = 2 ** 31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
-
-
-@dataclass
-class RunConfig:
-    out_dir: Optional[str] = None  # default: runs/<stage>/<config name>
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    log_every: int = 20  # steps between metrics.jsonl lines (and the NaN check)
-    save_every: int = 500  # steps between checkpoints (one is always written at the end)
-    time_limit_minutes: Optional[float] = None  # stop cleanly (checkpoint written) after this long; resume later
-    stop_after_steps: Optional[int] = None  # stop cleanly after this many steps of this invocation
-    progress: bool = True  # a progress bar on a terminal, plain log lines when output goes to a file
-    tensorboard: bool = True  # event files in <run>/tensorboard: every logged scalar, pictures at each save
-    wandb: bool = False  # also log to Weights & Biases (offline unless WANDB_MODE=online)
-
-    def validate(self) -> None:
-        if self.log_every < 1 or self.save_every < 1:
-            raise LdaeError(f"run.log_every and run.save_every are numbers of steps (1 or more), got "
-                            f"{self.log_every} and {self.save_every}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise LdaeError(f"run.stop_after_steps must be 1 or more (or null), got {self.stop_after_steps}")
-        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
-            raise LdaeError(f"run.time_limit_minutes must be positive (or null), got {self.time_limit_minutes}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise LdaeError(f"run.seed must lie in 0 ... {MAX_SEED} (2**31 - 1), got {self.seed}")
 
 
 def resume_path(resume: str) -> Path:
@@ -203,7 +174,6 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
         raise LdaeError(f"{path} is not the {role} checkpoint {ck.path} was made from (sha256 differs from the "
                         f"recorded {record['sha256'][:12]}...); give the original with --ckpt")
     return str(path)
-
 
 
 def refuse_force(resume: str | None, cont: bool, force: bool) -> None:

@@ -176,8 +176,8 @@ _HOW_TO_GET = {
     "fashion-mnist": "install it with `sudo apt-get install dataset-fashion-mnist` (or run `make data`, which "
                      "falls back to torchvision's download), or point data.path at a folder of IDX files",
     "cifar10": "point data.path at the CIFAR-10 JPEG tree or its .tar.gz (cifar10/{train,test}/<class>/*.jpg)",
-    "imagefolder": "set data.path to a folder (or .tar/.tar.gz) laid out as <split>/<class>/<image>",
-    "images": "set data.path to a folder of images",
+    "imagefolder": "give --data DIR (data.path): a folder (or .tar/.tar.gz) laid out as <split>/<class>/<image>",
+    "images": "give --data DIR (data.path): a folder of images",
     "auto": f"give --data PATH: {DATA_CHOICES}",
 }
 

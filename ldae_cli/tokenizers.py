@@ -14,52 +14,16 @@ Kinds, one registry (`TOKENIZER_KINDS`), one factory (`build_tokenizer`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 from torch import nn
 
+from ldae_cli.settings import TokenizerConfig
 from ldae_cli.autoencoders import Autoencoder, build_autoencoder
 from ldae_cli.checkpoint import load_checkpoint, load_state
-from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import patchify, unpatchify
-
-LatentScale = Literal["global", "whiten", "none", "fixed"]
-
-
-@dataclass
-class TokenizerConfig:
-    """The `tokenizer:` section of a pretrain config."""
-
-    kind: Literal["pca", "pixel", "trained"] = "pca"
-    path: Optional[str] = None  # pca: a fit-pca checkpoint (null: fitted on the training data first); trained: required
-    patch: int = 16  # pca/pixel: patch size in pixels (must match the checkpoint when one is given)
-    dim: Optional[int] = None  # pca: kept components d (null: the checkpoint's); pixel: must be null
-    latent_scale: LatentScale = "global"
-    # latent_scale 'fixed' (pca): divide by the global scale of the first scale_dim components whatever d is kept,
-    # so the noise on the kept components does not change with d (with 'global' it grows as d shrinks)
-    scale_dim: Optional[int] = None
-    fit_patches: int = 1_000_000  # pca fitted on the fly: patches sampled
-
-    def validate(self) -> None:
-        require("tokenizer", "a positive integer", lambda v: v > 0, patch=self.patch, dim=self.dim,
-                fit_patches=self.fit_patches, scale_dim=self.scale_dim)
-        if self.latent_scale == "fixed" and (self.kind != "pca" or self.scale_dim is None):
-            raise LdaeError("tokenizer.latent_scale 'fixed' scales a PCA latent by the global scale of "
-                            f"tokenizer.scale_dim components: set kind pca and scale_dim (got kind {self.kind!r}, "
-                            f"scale_dim {self.scale_dim})")
-        if self.scale_dim is not None and self.latent_scale != "fixed":
-            raise LdaeError(f"tokenizer.scale_dim is read only with latent_scale 'fixed' (got {self.latent_scale!r}); "
-                            "set scale_dim null or latent_scale fixed")
-        if self.kind == "pixel" and self.dim is not None:
-            raise LdaeError("tokenizer.dim: the pixel tokenizer keeps every pixel (d = patch*patch*3); leave dim null")
-        if self.kind == "pixel" and self.latent_scale != "none":
-            raise LdaeError("tokenizer.latent_scale: the pixel tokenizer has no fitted statistics; use 'none'")
-        if self.kind == "trained" and not self.path:
-            raise LdaeError("tokenizer.path: a 'trained' tokenizer needs the checkpoint written by train-tokenizer")
 
 
 def latent_normalization(mean: torch.Tensor, variance: torch.Tensor, latent_scale: str

@@ -114,9 +114,9 @@ def test_unexpected_exception_is_one_line_and_debug_reraises(run_main, monkeypat
     # a bug (not an LdaeError) still prints one line naming the exception, and --debug shows it all
     from ldae_cli.stages import fit_pca
 
-    def boom(cfg, show_progress=True, force=False):
+    def boom(*args, **kwargs):
         raise RuntimeError("internal failure [x]\nsecond line")
-    monkeypatch.setattr(fit_pca, "run", boom)
+    monkeypatch.setattr(fit_pca, "load_config", boom)
     res = run_main("fit-pca", "--patch", "4", "--dim", "4", "--source", "imagefolder")
     assert_one_line_error(res, "RuntimeError", "internal failure [x]", "--debug")
     with pytest.raises(RuntimeError):

@@ -53,14 +53,12 @@ def test_data_alone_says_what_it_is(folders, run_main, tmp_path):
              "does not exist", "a folder of images, a <split>/<class>/<image> tree")
 
 
-def test_no_data_and_no_default_dataset_names_the_choices(monkeypatch):
+def test_no_data_names_the_choices():
     from ldae_cli import discovery
     from ldae_cli.errors import LdaeError
 
-    monkeypatch.setattr(discovery, "default_locations", lambda source: [Path("/nonexistent/fashion-mnist")])
-    with pytest.raises(LdaeError, match="no --data given and no default dataset installed.*give --data PATH: a "
-                                        "folder of images"):
-        discovery.detect(None)
+    with pytest.raises(LdaeError, match="nothing names the data: no --data.*give --data DIR: a folder of images"):
+        discovery.detect(None)  # no default dataset, whatever is installed (tests/test_your_data.py)
 
 
 def test_a_train_test_tree_runs_every_stage_with_no_source_and_no_data_settings(folders, run_main, tmp_path):
@@ -75,8 +73,8 @@ def test_a_train_test_tree_runs_every_stage_with_no_source_and_no_data_settings(
         ["probe.batch_size=8", "probe.epochs=1", "probe.warmup_epochs=0.1", "data.num_workers=0",
          "run.progress=false"]))
     assert probe.returncode == 0, probe.stderr
-    assert (tmp_path / "runs" / "probe" / "pre-small-fast" / "results.json").is_file()  # named after the run
-    assert (tmp_path / "runs" / "probe" / "pre-small-fast" / "results.png").is_file()
+    named = tmp_path / "runs" / "probe" / f"pre-{tree.name}-small-fast"  # named after the run and its data
+    assert (named / "results.json").is_file() and (named / "results.png").is_file()
     denoise = run_main("denoise", "--samples", "4", "--ckpt", str(ckpt))
     assert denoise.returncode == 0 and "(the 'test' split)" in denoise.stdout
     prepared = run_main("prepare-data", "--data", str(tree), "--image-size", "32", "--out", str(tmp_path / "ready"),

@@ -226,11 +226,11 @@ def test_fit_pca_is_reproducible_and_default_out(run_main, image_tree, tmp_path)
     args = ("fit-pca", "--source", "imagefolder", "--data", image_tree, "--patch", "2", "--dim", "4",
             "--patches", "500", "--image-size", "8", "--set", "data.num_workers=0")
     assert cli(*args).returncode == 0
-    first = tmp_path / "runs" / "pca" / "imagefolder-p2-d4.safetensors"
+    first = tmp_path / "runs" / "pca" / f"{Path(image_tree).name}-p2-d4-8px.safetensors"  # named after the data and size
     a = load_checkpoint(first).tensors
     first.rename(tmp_path / "a.safetensors")
     refused = cli(*args)  # the fit's config and filters are still there: nothing is replaced without --force
-    assert refused.returncode == 1 and "imagefolder-p2-d4.config.yaml already exists" in refused.stderr
+    assert refused.returncode == 1 and f"{first.stem}.config.yaml already exists" in refused.stderr
     assert not first.exists()
     assert cli(*args, "--force").returncode == 0
     b = load_checkpoint(first).tensors

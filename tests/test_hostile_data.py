@@ -25,7 +25,7 @@ FILES = 2 * (6 * 3 + 2)  # per split: 6 shards of 3 images (images, labels, file
 @pytest.fixture(scope="module")
 def ready(world, tmp_path_factory) -> Path:
     """world.images (2 classes, 16 train and 16 val images) prepared at 32x32, 3 images a shard."""
-    cfg = load_config(DataConfig, None, [f"path={world.images}", "source=imagefolder", "num_workers=0"])
+    cfg = load_config(DataConfig, None, [f"path={world.images}", "source=imagefolder", "num_workers=0", "image_size=32"])
     cfg.resolve()
     out = tmp_path_factory.mktemp("hostile") / "ready"
     out.mkdir()

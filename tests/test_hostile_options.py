@@ -182,9 +182,9 @@ def test_a_new_run_never_replaces_the_folder_holding_its_input(args, option, via
 
 
 def test_the_input_is_found_through_a_symlinked_input_path_and_the_default_folder(world, run_main, tmp_path):
-    """`--config final.yaml --init-from runs/pretrain/final/...` writes runs/pretrain/final by default: refused too,
-    also when the input is named through a link to that folder."""
-    default = shutil.copytree(world.ckpt.parent, tmp_path / "runs" / "pretrain" / "final")
+    """`--config final.yaml --init-from runs/pretrain/final-images/...` writes runs/pretrain/final-images (config and
+    data folder) by default: refused too, also when the input is named through a link to that folder."""
+    default = shutil.copytree(world.ckpt.parent, tmp_path / "runs" / "pretrain" / f"final-{world.images.name}")
     os.symlink(default, tmp_path / "alias")
     before = snapshot(default)
     overrides = [s for s in tiny_overrides(world.images, default, **TOKENS) if not s.startswith("run.out_dir=")]

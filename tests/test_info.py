@@ -25,9 +25,12 @@ from conftest import train_tiny
 def runs(pattern_tree, tmp_path_factory) -> dict[str, Path]:
     """A 2-step pretrain run (with its fitted PCA), a fast probe of it, and both of its exports."""
     root = tmp_path_factory.mktemp("info")
-    ckpt = train_tiny("final.yaml", pattern_tree, root / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
+    ckpt = train_tiny("final.yaml", pattern_tree, root / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
+                                                                  "online_probe.per_class": 1,
+                                                                  "online_probe.max_share": 1})
     sets = ["probe.fast=true", "probe.epochs=2", "probe.warmup_epochs=1", "probe.batch_size=8",
-            "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={root / 'probe'}"]
+            "probe.blrs=[0.01,1.0]", "probe.select=eval", "run.progress=false", "data.num_workers=0",
+            f"run.out_dir={root / 'probe'}"]  # select eval: the heads train on all 16 images, 2 steps an epoch
     probe.main(None, sets, {}, ckpt=str(ckpt), random_init=False)
     return {"pretrain": ckpt, "pca": root / "pre" / "pca.safetensors", "probe": root / "probe",
             "encoder": export_encoder(ckpt, root / "encoder.safetensors"), "timm": export_timm(ckpt, root / "timm"),

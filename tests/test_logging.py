@@ -20,7 +20,8 @@ TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3, "run.log_
 
 def test_off_a_terminal_every_log_is_a_plain_line_and_every_scalar_reaches_tensorboard(pattern_tree, tmp_path):
     out = tmp_path / "run"
-    sets = [a for s in tiny_overrides(pattern_tree, out, **TOKENS) for a in ("--set", s)]
+    online = {"online_probe.per_class": 1, "online_probe.max_share": 1}  # on for 8 images per class
+    sets = [a for s in tiny_overrides(pattern_tree, out, **TOKENS, **online) for a in ("--set", s)]
     with open(tmp_path / "stdout.txt", "w") as log:  # what nohup or a batch scheduler gives a job
         res = subprocess.run([sys.executable, "-m", "ldae_cli", "pretrain", "--config", "final.yaml", *sets],
                              stdout=log, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, timeout=300,

@@ -37,7 +37,8 @@ def tree_bytes(root) -> dict:
 def pretrain(run_main, data, out, **extra):
     from ldae_cli.stages import pretrain as stage
 
-    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(data, out, **TOKENS, **extra))
+    online = {"online_probe.per_class": 1, "online_probe.max_share": 1}  # on for 8 images per class
+    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(data, out, **TOKENS, **online, **extra))
     return stage.run(cfg, out.name)
 
 

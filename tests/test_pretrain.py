@@ -39,7 +39,7 @@ def test_final_is_trajectory_row_t35():
 
 @pytest.mark.parametrize("row", trajectory_rows())
 def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
-    sets = {}
+    sets = {"online_probe.per_class": 1, "online_probe.max_share": 1}  # 8 images per class: on, at every probe
     tokenizer = _read_yaml(find_config(f"trajectory/{row}.yaml"))["tokenizer"]
     if tokenizer["kind"] == "pixel":
         sets["data.image_size"] = 8 * tokenizer["patch"]  # 64 tokens whatever the patch
@@ -99,7 +99,8 @@ def _tensors_equal(a, b, prefix):
 
 
 def test_resume_is_bit_exact(images, tmp_path):
-    sets = {"optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "tokenizer.patch": 4, "tokenizer.dim": 8}
+    sets = {"optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "tokenizer.patch": 4, "tokenizer.dim": 8,
+            "online_probe.per_class": 1, "online_probe.max_share": 1}  # the online probe on, at a fixed cadence
     full = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(images, tmp_path / "full", **sets))
     stage.run(full, "full")
     first = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(

@@ -220,10 +220,10 @@ def _fast_heads(blrs, tmp_path, monkeypatch):
     monkeypatch.setattr(engine_probe, "extract", lambda encoder, dataset, ctx, label, **reading: (feats, labels))
     cfg = stage.ProbeConfig()
     cfg.probe.blrs, cfg.probe.batch_size, cfg.probe.epochs, cfg.probe.warmup_epochs = blrs, 50, 25, 1
-    cfg.probe.fast, cfg.run.progress, cfg.run.log_every = True, False, 4
+    cfg.probe.fast, cfg.probe.select, cfg.run.progress, cfg.run.log_every = True, "eval", False, 4
     dataset = SimpleNamespace(num_classes=2, classes=["a", "b"])
     session = Session("probe", "probe", cfg, DistContext(), tmp_path, None)
-    engine_probe.train(session, FeatureEncoder(None, 8, "blobs", []), dataset, dataset, {}, lambda rows, knn: None)
+    engine_probe.train(session, FeatureEncoder(None, 8, "blobs", []), dataset, dataset, {}, lambda results: None)
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -272,24 +272,25 @@ def test_the_online_probe_agrees_with_the_offline_one_and_has_a_panel_of_its_own
     from ldae_cli.stages import pretrain, report
 
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                       "optim.epochs": 2, "optim.ema": 0.9})
+                                                                       "optim.epochs": 2, "optim.ema": 0.9,
+                                                                       "online_probe.per_class": 1,
+                                                                       "online_probe.max_share": 1})
     logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in logged if "online_knn_top1" in r]
     assert [r["step"] for r in online] == [1, 2, 3, 4]  # a quarter of 4 steps apart, and the last one
     cfg = config_from_dict(pretrain.PretrainConfig, load_checkpoint(ckpt).config)
     fit, test = online_subsets(cfg, DistContext())
-    # 4 steps of 8 images cannot pay for 10 fit images per class at 5 %: one per class, said in the title
-    assert len(fit) == 2 and sorted(fit.labels_tensor().tolist()) == [0, 1] and len(test) == 16
-    assert online[-1]["online_fit_images"] == 2 and online[-1]["online_fit_per_class"] == 1
+    # a floor of 1 per class and the whole run to spend: every training image, 8 per class, said in the title
+    assert len(fit) == 16 and fit.labels_tensor().bincount().tolist() == [8, 8] and len(test) == 16
+    assert online[-1]["online_fit_images"] == 16 and online[-1]["online_fit_per_class"] == 8
     offline = OnlineProbe(cfg.online_probe, None, fit, test, None, 0, 0)
     knn, linear = offline.measure(load_pretrained(ckpt), DistContext())  # the EMA weights, as the probe reads them
     assert online[-1]["online_knn_top1"] == round(knn, 2) and online[-1]["online_linear_top1"] == round(linear, 2)
     title = offline.title()
-    assert title == ("online probe top-1 % (fit 2 train images, 1/class, fewer than 10/class to stay under 4% of "
-                     "the run; test 16 eval images)")
+    assert title == "online probe top-1 % (fit 16 train images, 8/class; test 16 eval images)"
     events = b"".join(p.read_bytes() for p in (tmp_path / "pre" / "tensorboard").glob("events.out.tfevents.*"))
     assert title.encode() in events  # the Custom Scalars chart of the two accuracies
-    assert "fit 2 train images, 1/class; test 16 eval images" in report.online_title(tmp_path / "pre", logged)
+    assert "fit 16 train images, 8/class; test 16 eval images" in report.online_title(tmp_path / "pre", logged)
     assert report.main([str(tmp_path / "pre")])[0].stat().st_size > 1000
 
 

@@ -269,8 +269,8 @@ def test_a_new_run_never_replaces_another_without_force(world, run_main, tmp_pat
     run = tmp_path / "run"
     assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})).returncode == 0
     before = snapshot(tmp_path, world.root)
-    one_line(run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})), 1,
-             "already holds a pretrain checkpoint", "--resume", "--force")
+    assert "--resume" not in one_line(run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})), 1,
+                                      "already holds a pretrain checkpoint of a finished run", "--force")
     unchanged(before)
     keep = tmp_path / "notes"
     keep.mkdir()

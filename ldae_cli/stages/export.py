@@ -3,7 +3,8 @@ timm loads with `create_model("local-dir:DIR", pretrained=True)` (see pretrained
 
 An export never eats its input, a run or a user's file: --out may not be the checkpoint read, a file of a run, or any
 file but an earlier export (outputs.refuse_to_replace); `--format timm --force` replaces only a folder `ldae export`
-wrote (its marker lists its files)."""
+wrote (its marker lists its files). Both record the data the encoder was pretrained on (settings, absolute path,
+identity), which probe and finetune read when no --data is given (pretrained.pretraining_data)."""
 
 from __future__ import annotations
 

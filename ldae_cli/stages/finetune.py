@@ -18,27 +18,29 @@ from torch import nn
 
 from ldae_cli.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
 from ldae_cli import engine_finetune
-from ldae_cli.checkpoint import Checkpoint, read_metadata
+from ldae_cli.checkpoint import Checkpoint
 from ldae_cli.data import build_dataset
 from ldae_cli.distributed import resolve_device
 from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
 from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_timm_vit, sincos_2d, timm_vit_kwargs
-from ldae_cli.pretrained import load_encoder, timm_export
+from ldae_cli.pretrained import load_encoder, named, pretraining_data
 from ldae_cli.logs import console
-from ldae_cli.discovery import check_splits
+from ldae_cli.discovery import NoData, check_splits
+from ldae_cli import rundir
 from ldae_cli.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
 
 
-def default_config(ckpt: str | None) -> dict:
-    """The data the encoder was pretrained on, so `ldae finetune --ckpt X` needs no --data (as `ldae probe`); the
-    fine-tuning crops, flips and augmentations stay the recipe's."""
-    if not ckpt or timm_export(ckpt) is not None:
-        return {}
-    meta = read_metadata(ckpt)
-    data = {k: v for k, v in meta["config"].get("data", {}).items() if k not in ("crop", "crop_scale", "hflip")}
-    return {"data": data} if data else {}
+def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
+    """The data the encoder was pretrained on when its record names it and it is still there, so `ldae finetune
+    --ckpt X` needs no --data (as `ldae probe`), and why not; the fine-tuning crops, flips and augmentations stay
+    the recipe's. `given`: the command line names it."""
+    if not ckpt:
+        return {}, "no --ckpt records any"
+    data, why = pretraining_data(ckpt, given)
+    data = {k: v for k, v in data.items() if k not in ("crop", "crop_scale", "hflip")}
+    return ({"data": data} if data else {}), why
 
 
 def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | None]:
@@ -95,8 +97,8 @@ def describe_init(init_desc: dict) -> str:
 
 
 def run_name(cfg: FinetuneConfig, config_name: str | None) -> str:
-    """runs/finetune/<config>[-scratch]"""
-    return (Path(config_name).stem if config_name else "default") + ("-scratch" if cfg.model.from_scratch else "")
+    """runs/finetune/<config>[-<data folder>][-scratch] (rundir.run_name)"""
+    return rundir.run_name(config_name or "default", cfg.data) + ("-scratch" if cfg.model.from_scratch else "")
 
 
 def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
@@ -173,9 +175,12 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
          preview: str | None = None) -> Path | None:
     refuse_force(resume, cont, force)
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
-    base = default_config(ckpt) if resume is None else None
-    cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont,
-                                       base)
+    base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
+    try:
+        cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE,
+                                           cont, base)
+    except NoData:
+        raise LdaeError(f"finetune: nothing names the data to fine-tune on: {why}; give --data DIR") from None
     if resume_ckpt is None:
         refuse_inputs_inside("finetune", "finetune", cfg.run.out_dir, run_name(cfg, config), {"--ckpt": cfg.model.ckpt})
     elif cfg.model.ckpt != resume_ckpt.config.get("model", {}).get("ckpt"):  # recorded, never read: may only relocate

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 from ldae_cli.engine_pretrain import RESUMABLE, PretrainConfig
 from ldae_cli import engine_pretrain, pca
+from ldae_cli.budget import sized_flags
 from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
-from ldae_cli.data import build_dataset, to_unit_range
+from ldae_cli.data import build_dataset, identity_of, resolve_image_size, to_unit_range
 from ldae_cli.diffusion import Denoiser, NoiseSchedule
-from ldae_cli.distributed import amp_dtype, barrier, resolve_device
-from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
-from ldae_cli.online_probe import OnlineProbe, online_subsets
+from ldae_cli.distributed import amp_dtype, barrier
+from ldae_cli.dryrun import Plan, estimate_images_per_second, outline, print_config
+from ldae_cli.online_probe import OnlineProbe, online_plan, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.models import build_model
 from ldae_cli.optim import plan_steps
@@ -26,29 +29,67 @@ from ldae_cli.logs import console
 from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
     refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
 from ldae_cli.discovery import check_splits
+from ldae_cli.rundir import run_name
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
-    """The configured tokenizer; a PCA without tokenizer.path is fitted on the training data first (`dataset`
-    itself when its images are fixed center crops, else the same images without augmentation)."""
+    """The configured tokenizer. A PCA without tokenizer.path is `pca_file`'s: found, or fitted on the training data
+    first (`dataset` itself when its images are fixed center crops, else the same images without augmentation)."""
     tc = cfg.tokenizer
     path = tc.path
     if tc.kind == "pca" and not path:
-        path = s.output("pca.safetensors")
-        if s.ctx.is_main and not path.exists():
+        path, found, note = pca_file(cfg, dataset.identity(), lambda: s.output("pca.safetensors"))
+        if s.ctx.is_main:
+            console.print(note)
+        if s.ctx.is_main and not found:
             settings = pca.PCAConfig(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
             plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
-            console.print(f"tokenizer.path is empty: fitting the PCA tokenizer on the training data -> {path}")
-            warning = pca.oversampling(len(plain), plain.size, settings)
-            if warning:
-                console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
-            fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
-            pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings), "out": str(path)},
-                         cfg.data.image_size, cfg.data.source)
+            if path.parent == s.out_dir:
+                warning = pca.oversampling(len(plain), plain.size, settings)
+                if warning:
+                    console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
+                fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
+                pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings),
+                                                      "out": str(path)}, cfg.data.image_size, cfg.data.source)
+            else:  # where and as `ldae fit-pca` writes it (with its config and filters), for the next run to find
+                pca.fit_and_write(pca.FitPCAConfig(cfg.data, settings, str(path)), cfg.run.progress, dataset=plain)
         barrier(s.ctx)
     return load_tokenizer(tc, path)
+
+
+def pca_file(cfg: PretrainConfig, identity: str, own: Callable[[], Path]) -> tuple[Path, bool, str]:
+    """The PCA file a run without tokenizer.path reads: the one `ldae fit-pca` writes for this data, patch, d and
+    image size (pca.default_out) when it holds a fit of these images (`identity`); else where the fit goes: that
+    same file, so the next run finds it, or the run's own (`own()`) when an --out keeps the run elsewhere or that file
+    holds other images. Returns (path, already there, the line saying which)."""
+    tc, size = cfg.tokenizer, cfg.data.image_size
+    d = tc.dim or 16
+    shared = pca.default_out(pca.FitPCAConfig(cfg.data, pca.PCAConfig(patch=tc.patch, dim=d)))
+    what = f"patch {tc.patch}, d = {d}, image size {size}"
+    if shared.is_file():
+        if pca_record(shared).get("data_identity") == identity:
+            return shared, True, f"tokenizer: {shared}, the PCA `ldae fit-pca` fitted on this data ({what})"
+        target = own()
+        return target, False, (f"tokenizer: {shared} is a PCA of other images than these: fitting the PCA on the "
+                               f"training data ({what}) -> {target}")
+    target = own() if cfg.run.out_dir else shared
+    mine = [(p, r["dim"]) for p in sorted(shared.parent.glob("*.safetensors"))
+            for r in [pca_record(p)] if r.get("data_identity") == identity and r.get("patch") == tc.patch
+            and r.get("image_size") == size and r.get("dim") != d]
+    other = (f"; {mine[0][0]} (`ldae fit-pca` on this data, d = {mine[0][1]}) is not used: this config keeps d = {d}; "
+             f"--set tokenizer.path={mine[0][0]} uses it instead" if mine else "")
+    return target, False, f"tokenizer: fitting the PCA on the training data ({what}) -> {target}{other}"
+
+
+def pca_record(path: Path) -> dict:
+    """What a PCA file records of its fit (patch, d, image size, data identity); {} for a file that is not one."""
+    try:
+        meta = read_metadata(path)
+    except LdaeError:
+        return {}
+    return meta["extra"] if meta["kind"] == "pca" else {}
 
 
 # what --init-from may not change: the network and the tokenizer it reads (objective, optimizer, data may differ)
@@ -58,7 +99,7 @@ INIT_KEPT = ("model.", "tokenizer.kind", "tokenizer.patch", "tokenizer.dim", "to
 
 def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint | None = None,
         force: bool = False, init_from: Checkpoint | None = None) -> Path:
-    with session("pretrain", "pretrain", cfg, config_name, resume, force, config_file=config_name,
+    with session("pretrain", "pretrain", cfg, run_name(config_name, cfg.data), resume, force, config_file=config_name,
                  resumable=RESUMABLE) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after a PCA fit
         if cfg.data.eval_split is not None:  # an evaluation split named explicitly must be there, from the start
@@ -123,12 +164,27 @@ def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:
                         "optimizer, schedule, epochs and data may differ)")
 
 
-def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> None:
+def settle(cfg: PretrainConfig, overrides: list[str], adopt: bool = True) -> None:
+    """A new run's settings taken from what it reads, said on one rank: a PCA file's patch size and d (`adopt`: not
+    under --init-from, whose parent fixes them) and the image size (data.resolve_image_size at the tokenizer's patch),
+    which a PCA file must have been fitted at."""
+    meta = adopt_pca_file(cfg, overrides) if adopt else None
+    for note in resolve_image_size(cfg.data, cfg.tokenizer.patch):
+        if os.environ.get("RANK", "0") == "0":
+            console.print(note)
+    fitted = (meta or {}).get("extra", {}).get("image_size")
+    if fitted is not None and fitted != cfg.data.image_size:
+        raise LdaeError(f"tokenizer.path {cfg.tokenizer.path} was fitted on {fitted}x{fitted} images but this run's "
+                        f"image size is {cfg.data.image_size}; set data.image_size={fitted}, or fit a PCA at "
+                        f"{cfg.data.image_size} (ldae fit-pca --image-size {cfg.data.image_size})")
+
+
+def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> dict | None:
     """A PCA file given as tokenizer.path supplies its own patch size and d; a different value given on the command
-    line is an error, one from the config file gives way (said so)."""
+    line is an error, one from the config file gives way (said so). Returns the file's metadata."""
     tc = cfg.tokenizer
     if tc.kind != "pca" or not tc.path:
-        return
+        return None
     meta = read_metadata(tc.path)
     if meta["kind"] != "pca":
         raise LdaeError(f"tokenizer.path {tc.path}: a '{meta['kind']}' checkpoint, expected a PCA from `ldae fit-pca`")
@@ -143,6 +199,7 @@ def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> None:
         console.print(f"tokenizer: {key} {value} from {tc.path} (the config said {current})")
         setattr(tc, key, value)
     cfg.validate()
+    return meta
 
 
 def denoising_panel(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, images: int = 8
@@ -183,8 +240,7 @@ def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Den
         fit, test = online_subsets(cfg, s.ctx)
     except LdaeError as exc:
         if s.ctx.is_main:
-            console.print(f"online probe off: no usable labelled train and evaluation splits ({exc}); set "
-                          "online_probe.enabled=false to silence this")
+            console.print(f"online probe: off: {exc}; set online_probe.enabled=false to silence this")
         return None
 
     def view(trainer) -> Pretrained:  # the weights the offline probe would read: the EMA when the run keeps one
@@ -201,7 +257,7 @@ def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Den
 def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | None, force: bool,
             init_from: Checkpoint | None) -> Plan:
     """--dry-run: the checks and plan of a start, and a measured step time, with nothing written or trained."""
-    o = outline(cfg, "pretrain", "pretrain", config_name, config_name, resume, force,
+    o = outline(cfg, "pretrain", "pretrain", run_name(config_name, cfg.data), config_name, resume, force,
                 [cfg.data.eval_split] if cfg.data.eval_split is not None else [],
                 same_unsaved_run(cfg, RUN_RESUMABLE + RESUMABLE))
     notes = []
@@ -211,26 +267,34 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
     elif cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
         tokenizer, _ = load_tokenizer(cfg.tokenizer)
     else:
-        tokenizer = engine_pretrain.stand_in(cfg.tokenizer)
-        notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
-                     "timed)")
-        settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
-                                   patches=cfg.tokenizer.fit_patches)
-        warning = pca.oversampling(o.images, cfg.data.image_size, settings)
-        if warning:
-            notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
+        path, found, note = pca_file(cfg, identity_of(o.source, o.images), lambda: o.out_dir / "pca.safetensors")
+        notes.append(note)
+        if found:
+            tokenizer, _ = load_tokenizer(cfg.tokenizer, path)
+        else:
+            tokenizer = engine_pretrain.stand_in(cfg.tokenizer)
+            notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
+                         "timed)")
+            settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
+                                     patches=cfg.tokenizer.fit_patches)
+            warning = pca.oversampling(o.images, cfg.data.image_size, settings)
+            if warning:
+                notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
     denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-    model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(o.source.classes))
+    with torch.device("meta"):  # counted, not allocated: a 350M-parameter network in no time
+        model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(o.source.classes))
     params = sum(p.numel() for p in model.parameters())
-    device = resolve_device(cfg.run.device)
-    sample = min(o.micro, 8)
-    step = engine_pretrain.synthetic_step(cfg, denoiser, model, sample, device)
-    return o.plan("pretrain", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
-                  f"on {device}, without data loading, online probe or checkpoints", notes)
+    notes.append(online_plan(cfg, SimpleNamespace(rank=0, world=o.world)))
+    speed, timing = estimate_images_per_second(cfg)
+    return o.plan("pretrain", cfg, params, 1 / speed, timing, notes)
 
 
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False,
-         cont: bool = False, init_from: str | None = None, preview: str | None = None) -> Path | None:
+         cont: bool = False, init_from: str | None = None, preview: str | None = None,
+         budget: str | None = None) -> Path | None:
+    if budget is not None:  # a run sized to the data and the time (budget.py): keys between the config and --set
+        config, flags = sized_flags(budget, config, overrides, flags, preview,
+                                    {"--resume": resume, "--init-from": init_from, "--continue": cont})
     if config is None and resume is None and init_from is None:
         raise LdaeError("pretrain needs --config (e.g. --config final.yaml, or a row such as trajectory/T3.5), "
                         "--init-from CKPT (a new run from its weights) or --resume RUN_DIR")
@@ -245,12 +309,12 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         stored_config(PretrainConfig, parent)
     base = resume_base(parent.config) if parent is not None else None
     cfg, ckpt = load_run_config(PretrainConfig, "pretrain", config, overrides, flags, resume, RESUMABLE, cont, base,
-                                adjust=lambda c: adopt_pca_file(c, overrides) if parent is None else None)
+                                adjust=lambda c: settle(c, overrides, parent is None))
     if parent is not None:
         check_init_from(cfg, parent)
     name = config or (f"{Path(init_from).resolve().parent.name}-continued" if init_from else None)
     if ckpt is None:
-        refuse_inputs_inside("pretrain", "pretrain", cfg.run.out_dir, name,
+        refuse_inputs_inside("pretrain", "pretrain", cfg.run.out_dir, run_name(name, cfg.data),
                              {"--init-from": init_from, "tokenizer.path": cfg.tokenizer.path})
     else:  # --continue: the run in --out continues from its own checkpoint
         same_parent(ckpt, "--init-from", init_from, ("init",))

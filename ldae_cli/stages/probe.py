@@ -11,6 +11,7 @@ Baselines read against every result: `--random-init` (the same ViT, untrained) a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,56 +21,55 @@ from rich.table import Table
 from ldae_cli import engine_probe
 from ldae_cli.engine_probe import RESUMABLE, ProbeConfig
 from ldae_cli.checkpoint import Checkpoint, read_metadata
+from ldae_cli.config import load_config
 from ldae_cli.data import build_dataset
 from ldae_cli.errors import LdaeError
 from ldae_cli.pretrained import FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
-    pixel_features, read_timm_config, timm_export, vit_features
+    pixel_features, named, pretraining_data, timm_export, vit_features
 from ldae_cli.plots import save_probe_chart
 from ldae_cli.logs import console
 from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
     same_parent, session, verified_parent
-from ldae_cli.discovery import check_splits
+from ldae_cli.discovery import NoData, check_splits
 from ldae_cli.sources import open_source
 from ldae_cli import rundir
 from ldae_cli.distributed import amp_dtype, resolve_device
 from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 
 
-def default_config(ckpt_path: str | None) -> dict:
+def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:
     """The data the encoder was pretrained on (MAE probing crops for training), so `ldae probe --ckpt X` needs
-    nothing else: a pretrain checkpoint's or an `ldae export` file's (which keeps its pretrain config); a
-    `--format timm` folder records only its image size (give --data)."""
+    nothing else: what a pretrain checkpoint or an `ldae export` file or folder records, when it is still there
+    (pretrained.pretraining_data); and why not, for the line asking for --data. `given`: the command line names it."""
     if ckpt_path is None:
-        return {}
-    folder = timm_export(ckpt_path)
-    if folder is not None:
-        size = (read_timm_config(folder).get("ldae") or {}).get("image_size")
-        return {"data": {"image_size": size}} if size else {}
-    meta = read_metadata(ckpt_path)
-    if meta["kind"] not in ("pretrain", "encoder"):
-        raise LdaeError(f"{ckpt_path}: is a '{meta['kind']}' checkpoint; probe reads a pretrain checkpoint, an "
+        return {}, "no --ckpt records any"
+    if timm_export(ckpt_path) is None and (kind := read_metadata(ckpt_path)["kind"]) not in ("pretrain", "encoder"):
+        raise LdaeError(f"{ckpt_path}: is a '{kind}' checkpoint; probe reads a pretrain checkpoint, an "
                         "`ldae export` file or a `--format timm` folder")
-    data = {**meta["config"].get("data", {}), "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}
-    return {"data": data}
+    data, why = pretraining_data(ckpt_path, given)
+    return {"data": {**data, "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}}, why
 
 
-def run_name(ckpt: str | None, config_name: str | None, random_init: bool, features: str) -> str:
-    """runs/probe/<run>[-random-init][-<config>]: named after the encoder's run, so probes of two runs never meet."""
-    if features != "encoder":
-        base = features
+def run_name(ckpt: str | None, config_name: str | None, random_init: bool, cfg: ProbeConfig) -> str:
+    """runs/probe/<run>[-random-init]-<data>[-<config>]: named after the encoder's run and the data probed on, so
+    probes of two runs, or of one run on two datasets, never meet."""
+    if cfg.probe.features != "encoder":
+        base = cfg.probe.features
     else:
         path = Path(ckpt)
         base = path.parent.name if path.name in (CHECKPOINT, "model.safetensors") else path.stem if path.is_file() \
             else path.name
         base += "-random-init" if random_init else ""
+    base += f"-{rundir.data_name(cfg.data)}"
     return f"{base}-{Path(config_name).stem}" if config_name else base
 
 
-def results_table(rows: list[dict], knn: float | None, title: str) -> Table:
+def results_table(rows: list[dict], knn: float | None, title: str, chosen: int | None = None) -> Table:
+    """The heads, the reported one (`chosen`; default: the best on the eval split) marked *."""
     table = Table(title=title)
     for col in ("head", "blr", "lr", "train loss", "top-1", "top-5"):
         table.add_column(col, justify="right")
-    best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
+    best = max(range(len(rows)), key=lambda i: rows[i]["top1"]) if chosen is None else chosen
     for i, r in enumerate(rows):
         mark = " *" if i == best else ""
         loss = "diverged" if r["train_loss"] is None else f"{r['train_loss']:.3g}"
@@ -106,7 +106,7 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
     if ckpt is None and cfg.probe.features == "encoder":
         raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
                         "--random-init (its architecture)")
-    name = run_name(ckpt, config_name, random_init, cfg.probe.features)
+    name = run_name(ckpt, config_name, random_init, cfg)
     with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])  # before any feature
         encoder = build_encoder(cfg, ckpt, random_init, s.ctx.device)
@@ -121,10 +121,10 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         about = {"checkpoint": ckpt, "random_init": random_init, "features": cfg.probe.features, "t": cfg.probe.t,
                  "depth": cfg.probe.depth, "noisy_input": cfg.probe.noisy_input}
 
-        def show(rows: list[dict], knn: float | None) -> None:
-            console.print(results_table(rows, knn, f"linear probe: {encoder.description}"))
-            console.print(f"best head * is chosen on the {cfg.data.split_name('eval')} split; wrote "
-                          f"{s.out_dir / 'results.json'} and {s.checkpoint}")
+        def show(results: dict) -> None:
+            console.print(results_table(results["heads"], results["knn_top1"], f"linear probe: {encoder.description}",
+                                        results["selected_head"]))
+            console.print(f"{engine_probe.summary(results)}; wrote {s.out_dir / 'results.json'} and {s.checkpoint}")
 
         results = engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
         if results and s.ctx.is_main:  # {} when stopped early
@@ -136,14 +136,15 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
             resume: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a probe, with the encoder's feature extraction timed; nothing written."""
     world, settings = world_size(), cfg.probe
-    name = run_name(ckpt, config_name, random_init, settings.features)
+    name = run_name(ckpt, config_name, random_init, cfg)
     out_dir = rundir.resolve("probe", "probe", cfg.run.out_dir, name, resume.path if resume else None)
     start = start_of(out_dir, "probe", "probe", force, resume.extra["step"] if resume else None,
                      kept_config(config_name, out_dir))
     check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     train, held_out = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
     images = min(len(train), cfg.data.limit or len(train))
-    plan = engine_probe.head_plan(settings, images, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    trained = images - (engine_probe.held_out(images) if settings.select == "holdout" else 0)
+    plan = engine_probe.head_plan(settings, trained, cfg.run.seed, SimpleNamespace(rank=0, world=world))
     steps = plan.total_steps
     device = resolve_device(cfg.run.device)
     encoder = build_encoder(cfg, ckpt, random_init, device)
@@ -159,18 +160,50 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
                 [f"encoder: {encoder.description}; {classes} classes, {len(settings.blrs)} heads"], extracted)
 
 
+SMALL_DATA = "probe/small-fast.yaml"
+
+
+def protocol(overrides: list[str], flags: dict, base: dict | None) -> str | None:
+    """Without --config: the small-data protocol (SMALL_DATA) when a batch of the defaults (and --set) is more than
+    the training images, said either way; None keeps the defaults. A config that does not load is left to the real
+    load to report."""
+    try:
+        trial = load_config(ProbeConfig, None, overrides, flags, base)
+        trial.data.resolve()
+        source = open_source(replace(trial.data, verify=False), "train")
+    except LdaeError:
+        return None
+    images, s = min(len(source), trial.data.limit or len(source)), trial.probe
+    if s.batch_size <= images:
+        console.print(f"probe: {images:,} training images: {'fast mode' if s.fast else 'the full protocol'}, batch "
+                      f"{s.batch_size:,} (--config names another)")
+        return None
+    whose = "a fast-mode" if s.fast else "the full protocol's"
+    console.print(f"probe: {images:,} training images, fewer than {whose} batch {s.batch_size:,}: using the "
+                  f"small-data protocol ({Path(SMALL_DATA).with_suffix('')})")
+    return SMALL_DATA
+
+
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
          ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False,
          preview: str | None = None) -> dict | None:
     refuse_force(resume, cont, force)
     name = Path(config).stem if config else None
-    base = default_config(ckpt) if resume is None else None
-    cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont, base)
+    base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
+    if config is None and resume is None:  # no protocol named: the data's size picks one (the run keeps its name)
+        config = protocol(overrides, flags, base)
+    try:
+        cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont,
+                                           base)
+    except NoData:
+        raise LdaeError(f"probe: nothing names the data to probe on: {why}; give --data DIR") from None
+    if base and not why and base["data"].get("path") == cfg.data.path:
+        console.print(f"data: {cfg.data.path or cfg.data.source}, which {ckpt} was pretrained on")
     if random_init and cfg.probe.features != "encoder":
         raise LdaeError(f"--random-init probes an untrained encoder, but probe.features is '{cfg.probe.features}' "
                         "(the raw-image baseline, no encoder); give one of them")
     if resume_ckpt is None and ckpt is not None:
-        refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg.probe.features),
+        refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg),
                              {"--ckpt": ckpt})
     if preview == "config":
         return print_config(cfg)

@@ -74,9 +74,17 @@ def what_ran(results: dict) -> tuple[list[str], list[str], list[str]]:
     lines = [f"Data: {'; '.join(data)}.", ""]
     if common:
         lines += [f"Every pretrain run: {', '.join(common)}.", ""]
+    # probe.select: results from before it (no `select`) chose on the eval split
+    chosen = {r["probe"].get("select", "eval") for r in variants}
+    if len(chosen) > 1:
+        probe_varying.append("select")
+    how = {"eval": "the best of its linear heads (one per blr) is chosen on the eval split",
+           "holdout": "its linear head (one per blr) is chosen on a seeded 10 % of the training split held out from "
+                      "the heads, and its top-1 on the eval split is reported"}
     if probe_common:
-        lines += [f"Every probe: {', '.join(probe_common)}; the best of its linear heads (one per blr) is chosen on "
-                  "the eval split.", ""]
+        lines += [f"Every probe: {', '.join(probe_common)}; "
+                  f"{how[chosen.pop()] if len(chosen) == 1 else 'its linear head is chosen as probe.select says'}.",
+                  ""]
     return lines, varying, probe_varying
 
 

@@ -24,7 +24,8 @@ from ldae_cli.studies.runner import Plan, Row, Run, Timings
 from ldae_cli.studies.spec import data_key
 
 NO_DIFFERENCE = "no difference shown"
-MEASURES = {"linear": "best_top1", "knn": "knn_top1"}
+# the linear top-1 is the head the probe's `select` chose (results from before it: the best on the eval split)
+MEASURES = {"linear": "selected_top1", "knn": "knn_top1"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,9 +103,10 @@ def probe_settings(run: Run) -> dict:
     probe, data = meta["config"]["probe"], meta["config"]["data"]
     mode = "fast mode (features of center crops, extracted once)" if probe["fast"] else \
         "full mode (MAE's: random-resized crops and flips every epoch)"
-    return {"mode": mode, "epochs": probe["epochs"], "batch": probe["batch_size"],
-            "blrs": probe["blrs"], "knn_k": probe["knn_k"], "t": probe["t"], "depth": probe["depth"],
-            "features": probe["features"], "limit": data["limit"], "eval_split": data["eval_split"]}
+    return {"mode": mode, "select": probe.get("select", "eval"), "epochs": probe["epochs"],
+            "batch": probe["batch_size"], "blrs": probe["blrs"], "knn_k": probe["knn_k"], "t": probe["t"],
+            "depth": probe["depth"], "features": probe["features"], "limit": data["limit"],
+            "eval_split": data["eval_split"]}
 
 
 def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
@@ -132,7 +134,8 @@ def row_results(plan: Plan, row: Row, seeds: int) -> dict:
     for seed in range(seeds):
         result = json.loads((row.probes[seed].out / "results.json").read_text())
         pretrain = row.pretrains[seed]
-        runs.append({"seed": seed, "linear": result[MEASURES["linear"]], "knn": result[MEASURES["knn"]],
+        linear = result.get(MEASURES["linear"], result["best_top1"])
+        runs.append({"seed": seed, "linear": linear, "knn": result[MEASURES["knn"]],
                      "probe": relative(plan, row.probes[seed].out), "pretrain": relative(plan, pretrain.out),
                      "probe_s": result.get("seconds"),
                      "pretrain_s": None if row.baseline else wall_seconds(read_metrics(pretrain.out / METRICS))})
