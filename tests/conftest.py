@@ -242,3 +242,14 @@ def probe_args(world, out: Path, *extra: str, ckpt=None) -> list[str]:
     return ["probe", "--ckpt", str(ckpt or world.ckpt), "--out", str(out), *sets(
         ["probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "run.progress=false", "data.num_workers=0",
          *extra])]
+
+
+def rewrite_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint `src` whose metadata `edit(meta)` changed (tensors as they were)."""
+    from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+
+    meta = read_metadata(src)
+    edit(meta)
+    ck = load_checkpoint(src)
+    save_checkpoint(dst, meta["kind"], ck.tensors, meta["config"], extra=meta["extra"])
+    return dst

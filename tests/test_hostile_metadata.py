@@ -13,18 +13,9 @@ import pytest
 import torch
 
 import ldae_cli as ldae
-from conftest import one_line, probe_args, sets, snapshot, tiny_overrides, unchanged
-from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from conftest import one_line, probe_args, rewrite_metadata, sets, snapshot, tiny_overrides, unchanged
+from ldae_cli.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.errors import LdaeError
-
-
-def _rewrite(src: Path, dst: Path, edit) -> Path:
-    """A copy of checkpoint `src` whose metadata `edit(meta)` changed, its tensors as they were."""
-    meta = read_metadata(src)
-    edit(meta)
-    ck = load_checkpoint(src)
-    save_checkpoint(dst, meta["kind"], ck.tensors, meta["config"], extra=meta["extra"])
-    return dst
 
 
 def _set(where: str, key: str, value):
@@ -80,8 +71,8 @@ def test_edited_pretrain_metadata_is_named_by_every_reader(edit, reader, world, 
     change, fragments = EDITS[edit]
     run = tmp_path / "run"
     shutil.copytree(world.cut.parent, run)
-    _rewrite(world.cut, run / "checkpoint.safetensors", change)
-    bad = _rewrite(world.ckpt, tmp_path / "bad.safetensors", change)
+    rewrite_metadata(world.cut, run / "checkpoint.safetensors", change)
+    bad = rewrite_metadata(world.ckpt, tmp_path / "bad.safetensors", change)
     before = snapshot(world.root, tmp_path)
     line = one_line(run_main(*_reader(reader, world, bad, run, tmp_path)), 1, *fragments,
                     "the metadata is damaged or was edited")
@@ -147,7 +138,7 @@ def test_the_api_refuses_non_finite_image_tensors(world):
 
 
 def test_an_edited_pca_is_named_by_pretrain_and_info(world, run_main, tmp_path):
-    bad = _rewrite(world.pca, tmp_path / "pca.safetensors", _set("extra", "patch", 8))
+    bad = rewrite_metadata(world.pca, tmp_path / "pca.safetensors", _set("extra", "patch", 8))
     before = snapshot(world.root, tmp_path)
     fragments = (str(bad), "patch 8", "pca.basis (48, 48) (p*p*3 values) holds 4")
     args = ["pretrain", "--config", "final.yaml", *sets(tiny_overrides(world.images, tmp_path / "run",
@@ -173,7 +164,7 @@ def test_an_edited_encoder_export_is_named_by_probe_and_info(key, value, fragmen
                                                              tmp_path):
     def edit(meta):
         meta["extra"]["timm_kwargs"][key] = value
-    bad = _rewrite(encoder_export, tmp_path / "vit.safetensors", edit)
+    bad = rewrite_metadata(encoder_export, tmp_path / "vit.safetensors", edit)
     before = snapshot(world.root, tmp_path, encoder_export.parent)
     one_line(run_main(*probe_args(world, tmp_path / "probe", ckpt=bad)), 1, str(bad), fragment)
     one_line(run_main("info", str(bad)), 1, str(bad), fragment)

@@ -4,6 +4,7 @@ the probe chart drawn from the probe's own results rows."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -175,3 +176,13 @@ def test_probe_chart_without_knn_or_heads(tmp_path, figures):
     assert plots.save_probe_chart({}, tmp_path / "none.png") is None  # a probe stopped before its evaluation
     assert not (tmp_path / "none.png").exists()
     assert math.isclose(ax.lines[0].get_ydata()[0], 50.0)
+
+
+def test_a_spectrum_reaching_1e_19_labels_its_axis_1e_19_not_a_row_of_zeros(figures, tmp_path):
+    """fit-pca's spectrum axis printed 0.0000000000000000001."""
+    basis = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0].T
+    eigenvalues = torch.tensor([10.0 ** -e for e in np.linspace(0, 21, 48)], dtype=torch.float64)
+    plots.save_filters(basis, 4, tmp_path / "f.png", eigenvalues=eigenvalues, dim=8)
+    shown = [t.get_text() for t in figures[0].axes[1].yaxis.get_ticklabels() if t.get_text()]
+    assert all(re.fullmatch(r"\d(\.\d+)?e[+-]\d+", s) for s in shown), shown
+    assert min(int(s.split("e")[1]) for s in shown) <= -17 and max(map(len, shown)) <= 6, shown

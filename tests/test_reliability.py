@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, sets, snapshot, \
-    tiny_overrides, unchanged, write_pattern_tree
-from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from conftest import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, rewrite_metadata, sets, \
+    snapshot, tiny_overrides, unchanged, write_pattern_tree
+from ldae_cli.checkpoint import load_checkpoint
 
 # ------------------------------------------------------------------------------------------ bad options
 # each is rejected when the config is read, before any data is read or any directory made
@@ -88,15 +88,6 @@ def test_a_bad_option_of_any_stage_is_one_line(args, fragment, world, run_main, 
 
 # ------------------------------------------------------------------------------------------ bad files
 
-def _rewrite(src: Path, dst: Path, edit) -> Path:
-    """A copy of checkpoint `src` whose metadata `edit(meta)` changed (tensors as they were)."""
-    meta = read_metadata(src)
-    edit(meta)
-    ck = load_checkpoint(src)
-    save_checkpoint(dst, meta["kind"], ck.tensors, meta["config"], extra=meta["extra"])
-    return dst
-
-
 def _truncated(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     return dst
@@ -117,15 +108,15 @@ BAD_FILES = [
     ("foreign safetensors", lambda s, d: save_file({"w": torch.zeros(2)}, str(d)) or d, "without ldae metadata"),
     ("wrong kind", lambda s, d: d.write_bytes((s.parent / "pca.safetensors").read_bytes()) and d,
      "is a 'pca' checkpoint; probe reads a pretrain checkpoint"),
-    ("missing grid", lambda s, d: _rewrite(s, d, lambda m: m["extra"]["model_spec"].pop("grid")),
+    ("missing grid", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].pop("grid")),
      "without 'model_spec.grid' in its metadata"),
-    ("missing tokenizer", lambda s, d: _rewrite(s, d, lambda m: m["extra"].pop("tokenizer")),
+    ("missing tokenizer", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].pop("tokenizer")),
      "without 'tokenizer.kind' in its metadata"),
-    ("spec does not fit tensors", lambda s, d: _rewrite(s, d, lambda m: m["extra"]["model_spec"].update(width=64)),
+    ("spec does not fit tensors", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].update(width=64)),
      "its tensors do not match the network its metadata describes"),
-    ("grid does not fit image size", lambda s, d: _rewrite(s, d, lambda m: m["extra"].update(image_size=64)),
+    ("grid does not fit image size", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].update(image_size=64)),
      "metadata is damaged or was edited"),
-    ("newer config key", lambda s, d: _rewrite(s, d, lambda m: m["config"]["diffusion"].update(sampler="dpm")),
+    ("newer config key", lambda s, d: rewrite_metadata(s, d, lambda m: m["config"]["diffusion"].update(sampler="dpm")),
      "unknown config key 'sampler'"),
     ("damaged json", _bad_json, "metadata is damaged (invalid JSON)"),
 ]
