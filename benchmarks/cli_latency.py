@@ -1,5 +1,5 @@
 """How long a config or `--set` mistake takes to be reported: `ldae pretrain --config final.yaml` with a misspelt key
-and with a bad value, against the same command with a valid config (`--print-config`, which loads the stage and
+and with a bad value (and every other stage with a misspelt key), against the same command with a valid config (`--print-config`, which loads the stage and
 torch, as every error did before) and against starting Python alone.
 
     python benchmarks/cli_latency.py [--repeats 5] [--json docs/bench-cli-latency.json]
@@ -60,6 +60,12 @@ def main() -> None:
             "--set optim.lr=-1 (bad value)": ([*ldae, "--set", "optim.lr=-1"], 1),
             "--print-config (valid: loads the stage and torch)": ([*ldae, "--print-config"], 0),
         }
+        stages = {"fit-pca": [], "train-tokenizer": ["--config", "tokenizer/patch-ae.yaml"],
+                  "probe": ["--config", "probe/small-fast.yaml"], "finetune": ["--config", "finetune/cifar10.yaml"],
+                  "detect": ["--config", "detect/cpu-tiny.yaml"]}
+        for stage, config in stages.items():  # the other stages' typo, reported as early
+            commands[f"--set no_such_key=1 ({stage})"] = (
+                [sys.executable, "-m", "ldae_cli", stage, *config, "--data", str(tree), "--set", "no_such_key=1"], 1)
         times = {name: [] for name in commands}
         for _ in range(args.repeats):  # interleaved, so that a burst of other load hits every command alike
             for name, (argv, code) in commands.items():

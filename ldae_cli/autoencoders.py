@@ -20,9 +20,8 @@ supplies (no pretrained network is downloaded).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,52 +32,9 @@ from torch import nn
 
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import patchify, unpatchify
+from ldae_cli.settings import AutoencoderConfig as AutoencoderConfig  # re-exported where it was
 
 KINDS = ("conv-vae", "patch-vae", "patch-ae")
-
-
-@dataclass
-class AutoencoderConfig:
-    """The `tokenizer:` section of a train-tokenizer config (the architecture)."""
-
-    kind: Literal["conv-vae", "patch-vae", "patch-ae"] = "conv-vae"
-    # patch-vae / patch-ae: token = one p x p patch, d latent values per token
-    patch: int = 16
-    dim: int = 16
-    # conv-vae: latent map of `latent_channels` at 1/stride resolution; token = token_group^2 positions
-    stride: int = 8
-    latent_channels: int = 4
-    token_group: int = 2
-    channels: int = 128  # width of the first level
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # one entry per level: log2(stride)+1
-    res_blocks: int = 2
-    attention: bool = True  # self-attention in the mid block (LDM); costly at large latent maps
-
-    def validate(self) -> None:
-        if self.kind == "conv-vae":
-            if self.stride < 1 or self.stride & (self.stride - 1):
-                raise LdaeError(f"tokenizer.stride: must be a power of two (1, 2, 4, 8, ...), got {self.stride}")
-            levels = int(math.log2(self.stride)) + 1
-            if len(self.channel_mult) != levels:
-                raise LdaeError(f"tokenizer.channel_mult has {len(self.channel_mult)} levels but stride "
-                                f"{self.stride} needs {levels} (one per resolution), e.g. "
-                                f"{[min(2 ** i, 4) for i in range(levels)]}")
-            if min(self.latent_channels, self.token_group, self.channels, self.res_blocks, *self.channel_mult) < 1:
-                raise LdaeError("tokenizer.latent_channels, token_group, channels, res_blocks and channel_mult "
-                                "must be positive")
-        else:
-            if self.patch < 1 or not 1 <= self.dim <= self.patch * self.patch * 3:
-                raise LdaeError(f"tokenizer.dim: a {self.patch}x{self.patch}x3 patch tokenizer keeps between 1 "
-                                f"and {self.patch * self.patch * 3} dims, got {self.dim}")
-
-    def spec(self) -> dict:
-        """The JSON-able description stored in checkpoints, enough to rebuild the network."""
-        if self.kind == "conv-vae":
-            return {"kind": self.kind, "stride": self.stride, "latent_channels": self.latent_channels,
-                    "token_group": self.token_group, "channels": self.channels,
-                    "channel_mult": list(self.channel_mult), "res_blocks": self.res_blocks,
-                    "attention": self.attention}
-        return {"kind": self.kind, "patch": self.patch, "dim": self.dim}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,6 +80,17 @@ def preview(print_config: bool, dry_run: bool) -> str | None:
     return "config" if print_config else "plan" if dry_run else None
 
 
+def check_config(name: str, config: str | None, overrides: list[str] | None, flags: dict) -> None:
+    """A new run's config read as its stage will read it, before the stage loads torch: a config or --set error
+    comes in a second. Only where the stage reads exactly this, or this over the data section a --ckpt records
+    (probe, finetune: checked against the defaults instead, it refuses nothing the start accepts); never for
+    --resume, whose base is the run's stored config."""
+    from ldae_cli import eval_settings, settings
+    from ldae_cli.config import load_config
+
+    load_config(getattr(settings, name, None) or getattr(eval_settings, name), config, overrides or [], flags)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"ldae {__version__}")
@@ -120,11 +131,12 @@ def fit_pca(
     config: Optional[str] = ConfigOpt, overrides: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
 ) -> None:
     """Fit the patch-wise PCA tokenizer (mean patch, full basis, eigenvalues, latent scales) and draw its filters."""
+    flags = {"pca.patch": patch, "pca.dim": dim, "pca.patches": patches, "data.image_size": image_size,
+             **data_flags(data, source), "out": out}
+    check_config("FitPCAConfig", config, overrides, flags)
     from ldae_cli.stages import fit_pca as stage
 
-    call(stage.main, config=config, overrides=overrides or [], force=force, flags={
-        "pca.patch": patch, "pca.dim": dim, "pca.patches": patches, "data.image_size": image_size,
-        **data_flags(data, source), "out": out})
+    call(stage.main, config=config, overrides=overrides or [], force=force, flags=flags)
 
 
 @app.command("prepare-data")
@@ -156,11 +168,13 @@ def train_tokenizer(
     force: bool = ForceOpt, cont: bool = ContinueOpt, print_config: bool = PrintConfigOpt, dry_run: bool = DryRunOpt,
 ) -> None:
     """Train a conv VAE / VQGAN-style / patch VAE / patch AE tokenizer for the trajectory rows that need one."""
+    flags = {**data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device}
+    if config is not None and resume is None:
+        check_config("TrainTokenizerConfig", config, overrides, flags)
     from ldae_cli.stages import train_tokenizer as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, force=force, cont=cont,
-         preview=preview(print_config, dry_run), flags={
-             **data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device})
+         preview=preview(print_config, dry_run), flags=flags)
 
 
 @app.command("pretrain")
@@ -184,11 +198,7 @@ def pretrain(
     """
     flags = {**data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device}
     if config is not None and resume is None and init_from is None and budget is None:
-        # a new run's config read as the stage reads it, before the stage loads torch: its errors come in a second
-        from ldae_cli.config import load_config
-        from ldae_cli.settings import PretrainConfig
-
-        load_config(PretrainConfig, config, overrides or [], flags)
+        check_config("PretrainConfig", config, overrides, flags)
     from ldae_cli.stages import pretrain as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, force=force, cont=cont,
@@ -211,12 +221,14 @@ def probe(
     force: bool = ForceOpt, cont: bool = ContinueOpt, print_config: bool = PrintConfigOpt, dry_run: bool = DryRunOpt,
 ) -> None:
     """Linear-probe a pretrained encoder (MAE protocol: BN without affine + linear head, LARS), several lrs at once."""
+    flags = {**data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device, "probe.t": t,
+             "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast}
+    if config is not None and resume is None:  # without --config the data's size picks one: not known here
+        check_config("ProbeConfig", config, overrides, flags)
     from ldae_cli.stages import probe as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, ckpt=ckpt, random_init=random_init,
-         force=force, cont=cont, preview=preview(print_config, dry_run), flags={
-             **data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device, "probe.t": t,
-             "probe.depth": depth, "probe.noisy_input": noisy, "probe.fast": fast})
+         force=force, cont=cont, preview=preview(print_config, dry_run), flags=flags)
 
 
 @app.command("finetune")
@@ -229,11 +241,13 @@ def finetune(
     force: bool = ForceOpt, cont: bool = ContinueOpt, print_config: bool = PrintConfigOpt, dry_run: bool = DryRunOpt,
 ) -> None:
     """Fine-tune a pretrained encoder end to end (MAE recipe: mixup, cutmix, RandAug, layer decay, EMA)."""
+    flags = {**data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device}
+    if (config is not None or overrides) and resume is None:
+        check_config("FinetuneConfig", config, overrides, flags)
     from ldae_cli.stages import finetune as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, ckpt=ckpt, from_scratch=from_scratch,
-         force=force, cont=cont, preview=preview(print_config, dry_run), flags={
-             **data_flags(data, source, eval_split), "run.out_dir": out, "run.device": device})
+         force=force, cont=cont, preview=preview(print_config, dry_run), flags=flags)
 
 
 @app.command("detect")
@@ -246,11 +260,13 @@ def detect(
     force: bool = ForceOpt, cont: bool = ContinueOpt, print_config: bool = PrintConfigOpt, dry_run: bool = DryRunOpt,
 ) -> None:
     """Train and evaluate ViTDet Mask R-CNN on COCO from a pretrained encoder (detectron2): box AP and mask AP."""
+    flags = {"data.path": data, "run.out_dir": out, "run.device": device}
+    if (config is not None or overrides) and resume is None and not eval_only:  # --eval-only: the checkpoint's config
+        check_config("DetectConfig", config, overrides, flags)
     from ldae_cli.stages import detect as stage
 
     call(stage.main, config=config, overrides=overrides or [], resume=resume, ckpt=ckpt, from_scratch=from_scratch,
-         eval_only=eval_only, force=force, cont=cont, preview=preview(print_config, dry_run),
-         flags={"data.path": data, "run.out_dir": out, "run.device": device})
+         eval_only=eval_only, force=force, cont=cont, preview=preview(print_config, dry_run), flags=flags)
 
 
 @app.command("denoise")

@@ -6,8 +6,6 @@ exact resume (a killed final evaluation is redone on resume), NaN guard and metr
 
 from __future__ import annotations
 
-from typing import Optional
-from dataclasses import dataclass, field
 import contextlib
 import json
 import logging
@@ -19,14 +17,8 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from ldae_cli.config import require
-from ldae_cli.errors import LdaeError
-from ldae_cli.models import SizeName, check_shape, resolve_size
-from ldae_cli.optim import accumulation
-from ldae_cli.pretrained import DEFAULT_T
 from ldae_cli.rundir import write_atomically
 from ldae_cli.seeds import detect_step_seed
-from ldae_cli.session import RunConfig
 from ldae_cli import detection
 from ldae_cli.distributed import DistContext, amp_dtype, barrier
 from ldae_cli.hooks import Curve, Curves, Description, Evaluation, LogLine
@@ -34,158 +26,12 @@ from ldae_cli.train_state import TrainState
 from ldae_cli.trainer import Trainer
 from ldae_cli.optim import StepPlan
 from ldae_cli.logs import console, progress_bar
+from ldae_cli.eval_settings import DetectConfig
 from ldae_cli.session import Session
 
 
 RESUMABLE = ("optim.micro_batch", "eval.every")
 
-
-@dataclass
-class DetectDataConfig:
-    path: Optional[str] = None  # COCO root: annotations/instances_<split>.json and one image folder per split
-    train_split: str = "train2017"
-    eval_split: str = "val2017"
-    image_size: int = 1024  # LSJ crop size; test images are resized to this long side
-    scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])  # LSJ ResizeScale range
-    num_workers: int = 4
-
-    def validate(self) -> None:
-        if self.image_size < 16:
-            raise LdaeError(f"data.image_size: must be at least 16, got {self.image_size}")
-        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
-            raise LdaeError(f"data.scale_range: expected [min, max] with 0 < min <= max, got {self.scale_range}")
-        if self.num_workers < 0:
-            raise LdaeError(f"data.num_workers: must be >= 0, got {self.num_workers}")
-
-
-@dataclass
-class BackboneConfig:
-    # the encoder size this recipe is for; --ckpt must hold it (null: whatever --ckpt holds). Also the
-    # architecture of --from-scratch without --ckpt. width/depth/num_heads override the preset.
-    size: Optional[SizeName] = None
-    width: Optional[int] = None
-    depth: Optional[int] = None  # encoder blocks
-    num_heads: Optional[int] = None
-    patch_size: int = 16  # for --from-scratch without --ckpt (else the checkpoint's)
-    pretrain_image_size: int = 256  # likewise; the absolute position embedding is interpolated from it
-    t: int = DEFAULT_T  # noise level the adaLN encoder is folded at
-    ema: Optional[bool] = None  # fold the EMA weights (null: EMA when the pretrain run kept it)
-    drop_path: float = 0.1
-    window_size: int = 8  # window attention in every block but the last of each quarter of the depth
-
-    def shape(self) -> tuple[int, int, int] | None:
-        """(width, depth, heads) this recipe is for, or None when it follows the checkpoint."""
-        if self.size is None:
-            return None
-        return resolve_size("backbone", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
-
-    def validate(self) -> None:
-        shape = self.shape()
-        if shape:
-            check_shape("backbone", shape[0], shape[2])
-            require("backbone", "a positive integer", lambda v: v > 0, depth=shape[1])
-        require("backbone", "a positive integer", lambda v: v > 0, patch_size=self.patch_size,
-                pretrain_image_size=self.pretrain_image_size)
-        require("backbone", ">= 0", lambda v: v >= 0, t=self.t)
-        if not 0 <= self.drop_path < 1:
-            raise LdaeError(f"backbone.drop_path: expected a rate in [0, 1), got {self.drop_path}")
-        if self.window_size < 1:
-            raise LdaeError(f"backbone.window_size: must be positive, got {self.window_size}")
-
-
-@dataclass
-class DetectModelConfig:
-    pyramid_channels: int = 256  # simple-feature-pyramid outputs, RPN and ROI-head convolutions
-    box_fc_dim: int = 1024
-    roi_batch_per_image: int = 512  # sampled proposals per image for the ROI heads
-
-    def validate(self) -> None:
-        require("model", "a positive integer", lambda v: v > 0, pyramid_channels=self.pyramid_channels,
-                box_fc_dim=self.box_fc_dim, roi_batch_per_image=self.roi_batch_per_image)
-
-
-@dataclass
-class DetectOptimConfig:
-    batch_size: int = 64  # global batch (all ranks, all accumulation steps)
-    micro_batch: Optional[int] = None  # per rank per forward; null = batch_size / ranks
-    lr: float = 1e-4
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    layer_decay: float = 0.95  # lr of ViT block i is lr * layer_decay ** (depth - i)
-    iterations: int = 184375  # ViTDet's 100 epochs of COCO train2017 at batch 64
-    warmup_iterations: int = 250
-    warmup_factor: float = 0.001
-    lr_steps: list[float] = field(default_factory=lambda: [0.888889, 0.962963])  # fractions; lr x0.1 at each
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.iterations < 1 or self.warmup_iterations < 0:
-            raise LdaeError("optim.batch_size and optim.iterations must be positive, optim.warmup_iterations >= 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise LdaeError(f"optim.betas needs two values in [0, 1), got {self.betas}")
-        if not 0 < self.layer_decay <= 1:
-            raise LdaeError(f"optim.layer_decay: expected a factor in (0, 1], got {self.layer_decay}")
-        require("optim", "> 0", lambda v: v > 0, lr=self.lr, micro_batch=self.micro_batch)
-        require("optim", ">= 0", lambda v: v >= 0, weight_decay=self.weight_decay)
-        require("optim", "in (0, 1]", lambda v: 0 < v <= 1, warmup_factor=self.warmup_factor)
-        if any(not 0 < f < 1 for f in self.lr_steps) or sorted(set(self.lr_steps)) != list(self.lr_steps):
-            raise LdaeError(f"optim.lr_steps: expected increasing fractions of the run in (0, 1), got {self.lr_steps}")
-        milestones = self.milestones()
-        if milestones and (milestones[0] < 1 or len(set(milestones)) < len(milestones)):
-            raise LdaeError(f"optim.lr_steps {self.lr_steps} of {self.iterations} iterations put lr steps at "
-                            f"{milestones}; use more optim.iterations or fewer lr_steps")
-        if self.warmup_iterations >= self.iterations:
-            raise LdaeError(f"optim.warmup_iterations {self.warmup_iterations} is not fewer than optim.iterations "
-                            f"{self.iterations}: the lr would never reach its peak; set it below {self.iterations}")
-        if milestones and milestones[0] < self.warmup_iterations:
-            raise LdaeError(f"optim.lr_steps {self.lr_steps} puts the first lr step at iteration {milestones[0]}, "
-                            f"inside the optim.warmup_iterations {self.warmup_iterations}; raise the first step or "
-                            "shorten the warm-up")
-        if self.micro_batch is not None and self.batch_size % self.micro_batch:
-            raise LdaeError(f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size}; "
-                            "use a divisor of it, or null")
-
-    def milestones(self) -> list[int]:
-        return [round(f * self.iterations) for f in self.lr_steps]
-
-    def accumulation(self, world: int) -> tuple[int, int]:
-        return accumulation(self.batch_size, self.micro_batch, world)
-
-    def lr_schedule(self):
-        """ViTDet's schedule as a function of progress in [0, 1): linear warm-up, then x0.1 at each step."""
-        from detectron2.solver import WarmupParamScheduler  # detectron2 is imported only where it is used
-        from fvcore.common.param_scheduler import MultiStepParamScheduler
-
-        milestones = self.milestones()
-        steps = MultiStepParamScheduler(values=[0.1 ** i for i in range(len(milestones) + 1)],
-                                        milestones=milestones, num_updates=self.iterations)
-        return WarmupParamScheduler(steps, warmup_factor=self.warmup_factor,
-                                    warmup_length=min(1.0, self.warmup_iterations / self.iterations))
-
-
-@dataclass
-class DetectEvalConfig:
-    every: Optional[int] = None  # iterations between COCO evaluations while training (the end always evaluates)
-
-    def validate(self) -> None:
-        require("eval", "a positive number of iterations (or null)", lambda v: v > 0, every=self.every)
-
-
-@dataclass
-class DetectConfig:
-    data: DetectDataConfig = field(default_factory=DetectDataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    model: DetectModelConfig = field(default_factory=DetectModelConfig)
-    optim: DetectOptimConfig = field(default_factory=DetectOptimConfig)
-    eval: DetectEvalConfig = field(default_factory=DetectEvalConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self) -> None:
-        if self.run.compile:
-            raise LdaeError("run.compile: detect does not compile (Mask R-CNN has data-dependent shapes); "
-                            "set run.compile=false")
-        if self.eval.every is not None and self.eval.every > self.optim.iterations:
-            raise LdaeError(f"eval.every {self.eval.every} is more than optim.iterations {self.optim.iterations}: no "
-                            "evaluation would fall inside the run (the end always evaluates); lower it, or null")
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

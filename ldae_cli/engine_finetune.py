@@ -12,8 +12,6 @@ part of the recipe).
 
 from __future__ import annotations
 
-from typing import Literal, Optional
-from dataclasses import dataclass, field
 import contextlib
 import random
 
@@ -28,13 +26,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from ldae_cli.config import require
-from ldae_cli.data import DataConfig
-from ldae_cli.models import SizeName, check_shape, resolve_size
-from ldae_cli.optim import OptimConfig
-from ldae_cli.pretrained import DEFAULT_T
 from ldae_cli.seeds import batch_seed, seeded_rngs
-from ldae_cli.session import RunConfig
 from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.data import BadImageCounter, ImageDataset, make_loader, to_unit_range
 from ldae_cli.distributed import DistContext, all_reduce_sum, amp_dtype, barrier
@@ -44,6 +36,7 @@ from ldae_cli.trainer import Trainer, micro_batches
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import make_adamw, make_ema, plan_steps
 from ldae_cli.logs import console
+from ldae_cli.eval_settings import FinetuneConfig, even_micro_batch as even_micro_batch  # re-exported where it was
 from ldae_cli.session import Session
 
 
@@ -55,123 +48,14 @@ RESUMABLE = ("model.ckpt",)
 DESCRIPTION_KEYS = ("timm_kwargs", "class_names", "num_classes", "image_size", "init")
 
 
-@dataclass
-class ArchConfig:
-    """The ViT that --from-scratch builds when no --ckpt is given (ignored when there is one)."""
-
-    size: SizeName = "B"  # the encoder of one of the pretrain sizes (models.SIZES)
-    width: Optional[int] = None  # these three override the size preset (all three needed for 'custom')
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    patch: int = 16
-    mlp_ratio: float = 4.0
-
-    def resolved(self) -> tuple[int, int, int]:
-        return resolve_size("model.arch", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
-
-    def validate(self) -> None:
-        width, depth, heads = self.resolved()
-        check_shape("model.arch", width, heads)
-        require("model.arch", "a positive integer", lambda v: v > 0, depth=depth, patch=self.patch)
-        require("model.arch", "> 0", lambda v: v > 0, mlp_ratio=self.mlp_ratio)
-
-
-@dataclass
-class FinetuneModelConfig:
-    ckpt: Optional[str] = None  # --ckpt: a pretrain checkpoint or an encoder from `ldae export`
-    from_scratch: bool = False  # --from-scratch: the same network, randomly initialised
-    t: int = DEFAULT_T  # timestep the pretrained adaLN encoder is folded at
-    depth: Optional[int] = None  # blocks taken from the pretrained model; null = its encoder depth
-    pretrain_ema: Optional[bool] = None  # which pretrain weights: null = the EMA when that run kept one
-    drop_path: float = 0.1
-    head_init_std: float = 2e-5  # MAE: trunc-normal head weights, zero bias
-    arch: ArchConfig = field(default_factory=ArchConfig)
-
-    def validate(self) -> None:
-        if not 0 <= self.drop_path < 1:
-            raise LdaeError(f"model.drop_path is a rate in [0, 1), got {self.drop_path}")
-        if self.head_init_std <= 0:
-            raise LdaeError(f"model.head_init_std must be positive, got {self.head_init_std}")
-        require("model", ">= 0", lambda v: v >= 0, t=self.t)
-        require("model", "a positive integer", lambda v: v > 0, depth=self.depth)
-
-
-@dataclass
-class AugConfig:
-    rand_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
-    mixup: float = 0.8  # Beta(alpha, alpha) of mixup; 0 = off
-    cutmix: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 = off
-    mix_prob: float = 1.0  # probability that a batch is mixed at all
-    switch_prob: float = 0.5  # CutMix instead of mixup, when both are on
-    mix_mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = 0.1
-    erase_prob: float = 0.25  # random erasing; 0 = off
-    erase_mode: Literal["pixel", "rand", "const"] = "pixel"
-    erase_count: int = 1
-
-    @property
-    def mixing(self) -> bool:
-        return (self.mixup > 0 or self.cutmix > 0) and self.mix_prob > 0
-
-    def validate(self) -> None:
-        for name in ("mix_prob", "switch_prob", "erase_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise LdaeError(f"aug.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        if self.mixup < 0 or self.cutmix < 0 or not 0 <= self.label_smoothing < 1 or self.erase_count < 1:
-            raise LdaeError("aug: mixup and cutmix must be >= 0, label_smoothing in [0, 1), erase_count >= 1")
-
-
-@dataclass
-class FinetuneOptimConfig(OptimConfig):
-    """The MAE fine-tuning defaults (ViT-B): AdamW, wd 0.05, 5 warm-up epochs of 100, EMA 0.9999."""
-
-    batch_size: int = 1024
-    blr: float = 1e-3
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    epochs: float = 100.0
-    warmup_epochs: float = 5.0
-    ema: Optional[float] = 0.9999
-    layer_decay: float = 0.75  # block i of N gets lr x layer_decay^(N - i); 1 = no decay
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0 < self.layer_decay <= 1:
-            raise LdaeError(f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
-
-
-def _finetune_data() -> DataConfig:
-    return DataConfig(crop="random-resized", crop_scale=[0.08, 1.0], hflip=True)
-
-
-@dataclass
-class FinetuneConfig:
-    data: DataConfig = field(default_factory=_finetune_data)
-    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self) -> None:
-        if self.data.source == "images":
-            raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
-                            "(use cifar10, fashion-mnist or imagefolder)")
-        even_micro_batch(self.aug, self.optim.micro_batch or self.optim.batch_size)
-
-
-def even_micro_batch(aug: AugConfig, micro: int) -> None:
-    """Mixup and CutMix pair the samples of a micro-batch (timm's Mixup), so it must hold an even number."""
-    if aug.mixing and micro % 2:
-        raise LdaeError(f"aug.mixup {aug.mixup:g} / aug.cutmix {aug.cutmix:g} pair the samples of a micro-batch, which "
-                        f"must be even, but it holds {micro} (optim.micro_batch, else optim.batch_size per rank); make "
-                        "it even or set aug.mixup=0 aug.cutmix=0")
-
 BEST = "best.safetensors"
 
 
 def without_ema(description: dict) -> dict:
     """best.safetensors holds one network, the raw or the EMA weights (`weights` says which), never both."""
     return {k: v for k, v in description.items() if k != "has_ema"}
+
+
 # RandAugment's fill colour: mid-grey is 0 in the [-1, 1] input range, as ImageNet's mean colour is 0
 # after the mean/std normalisation MAE uses
 FILL = (128, 128, 128)

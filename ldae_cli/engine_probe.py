@@ -16,14 +16,12 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Literal, Optional
+from typing import Callable
 
 import torch
 
-from ldae_cli.config import require
-from ldae_cli.data import DataConfig, ImageDataset
+from ldae_cli.data import ImageDataset
 from ldae_cli.seeds import SeededSteps, derived, epoch_order, step_feature_seed
 from ldae_cli.distributed import DistContext, all_gather_cat
 from ldae_cli.heads import ProbeHeads, evaluate, extract, head_step, knn_accuracy, lars_for_heads, loss_terms, \
@@ -32,59 +30,15 @@ from ldae_cli.hooks import Curve, Curves, Description, Evaluation, LogLine
 from ldae_cli.train_state import TrainState
 from ldae_cli.trainer import Trainer
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import StepPlan, check_warmup, lr_at
-from ldae_cli.pretrained import DEFAULT_T, FeatureEncoder
+from ldae_cli.optim import StepPlan, lr_at
+from ldae_cli.pretrained import FeatureEncoder
 from ldae_cli.rundir import write_atomically
-from ldae_cli.session import RunConfig, Session
+from ldae_cli.eval_settings import ProbeConfig
+from ldae_cli.session import Session
 
 
 RESUMABLE = ("probe.extract_batch",)
 HOLDOUT = 0.1  # the share of the train split that `probe.select: holdout` keeps from the heads to choose one
-
-
-@dataclass
-class LinearProbeConfig:
-    t: int = DEFAULT_T
-    depth: Optional[int] = None  # blocks of the encoder; null = the encoder/decoder split
-    noisy_input: bool = False  # add the level-t latent noise to the input (the paper's default is clean)
-    features: Literal["encoder", "pixels"] = "encoder"  # pixels: the raw-image baseline
-    ema: Optional[bool] = None  # the pretrain EMA weights; null = when the run kept them
-    fast: bool = False
-    blrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1])  # one head each
-    batch_size: int = 16384
-    epochs: float = 90.0
-    warmup_epochs: Optional[float] = None  # null = MAE's share of the run, 10 of 90 epochs (probe.epochs / 9)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    extract_batch: int = 256  # images per encoder forward
-    # how the reported head (its lr) is chosen: on a seeded 10 % of the train split the heads never see (holdout),
-    # or on the eval split whose top-1 it reports (eval: optimistic, the best-on-eval number papers give)
-    select: Literal["holdout", "eval"] = "holdout"
-
-    def validate(self) -> None:
-        if not self.blrs or any(b <= 0 for b in self.blrs):
-            raise LdaeError(f"probe.blrs: give one or more positive base learning rates, got {self.blrs}")
-        if self.batch_size < 1 or self.epochs <= 0 or self.extract_batch < 1:
-            raise LdaeError("probe.batch_size, probe.epochs and probe.extract_batch must be positive")
-        require("probe", "a positive integer", lambda v: v > 0, depth=self.depth, knn_k=self.knn_k)
-        require("probe", ">= 0", lambda v: v >= 0, t=self.t, warmup_epochs=self.warmup_epochs,
-                weight_decay=self.weight_decay)
-        require("probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
-        require("probe", "in [0, 1)", lambda v: 0 <= v < 1, momentum=self.momentum)
-        check_warmup("probe.warmup_epochs", self.warmup, "probe.epochs", self.epochs)
-
-    @property
-    def warmup(self) -> float:
-        return self.epochs / 9 if self.warmup_epochs is None else self.warmup_epochs
-
-
-@dataclass
-class ProbeConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(save_every=1000, log_every=50))
 
 
 def reading(cfg) -> dict:

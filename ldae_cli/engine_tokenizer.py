@@ -14,16 +14,13 @@ needs `autograd.grad` through the decoder, and the discriminator runs twice per 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ldae_cli.autoencoders import AutoencoderConfig
-from ldae_cli.data import DataConfig
-from ldae_cli.optim import OptimConfig
+from ldae_cli.settings import LossConfig, TrainTokenizerConfig
 from ldae_cli.autoencoders import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.distributed import DistContext, amp_dtype
@@ -33,56 +30,10 @@ from ldae_cli.trainer import Trainer, micro_batches
 from ldae_cli.errors import LdaeError
 from ldae_cli.optim import make_adamw, plan_steps
 from ldae_cli.seeds import step_generator
-from ldae_cli.session import RunConfig, Session
-
-
-@dataclass
-class LossConfig:
-    reconstruction: Literal["l1", "l2"] = "l2"
-    kl_weight: float = 1e-6  # VAEs only (LDM's KL-f8 value); patch-ae has no KL and needs 0
-    perceptual_weight: float = 0.0  # LPIPS-style VGG16 loss; > 0 needs loss.vgg_weights
-    vgg_weights: Optional[str] = None  # torchvision VGG16 state dict as .safetensors (user-supplied)
-    lpips_weights: Optional[str] = None  # LPIPS's learned channel weights as .safetensors; null = uniform
-    adversarial_weight: float = 0.0  # VQGAN's disc_weight; 0 = no discriminator
-    disc_start: int = 0  # optimizer step at which the discriminator and the adversarial term switch on
-    disc_layers: int = 3
-    disc_channels: int = 64
-
-    def validate(self) -> None:
-        if min(self.kl_weight, self.perceptual_weight, self.adversarial_weight) < 0:
-            raise LdaeError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight must be >= 0")
-        if self.perceptual_weight > 0 and not self.vgg_weights:
-            raise LdaeError(f"loss.perceptual_weight is {self.perceptual_weight:g} but loss.vgg_weights is empty: "
-                            f"the perceptual loss needs VGG16 weights (a torchvision VGG16 state dict saved as "
-                            f".safetensors; none is downloaded); set loss.vgg_weights=PATH or loss.perceptual_weight=0")
-        if self.disc_start < 0 or self.disc_layers < 1 or self.disc_channels < 1:
-            raise LdaeError("loss.disc_start must be >= 0, loss.disc_layers and loss.disc_channels positive")
+from ldae_cli.session import Session
 
 
 RESUMABLE = ("optim.micro_batch",)
-
-
-@dataclass
-class ReportConfig:
-    images: int = 1000  # held-out images (eval split) for the reconstruction PSNR
-    stats_images: int = 10000  # training images for the latent mean / std stored for latent_scale
-    pca_reference: bool = True  # also fit a patch PCA of the same footprint and d, and report its PSNR
-    pca_patches: int = 200_000  # patches for that PCA
-    grid_images: int = 8  # rows of reconstructions.png
-
-    def validate(self) -> None:
-        if min(self.images, self.stats_images, self.grid_images) < 1:
-            raise LdaeError("report.images, report.stats_images and report.grid_images must be positive")
-
-
-@dataclass
-class TrainTokenizerConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 class TokenizerObjective(nn.Module):

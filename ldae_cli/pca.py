@@ -10,15 +10,14 @@ D x D eigenbasis, sorted by eigenvalue, is kept; the tokenizer keeps the first d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
 
 import torch
 
 from ldae_cli.checkpoint import save_checkpoint
 from ldae_cli.config import dump_yaml, to_dict
-from ldae_cli.data import BadImageCounter, DataConfig, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.data import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.patches import random_patches
 from ldae_cli.logs import console, progress_bar
@@ -26,31 +25,8 @@ from ldae_cli.outputs import refuse_to_replace, write_output
 from ldae_cli.plots import save_filters
 from ldae_cli.rundir import RUNS, data_name, remove_temp_files
 from ldae_cli.sources import resolve_path
+from ldae_cli.settings import FitPCAConfig, PCAConfig
 from ldae_cli.tokenizers import latent_normalization
-
-
-@dataclass
-class PCAConfig:
-    patch: int = 16
-    dim: int = 16
-    patches: int = 1_000_000
-    patches_per_image: int = 16
-    batch_images: int = 256
-    seed: int = 0
-    # 'grid': patches where the tokenizer cuts them (JPEG's 8x8 blocks align with that grid, so
-    # statistics at other offsets differ measurably); 'any': every pixel offset
-    positions: Literal["grid", "any"] = "grid"
-
-    def validate(self) -> None:
-        full = self.patch * self.patch * 3
-        if self.patch < 1:
-            raise LdaeError(f"pca.patch: must be positive, got {self.patch}")
-        if not 1 <= self.dim <= full:
-            raise LdaeError(f"pca.dim: must be between 1 and patch*patch*3 = {full}, got {self.dim}")
-        if self.patches < full + 1:
-            raise LdaeError(f"pca.patches: need more patches than dimensions ({full}), got {self.patches}")
-        if self.patches_per_image < 1 or self.batch_images < 1:
-            raise LdaeError("pca.patches_per_image and pca.batch_images must be positive")
 
 
 class CovarianceAccumulator:
@@ -174,13 +150,6 @@ def save_fit(result: PCAFit, out: Path, settings: PCAConfig, config: dict, image
              "variance_explained": result.variance_explained(dim), "latent_scale_global": float(global_scale[0]),
              "image_size": image_size, "dataset": dataset, "data_identity": result.data_identity}
     return save_checkpoint(out, "pca", tensors, config, extra=extra)
-
-
-@dataclass
-class FitPCAConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    pca: PCAConfig = field(default_factory=PCAConfig)
-    out: Optional[str] = None  # default: runs/pca/<data folder>-p<patch>-d<dim>-<size>px.safetensors (default_out)
 
 
 def default_out(cfg: FitPCAConfig) -> Path:

@@ -1,8 +1,8 @@
-"""The config sections a pretrain run reads (data, tokenizer, model, diffusion, online probe, run) and the pretrain
-config itself, kept free of torch: a config or `--set` error is reported before torch loads (`ldae pretrain` checks
-its config with these alone, in under a second). The code that reads each section stays where it was (data.py,
-tokenizers.py, models.py, diffusion.py, online_probe.py, session.py, engine_pretrain.py), each importing its class
-from here.
+"""The config sections a pretrain run reads (data, tokenizer, model, diffusion, online probe, run), the pretrain
+config itself and those of fit-pca and train-tokenizer, kept free of torch: a config or `--set` error is reported
+before torch loads (the command line checks a new run's config with these alone, in under a second). The code that
+reads each section stays where it was (data.py, tokenizers.py, models.py, diffusion.py, online_probe.py, session.py,
+engine_pretrain.py, pca.py, autoencoders.py, engine_tokenizer.py), each importing its class from here.
 """
 
 from __future__ import annotations
@@ -316,3 +316,128 @@ class PretrainConfig:
         if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
             raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
                             f"patches, got {tc.fit_patches}")
+
+
+# fit-pca's config (pca.py reads it)
+
+@dataclass
+class PCAConfig:
+    patch: int = 16
+    dim: int = 16
+    patches: int = 1_000_000
+    patches_per_image: int = 16
+    batch_images: int = 256
+    seed: int = 0
+    # 'grid': patches where the tokenizer cuts them (JPEG's 8x8 blocks align with that grid, so
+    # statistics at other offsets differ measurably); 'any': every pixel offset
+    positions: Literal["grid", "any"] = "grid"
+
+    def validate(self) -> None:
+        full = self.patch * self.patch * 3
+        if self.patch < 1:
+            raise LdaeError(f"pca.patch: must be positive, got {self.patch}")
+        if not 1 <= self.dim <= full:
+            raise LdaeError(f"pca.dim: must be between 1 and patch*patch*3 = {full}, got {self.dim}")
+        if self.patches < full + 1:
+            raise LdaeError(f"pca.patches: need more patches than dimensions ({full}), got {self.patches}")
+        if self.patches_per_image < 1 or self.batch_images < 1:
+            raise LdaeError("pca.patches_per_image and pca.batch_images must be positive")
+
+
+@dataclass
+class FitPCAConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    out: Optional[str] = None  # default: runs/pca/<data folder>-p<patch>-d<dim>-<size>px.safetensors (default_out)
+
+
+# train-tokenizer's config (engine_tokenizer.py and autoencoders.py read it)
+
+@dataclass
+class AutoencoderConfig:
+    """The `tokenizer:` section of a train-tokenizer config (the architecture)."""
+
+    kind: Literal["conv-vae", "patch-vae", "patch-ae"] = "conv-vae"
+    # patch-vae / patch-ae: token = one p x p patch, d latent values per token
+    patch: int = 16
+    dim: int = 16
+    # conv-vae: latent map of `latent_channels` at 1/stride resolution; token = token_group^2 positions
+    stride: int = 8
+    latent_channels: int = 4
+    token_group: int = 2
+    channels: int = 128  # width of the first level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])  # one entry per level: log2(stride)+1
+    res_blocks: int = 2
+    attention: bool = True  # self-attention in the mid block (LDM); costly at large latent maps
+
+    def validate(self) -> None:
+        if self.kind == "conv-vae":
+            if self.stride < 1 or self.stride & (self.stride - 1):
+                raise LdaeError(f"tokenizer.stride: must be a power of two (1, 2, 4, 8, ...), got {self.stride}")
+            levels = int(math.log2(self.stride)) + 1
+            if len(self.channel_mult) != levels:
+                raise LdaeError(f"tokenizer.channel_mult has {len(self.channel_mult)} levels but stride "
+                                f"{self.stride} needs {levels} (one per resolution), e.g. "
+                                f"{[min(2 ** i, 4) for i in range(levels)]}")
+            if min(self.latent_channels, self.token_group, self.channels, self.res_blocks, *self.channel_mult) < 1:
+                raise LdaeError("tokenizer.latent_channels, token_group, channels, res_blocks and channel_mult "
+                                "must be positive")
+        else:
+            if self.patch < 1 or not 1 <= self.dim <= self.patch * self.patch * 3:
+                raise LdaeError(f"tokenizer.dim: a {self.patch}x{self.patch}x3 patch tokenizer keeps between 1 "
+                                f"and {self.patch * self.patch * 3} dims, got {self.dim}")
+
+    def spec(self) -> dict:
+        """The JSON-able description stored in checkpoints, enough to rebuild the network."""
+        if self.kind == "conv-vae":
+            return {"kind": self.kind, "stride": self.stride, "latent_channels": self.latent_channels,
+                    "token_group": self.token_group, "channels": self.channels,
+                    "channel_mult": list(self.channel_mult), "res_blocks": self.res_blocks,
+                    "attention": self.attention}
+        return {"kind": self.kind, "patch": self.patch, "dim": self.dim}
+
+
+@dataclass
+class LossConfig:
+    reconstruction: Literal["l1", "l2"] = "l2"
+    kl_weight: float = 1e-6  # VAEs only (LDM's KL-f8 value); patch-ae has no KL and needs 0
+    perceptual_weight: float = 0.0  # LPIPS-style VGG16 loss; > 0 needs loss.vgg_weights
+    vgg_weights: Optional[str] = None  # torchvision VGG16 state dict as .safetensors (user-supplied)
+    lpips_weights: Optional[str] = None  # LPIPS's learned channel weights as .safetensors; null = uniform
+    adversarial_weight: float = 0.0  # VQGAN's disc_weight; 0 = no discriminator
+    disc_start: int = 0  # optimizer step at which the discriminator and the adversarial term switch on
+    disc_layers: int = 3
+    disc_channels: int = 64
+
+    def validate(self) -> None:
+        if min(self.kl_weight, self.perceptual_weight, self.adversarial_weight) < 0:
+            raise LdaeError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight must be >= 0")
+        if self.perceptual_weight > 0 and not self.vgg_weights:
+            raise LdaeError(f"loss.perceptual_weight is {self.perceptual_weight:g} but loss.vgg_weights is empty: "
+                            f"the perceptual loss needs VGG16 weights (a torchvision VGG16 state dict saved as "
+                            f".safetensors; none is downloaded); set loss.vgg_weights=PATH or loss.perceptual_weight=0")
+        if self.disc_start < 0 or self.disc_layers < 1 or self.disc_channels < 1:
+            raise LdaeError("loss.disc_start must be >= 0, loss.disc_layers and loss.disc_channels positive")
+
+
+@dataclass
+class ReportConfig:
+    images: int = 1000  # held-out images (eval split) for the reconstruction PSNR
+    stats_images: int = 10000  # training images for the latent mean / std stored for latent_scale
+    pca_reference: bool = True  # also fit a patch PCA of the same footprint and d, and report its PSNR
+    pca_patches: int = 200_000  # patches for that PCA
+    grid_images: int = 8  # rows of reconstructions.png
+
+    def validate(self) -> None:
+        if min(self.images, self.stats_images, self.grid_images) < 1:
+            raise LdaeError("report.images, report.stats_images and report.grid_images must be positive")
+
+
+@dataclass
+class TrainTokenizerConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    run: RunConfig = field(default_factory=RunConfig)
