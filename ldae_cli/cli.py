@@ -299,11 +299,15 @@ def denoise(
 def study(
     name: str = typer.Argument(..., help="A study: a name in configs/study/ (pixel-vs-latent, pixel-dim, latent-dim, "
                                "trajectory, noise, depth) or a YAML file."),
-    budget: str = opt("cpu", "--budget", help="cpu, cpu-long, gpu or paper (configs/study/budget/), or a YAML file."),
+    budget: str = opt("cpu", "--budget", help="cpu, cpu-long, cpu-64, gpu, gpu-64 or paper (configs/study/budget/), "
+                      "or a YAML file."),
     seeds: int = opt(1, "--seeds", help="Seeds per variant; variants of one seed share it (paired differences)."),
     out: Optional[str] = typer.Option(None, "--out", help="Study directory (default: runs/study/NAME/BUDGET)."),
     data: Optional[str] = DataOpt, source: Optional[str] = SourceOpt, overrides: Optional[List[str]] = SetOpt,
     nproc: int = opt(1, "--nproc", help="GPUs per run (each run is launched with torchrun when > 1)."),
+    pretrains: Optional[str] = typer.Option(None, "--pretrains", help="Folder of the pretrain runs (default: OUT/"
+                                            "pretrain), each named by its settings beyond the budget's: studies "
+                                            "given the same folder share the runs they both ask for."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the study's runs (each pretrain and probe, its "
                                  "settings and seed, which are done) and the time the rest takes, timed on this "
                                  "machine in seconds, then exit; nothing is written or trained."),
@@ -313,7 +317,7 @@ def study(
     from ldae_cli.stages import study as stage
 
     call(stage.main, name=name, budget=budget, seeds=seeds, out=out, data=data, source=source,
-         overrides=overrides or [], nproc=nproc, dry_run=dry_run)
+         overrides=overrides or [], nproc=nproc, pretrains=pretrains, dry_run=dry_run)
 
 
 @app.command("launch", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -14,15 +14,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import train_tiny
+from conftest import train_tiny, write_image_tree
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
-from ldae_cli.config import BUNDLED_CONFIGS
+from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.models import ModelConfig
 from ldae_cli.stages.study import load
 from ldae_cli.studies import patchspace, runner
 from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
-from ldae_cli.studies.spec import BudgetConfig, DepthSweep, StudyConfig, depth_variants
+from ldae_cli.studies.spec import BudgetConfig, DepthSweep, PixelDimSweep, StudyConfig, depth_variants
 from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
 
 TOY_BUDGET = {
@@ -176,9 +176,13 @@ def test_every_bundled_study_and_budget_loads_and_no_budget_upsamples_cifar10(ru
     assert {"pixel-vs-latent", "pixel-dim", "latent-dim", "noise", "depth", "trajectory"} <= set(studies)
     files = (BUNDLED_CONFIGS / "study" / "budget").glob("*.yaml")
     budgets = {p.stem: load("budget", p.stem, BudgetConfig) for p in files}
-    assert {"cpu", "cpu-long", "gpu", "paper"} <= set(budgets)
-    for name, budget in budgets.items():  # the CIFAR-10 budgets stay at its native 32x32; paper is ImageNet's recipe
-        assert name == "paper" or budget.pretrain["data.image_size"] <= 32 and budget.pretrain["tokenizer.patch"] == 8
+    assert {"cpu", "cpu-long", "cpu-64", "gpu", "gpu-64", "paper"} <= set(budgets)
+    for name, budget in budgets.items():  # CIFAR-10's at its native 32x32, the -64 ones Tiny-ImageNet's 64x64 at D = 768
+        size = (budget.pretrain.get("data.image_size"), budget.pretrain.get("tokenizer.patch"))
+        assert name == "paper" or size == ((64, 16) if name.endswith("-64") else (32, 8))
+    for name in ("cpu", "cpu-64"):  # the same network and step, a wider patch embedding
+        model = {k: v for k, v in budgets[name].pretrain.items() if k.startswith(("model.", "optim.batch"))}
+        assert model == {k: v for k, v in budgets["cpu"].pretrain.items() if k.startswith(("model.", "optim.batch"))}
     res = run_main("study", "no-such-study")
     assert res.returncode == 1 and "pixel-dim" in res.stderr
 
@@ -191,6 +195,52 @@ def test_every_bundled_study_plans_on_cifar10_at_the_cpu_and_gpu_budgets(tmp_pat
             plan = runner.make_plan(load("study", path.stem, StudyConfig), load("budget", budget, BudgetConfig), 1,
                                     tmp_path, {"data.source": "cifar10"})
             assert all(f.native == 32 and f.train_images == 50000 for f in plan.facts.values())
+
+
+@pytest.mark.parametrize("budget", ["cpu-64", "gpu-64"])
+def test_the_64_pixel_budgets_plan_d_768_at_64_pixels_and_refuse_smaller_images(budget, tmp_path, pattern_tree):
+    small = {"data.source": "imagefolder", "data.path": str(pattern_tree)}  # 32x32 images
+    with pytest.raises(LdaeError, match="data.image_size 64 is above the native 32x32.*never upsamples"):
+        runner.make_plan(load("study", "pixel-vs-latent", StudyConfig), load("budget", budget, BudgetConfig), 1,
+                         tmp_path, small)
+    photos = write_image_tree(tmp_path / "photos", per_class=2, size=(64, 64))
+    plan = runner.make_plan(load("study", "pixel-dim", StudyConfig), load("budget", budget, BudgetConfig), 1, tmp_path,
+                            {"data.source": "imagefolder", "data.path": str(photos), "optim.batch_size": 2})
+    assert [r.name for r in plan.rows] == ["pixel DAE 64/16 (D = 768)", "l-DAE 64/16 (d = 16)",
+                                           "pixel DAE 32/8 (D = 192)", "l-DAE 32/8 (d = 16)",
+                                           "pixel DAE 16/4 (D = 48)", "l-DAE 16/4 (d = 16)"]
+    assert plan.reference == "pixel DAE 64/16 (D = 768)" and plan.rows[0].variant.paper == 23.6
+    assert {(s.data.image_size // s.tokenizer.patch) ** 2 for s in plan.settings.values()} == {16}
+
+
+def test_the_pixel_dim_sweep_keeps_the_cifar10_pairs_at_the_cpu_budget():
+    study, budget = load("study", "pixel-dim", StudyConfig), load("budget", "cpu", BudgetConfig)
+    variants, reference = runner.variants_of(study, budget.pretrain)
+    assert [(v.name, v.versus, v.set.get("tokenizer.dim")) for v in variants] == [
+        ("pixel DAE 32/8 (D = 192)", None, None), ("l-DAE 32/8 (d = 16)", "pixel DAE 32/8 (D = 192)", 16),
+        ("pixel DAE 16/4 (D = 48)", None, None), ("l-DAE 16/4 (d = 16)", "pixel DAE 16/4 (D = 48)", 16),
+        ("pixel DAE 8/2 (D = 12)", None, None), ("l-DAE 8/2 (d = 12)", "pixel DAE 8/2 (D = 12)", 12)]
+    assert reference == "pixel DAE 32/8 (D = 192)"
+    with pytest.raises(LdaeError, match="below one pixel"):
+        runner.variants_of(StudyConfig(pixel_dim_sweep=PixelDimSweep(pairs=5)), budget.pretrain)
+
+
+def test_studies_given_one_pretrains_folder_share_the_runs_they_both_ask_for(tmp_path, pattern_tree):
+    budget = config_from_dict(BudgetConfig, TOY_BUDGET)
+    sweep = StudyConfig(name="sweep", pixel_dim_sweep=PixelDimSweep(pairs=2, dim=8))
+    data = {"data.source": "imagefolder", "data.path": str(pattern_tree)}
+    shared = tmp_path / "pretrains"
+    a = runner.make_plan(sweep, budget, 2, tmp_path / "a", data, shared)
+    b = runner.make_plan(config_from_dict(StudyConfig, TOY_STUDY), budget, 2, tmp_path / "b", data, shared)
+    rows_a, rows_b = ({row.name: row.pretrains for row in p.rows} for p in (a, b))
+    for seed in (0, 1):  # 32/4 is the toy budget's own pair: l-DAE and the pixel DAE are the same runs in both
+        assert rows_a["l-DAE 32/4 (d = 8)"][seed].out == rows_b["l-DAE"][seed].out == shared / f"final-s{seed}"
+        assert rows_a["pixel DAE 32/4 (D = 48)"][seed].out == rows_b["pixel DAE"][seed].out
+    assert rows_a["l-DAE 16/2 (d = 8)"][0].out.name == "final-data-image-size-16-tokenizer-patch-2-s0"
+    assert len({r.out for r in [*a.pretrains.values(), *b.pretrains.values()]}) == 8  # 4 runs a seed, 2 shared
+    probe = rows_b["l-DAE"][0]
+    assert b.rows[0].probes[0].out.parent == tmp_path / "b" / "probe" and probe.out.parent == shared
+    assert runner.relative(probe.out, b.out) == "../pretrains/final-s0"
 
 
 def test_the_depth_sweep_follows_the_models_blocks():

@@ -38,7 +38,7 @@ def reproduce(argv: list[str]) -> str:
 
 
 def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, source: str | None,
-         overrides: list[str], nproc: int = 1, dry_run: bool = False) -> list[Path]:
+         overrides: list[str], nproc: int = 1, pretrains: str | None = None, dry_run: bool = False) -> list[Path]:
     if seeds < 1 or nproc < 1:
         raise LdaeError(f"--seeds and --nproc must be at least 1, got {seeds} and {nproc}")
     spec = load("study", name, StudyConfig)
@@ -50,7 +50,8 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
         extra[".".join(keys)] = value
     run_dir = Path(out) if out else RUNS / "study" / spec.name / plan_budget.name
     command = reproduce(sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
-    plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra)
+    plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra,
+                            Path(pretrains).resolve() if pretrains else None)
     if dry_run:
         runner.dry_run(plan, nproc)
         return []

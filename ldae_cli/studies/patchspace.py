@@ -6,6 +6,7 @@ noise scale each run's tokenizer used: one unit of latent noise is s in patch un
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from ldae_cli import pca
@@ -66,7 +67,7 @@ def tables(out: Path, ckpts: list[Path], dims: set[int]) -> list[dict]:
         shown = sorted(d for d in set(SHARE_DIMS) | dims if d < full)
         total = float(eigenvalues.sum())
         entries.append({"data": space["data"]["source"], "image_size": space["data"]["image_size"],
-                        "patch": space["patch"], "D": full, "pca": path.relative_to(out).as_posix(),
+                        "patch": space["patch"], "D": full, "pca": Path(os.path.relpath(path, out)).as_posix(),
                         "patches": fit.extra["n_patches"],
                         "share_pct": {d: round(100 * float(eigenvalues[:d].sum()) / total, 3) for d in shown},
                         "global_scale": {d: round(math.sqrt(float(eigenvalues[:d].mean())), 3) for d in shown}})

@@ -20,7 +20,7 @@ from ldae_cli.optim import OptimConfig
 from ldae_cli.logs import read_metrics
 from ldae_cli.rundir import CHECKPOINT, METRICS
 from ldae_cli.studies import patchspace
-from ldae_cli.studies.runner import Plan, Row, Run, Timings
+from ldae_cli.studies.runner import Plan, Row, Run, Timings, relative
 from ldae_cli.studies.spec import data_key
 
 NO_DIFFERENCE = "no difference shown"
@@ -125,10 +125,6 @@ def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
     return seen
 
 
-def relative(plan: Plan, path: Path) -> str:
-    return path.relative_to(plan.out).as_posix()
-
-
 def row_results(plan: Plan, row: Row, seeds: int) -> dict:
     runs = []
     for seed in range(seeds):
@@ -136,7 +132,7 @@ def row_results(plan: Plan, row: Row, seeds: int) -> dict:
         pretrain = row.pretrains[seed]
         linear = result.get(MEASURES["linear"], result["best_top1"])
         runs.append({"seed": seed, "linear": linear, "knn": result[MEASURES["knn"]],
-                     "probe": relative(plan, row.probes[seed].out), "pretrain": relative(plan, pretrain.out),
+                     "probe": relative(row.probes[seed].out, plan.out), "pretrain": relative(pretrain.out, plan.out),
                      "probe_s": result.get("seconds"),
                      "pretrain_s": None if row.baseline else wall_seconds(read_metrics(pretrain.out / METRICS))})
     variant = row.variant

@@ -27,7 +27,7 @@ from ldae_cli.models import build_model
 from ldae_cli.rundir import CHECKPOINT
 from ldae_cli.engine_pretrain import stand_in, synthetic_step
 from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, RunSections, StudyConfig, Variant,
-                                   check_rows, depth_variants, resolve, slug, survey, total_steps)
+                                   check_rows, depth_variants, pixel_dim_variants, resolve, slug, survey, total_steps)
 from ldae_cli.tokenizers import load_tokenizer
 
 TIMINGS = "timings.json"
@@ -104,11 +104,32 @@ def variants_of(study: StudyConfig, base: dict[str, Any]) -> tuple[list[Variant]
     if study.depth_sweep is not None:
         variants, split = depth_variants(study.depth_sweep, resolve(study.pretrain, base).model)
         return variants, study.reference or split
+    if study.pixel_dim_sweep is not None:
+        s = resolve(study.pretrain, base)
+        variants, largest = pixel_dim_variants(study.pixel_dim_sweep, s.data, s.tokenizer)
+        return variants, study.reference or largest
     return study.variants, study.reference or study.variants[0].name
 
 
-def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, extra: dict[str, Any]) -> Plan:
-    """Every run of the study, each pretrain's settings resolved and its data surveyed (refused if upsampled)."""
+def pretrain_folder(out: Path, shared: Path | None, variant: Variant, config: str, budget: BudgetConfig,
+                    seed: int) -> Path:
+    """OUT/pretrain/<row>-s<seed>; in a shared folder, named by what the run sets beyond the budget, so that two
+    studies asking for the same run find one folder (its child refuses a run whose resolved settings differ)."""
+    if shared is None:
+        return out / "pretrain" / f"{slug(variant.name)}-s{seed}"
+    own = {k: v for k, v in variant.set.items() if k not in budget.pretrain or budget.pretrain[k] != v}
+    return shared / f"{slug(' '.join([Path(config).stem, *settings_of(dict(sorted(own.items())))]))}-s{seed}"
+
+
+def relative(path: Path, out: Path) -> str:
+    """A run's folder as the study names it: relative to the study's, which a shared pretrain folder may be beside."""
+    return Path(os.path.relpath(path, out)).as_posix()
+
+
+def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, extra: dict[str, Any],
+              shared: Path | None = None) -> Plan:
+    """Every run of the study, each pretrain's settings resolved and its data surveyed (refused if upsampled);
+    pretrains in `shared` when given (`--pretrains`), else in the study's folder."""
     variants, reference = variants_of(study, {**budget.pretrain, **extra})
     pretrains: dict[str, Run] = {}
     settings: dict[str, RunSections] = {}
@@ -121,7 +142,7 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
             key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:16]
             if key not in pretrains:
                 settings[key] = resolve(config, overrides)
-                pretrains[key] = Run("pretrain", out / "pretrain" / f"{slug(variant.name)}-s{seed}",
+                pretrains[key] = Run("pretrain", pretrain_folder(out, shared, variant, config, budget, seed),
                                      ["pretrain", "--config", config, *as_sets(overrides)],
                                      f"{variant.name}, seed {seed}", own=[config, *settings_of(variant.set)])
             row.pretrains[seed] = pretrains[key]
@@ -154,7 +175,7 @@ def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: R
     return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
                ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
                 *as_sets(overrides)], f"{name}, seed {seed}",
-               own=[f"of {pretrain.out.relative_to(out)}", *flags, *settings_of(own)])
+               own=[f"of {relative(pretrain.out, out)}", *flags, *settings_of(own)])
 
 
 class Timings:
@@ -166,7 +187,7 @@ class Timings:
         self.runs: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def add(self, plan: Plan, run: Run, seconds: float, steps: int) -> None:
-        entry = self.runs.setdefault(run.out.relative_to(plan.out).as_posix(), {"seconds": 0.0, "steps": 0})
+        entry = self.runs.setdefault(relative(run.out, plan.out), {"seconds": 0.0, "steps": 0})
         entry["seconds"], entry["steps"] = round(entry["seconds"] + seconds, 1), entry["steps"] + steps
         if run.kind == "pretrain":
             entry["speed"] = run.speed
@@ -256,7 +277,7 @@ def dry_run(plan: Plan, nproc: int) -> None:
         state = "done" if run.finished() else f"to continue from step {steps:,}" if steps else "to run"
         size = [f"{run.steps:,} steps of {run.batch:,} images"] if run.kind == "pretrain" else []
         console.print(f"{index}/{len(runs)} {run.kind} {run.label}: {state} ({', '.join([*run.own, *size])}) -> "
-                      f"{run.out.relative_to(plan.out)}", soft_wrap=True)
+                      f"{relative(run.out, plan.out)}", soft_wrap=True)
     timings = Timings(plan.out)
     console.print(f"time: {estimate(plan, timings, time_steps(plan, nproc, timings))}", soft_wrap=True)
 

@@ -47,6 +47,18 @@ class DepthSweep:
 
 
 @dataclass
+class PixelDimSweep:
+    """The paper's Fig. 4 at the budget's sequence length: `pairs` (image size, patch) pairs from the budget's own,
+    each halving both (always the same tokens, D = 3 p^2 falling 4x a pair), each pair a pixel DAE and an l-DAE with
+    PCA d = min(dim, D); the paper's number and words beside each D it names."""
+
+    pairs: int = 3
+    dim: int = 16
+    paper: dict[int, float] = field(default_factory=dict)  # D -> the paper's pixel-tokenizer top-1
+    paper_rows: dict[int, str] = field(default_factory=dict)  # D -> where in Fig. 4 that D is, or what it says
+
+
+@dataclass
 class StudyConfig:
     name: str = "study"
     description: str = ""  # what is compared and what the paper finds; a page's settings come from its runs
@@ -55,10 +67,11 @@ class StudyConfig:
     baselines: list[Baseline] = field(default_factory=list)  # probed on the first variant's architecture and data
     reference: Optional[str] = None  # the row the others are compared with; null: the first (a sweep's: the split)
     depth_sweep: Optional[DepthSweep] = None  # instead of variants: one per encoder cut of the budget's model
+    pixel_dim_sweep: Optional[PixelDimSweep] = None  # instead of variants: Fig. 4's pairs below the budget's
 
     def validate(self) -> None:
-        if bool(self.variants) == (self.depth_sweep is not None):
-            raise LdaeError("a study gives either variants (one or more) or depth_sweep")
+        if [bool(self.variants), self.depth_sweep is not None, self.pixel_dim_sweep is not None].count(True) != 1:
+            raise LdaeError("a study gives one of variants (one or more), depth_sweep or pixel_dim_sweep")
 
 
 @dataclass
@@ -118,6 +131,25 @@ def depth_variants(sweep: DepthSweep, model: ModelConfig) -> tuple[list[Variant]
                                 probe_set={"probe.depth": k}, paper=paper,
                                 paper_row=f"A: {int(cut)} of {sweep.of}" if paper is not None else None))
     return variants, variants[encoder - 1].name
+
+
+def pixel_dim_variants(sweep: PixelDimSweep, data: DataConfig, tokenizer: TokenizerConfig) -> tuple[list[Variant], str]:
+    """The sweep's variants below the budget's image size and patch, and the name of the largest D's pixel DAE."""
+    if data.image_size >> (sweep.pairs - 1) < 1 or tokenizer.patch >> (sweep.pairs - 1) < 1:
+        raise LdaeError(f"pixel_dim_sweep: {sweep.pairs} pairs halve {data.image_size}/{tokenizer.patch} below one "
+                        "pixel; give fewer pairs or a larger budget")
+    variants = []
+    for i in range(sweep.pairs):
+        size, patch = data.image_size >> i, tokenizer.patch >> i
+        pair, full = f"{size}/{patch}", 3 * patch * patch
+        pixel = f"pixel DAE {pair} (D = {full})"
+        variants.append(Variant(pixel, family=pair, paper=sweep.paper.get(full), paper_row=sweep.paper_rows.get(full),
+                                set={"data.image_size": size, "tokenizer.patch": patch, "tokenizer.kind": "pixel",
+                                     "tokenizer.dim": None, "tokenizer.latent_scale": "none"}))
+        dim = min(sweep.dim, full)
+        variants.append(Variant(f"l-DAE {pair} (d = {dim})", family=pair, versus=pixel,
+                                set={"data.image_size": size, "tokenizer.patch": patch, "tokenizer.dim": dim}))
+    return variants, variants[0].name
 
 
 def check_rows(names: list[str], versus: dict[str, str | None], where: str) -> None:
