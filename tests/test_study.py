@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -211,6 +212,24 @@ def test_the_64_pixel_budgets_plan_d_768_at_64_pixels_and_refuse_smaller_images(
                                            "pixel DAE 16/4 (D = 48)", "l-DAE 16/4 (d = 16)"]
     assert plan.reference == "pixel DAE 64/16 (D = 768)" and plan.rows[0].variant.paper == 23.6
     assert {(s.data.image_size // s.tokenizer.patch) ** 2 for s in plan.settings.values()} == {16}
+
+
+TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet-b100.tar.gz"
+
+
+@pytest.mark.slow
+def test_gpu_study_plans_pixel_dim_at_d_768_on_the_tinyimagenet_archive(tmp_path):
+    """One command on a GPU machine; DRY_RUN=1 shows its plan anywhere (the GPU budget's speed is its own figure)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_study.sh"
+    res = subprocess.run(["bash", str(script), "tinyimagenet"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DRY_RUN": "1", "TINY": str(TINY), "RUNS": str(tmp_path / "runs")})
+    assert res.returncode == 0, res.stderr
+    assert "study pixel-dim, budget gpu-64, 1 seed(s)" in res.stdout and "12 runs" in res.stdout
+    for row in ("pixel DAE 64/16 (D = 768)", "l-DAE 64/16 (d = 16)", "pixel DAE 16/4 (D = 48)"):
+        assert f"pretrain {row}, seed 0: to run" in res.stdout
+    assert res.stdout.count("960 steps of 512 images") == 6
+    assert "about 6 min (pretrains at budget gpu-64's 12000 img/s" in res.stdout
+    assert not (tmp_path / "runs").exists()  # nothing written
 
 
 def test_the_pixel_dim_sweep_keeps_the_cifar10_pairs_at_the_cpu_budget():

@@ -245,9 +245,10 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
     (and its speed, in words)."""
     timed = {}
     for key, run in plan.pretrains.items():
-        if run.speed in timed or timings.seconds_per_step(run.speed) is not None or run.finished():
-            continue
         s = plan.settings[key]
+        if run.speed in timed or timings.seconds_per_step(run.speed) is not None or run.finished() or \
+                (s.run.precision == "bf16" and resolve_device(s.run.device).type == "cpu"):  # a GPU budget: its figure
+            continue
         tokenizer = stand_in(s.tokenizer) if s.tokenizer.kind == "pca" and not s.tokenizer.path else \
             load_tokenizer(s.tokenizer)[0]
         denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.image_size)
