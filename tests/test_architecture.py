@@ -1,5 +1,5 @@
 """The layout a newcomer relies on, checked on the source: thin stages reached only from the CLI, no import
-cycles, modules and functions small enough to read, every module listed in the README."""
+cycles, modules and functions small enough to read, every module listed in docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def test_modules_and_functions_are_small_enough_to_read():
     assert not long_functions
 
 
-def test_readme_layout_lists_every_module():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
+def test_the_layout_page_lists_every_module():
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    layout = page[page.index("## Layout"):]
     missing = [str(path.relative_to(PACKAGE.parent)) for name, path in modules().items()
                if path.name != "__init__.py" and str(path.relative_to(PACKAGE.parent)) not in layout]
     assert not missing
