@@ -5,6 +5,7 @@ leaves the finished one as it is; a file the run did not write is still refused.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ def coco(tmp_path_factory) -> Path:
     return root
 
 
-# each stage's command for a tiny run in `out` of `steps` steps, at most (None: to the end); the finished run
-# writes every output its stage has (an evaluation, curves, a best checkpoint, a report)
+# each stage's command for a tiny run in `out`, stopped after `steps` steps (None: to its end), saving every step;
+# finished, it has written all its outputs (curves, evaluations, a best checkpoint, a report)
 STAGES = {
     "pretrain": lambda world, coco, out, steps: [
         "pretrain", "--config", "final.yaml", *sets(tiny_overrides(world.images, out, **TOKENS, **{
@@ -68,7 +69,7 @@ def manifest(out: Path) -> set[str]:
 @pytest.mark.parametrize("halfway", [False, True], ids=["finished", "halfway"])
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_force_replaces_the_run_and_refuses_a_users_file(stage, halfway, world, coco, run_main, tmp_path):
-    args = lambda out, steps: STAGES[stage](world, coco, out, steps)  # noqa: E731
+    args = partial(STAGES[stage], world, coco)
     out = tmp_path / "run"
     first_run(run_main, args, out, halfway)
     (out / "notes.txt").write_text("mine")
@@ -83,7 +84,7 @@ def test_force_replaces_the_run_and_refuses_a_users_file(stage, halfway, world, 
 @pytest.mark.parametrize("halfway", [False, True], ids=["finished", "halfway"])
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_continue_finishes_the_run_and_keeps_a_users_file(stage, halfway, world, coco, run_main, tmp_path):
-    args = lambda out, steps: STAGES[stage](world, coco, out, steps)  # noqa: E731
+    args = partial(STAGES[stage], world, coco)
     out = tmp_path / "run"
     first_run(run_main, args, out, halfway)
     (out / "notes.txt").write_text("mine")
