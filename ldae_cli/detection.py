@@ -425,13 +425,13 @@ class _Counted:
             self.advance(len(batch))
 
 
-def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path, distributed: bool,
-             num_workers: int, advance=lambda n: None, text: str = "coco_eval.txt") -> dict[str, dict[str, float | None]]:
+def evaluate(model: nn.Module, split: CocoSplit, image_size: int, text: Path, distributed: bool,
+             num_workers: int, advance=lambda n: None) -> dict[str, dict[str, float | None]]:
     """COCO box and mask AP (pycocotools' official COCOeval) of `model` on `split`.
 
     Returns {"bbox": {"AP": .., "AP50": .., ...}, "segm": {...}} in percent (None where COCOeval has no
     value, e.g. nothing was detected; {} on ranks other than the main one). pycocotools' printed
-    tables go to out_dir/`text` instead of the terminal. The evaluator gets no output_dir: it
+    tables go to the file `text` instead of the terminal. The evaluator gets no output_dir: it
     would write its raw predictions there in torch's code-running format, which no file of ours uses.
     """
     from detectron2.data import build_detection_test_loader
@@ -445,8 +445,7 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, out_dir: Path,
     with contextlib.redirect_stdout(printed):
         results = inference_on_dataset(model, _Counted(loader, advance), evaluator)
     if printed.getvalue():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(out_dir / text, printed.getvalue().encode())
+        write_atomically(text, printed.getvalue().encode())
     if not results:
         return {}
     return {task: {k: float(v) if math.isfinite(v) else None for k, v in results.get(task, {}).items()

@@ -89,14 +89,13 @@ def flat_results(results: dict) -> dict:
     return {f"{task}_{k}": v for task, row in results.items() for k, v in row.items()}
 
 
-def run_evaluation(model: nn.Module, split: detection.CocoSplit, cfg, out_dir: Path, ctx: DistContext,
-                   bar=None, text: str = "coco_eval.txt") -> dict:
-    """COCO AP on `split`, shown as a task of `bar` (the training progress) or of a bar of its own."""
+def run_evaluation(model: nn.Module, split: detection.CocoSplit, cfg, text: Path, ctx: DistContext, bar=None) -> dict:
+    """COCO AP on `split` (pycocotools' tables in `text`), shown as a task of `bar` (the training's) or of its own."""
     with contextlib.nullcontext(bar) if bar is not None else \
             progress_bar("img", cfg.run.progress and ctx.is_main) as shown:
         task = shown.add_task(f"eval {cfg.data.eval_split}", total=-(-len(split.dicts) // ctx.world), info="")
-        results = detection.evaluate(model, split, cfg.data.image_size, out_dir, ctx.enabled,
-                                     cfg.data.num_workers, advance=lambda n: shown.update(task, advance=n), text=text)
+        results = detection.evaluate(model, split, cfg.data.image_size, text, ctx.enabled,
+                                     cfg.data.num_workers, advance=lambda n: shown.update(task, advance=n))
         shown.remove_task(task)
     barrier(ctx)
     return results
@@ -119,7 +118,7 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
     autocast = amp_dtype(cfg.run.precision, device)
 
     def evaluate_now(step: int) -> dict:
-        results = run_evaluation(model, eval_split, cfg, session.out_dir, ctx, trainer.progress)
+        results = run_evaluation(model, eval_split, cfg, session.output("coco_eval.txt"), ctx, trainer.progress)
         model.train()
         if ctx.is_main:
             console.print(ap_table(results, f"COCO {cfg.data.eval_split} at step {step:,}"))

@@ -69,7 +69,7 @@ class Curves(Hook):
         records = read_metrics(trainer.metrics.path)
         for curve in self.curves:
             save_curves(records, trainer.session.output(curve.file), curve.keys, x=curve.x,
-                        title=f"{curve.title} ({trainer.out_dir.name})", log_y=curve.log_y)
+                        title=f"{curve.title} ({trainer.path.parent.name})", log_y=curve.log_y)
 
 
 class Pictures(Hook):

@@ -136,14 +136,14 @@ class Board:
 
     SKIPPED = ("step", "epoch", "time_s")
 
-    def __init__(self, out_dir: Path, tensorboard: bool, wandb: bool, resumed_at: int | None, config: dict):
+    def __init__(self, tensorboard: Path | None, wandb: Path | None, resumed_at: int | None, config: dict):
         self.tb = self.wb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=resumed_at)
+            self.tb = SummaryWriter(log_dir=str(tensorboard), purge_step=resumed_at)
         if wandb:
-            self.wb = start_wandb(out_dir, config)
+            self.wb = start_wandb(wandb.parent, config)  # W&B makes its folder `wandb` in the one it is given
 
     def scalars(self, record: dict) -> None:
         values = {k: v for k, v in record.items() if k not in self.SKIPPED and isinstance(v, (int, float))

@@ -213,14 +213,14 @@ C = TypeVar("C")  # a stage's config dataclass: Session[PretrainConfig] lets an 
 
 @dataclass
 class Session(Generic[C]):
-    """One invocation of a stage: its config, process group and run directory, and the manifest of what ldae
-    writes there (every file a stage writes in its run directory is named through `output`)."""
+    """One invocation of a stage: its config, process group and run directory. The directory is private: each path a
+    stage writes there comes from `output`, which lists it in the run's manifest (so --force replaces it)."""
 
     command: str  # the subcommand, for messages (`ldae <command> --resume ...`)
     kind: str  # the checkpoint kind it writes
     cfg: C  # the stage's resolved config dataclass (with a `run: RunConfig` section)
     ctx: DistContext
-    out_dir: Path
+    _dir: Path
     resume: Checkpoint | None
     manifest: rundir.Manifest | None = None  # on the main rank
     created: set[str] = field(default_factory=set)  # what this invocation added to the manifest
@@ -239,13 +239,13 @@ class Session(Generic[C]):
         return self.output(CHECKPOINT)
 
     def output(self, name: str) -> Path:
-        """`out_dir / name`, recorded as ldae's in the run's manifest (before it is written); a link, FIFO or device
-        there is an error naming it (rundir.check_own)."""
-        rundir.check_own(self.out_dir / name, folder=name in rundir.FOLDERS)
+        """The path of `name` in the run directory, recorded as ldae's in the run's manifest (before it is written); a
+        link, FIFO or device there is an error naming it (rundir.check_own)."""
+        rundir.check_own(self._dir / name, folder=name in rundir.FOLDERS)
         if self.manifest is not None and name not in self.manifest.files:
             self.manifest.add(name)
             self.created.add(name)
-        return self.out_dir / name
+        return self._dir / name
 
     def undo_start(self) -> None:
         """Remove what this invocation wrote (a start that failed before its first step); the marker too when
@@ -253,10 +253,10 @@ class Session(Generic[C]):
         if self.manifest is None:
             return
         for name in sorted(self.created):
-            rundir.remove_entry(self.out_dir / name)
+            rundir.remove_entry(self._dir / name)
         self.manifest.discard(*self.created)
         if not self.manifest.files:
-            (self.out_dir / rundir.MARKER).unlink(missing_ok=True)
+            (self._dir / rundir.MARKER).unlink(missing_ok=True)
 
 
 def same_unsaved_run(cfg: Any, allowed: tuple[str, ...]) -> Callable[[Path], bool]:

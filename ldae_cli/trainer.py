@@ -121,7 +121,7 @@ class Trainer:
     def __init__(self, session: Session, plan: StepPlan, state: TrainState, hooks: list[Hook] | tuple[Hook, ...] = (),
                  losses: tuple[str, ...] = ("loss",), hint: str = DIVERGED_HINT):
         self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
-        self.out_dir, self.path = session.out_dir, session.checkpoint
+        self.path = session.checkpoint
         self.state, self.ema, self.modules, self.optimizers = state, state.ema, state.modules, state.optimizers
         self.hint, self.hooks = hint, list(hooks)
         self.meter = LossMeter(losses, self.ctx.device)
@@ -136,11 +136,9 @@ class Trainer:
                 console.print(f"resuming {session.resume.path} at step {self.step:,} of {self.total_steps:,}")
         self.start_step = self.last_saved = self.logged = self.step
         resumed_at = self.step if session.resume is not None else None
-        for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb)):
-            if wanted:
-                session.output(name)
-        self.board = Board(self.out_dir, self.run.tensorboard, self.run.wandb, resumed_at, session.config) \
-            if self.ctx.is_main and (self.run.tensorboard or self.run.wandb) else None
+        tb, wb = (session.output(name) if wanted else None
+                  for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb)))
+        self.board = Board(tb, wb, resumed_at, session.config) if self.ctx.is_main and (tb or wb) else None
         self.metrics = MetricsLog(session.output("metrics.jsonl"), self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
         self.data_identity: str | None = None
@@ -252,8 +250,9 @@ class Trainer:
     def _stopped(self, reason: str) -> bool:
         """A stop before the last step, its checkpoint written: a signal ends the process (exit 130 / 143) with one
         line, a limit of the config (stop_after_steps, time limit) returns False."""
-        line = (f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step {self.step:,} "
-                f"in {self.out_dir} is kept. Continue with `ldae {self.session.command} --resume {self.out_dir}`")
+        line = (f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step "
+                f"{self.step:,} in {self.path.parent} is kept. Continue with `ldae {self.session.command} --resume "
+                f"{self.path.parent}`")
         if reason in ("SIGINT", "SIGTERM", "SIGUSR2"):
             raise Interrupted(line, 130 if reason == "SIGINT" else 143, reason)
         if self.ctx.is_main:
@@ -306,7 +305,7 @@ class Trainer:
     def kept(self) -> str:
         """What the NaN guard leaves: the last checkpoint written (or resumed from), never one that was not."""
         if self.path.exists() and (self.last_saved > self.start_step or self.session.resume is not None):
-            return f"the last good checkpoint (step {self.last_saved}) is kept in {self.out_dir}"
+            return f"the last good checkpoint (step {self.last_saved}) is kept in {self.path.parent}"
         return "no checkpoint was written before (the run had not reached its first save)"
 
     def save(self) -> None:
@@ -336,8 +335,8 @@ class Trainer:
                 hook.after_save(self)
         barrier(self.ctx)
         self.last_saved = self.step
-        note_kept(f"the checkpoint of step {self.step} in {self.out_dir} (continue with `ldae {self.session.command} "
-                  f"--resume {self.out_dir}`)")
+        note_kept(f"the checkpoint of step {self.step} in {self.path.parent} (continue with `ldae "
+                  f"{self.session.command} --resume {self.path.parent}`)")
 
 
 class StopSignal:

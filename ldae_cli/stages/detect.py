@@ -196,7 +196,8 @@ def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint, force: bool = Fa
     """COCO AP of a trained detector on data.eval_split: eval-only-<split>.json (and pycocotools' tables) next to
     it, or in run.out_dir; files of that name are replaced only with --force."""
     out_dir = Path(cfg.run.out_dir) if cfg.run.out_dir else trained.path.parent
-    result, text = out_dir / f"eval-only-{cfg.data.eval_split}.json", f"coco_eval-only-{cfg.data.eval_split}.txt"
+    result = out_dir / f"eval-only-{cfg.data.eval_split}.json"
+    text = out_dir / f"coco_eval-only-{cfg.data.eval_split}.txt"
     refuse_to_replace(result, force, "evaluation", "evaluation",
                       inputs=(trained.path, *([Path(cfg.data.path)] if cfg.data.path else [])))
     trained.require("backbone.width", "backbone.depth", "backbone.num_heads", "backbone.patch_size",
@@ -215,7 +216,7 @@ def evaluate_checkpoint(cfg: DetectConfig, trained: Checkpoint, force: bool = Fa
         model.to(ctx.device)
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-        results = run_evaluation(model, split, cfg, out_dir, ctx, text=text)
+        results = run_evaluation(model, split, cfg, text, ctx)
         if ctx.is_main:
             console.print(ap_table(results, f"COCO {cfg.data.eval_split}: {trained.path}"))
             record = {"checkpoint": str(trained.path), "sha256": trained.sha256, "step": trained.extra["step"],

@@ -46,7 +46,7 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Toke
             settings = pca.PCAConfig(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
             plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
-            if path.parent == s.out_dir:
+            if path.parent == s.checkpoint.parent:  # the run's own
                 warning = pca.oversampling(len(plain), plain.size, settings)
                 if warning:
                     console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")

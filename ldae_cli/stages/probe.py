@@ -124,7 +124,7 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         def show(results: dict) -> None:
             console.print(results_table(results["heads"], results["knn_top1"], f"linear probe: {encoder.description}",
                                         results["selected_head"]))
-            console.print(f"{engine_probe.summary(results)}; wrote {s.out_dir / 'results.json'} and {s.checkpoint}")
+            console.print(f"{engine_probe.summary(results)}; wrote {s.output('results.json')} and {s.checkpoint}")
 
         results = engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
         if results and s.ctx.is_main:  # {} when stopped early
