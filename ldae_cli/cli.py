@@ -298,7 +298,7 @@ def denoise(
 @app.command("study")
 def study(
     name: str = typer.Argument(..., help="A study: a name in configs/study/ (pixel-vs-latent, pixel-dim, latent-dim, "
-                               "trajectory, noise, depth) or a YAML file."),
+                               "trajectory, trajectory-start, noise, depth) or a YAML file."),
     budget: str = opt("cpu", "--budget", help="cpu, cpu-long, cpu-64, gpu, gpu-64 or paper (configs/study/budget/), "
                       "or a YAML file."),
     seeds: int = opt(1, "--seeds", help="Seeds per variant; variants of one seed share it (paired differences)."),

@@ -242,6 +242,8 @@ def test_the_pixel_dim_sweep_keeps_the_cifar10_pairs_at_the_cpu_budget():
     assert reference == "pixel DAE 32/8 (D = 192)"
     with pytest.raises(LdaeError, match="below one pixel"):
         runner.variants_of(StudyConfig(pixel_dim_sweep=PixelDimSweep(pairs=5)), budget.pretrain)
+    with pytest.raises(LdaeError, match="leaves to the data; give one, e.g. --set data.image_size=256"):
+        runner.variants_of(study, load("budget", "paper", BudgetConfig).pretrain)  # final.yaml: native size
 
 
 def test_studies_given_one_pretrains_folder_share_the_runs_they_both_ask_for(tmp_path, pattern_tree):

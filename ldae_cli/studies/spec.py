@@ -135,6 +135,9 @@ def depth_variants(sweep: DepthSweep, model: ModelConfig) -> tuple[list[Variant]
 
 def pixel_dim_variants(sweep: PixelDimSweep, data: DataConfig, tokenizer: TokenizerConfig) -> tuple[list[Variant], str]:
     """The sweep's variants below the budget's image size and patch, and the name of the largest D's pixel DAE."""
+    if data.image_size is None:
+        raise LdaeError("pixel_dim_sweep: its pairs halve the budget's data.image_size, which this budget leaves to "
+                        "the data; give one, e.g. --set data.image_size=256")
     if data.image_size >> (sweep.pairs - 1) < 1 or tokenizer.patch >> (sweep.pairs - 1) < 1:
         raise LdaeError(f"pixel_dim_sweep: {sweep.pairs} pairs halve {data.image_size}/{tokenizer.patch} below one "
                         "pixel; give fewer pairs or a larger budget")
