@@ -212,7 +212,9 @@ def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDa
     curves = (Curve("loss.png", ("loss", "eval_loss", "ema_eval_loss"), "fine-tune loss"),
               Curve("accuracy.png", ("top1", "ema_top1", "top5", "ema_top5"), "fine-tune eval accuracy %", x="epoch",
                     log_y=False))
-    evaluation = Evaluation(run_eval, every=lambda step: step % plan.steps_per_epoch == 0)
+    evaluation = Evaluation(run_eval, every=lambda step: step % plan.steps_per_epoch == 0, summary=lambda: (
+        f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
+        f"{session.output(BEST)} and accuracy.png") if "weights" in best else None)
     state = TrainState({"model": model}, {"optim": optimizer}, make_ema(model, cfg.optim.ema), parents)
     trainer = Trainer(session, plan, state, [LogLine(), Curves(*curves), Description(describe), evaluation])
     runner = trainer.wrap(model)
@@ -238,8 +240,4 @@ def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDa
     trainer.announce(f"{len(train_set):,} train / {len(eval_set):,} eval images", cfg.optim.base_lr(),
                      f", layer decay {cfg.optim.layer_decay:g}")
     model.train()
-    finished = trainer.fit(step)
-    if finished and ctx.is_main and "weights" in best:
-        console.print(f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
-                      f"{session.output(BEST)} and accuracy.png")
-    return finished
+    return trainer.fit(step)

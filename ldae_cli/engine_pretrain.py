@@ -19,7 +19,6 @@ sees exactly the same samples, noise and schedule.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +35,6 @@ from ldae_cli.train_state import TrainState
 from ldae_cli.trainer import Trainer, micro_batches
 from ldae_cli.online_probe import OnlineProbe
 from ldae_cli.optim import make_adamw, make_ema, plan_steps
-from ldae_cli.logs import console
 from ldae_cli.seeds import step_generator
 from ldae_cli.session import Session
 
@@ -104,7 +102,6 @@ def train(session: Session[PretrainConfig], denoiser: Denoiser, model: nn.Module
           pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None) -> bool:
     """Pretrain `model` on `dataset` with the run's optim settings (and the online probe, when given); True when
     the run reached its last step."""
-    started = time.time()
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
     plan = plan_steps(len(dataset), cfg.optim, cfg.run.seed, ctx)
     model.to(device)
@@ -128,11 +125,7 @@ def train(session: Session[PretrainConfig], denoiser: Denoiser, model: nn.Module
 
     trainer.announce(f"{len(dataset):,} images", cfg.optim.base_lr())
     model.train()
-    finished = trainer.fit(step)
-    if online is not None and online.count and ctx.is_main:
-        console.print(f"online probe: {online.count} x {online.images} images, {online.seconds:.1f} s "
-                      f"({100 * online.seconds / (time.time() - started):.1f}% of this run's time)")
-    return finished
+    return trainer.fit(step)
 
 
 def stand_in(tc: TokenizerConfig) -> PCATokenizer:

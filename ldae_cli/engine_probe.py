@@ -225,4 +225,4 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
 
     if not trainer.fit(fast_step if s.fast else full_step):
         return {}
-    return {k: v for k, v in evaluation.latest.items() if k != "step"}
+    return {k: v for k, v in evaluation.eval.items() if k != "step"}

@@ -96,22 +96,19 @@ class Description(Hook):
 
 
 class Evaluation(Hook):
-    """`evaluate(step)` at the steps `every(step)` names and after the last step. The latest result is part of
-    the train state (extra['eval']), so a run killed after its last step but before the final evaluation
-    finishes that evaluation on resume, and never trains again."""
+    """`evaluate(step)` at the steps `every(step)` names and after the last step, then the line `summary()` gives
+    (None: none). The latest result is part of the train state (extra['eval']), so a run killed after its last step
+    but before the final evaluation finishes that evaluation on resume, and never trains again."""
 
-    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False):
-        self.evaluate, self.every = evaluate, every
-        self.latest: dict | None = None
+    owns = ("eval",)
 
-    def state(self) -> dict:
-        return {"eval": self.latest}
-
-    def load_state(self, extra: dict) -> None:
-        self.latest = extra.get("eval")
+    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False,
+                 summary: Callable[[], str | None] = lambda: None):
+        self.evaluate, self.every, self.summary = evaluate, every, summary
+        self.eval: dict | None = None  # the latest result
 
     def run(self, step: int) -> None:
-        self.latest = {"step": step, **self.evaluate(step)}
+        self.eval = {"step": step, **self.evaluate(step)}
 
     def wants_save(self, trainer):
         return self.every(trainer.step)
@@ -121,11 +118,11 @@ class Evaluation(Hook):
             self.run(trainer.step)
 
     def after_last_save(self, trainer):
+        if self.eval is not None and self.eval.get("step") == trainer.total_steps:
+            return False  # done before the run stopped
         self.run(trainer.total_steps)
         return True
 
-    def pending(self, total_steps: int) -> bool:
-        return self.latest is None or self.latest.get("step") != total_steps
-
-    def finish(self, total_steps: int) -> None:
-        self.run(total_steps)
+    def after_train(self, trainer):
+        if trainer.ctx.is_main and trainer.step >= trainer.total_steps and (line := self.summary()):
+            console.print(line)

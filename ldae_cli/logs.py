@@ -136,12 +136,15 @@ class Board:
 
     SKIPPED = ("step", "epoch", "time_s")
 
-    def __init__(self, tensorboard: Path | None, wandb: Path | None, resumed_at: int | None, config: dict):
+    def __init__(self, tensorboard: Path | None, wandb: Path | None, resumed_at: int | None, config: dict,
+                 layout: dict):
         self.tb = self.wb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(tensorboard), purge_step=resumed_at)
+            if layout:  # the hooks' charts (Hook.layout)
+                self.tb.add_custom_scalars(layout)
         if wandb:
             self.wb = start_wandb(wandb.parent, config)  # W&B makes its folder `wandb` in the one it is given
 

@@ -142,8 +142,9 @@ class OnlineProbe(Hook):
         self.s, self.view, self.fit, self.test, self.amp, self.seed, self.num_workers = \
             settings, view, fit, test, amp, seed, num_workers
         self.per_class = max(fit.labels_tensor().bincount().tolist()) if len(fit) else 0
-        self.seconds, self.count, self.charted = 0.0, 0, False
+        self.seconds, self.count = 0.0, 0
         self.started, self.every = time.time(), None  # the cadence: probe_every until a measured share lowers it
+        self.layout = {"online probe": {self.title(): ["Multiline", ["online_knn_top1", "online_linear_top1"]]}}
 
     @property
     def images(self) -> int:
@@ -180,15 +181,14 @@ class OnlineProbe(Hook):
         spent = time.time() - started
         self.seconds, self.count = self.seconds + spent, self.count + 1
         self.keep_share(trainer)
-        board = trainer.board.tb if trainer.board is not None else None
-        if board is not None and not self.charted:
-            board.add_custom_scalars({"online probe": {self.title(): ["Multiline", ["online_knn_top1",
-                                                                                     "online_linear_top1"]]}})
-            self.charted = True
-        trainer.metrics.write({"step": trainer.step, "online_knn_top1": round(knn, 2),
-                               "online_linear_top1": round(linear, 2), "online_probe_s": round(spent, 2),
-                               "online_fit_images": len(self.fit), "online_fit_per_class": self.per_class,
-                               "online_test_images": len(self.test)})
+        return {"online_knn_top1": round(knn, 2), "online_linear_top1": round(linear, 2),
+                "online_probe_s": round(spent, 2), "online_fit_images": len(self.fit),
+                "online_fit_per_class": self.per_class, "online_test_images": len(self.test)}
+
+    def after_train(self, trainer):
+        if self.count and trainer.ctx.is_main:
+            console.print(f"online probe: {self.count} x {self.images} images, {self.seconds:.1f} s "
+                          f"({100 * self.seconds / (time.time() - self.started):.1f}% of this run's time)")
 
     def measure(self, pre: Pretrained, ctx: DistContext) -> tuple[float, float]:
         """(k-NN top-1, best linear top-1) of `pre`'s encoder: fitted on the fit subset, tested on the test one."""

@@ -70,16 +70,18 @@ class Hook:
     """Something a run does besides its steps (detectron2's HookBase); concrete ones are in hooks.py. Every
     method runs on every rank unless it says otherwise."""
 
-    def state(self) -> dict:
-        """JSON values written into every checkpoint's extra (and given back to `load_state` on resume)."""
-        return {}
+    # the keys of the checkpoint's extra this hook owns: its attributes of those names, saved in every checkpoint and
+    # restored on resume (Trainer.save refuses a key that two writers give: one value would be lost)
+    owns: tuple[str, ...] = ()
+    layout: dict = {}  # TensorBoard charts of its metrics (custom scalars: {category: {title: ["Multiline", keys]}})
 
     def load_state(self, extra: dict) -> None:
-        pass
+        for key in self.owns:
+            setattr(self, key, extra.get(key))
 
     def checkpoint(self, trainer: "Trainer") -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, extra) this hook adds to every checkpoint (main rank); default: no tensors, `state()`."""
-        return {}, self.state()
+        """(tensors, extra) this hook adds to every checkpoint (main rank); default: no tensors, what it owns."""
+        return {}, {key: getattr(self, key) for key in self.owns}
 
     def wants_save(self, trainer: "Trainer") -> bool:
         """After an optimizer step: ask for a checkpoint (and a log line) at this step."""
@@ -88,22 +90,18 @@ class Hook:
     def after_log(self, trainer: "Trainer", record: dict) -> None:
         """A metrics.jsonl line was written (main rank)."""
 
-    def after_step(self, trainer: "Trainer") -> None:
-        """After the step's log line, before its checkpoint."""
+    def after_step(self, trainer: "Trainer") -> dict | None:
+        """After the step's log line, before its checkpoint: values for a metrics line of their own at this step."""
 
     def after_save(self, trainer: "Trainer") -> None:
         """A checkpoint was written (main rank)."""
 
     def after_last_save(self, trainer: "Trainer") -> bool:
-        """The last step's checkpoint is written (training is safe); True asks for one more checkpoint."""
+        """The last step's checkpoint is written (or was, by a run resumed now): True asks for one more checkpoint."""
         return False
 
-    def pending(self, total_steps: int) -> bool:
-        """Work left after the last step (a run stopped between its last checkpoint and an evaluation)."""
-        return False
-
-    def finish(self, total_steps: int) -> None:
-        """Do that work (the run resumed after its last step)."""
+    def after_train(self, trainer: "Trainer") -> None:
+        """`fit` returns: the run finished (step == total_steps) now or before, or stopped at a limit of its config."""
 
 
 class Trainer:
@@ -138,7 +136,9 @@ class Trainer:
         resumed_at = self.step if session.resume is not None else None
         tb, wb = (session.output(name) if wanted else None
                   for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb)))
-        self.board = Board(tb, wb, resumed_at, session.config) if self.ctx.is_main and (tb or wb) else None
+        layout = {category: charts for hook in self.hooks for category, charts in hook.layout.items()}
+        self.board = Board(tb, wb, resumed_at, session.config, layout) \
+            if self.ctx.is_main and (tb or wb) else None
         self.metrics = MetricsLog(session.output("metrics.jsonl"), self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
         self.data_identity: str | None = None
@@ -187,34 +187,43 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------------
 
     def fit(self, step_fn: Callable[[int], dict | None]) -> bool:
-        """Run the plan from the restored step. `step_fn(step)` does one optimizer step and may return values
-        to log beside the losses. True when the run has reached its last step (now or before)."""
+        """Run the plan from the restored step, then the hooks' after_train. `step_fn(step)` does one optimizer step
+        and may return values to log beside the losses. True when the run has reached its last step (now or before)."""
         try:
-            if self.step >= self.total_steps:
-                self._finished_already()
-                return True
-            self.session.training = True  # from here a failure keeps what the run wrote (metrics show what happened)
-            with StopSignal(self.run.time_limit_minutes) as stop, \
-                    progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
-                self.progress = bar
-                self._wait_mark = (time.perf_counter(), 0.0, False)
-                task = self.bar_task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
-                                                    completed=self.step * self.plan.batch_size, info="")
-                while self.step < self.total_steps:
-                    values = self._step(step_fn)
-                    bar.update(task, advance=self.plan.batch_size)
-                    limit = self.run.stop_after_steps
-                    stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
-                    self._after_step(values, stopping)
-                    if stopping and self.step < self.total_steps:
-                        return self._stopped(stop.reason)
-            if self.ctx.is_main:
-                console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
-                              f"{self.path}")
-            return True
+            finished = self._run(step_fn)
+            for hook in self.hooks:
+                hook.after_train(self)
+            return finished
         finally:
             if self.board is not None:
                 self.board.close()
+
+    def _run(self, step_fn: Callable[[int], dict | None]) -> bool:
+        if self.step >= self.total_steps:  # stopped between the last checkpoint and its evaluation, or done
+            if any([hook.after_last_save(self) for hook in self.hooks]):
+                self.save()
+            elif self.ctx.is_main:
+                console.print("this run has already finished; nothing to do")
+            return True
+        self.session.training = True  # from here a failure keeps what the run wrote (metrics show what happened)
+        with StopSignal(self.run.time_limit_minutes) as stop, \
+                progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
+            self.progress = bar
+            self._wait_mark = (time.perf_counter(), 0.0, False)
+            task = self.bar_task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
+                                                completed=self.step * self.plan.batch_size, info="")
+            while self.step < self.total_steps:
+                values = self._step(step_fn)
+                bar.update(task, advance=self.plan.batch_size)
+                limit = self.run.stop_after_steps
+                stopping = stop.should_stop() or (limit is not None and self.step - self.start_step >= limit)
+                self._after_step(values, stopping)
+                if stopping and self.step < self.total_steps:
+                    return self._stopped(stop.reason)
+        if self.ctx.is_main:
+            console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
+                          f"{self.path}")
+        return True
 
     def _step(self, step_fn: Callable[[int], dict | None]) -> dict:
         """One optimizer step at the plan's lr (the step function's work), then the EMA; the values to log."""
@@ -241,7 +250,9 @@ class Trainer:
             self.log(values)
         due_save = due_save or stopping
         for hook in self.hooks:
-            hook.after_step(self)
+            record = hook.after_step(self)
+            if record:
+                self.metrics.write({"step": self.step, **record})
         if due_save:
             self.save()
         if self.step == self.total_steps and any([hook.after_last_save(self) for hook in self.hooks]):
@@ -258,15 +269,6 @@ class Trainer:
         if self.ctx.is_main:
             console.print(line)
         return False
-
-    def _finished_already(self) -> None:
-        unfinished = [hook for hook in self.hooks if hook.pending(self.step)]
-        for hook in unfinished:  # stopped between the last checkpoint and its evaluation
-            hook.finish(self.step)
-        if unfinished:
-            self.save()
-        elif self.ctx.is_main:
-            console.print("this run has already finished; nothing to do")
 
     def log(self, values: dict) -> None:
         """Average the meter over all ranks, stop on a non-finite loss (its first term), and write a
@@ -320,16 +322,12 @@ class Trainer:
             raise LdaeError(f"loss became non-finite between steps {self.logged} and {self.step}; {self.kept()}. "
                             f"{self.hint}")
         if self.ctx.is_main:
-            tensors, extra = {}, {}
-            for hook in self.hooks:  # the stage's description, evaluations, ...
-                more_tensors, more_extra = hook.checkpoint(self)
-                tensors.update(more_tensors)
-                extra.update(more_extra)
-            state_tensors, state_extra = TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
-                                                          self.ctx.world, self.modules, self.optimizers)
-            tensors, extra = {**tensors, **state_tensors, "meter.sums": meter}, {**extra, **state_extra}
-            if self.data_identity is not None:
-                extra["data_identity"] = self.data_identity
+            writers = [(type(hook).__name__, *hook.checkpoint(self)) for hook in self.hooks]  # description, evaluations
+            writers += [("TrainState", *TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
+                                                         self.ctx.world, self.modules, self.optimizers)),
+                        ("Trainer", {"meter.sums": meter}, {"data_identity": self.data_identity} if self.data_identity
+                         is not None else {})]
+            tensors, extra = (merged([(writer[0], writer[i]) for writer in writers]) for i in (1, 2))
             save_checkpoint(self.path, self.session.kind, tensors, self.session.config, self.state.parents, extra)
             for hook in self.hooks:
                 hook.after_save(self)
@@ -337,6 +335,18 @@ class Trainer:
         self.last_saved = self.step
         note_kept(f"the checkpoint of step {self.step} in {self.path.parent} (continue with `ldae "
                   f"{self.session.command} --resume {self.path.parent}`)")
+
+
+def merged(writers: list[tuple[str, dict]]) -> dict:
+    """The named writers' entries in one dict; a key two of them write (one value would be lost) is refused."""
+    union, owner = {}, {}
+    for name, entries in writers:
+        for key in entries:
+            if key in owner:
+                raise RuntimeError(f"checkpoint key '{key}' is written by both {owner[key]} and {name}")
+            owner[key] = name
+        union.update(entries)
+    return union
 
 
 class StopSignal:

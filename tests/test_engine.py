@@ -123,7 +123,7 @@ def test_evaluations_run_on_cadence_and_the_last_one_after_the_final_checkpoint(
     assert trainer.fit(lambda step: trainer.meter.add("loss", 1.0))
     # an evaluation is saved with its step; the final one comes after the last checkpoint, then is saved too
     assert events == [("eval", 3), ("save", 3), ("eval", 6), ("save", 6), ("save", 7), ("eval", 7), ("save", 7)]
-    assert evaluation.state() == {"eval": {"step": 7, "score": 7}}
+    assert evaluation.checkpoint(trainer) == ({}, {"eval": {"step": 7, "score": 7}})
 
 
 def _model_and_optimizer(seed: int):
@@ -157,7 +157,7 @@ def test_train_state_round_trips_modules_optimizers_and_evaluations(tmp_path):
     assert torch.equal(exp_avg(fresh_opt), exp_avg(optimizer))
     resumed = Trainer(session_in(tmp_path, resume=ck), StepPlan(5, 2, 4, lambda s: 0.1),
                       TrainState({"model": fresh}, {"optim": fresh_opt}), [Evaluation(lambda step: {})])
-    assert resumed.step == 3 and resumed.hooks[0].latest == {"step": 3, "top1": 50.0}
+    assert resumed.step == 3 and resumed.hooks[0].eval == {"step": 3, "top1": 50.0}
 
 
 def test_a_finished_run_does_nothing_unless_its_final_evaluation_is_missing(tmp_path, capsys):
@@ -165,7 +165,7 @@ def test_a_finished_run_does_nothing_unless_its_final_evaluation_is_missing(tmp_
     trainer = RecordingTrainer(session_in(tmp_path), StepPlan(4, 2, 4, lambda s: 0.1), TrainState({}, {}), [evaluation])
     trainer.step = 4
     assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
-    assert trainer.saved == [4] and evaluation.latest == {"step": 4, "score": 1}
+    assert trainer.saved == [4] and evaluation.eval == {"step": 4, "score": 1}
     assert trainer.fit(lambda step: pytest.fail("a finished run trained again"))
     assert trainer.saved == [4] and "already finished" in capsys.readouterr().out
 
