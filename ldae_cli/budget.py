@@ -35,6 +35,7 @@ from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
 from ldae_cli.errors import LdaeError
+from ldae_cli.settings import PCA_DIM
 
 FORMS = "a time on this machine (30m, 2h, 1d) or GPUs and a time (8xH100:12h; GPUs H100, H200)"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -161,7 +162,7 @@ def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], floa
     reached = epochs(pick) >= MIN_EPOCHS
     epoch_count = max(round_down(min(epochs(pick), MAX_EPOCHS)), round_down(batch / facts.images))
     full = pick.patch ** 2 * 3
-    d = min(16, full // 3)
+    d = min(PCA_DIM, full // 3)
     r = pick.rung
     preset = r.size != "custom"
     overrides = {
@@ -184,7 +185,7 @@ def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], floa
         (f"  image size {pick.image_size}: median short side {facts.side} rounded down to a multiple of the patch "
          f"({f'capped at {MAX_SIDE}, the paper' if facts.side > MAX_SIDE else 'native, never upsampled'})"),
         f"  patch {pick.patch}: {pick.tokens} tokens of D = {full} values, and model {r.size} ({why})",
-        (f"  d {d}: the PCA keeps min(16, D/3) (docs/studies/latent-dim: d = 16 ahead of 64 and 128)" if pca else
+        (f"  d {d}: the PCA keeps min({PCA_DIM}, D/3) (docs/studies/latent-dim: d = 16 ahead of 64 and 128)" if pca else
          "  d: the config's tokenizer keeps every pixel"),
         (f"  model {r.size}: width {r.width}, {r.encoder_depth} + {r.decoder_depth} blocks, {r.params / 1e6:.1f}M "
          "block parameters" + ("" if preset else " (the cpu study budget's size)")),
@@ -301,7 +302,7 @@ def measured_speed(cfg, budget: Budget) -> tuple[Callable[[Candidate], float], C
             return budget.gpus * GPU_FLOPS[budget.gpu] / c.flops
         if (c.rung.width, c.tokens) not in rates:
             timed = copy.deepcopy(cfg)
-            timed.data.image_size, timed.tokenizer.patch, timed.tokenizer.dim = c.image_size, c.patch, 16
+            timed.data.image_size, timed.tokenizer.patch, timed.tokenizer.dim = c.image_size, c.patch, PCA_DIM
             timed.model.size, timed.model.width, timed.model.encoder_depth, timed.model.decoder_depth, \
                 timed.model.num_heads = c.rung
             timed.optim.batch_size, timed.optim.micro_batch = c.batch, None

@@ -26,6 +26,7 @@ from ldae_cli.discovery import check_splits
 from ldae_cli.logs import clock, console
 from ldae_cli.optim import StepPlan, plan_steps
 from ldae_cli.session import kept_config
+from ldae_cli.settings import PCA_DIM
 from ldae_cli.sources import open_source
 
 
@@ -180,7 +181,7 @@ def network_spec(cfg) -> dict:
     tokenizer's token is taken as tokenizer.patch pixels wide)."""
     tc, (width, enc, dec, heads) = cfg.tokenizer, cfg.model.resolved()
     pixels = tc.patch ** 2 * 3
-    latent = pixels if tc.kind == "pixel" else tc.dim or 16
+    latent = pixels if tc.kind == "pixel" else tc.dim or PCA_DIM
     side = cfg.data.image_size // tc.patch
     return dict(in_dim=latent if cfg.diffusion.input_space == "latent" else pixels, grid=[side, side], width=width,
                 out_dim=latent if cfg.diffusion.output_space == "latent" else pixels, encoder_depth=enc,

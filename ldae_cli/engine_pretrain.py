@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ldae_cli.settings import PretrainConfig
+from ldae_cli.settings import PCA_DIM, PretrainConfig
 from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data import ImageDataset, to_unit_range
 from ldae_cli.diffusion import Denoiser
@@ -132,7 +132,7 @@ def stand_in(tc: TokenizerConfig) -> PCATokenizer:
     """A PCA tokenizer of the configured shape, to time steps with before the real one is fitted."""
     full = tc.patch ** 2 * 3
     basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
-    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or 16, tc.latent_scale,
+    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or PCA_DIM, tc.latent_scale,
                         tc.scale_dim)
 
 

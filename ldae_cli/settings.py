@@ -90,6 +90,7 @@ class DataConfig:
 
 
 LatentScale = Literal["global", "whiten", "none", "fixed"]
+PCA_DIM = 16  # the d a PCA keeps unless told (fit-pca's, and a run's that fits its own; docs/studies/latent-dim)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class TokenizerConfig:
     kind: Literal["pca", "pixel", "trained"] = "pca"
     path: Optional[str] = None  # pca: a fit-pca checkpoint (null: fitted on the training data first); trained: required
     patch: int = 16  # pca/pixel: patch size in pixels (must match the checkpoint when one is given)
-    dim: Optional[int] = None  # pca: kept components d (null: the checkpoint's); pixel: must be null
+    dim: Optional[int] = None  # pca: kept components d (null: the checkpoint's, or PCA_DIM); pixel: must be null
     latent_scale: LatentScale = "global"
     # latent_scale 'fixed' (pca): divide by the global scale of the first scale_dim components whatever d is kept,
     # so the noise on the kept components does not change with d (with 'global' it grows as d shrinks)
@@ -323,7 +324,7 @@ class PretrainConfig:
 @dataclass
 class PCAConfig:
     patch: int = 16
-    dim: int = 16
+    dim: int = PCA_DIM
     patches: int = 1_000_000
     patches_per_image: int = 16
     batch_images: int = 256

@@ -15,7 +15,7 @@ import os
 import struct
 import tarfile
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 from PIL import Image
@@ -246,7 +246,9 @@ def note_escaping(count: int, where: Path, root: Path) -> str:
     return f"; {text}"
 
 
-def _imagefolder_dir(root: Path, split: str) -> ImageSource:
+def _imagefolder(root: Path, split: str) -> ImageSource:
+    if root.is_file():
+        return _imagefolder_tar(root, split)
     split_dir = _find_split_dir(root, split)
     if split_dir is None:
         present = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())[:6]) or "none"
@@ -311,7 +313,7 @@ def _images_tar(archive: Path) -> ImageSource:
     return BytesSource(blobs, [f"{archive}:{m.name}" for m in members], [-1] * len(blobs), [], str(archive))
 
 
-def _plain_images(root: Path) -> ImageSource:
+def _plain_images(root: Path, split: str) -> ImageSource:  # no splits: every image is a training image
     if root.is_file() and tarfile.is_tarfile(root):
         return _images_tar(root)
     paths, told = [root], ""
@@ -466,19 +468,20 @@ def check_split(root: Path, split: str, meta: dict, verify: bool) -> tuple[list[
     return labels.tolist(), names
 
 
+# data.source -> the reader of a dataset of that kind at data.path (a prepared dataset is read as one whatever its kind)
+SOURCES: dict[str, Callable[[Path, str], ImageSource]] = {
+    "fashion-mnist": _fmnist, "cifar10": _imagefolder, "imagefolder": _imagefolder, "images": _plain_images}
+
+
 def open_source(cfg: SourceConfig, split: str) -> ImageSource:
     """The raw images of `split` ('train' or 'eval') for the configured dataset."""
     root = resolve_path(cfg)
     name = cfg.split_name(split)
     if root.is_dir() and (root / PREPARED).is_file():
         return PreparedSource(root, name, getattr(cfg, "verify", True))
-    if cfg.source == "fashion-mnist":
-        return _fmnist(root, name)
-    if cfg.source in ("cifar10", "imagefolder"):
-        if root.is_file():
-            return _imagefolder_tar(root, name)
-        return _imagefolder_dir(root, name)
-    return _plain_images(root)
+    if cfg.source not in SOURCES:
+        raise LdaeError(f"data.source {cfg.source!r}: not a kind of dataset this ldae reads ({', '.join(SOURCES)})")
+    return SOURCES[cfg.source](root, name)
 
 
 def download_fashion_mnist() -> Path:

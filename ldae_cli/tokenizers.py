@@ -6,7 +6,7 @@ the latent size d per token, and the latent is normalised, z = (latent - shift) 
 has roughly unit variance (`latent_scale`: `global`, `whiten` or `none`), or, for a PCA, by the scale of
 another d (`fixed`), so that the same noise lands on the kept components at every d.
 
-Kinds, one registry (`TOKENIZER_KINDS`), one factory (`build_tokenizer`):
+Kinds, one registry (`TOKENIZER_KINDS`), one factory (`build_tokenizer`); a kind a config names has `configured`:
 - `pca`: patch-wise PCA (fitted by `ldae fit-pca`), z = V_d (x - mu) / s.
 - `pixel`: the paper's "pixel tokenizer" (Fig. 4), each patch is its own latent.
 - `conv-vae`, `patch-vae`, `patch-ae`: autoencoders trained by `ldae train-tokenizer`, frozen.
@@ -132,6 +132,16 @@ class PCATokenizer(Tokenizer):
         return cls(tensors["mean"], tensors["basis"], tensors["eigenvalues"], desc["patch"], desc["dim"],
                    desc["latent_scale"], desc.get("scale_dim"))
 
+    @classmethod
+    def configured(cls, cfg, path):
+        ckpt = load_checkpoint(path, "pca")
+        if cfg.patch != ckpt.extra["patch"]:
+            raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} was fitted on "
+                            f"{ckpt.extra['patch']}x{ckpt.extra['patch']} patches")
+        desc = {"kind": "pca", "patch": ckpt.extra["patch"], "dim": cfg.dim or ckpt.extra["dim"],
+                "latent_scale": cfg.latent_scale, "scale_dim": cfg.scale_dim}
+        return build_tokenizer(desc, ckpt.section("pca")), [ckpt.parent_ref("tokenizer")]
+
     @property
     def kept(self) -> torch.Tensor:
         return self.basis[: self.token_dim]
@@ -176,6 +186,10 @@ class PixelTokenizer(Tokenizer):
     @classmethod
     def from_export(cls, tensors, desc):
         return cls(desc["patch"])
+
+    @classmethod
+    def configured(cls, cfg, path):
+        return cls(cfg.patch), []
 
     def encode(self, images):
         return patchify(images, self.patch)
@@ -223,6 +237,27 @@ class TrainedTokenizer(Tokenizer):
                    f"the {desc['kind']} tokenizer")
         return cls(net, tensors["latent_mean"], tensors["latent_std"], desc["latent_scale"])
 
+    @classmethod
+    def configured(cls, cfg, path):  # whichever kind of autoencoder the train-tokenizer checkpoint holds
+        ckpt = load_checkpoint(path, "tokenizer")
+        extra = ckpt.extra
+        if not extra.get("finished"):
+            raise LdaeError(f"{ckpt.path}: this train-tokenizer run stopped at step {extra.get('step')} of "
+                            f"{extra.get('total_steps')}, before its latent statistics were measured; finish it with "
+                            f"`ldae train-tokenizer --resume {Path(ckpt.path).parent}`")
+        stats = ckpt.section("stats")
+        tensors = {**{f"net.{k}": v for k, v in ckpt.section("net").items()},
+                   "latent_mean": stats["mean"], "latent_std": stats["std"]}
+        tokenizer = build_tokenizer({"kind": extra["tokenizer"]["kind"], "net": extra["tokenizer"],
+                                     "latent_scale": cfg.latent_scale}, tensors)
+        if cfg.patch != tokenizer.patch:
+            raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} has tokens of {tokenizer.patch}x"
+                            f"{tokenizer.patch} pixels; set tokenizer.patch={tokenizer.patch}")
+        if cfg.dim is not None and cfg.dim != tokenizer.token_dim:
+            raise LdaeError(f"tokenizer.dim is {cfg.dim} but {ckpt.path} has {tokenizer.token_dim} dims per token; "
+                            f"set tokenizer.dim={tokenizer.token_dim} or null")
+        return tokenizer, [ckpt.parent_ref("tokenizer")]
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.net.eval()  # frozen: a parent module's .train() must not change it
@@ -260,13 +295,10 @@ class LinearTrainedTokenizer(TrainedTokenizer):
         return a, (bias - self.shift) / self.scale
 
 
+# a kind's name, as a checkpoint stores it and a config names it (tokenizer.kind 'trained': any of the autoencoders)
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
-    "pca": PCATokenizer,
-    "pixel": PixelTokenizer,
-    "conv-vae": TrainedTokenizer,
-    "patch-vae": LinearTrainedTokenizer,
-    "patch-ae": LinearTrainedTokenizer,
-}
+    "pca": PCATokenizer, "pixel": PixelTokenizer, "trained": TrainedTokenizer,
+    "conv-vae": TrainedTokenizer, "patch-vae": LinearTrainedTokenizer, "patch-ae": LinearTrainedTokenizer}
 
 
 def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor], where: str | Path = "the tokenizer") -> Tokenizer:
@@ -287,32 +319,4 @@ def load_tokenizer(cfg: TokenizerConfig, path: str | Path | None = None) -> tupl
     """The tokenizer a pretrain config names (a fit-pca or train-tokenizer checkpoint at `path` or
     tokenizer.path, or the pixel tokenizer) and its provenance entry. A checkpoint's patch size or d
     that differs from the config's is an error, not a silent reinterpretation."""
-    if cfg.kind == "pixel":
-        return build_tokenizer({"kind": "pixel", "patch": cfg.patch}, {}), []
-    path = path or cfg.path
-    if cfg.kind == "pca":
-        ckpt = load_checkpoint(path, "pca")
-        if cfg.patch != ckpt.extra["patch"]:
-            raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} was fitted on "
-                            f"{ckpt.extra['patch']}x{ckpt.extra['patch']} patches")
-        desc = {"kind": "pca", "patch": ckpt.extra["patch"], "dim": cfg.dim or ckpt.extra["dim"],
-                "latent_scale": cfg.latent_scale, "scale_dim": cfg.scale_dim}
-        return build_tokenizer(desc, ckpt.section("pca")), [ckpt.parent_ref("tokenizer")]
-    ckpt = load_checkpoint(path, "tokenizer")
-    extra = ckpt.extra
-    if not extra.get("finished"):
-        raise LdaeError(f"{ckpt.path}: this train-tokenizer run stopped at step {extra.get('step')} of "
-                        f"{extra.get('total_steps')}, before its latent statistics were measured; finish it with "
-                        f"`ldae train-tokenizer --resume {Path(ckpt.path).parent}`")
-    stats = ckpt.section("stats")
-    tensors = {**{f"net.{k}": v for k, v in ckpt.section("net").items()},
-               "latent_mean": stats["mean"], "latent_std": stats["std"]}
-    tokenizer = build_tokenizer({"kind": extra["tokenizer"]["kind"], "net": extra["tokenizer"],
-                                 "latent_scale": cfg.latent_scale}, tensors)
-    if cfg.patch != tokenizer.patch:
-        raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} has tokens of {tokenizer.patch}x"
-                        f"{tokenizer.patch} pixels; set tokenizer.patch={tokenizer.patch}")
-    if cfg.dim is not None and cfg.dim != tokenizer.token_dim:
-        raise LdaeError(f"tokenizer.dim is {cfg.dim} but {ckpt.path} has {tokenizer.token_dim} dims per token; "
-                        f"set tokenizer.dim={tokenizer.token_dim} or null")
-    return tokenizer, [ckpt.parent_ref("tokenizer")]
+    return TOKENIZER_KINDS[cfg.kind].configured(cfg, path or cfg.path)

@@ -473,3 +473,13 @@ def test_denoise_still_takes_one_image(world, run_main, tmp_path):
                    "cpu")
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "panel.png").stat().st_size > 0
+
+
+def test_every_configurable_source_has_one_reader_and_an_unknown_one_is_named():
+    import typing
+
+    from ldae_cli.settings import Source
+
+    assert set(typing.get_args(Source)) - {"auto"} == set(sources_mod.SOURCES)  # a new kind: one reader, one line
+    with pytest.raises(LdaeError, match=r"^data.source 'mnist': .*\(fashion-mnist, cifar10, imagefolder, images\)$"):
+        open_source(DataConfig(source="mnist", path="."), "train")

@@ -303,3 +303,15 @@ def test_a_missing_held_out_split_fails_before_training(images, tmp_path):
     with pytest.raises(LdaeError, match="no 'nope' folder"):
         stage.run(cfg, "r")
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
+
+
+def test_every_configurable_tokenizer_kind_resolves_through_the_registry():
+    import typing
+
+    from ldae_cli.settings import TokenizerConfig as Section
+
+    kinds = typing.get_args(typing.get_type_hints(Section)["kind"])
+    assert set(kinds) <= set(TOKENIZER_KINDS) and all(hasattr(TOKENIZER_KINDS[k], "configured") for k in kinds)
+    assert load_tokenizer(TokenizerConfig(kind="pixel", patch=4, latent_scale="none"))[0].token_dim == 48
+    with pytest.raises(LdaeError, match=r"^x: unknown tokenizer kind 'vq'; this ldae knows pca, pixel, trained, "):
+        build_tokenizer({"kind": "vq"}, {}, "x")

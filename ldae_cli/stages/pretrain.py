@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from ldae_cli.models import build_model
 from ldae_cli.optim import plan_steps
 from ldae_cli.plots import grid_tensor
 from ldae_cli.pretrained import Pretrained
+from ldae_cli.settings import PCA_DIM
 from ldae_cli.logs import console
 from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
     refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
@@ -33,29 +35,50 @@ from ldae_cli.rundir import run_name
 from ldae_cli.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
+def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint | None, fresh: Callable[[], tuple],
+          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], Denoiser, torch.nn.Module]:
+    """What a run trains and its --dry-run counts: the tokenizer and the run's parents (`fresh()`, or a resumed or
+    --init-from run's own, never refitted or swapped), the denoiser, and the network seeded alike on every rank (on
+    the meta device: counted, not allocated)."""
+    if cfg.model.class_conditional and num_classes == 0:
+        raise LdaeError("model.class_conditional needs labelled data, but the dataset has no classes")
+    stored = resume if resume is not None else init_from
+    if stored is None:
+        tokenizer, parents = fresh()
+    else:
+        stored.require("tokenizer.kind")
+        tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
+        parents = resume.provenance.get("parents", []) if resume is not None else [init_from.parent_ref("init")]
+    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
+    torch.manual_seed(cfg.run.seed)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
+    return tokenizer, parents, denoiser, model
+
+
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
     """The configured tokenizer. A PCA without tokenizer.path is `pca_file`'s: found, or fitted on the training data
     first (`dataset` itself when its images are fixed center crops, else the same images without augmentation)."""
     tc = cfg.tokenizer
-    path = tc.path
-    if tc.kind == "pca" and not path:
-        path, found, note = pca_file(cfg, dataset.identity(), lambda: s.output("pca.safetensors"))
-        if s.ctx.is_main:
-            console.print(note)
-        if s.ctx.is_main and not found:
-            settings = pca.PCAConfig(patch=tc.patch, dim=tc.dim or 16, patches=tc.fit_patches, seed=cfg.run.seed)
-            plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
-                build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
-            if path.parent == s.checkpoint.parent:  # the run's own
-                warning = pca.oversampling(len(plain), plain.size, settings)
-                if warning:
-                    console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
-                fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
-                pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings),
-                                                      "out": str(path)}, cfg.data.image_size, cfg.data.source)
-            else:  # where and as `ldae fit-pca` writes it (with its config and filters), for the next run to find
-                pca.fit_and_write(pca.FitPCAConfig(cfg.data, settings, str(path)), cfg.run.progress, dataset=plain)
-        barrier(s.ctx)
+    if tc.kind != "pca" or tc.path:
+        return load_tokenizer(tc)
+    path, found, note = pca_file(cfg, dataset.identity(), lambda: s.output("pca.safetensors"))
+    if s.ctx.is_main:
+        console.print(note)
+    if s.ctx.is_main and not found:
+        settings = pca.PCAConfig(patch=tc.patch, dim=tc.dim or PCA_DIM, patches=tc.fit_patches, seed=cfg.run.seed)
+        plain = dataset if dataset.deterministic and not dataset.hflip and not dataset.encoded else \
+            build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
+        if path.parent == s.checkpoint.parent:  # the run's own
+            warning = pca.oversampling(len(plain), plain.size, settings)
+            if warning:
+                console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
+            fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
+            pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings),
+                                                  "out": str(path)}, cfg.data.image_size, cfg.data.source)
+        else:  # where and as `ldae fit-pca` writes it (with its config and filters), for the next run to find
+            pca.fit_and_write(pca.FitPCAConfig(cfg.data, settings, str(path)), cfg.run.progress, dataset=plain)
+    barrier(s.ctx)
     return load_tokenizer(tc, path)
 
 
@@ -65,7 +88,7 @@ def pca_file(cfg: PretrainConfig, identity: str, own: Callable[[], Path]) -> tup
     same file, so the next run finds it, or the run's own (`own()`) when an --out keeps the run elsewhere or that file
     holds other images. Returns (path, already there, the line saying which)."""
     tc, size = cfg.tokenizer, cfg.data.image_size
-    d = tc.dim or 16
+    d = tc.dim or PCA_DIM
     shared = pca.default_out(pca.FitPCAConfig(cfg.data, pca.PCAConfig(patch=tc.patch, dim=d)))
     what = f"patch {tc.patch}, d = {d}, image size {size}"
     if shared.is_file():
@@ -106,24 +129,12 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
             check_splits(cfg.data, [cfg.data.eval_split])
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed, training_stream=True)
         plan_steps(len(dataset), cfg.optim, cfg.run.seed, s.ctx)  # one global batch or more: before the PCA fit
-        num_classes = dataset.num_classes
-        if cfg.model.class_conditional and num_classes == 0:
-            raise LdaeError("model.class_conditional needs labelled data, but the dataset has no classes")
-        stored = resume if resume is not None else init_from
-        if stored is None:
-            tokenizer, parents = configured_tokenizer(cfg, s, dataset)
-        else:  # the tokenizer the run (or its parent) trained with, from its checkpoint: never refitted or swapped
-            stored.require("tokenizer.kind")
-            tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
-            parents = resume.provenance.get("parents", []) if resume is not None else [init_from.parent_ref("init")]
-        denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-        torch.manual_seed(cfg.run.seed)  # model init: identical on every rank
-        model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
+        tokenizer, parents, denoiser, model = build(cfg, resume, init_from,
+                                                    lambda: configured_tokenizer(cfg, s, dataset), dataset.num_classes)
         if init_from is not None:
             start_from(model, init_from)
         if s.ctx.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
-            width, enc, dec, heads = cfg.model.resolved()
+            (width, enc, dec, heads), n_params = cfg.model.resolved(), sum(p.numel() for p in model.parameters())
             console.print(f"model: {enc}+{dec} blocks, width {width}, {heads} heads, {n_params / 1e6:.1f}M params; "
                           f"tokenizer {tokenizer.kind} p={tokenizer.patch} d={tokenizer.token_dim}; "
                           f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, "
@@ -131,15 +142,20 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
                           + (f"; weights from {init_from.path}" if init_from is not None else ""))
         tok_tensors, tok_desc = tokenizer.export()
         description = {"model_spec": model.spec, "tokenizer": tok_desc, "image_size": cfg.data.image_size,
-                       "num_classes": num_classes, "class_names": dataset.classes, "has_ema": cfg.optim.ema is not None}
+                       "num_classes": dataset.num_classes, "class_names": dataset.classes,
+                       "has_ema": cfg.optim.ema is not None}
 
         def describe() -> tuple[dict, dict]:
             return {f"tokenizer.{k}": v for k, v in tok_tensors.items()}, dict(description)
 
+        def view(trainer) -> Pretrained:  # what probes and `ldae denoise` read: the EMA when the run keeps one
+            weights = trainer.ema.module if trainer.ema is not None else model
+            return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
+
         class_dropout = cfg.model.class_dropout if cfg.model.class_conditional else 0.0
-        online = online_probe(cfg, model, tokenizer, denoiser, s)
+        online = online_probe(cfg, view, s)
         engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online,
-                              denoising_panel(cfg, model, tokenizer, denoiser) if s.ctx.is_main else None)
+                              denoising_panel(cfg, view) if s.ctx.is_main else None)
         return s.checkpoint
 
 
@@ -202,7 +218,7 @@ def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> dict | None:
     return meta
 
 
-def denoising_panel(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, images: int = 8
+def denoising_panel(cfg: PretrainConfig, view: Callable[[object], Pretrained], images: int = 8
                     ) -> Callable[[object], dict[str, torch.Tensor]]:
     """clean | noisy | denoised of a few fixed images, for the dashboard at each save: from the evaluation split,
     or from the training images when there is none (the panel's title says which)."""
@@ -218,21 +234,19 @@ def denoising_panel(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: 
     items = [subset[i][0] for i in range(len(subset)) if isinstance(subset[i], tuple)]
 
     def draw(trainer) -> dict[str, torch.Tensor]:
-        weights = trainer.ema.module if trainer.ema is not None else model  # what probes and `ldae denoise` read
-        pre = Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
+        pre = view(trainer)
         clean = to_unit_range(torch.stack(items)).to(trainer.device)
-        was_training = weights.training
-        weights.eval()
+        was_training = pre.model.training
+        pre.model.eval()
         with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
             noisy, denoised = pre.denoise(clean, pre.timestep(), seed=0)
-        weights.train(was_training)
+        pre.model.train(was_training)
         rows = [[x[i].cpu() for x in (clean, noisy, denoised)] for i in range(len(items))]
         return {f"denoising (clean | noisy | denoised), {which}": grid_tensor(rows, max(1, 64 // clean.shape[-1]))}
     return draw if items else None
 
 
-def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Denoiser, s: Session
-                 ) -> OnlineProbe | None:
+def online_probe(cfg: PretrainConfig, view: Callable[[object], Pretrained], s: Session) -> OnlineProbe | None:
     """The online probe, when the dataset has labelled train and evaluation splits."""
     if not cfg.online_probe.enabled:
         return None
@@ -242,11 +256,6 @@ def online_probe(cfg: PretrainConfig, model, tokenizer: Tokenizer, denoiser: Den
         if s.ctx.is_main:
             console.print(f"online probe: off: {exc}; set online_probe.enabled=false to silence this")
         return None
-
-    def view(trainer) -> Pretrained:  # the weights the offline probe would read: the EMA when the run keeps one
-        weights = trainer.ema.module if trainer.ema is not None else model
-        return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
-
     probe = OnlineProbe(cfg.online_probe, view, fit, test, amp_dtype(cfg.run.precision, s.ctx.device), cfg.run.seed,
                         cfg.data.num_workers)
     if s.ctx.is_main:
@@ -261,28 +270,22 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
                 [cfg.data.eval_split] if cfg.data.eval_split is not None else [],
                 same_unsaved_run(cfg, RUN_RESUMABLE + RESUMABLE))
     notes = []
-    stored = resume if resume is not None else init_from
-    if stored is not None:
-        tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
-    elif cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
-        tokenizer, _ = load_tokenizer(cfg.tokenizer)
-    else:
+
+    def fresh() -> tuple[Tokenizer, list[dict]]:  # the configured tokenizer, or a stand-in for the PCA a start fits
+        if cfg.tokenizer.kind != "pca" or cfg.tokenizer.path:
+            return load_tokenizer(cfg.tokenizer)
         path, found, note = pca_file(cfg, identity_of(o.source, o.images), lambda: o.out_dir / "pca.safetensors")
         notes.append(note)
         if found:
-            tokenizer, _ = load_tokenizer(cfg.tokenizer, path)
-        else:
-            tokenizer = engine_pretrain.stand_in(cfg.tokenizer)
-            notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not "
-                         "timed)")
-            settings = pca.PCAConfig(patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or 16,
-                                     patches=cfg.tokenizer.fit_patches)
-            warning = pca.oversampling(o.images, cfg.data.image_size, settings)
-            if warning:
-                notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
-    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-    with torch.device("meta"):  # counted, not allocated: a 350M-parameter network in no time
-        model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, len(o.source.classes))
+            return load_tokenizer(cfg.tokenizer, path)
+        notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not timed)")
+        warning = pca.oversampling(o.images, cfg.data.image_size, pca.PCAConfig(
+            patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or PCA_DIM, patches=cfg.tokenizer.fit_patches))
+        if warning:
+            notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
+        return engine_pretrain.stand_in(cfg.tokenizer), []
+
+    model = build(cfg, resume, init_from, fresh, len(o.source.classes), meta=True)[3]
     params = sum(p.numel() for p in model.parameters())
     notes.append(online_plan(cfg, SimpleNamespace(rank=0, world=o.world)))
     speed, timing = estimate_images_per_second(cfg)

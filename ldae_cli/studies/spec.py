@@ -19,7 +19,7 @@ from ldae_cli.optim import OptimConfig, plan_steps
 from ldae_cli.session import RunConfig
 from ldae_cli.data import median_short_side
 from ldae_cli.sources import open_source, resolve_path
-from ldae_cli.tokenizers import TokenizerConfig
+from ldae_cli.settings import PCA_DIM, TokenizerConfig
 
 Baseline = Literal["random-init", "pixels"]
 BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
@@ -53,7 +53,7 @@ class PixelDimSweep:
     PCA d = min(dim, D); the paper's number and words beside each D it names."""
 
     pairs: int = 3
-    dim: int = 16
+    dim: int = PCA_DIM
     paper: dict[int, float] = field(default_factory=dict)  # D -> the paper's pixel-tokenizer top-1
     paper_rows: dict[int, str] = field(default_factory=dict)  # D -> where in Fig. 4 that D is, or what it says
 
