@@ -5,6 +5,7 @@ paired seeds; Ctrl-C stops the whole study; the matched-noise latent scale."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,9 +20,10 @@ from conftest import train_tiny, write_image_tree
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
+from ldae_cli.eval_settings import LinearProbeConfig
 from ldae_cli.models import ModelConfig
 from ldae_cli.stages.study import load
-from ldae_cli.studies import patchspace, runner
+from ldae_cli.studies import pages, patchspace, runner
 from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
 from ldae_cli.studies.spec import BudgetConfig, DepthSweep, PixelDimSweep, StudyConfig, depth_variants
 from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
@@ -102,6 +104,9 @@ def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_
     noise = results["rows"][0]["settings"]["noise_scale"]
     assert noise == pytest.approx(math.sqrt(float(eigen[:8].mean())), abs=1e-3)
     assert results["rows"][1]["settings"]["noise_scale"] == 1.0  # the pixel DAE: sigma in pixels
+    # every setting of the probe's typed config (fast worded as the mode, batch_size as batch), and its data
+    probe_keys = {f.name for f in dataclasses.fields(LinearProbeConfig)} - {"fast", "batch_size"}
+    assert set(results["rows"][0]["probe"]) == probe_keys | {"mode", "batch", "limit", "eval_split"}
     assert (out / "results.png").stat().st_size > 1000
 
     before = (out / "results.json").read_text()
@@ -127,6 +132,18 @@ def test_a_budget_that_upsamples_is_refused(toy, run_main, tmp_path):
     assert res.returncode == 1
     assert "data.image_size 64 is above the native 32x32" in res.stderr and "never upsamples" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_study_checks_every_section_of_its_runs_config_as_ldae_pretrain_does(toy, run_main, tmp_path):
+    res = run_main(*toy, "--seeds", "1", "--set", "online_probe.evry=5")  # a section a study once did not read
+    assert res.returncode == 1 and "unknown config key 'online_probe.evry'; did you mean" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_probe_setting_the_page_has_no_words_for_is_a_column_where_rows_differ():
+    probes = [{"t": 10, "momentum": 0.9}, {"t": 10, "momentum": 0.8}]
+    common, varying = pages.common_and_varying(probes, pages.PROBE_TEXT)
+    assert "t = 10" in common and varying == ["momentum"]
 
 
 def test_paired_differences_standard_errors_and_verdicts():

@@ -29,14 +29,15 @@ def setting_text(key: str, value, texts: dict[str, str]) -> str:
 
 
 def common_and_varying(settings: list[dict], texts: dict[str, str]) -> tuple[list[str], list[str]]:
-    """RunSections every row shares (as text), and the keys that differ between rows."""
+    """The settings in `texts` every row shares (as text), and every key that differs between rows, in `texts` or
+    not (a setting the page has no words for is still a column where rows differ in it)."""
     common, varying = [], []
-    for key in texts:
-        values = [json.dumps(s.get(key)) for s in settings]
-        if len(set(values)) == 1:
-            common.append(setting_text(key, settings[0].get(key), texts))
-        else:
+    for key in dict.fromkeys([*texts, *(k for s in settings for k in s)]):
+        values = {json.dumps(s.get(key)) for s in settings}
+        if len(values) != 1:
             varying.append(key)
+        elif key in texts:
+            common.append(setting_text(key, settings[0].get(key), texts))
     return common, varying
 
 
@@ -74,10 +75,7 @@ def what_ran(results: dict) -> tuple[list[str], list[str], list[str]]:
     lines = [f"Data: {'; '.join(data)}.", ""]
     if common:
         lines += [f"Every pretrain run: {', '.join(common)}.", ""]
-    # probe.select: results from before it (no `select`) chose on the eval split
-    chosen = {r["probe"].get("select", "eval") for r in variants}
-    if len(chosen) > 1:
-        probe_varying.append("select")
+    chosen = {r["probe"].get("select", "eval") for r in variants}  # results from before probe.select: on eval
     how = {"eval": "the best of its linear heads (one per blr) is chosen on the eval split",
            "holdout": "its linear head (one per blr) is chosen on a seeded 10 % of the training split held out from "
                       "the heads, and its top-1 on the eval split is reported"}

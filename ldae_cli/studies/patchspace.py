@@ -11,9 +11,10 @@ from pathlib import Path
 
 from ldae_cli import pca
 from ldae_cli.checkpoint import load_checkpoint, read_metadata
-from ldae_cli.config import config_from_dict
-from ldae_cli.data import DataConfig, build_dataset
+from ldae_cli.config import config_from_dict, to_dict
+from ldae_cli.data import build_dataset
 from ldae_cli.logs import console
+from ldae_cli.settings import DataConfig, PretrainConfig
 from ldae_cli.tokenizers import build_tokenizer
 
 SHARE_DIMS = (8, 16, 32, 48, 64, 128)
@@ -32,18 +33,18 @@ def noise_scale(ckpt: Path) -> dict:
     return {"noise_scale": round(lo, 3) if math.isclose(lo, hi, rel_tol=1e-6) else [round(lo, 3), round(hi, 3)]}
 
 
-def fit_here(out: Path, data: dict, patch: int) -> Path:
+def fit_here(out: Path, data: DataConfig, patch: int) -> Path:
     """A PCA of the study's own for a patch space none of its runs fitted one for (kept for the next page)."""
-    path = out / "patchspace" / f"{data['source']}-{data['image_size']}-p{patch}.safetensors"
+    path = out / "patchspace" / f"{data.source}-{data.image_size}-p{patch}.safetensors"
     if not path.is_file():
-        cfg = config_from_dict(DataConfig, data)
         settings = pca.PCAConfig(patch=patch, dim=min(16, patch * patch * 3), patches=FIT_PATCHES)
-        console.print(f"fitting a PCA of {patch}x{patch} patches at {cfg.image_size}x{cfg.image_size} for the "
+        console.print(f"fitting a PCA of {patch}x{patch} patches at {data.image_size}x{data.image_size} for the "
                       f"study's patch-space table -> {path}")
-        fitted = pca.fit(build_dataset(cfg, "train", augment=False), settings, cfg.on_bad_image, cfg.num_workers,
+        fitted = pca.fit(build_dataset(data, "train", augment=False), settings, data.on_bad_image, data.num_workers,
                          show_progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pca.save_fit(fitted, path, settings, {"data": data, "pca": vars(settings)}, cfg.image_size, cfg.source)
+        pca.save_fit(fitted, path, settings, {"data": to_dict(data), "pca": vars(settings)}, data.image_size,
+                     data.source)
     return path
 
 
@@ -51,12 +52,12 @@ def tables(out: Path, ckpts: list[Path], dims: set[int]) -> list[dict]:
     """One entry per patch space of the runs (`ckpts`), with the shares at SHARE_DIMS and `dims` below D."""
     spaces: dict[tuple, dict] = {}
     for ckpt in ckpts:
-        cfg = read_metadata(ckpt)["config"]
-        data, tok = cfg["data"], cfg["tokenizer"]
-        key = (data["source"], data["path"], data["train_split"], data["limit"], data["image_size"], tok["patch"])
-        space = spaces.setdefault(key, {"data": data, "patch": tok["patch"], "fits": []})
+        cfg = config_from_dict(PretrainConfig, read_metadata(ckpt)["config"])
+        data, tok = cfg.data, cfg.tokenizer
+        key = (data.source, data.path, data.train_split, data.limit, data.image_size, tok.patch)
+        space = spaces.setdefault(key, {"data": data, "patch": tok.patch, "fits": []})
         own = ckpt.parent / "pca.safetensors"  # fitted on this data by the run itself (tokenizer.path null)
-        if tok["kind"] == "pca" and not tok["path"] and own.is_file():
+        if tok.kind == "pca" and not tok.path and own.is_file():
             space["fits"].append(own)
     entries = []
     for space in spaces.values():
@@ -66,7 +67,7 @@ def tables(out: Path, ckpts: list[Path], dims: set[int]) -> list[dict]:
         full = len(eigenvalues)
         shown = sorted(d for d in set(SHARE_DIMS) | dims if d < full)
         total = float(eigenvalues.sum())
-        entries.append({"data": space["data"]["source"], "image_size": space["data"]["image_size"],
+        entries.append({"data": space["data"].source, "image_size": space["data"].image_size,
                         "patch": space["patch"], "D": full, "pca": Path(os.path.relpath(path, out)).as_posix(),
                         "patches": fit.extra["n_patches"],
                         "share_pct": {d: round(100 * float(eigenvalues[:d].sum()) / total, 3) for d in shown},

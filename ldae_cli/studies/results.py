@@ -13,12 +13,11 @@ import os
 from pathlib import Path
 
 from ldae_cli.checkpoint import read_metadata
-from ldae_cli.config import config_from_dict
-from ldae_cli.data import DataConfig
-from ldae_cli.models import ModelConfig
-from ldae_cli.optim import OptimConfig
+from ldae_cli.config import config_from_dict, to_dict
+from ldae_cli.eval_settings import ProbeConfig
 from ldae_cli.logs import read_metrics
 from ldae_cli.rundir import CHECKPOINT, METRICS
+from ldae_cli.settings import PretrainConfig
 from ldae_cli.studies import patchspace
 from ldae_cli.studies.runner import Plan, Row, Run, Timings, relative
 from ldae_cli.studies.spec import data_key
@@ -79,34 +78,37 @@ def wall_seconds(records: list[dict]) -> float | None:
     return round(total + last, 1) if records else None
 
 
+def stored(ckpt: Path, cls: type):
+    """The config a run of the study ran, as the typed config its engine read (and its checkpoint's metadata)."""
+    meta = read_metadata(ckpt)
+    return config_from_dict(cls, meta["config"]), meta
+
+
 def pretrain_settings(ckpt: Path) -> dict:
     """What a pretrain run ran, from the resolved config and metadata in its own checkpoint."""
-    meta = read_metadata(ckpt)
-    cfg, extra = meta["config"], meta["extra"]
-    data, tok, diffusion = cfg["data"], cfg["tokenizer"], cfg["diffusion"]
-    width, encoder, decoder, heads = config_from_dict(ModelConfig, cfg["model"]).resolved()
-    optim = config_from_dict(OptimConfig, cfg["optim"])
-    patch, size = tok["patch"], data["image_size"]
-    full = patch * patch * 3
-    return {"data": data["source"], "image_size": size, "patch": patch, "tokens": (size // patch) ** 2, "D": full,
-            "tokenizer": tok["kind"], "d": extra["tokenizer"].get("dim") or full,
-            "latent_scale": tok["latent_scale"] + (f" of d = {tok['scale_dim']}" if tok.get("scale_dim") else ""),
+    cfg, meta = stored(ckpt, PretrainConfig)
+    data, tok, diffusion, optim, extra = cfg.data, cfg.tokenizer, cfg.diffusion, cfg.optim, meta["extra"]
+    width, encoder, decoder, heads = cfg.model.resolved()
+    full = tok.patch * tok.patch * 3
+    return {"data": data.source, "image_size": data.image_size, "patch": tok.patch,
+            "tokens": (data.image_size // tok.patch) ** 2, "D": full, "tokenizer": tok.kind,
+            "d": extra["tokenizer"].get("dim") or full,
+            "latent_scale": tok.latent_scale + (f" of d = {tok.scale_dim}" if tok.scale_dim else ""),
             "model": f"width {width}, {encoder} + {decoder} blocks, {heads} heads", "batch": optim.batch_size,
             "epochs": optim.epochs, "steps": extra["total_steps"], "lr": optim.base_lr(),
             "warmup_epochs": optim.warmup_epochs, "ema": optim.ema,
-            "objective": f"{diffusion['schedule']} noise, predict {diffusion['target']}, loss weight "
-                         f"{diffusion['loss_weight']}, {diffusion['input_space']} in, {diffusion['output_space']} out"}
+            "objective": f"{diffusion.schedule} noise, predict {diffusion.target}, loss weight "
+                         f"{diffusion.loss_weight}, {diffusion.input_space} in, {diffusion.output_space} out"}
 
 
 def probe_settings(run: Run) -> dict:
-    meta = read_metadata(run.out / CHECKPOINT)
-    probe, data = meta["config"]["probe"], meta["config"]["data"]
-    mode = "fast mode (features of center crops, extracted once)" if probe["fast"] else \
+    """Every setting of the probe's section (fast worded as its mode, batch_size as batch) and the data it read."""
+    cfg = stored(run.out / CHECKPOINT, ProbeConfig)[0]
+    probe = to_dict(cfg.probe)
+    mode = "fast mode (features of center crops, extracted once)" if probe.pop("fast") else \
         "full mode (MAE's: random-resized crops and flips every epoch)"
-    return {"mode": mode, "select": probe.get("select", "eval"), "epochs": probe["epochs"],
-            "batch": probe["batch_size"], "blrs": probe["blrs"], "knn_k": probe["knn_k"], "t": probe["t"],
-            "depth": probe["depth"], "features": probe["features"], "limit": data["limit"],
-            "eval_split": data["eval_split"]}
+    return {"mode": mode, "batch": probe.pop("batch_size"), **probe, "limit": cfg.data.limit,
+            "eval_split": cfg.data.eval_split}
 
 
 def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
@@ -114,10 +116,10 @@ def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
     the training data) where they record one, else the source and its path relative to the study directory."""
     seen = []
     for ckpt in ckpts:
-        meta = read_metadata(ckpt)
-        facts = plan.facts[data_key(config_from_dict(DataConfig, meta["config"]["data"]))]
+        cfg, meta = stored(ckpt, PretrainConfig)
+        facts = plan.facts[data_key(cfg.data)]
         identity = meta["extra"].get("data_identity")
-        entry = {"source": meta["config"]["data"]["source"], "path": os.path.relpath(facts.location, plan.out),
+        entry = {"source": cfg.data.source, "path": os.path.relpath(facts.location, plan.out),
                  "train_sha256": identity.get("train") if isinstance(identity, dict) else identity,
                  "train_images": facts.train_images, "native_size": facts.native}
         if entry not in seen:

@@ -26,16 +26,12 @@ from ldae_cli.logs import console
 from ldae_cli.models import build_model
 from ldae_cli.rundir import CHECKPOINT
 from ldae_cli.engine_pretrain import stand_in, synthetic_step
-from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, RunSections, StudyConfig, Variant,
-                                   check_rows, depth_variants, pixel_dim_variants, resolve, slug, survey, total_steps)
+from ldae_cli.settings import PretrainConfig
+from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, StudyConfig, Variant, check_rows,
+                                   depth_variants, pixel_dim_variants, resolve, settings_of, slug, survey, total_steps)
 from ldae_cli.tokenizers import load_tokenizer
 
 TIMINGS = "timings.json"
-
-
-def settings_of(overrides: dict[str, Any]) -> list[str]:
-    """KEY=VALUE, values as JSON, which the config loader reads back as the same YAML values."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
 def as_sets(overrides: dict[str, Any]) -> list[str]:
@@ -88,7 +84,7 @@ class Plan:
     seeds: int
     out: Path
     pretrains: dict[str, Run]  # by the hash of (config, overrides)
-    settings: dict[str, RunSections]  # their resolved settings, by the same hash
+    settings: dict[str, PretrainConfig]  # their resolved settings, by the same hash
     facts: dict[tuple, DataFacts]
     rows: list[Row]
     reference: str
@@ -132,7 +128,7 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
     pretrains in `shared` when given (`--pretrains`), else in the study's folder."""
     variants, reference = variants_of(study, {**budget.pretrain, **extra})
     pretrains: dict[str, Run] = {}
-    settings: dict[str, RunSections] = {}
+    settings: dict[str, PretrainConfig] = {}
     rows = []
     for variant in variants:
         config = variant.pretrain or study.pretrain

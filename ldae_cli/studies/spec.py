@@ -4,22 +4,19 @@ budget that would upsample the data, to plan the runs and to estimate their time
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ldae_cli.config import _read_yaml, apply_override, config_from_dict, find_config
-from ldae_cli.data import DataConfig
-from ldae_cli.diffusion import DiffusionConfig
+from ldae_cli.config import load_config
+from ldae_cli.data import median_short_side
 from ldae_cli.distributed import DistContext
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import ModelConfig
-from ldae_cli.optim import OptimConfig, plan_steps
-from ldae_cli.session import RunConfig
-from ldae_cli.data import median_short_side
+from ldae_cli.optim import plan_steps
+from ldae_cli.settings import PCA_DIM, DataConfig, ModelConfig, PretrainConfig, TokenizerConfig
 from ldae_cli.sources import open_source, resolve_path
-from ldae_cli.settings import PCA_DIM, TokenizerConfig
 
 Baseline = Literal["random-init", "pixels"]
 BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
@@ -91,28 +88,14 @@ class BudgetConfig:
             raise LdaeError(f"budget {self.name}: images_per_second and probe_minutes must be positive")
 
 
-SECTIONS = {"data": DataConfig, "tokenizer": TokenizerConfig, "model": ModelConfig, "diffusion": DiffusionConfig,
-            "optim": OptimConfig, "run": RunConfig}
+def settings_of(overrides: dict[str, Any]) -> list[str]:
+    """KEY=VALUE, values as JSON, which the config loader reads back as the same YAML values."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
 
 
-@dataclass
-class RunSections:
-    """The sections of a pretrain run's config that a study reads (and times a step of: --dry-run)."""
-
-    data: DataConfig
-    tokenizer: TokenizerConfig
-    model: ModelConfig
-    diffusion: DiffusionConfig
-    optim: OptimConfig
-    run: RunConfig
-
-
-def resolve(config: str, overrides: dict[str, Any]) -> RunSections:
-    """The settings `ldae pretrain --config CONFIG --set KEY=VALUE ...` runs with."""
-    raw = _read_yaml(find_config(config))
-    for key, value in overrides.items():
-        apply_override(raw, key.split("."), value)
-    return RunSections(**{name: config_from_dict(cls, raw.get(name) or {}) for name, cls in SECTIONS.items()})
+def resolve(config: str, overrides: dict[str, Any]) -> PretrainConfig:
+    """The config `ldae pretrain --config CONFIG --set KEY=VALUE ...` loads (its data settled when the run starts)."""
+    return load_config(PretrainConfig, config, settings_of(overrides))
 
 
 def slug(text: str) -> str:
@@ -179,7 +162,7 @@ def data_key(data: DataConfig) -> tuple:
     return data.source, data.path, data.train_split, data.limit
 
 
-def survey(settings: list[RunSections], budget: str) -> dict[tuple, DataFacts]:
+def survey(settings: list[PretrainConfig], budget: str) -> dict[tuple, DataFacts]:
     """The data of every run; a run whose data.image_size is above its data's native size is refused."""
     facts: dict[tuple, DataFacts] = {}
     for s in settings:
@@ -199,6 +182,6 @@ def survey(settings: list[RunSections], budget: str) -> dict[tuple, DataFacts]:
     return facts
 
 
-def total_steps(s: RunSections, facts: dict[tuple, DataFacts]) -> int:
+def total_steps(s: PretrainConfig, facts: dict[tuple, DataFacts]) -> int:
     """Optimizer steps of a pretrain run with these settings (as the run plans them)."""
     return plan_steps(facts[data_key(s.data)].train_images, s.optim, 0, DistContext()).total_steps
