@@ -26,6 +26,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}  # the one with ldae's packages (the device machine's own)
 DATASET=cifar10
 case "${1:-}" in cifar10|tinyimagenet) DATASET=$1; shift ;; esac
 if [ "$DATASET" = tinyimagenet ]; then
@@ -49,17 +50,17 @@ if [ -z "$DATA" ] || [ ! -f "$DATA" ]; then
 fi
 if [ -n "${DRY_RUN:-}" ]; then
     for study in $STUDIES; do
-        python3 -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
+        "$PYTHON" -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
             --out "$RUNS/$study" --pretrains "$RUNS/pretrain" --dry-run
     done
     exit 0
 fi
 mkdir -p "$RUNS" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
 for study in $STUDIES; do
     start=$(date +%s)
-    python3 -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
+    "$PYTHON" -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
         --out "$RUNS/$study" --pretrains "$RUNS/pretrain"
     echo "$study on $DATASET ($SEEDS seed(s)): $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
     if [ "$OUT" != "$RUNS" ]; then

@@ -194,16 +194,19 @@ def test_a_bad_select_is_one_line_and_writes_nothing(world, run_main, tmp_path):
 # --- the studies record which selection they used --------------------------------------------------------------------
 
 def test_committed_studies_render_as_eval_and_a_holdout_study_says_so():
-    """generic: the committed pages (from before probe.select) render byte for byte, as chosen on the eval split;
-    a study whose probes chose on a holdout says so."""
+    """generic: the committed pages render byte for byte, those from before probe.select as chosen on the eval
+    split; a study whose probes chose on a holdout says so."""
     from ldae_cli.studies import pages
 
-    docs = sorted((Path(__file__).resolve().parent.parent / "docs" / "studies").glob("*/results.json"))
-    assert docs
+    docs = sorted((Path(__file__).resolve().parent.parent / "docs" / "studies").glob("**/results.json"))
+    assert len(docs) >= 9
     for path in docs:
         results = json.loads(path.read_text())
         page = pages.markdown(results)
-        assert page == (path.parent / "results.md").read_text() and "is chosen on the eval split" in page
+        holdout = results["rows"][0]["probe"].get("select") == "holdout"
+        assert page == (path.parent / "results.md").read_text()
+        assert ("held out from the heads" if holdout else "is chosen on the eval split") in page
+    results = json.loads(docs[0].read_text())  # a page from before probe.select
     for row in results["rows"]:
         row["probe"]["select"] = "holdout"
     page = pages.markdown(results)

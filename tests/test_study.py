@@ -10,6 +10,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,8 @@ def test_gpu_study_plans_pixel_dim_at_d_768_on_the_tinyimagenet_archive(tmp_path
     """One command on a GPU machine; DRY_RUN=1 shows its plan anywhere (the GPU budget's speed is its own figure)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_study.sh"
     res = subprocess.run(["bash", str(script), "tinyimagenet"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DRY_RUN": "1", "TINY": str(TINY), "RUNS": str(tmp_path / "runs")})
+                         env={**os.environ, "DRY_RUN": "1", "TINY": str(TINY), "RUNS": str(tmp_path / "runs"),
+                              "PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr
     assert "study pixel-dim, budget gpu-64, 1 seed(s)" in res.stdout and "12 runs" in res.stdout
     for row in ("pixel DAE 64/16 (D = 768)", "l-DAE 64/16 (d = 16)", "pixel DAE 16/4 (D = 48)"):
