@@ -321,3 +321,10 @@ def test_the_patch_space_of_a_pixel_only_study_is_measured_by_a_pca_of_its_own(p
     assert space["D"] == 48 and space["pca"] == "patchspace/imagefolder-32-p4.safetensors"
     assert list(space["share_pct"]) == [8, 16, 32] and 0 < space["share_pct"][8] < space["share_pct"][32] < 100
     assert patchspace.noise_scale(ckpt) == {"noise_scale": 1.0}
+
+
+def test_a_pages_command_leaves_out_where_the_runs_went():
+    from ldae_cli.stages.study import reproduce
+
+    argv = ["study", "pixel-dim", "--pretrains", "/runs/shared", "--out=/runs/a", "--seeds", "3", "--pretrains=x"]
+    assert reproduce(argv) == "ldae study pixel-dim --seeds 3"

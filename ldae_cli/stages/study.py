@@ -31,9 +31,11 @@ def load(kind: str, name: str, cls: type):
 
 
 def reproduce(argv: list[str]) -> str:
-    """The command line that made a study, without --out: where it ran is no part of what it shows."""
+    """The command line that made a study, without --out and --pretrains: where it ran (and which runs it shared
+    with another study, identical by their settings and seed) is no part of what it shows."""
+    where = ("--out", "--pretrains")
     kept = [arg for i, arg in enumerate(argv)
-            if not (arg == "--out" or arg.startswith("--out=") or (i and argv[i - 1] == "--out"))]
+            if not (arg in where or arg.startswith(tuple(f"{w}=" for w in where)) or (i and argv[i - 1] in where))]
     return "ldae " + " ".join(shlex.quote(a) for a in kept)
 
 
