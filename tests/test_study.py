@@ -230,6 +230,12 @@ def test_the_64_pixel_budgets_plan_d_768_at_64_pixels_and_refuse_smaller_images(
                                            "pixel DAE 16/4 (D = 48)", "l-DAE 16/4 (d = 16)"]
     assert plan.reference == "pixel DAE 64/16 (D = 768)" and plan.rows[0].variant.paper == 23.6
     assert {(s.data.image_size // s.tokenizer.patch) ** 2 for s in plan.settings.values()} == {16}
+    if budget == "gpu-64":  # the training FLOPs an image that gpu_study.sh's plan quotes: 2.11 GFLOP
+        from ldae_cli.models import model_flops_per_image
+
+        width = plan.settings[next(iter(plan.settings))].model.width
+        spec = dict(grid=[4, 4], width=width, mlp_ratio=4.0, in_dim=768, out_dim=768, encoder_depth=6, decoder_depth=6)
+        assert round(model_flops_per_image(spec) / 1e9, 2) == 2.11
 
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet-b100.tar.gz"
