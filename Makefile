@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/detectron2.txt Makefile
 	$(BIN)/pip install -q --upgrade --no-deps --only-binary=:all: --python-version 3.10 --target "$$SP" \
 		--require-hashes -r requirements/detectron2.txt && \
 	rm -f "$$SP"/detectron2/_C.cpython-310-*.so
-	$(BIN)/python -c "from ldae_cli.detection import require_detectron2; require_detectron2()"
+	$(BIN)/python -c "from ldae_cli.model.detection import require_detectron2; require_detectron2()"
 	touch $@
 
 # Fashion-MNIST for the demo: the Debian package, else torchvision's download into ~/.cache/ldae.
@@ -30,7 +30,7 @@ data: env
 	elif command -v apt-get >/dev/null 2>&1 && { SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n"); \
 		$$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && \
 		$$SUDO apt-get install -y -q dataset-fashion-mnist; }; }; then echo "Fashion-MNIST installed"; \
-	else $(BIN)/python -c "from ldae_cli.sources import download_fashion_mnist; download_fashion_mnist()"; fi
+	else $(BIN)/python -c "from ldae_cli.data.sources import download_fashion_mnist; download_fashion_mnist()"; fi
 
 # Every stage on Fashion-MNIST. Each step is a file target, so re-running skips what is done; an
 # interrupted pretrain resumes where it stopped.

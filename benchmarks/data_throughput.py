@@ -26,9 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ldae_cli import prepared  # noqa: E402
-from ldae_cli.data import DataConfig, ImageDataset, build_dataset, collate, decode_batch  # noqa: E402
-from ldae_cli.sources import FileSource  # noqa: E402
+from ldae_cli.data import prepared  # noqa: E402
+from ldae_cli.data.pipeline import DataConfig, ImageDataset, build_dataset, collate, decode_batch  # noqa: E402
+from ldae_cli.data.sources import FileSource  # noqa: E402
 
 NODE_IMG_S = 8 * 918  # eight H200 at the half-L step's measured rate
 

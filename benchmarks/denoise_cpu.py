@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import synthetic_pca, trained_like  # noqa: E402
 from timing import best_of  # noqa: E402
 
-from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule  # noqa: E402
-from ldae_cli.models import ModelConfig, build_model, model_flops_per_image  # noqa: E402
-from ldae_cli.pretrained import Pretrained  # noqa: E402
+from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule  # noqa: E402
+from ldae_cli.model.models import ModelConfig, build_model, model_flops_per_image  # noqa: E402
+from ldae_cli.model.pretrained import Pretrained  # noqa: E402
 
 
 def main() -> None:

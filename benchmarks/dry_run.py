@@ -47,11 +47,11 @@ def speeds_of(config: str | None, overrides: list[str], batch: int) -> dict:
     import torch
 
     from ldae_cli.config import load_config
-    from ldae_cli.diffusion import Denoiser, NoiseSchedule
-    from ldae_cli.dryrun import estimate_images_per_second, seconds_per_image
-    from ldae_cli.engine_pretrain import stand_in, synthetic_step
-    from ldae_cli.models import build_model
-    from ldae_cli.settings import PretrainConfig
+    from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
+    from ldae_cli.train.dryrun import estimate_images_per_second, seconds_per_image
+    from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
+    from ldae_cli.model.models import build_model
+    from ldae_cli.settings.training import PretrainConfig
 
     cfg = load_config(PretrainConfig, config, [*overrides, "run.device=cpu", f"optim.batch_size={batch}"])
     estimated, sentence = estimate_images_per_second(cfg)

@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldae_cli.data import DataConfig, build_dataset, to_unit_range  # noqa: E402
-from ldae_cli.patches import random_patches  # noqa: E402
-from ldae_cli.pca import CovarianceAccumulator, principal_components  # noqa: E402
+from ldae_cli.data.pipeline import DataConfig, build_dataset, to_unit_range  # noqa: E402
+from ldae_cli.model.patches import random_patches  # noqa: E402
+from ldae_cli.model.pca import CovarianceAccumulator, principal_components  # noqa: E402
 
 
 def sample_patches(images: torch.Tensor, patch: int, count: int, per_image: int, seed: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from ldae_cli.checkpoint import read_metadata  # noqa: E402
+from ldae_cli.runs.checkpoint import read_metadata  # noqa: E402
 
 
 def write_images(root: Path, per_class: int = 16, size: int = 32) -> Path:

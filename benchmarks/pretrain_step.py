@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.engine_pretrain import PretrainObjective, draw_step_noise, optimizer_step
-from ldae_cli.models import ModelConfig, build_model, model_flops_per_image
-from ldae_cli.pca import principal_components
-from ldae_cli.tokenizers import PCATokenizer
+from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
+from ldae_cli.train.engine_pretrain import PretrainObjective, draw_step_noise, optimizer_step
+from ldae_cli.model.models import ModelConfig, build_model, model_flops_per_image
+from ldae_cli.model.pca import principal_components
+from ldae_cli.model.tokenizers import PCATokenizer
 
 
 def synthetic_pca(patch: int, dim: int) -> PCATokenizer:

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import best_of  # noqa: E402
-from ldae_cli.prepared import finish_split, npy_bytes  # noqa: E402
-from ldae_cli.sources import check_split  # noqa: E402
+from ldae_cli.data.prepared import finish_split, npy_bytes  # noqa: E402
+from ldae_cli.data.sources import check_split  # noqa: E402
 
 IMAGENET_TRAIN_GB = 251.9
 

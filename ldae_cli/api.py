@@ -18,11 +18,11 @@ from typing import Sequence, Union
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ldae_cli import pretrained as _pretrained
-from ldae_cli.data import load_image_file, to_unit_range
-from ldae_cli.describe import describe_checkpoint
+from ldae_cli.model import pretrained as _pretrained
+from ldae_cli.data.pipeline import load_image_file, to_unit_range
+from ldae_cli.model.describe import describe_checkpoint
 from ldae_cli.errors import LdaeError
-from ldae_cli.imagefiles import collect_images
+from ldae_cli.data.imagefiles import collect_images
 
 __all__ = ["load_encoder", "load_pretrained", "extract_features", "denoise", "info", "collect_images"]
 

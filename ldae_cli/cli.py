@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from ldae_cli import __version__
 from ldae_cli.errors import Finished, Interrupted, LdaeError, Terminated
-from ldae_cli.logs import console, err_console, kept
+from ldae_cli.runs.logs import console, err_console, kept
 
 app = typer.Typer(
     name="ldae",
@@ -85,7 +85,7 @@ def check_config(name: str, config: str | None, overrides: list[str] | None, fla
     comes in a second. Only where the stage reads exactly this, or this over the data section a --ckpt records
     (probe, finetune: checked against the defaults instead, it refuses nothing the start accepts); never for
     --resume, whose base is the run's stored config."""
-    from ldae_cli import eval_settings, settings
+    from ldae_cli.settings import evaluation as eval_settings, training as settings
     from ldae_cli.config import load_config
 
     load_config(getattr(settings, name, None) or getattr(eval_settings, name), config, overrides or [], flags)

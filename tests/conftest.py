@@ -246,7 +246,7 @@ def probe_args(world, out: Path, *extra: str, ckpt=None) -> list[str]:
 
 def rewrite_metadata(src: Path, dst: Path, edit) -> Path:
     """A copy of checkpoint `src` whose metadata `edit(meta)` changed (tensors as they were)."""
-    from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+    from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
     meta = read_metadata(src)
     edit(meta)

@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 
 import ldae_cli as ldae
 from ldae_cli import api
-from ldae_cli.data import load_image_file, to_unit_range
+from ldae_cli.data.pipeline import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
-from ldae_cli.imagefiles import collect_images
-from ldae_cli.patches import patchify
-from ldae_cli.pretrained import export_encoder, export_timm, load_pretrained
+from ldae_cli.data.imagefiles import collect_images
+from ldae_cli.model.patches import patchify
+from ldae_cli.model.pretrained import export_encoder, export_timm, load_pretrained
 
 from conftest import train_tiny
 
@@ -140,7 +140,7 @@ def test_load_encoder_refuses_damaged_and_foreign_timm_folders(trained, tmp_path
 
 
 def test_a_timm_folder_records_its_source_for_provenance(trained):
-    from ldae_cli.pretrained import load_encoder as load_with_source
+    from ldae_cli.model.pretrained import load_encoder as load_with_source
 
     _, kwargs, source = load_with_source(trained["timm"])
     assert source.path == trained["timm"] / "model.safetensors" and source.kind == "encoder"

@@ -36,7 +36,7 @@ def imports_of(path: Path, name: str) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             if not base.startswith("ldae_cli"):
                 continue
-            for alias in node.names:  # `from ldae_cli import pca` imports the module ldae_cli.pca
+            for alias in node.names:  # `from ldae_cli.model import pca` imports the module ldae_cli.model.pca
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return found - {name}
 
@@ -123,7 +123,7 @@ def test_engines_read_no_config_defined_in_a_stage():
     stage_classes = {node.name for name, path in modules().items() if name.startswith("ldae_cli.stages.")
                      for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)}
     for name, path in modules().items():
-        if not name.startswith("ldae_cli.engine_"):
+        if not name.startswith("ldae_cli.train.engine_"):
             continue
         tree = ast.parse(path.read_text())
         sessions = [node.slice.id for node in ast.walk(tree) if isinstance(node, ast.Subscript)

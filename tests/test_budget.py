@@ -9,11 +9,11 @@ import yaml
 from PIL import Image
 
 from conftest import REPO_ROOT, one_line, snapshot, unchanged, write_pattern_tree
-from ldae_cli.budget import MAX_EPOCHS, Budget, DataFacts, measured_speed, parse_budget, size_run
+from ldae_cli.train.budget import MAX_EPOCHS, Budget, DataFacts, measured_speed, parse_budget, size_run
 from ldae_cli.config import load_config
-from ldae_cli.engine_pretrain import PretrainConfig
+from ldae_cli.train.engine_pretrain import PretrainConfig
 from ldae_cli.errors import LdaeError
-from ldae_cli.online_probe import OnlineProbeConfig
+from ldae_cli.train.online_probe import OnlineProbeConfig
 
 CIFAR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 

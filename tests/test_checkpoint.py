@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ldae_cli.checkpoint as ckpt_mod
-from ldae_cli.checkpoint import (FORMAT_VERSION, flatten_optimizer, load_checkpoint, read_metadata,
+import ldae_cli.runs.checkpoint as ckpt_mod
+from ldae_cli.runs.checkpoint import (FORMAT_VERSION, flatten_optimizer, load_checkpoint, read_metadata,
                                  save_checkpoint, sha256_file, unflatten_optimizer)
 from ldae_cli.errors import LdaeError
 

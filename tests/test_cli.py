@@ -54,8 +54,8 @@ def test_help_shows_the_defaults_it_names():
 
 def test_help_defaults_are_the_configs_defaults():
     # cli.py names these defaults in its help without importing torch-heavy modules; keep them in step
-    from ldae_cli.pca import PCAConfig
-    from ldae_cli.pretrained import DEFAULT_T
+    from ldae_cli.model.pca import PCAConfig
+    from ldae_cli.model.pretrained import DEFAULT_T
     from ldae_cli.stages.prepare_data import PrepareConfig
 
     fit = " ".join(run_cli("fit-pca", "-h").stdout.split())

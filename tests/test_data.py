@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import ldae_cli.sources as sources_mod
+import ldae_cli.data.sources as sources_mod
 from ldae_cli.seeds import SeededSteps
-from ldae_cli.data import (BadImage, BadImageCounter, DataConfig, build_dataset, collate,
+from ldae_cli.data.pipeline import (BadImage, BadImageCounter, DataConfig, build_dataset, collate,
                            load_image_file, make_loader, prepare, to_rgb, to_uint8, to_unit_range)
-from ldae_cli.sources import open_source, resolve_path
+from ldae_cli.data.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
 
 from conftest import write_fmnist, write_image_tree
@@ -478,7 +478,7 @@ def test_denoise_still_takes_one_image(world, run_main, tmp_path):
 def test_every_configurable_source_has_one_reader_and_an_unknown_one_is_named():
     import typing
 
-    from ldae_cli.settings import Source
+    from ldae_cli.settings.training import Source
 
     assert set(typing.get_args(Source)) - {"auto"} == set(sources_mod.SOURCES)  # a new kind: one reader, one line
     with pytest.raises(LdaeError, match=r"^data.source 'mnist': .*\(fashion-mnist, cifar10, imagefolder, images\)$"):

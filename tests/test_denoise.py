@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from conftest import train_tiny
-from ldae_cli.data import load_image_file, to_unit_range
+from ldae_cli.data.pipeline import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import DEFAULT_SIGMA, load_pretrained
+from ldae_cli.model.pretrained import DEFAULT_SIGMA, load_pretrained
 from ldae_cli.stages import denoise as stage
 
 SHORT = {"tokenizer.patch": 4, "tokenizer.dim": 8, "model.width": 64, "model.encoder_depth": 2,

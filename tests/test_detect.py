@@ -20,12 +20,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
 from conftest import REPO_ROOT, train_tiny, write_image_tree
-from ldae_cli import detection, engine_detect
-from ldae_cli.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from ldae_cli.model import detection
+from ldae_cli.train import engine_detect
+from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldae_cli.config import load_config
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import SIZES, build_timm_vit
-from ldae_cli.pretrained import fold_encoder, load_encoder, load_pretrained
+from ldae_cli.model.models import SIZES, build_timm_vit
+from ldae_cli.model.pretrained import fold_encoder, load_encoder, load_pretrained
 from ldae_cli.stages import detect as stage
 
 # detectron2 imports timm's old module path and uses torch.jit.script; stage runs silence both, the

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ldae_cli.config import load_config
-from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule, loss_weights, schedule_table
+from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule, loss_weights, schedule_table
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages.pretrain import PretrainConfig
-from ldae_cli.tokenizers import PixelTokenizer
+from ldae_cli.model.tokenizers import PixelTokenizer
 
 
 def test_ddpm_gamma_squared_is_the_cumulative_product_of_one_minus_beta():

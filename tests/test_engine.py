@@ -9,15 +9,15 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from ldae_cli.checkpoint import load_checkpoint
-from ldae_cli.distributed import DistContext
-from ldae_cli.hooks import Description, Evaluation
-from ldae_cli.trainer import LossMeter, Trainer
-from ldae_cli.train_state import TrainState
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.runs.distributed import DistContext
+from ldae_cli.train.hooks import Description, Evaluation
+from ldae_cli.train.trainer import LossMeter, Trainer
+from ldae_cli.train.train_state import TrainState
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import StepPlan, accumulation, lr_at
-from ldae_cli.logs import read_metrics
-from ldae_cli.session import RunConfig, Session
+from ldae_cli.settings.optim import StepPlan, accumulation, lr_at
+from ldae_cli.runs.logs import read_metrics
+from ldae_cli.train.session import RunConfig, Session
 
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine():

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ldae_cli.checkpoint import load_checkpoint, save_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.config import load_config, to_dict
-from ldae_cli.optim import make_ema, set_lr
-from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
+from ldae_cli.settings.optim import make_ema, set_lr
+from ldae_cli.train.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import DenoisingViT, sincos_2d
-from ldae_cli.pretrained import load_encoder
+from ldae_cli.model.models import DenoisingViT, sincos_2d
+from ldae_cli.model.pretrained import load_encoder
 from ldae_cli.stages import finetune as stage
 from ldae_cli.stages.pretrain import PretrainConfig
-from ldae_cli.tokenizers import PCATokenizer
+from ldae_cli.model.tokenizers import PCATokenizer
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_layer_decay_gives_block_i_scale_decay_to_depth_plus_1_minus_layer_id(ha
 
 
 def test_mixup_cutmix_targets_are_distributions_and_keyed():
-    from ldae_cli.engine_finetune import seeded_rngs
+    from ldae_cli.train.engine_finetune import seeded_rngs
 
     aug = BatchAugment(5, mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1,
                        erase_prob=0.25, erase_mode="pixel", erase_count=1)

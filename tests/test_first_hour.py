@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, one_line, run_cli, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
-from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 
 TINY = {"model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,
         "model.num_heads": 2, "optim.batch_size": 8, "optim.epochs": 1, "optim.warmup_epochs": 0.1,
@@ -54,7 +54,7 @@ def test_data_alone_says_what_it_is(folders, run_main, tmp_path):
 
 
 def test_no_data_names_the_choices():
-    from ldae_cli import discovery
+    from ldae_cli.data import discovery
     from ldae_cli.errors import LdaeError
 
     with pytest.raises(LdaeError, match="nothing names the data: no --data.*give --data DIR: a folder of images"):
@@ -211,7 +211,7 @@ def test_the_progress_bar_fits_an_80_column_terminal(monkeypatch):
 
     from rich.console import Console
 
-    from ldae_cli import logs
+    from ldae_cli.runs import logs
 
     out = io.StringIO()
     monkeypatch.setattr(logs, "console", Console(file=out, width=80, force_terminal=True, color_system=None))

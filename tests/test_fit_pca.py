@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
-from ldae_cli.sources import default_locations
-from ldae_cli.pca import CovarianceAccumulator, principal_components
-from ldae_cli.patches import patchify, random_patches, unpatchify
+from ldae_cli.data.sources import default_locations
+from ldae_cli.model.pca import CovarianceAccumulator, principal_components
+from ldae_cli.model.patches import patchify, random_patches, unpatchify
 from ldae_cli.stages.fit_pca import FitPCAConfig
-from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig, latent_normalization, load_tokenizer
+from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig, latent_normalization, load_tokenizer
 
 from conftest import REPO_ROOT
 
@@ -360,7 +360,7 @@ OVERSAMPLING = [  # images, image size, patch, pca.patches -> what `fit-pca` say
 @pytest.mark.parametrize("images, size, patch, patches, said", OVERSAMPLING)
 def test_the_warning_says_each_distinct_patch_is_taken_once_and_when_the_fit_is_rank_deficient(images, size, patch,
                                                                                                 patches, said):
-    from ldae_cli.pca import PCAConfig, oversampling
+    from ldae_cli.model.pca import PCAConfig, oversampling
 
     assert oversampling(images, size, PCAConfig(patch=patch, patches=patches)) == said
 

@@ -12,12 +12,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_overrides
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.errors import Interrupted, LdaeError
-from ldae_cli.hooks import Description, Evaluation
-from ldae_cli.optim import StepPlan
-from ldae_cli.trainer import Hook, Trainer
-from ldae_cli.train_state import TrainState
+from ldae_cli.train.hooks import Description, Evaluation
+from ldae_cli.settings.optim import StepPlan
+from ldae_cli.train.trainer import Hook, Trainer
+from ldae_cli.train.train_state import TrainState
 from test_engine import RecordingTrainer, session_in
 
 

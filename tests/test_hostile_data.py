@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from conftest import one_line, pretrain_args, snapshot, unchanged
-from ldae_cli import prepared
+from ldae_cli.data import prepared
 from ldae_cli.config import load_config
-from ldae_cli.data import DataConfig
-from ldae_cli.sources import file_sha256, index_sha256
+from ldae_cli.data.pipeline import DataConfig
+from ldae_cli.data.sources import file_sha256, index_sha256
 
 T = "splits.train"
 FILES = 2 * (6 * 3 + 2)  # per split: 6 shards of 3 images (images, labels, files), labels.npy and files.txt

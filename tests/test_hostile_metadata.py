@@ -14,7 +14,7 @@ import torch
 
 import ldae_cli as ldae
 from conftest import one_line, probe_args, rewrite_metadata, sets, snapshot, tiny_overrides, unchanged
-from ldae_cli.checkpoint import load_checkpoint, save_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.errors import LdaeError
 
 
@@ -151,7 +151,7 @@ def test_an_edited_pca_is_named_by_pretrain_and_info(world, run_main, tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder_export(world, tmp_path_factory) -> Path:
-    from ldae_cli.pretrained import export_encoder
+    from ldae_cli.model.pretrained import export_encoder
     return export_encoder(world.ckpt, tmp_path_factory.mktemp("export") / "vit.safetensors")
 
 

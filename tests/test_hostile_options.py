@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, unchanged
-from ldae_cli.rundir import CHECKPOINT
+from ldae_cli.runs.rundir import CHECKPOINT
 
 TINY_FINETUNE = ["optim.batch_size=8", "optim.epochs=1", "aug.rand_augment=null", "data.num_workers=0",
                  "run.progress=false", "run.device=cpu", "run.log_every=1"]

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import one_line, snapshot, unchanged
-from ldae_cli.checkpoint import read_metadata
-from ldae_cli.outputs import stamp, write_output
+from ldae_cli.runs.checkpoint import read_metadata
+from ldae_cli.runs.outputs import stamp, write_output
 
 FIT = ("fit-pca", "--source", "imagefolder", "--patch", "4", "--dim", "4", "--patches", "500", "--image-size", "16",
        "--set", "data.num_workers=0")

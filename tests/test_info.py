@@ -1,4 +1,4 @@
-"""`ldae info` (ldae_cli/describe.py, stages/info.py) on real tiny checkpoints: what each kind says, the
+"""`ldae info` (ldae_cli/model/describe.py, stages/info.py) on real tiny checkpoints: what each kind says, the
 provenance chain verified by sha256, the run's last metrics, JSON output and one-line errors."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from ldae_cli.checkpoint import load_checkpoint
-from ldae_cli.describe import describe_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.model.describe import describe_checkpoint
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import export_encoder, export_timm
-from ldae_cli.logs import read_metrics
+from ldae_cli.model.pretrained import export_encoder, export_timm
+from ldae_cli.runs.logs import read_metrics
 from ldae_cli.stages import info as stage
 from ldae_cli.stages import probe
 
@@ -116,7 +116,7 @@ def test_json_output_is_the_description(runs, capsys):
 
 
 def test_tables_show_kind_progress_provenance_and_metrics(runs, capsys, monkeypatch):
-    from ldae_cli.logs import console
+    from ldae_cli.runs.logs import console
 
     monkeypatch.setattr(console, "width", 200)
     run = stage.main(str(runs["probe"]))["training"]

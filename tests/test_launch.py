@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from ldae_cli import slurm
+from ldae_cli.runs import slurm
 from ldae_cli.cli import run_in_process
-from ldae_cli.checkpoint import read_metadata
+from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.errors import LdaeError
 
 SETS = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 12, "optim.ema": 0.9, "run.save_every": 1,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldae_cli.checkpoint import read_metadata
-from ldae_cli.models import DenoisingViT, ModelConfig, SIZES, build_model, build_timm_vit, fold_to_vit, sincos_2d
-from ldae_cli.tokenizers import PCATokenizer, patchify
+from ldae_cli.runs.checkpoint import read_metadata
+from ldae_cli.model.models import DenoisingViT, ModelConfig, SIZES, build_model, build_timm_vit, fold_to_vit, sincos_2d
+from ldae_cli.model.tokenizers import PCATokenizer, patchify
 from ldae_cli.errors import LdaeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,9 +94,9 @@ def test_fold_depends_on_t():
 
 def test_export_cli_writes_a_state_dict_timm_loads_strictly(tmp_path):
     """End to end: a pretrain checkpoint -> `ldae export` -> plain safetensors -> timm, same features."""
-    from ldae_cli.checkpoint import save_checkpoint
+    from ldae_cli.runs.checkpoint import save_checkpoint
     from ldae_cli.config import to_dict
-    from ldae_cli.pretrained import load_pretrained
+    from ldae_cli.model.pretrained import load_pretrained
     from ldae_cli.stages.pretrain import PretrainConfig
 
     cfg = PretrainConfig()
@@ -133,7 +133,7 @@ def test_timm_form_export_loads_through_create_model_local_dir(pattern_tree, tmp
     import timm
 
     from conftest import train_tiny
-    from ldae_cli.pretrained import load_pretrained
+    from ldae_cli.model.pretrained import load_pretrained
 
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
                                                                        "model.encoder_depth": 2, "optim.epochs": 2})

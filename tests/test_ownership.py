@@ -22,9 +22,9 @@ import torch
 
 from conftest import REPO_ROOT, TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, \
     unchanged, write_pattern_tree
-from ldae_cli.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ldae_cli.errors import LdaeError
-from ldae_cli.rundir import CONFIG, MARKER, Manifest
+from ldae_cli.runs.rundir import CONFIG, MARKER, Manifest
 
 FAST = {"online_probe.enabled": False}
 
@@ -190,7 +190,7 @@ def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, ru
 
 
 def test_launch_never_forces_and_runs_its_command_with_continue():
-    from ldae_cli import slurm
+    from ldae_cli.runs import slurm
     from ldae_cli.cli import run_in_process
 
     job = slurm.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"], run_in_process)
@@ -225,7 +225,7 @@ def _prepare(run_main, data: Path, out: Path, size: int, *extra: str):
 
 def test_prepared_data_is_checked_shard_by_shard(pattern_tree, run_main, tmp_path):
     from ldae_cli.config import load_config
-    from ldae_cli.data import DataConfig, build_dataset
+    from ldae_cli.data.pipeline import DataConfig, build_dataset
 
     out = tmp_path / "prepared"
     assert _prepare(run_main, pattern_tree, out, 32).returncode == 0
@@ -322,7 +322,7 @@ RACE = """
 import json, multiprocessing, os, socket, subprocess, sys
 from pathlib import Path
 from ldae_cli.errors import LdaeError
-from ldae_cli.rundir import LOCK, RunLock
+from ldae_cli.runs.rundir import LOCK, RunLock
 
 def contend(directory, barrier, results, done):
     barrier.wait()

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ldae_cli import plots
-from ldae_cli.engine_probe import results_rows
-from ldae_cli.pca import PCAConfig, distinct_patches, oversampling
+from ldae_cli.data import plots
+from ldae_cli.train.engine_probe import results_rows
+from ldae_cli.model.pca import PCAConfig, distinct_patches, oversampling
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_filters_with_eigenvalues_show_the_spectrum_and_the_kept_d(tmp_path, fig
 
 
 def test_report_of_a_pca_file_draws_its_spectrum_and_kept_d(tmp_path, figures):
-    from ldae_cli.pca import PCAFit, save_fit
+    from ldae_cli.model.pca import PCAFit, save_fit
     from ldae_cli.stages import report
 
     g = torch.Generator().manual_seed(0)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import tiny_overrides, write_pattern_tree
-from ldae_cli import prepared
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.data import prepared
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
-from ldae_cli.data import DataConfig, build_dataset, make_loader
+from ldae_cli.data.pipeline import DataConfig, build_dataset, make_loader
 from ldae_cli.seeds import SeededSteps
 from ldae_cli.errors import LdaeError
-from ldae_cli.sources import PreparedSource
+from ldae_cli.data.sources import PreparedSource
 
 TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3, "optim.ema": 0.9}
 
@@ -123,7 +123,7 @@ def test_decoding_on_the_device_gives_the_pil_pipeline_s_images(run_main, tmp_pa
     import numpy as np
     from PIL import Image
 
-    from ldae_cli.data import collate, decode_batch
+    from ldae_cli.data.pipeline import collate, decode_batch
 
     root = tmp_path / "jpegs"
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import pretrain as stage
@@ -64,11 +64,11 @@ def test_every_trajectory_row_runs_two_steps(row, images, tmp_path):
 
 def test_overfits_a_fixed_batch():
     """Same images, timesteps and noise every step: the network must memorise (loss / 10 or better)."""
-    from ldae_cli.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-    from ldae_cli.models import DenoisingViT
-    from ldae_cli.patches import patchify
-    from ldae_cli.pca import CovarianceAccumulator, principal_components
-    from ldae_cli.tokenizers import PCATokenizer
+    from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
+    from ldae_cli.model.models import DenoisingViT
+    from ldae_cli.model.patches import patchify
+    from ldae_cli.model.pca import CovarianceAccumulator, principal_components
+    from ldae_cli.model.tokenizers import PCATokenizer
 
     torch.set_flush_denormal(True)  # as the Trainer does on CPU (adaLN-Zero grads underflow otherwise: slow)
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import train_tiny, train_tiny_conv_vae
-from ldae_cli.checkpoint import load_checkpoint
-from ldae_cli.logs import read_metrics
-from ldae_cli.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
-from ldae_cli.optim import lr_at, set_lr
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.runs.logs import read_metrics
+from ldae_cli.train.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
+from ldae_cli.settings.optim import lr_at, set_lr
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import probe as stage
 
@@ -211,10 +211,10 @@ def _fast_heads(blrs, tmp_path, monkeypatch):
     """Fast mode on the Trainer, with two Gaussian blobs as the extracted features (train and eval)."""
     from types import SimpleNamespace
 
-    from ldae_cli import engine_probe
-    from ldae_cli.distributed import DistContext
-    from ldae_cli.pretrained import FeatureEncoder
-    from ldae_cli.session import Session
+    from ldae_cli.train import engine_probe
+    from ldae_cli.runs.distributed import DistContext
+    from ldae_cli.model.pretrained import FeatureEncoder
+    from ldae_cli.train.session import Session
 
     feats, labels = _blobs()
     monkeypatch.setattr(engine_probe, "extract", lambda encoder, dataset, ctx, label, **reading: (feats, labels))
@@ -266,9 +266,9 @@ def test_the_online_probe_agrees_with_the_offline_one_and_has_a_panel_of_its_own
     and folded as `ldae probe` reads it, on the same fit and test subsets; TensorBoard and `ldae report` show
     them in a panel of their own, titled with what they fit and test on."""
     from ldae_cli.config import config_from_dict
-    from ldae_cli.distributed import DistContext
-    from ldae_cli.online_probe import OnlineProbe, online_subsets
-    from ldae_cli.pretrained import load_pretrained
+    from ldae_cli.runs.distributed import DistContext
+    from ldae_cli.train.online_probe import OnlineProbe, online_subsets
+    from ldae_cli.model.pretrained import load_pretrained
     from ldae_cli.stages import pretrain, report
 
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
@@ -295,7 +295,7 @@ def test_the_online_probe_agrees_with_the_offline_one_and_has_a_panel_of_its_own
 
 
 def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
-    from ldae_cli.online_probe import OnlineProbeConfig, balanced_subset, online_fit_per_class
+    from ldae_cli.train.online_probe import OnlineProbeConfig, balanced_subset, online_fit_per_class
 
     s = OnlineProbeConfig()
     # CIFAR-10 at the cpu budget: 1,560 steps of 128 images, 4 + 4 blocks, 4 probes: 10,980 fit images affordable

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, rewrite_metadata, sets, \
     snapshot, tiny_overrides, unchanged, write_pattern_tree
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
 
 # ------------------------------------------------------------------------------------------ bad options
 # each is rejected when the config is read, before any data is read or any directory made
@@ -179,7 +179,7 @@ def test_a_decompression_bomb_is_an_error_in_denoise_and_skipped_in_a_dataset(wo
     from PIL import Image as PILImage
 
     from ldae_cli.config import load_config
-    from ldae_cli.data import DataConfig, build_dataset
+    from ldae_cli.data.pipeline import DataConfig, build_dataset
     from ldae_cli.errors import LdaeError
     from ldae_cli.stages import denoise
 
@@ -204,8 +204,8 @@ from PIL import Image
 Image.new("RGB", (6000, 4000), (120, 30, 200)).save({str(tmp_path / 'big.jpg')!r}, quality=90)
 import gc; gc.collect()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-from ldae_cli.data import load_image_file
-from ldae_cli.sources import decode
+from ldae_cli.data.pipeline import load_image_file
+from ldae_cli.data.sources import decode
 img = decode({str(tmp_path / 'big.jpg')!r}, 32)
 x = load_image_file({str(tmp_path / 'big.jpg')!r}, 32)
 print(img.size, tuple(x.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
@@ -349,7 +349,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_old_checkpoint(world, run_ma
 
 
 def test_a_disk_filling_up_mid_write_leaves_no_temp_file(world, run_main, tmp_path, monkeypatch):
-    import ldae_cli.checkpoint as ckpt_mod
+    import ldae_cli.runs.checkpoint as ckpt_mod
 
     run = _finished_copy(world, tmp_path)
     before, metrics = snapshot(run), (run / "metrics.jsonl").read_bytes()
@@ -365,7 +365,7 @@ def test_a_disk_filling_up_mid_write_leaves_no_temp_file(world, run_main, tmp_pa
 
 
 def test_a_read_only_folder_is_named(world, run_main, tmp_path, monkeypatch):
-    import ldae_cli.checkpoint as ckpt_mod
+    import ldae_cli.runs.checkpoint as ckpt_mod
 
     run = _finished_copy(world, tmp_path)
     before, metrics = snapshot(run), (run / "metrics.jsonl").read_bytes()

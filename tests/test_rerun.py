@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOKENS, one_line, probe_args, sets, tiny_overrides
-from ldae_cli.checkpoint import read_metadata
+from ldae_cli.runs.checkpoint import read_metadata
 from test_detect import SCRATCH, detect_sets, write_coco_split
 from test_trained_tokenizers import tiny_sets
 

@@ -19,8 +19,8 @@ from conftest import (
 )
 from PIL import Image
 
-from ldae_cli.checkpoint import load_checkpoint, read_metadata
-from ldae_cli.data import DataConfig, native_image_size
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.data.pipeline import DataConfig, native_image_size
 
 SMALL = {"tokenizer.patch": 8, "tokenizer.fit_patches": 2000, "data.image_size": None}  # native 64: 64 tokens
 

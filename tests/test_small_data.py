@@ -71,10 +71,10 @@ def test_the_online_probe_runs_only_at_its_floor_and_the_plan_and_the_start_say_
 def test_the_floor_is_checked_against_the_data_and_the_share(images, classes, tested, share, fragment):
     """generic: the floor's two reasons (too few images per class, a share that pays for fewer) and no labels."""
     from ldae_cli.config import load_config
-    from ldae_cli.distributed import DistContext
-    from ldae_cli.engine_pretrain import PretrainConfig
+    from ldae_cli.runs.distributed import DistContext
+    from ldae_cli.train.engine_pretrain import PretrainConfig
     from ldae_cli.errors import LdaeError
-    from ldae_cli.online_probe import online_fit_size
+    from ldae_cli.train.online_probe import online_fit_size
 
     cfg = load_config(PretrainConfig, "final.yaml", ["optim.batch_size=8", "optim.epochs=10", "optim.warmup_epochs=1",
                                                      f"online_probe.max_share={share}"])
@@ -159,8 +159,8 @@ def test_holdout_selection_reports_both_numbers_and_is_deterministic_by_seed(wor
 
 def test_holdout_split_is_seeded_stratified_and_center_cropped(world):
     from ldae_cli.config import load_config
-    from ldae_cli.data import build_dataset
-    from ldae_cli.engine_probe import ProbeConfig, holdout_split
+    from ldae_cli.data.pipeline import build_dataset
+    from ldae_cli.train.engine_probe import ProbeConfig, holdout_split
 
     cfg = load_config(ProbeConfig, None, [f"data.path={world.images}", "data.image_size=32", "data.cache=never",
                                           "data.crop=random-resized"])

@@ -18,16 +18,16 @@ import torch
 import yaml
 
 from conftest import train_tiny, write_image_tree
-from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.eval_settings import LinearProbeConfig
-from ldae_cli.models import ModelConfig
+from ldae_cli.settings.evaluation import LinearProbeConfig
+from ldae_cli.model.models import ModelConfig
 from ldae_cli.stages.study import load
 from ldae_cli.studies import pages, patchspace, runner
 from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
 from ldae_cli.studies.spec import BudgetConfig, DepthSweep, PixelDimSweep, StudyConfig, depth_variants
-from ldae_cli.tokenizers import PCATokenizer, TokenizerConfig
+from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 
 TOY_BUDGET = {
     "name": "toy",
@@ -231,7 +231,7 @@ def test_the_64_pixel_budgets_plan_d_768_at_64_pixels_and_refuse_smaller_images(
     assert plan.reference == "pixel DAE 64/16 (D = 768)" and plan.rows[0].variant.paper == 23.6
     assert {(s.data.image_size // s.tokenizer.patch) ** 2 for s in plan.settings.values()} == {16}
     if budget == "gpu-64":  # the training FLOPs an image that gpu_study.sh's plan quotes: 2.11 GFLOP
-        from ldae_cli.models import model_flops_per_image
+        from ldae_cli.model.models import model_flops_per_image
 
         width = plan.settings[next(iter(plan.settings))].model.width
         spec = dict(grid=[4, 4], width=width, mlp_ratio=4.0, in_dim=768, out_dim=768, encoder_depth=6, decoder_depth=6)

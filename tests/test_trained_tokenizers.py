@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldae_cli.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import train_tokenizer as stage
-from ldae_cli.autoencoders import AutoencoderConfig, PatchDiscriminator, PerceptualLoss, build_autoencoder, hinge_d_loss
-from ldae_cli.engine_tokenizer import TokenizerObjective
-from ldae_cli.patches import patchify
-from ldae_cli.session import load_run_config
-from ldae_cli.tokenizers import TOKENIZER_KINDS, TokenizerConfig, build_tokenizer, load_tokenizer
+from ldae_cli.model.autoencoders import AutoencoderConfig, PatchDiscriminator, PerceptualLoss, build_autoencoder, hinge_d_loss
+from ldae_cli.train.engine_tokenizer import TokenizerObjective
+from ldae_cli.model.patches import patchify
+from ldae_cli.train.session import load_run_config
+from ldae_cli.model.tokenizers import TOKENIZER_KINDS, TokenizerConfig, build_tokenizer, load_tokenizer
 
 
 def make_tokenizer(net, mean, std, latent_scale):
@@ -246,7 +246,7 @@ def test_patch_ae_reaches_the_pca_error(images, tmp_path):
     assert (out / "reconstructions.png").exists() and (out / "loss.png").exists()
     # the stored statistics make `whiten` latents zero-mean, unit-variance on the training images
     tok = load_trained_tokenizer(ck, "whiten")
-    from ldae_cli.data import build_dataset, to_unit_range
+    from ldae_cli.data.pipeline import build_dataset, to_unit_range
     z = tok.encode(to_unit_range(build_dataset(cfg.data, "train").cached)).reshape(-1, 8)
     torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-3, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(8), atol=1e-3, rtol=0)
@@ -308,7 +308,7 @@ def test_a_missing_held_out_split_fails_before_training(images, tmp_path):
 def test_every_configurable_tokenizer_kind_resolves_through_the_registry():
     import typing
 
-    from ldae_cli.settings import TokenizerConfig as Section
+    from ldae_cli.settings.training import TokenizerConfig as Section
 
     kinds = typing.get_args(typing.get_type_hints(Section)["kind"])
     assert set(kinds) <= set(TOKENIZER_KINDS) and all(hasattr(TOKENIZER_KINDS[k], "configured") for k in kinds)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, train_tiny, \
     unchanged, write_fmnist, write_pattern_tree
-from ldae_cli.checkpoint import read_metadata
+from ldae_cli.runs.checkpoint import read_metadata
 
 PCA = ("fit-pca", "--patch", "4", "--dim", "8", "--patches", "2000", "--image-size", "32", "--set",
        "data.num_workers=0")

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from ldae_cli.data import load_image_file, to_unit_range
-from ldae_cli.distributed import resolve_device
+from ldae_cli.data.pipeline import load_image_file, to_unit_range
+from ldae_cli.runs.distributed import resolve_device
 from ldae_cli.errors import LdaeError
-from ldae_cli.imagefiles import collect_images
-from ldae_cli.plots import psnr, save_grid
-from ldae_cli.pretrained import Pretrained, check_sigma, load_pretrained
-from ldae_cli.logs import console
-from ldae_cli.checkpoint import read_metadata
+from ldae_cli.data.imagefiles import collect_images
+from ldae_cli.data.plots import psnr, save_grid
+from ldae_cli.model.pretrained import Pretrained, check_sigma, load_pretrained
+from ldae_cli.runs.logs import console
+from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.seeds import pixel_noise_seed
-from ldae_cli.outputs import refuse_to_replace
-from ldae_cli.rundir import CHECKPOINT, RUNS
+from ldae_cli.runs.outputs import refuse_to_replace
+from ldae_cli.runs.rundir import CHECKPOINT, RUNS
 
 BATCH = 16
 
@@ -151,7 +151,7 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
 def _dataset_samples(pre: Pretrained, dev, step: int, level: float, count: int, seed: int, path: Path,
                      compare_pixel_noise: bool, titles: list[str], upscale: int, shown: int = 8) -> Path:
     """Mean PSNR of noisy input and denoised output over `count` eval images; a panel of the first few."""
-    from ldae_cli.data import build_dataset
+    from ldae_cli.data.pipeline import build_dataset
 
     data_cfg = pre.data
     data_cfg.limit, data_cfg.cache = count, "never"

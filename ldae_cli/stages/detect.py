@@ -3,7 +3,7 @@
 The backbone is detectron2's plain `ViT` initialised from our encoder folded at fixed t, under a
 `SimpleFeaturePyramid`; training uses large-scale jitter, layer-wise lr decay, AdamW and ViTDet's
 warm-up + step schedule; evaluation is COCO box and mask AP. Our YAML config is the user-facing
-recipe; detectron2's LazyConfig is built from it (ldae_cli/detection.py). The detector is saved in the
+recipe; detectron2's LazyConfig is built from it (ldae_cli/model/detection.py). The detector is saved in the
 shared safetensors format (kind `detect`) with its optimizer state, so runs resume exactly.
 
 Several GPUs or nodes: `torchrun --nproc-per-node N -m ldae_cli detect ...` (optim.batch_size stays the
@@ -18,20 +18,21 @@ from pathlib import Path
 
 import torch
 
-from ldae_cli.engine_detect import RESUMABLE, DetectConfig
-from ldae_cli import detection, engine_detect
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata
-from ldae_cli.distributed import init, shutdown
-from ldae_cli.engine_detect import ap_table, quiet_detectron2, run_evaluation
+from ldae_cli.train.engine_detect import RESUMABLE, DetectConfig
+from ldae_cli.model import detection
+from ldae_cli.train import engine_detect
+from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata
+from ldae_cli.runs.distributed import init, shutdown
+from ldae_cli.train.engine_detect import ap_table, quiet_detectron2, run_evaluation
 from ldae_cli.errors import LdaeError
 from ldae_cli.config import load_config
-from ldae_cli.pretrained import load_encoder
-from ldae_cli.logs import console
-from ldae_cli.outputs import refuse_to_replace, write_output
-from ldae_cli.rundir import write_atomically
-from ldae_cli import rundir
-from ldae_cli.dryrun import Plan, print_config, start_of, state_bytes, world_size
-from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
+from ldae_cli.model.pretrained import load_encoder
+from ldae_cli.runs.logs import console
+from ldae_cli.runs.outputs import refuse_to_replace, write_output
+from ldae_cli.runs.rundir import write_atomically
+from ldae_cli.runs import rundir
+from ldae_cli.train.dryrun import Plan, print_config, start_of, state_bytes, world_size
+from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
     same_parent, session
 
 

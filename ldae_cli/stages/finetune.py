@@ -16,20 +16,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldae_cli.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
-from ldae_cli import engine_finetune
-from ldae_cli.checkpoint import Checkpoint
-from ldae_cli.data import build_dataset
-from ldae_cli.distributed import resolve_device
-from ldae_cli.dryrun import Plan, outline, print_config, seconds_per_image
-from ldae_cli.engine_finetune import BatchAugment, SeededRandAugment
+from ldae_cli.train.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
+from ldae_cli.train import engine_finetune
+from ldae_cli.runs.checkpoint import Checkpoint
+from ldae_cli.data.pipeline import build_dataset
+from ldae_cli.runs.distributed import resolve_device
+from ldae_cli.train.dryrun import Plan, outline, print_config, seconds_per_image
+from ldae_cli.train.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import build_timm_vit, sincos_2d, timm_vit_kwargs
-from ldae_cli.pretrained import load_encoder, named, pretraining_data
-from ldae_cli.logs import console
-from ldae_cli.discovery import NoData, check_splits
-from ldae_cli import rundir
-from ldae_cli.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
+from ldae_cli.model.models import build_timm_vit, sincos_2d, timm_vit_kwargs
+from ldae_cli.model.pretrained import load_encoder, named, pretraining_data
+from ldae_cli.runs.logs import console
+from ldae_cli.data.discovery import NoData, check_splits
+from ldae_cli.runs import rundir
+from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
 
 
 def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:

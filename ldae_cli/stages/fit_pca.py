@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldae_cli.config import load_config
-from ldae_cli.data import resolve_image_size
-from ldae_cli.pca import FitPCAConfig, fit_and_write
-from ldae_cli.logs import console
+from ldae_cli.data.pipeline import resolve_image_size
+from ldae_cli.model.pca import FitPCAConfig, fit_and_write
+from ldae_cli.runs.logs import console
 
 
 def main(config: str | None, overrides: list[str], flags: dict, force: bool = False) -> Path:

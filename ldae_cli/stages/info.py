@@ -1,11 +1,11 @@
-"""`ldae info`: what a checkpoint, run directory or timm export folder is (ldae_cli/describe.py), as tables or JSON."""
+"""`ldae info`: what a checkpoint, run directory or timm export folder is (ldae_cli/model/describe.py), as tables or JSON."""
 
 from __future__ import annotations
 
 import json
 
-from ldae_cli.describe import describe_checkpoint, render
-from ldae_cli.logs import console
+from ldae_cli.model.describe import describe_checkpoint, render
+from ldae_cli.runs.logs import console
 
 
 def main(path: str, as_json: bool = False) -> dict:

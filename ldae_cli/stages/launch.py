@@ -1,13 +1,13 @@
-"""`ldae launch`: submit a training command as a SLURM (or local) job; see ldae_cli/slurm.py."""
+"""`ldae launch`: submit a training command as a SLURM (or local) job; see ldae_cli/runs/slurm.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from ldae_cli import slurm
+from ldae_cli.runs import slurm
 from ldae_cli.errors import LdaeError
-from ldae_cli.logs import console
+from ldae_cli.runs.logs import console
 
 
 def main(argv: list[str], runner: Callable[[list[str]], None], local: bool, nodes: int, gpus_per_node: int,

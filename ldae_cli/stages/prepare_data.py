@@ -1,4 +1,4 @@
-"""`ldae prepare-data`: decode a dataset once into memory-mappable uint8 shards (see ldae_cli/prepared.py)."""
+"""`ldae prepare-data`: decode a dataset once into memory-mappable uint8 shards (see ldae_cli/data/prepared.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ldae_cli import prepared
+from ldae_cli.data import prepared
 from ldae_cli.config import load_config
-from ldae_cli.data import DataConfig, resolve_image_size
+from ldae_cli.data.pipeline import DataConfig, resolve_image_size
 from ldae_cli.errors import LdaeError
-from ldae_cli.logs import console
-from ldae_cli.discovery import check_splits
-from ldae_cli.rundir import RunLock
-from ldae_cli.sources import PREPARED
+from ldae_cli.runs.logs import console
+from ldae_cli.data.discovery import check_splits
+from ldae_cli.runs.rundir import RunLock
+from ldae_cli.data.sources import PREPARED
 
 
 @dataclass

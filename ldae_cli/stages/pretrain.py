@@ -11,28 +11,29 @@ from typing import Callable
 
 import torch
 
-from ldae_cli.engine_pretrain import RESUMABLE, PretrainConfig
-from ldae_cli import engine_pretrain, pca
-from ldae_cli.budget import sized_flags
-from ldae_cli.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
+from ldae_cli.train.engine_pretrain import RESUMABLE, PretrainConfig
+from ldae_cli.train import engine_pretrain
+from ldae_cli.model import pca
+from ldae_cli.train.budget import sized_flags
+from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
-from ldae_cli.data import build_dataset, identity_of, resolve_image_size, to_unit_range
-from ldae_cli.diffusion import Denoiser, NoiseSchedule
-from ldae_cli.distributed import amp_dtype, barrier
-from ldae_cli.dryrun import Plan, estimate_images_per_second, outline, print_config
-from ldae_cli.online_probe import OnlineProbe, online_plan, online_subsets
+from ldae_cli.data.pipeline import build_dataset, identity_of, resolve_image_size, to_unit_range
+from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.runs.distributed import amp_dtype, barrier
+from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, print_config
+from ldae_cli.train.online_probe import OnlineProbe, online_plan, online_subsets
 from ldae_cli.errors import LdaeError
-from ldae_cli.models import build_model
-from ldae_cli.optim import plan_steps
-from ldae_cli.plots import grid_tensor
-from ldae_cli.pretrained import Pretrained
-from ldae_cli.settings import PCA_DIM
-from ldae_cli.logs import console
-from ldae_cli.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
+from ldae_cli.model.models import build_model
+from ldae_cli.settings.optim import plan_steps
+from ldae_cli.data.plots import grid_tensor
+from ldae_cli.model.pretrained import Pretrained
+from ldae_cli.settings.training import PCA_DIM
+from ldae_cli.runs.logs import console
+from ldae_cli.train.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
     refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
-from ldae_cli.discovery import check_splits
-from ldae_cli.rundir import run_name
-from ldae_cli.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from ldae_cli.data.discovery import check_splits
+from ldae_cli.runs.rundir import run_name
+from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint | None, fresh: Callable[[], tuple],

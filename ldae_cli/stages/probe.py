@@ -18,23 +18,23 @@ from types import SimpleNamespace
 import torch
 from rich.table import Table
 
-from ldae_cli import engine_probe
-from ldae_cli.engine_probe import RESUMABLE, ProbeConfig
-from ldae_cli.checkpoint import Checkpoint, read_metadata
+from ldae_cli.train import engine_probe
+from ldae_cli.train.engine_probe import RESUMABLE, ProbeConfig
+from ldae_cli.runs.checkpoint import Checkpoint, read_metadata
 from ldae_cli.config import load_config
-from ldae_cli.data import build_dataset
+from ldae_cli.data.pipeline import build_dataset
 from ldae_cli.errors import LdaeError
-from ldae_cli.pretrained import FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
+from ldae_cli.model.pretrained import FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
     pixel_features, named, pretraining_data, timm_export, vit_features
-from ldae_cli.plots import save_probe_chart
-from ldae_cli.logs import console
-from ldae_cli.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
+from ldae_cli.data.plots import save_probe_chart
+from ldae_cli.runs.logs import console
+from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
     same_parent, session, verified_parent
-from ldae_cli.discovery import NoData, check_splits
-from ldae_cli.sources import open_source
-from ldae_cli import rundir
-from ldae_cli.distributed import amp_dtype, resolve_device
-from ldae_cli.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
+from ldae_cli.data.discovery import NoData, check_splits
+from ldae_cli.data.sources import open_source
+from ldae_cli.runs import rundir
+from ldae_cli.runs.distributed import amp_dtype, resolve_device
+from ldae_cli.train.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 
 
 def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:

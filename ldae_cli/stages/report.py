@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.errors import LdaeError
-from ldae_cli.plots import save_filters, save_panels
-from ldae_cli.logs import read_metrics
-from ldae_cli.outputs import refuse_to_replace
+from ldae_cli.data.plots import save_filters, save_panels
+from ldae_cli.runs.logs import read_metrics
+from ldae_cli.runs.outputs import refuse_to_replace
 
 LOSS_KEYS = ("loss", "eval_loss", "ema_eval_loss")
 ONLINE_KEYS = ("online_knn_top1", "online_linear_top1")

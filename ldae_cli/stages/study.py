@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from ldae_cli.config import BUNDLED_CONFIGS, find_config, load_config, parse_override
-from ldae_cli.rundir import RUNS
+from ldae_cli.runs.rundir import RUNS
 from ldae_cli.errors import LdaeError
-from ldae_cli.logs import console
+from ldae_cli.runs.logs import console
 from ldae_cli.studies import pages, results, runner
 from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 

@@ -17,20 +17,21 @@ from typing import Any
 
 import torch
 
-from ldae_cli.engine_tokenizer import RESUMABLE, TrainTokenizerConfig
-from ldae_cli import engine_tokenizer, pca
-from ldae_cli.autoencoders import Autoencoder, build_autoencoder
-from ldae_cli.checkpoint import Checkpoint
-from ldae_cli.data import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
-from ldae_cli.engine_tokenizer import TokenizerObjective
+from ldae_cli.train.engine_tokenizer import RESUMABLE, TrainTokenizerConfig
+from ldae_cli.train import engine_tokenizer
+from ldae_cli.model import pca
+from ldae_cli.model.autoencoders import Autoencoder, build_autoencoder
+from ldae_cli.runs.checkpoint import Checkpoint
+from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.train.engine_tokenizer import TokenizerObjective
 from ldae_cli.errors import LdaeError
-from ldae_cli.plots import psnr, save_grid
-from ldae_cli.logs import console
-from ldae_cli.dryrun import Plan, outline, print_config
-from ldae_cli.rundir import write_atomically
+from ldae_cli.data.plots import psnr, save_grid
+from ldae_cli.runs.logs import console
+from ldae_cli.train.dryrun import Plan, outline, print_config
+from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.seeds import derived
-from ldae_cli.session import Session, load_run_config, refuse_force, session
-from ldae_cli.tokenizers import PCATokenizer
+from ldae_cli.train.session import Session, load_run_config, refuse_force, session
+from ldae_cli.model.tokenizers import PCATokenizer
 
 
 def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:

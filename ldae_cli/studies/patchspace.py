@@ -9,13 +9,13 @@ import math
 import os
 from pathlib import Path
 
-from ldae_cli import pca
-from ldae_cli.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.model import pca
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import config_from_dict, to_dict
-from ldae_cli.data import build_dataset
-from ldae_cli.logs import console
-from ldae_cli.settings import DataConfig, PretrainConfig
-from ldae_cli.tokenizers import build_tokenizer
+from ldae_cli.data.pipeline import build_dataset
+from ldae_cli.runs.logs import console
+from ldae_cli.settings.training import DataConfig, PretrainConfig
+from ldae_cli.model.tokenizers import build_tokenizer
 
 SHARE_DIMS = (8, 16, 32, 48, 64, 128)
 FIT_PATCHES = 200_000  # where the study fits its own PCA: enough for D = 768 (16x16 patches) too

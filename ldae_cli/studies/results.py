@@ -12,12 +12,12 @@ import math
 import os
 from pathlib import Path
 
-from ldae_cli.checkpoint import read_metadata
+from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.config import config_from_dict, to_dict
-from ldae_cli.eval_settings import ProbeConfig
-from ldae_cli.logs import read_metrics
-from ldae_cli.rundir import CHECKPOINT, METRICS
-from ldae_cli.settings import PretrainConfig
+from ldae_cli.settings.evaluation import ProbeConfig
+from ldae_cli.runs.logs import read_metrics
+from ldae_cli.runs.rundir import CHECKPOINT, METRICS
+from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.studies import patchspace
 from ldae_cli.studies.runner import Plan, Row, Run, Timings, relative
 from ldae_cli.studies.spec import data_key

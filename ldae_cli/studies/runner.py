@@ -17,19 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ldae_cli.checkpoint import read_metadata
-from ldae_cli.diffusion import Denoiser, NoiseSchedule
-from ldae_cli.distributed import resolve_device
-from ldae_cli.dryrun import seconds_per_image
+from ldae_cli.runs.checkpoint import read_metadata
+from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.runs.distributed import resolve_device
+from ldae_cli.train.dryrun import seconds_per_image
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.logs import console
-from ldae_cli.models import build_model
-from ldae_cli.rundir import CHECKPOINT
-from ldae_cli.engine_pretrain import stand_in, synthetic_step
-from ldae_cli.settings import PretrainConfig
+from ldae_cli.runs.logs import console
+from ldae_cli.model.models import build_model
+from ldae_cli.runs.rundir import CHECKPOINT
+from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
+from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, StudyConfig, Variant, check_rows,
                                    depth_variants, pixel_dim_variants, resolve, settings_of, slug, survey, total_steps)
-from ldae_cli.tokenizers import load_tokenizer
+from ldae_cli.model.tokenizers import load_tokenizer
 
 TIMINGS = "timings.json"
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ldae_cli.config import load_config
-from ldae_cli.data import median_short_side
-from ldae_cli.distributed import DistContext
+from ldae_cli.data.pipeline import median_short_side
+from ldae_cli.runs.distributed import DistContext
 from ldae_cli.errors import LdaeError
-from ldae_cli.optim import plan_steps
-from ldae_cli.settings import PCA_DIM, DataConfig, ModelConfig, PretrainConfig, TokenizerConfig
-from ldae_cli.sources import open_source, resolve_path
+from ldae_cli.settings.optim import plan_steps
+from ldae_cli.settings.training import PCA_DIM, DataConfig, ModelConfig, PretrainConfig, TokenizerConfig
+from ldae_cli.data.sources import open_source, resolve_path
 
 Baseline = Literal["random-init", "pixels"]
 BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
