@@ -41,6 +41,35 @@ def imports_of(path: Path, name: str) -> set[str]:
     return found - {name}
 
 
+BASE = ("errors", "config", "seeds")  # top-level modules every folder may use
+LAYERS = ("runs", "settings", "data", "model", "train", "studies", "stages")  # the part folders, lowest first
+FACE = ("cli", "api", "__main__")  # top-level modules users call
+
+
+def layer(name: str) -> int:
+    """0 for the base modules, 1.. for the folders in LAYERS' order, above them the face (the package's own
+    __init__ included: it serves the library API)."""
+    part = name.split(".")[1] if "." in name else "__init__"
+    if part in BASE:
+        return 0
+    return 1 + LAYERS.index(part) if part in LAYERS else 1 + len(LAYERS)
+
+
+def test_the_top_level_holds_the_face_and_a_few_base_modules_and_the_part_folders():
+    top = {path.stem for path in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top == set(BASE) | set(FACE) and len(top) + 1 <= 8
+    folders = {path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert folders == set(LAYERS) and all((PACKAGE / folder / "__init__.py").is_file() for folder in folders)
+
+
+def test_a_folder_imports_only_its_own_layer_and_lower_ones():
+    """runs < settings < data < model < train < studies < stages < face: a module reaches down, never up (the
+    package root is imported for its version only)."""
+    upward = sorted(f"{name} -> {i}" for name, path in modules().items() for i in imports_of(path, name)
+                    if i != "ldae_cli" and layer(i) > layer(name))
+    assert not upward
+
+
 def test_only_the_cli_imports_stages():
     offenders = {name: sorted(i for i in imports_of(path, name) if i.startswith("ldae_cli.stages"))
                  for name, path in modules().items() if not name.startswith("ldae_cli.stages") and name != "ldae_cli.cli"}

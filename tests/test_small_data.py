@@ -159,12 +159,13 @@ def test_holdout_selection_reports_both_numbers_and_is_deterministic_by_seed(wor
 
 def test_holdout_split_is_seeded_stratified_and_center_cropped(world):
     from ldae_cli.config import load_config
+    from ldae_cli.data.discovery import settle_data
     from ldae_cli.data.pipeline import build_dataset
     from ldae_cli.train.engine_probe import ProbeConfig, holdout_split
 
     cfg = load_config(ProbeConfig, None, [f"data.path={world.images}", "data.image_size=32", "data.cache=never",
                                           "data.crop=random-resized"])
-    cfg.data.resolve()
+    settle_data(cfg.data)
     ds = build_dataset(cfg.data, "train", augment=True, seed=0)
     train, held = holdout_split(ds, 0)
     assert held.labels_tensor().bincount().tolist() == [1, 1] and len(train) == 14

@@ -6,12 +6,14 @@ No stage has a default dataset: where nothing names the data, it stops (`NoData`
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ldae_cli.errors import LdaeError, short
+from ldae_cli.settings.training import DataConfig
 from ldae_cli.data.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceConfig, FMNIST_FILES, is_image,
                               read_prepared, resolve_path)
 
@@ -110,3 +112,26 @@ def check_splits(cfg: SourceConfig, names: list[str]) -> None:
         raise LdaeError(f"{root}: no '{missing[0]}' split (it has {', '.join(sorted(have)) or 'none'}); name the "
                         "evaluation split with --eval-split (data.eval_split), or the training one with "
                         "data.train_split")
+
+
+def settle_data(data: DataConfig) -> list[str]:
+    """Settle what a new run reads, before any work: the source kind (auto), a class tree's evaluation split,
+    DataLoader workers capped to the machine's cores. Returns what to tell the user."""
+    notes = []
+    if data.source == "auto":
+        found = detect(data.path, data.train_split)
+        data.source, notes = found.source, found.notes
+        if data.eval_split is None:
+            data.eval_split = found.eval_split
+    elif data.source == "imagefolder" and data.eval_split is None:
+        try:
+            found = eval_split_of(resolve_path(data))
+        except LdaeError:
+            found = None  # a missing dataset is reported, with its fix, where it is opened
+        if found is not None and found.eval_split is not None:
+            data.eval_split, notes = found.eval_split, found.notes
+    cores = os.cpu_count() or 1
+    if data.num_workers > cores:
+        notes.append(f"data: {data.num_workers} DataLoader workers capped to this machine's {cores} cores")
+        data.num_workers = cores
+    return notes

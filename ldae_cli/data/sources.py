@@ -1,7 +1,7 @@
 """Where images come from: Fashion-MNIST IDX files, ImageFolder trees (ImageNet layout, also as a
 .tar/.tar.gz such as the CIFAR-10 JPEG archive), plain folders of unlabeled images, and datasets prepared
 by `ldae prepare-data` (whatever data.source says, a folder holding prepared.json is read as one), each as
-an indexable `ImageSource` of images, labels and class names. The data layer (data.py) crops, resizes and
+an indexable `ImageSource` of images, labels and class names. The pipeline (pipeline.py) crops, resizes and
 batches them.
 """
 

@@ -1,6 +1,6 @@
 """The configs of the evaluation stages (probe, finetune, detect) and their sections, kept free of torch like
-settings.py: a config or `--set` error is reported before torch loads. The code that reads them stays in
-engine_probe.py, engine_finetune.py and engine_detect.py, each importing its classes from here.
+training.py: a config or `--set` error is reported before torch loads. The code that reads them stays in
+train/engine_probe.py, engine_finetune.py and engine_detect.py, each importing its classes from here.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """The config sections a pretrain run reads (data, tokenizer, model, diffusion, online probe, run), the pretrain
 config itself and those of fit-pca and train-tokenizer, kept free of torch: a config or `--set` error is reported
 before torch loads (the command line checks a new run's config with these alone, in under a second). The code that
-reads each section stays where it was (data.py, tokenizers.py, models.py, diffusion.py, online_probe.py, session.py,
-engine_pretrain.py, pca.py, autoencoders.py, engine_tokenizer.py), each importing its class from here.
+reads each section stays where it was (data/pipeline.py; model/: tokenizers, models, diffusion, pca, autoencoders;
+train/: online_probe, session, engine_pretrain, engine_tokenizer), each importing its class from here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Optional
 
@@ -55,31 +54,6 @@ class DataConfig:
         if self.decode == "gpu" and self.crop != "center":
             raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
                             "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
-
-    def resolve(self) -> list[str]:
-        """Settle what a new run reads, before any work: the source kind (auto), a class tree's evaluation split,
-        DataLoader workers capped to the machine's cores. Returns what to tell the user."""
-        from ldae_cli.data.discovery import detect, eval_split_of  # numpy and PIL: not needed to read a config
-        from ldae_cli.data.sources import resolve_path
-
-        notes = []
-        if self.source == "auto":
-            found = detect(self.path, self.train_split)
-            self.source, notes = found.source, found.notes
-            if self.eval_split is None:
-                self.eval_split = found.eval_split
-        elif self.source == "imagefolder" and self.eval_split is None:
-            try:
-                found = eval_split_of(resolve_path(self))
-            except LdaeError:
-                found = None  # a missing dataset is reported, with its fix, where it is opened
-            if found is not None and found.eval_split is not None:
-                self.eval_split, notes = found.eval_split, found.notes
-        cores = os.cpu_count() or 1
-        if self.num_workers > cores:
-            notes.append(f"data: {self.num_workers} DataLoader workers capped to this machine's {cores} cores")
-            self.num_workers = cores
-        return notes
 
     def split_name(self, split: str) -> str:
         if split == "train":

@@ -12,7 +12,7 @@ from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import DataConfig, resolve_image_size
 from ldae_cli.errors import LdaeError
 from ldae_cli.runs.logs import console
-from ldae_cli.data.discovery import check_splits
+from ldae_cli.data.discovery import check_splits, settle_data
 from ldae_cli.runs.rundir import RunLock
 from ldae_cli.data.sources import PREPARED
 
@@ -44,7 +44,7 @@ def main(config: str | None, overrides: list[str], flags: dict, force: bool = Fa
     cfg = load_config(PrepareConfig, config, overrides, flags)
     if not cfg.out:
         raise LdaeError("prepare-data needs --out DIR, the folder to write the prepared dataset to")
-    for note in cfg.data.resolve() + resolve_image_size(cfg.data, 1):  # null: stored at the images' own size
+    for note in settle_data(cfg.data) + resolve_image_size(cfg.data, 1):  # null: stored at the images' own size
         console.print(note)
     check_splits(cfg.data, [cfg.data.split_name(split) for split in cfg.splits])  # all there before any is written
     out = Path(cfg.out)

@@ -296,7 +296,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
 def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, force: bool = False,
          cont: bool = False, init_from: str | None = None, preview: str | None = None,
          budget: str | None = None) -> Path | None:
-    if budget is not None:  # a run sized to the data and the time (budget.py): keys between the config and --set
+    if budget is not None:  # a run sized to the data and the time (train/budget.py): keys between the config and --set
         config, flags = sized_flags(budget, config, overrides, flags, preview,
                                     {"--resume": resume, "--init-from": init_from, "--continue": cont})
     if config is None and resume is None and init_from is None:

@@ -30,7 +30,7 @@ from ldae_cli.data.plots import save_probe_chart
 from ldae_cli.runs.logs import console
 from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
     same_parent, session, verified_parent
-from ldae_cli.data.discovery import NoData, check_splits
+from ldae_cli.data.discovery import NoData, check_splits, settle_data
 from ldae_cli.data.sources import open_source
 from ldae_cli.runs import rundir
 from ldae_cli.runs.distributed import amp_dtype, resolve_device
@@ -169,7 +169,7 @@ def protocol(overrides: list[str], flags: dict, base: dict | None) -> str | None
     load to report."""
     try:
         trial = load_config(ProbeConfig, None, overrides, flags, base)
-        trial.data.resolve()
+        settle_data(trial.data)
         source = open_source(replace(trial.data, verify=False), "train")
     except LdaeError:
         return None

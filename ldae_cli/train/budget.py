@@ -239,6 +239,7 @@ def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict
                         f"it with --print-config and start it with `torchrun --nproc-per-node {max(1, budget.gpus)} "
                         "-m ldae_cli pretrain --config FILE`")
     from ldae_cli.config import load_config
+    from ldae_cli.data.discovery import settle_data
     from ldae_cli.train.engine_pretrain import PretrainConfig
     from ldae_cli.runs.logs import console
     from ldae_cli.runs.rundir import RUNS
@@ -247,7 +248,7 @@ def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict
     # the data a --set names is what gets sized; its other keys apply after the sizing (a config with only some
     # of them, e.g. epochs without the warm-up, need not be valid)
     cfg = load_config(PretrainConfig, base, [o for o in overrides if o.strip().startswith("data.")], flags)
-    cfg.data.resolve()  # its notes are said when the sized config is loaded
+    settle_data(cfg.data)  # its notes are said when the sized config is loaded
     if not cfg.data.path:
         raise LdaeError("--budget sizes a run to your data: give --data DIR")
     if cfg.tokenizer.kind == "trained" or cfg.tokenizer.path:

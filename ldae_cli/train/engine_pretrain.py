@@ -2,15 +2,16 @@
 micro-batches, DDP); the Trainer does the rest (checkpoints, exact resume, EMA, NaN guard, metrics).
 
 Reading path, the files one pretrain step passes through, in order:
-1. seeds.py         `SeededSteps` picks the step's images (this rank's share, cut into micro-batches);
-2. data.py          each image decoded, cropped and resized to uint8 (a DataLoader worker; trainer.ImageStream);
-3. engine_pretrain  `draw_step_noise` draws timesteps, noise and label drops for the global batch
-                    (`seeds.step_generator`), then `optimizer_step` runs each micro-batch through
-4. diffusion.py     `Denoiser.loss`: images to latents (tokenizers.py: the PCA encode), noise at level t, the
-                    network (models.py: `DenoisingViT`), the target and the weighted loss;
-5. optim.py         the lr of the step (`StepPlan.lr`), AdamW's update;
-6. trainer.py       the EMA update, then the cadence: a metrics line, the hooks (hooks.py, online_probe.py), a
-                    checkpoint (train_state.py, checkpoint.py) when one is due.
+1. seeds.py               `SeededSteps` picks the step's images (this rank's share, cut into micro-batches);
+2. data/pipeline.py       each image decoded, cropped and resized to uint8 (a DataLoader worker; trainer.ImageStream);
+3. train/engine_pretrain `draw_step_noise` draws timesteps, noise and label drops for the global batch
+                          (`seeds.step_generator`), then `optimizer_step` runs each micro-batch through
+4. model/diffusion.py     `Denoiser.loss`: images to latents (model/tokenizers.py: the PCA encode), noise at
+                          level t, the network (model/models.py: `DenoisingViT`), the target and the weighted loss;
+5. settings/optim.py      the lr of the step (`StepPlan.lr`), AdamW's update;
+6. train/trainer.py       the EMA update, then the cadence: a metrics line, the hooks (train/hooks.py,
+                          train/online_probe.py), a checkpoint (train/train_state.py, runs/checkpoint.py) when
+                          one is due.
 
 Everything random is keyed by (seed, step), so a resumed run, or the same global batch split over more ranks,
 sees exactly the same samples, noise and schedule.

@@ -23,7 +23,7 @@ from ldae_cli.runs import rundir
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import dump_yaml, load_config, to_dict
 from ldae_cli.data.pipeline import DataConfig
-from ldae_cli.data.discovery import detect
+from ldae_cli.data.discovery import detect, settle_data
 from ldae_cli.runs.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.runs.logs import console, note_kept
@@ -108,7 +108,7 @@ def resolve_data(cfg: Any, resuming: bool = False) -> None:
         if data.source == "auto":
             data.source = detect(data.path, data.train_split).source
         return
-    for note in data.resolve():
+    for note in settle_data(data):
         if os.environ.get("RANK", "0") == "0":
             console.print(note)
 
