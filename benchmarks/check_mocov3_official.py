@@ -31,7 +31,7 @@ from torch import nn
 
 from ldae_cli.model.models import DenoisingViT, sincos_2d
 from ldae_cli.model.mocov3 import MocoV3Objective, info_nce, momentum_at
-from ldae_cli.settings.mocov3 import MocoV3Config
+from ldae_cli.settings.contrastive import MocoV3Config
 
 MIRROR = "/work/.mirror/facebookresearch+moco-v3/repo"
 TOLERANCE = 1e-5  # float32: every difference below must be rounding only

@@ -33,7 +33,7 @@ from torch import nn
 from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.model.models import DenoisingViT
 from ldae_cli.seeds import view_generator
-from ldae_cli.settings.mocov3 import MocoV3Config
+from ldae_cli.settings.contrastive import MocoV3Config
 
 # the two views' augmentation, as the official main_moco.py sets it (BYOL's recipe; jitter not strengthened)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
