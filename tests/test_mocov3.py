@@ -200,3 +200,17 @@ def test_two_ranks_equal_one_process(tmp_path):
         # float32 sums in another order (a bug, a rank's own BatchNorm statistics say, is off by 1e-2 or more)
         tolerance = 5e-5 * float(expected.abs().max()) + 1e-6
         assert float((got - expected).abs().max()) <= tolerance, (key, float((got - expected).abs().max()))
+
+
+def test_the_trained_encoder_is_what_export_folds_and_the_probe_reads():
+    """The base encoder's pooled features (before the heads) are the folded timm ViT's output at cfg.timestep."""
+    from ldae_cli.model.models import build_timm_vit, fold_to_vit
+
+    obj = objective()
+    dim = PATCH * PATCH * 3
+    state, kwargs = fold_to_vit(obj.net, obj.cfg.timestep, PATCH, (torch.eye(dim), torch.zeros(dim)))
+    vit = build_timm_vit(kwargs).eval()
+    vit.load_state_dict(state)
+    x = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(vit(x), obj.encoder(tokenize(x)), atol=1e-5)
