@@ -7,7 +7,8 @@ The keys, by what they drive:
 - the data: each epoch's image order (`epoch_generator`), each image's crop and flip in an epoch (`sample_seed`,
   `flip`), a seeded subset (`subset_generator`), the detection stream's order and augmentation
   (`stream_generator`, `stream_sample_seed`), the fine-tuning batch augmentation (`batch_seed`);
-- the objective: a pretraining or tokenizer step's timesteps and noise (`step_generator`), a detection step's
+- the objective: a pretraining or tokenizer step's timesteps and noise (`step_generator`), a MoCo v3 step's two
+  views (`view_generator`), a detection step's
   dropout and sampling (`detect_step_seed`), the noise `ldae denoise` adds to image i (`image_noise_seed`) and
   its pixel-noise comparison (`pixel_noise_seed`); `seeded_rngs` keys the global generators for a block;
 - the probes: the noise of a probe's noisy-input features (`feature_seed`, `step_feature_seed`);
@@ -79,6 +80,12 @@ def subset_generator(seed: int, purpose: str) -> torch.Generator:
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of one optimizer step's timesteps, noise and label drops (for the whole global batch)."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+
+
+def view_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of one MoCo v3 step's view parameters (crops, jitter, blur, ...) for the whole global batch;
+    on the CPU so that every device and rank count draws the same views."""
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + step * 0x85EBCA6B + 0x27D4EB2F) & 0x7FFFFFFFFFFF)
 
 
 def batch_seed(seed: int, step: int, rank: int, micro: int) -> int:
