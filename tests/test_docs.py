@@ -1,6 +1,6 @@
-"""README is the front page and docs/ holds a page per task: every relative link and image in them resolves to a
-file of the repository (an #anchor to a heading of its target, slugged as GitHub does), and every page is
-reachable from README."""
+"""README is the front page, CONTRIBUTING.md the developer's, and docs/ holds a page per task: every relative link and
+image in them resolves to a file of the repository (an #anchor to a heading of its target, slugged as GitHub does),
+and every docs page is reachable from README."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$")
 
