@@ -10,7 +10,7 @@ export PYTHONPATH=$CODE OMP_NUM_THREADS=1 COLUMNS=200 REPO
 $PY - <<'PY'
 import os, sys; sys.path.insert(0, os.path.join(os.environ["REPO"], "tests"))
 from pathlib import Path
-from conftest import write_pattern_tree
+from helpers import write_pattern_tree
 import numpy as np
 from PIL import Image
 write_pattern_tree(Path("tree"), classes=tuple("abcdefghij"), per_class=15, size=64)

@@ -21,7 +21,7 @@ from ldae_cli.data.imagefiles import collect_images
 from ldae_cli.model.patches import patchify
 from ldae_cli.model.pretrained import export_encoder, export_timm, load_pretrained
 
-from conftest import train_tiny
+from helpers import train_tiny
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The layout a newcomer relies on, checked on the source: thin stages reached only from the CLI, no import
-cycles, modules and functions small enough to read, every module listed in docs/architecture.md."""
+cycles, modules and functions small enough to read, every module listed in docs/architecture.md; test helpers
+imported from tests/helpers.py, never from conftest.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tokenize
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ldae_cli"
+CONFTEST_IMPORT = re.compile(r"^\s*(from\s+conftest\s+import|import\s+conftest\b)", re.MULTILINE)
 # Sizes in logical lines (a statement, however the formatter breaks it, is one; so is a docstring): the 500- and
 # 80-line limits of the code before `ruff format`, restated so that formatting does not count
 MAX_MODULE_LOGICAL_LINES = 350
@@ -205,4 +207,14 @@ def test_nothing_imports_the_cli():
     """Library code never calls back into the command line (`ldae launch` is handed the function it runs)."""
     importers = [name for name, path in modules().items() if name not in ("ldae_cli.cli", "ldae_cli.__main__") and
                  "ldae_cli.cli" in imports_of(path, name)]
+    assert not importers
+
+
+def test_nothing_imports_conftest():
+    """conftest.py holds fixtures and hooks, which pytest hands out by name; a plain helper a test module or
+    script imports lives in tests/helpers.py (benchmarks' shell scripts embed Python too, so they are read)."""
+    root = PACKAGE.parent
+    importers = [str(path.relative_to(root)) for folder in ("tests", "benchmarks") for path in
+                 sorted((root / folder).rglob("*")) if path.suffix in (".py", ".sh")
+                 and CONFTEST_IMPORT.search(path.read_text())]
     assert not importers

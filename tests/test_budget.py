@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO_ROOT, one_line, snapshot, unchanged, write_pattern_tree
+from helpers import REPO_ROOT, one_line, snapshot, unchanged, write_pattern_tree
 from ldae_cli.train.budget import MAX_EPOCHS, Budget, DataFacts, measured_speed, parse_budget, size_run
 from ldae_cli.config import load_config
 from ldae_cli.train.engine_pretrain import PretrainConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 
 SUBCOMMANDS = ("fit-pca", "train-tokenizer", "pretrain", "probe", "finetune", "detect", "denoise")
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import one_line, snapshot, unchanged, write_pattern_tree
+from helpers import one_line, snapshot, unchanged, write_pattern_tree
 
 # runs `ldae ARGS` through the console script's main and reports, on its last stdout line, whether torch was imported
 # by the time the command exited

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import write_pattern_tree
+from helpers import write_pattern_tree
 from ldae_cli.runs.checkpoint import load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "resume-base"

@@ -19,7 +19,7 @@ from ldae_cli.data.pipeline import (BadImage, BadImageCounter, DataConfig, build
 from ldae_cli.data.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
 
-from conftest import write_fmnist, write_image_tree
+from helpers import write_fmnist, write_image_tree
 
 
 def reopen(img: Image.Image, fmt: str) -> Image.Image:
@@ -454,7 +454,7 @@ SINGLE_IMAGE = {  # a training stage given --data IMAGE, where `data.source: aut
 
 @pytest.mark.parametrize("stage", SINGLE_IMAGE)
 def test_one_image_as_training_data_is_refused_with_the_fix(stage, world, run_main, tmp_path):
-    from conftest import one_line, snapshot, unchanged
+    from helpers import one_line, snapshot, unchanged
 
     image = tmp_path / "img.png"
     image.write_bytes((world.images / "train" / "a" / "0.png").read_bytes())

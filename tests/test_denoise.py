@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_tiny
+from helpers import train_tiny
 from ldae_cli.data.pipeline import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.pretrained import DEFAULT_SIGMA, load_pretrained

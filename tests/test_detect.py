@@ -12,14 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from conftest import REPO_ROOT, train_tiny, write_image_tree
+from helpers import REPO_ROOT, train_tiny, write_image_tree
 from ldae_cli.model import detection
 from ldae_cli.train import engine_detect
 from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint, sha256_file
@@ -44,47 +42,6 @@ class MetaParams(TorchFunctionMode):
                 and kwargs.get("device") is None:
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
-
-
-CATEGORIES = [{"id": 2, "name": "square"}, {"id": 5, "name": "disc"}]  # non-contiguous ids, as in COCO
-
-
-def write_coco_split(root: Path, split: str, n: int, seed: int) -> None:
-    """n images (64x64 and 64x48) with a filled square and a filled disc each, as COCO polygons."""
-    rng = np.random.default_rng(seed)
-    (root / split).mkdir(parents=True, exist_ok=True)
-    images, anns = [], []
-    for i in range(n):
-        w, h = 64, (64 if i % 2 else 48)
-        img = Image.fromarray(rng.integers(0, 60, (h, w, 3), dtype=np.uint8))
-        draw = ImageDraw.Draw(img)
-        for cat in CATEGORIES:
-            bw, bh = (int(v) for v in rng.integers(12, 24, 2))
-            x0, y0 = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
-            if cat["name"] == "square":
-                poly = [(x0, y0), (x0 + bw, y0), (x0 + bw, y0 + bh), (x0, y0 + bh)]
-            else:
-                cx, cy = x0 + bw / 2, y0 + bh / 2
-                poly = [(cx + bw / 2 * math.cos(a), cy + bh / 2 * math.sin(a))
-                        for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)]
-            draw.polygon(poly, fill=(220, 200, 40) if cat["id"] == 2 else (40, 120, 230))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat["id"], "iscrowd": 0,
-                         "bbox": [x0, y0, bw, bh], "area": float(bw * bh),
-                         "segmentation": [[float(c) for p in poly for c in p]]})
-        name = f"{i:06d}.png"
-        img.save(root / split / name)
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-    (root / "annotations").mkdir(exist_ok=True)
-    (root / "annotations" / f"instances_{split}.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
-
-
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    write_coco_split(root, "train", 4, seed=0)
-    write_coco_split(root, "val", 2, seed=1)
-    return root
 
 
 @pytest.fixture(scope="module")

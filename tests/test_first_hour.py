@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, one_line, run_cli, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
+from helpers import REPO_ROOT, one_line, run_cli, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
 from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 
 TINY = {"model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,

@@ -22,7 +22,7 @@ from ldae_cli.model.patches import patchify, random_patches, unpatchify
 from ldae_cli.stages.fit_pca import FitPCAConfig
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig, latent_normalization, load_tokenizer
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 
 def correlated(n: int, dim: int, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
@@ -366,7 +366,7 @@ def test_the_warning_says_each_distinct_patch_is_taken_once_and_when_the_fit_is_
 
 
 def test_fit_pca_stops_at_the_distinct_patches_and_says_the_fit_is_rank_deficient(run_main, tmp_path):
-    from conftest import write_image_tree
+    from helpers import write_image_tree
 
     tree = write_image_tree(tmp_path / "tree", classes=("a", "b"), per_class=5, size=(64, 64), splits=("train",))
     out = tmp_path / "pca.safetensors"

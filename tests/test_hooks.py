@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.train.hooks import Description, Evaluation

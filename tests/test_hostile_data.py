@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import one_line, pretrain_args, snapshot, unchanged
+from helpers import one_line, pretrain_args, snapshot, unchanged
 from ldae_cli.data import prepared
 from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import DataConfig

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line, pretrain_args, snapshot, unchanged
+from helpers import one_line, pretrain_args, snapshot, unchanged
 from ldae_cli.runs.rundir import CONFIG, LOCK, MARKER, METRICS, remove_entry
 
 USER_TEXT = b"the user's own words\n"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ldae_cli as ldae
-from conftest import one_line, probe_args, rewrite_metadata, sets, snapshot, tiny_overrides, unchanged
+from helpers import one_line, probe_args, rewrite_metadata, sets, snapshot, tiny_overrides, unchanged
 from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.errors import LdaeError
 

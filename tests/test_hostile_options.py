@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, unchanged
+from helpers import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, unchanged
 from ldae_cli.runs.rundir import CHECKPOINT
 
 TINY_FINETUNE = ["optim.batch_size=8", "optim.epochs=1", "aug.rand_augment=null", "data.num_workers=0",

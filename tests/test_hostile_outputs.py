@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from conftest import one_line, snapshot, unchanged
+from helpers import one_line, snapshot, unchanged
 from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.runs.outputs import stamp, write_output
 

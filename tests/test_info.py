@@ -18,7 +18,7 @@ from ldae_cli.runs.logs import read_metrics
 from ldae_cli.stages import info as stage
 from ldae_cli.stages import probe
 
-from conftest import train_tiny
+from helpers import train_tiny
 
 
 @pytest.fixture(scope="module")

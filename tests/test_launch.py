@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from ldae_cli.runs import slurm
 from ldae_cli.cli import run_in_process
 from ldae_cli.runs.checkpoint import read_metadata

@@ -12,7 +12,7 @@ import types
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO_ROOT, tiny_overrides
+from helpers import REPO_ROOT, tiny_overrides
 
 TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3, "run.log_every": 2, "run.save_every": 4,
           "run.progress": True}

@@ -132,7 +132,7 @@ def test_timm_form_export_loads_through_create_model_local_dir(pattern_tree, tmp
     itself, computing the adaLN model's features at the fold t to 1e-5 from [-1, 1] images."""
     import timm
 
-    from conftest import train_tiny
+    from helpers import train_tiny
     from ldae_cli.model.pretrained import load_pretrained
 
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,

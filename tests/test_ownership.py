@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, \
+from helpers import REPO_ROOT, TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, \
     unchanged, write_pattern_tree
 from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ldae_cli.errors import LdaeError

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_overrides, write_pattern_tree
+from helpers import tiny_overrides, write_pattern_tree
 from ldae_cli.data import prepared
 from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config

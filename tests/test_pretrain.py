@@ -17,7 +17,7 @@ from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages import pretrain as stage
-from conftest import tiny_overrides, train_tiny_conv_vae
+from helpers import tiny_overrides, train_tiny_conv_vae
 
 REPO = Path(__file__).resolve().parent.parent
 

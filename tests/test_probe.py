@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import train_tiny, train_tiny_conv_vae
+from helpers import train_tiny, train_tiny_conv_vae
 from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.runs.logs import read_metrics
 from ldae_cli.train.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest

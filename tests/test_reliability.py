@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, rewrite_metadata, sets, \
+from helpers import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, rewrite_metadata, sets, \
     snapshot, tiny_overrides, unchanged, write_pattern_tree
 from ldae_cli.runs.checkpoint import load_checkpoint
 

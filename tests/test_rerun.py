@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENS, one_line, probe_args, sets, tiny_overrides
+from helpers import TOKENS, one_line, probe_args, sets, tiny_overrides
 from ldae_cli.runs.checkpoint import read_metadata
-from test_detect import SCRATCH, detect_sets, write_coco_split
+from test_detect import SCRATCH, detect_sets
 from test_trained_tokenizers import tiny_sets
 
 # detectron2 imports timm's old module path and uses torch.jit.script (as in test_detect.py)
 pytestmark = [pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning"),
               pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
-
-
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("coco")
-    write_coco_split(root, "train", 4, seed=0)
-    write_coco_split(root, "val", 2, seed=1)
-    return root
 
 
 # each stage's command for a tiny run in `out`, stopped after `steps` steps (None: to its end), saving every step;

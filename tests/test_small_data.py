@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TOKENS, one_line, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
+from helpers import TOKENS, one_line, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
 
 ON_TINY = {"online_probe.per_class": 1, "online_probe.max_share": 1}  # the floor lowered to what tiny data holds
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import train_tiny, write_image_tree
+from helpers import train_tiny, write_image_tree
 from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import snapshot, unchanged
+from helpers import snapshot, unchanged
 from test_study import TOY_BUDGET, TOY_STUDY
 
 ONE_VARIANT = {**TOY_STUDY, "variants": TOY_STUDY["variants"][:1], "baselines": []}

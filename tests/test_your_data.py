@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, train_tiny, \
+from helpers import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, train_tiny, \
     unchanged, write_fmnist, write_pattern_tree
 from ldae_cli.runs.checkpoint import read_metadata
 
