@@ -15,6 +15,7 @@ import pytest
 from helpers import one_line, pretrain_args, snapshot, unchanged
 from ldae_cli.data import prepared
 from ldae_cli.config import load_config
+from ldae_cli.data.discovery import settle_data
 from ldae_cli.data.pipeline import DataConfig
 from ldae_cli.data.sources import file_sha256, index_sha256
 
@@ -26,7 +27,7 @@ FILES = 2 * (6 * 3 + 2)  # per split: 6 shards of 3 images (images, labels, file
 def ready(world, tmp_path_factory) -> Path:
     """world.images (2 classes, 16 train and 16 val images) prepared at 32x32, 3 images a shard."""
     cfg = load_config(DataConfig, None, [f"path={world.images}", "source=imagefolder", "num_workers=0", "image_size=32"])
-    cfg.resolve()
+    settle_data(cfg)
     out = tmp_path_factory.mktemp("hostile") / "ready"
     out.mkdir()
     prepared.prepare(cfg, ["train", "eval"], out, 1.0, 0.01, False, progress=False)
