@@ -42,6 +42,7 @@ class Pretrained:
     model: DenoisingViT
     tokenizer: Tokenizer
     denoiser: Denoiser
+    objective: str = "ldae"  # what trained it (PretrainConfig.objective; a checkpoint from before it: ldae)
 
     @property
     def image_size(self) -> int:
@@ -50,6 +51,10 @@ class Pretrained:
     def timestep(self, t: int | None = None, sigma: float | None = None) -> int:
         """The t to add noise at: `t` itself, or the t whose noise level is closest to `sigma` (default
         DEFAULT_SIGMA); a model trained at one noise level (the constant schedule) always uses it."""
+        if self.objective != "ldae":
+            where = self.ckpt.path if self.ckpt is not None else "this network"
+            raise LdaeError(f"{where}: an '{self.objective}' checkpoint has no denoiser (its objective is not "
+                            "denoising); `ldae denoise` reads l-DAE checkpoints (objective ldae)")
         schedule = self.denoiser.schedule
         check_sigma(sigma)
         if t is not None and sigma is not None:
@@ -104,7 +109,7 @@ def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
         raise LdaeError(f"{path}: image_size {ckpt.extra['image_size']} with {tokenizer.patch}-pixel tokens is a "
                         f"{denoiser.grid} grid, but its network was built for {tuple(model.spec['grid'])}; the "
                         "metadata is damaged or was edited")
-    return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser)
+    return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser, ckpt.config.get("objective", "ldae"))
 
 
 def pixel_affine(pre: Pretrained) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +130,10 @@ def foldable(pre: Pretrained) -> bool:
 
 def fold_encoder(pre: Pretrained, t: int = DEFAULT_T, depth: int | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    if pre.objective != "ldae" and t != DEFAULT_T:  # conditioned on DEFAULT_T alone, any other t is untrained
+        raise LdaeError(f"{pre.ckpt.path if pre.ckpt else 'the encoder'}: an '{pre.objective}' encoder has no "
+                        f"timestep (it was trained at the constant t = {DEFAULT_T}, the default); leave t at "
+                        f"{DEFAULT_T}, got {t}")
     if not 0 <= t <= pre.denoiser.schedule.T:
         raise LdaeError(f"t must lie in 0..{pre.denoiser.schedule.T}, got {t}")
     return fold_to_vit(pre.model, t, pre.tokenizer.patch, pixel_affine(pre), depth)
@@ -386,7 +395,8 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
         randomize(pre.model, random_init_seed)
     depth = depth or pre.model.encoder_depth
     description = ("random-init network (same architecture, untrained)" if random_init_seed is not None else
-                   f"l-DAE encoder at t={t}") + f", {depth} blocks"
+                   f"l-DAE encoder at t={t}" if pre.objective == "ldae" else f"{pre.objective} encoder") + \
+        f", {depth} blocks"
     denoiser = pre.denoiser.to(device)
     if foldable(pre):  # the plain ViT that fine-tuning and detection start from
         state, kwargs = fold_encoder(pre, t, depth)
