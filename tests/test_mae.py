@@ -221,10 +221,12 @@ def test_an_mae_checkpoint_has_no_timestep_and_no_denoiser(mae_run, run_main, tm
 
 
 def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
+    """The CPU demo's recipe (random-resized crops and flips too) at toy size, stopped and resumed."""
     sets = {**TINY, "optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "online_probe.enabled": False}
-    stage.run(load_config(PretrainConfig, CONFIG, tiny_overrides(pattern_tree, tmp_path / "full", **sets)), "full")
-    stage.run(load_config(PretrainConfig, CONFIG, tiny_overrides(pattern_tree, tmp_path / "cut", **sets,
-                                                                 **{"run.stop_after_steps": 3})), "cut")
+    demo = "demo/cifar10-mae.yaml"
+    stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "full", **sets)), "full")
+    stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets,
+                                                               **{"run.stop_after_steps": 3})), "cut")
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
     stage.main(None, [], {}, str(tmp_path / "cut"))
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("full", "cut"))

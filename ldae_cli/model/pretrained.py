@@ -218,21 +218,28 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
                            "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
                            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
         # ignored by timm; what `ldae info` and load_encoder report about the folder
-        "ldae": {"package_version": __version__, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
-                 "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain"),
-                 "data": exported_data(pre.ckpt.config), "data_identity": pre.ckpt.extra.get("data_identity")},
+        "ldae": {"package_version": __version__, "objective": pre.objective, "t": t, "depth": kwargs["depth"],
+                 "image_size": pre.image_size, "class_names": pre.ckpt.extra.get("class_names", []),
+                 "source": pre.ckpt.parent_ref("pretrain"), "data": exported_data(pre.ckpt.config),
+                 "data_identity": pre.ckpt.extra.get("data_identity")},
     }
     # atomic renames: a kill leaves no torn file, and nothing is written through a link
     write_atomically(out / TIMM_WEIGHTS, save(state))
     write_atomically(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    tag, name, how = MODEL_CARD[pre.objective]
     write_atomically(out / "README.md", (
-        f"---\ntags: [image-feature-extraction, timm, l-dae]\nlibrary_name: timm\n---\n# l-DAE encoder\n\n"
+        f"---\ntags: [image-feature-extraction, timm, {tag}]\nlibrary_name: timm\n---\n# {name} encoder\n\n"
         f"A ViT ({kwargs['depth']} blocks, width {kwargs['embed_dim']}, {kwargs['num_heads']} heads, "
         f"{kwargs['patch_size']}x{kwargs['patch_size']} patches, {size[0]}x{size[1]} input, no class token, average "
-        f"pool) pretrained as a latent denoising autoencoder (l-DAE) with ldae, folded at t = {t}.\n\n"
+        f"pool) pretrained as {how} with ldae, folded at t = {t}.\n\n"
         f"```python\nimport timm\nmodel = timm.create_model('local-dir:{out.name}', pretrained=True)  # features\n```"
         f"\n\nSource checkpoint sha256: {pre.ckpt.sha256}\n").encode())
     return out
+
+
+# the model card's tag, title and what the encoder was pretrained as, by objective
+MODEL_CARD = {"ldae": ("l-dae", "l-DAE", "a latent denoising autoencoder (l-DAE)"),
+              "mae": ("mae", "MAE", "a masked autoencoder (MAE; no timestep: its blocks were trained at this t)")}
 
 
 def timm_export(path: str | Path) -> Path | None:
