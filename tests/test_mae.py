@@ -6,11 +6,15 @@ clone does not have: it is benchmarks/mae_official.py, its output docs/mae-offic
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import one_line, tiny_overrides, train_tiny
+from conftest import REPO_ROOT, one_line, run_cli, sets, tiny_overrides, train_tiny
 from ldae_cli import api
 from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import to_unit_range
@@ -236,3 +240,20 @@ def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
         assert all(torch.equal(a.section(section)[k], b.section(section)[k]) for k in a.section(section)), section
     log = lambda run: [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
     assert log("full") == log("cut") and len([x for x in log("full") if x is not None]) == 6
+
+
+def test_ddp_two_ranks_match_one_process(pattern_tree, tmp_path):
+    """2 gloo ranks x 4 images == 1 process x 8 images: DDP over the objective, its frozen denoising head left out."""
+    def args(out):
+        return ["pretrain", "--config", CONFIG, *sets(tiny_overrides(pattern_tree, tmp_path / out, **TINY, **{
+            "optim.epochs": 3, "online_probe.enabled": False}))]
+    one = run_cli(*args("one"), timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29541", "-m", "ldae_cli", *args("two")], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-2000:]
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r] for run in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 6
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
