@@ -23,7 +23,7 @@ from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.model.mae import MAEObjective, masked_loss
 from ldae_cli.model.models import build_model, build_timm_vit, fold_to_vit
 from ldae_cli.model.tokenizers import PixelTokenizer
-from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.runs.checkpoint import load_checkpoint, stored_config
 from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
 from ldae_cli.stages import pretrain as stage
 from ldae_cli.train.engine_pretrain import optimizer_step
@@ -190,6 +190,14 @@ def test_a_run_saves_the_encoder_where_evaluations_read_it_and_the_decoder_apart
     assert "mae.mask_token" in ck.tensors and "mae.blocks.0.attn.qkv.weight" in ck.tensors
     records = [json.loads(x) for x in (mae_run.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "online_knn_top1" in r] == [1, 2]
+
+
+def test_init_from_an_mae_run_starts_from_its_encoder_and_decoder(mae_run):
+    parent = load_checkpoint(mae_run, "pretrain")
+    _, _, obj = stage.build(stored_config(PretrainConfig, parent), None, parent, lambda: None, 2)
+    stage.start_from(obj, parent, "mae")
+    for section, module in (("model", obj.net), ("mae", obj.decoder)):
+        assert all(torch.equal(v, parent.section(section)[k]) for k, v in module.state_dict().items()), section
 
 
 def test_probe_export_info_and_the_api_read_an_mae_checkpoint(mae_run, run_main, tmp_path):

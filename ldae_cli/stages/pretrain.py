@@ -136,7 +136,7 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
                                               dataset.num_classes)
         denoiser, model = objective.denoiser, objective.net
         if init_from is not None:
-            start_from(model, init_from)
+            start_from(objective, init_from, cfg.objective)
         if s.ctx.is_main:
             (width, enc, dec, heads), n_params = cfg.model.resolved(), trained_parameters(objective)
             what = (f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, {cfg.diffusion.input_space}->"
@@ -168,8 +168,10 @@ def trained_parameters(objective: torch.nn.Module) -> int:
     return sum(p.numel() for p in objective.parameters() if p.requires_grad)
 
 
-def start_from(model, parent: Checkpoint) -> None:
-    """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read)."""
+def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> None:
+    """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read), and, when it
+    was trained with the same objective, that objective's own modules (MAE's decoder)."""
+    model = objective.net
     section = "ema" if parent.extra.get("has_ema") and parent.section("ema") else "model"
     if parent.extra.get("model_spec") != model.spec:
         differ = sorted(k for k in set(model.spec) | set(parent.extra.get("model_spec") or {})
@@ -177,6 +179,9 @@ def start_from(model, parent: Checkpoint) -> None:
         raise LdaeError(f"--init-from {parent.path}: its network differs from this config's ({', '.join(differ)}); "
                         "the model, tokenizer and image size must be the parent's")
     load_state(model, parent.section(section), f"{parent.path} ({section})")
+    if parent.config.get("objective", "ldae") == name:
+        for key, module in objective.saved_modules().items():
+            load_state(module, parent.section(key), f"{parent.path} ({key})")
 
 
 def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:
