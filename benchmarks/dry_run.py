@@ -51,13 +51,17 @@ def speeds_of(config: str | None, overrides: list[str], batch: int) -> dict:
     from ldae_cli.train.dryrun import estimate_images_per_second, seconds_per_image
     from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
     from ldae_cli.model.models import build_model
+    from ldae_cli.model.objectives import build_objective
+    from ldae_cli.model.tokenizers import load_tokenizer
     from ldae_cli.settings.training import PretrainConfig
 
     cfg = load_config(PretrainConfig, config, [*overrides, "run.device=cpu", f"optim.batch_size={batch}"])
     estimated, sentence = estimate_images_per_second(cfg)
-    denoiser = Denoiser(cfg.diffusion, stand_in(cfg.tokenizer), NoiseSchedule(cfg.diffusion), cfg.data.image_size)
-    model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid)
-    measured = 1 / seconds_per_image(synthetic_step(cfg, denoiser, model, batch, torch.device("cpu")), batch)
+    tokenizer = stand_in(cfg.tokenizer) if cfg.tokenizer.kind == "pca" and not cfg.tokenizer.path else \
+        load_tokenizer(cfg.tokenizer)[0]  # a PCA the run would fit, else the configured one (MAE's pixels)
+    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
+    objective = build_objective(cfg, denoiser, build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid))
+    measured = 1 / seconds_per_image(synthetic_step(cfg, objective, batch, torch.device("cpu")), batch)
     return {"estimated_img_s": round(estimated, 1), "measured_img_s": round(measured, 1),
             "estimate_over_measured": round(estimated / measured, 2), "batch": batch,
             "threads": torch.get_num_threads(), "estimate_says": sentence}

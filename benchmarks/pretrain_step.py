@@ -21,7 +21,9 @@ import time
 import torch
 
 from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.train.engine_pretrain import PretrainObjective, draw_step_noise, optimizer_step
+from ldae_cli.train.engine_pretrain import optimizer_step
+from ldae_cli.model.objectives import LDAEObjective
+from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.model.models import ModelConfig, build_model, model_flops_per_image
 from ldae_cli.model.pca import principal_components
 from ldae_cli.model.tokenizers import PCATokenizer
@@ -124,7 +126,7 @@ def main() -> None:
     # --- full step: the engine's own optimizer_step on in-memory uint8 images
     torch.manual_seed(0)
     model = trained_like(build_model(cfg, den.in_dim, den.out_dim, den.grid)).to(device)
-    objective = PretrainObjective(den, model)
+    objective = LDAEObjective(PretrainConfig(), den, model)
     runner = torch.compile(objective) if args.compile else objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     images = torch.randint(0, 256, (b, 3, args.image, args.image), dtype=torch.uint8, device=device)
@@ -132,8 +134,8 @@ def main() -> None:
     step = [0]
 
     def full_step():
-        noise = draw_step_noise(den, 0, step[0], b, 0.0, device)
-        optimizer_step(runner, model, optimizer, [(images, labels)], noise, 0, b, None, False)
+        draw = objective.draw(0, step[0], b, device)
+        optimizer_step(runner, model, optimizer, [(images, labels)], draw, 0, b, None, False)
         step[0] += 1
 
     t0 = time.perf_counter()

@@ -7,10 +7,10 @@ The keys, by what they drive:
 - the data: each epoch's image order (`epoch_generator`), each image's crop and flip in an epoch (`sample_seed`,
   `flip`), a seeded subset (`subset_generator`), the detection stream's order and augmentation
   (`stream_generator`, `stream_sample_seed`), the fine-tuning batch augmentation (`batch_seed`);
-- the objective: a pretraining or tokenizer step's timesteps and noise (`step_generator`), a MoCo v3 step's two
-  views (`view_generator`), a detection step's
-  dropout and sampling (`detect_step_seed`), the noise `ldae denoise` adds to image i (`image_noise_seed`) and
-  its pixel-noise comparison (`pixel_noise_seed`); `seeded_rngs` keys the global generators for a block;
+- the objective: a pretraining step's draw (l-DAE's timesteps and noise, MAE's masks) or a tokenizer step's
+  (`step_generator`), a MoCo v3 step's two views (`view_generator`), a detection step's dropout and sampling
+  (`detect_step_seed`), the noise `ldae denoise` adds to image i (`image_noise_seed`) and its pixel-noise comparison
+  (`pixel_noise_seed`); `seeded_rngs` keys the global generators for a block;
 - the probes: the noise of a probe's noisy-input features (`feature_seed`, `step_feature_seed`);
 - offsets of the run seed for draws that must differ from the run's own (`derived`: the eval subset, the online
   probe's fit subset, the pixel-noise comparison, a tokenizer's held-out report).
@@ -78,7 +78,8 @@ def subset_generator(seed: int, purpose: str) -> torch.Generator:
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of one optimizer step's timesteps, noise and label drops (for the whole global batch)."""
+    """The generator of one pretraining step's objective draw for the whole global batch (l-DAE: timesteps, noise,
+    label drops; MAE: the masking noise), and of a tokenizer step's."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
 
 

@@ -28,6 +28,7 @@ CONFIG_SUMMARY = {
     "model": ("size", "width", "encoder_depth", "decoder_depth", "num_heads", "ckpt", "t"),
     "tokenizer": ("kind", "path", "patch", "dim", "latent_scale"),
     "diffusion": ("schedule", "target", "loss_weight", "input_space", "output_space"),
+    "mae": ("mask_ratio", "norm_pix_loss", "decoder_width", "decoder_depth", "decoder_heads"),
     "pca": ("patch", "dim", "patches", "positions"),
     "probe": ("features", "fast", "t", "depth", "blrs", "epochs", "batch_size"),
     "optim": ("batch_size", "epochs", "iterations", "blr", "lr", "ema"),
@@ -121,8 +122,17 @@ def _network_spec(extra: dict) -> dict | None:
     return extra.get("model_spec") or extra.get("timm_kwargs") or extra.get("backbone")
 
 
+# the section of each pretraining objective (PretrainConfig.objective), shown for a run of that objective only
+OBJECTIVE_SECTIONS = {"ldae": "diffusion", "mae": "mae"}
+
+
 def _config_summary(config: dict) -> dict:
-    summary = {section: _pick(config.get(section), keys) for section, keys in CONFIG_SUMMARY.items()}
+    objective = config.get("objective", "ldae")
+    others = {section for name, section in OBJECTIVE_SECTIONS.items() if name != objective}
+    summary = {section: _pick(config.get(section), keys) for section, keys in CONFIG_SUMMARY.items()
+               if section not in others}
+    if "objective" in config:
+        summary = {"objective": {"objective": objective}, **summary}
     return {section: values for section, values in summary.items() if values}
 
 

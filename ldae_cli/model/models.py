@@ -182,11 +182,14 @@ class DenoisingViT(nn.Module):
             x = block(x, c)
         return self.final(x, c)
 
-    def features(self, tokens: torch.Tensor, t: torch.Tensor, depth: int | None = None) -> torch.Tensor:
-        """Token features after `depth` blocks (default: the encoder), conditioned on t, null label."""
+    def features(self, tokens: torch.Tensor, t: torch.Tensor, depth: int | None = None,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Token features after `depth` blocks (default: the encoder), conditioned on t, null label. `keep` (B, K):
+        the grid positions `tokens` (B, K, in_dim) sit at, a subset of the grid (MAE's visible patches)."""
         depth = self.encoder_depth if depth is None else depth
         c = self.condition(t)
-        x = self.embed(tokens) + self.pos_embed
+        pos = self.pos_embed if keep is None else self.pos_embed[0][keep]
+        x = self.embed(tokens) + pos
         for block in self.blocks[:depth]:
             x = block(x, c)
         return x

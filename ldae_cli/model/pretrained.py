@@ -42,6 +42,7 @@ class Pretrained:
     model: DenoisingViT
     tokenizer: Tokenizer
     denoiser: Denoiser
+    objective: str = "ldae"  # what trained it (PretrainConfig.objective; a checkpoint from before it: ldae)
 
     @property
     def image_size(self) -> int:
@@ -50,6 +51,10 @@ class Pretrained:
     def timestep(self, t: int | None = None, sigma: float | None = None) -> int:
         """The t to add noise at: `t` itself, or the t whose noise level is closest to `sigma` (default
         DEFAULT_SIGMA); a model trained at one noise level (the constant schedule) always uses it."""
+        if self.objective != "ldae":
+            where = self.ckpt.path if self.ckpt is not None else "this network"
+            raise LdaeError(f"{where}: an '{self.objective}' checkpoint has no denoiser (its objective is not "
+                            "denoising); `ldae denoise` reads l-DAE checkpoints (objective ldae)")
         schedule = self.denoiser.schedule
         check_sigma(sigma)
         if t is not None and sigma is not None:
@@ -104,7 +109,7 @@ def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
         raise LdaeError(f"{path}: image_size {ckpt.extra['image_size']} with {tokenizer.patch}-pixel tokens is a "
                         f"{denoiser.grid} grid, but its network was built for {tuple(model.spec['grid'])}; the "
                         "metadata is damaged or was edited")
-    return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser)
+    return Pretrained(ckpt, data, diffusion, model, tokenizer, denoiser, ckpt.config.get("objective", "ldae"))
 
 
 def pixel_affine(pre: Pretrained) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +130,10 @@ def foldable(pre: Pretrained) -> bool:
 
 def fold_encoder(pre: Pretrained, t: int = DEFAULT_T, depth: int | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    if pre.objective != "ldae" and t != DEFAULT_T:  # conditioned on DEFAULT_T alone, any other t is untrained
+        raise LdaeError(f"{pre.ckpt.path if pre.ckpt else 'the encoder'}: an '{pre.objective}' encoder has no "
+                        f"timestep (it was trained at the constant t = {DEFAULT_T}, the default); leave t at "
+                        f"{DEFAULT_T}, got {t}")
     if not 0 <= t <= pre.denoiser.schedule.T:
         raise LdaeError(f"t must lie in 0..{pre.denoiser.schedule.T}, got {t}")
     return fold_to_vit(pre.model, t, pre.tokenizer.patch, pixel_affine(pre), depth)
@@ -209,21 +218,28 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
                            "crop_pct": 1.0, "crop_mode": "center", "mean": [0.5] * 3, "std": [0.5] * 3,
                            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"},
         # ignored by timm; what `ldae info` and load_encoder report about the folder
-        "ldae": {"package_version": __version__, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
-                 "class_names": pre.ckpt.extra.get("class_names", []), "source": pre.ckpt.parent_ref("pretrain"),
-                 "data": exported_data(pre.ckpt.config), "data_identity": pre.ckpt.extra.get("data_identity")},
+        "ldae": {"package_version": __version__, "objective": pre.objective, "t": t, "depth": kwargs["depth"],
+                 "image_size": pre.image_size, "class_names": pre.ckpt.extra.get("class_names", []),
+                 "source": pre.ckpt.parent_ref("pretrain"), "data": exported_data(pre.ckpt.config),
+                 "data_identity": pre.ckpt.extra.get("data_identity")},
     }
     # atomic renames: a kill leaves no torn file, and nothing is written through a link
     write_atomically(out / TIMM_WEIGHTS, save(state))
     write_atomically(out / "config.json", (json.dumps(config, indent=2) + "\n").encode())
+    tag, name, how = MODEL_CARD[pre.objective]
     write_atomically(out / "README.md", (
-        f"---\ntags: [image-feature-extraction, timm, l-dae]\nlibrary_name: timm\n---\n# l-DAE encoder\n\n"
+        f"---\ntags: [image-feature-extraction, timm, {tag}]\nlibrary_name: timm\n---\n# {name} encoder\n\n"
         f"A ViT ({kwargs['depth']} blocks, width {kwargs['embed_dim']}, {kwargs['num_heads']} heads, "
         f"{kwargs['patch_size']}x{kwargs['patch_size']} patches, {size[0]}x{size[1]} input, no class token, average "
-        f"pool) pretrained as a latent denoising autoencoder (l-DAE) with ldae, folded at t = {t}.\n\n"
+        f"pool) pretrained as {how} with ldae, folded at t = {t}.\n\n"
         f"```python\nimport timm\nmodel = timm.create_model('local-dir:{out.name}', pretrained=True)  # features\n```"
         f"\n\nSource checkpoint sha256: {pre.ckpt.sha256}\n").encode())
     return out
+
+
+# the model card's tag, title and what the encoder was pretrained as, by objective
+MODEL_CARD = {"ldae": ("l-dae", "l-DAE", "a latent denoising autoencoder (l-DAE)"),
+              "mae": ("mae", "MAE", "a masked autoencoder (MAE; no timestep: its blocks were trained at this t)")}
 
 
 def timm_export(path: str | Path) -> Path | None:
@@ -386,7 +402,8 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
         randomize(pre.model, random_init_seed)
     depth = depth or pre.model.encoder_depth
     description = ("random-init network (same architecture, untrained)" if random_init_seed is not None else
-                   f"l-DAE encoder at t={t}") + f", {depth} blocks"
+                   f"l-DAE encoder at t={t}" if pre.objective == "ldae" else f"{pre.objective} encoder") + \
+        f", {depth} blocks"
     denoiser = pre.denoiser.to(device)
     if foldable(pre):  # the plain ViT that fine-tuning and detection start from
         state, kwargs = fold_encoder(pre, t, depth)

@@ -238,6 +238,25 @@ class OnlineProbeConfig:
                                 "or less, or raise fit_images")
 
 
+@dataclass
+class MAEConfig:
+    """The `mae:` section, read when `objective: mae` (He et al. 2022; facebookresearch/mae's models_mae.py)."""
+
+    mask_ratio: float = 0.75  # of each image's patches, hidden from the encoder and reconstructed
+    norm_pix_loss: bool = True  # the target is each patch normalised by its own mean and variance
+    decoder_width: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+    def validate(self) -> None:
+        require("mae", "in (0, 1)", lambda v: 0 < v < 1, mask_ratio=self.mask_ratio)
+        require("mae", ">= 1", lambda v: v >= 1, decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
+        if self.decoder_width % self.decoder_heads or self.decoder_width % 4:
+            raise LdaeError(f"mae.decoder_width {self.decoder_width} must be divisible by mae.decoder_heads "
+                            f"{self.decoder_heads} and by 4 (the 2-D sin-cos position embedding), e.g. 512")
+
+
+Objective = Literal["ldae", "mae"]
 MAX_SEED = 2 ** 31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
 
 
@@ -270,6 +289,9 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
+    # what the encoder learns from (model/objectives.py): ldae denoises (tokenizer, model, diffusion); mae masks
+    # (the `mae:` section; the pixel tokenizer, the model's encoder blocks only, no timestep: t = DEFAULT_T)
+    objective: Objective = "ldae"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -277,8 +299,11 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
     def validate(self) -> None:
+        if self.objective == "mae":
+            self.validate_mae()
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
         tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
@@ -291,6 +316,19 @@ class PretrainConfig:
         if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
             raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
                             f"patches, got {tc.fit_patches}")
+
+
+    def validate_mae(self) -> None:
+        """MAE trains the encoder blocks on raw patches at one timestep; its decoder is the `mae:` section's."""
+        wrong = [f"{key} {value!r} (needs {need!r})" for key, value, need in (
+            ("tokenizer.kind", self.tokenizer.kind, "pixel"), ("tokenizer.latent_scale", self.tokenizer.latent_scale,
+                                                               "none"),
+            ("model.decoder_depth", self.model.resolved()[2], 0),
+            ("model.class_conditional", self.model.class_conditional, False),
+            ("online_probe.t", self.online_probe.t, DEFAULT_T)) if value != need]
+        if wrong:
+            raise LdaeError(f"objective mae: {'; '.join(wrong)}: MAE reads raw pixel patches, decodes with the mae: "
+                            f"section's decoder and has no timestep (its encoder is folded at t = {DEFAULT_T})")
 
 
 # fit-pca's config (pca.py reads it)

@@ -24,6 +24,7 @@ from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, pri
 from ldae_cli.train.online_probe import OnlineProbe, online_plan, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.models import build_model
+from ldae_cli.model.objectives import build_objective
 from ldae_cli.settings.optim import plan_steps
 from ldae_cli.data.plots import grid_tensor
 from ldae_cli.model.pretrained import Pretrained
@@ -37,10 +38,10 @@ from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint | None, fresh: Callable[[], tuple],
-          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], Denoiser, torch.nn.Module]:
+          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], torch.nn.Module]:
     """What a run trains and its --dry-run counts: the tokenizer and the run's parents (`fresh()`, or a resumed or
-    --init-from run's own, never refitted or swapped), the denoiser, and the network seeded alike on every rank (on
-    the meta device: counted, not allocated)."""
+    --init-from run's own, never refitted or swapped), and the objective (objectives.py) around the denoiser and the
+    network, seeded alike on every rank (on the meta device: counted, not allocated)."""
     if cfg.model.class_conditional and num_classes == 0:
         raise LdaeError("model.class_conditional needs labelled data, but the dataset has no classes")
     stored = resume if resume is not None else init_from
@@ -54,7 +55,8 @@ def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint 
     torch.manual_seed(cfg.run.seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
-    return tokenizer, parents, denoiser, model
+        objective = build_objective(cfg, denoiser, model)
+    return tokenizer, parents, objective
 
 
 def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Tokenizer, list[dict]]:
@@ -130,16 +132,19 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
             check_splits(cfg.data, [cfg.data.eval_split])
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed, training_stream=True)
         plan_steps(len(dataset), cfg.optim, cfg.run.seed, s.ctx)  # one global batch or more: before the PCA fit
-        tokenizer, parents, denoiser, model = build(cfg, resume, init_from,
-                                                    lambda: configured_tokenizer(cfg, s, dataset), dataset.num_classes)
+        tokenizer, parents, objective = build(cfg, resume, init_from, lambda: configured_tokenizer(cfg, s, dataset),
+                                              dataset.num_classes)
+        denoiser, model = objective.denoiser, objective.net
         if init_from is not None:
-            start_from(model, init_from)
+            start_from(objective, init_from, cfg.objective)
         if s.ctx.is_main:
-            (width, enc, dec, heads), n_params = cfg.model.resolved(), sum(p.numel() for p in model.parameters())
+            (width, enc, dec, heads), n_params = cfg.model.resolved(), trained_parameters(objective)
+            what = (f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, {cfg.diffusion.input_space}->"
+                    f"{cfg.diffusion.output_space}" if cfg.objective == "ldae" else
+                    f"MAE: mask {cfg.mae.mask_ratio:g}, decoder {cfg.mae.decoder_depth} blocks of width "
+                    f"{cfg.mae.decoder_width}, norm_pix_loss {cfg.mae.norm_pix_loss}")
             console.print(f"model: {enc}+{dec} blocks, width {width}, {heads} heads, {n_params / 1e6:.1f}M params; "
-                          f"tokenizer {tokenizer.kind} p={tokenizer.patch} d={tokenizer.token_dim}; "
-                          f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, "
-                          f"{cfg.diffusion.input_space}->{cfg.diffusion.output_space}"
+                          f"tokenizer {tokenizer.kind} p={tokenizer.patch} d={tokenizer.token_dim}; {what}"
                           + (f"; weights from {init_from.path}" if init_from is not None else ""))
         tok_tensors, tok_desc = tokenizer.export()
         description = {"model_spec": model.spec, "tokenizer": tok_desc, "image_size": cfg.data.image_size,
@@ -151,17 +156,22 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
 
         def view(trainer) -> Pretrained:  # what probes and `ldae denoise` read: the EMA when the run keeps one
             weights = trainer.ema.module if trainer.ema is not None else model
-            return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser)
+            return Pretrained(None, cfg.data, cfg.diffusion, weights, tokenizer, denoiser, cfg.objective)
 
-        class_dropout = cfg.model.class_dropout if cfg.model.class_conditional else 0.0
         online = online_probe(cfg, view, s)
-        engine_pretrain.train(s, denoiser, model, dataset, class_dropout, describe, parents, online,
-                              denoising_panel(cfg, view) if s.ctx.is_main else None)
+        engine_pretrain.train(s, objective, dataset, describe, parents, online,
+                              denoising_panel(cfg, view) if s.ctx.is_main and cfg.objective == "ldae" else None)
         return s.checkpoint
 
 
-def start_from(model, parent: Checkpoint) -> None:
-    """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read)."""
+def trained_parameters(objective: torch.nn.Module) -> int:
+    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
+
+
+def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> None:
+    """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read), and, when it
+    was trained with the same objective, that objective's own modules (MAE's decoder)."""
+    model = objective.net
     section = "ema" if parent.extra.get("has_ema") and parent.section("ema") else "model"
     if parent.extra.get("model_spec") != model.spec:
         differ = sorted(k for k in set(model.spec) | set(parent.extra.get("model_spec") or {})
@@ -169,6 +179,9 @@ def start_from(model, parent: Checkpoint) -> None:
         raise LdaeError(f"--init-from {parent.path}: its network differs from this config's ({', '.join(differ)}); "
                         "the model, tokenizer and image size must be the parent's")
     load_state(model, parent.section(section), f"{parent.path} ({section})")
+    if parent.config.get("objective", "ldae") == name:
+        for key, module in objective.saved_modules().items():
+            load_state(module, parent.section(key), f"{parent.path} ({key})")
 
 
 def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:
@@ -286,8 +299,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
             notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
         return engine_pretrain.stand_in(cfg.tokenizer), []
 
-    model = build(cfg, resume, init_from, fresh, len(o.source.classes), meta=True)[3]
-    params = sum(p.numel() for p in model.parameters())
+    params = trained_parameters(build(cfg, resume, init_from, fresh, len(o.source.classes), meta=True)[2])
     notes.append(online_plan(cfg, SimpleNamespace(rank=0, world=o.world)))
     speed, timing = estimate_images_per_second(cfg)
     return o.plan("pretrain", cfg, params, 1 / speed, timing, notes)

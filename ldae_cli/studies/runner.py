@@ -24,6 +24,7 @@ from ldae_cli.train.dryrun import seconds_per_image
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs.logs import console
 from ldae_cli.model.models import build_model
+from ldae_cli.model.objectives import build_objective
 from ldae_cli.runs.rundir import CHECKPOINT
 from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
 from ldae_cli.settings.training import PretrainConfig
@@ -248,10 +249,10 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
         tokenizer = stand_in(s.tokenizer) if s.tokenizer.kind == "pca" and not s.tokenizer.path else \
             load_tokenizer(s.tokenizer)[0]
         denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.image_size)
-        model = build_model(s.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid)
+        objective = build_objective(s, denoiser, build_model(s.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid))
         device, micro, sample = resolve_device(s.run.device), run.batch // nproc, 1
         while True:  # 1, 16, 256, ... images, up to the batch of one GPU, while 4 steps take under TIMING_SECONDS
-            per_image = seconds_per_image(synthetic_step(s, denoiser, model, sample, device), sample)
+            per_image = seconds_per_image(synthetic_step(s, objective, sample, device), sample)
             larger = min(sample * 16, micro)
             if larger <= sample or 4 * per_image * larger > TIMING_SECONDS:
                 break

@@ -94,7 +94,7 @@ def load_run_config(cls: type, kind: str, config: str | None, overrides: list[st
     ckpt = load_resumable(resume_path(resume), kind, cls)
     cfg = load_config(cls, config, overrides, flags, base=resume_base(ckpt.config))
     resolve_data(cfg, resuming=True)
-    check_resume_config(ckpt.config, to_dict(cfg), RESUMABLE + resumable)
+    check_resume_config(recipe(cls, ckpt), to_dict(cfg), RESUMABLE + resumable)
     return cfg, ckpt
 
 
@@ -111,6 +111,11 @@ def resolve_data(cfg: Any, resuming: bool = False) -> None:
     for note in settle_data(data):
         if os.environ.get("RANK", "0") == "0":
             console.print(note)
+
+
+def recipe(cls: type, ckpt: Checkpoint) -> dict:
+    """The stored config with the defaults of keys added since it was written (which ran as their defaults do)."""
+    return to_dict(stored_config(cls, ckpt))
 
 
 def load_resumable(path: Path, kind: str, cls: type) -> Checkpoint:
@@ -142,7 +147,7 @@ def continued(cls: type, kind: str, cfg: Any, allowed: tuple[str, ...]) -> Check
     if not path.exists():
         return None
     ckpt = load_resumable(path, kind, cls)
-    changed = config_differences(ckpt.config, to_dict(cfg), allowed)
+    changed = config_differences(recipe(cls, ckpt), to_dict(cfg), allowed)
     if changed:
         raise LdaeError(f"--continue: {path.parent} holds another run (its config differs: {', '.join(changed[:4])}); "
                         "pick another --out for this one, or run it as it was")
