@@ -27,7 +27,9 @@ from ldae_cli.runs.logs import console
 class SourceConfig(Protocol):
     """What a source needs of the data config (data.DataConfig): which dataset, where, which split."""
 
-    source: str
+    @property
+    def source(self) -> str: ...  # read-only, so DataConfig's Literal field matches
+
     path: Optional[str]
     verify: bool
 

@@ -308,9 +308,10 @@ class PretrainConfig:
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
         tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
-        if tc.kind != "trained" and (self.data.image_size or tc.patch) % tc.patch:  # null: settled to a multiple
+        size = self.data.image_size  # null: settled to a multiple
+        if tc.kind != "trained" and size is not None and size % tc.patch:
             raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
-                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
+                            f"use e.g. data.image_size={size // tc.patch * tc.patch or tc.patch}")
         if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
             raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
                             f"PCA keeps between 1 and {full} components")
