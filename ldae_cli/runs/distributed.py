@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -100,7 +101,7 @@ def ddp_wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """DDP over `module`; its buffers (tokenizer bases, tables) are identical on every rank, so they are not
     re-broadcast each forward. torch 2.14 renamed that switch; older releases still take the old name."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
+    no_sync_buffers: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
         {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                    **no_sync_buffers)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -166,7 +167,7 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
 
 
 def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
-              flags: list[str] = ()) -> Run:
+              flags: Sequence[str] = ()) -> Run:
     own = {key: value for key, value in overrides.items() if key != "run.seed" and budget.probe.get(key) != value}
     return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
                ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
