@@ -29,7 +29,8 @@ from ldae_cli.model.pretrained import load_encoder, named, pretraining_data
 from ldae_cli.runs.logs import console
 from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.runs import rundir
-from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
+from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session, \
+    settle_image_size
 
 
 def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
@@ -41,6 +42,13 @@ def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
     data, why = pretraining_data(ckpt, given)
     data = {k: v for k, v in data.items() if k not in ("crop", "crop_scale", "hflip")}
     return ({"data": data} if data else {}), why
+
+
+def settle(cfg: FinetuneConfig) -> None:
+    """From scratch, a new run's null data.image_size is the images' own size in model.arch.patch steps (a --ckpt's
+    input size is checked against data.image_size in vit_arch)."""
+    if not cfg.model.ckpt and cfg.data.image_size is None:
+        settle_image_size(cfg.data, cfg.model.arch.patch)
 
 
 def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | None]:
@@ -178,7 +186,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
     try:
         cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE,
-                                           cont, base)
+                                           cont, base, adjust=settle)
     except NoData:
         raise LdaeError(f"finetune: nothing names the data to fine-tune on: {why}; give --data DIR") from None
     if resume_ckpt is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ from ldae_cli.model import pca
 from ldae_cli.train.budget import sized_flags
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
-from ldae_cli.data.pipeline import build_dataset, identity_of, resolve_image_size, to_unit_range
+from ldae_cli.data.pipeline import build_dataset, identity_of, to_unit_range
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.runs.distributed import amp_dtype, barrier
 from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, print_config
@@ -30,7 +29,7 @@ from ldae_cli.model.pretrained import Pretrained
 from ldae_cli.settings.training import PCA_DIM
 from ldae_cli.runs.logs import console
 from ldae_cli.train.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
-    refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
+    refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session, settle_image_size
 from ldae_cli.data.discovery import check_splits
 from ldae_cli.runs.rundir import run_name
 from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -186,9 +185,7 @@ def settle(cfg: PretrainConfig, overrides: list[str], adopt: bool = True) -> Non
     under --init-from, whose parent fixes them) and the image size (data.resolve_image_size at the tokenizer's patch),
     which a PCA file must have been fitted at."""
     meta = adopt_pca_file(cfg, overrides) if adopt else None
-    for note in resolve_image_size(cfg.data, cfg.tokenizer.patch):
-        if os.environ.get("RANK", "0") == "0":
-            console.print(note)
+    settle_image_size(cfg.data, cfg.tokenizer.patch)
     fitted = (meta or {}).get("extra", {}).get("image_size")
     if fitted is not None and fitted != cfg.data.image_size:
         raise LdaeError(f"tokenizer.path {cfg.tokenizer.path} was fitted on {fitted}x{fitted} images but this run's "

@@ -29,7 +29,7 @@ from ldae_cli.model.pretrained import FeatureEncoder, encoder_features, load_enc
 from ldae_cli.data.plots import save_probe_chart
 from ldae_cli.runs.logs import console
 from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
-    same_parent, session, verified_parent
+    same_parent, session, settle_image_size, verified_parent
 from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.data.sources import open_source
 from ldae_cli.runs import rundir
@@ -77,6 +77,13 @@ def results_table(rows: list[dict], knn: float | None, title: str, chosen: int |
     if knn is not None:
         table.add_row("k-NN", "", "", "", f"{knn:.2f}", "")
     return table
+
+
+def settle(cfg: ProbeConfig) -> None:
+    """Raw pixels: a new run's null data.image_size is the images' own size (an encoder's input size is checked
+    against data.image_size in build_encoder)."""
+    if cfg.probe.features == "pixels" and cfg.data.image_size is None:
+        settle_image_size(cfg.data, 1)
 
 
 def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device) -> FeatureEncoder:
@@ -194,7 +201,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         config = protocol(overrides, flags, base)
     try:
         cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont,
-                                           base)
+                                           base, adjust=settle)
     except NoData:
         raise LdaeError(f"probe: nothing names the data to probe on: {why}; give --data DIR") from None
     if base and not why and base["data"].get("path") == cfg.data.path:

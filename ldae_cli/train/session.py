@@ -22,7 +22,7 @@ from ldae_cli.settings.training import RunConfig
 from ldae_cli.runs import rundir
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import dump_yaml, load_config, to_dict
-from ldae_cli.data.pipeline import DataConfig
+from ldae_cli.data.pipeline import DataConfig, resolve_image_size
 from ldae_cli.data.discovery import detect
 from ldae_cli.runs.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
@@ -109,6 +109,13 @@ def resolve_data(cfg: Any, resuming: bool = False) -> None:
             data.source = detect(data.path, data.train_split).source
         return
     for note in data.resolve():
+        if os.environ.get("RANK", "0") == "0":
+            console.print(note)
+
+
+def settle_image_size(data: DataConfig, patch: int) -> None:
+    """A new run's image size (data.resolve_image_size, null: the images' own in `patch` steps), said on one rank."""
+    for note in resolve_image_size(data, patch):
         if os.environ.get("RANK", "0") == "0":
             console.print(note)
 
