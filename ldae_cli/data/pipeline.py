@@ -280,6 +280,8 @@ def decode_batch(batch: Batch, size: int, device: torch.device) -> Batch:
     cropped to a square and resized to `size` (bicubic, antialiased) there: the uint8 batch the model reads."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+    if batch.encoded is None:  # every file unreadable and skipped: an empty batch, as PIL decoding gives
+        return batch
     jpeg = [i for i, e in enumerate(batch.encoded) if e.data[:2].tolist() == [0xFF, 0xD8]]
     decoded: list = [None] * len(batch.encoded)
     if jpeg:
