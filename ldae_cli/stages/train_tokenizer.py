@@ -30,7 +30,7 @@ from ldae_cli.runs.logs import console
 from ldae_cli.train.dryrun import Plan, outline, print_config
 from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.seeds import derived
-from ldae_cli.train.session import Session, load_run_config, refuse_force, session
+from ldae_cli.train.session import Session, load_run_config, refuse_force, session, settle_image_size
 from ldae_cli.model.tokenizers import PCATokenizer
 
 
@@ -157,12 +157,19 @@ def dry_run(cfg: TrainTokenizerConfig, config_name: str | None, resume: Checkpoi
                   "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20")
 
 
+def settle(cfg: TrainTokenizerConfig) -> None:
+    """A new run's null data.image_size is the images' own size in steps of the tokenizer's token footprint."""
+    if cfg.data.image_size is None:
+        settle_image_size(cfg.data, build_autoencoder(cfg.tokenizer.spec()).patch)
+
+
 def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
          force: bool = False, cont: bool = False, preview: str | None = None) -> Path | None:
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
     refuse_force(resume, cont, force)
-    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont)
+    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont,
+                                adjust=settle)
     if preview == "config":
         return print_config(cfg)
     if preview == "plan":
