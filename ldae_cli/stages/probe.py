@@ -52,9 +52,13 @@ def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:
 
 def run_name(ckpt: str | None, config_name: str | None, random_init: bool, cfg: ProbeConfig) -> str:
     """runs/probe/<run>[-random-init]-<data>[-<config>]: named after the encoder's run and the data probed on, so
-    probes of two runs, or of one run on two datasets, never meet."""
+    probes of two runs, or of one run on two datasets, never meet. An encoder probe without --ckpt is refused here,
+    the first thing a run and a --dry-run do."""
     if cfg.probe.features != "encoder":
-        base = cfg.probe.features
+        base: str = cfg.probe.features
+    elif ckpt is None:
+        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
+                        "--random-init (its architecture)")
     else:
         path = Path(ckpt)
         base = path.parent.name if path.name in (CHECKPOINT, "model.safetensors") else path.stem if path.is_file() \
@@ -110,9 +114,6 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
 
 def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
         resume: Checkpoint | None = None, force: bool = False) -> dict:
-    if ckpt is None and cfg.probe.features == "encoder":
-        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
-                        "--random-init (its architecture)")
     name = run_name(ckpt, config_name, random_init, cfg)
     with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])  # before any feature
