@@ -12,8 +12,10 @@ what pretraining learned.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ldae_cli.train.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
@@ -62,15 +64,15 @@ def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | 
                             f"{mc.ckpt}; set data.image_size={size[0]}")
         return kwargs, encoder, source
     width, depth, heads = mc.arch.resolved()
-    if cfg.data.image_size % mc.arch.patch:
+    if cfg.data.settled_size % mc.arch.patch:
         raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch "
                         f"{mc.arch.patch}")
-    kwargs = timm_vit_kwargs((cfg.data.image_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
+    kwargs = timm_vit_kwargs((cfg.data.settled_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
     return kwargs, None, None
 
 
 def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Module | None, Checkpoint | None]
-                  ) -> tuple[nn.Module, dict, list[dict], dict]:
+                  ) -> tuple[VisionTransformer, dict, list[dict], dict]:
     """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation) from `vit_arch`'s
     (kwargs, folded encoder, source)."""
     mc = cfg.model
@@ -80,6 +82,7 @@ def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Mo
               "drop_path_rate": mc.drop_path}
     torch.manual_seed(cfg.run.seed)  # random weights depend on the seed only (loading --ckpt draws numbers too)
     vit = build_timm_vit(kwargs)
+    assert isinstance(vit.head, nn.Linear) and vit.pos_embed is not None  # num_classes > 0, a position embedding
     init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": None if mc.from_scratch else mc.t,
                  "depth": kwargs["depth"]}
     if encoder is not None and not mc.from_scratch:
@@ -106,7 +109,7 @@ def describe_init(init_desc: dict) -> str:
 
 def run_name(cfg: FinetuneConfig, config_name: str | None) -> str:
     """runs/finetune/<config>[-<data folder>][-scratch] (rundir.run_name)"""
-    return rundir.run_name(config_name or "default", cfg.data) + ("-scratch" if cfg.model.from_scratch else "")
+    return f"{rundir.run_name(config_name or 'default', cfg.data)}{'-scratch' if cfg.model.from_scratch else ''}"
 
 
 def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
@@ -119,7 +122,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
                  resumable=RESUMABLE) as s:
         arch = vit_arch(cfg) if resume_ckpt is None else None  # the encoder, read and checked before any data
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
-        randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
+        randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.settled_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
         num_classes = train_set.num_classes
@@ -130,7 +133,9 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
             raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
                             f"the train split {train_set.classes[:5]}; both need the same class folders")
         engine_finetune.even_micro_batch(cfg.aug, cfg.optim.accumulation(s.ctx.world)[0])  # this many ranks' share
+        description: dict[str, Any]
         if resume_ckpt is None:
+            assert arch is not None  # read above for a new run
             model, kwargs, parents, init_desc = build_network(cfg, num_classes, arch)
             description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
                            "image_size": cfg.data.image_size, "init": init_desc}
@@ -165,7 +170,7 @@ def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoin
     sample = min(o.micro, 8)
     vit.to(device).train()
     optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-6)
-    size = cfg.data.image_size
+    size = cfg.data.settled_size
     batch = torch.randn(sample, 3, size, size, device=device)
     targets = torch.zeros(sample, dtype=torch.long, device=device)
 
@@ -194,7 +199,9 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     elif cfg.model.ckpt != resume_ckpt.config.get("model", {}).get("ckpt"):  # recorded, never read: may only relocate
         same_parent(resume_ckpt, "--ckpt", cfg.model.ckpt, ("init", "architecture"))
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, config, resume_ckpt, force).show()
+        dry_run(cfg, config, resume_ckpt, force).show()
+        return None
     return run(cfg, config, resume_ckpt, force)

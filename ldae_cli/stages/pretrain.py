@@ -22,7 +22,7 @@ from ldae_cli.runs.distributed import amp_dtype, barrier
 from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, print_config
 from ldae_cli.train.online_probe import OnlineProbe, online_plan, online_subsets
 from ldae_cli.errors import LdaeError
-from ldae_cli.model.models import build_model
+from ldae_cli.model.models import DenoisingViT, build_model
 from ldae_cli.settings.optim import plan_steps
 from ldae_cli.data.plots import grid_tensor
 from ldae_cli.model.pretrained import Pretrained
@@ -36,7 +36,7 @@ from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint | None, fresh: Callable[[], tuple],
-          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], Denoiser, torch.nn.Module]:
+          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], Denoiser, DenoisingViT]:
     """What a run trains and its --dry-run counts: the tokenizer and the run's parents (`fresh()`, or a resumed or
     --init-from run's own, never refitted or swapped), the denoiser, and the network seeded alike on every rank (on
     the meta device: counted, not allocated)."""
@@ -48,8 +48,8 @@ def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint 
     else:
         stored.require("tokenizer.kind")
         tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
-        parents = resume.provenance.get("parents", []) if resume is not None else [init_from.parent_ref("init")]
-    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
+        parents = resume.provenance.get("parents", []) if resume is not None else [stored.parent_ref("init")]
+    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.settled_size)
     torch.manual_seed(cfg.run.seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
@@ -75,7 +75,7 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Toke
                 console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
             fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
             pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings),
-                                                  "out": str(path)}, cfg.data.image_size, cfg.data.source)
+                                                  "out": str(path)}, cfg.data.settled_size, cfg.data.source)
         else:  # where and as `ldae fit-pca` writes it (with its config and filters), for the next run to find
             pca.fit_and_write(pca.FitPCAConfig(cfg.data, settings, str(path)), cfg.run.progress, dataset=plain)
     barrier(s.ctx)
@@ -217,7 +217,7 @@ def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> dict | None:
 
 
 def denoising_panel(cfg: PretrainConfig, view: Callable[[object], Pretrained], images: int = 8
-                    ) -> Callable[[object], dict[str, torch.Tensor]]:
+                    ) -> Callable[[object], dict[str, torch.Tensor]] | None:
     """clean | noisy | denoised of a few fixed images, for the dashboard at each save: from the evaluation split,
     or from the training images when there is none (the panel's title says which)."""
     plain = replace(cfg.data, limit=images, crop="center", hflip=False, cache="never")
@@ -277,7 +277,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
         if found:
             return load_tokenizer(cfg.tokenizer, path)
         notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not timed)")
-        warning = pca.oversampling(o.images, cfg.data.image_size, pca.PCAConfig(
+        warning = pca.oversampling(o.images, cfg.data.settled_size, pca.PCAConfig(
             patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or PCA_DIM, patches=cfg.tokenizer.fit_patches))
         if warning:
             notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
@@ -320,7 +320,9 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     else:  # --continue: the run in --out continues from its own checkpoint
         same_parent(ckpt, "--init-from", init_from, ("init",))
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, name, ckpt, force, parent if ckpt is None else None).show()
+        dry_run(cfg, name, ckpt, force, parent if ckpt is None else None).show()
+        return None
     return run(cfg, name, ckpt, force, parent if ckpt is None else None)

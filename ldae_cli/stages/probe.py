@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from rich.table import Table
@@ -33,7 +32,7 @@ from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, ref
 from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.data.sources import open_source
 from ldae_cli.runs import rundir
-from ldae_cli.runs.distributed import amp_dtype, resolve_device
+from ldae_cli.runs.distributed import DistContext, amp_dtype, resolve_device
 from ldae_cli.train.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 
 
@@ -93,7 +92,8 @@ def settle(cfg: ProbeConfig) -> None:
 def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device) -> FeatureEncoder:
     settings = cfg.probe
     if settings.features == "pixels":
-        return pixel_features(cfg.data.image_size)
+        return pixel_features(cfg.data.settled_size)
+    assert ckpt_path is not None  # run_name refused an encoder probe without one
     if timm_export(ckpt_path) is not None or read_metadata(ckpt_path)["kind"] == "encoder":
         if settings.noisy_input:
             raise LdaeError(f"{ckpt_path}: an exported encoder reads clean images (its t is folded in); probe.noisy_input "
@@ -152,13 +152,14 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
     train, held_out = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
     images = min(len(train), cfg.data.limit or len(train))
     trained = images - (engine_probe.held_out(images) if settings.select == "holdout" else 0)
-    plan = engine_probe.head_plan(settings, trained, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    plan = engine_probe.head_plan(settings, trained, cfg.run.seed, DistContext(rank=0, world=world))
     steps = plan.total_steps
     device = resolve_device(cfg.run.device)
     encoder = build_encoder(cfg, ckpt, random_init, device)
     classes = len(train.classes)
     params = encoder.dim * classes * len(settings.blrs)  # the heads; the encoder is frozen
-    sample = torch.randint(0, 256, (8, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, device=device)
+    size = cfg.data.settled_size
+    sample = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, device=device)
     extracted = images + len(held_out) if settings.fast else steps * plan.batch_size + len(held_out)
     return Plan("probe", out_dir, start, images, plan.batch_size, world, 1, plan.batch_size // world, steps,
                 plan.steps_per_epoch, plan.batch_size / 256 * max(settings.blrs), params,
@@ -214,9 +215,11 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg),
                              {"--ckpt": ckpt})
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, ckpt, random_init, name, resume_ckpt, force).show()
+        dry_run(cfg, ckpt, random_init, name, resume_ckpt, force).show()
+        return None
     if resume_ckpt is None:
         return run(cfg, ckpt, random_init, name, force=force)
     resume_ckpt.require("random_init")
