@@ -3,6 +3,7 @@ multi-node ready; the device and the autocast precision each process computes in
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -95,6 +96,11 @@ def all_gather_cat(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(ctx.world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def no_sync(runner: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync when `skip` (this micro-batch's gradients wait for the step's last one), else nothing."""
+    return runner.no_sync() if skip else contextlib.nullcontext()  # type: ignore[operator]  # DDP's method
 
 
 def ddp_wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:

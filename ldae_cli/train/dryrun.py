@@ -157,7 +157,7 @@ def outline(cfg, command: str, kind: str, name: str | None, config_file: str | N
     return Outline(out_dir, start, source, images, steps, world, micro, accum)
 
 
-def seconds_per_image(step: Callable[[], None], images: int, repeats: int = 3) -> float:
+def seconds_per_image(step: Callable[[], object], images: int, repeats: int = 3) -> float:
     """The median time of `step` (one optimizer step on `images` synthetic images) per image, after a warm-up."""
     import torch
 

@@ -18,7 +18,6 @@ sees exactly the same samples, noise and schedule.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +28,7 @@ from ldae_cli.settings.training import PCA_DIM, PretrainConfig
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data.pipeline import ImageDataset, to_unit_range
 from ldae_cli.model.diffusion import Denoiser
-from ldae_cli.runs.distributed import amp_dtype
+from ldae_cli.runs.distributed import amp_dtype, no_sync
 from ldae_cli.train.hooks import Curve, Curves, Description, LogLine, Pictures
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
@@ -84,7 +83,7 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     for k, (images, labels) in enumerate(micro_batches):
         sl = slice(offset, offset + images.shape[0])
         offset += images.shape[0]
-        sync = runner.no_sync() if ddp and k < len(micro_batches) - 1 else contextlib.nullcontext()
+        sync = no_sync(runner, ddp and k < len(micro_batches) - 1)
         with sync:
             per_sample = runner(images, noise.t[sl], noise.eps[sl], labels, noise.drop[sl])
             (per_sample.sum() / per_rank).backward()
@@ -143,7 +142,7 @@ def synthetic_step(cfg: PretrainConfig, denoiser: Denoiser, model, batch: int, d
     denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     objective = PretrainObjective(denoiser, model)
     optimizer = make_adamw(model.parameters(), cfg.optim, device)
-    size = cfg.data.image_size
+    size = cfg.data.settled_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
 

@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 import yaml
 
@@ -54,7 +54,7 @@ def resume_base(stored: dict) -> dict:
 def config_differences(stored: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
     """`key: stored -> current` for each key that differs and is not in `allowed` (dotted prefixes)."""
     def flat(d, prefix=""):
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
             out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
@@ -215,7 +215,12 @@ def refuse_inputs_inside(command: str, kind: str, out: str | None, name: str | N
                             "replace); pick another --out")
 
 
-C = TypeVar("C")  # a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
+class StageConfig(Protocol):
+    run: RunConfig  # every stage's config has its run section
+
+
+# a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
+C = TypeVar("C", bound=StageConfig)
 
 
 @dataclass
