@@ -38,7 +38,7 @@ def _untyped_flags(option, ctx):
     return None if option.is_flag else _typed(option, ctx)
 
 
-typer.core.TyperOption.display_type_rich = _untyped_flags
+typer.core.TyperOption.display_type_rich = _untyped_flags  # type: ignore[method-assign]  # intended typer patch
 
 
 def opt(default, *names: str, help: str, **kwargs):

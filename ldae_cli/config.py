@@ -15,6 +15,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -103,7 +104,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where YAML is ambiguous."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise LdaeError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return _build(tp, value, where)
@@ -221,7 +222,7 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type, config: str | os.PathLike | None = None, overrides: list[str] = (),
+def load_config(cls: type, config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
                 flags: dict[str, Any] | None = None, base: dict | None = None) -> Any:
     """Defaults < `base` (a stored config) < config file (with its bases) < flags < `--set` overrides."""
     data: dict = copy.deepcopy(base) if base else {}

@@ -164,6 +164,7 @@ class SeededSteps(torch.utils.data.Sampler):
         if self.layout == "stream":
             base = step * self.batch + lo
             return list(range(base, base + self.per_rank))
+        assert isinstance(self.steps_per_epoch, int)  # n // global_batch in the epochs layout
         epoch, within = divmod(step, self.steps_per_epoch)
         idx = epoch_order(self.n, self.seed, epoch)[within * self.batch + lo: within * self.batch + lo + self.per_rank]
         return [(i, sample_seed(self.seed, epoch, i)) for i in idx.tolist()]

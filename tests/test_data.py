@@ -14,7 +14,7 @@ from PIL import Image
 
 import ldae_cli.data.sources as sources_mod
 from ldae_cli.seeds import SeededSteps
-from ldae_cli.data.pipeline import (BadImage, BadImageCounter, DataConfig, build_dataset, collate,
+from ldae_cli.data.pipeline import (BadImage, BadImageCounter, DataConfig, build_dataset, collate, decode_batch,
                            load_image_file, make_loader, prepare, to_rgb, to_uint8, to_unit_range)
 from ldae_cli.data.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
@@ -230,6 +230,13 @@ def test_bad_image_counter_error_policy_raises():
     batch = collate([(torch.zeros(3, 2, 2, dtype=torch.uint8), 0), BadImage("a.png", "broken")])
     with pytest.raises(LdaeError, match="a.png"):
         BadImageCounter("error").check(batch)
+
+
+def test_gpu_decoding_passes_a_micro_batch_of_only_skipped_files_through_empty():
+    """data.decode=gpu with on_bad_image=skip: every file of the micro-batch unreadable is an empty batch, as with PIL."""
+    batch = BadImageCounter("skip").check(collate([BadImage("a.jpg", "gone"), BadImage("b.jpg", "gone")]))
+    decoded = decode_batch(batch, 8, torch.device("cpu"))
+    assert decoded.images.shape[0] == 0 and decoded.labels.shape[0] == 0 and len(decoded.bad) == 2
 
 
 # --- missing data -------------------------------------------------------------------------------

@@ -290,3 +290,11 @@ def test_two_ranks_under_torchrun(halves, pretrain_ckpt, tmp_path):
     assert len(evals) == 1 and 0 <= evals[0]["top1"] <= 100
     # 24 val images: accuracies are multiples of 1/24 only if each image was counted exactly once
     assert abs(evals[0]["top1"] * 24 / 100 - round(evals[0]["top1"] * 24 / 100)) < 1e-6
+
+
+def test_from_scratch_without_an_image_size_settles_the_images_own(run_main, halves, tmp_path):
+    """The default config leaves data.image_size null: from scratch it is the images' 16, as pretrain settles it."""
+    sets = [s for s in tiny(halves, tmp_path / "run", **{"data.image_size": None, "model.arch.patch": 8})]
+    res = run_main("finetune", "--from-scratch", "--dry-run", *sum((["--set", s] for s in sets), []))
+    assert res.returncode == 0, res.stderr
+    assert "data: image size 16 (native: median short side 16" in res.stdout

@@ -307,3 +307,19 @@ def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
     picked = balanced_subset(labels, 4, seed=0)
     assert labels[picked].bincount().tolist() == [4, 3, 4] and picked == sorted(picked)
     assert picked == balanced_subset(labels, 4, seed=0) and picked != balanced_subset(labels, 4, seed=1)
+
+
+def test_raw_pixels_without_an_image_size_are_probed_at_the_images_own_size(pattern_tree, tmp_path):
+    """data.image_size null (no checkpoint names one): the pixel baseline settles it to the data's 32, as pretrain
+    would, and the heads read 3 x 32 x 32 features."""
+    sets = ["probe.features=pixels", "probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "probe.blrs=[0.1]",
+            "run.progress=false", "data.num_workers=0", f"run.out_dir={tmp_path}"]
+    results = stage.main(None, sets, {"data.path": str(pattern_tree)})
+    assert results["encoder"] == "raw pixels"
+    saved = load_checkpoint(tmp_path / "checkpoint.safetensors", "probe")
+    assert saved.config["data"]["image_size"] == 32 and saved.tensors["heads.heads.0.weight"].shape == (2, 3 * 32 * 32)
+
+
+def test_a_dry_run_of_an_encoder_probe_without_ckpt_asks_for_one(pattern_tree, tmp_path):
+    with pytest.raises(LdaeError, match="probe needs --ckpt"):
+        stage.main(None, [f"run.out_dir={tmp_path}"], {"data.path": str(pattern_tree)}, preview="plan")

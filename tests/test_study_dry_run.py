@@ -73,3 +73,11 @@ def test_the_plan_marks_the_runs_a_study_already_ran(run_main, tmp_path, pattern
     assert [line.split(": ")[1].split(" (")[0] for line in runs] == ["done", "done", "to run", "to run"]
     assert when.startswith("time: 1 pretrain run(s) and 1 probe(s) to go of 2 and 2")
     assert "pretrains at the speed this study measured; probes" in when and "min as measured" in when
+
+
+def test_a_budget_that_leaves_the_image_size_to_the_data_plans_at_the_size_its_runs_settle(run_main, tmp_path,
+                                                                                          pattern_tree):
+    """data.image_size null (the paper budget's way): each run will read the images at their own 32 pixels, and the
+    plan is made, and timed, at that size."""
+    runs, when = dry_run(run_main, study_args(tmp_path, pattern_tree, ONE_VARIANT), "--set", "data.image_size=null")
+    assert len(runs) == 2 and when.startswith("time: 1 pretrain run(s) and 1 probe(s) to go of 1 and 1")

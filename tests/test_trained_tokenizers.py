@@ -315,3 +315,11 @@ def test_every_configurable_tokenizer_kind_resolves_through_the_registry():
     assert load_tokenizer(TokenizerConfig(kind="pixel", patch=4, latent_scale="none"))[0].token_dim == 48
     with pytest.raises(LdaeError, match=r"^x: unknown tokenizer kind 'vq'; this ldae knows pca, pixel, trained, "):
         build_tokenizer({"kind": "vq"}, {}, "x")
+
+
+def test_a_null_image_size_is_settled_to_the_images_own(images, tmp_path, capsys):
+    """data.image_size null: the run reads the images at their 16 pixels (a multiple of the 4-pixel tokens)."""
+    cfg, _ = load_run_config(stage.TrainTokenizerConfig, "tokenizer", "tokenizer/patch-ae",
+                             tiny_sets(images, tmp_path / "r", **{"data.image_size": "null"}), {}, None,
+                             adjust=stage.settle)
+    assert cfg.data.image_size == 16 and "data: image size 16 (native" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.settings.training import DataConfig
@@ -18,11 +18,14 @@ from ldae_cli.data.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceCo
                               read_prepared, resolve_path)
 
 
+Kind = Literal["fashion-mnist", "cifar10", "imagefolder", "images"]  # what detection finds: a data.source but auto
+
+
 @dataclass
 class Detected:
     """What a dataset location holds: its source kind, a class tree's evaluation split, and what to tell the user."""
 
-    source: str
+    source: Kind
     eval_split: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 

@@ -4,13 +4,14 @@ of them), each file once."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ldae_cli.errors import LdaeError
 from ldae_cli.data.sources import images_under, note_escaping
 
 
-def collect_images(inputs: list[str | os.PathLike]) -> list[Path]:
+def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The image files named or found in folders (sorted within each folder), in the order given, each once."""
     files = []
     for item in inputs:

@@ -25,7 +25,7 @@ from ldae_cli.settings.training import DataConfig
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.runs.logs import console
 from ldae_cli.seeds import flip, subset_generator
-from ldae_cli.data.sources import ImageSource, decode, open_source
+from ldae_cli.data.sources import ImageSource, PreparedSource, decode, open_source
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -201,20 +201,20 @@ class ImageDataset(torch.utils.data.Dataset):
             img = self.cached[i]
             if self.hflip and flip(aug_seed):
                 img = img.flip(-1)
-        elif self.crop == "center" and getattr(self.source, "stored_size", None) == self.size:
+        elif self.crop == "center" and isinstance(self.source, PreparedSource) and self.source.stored_size == self.size:
             # a prepared dataset at this size holds exactly what the crop and resize below would give
             img = torch.from_numpy(np.array(self.source.array(self._raw(i)))).permute(2, 0, 1).contiguous()
             if self.hflip and flip(aug_seed):
                 img = img.flip(-1)
         else:
             try:
-                img = self.source.open(self._raw(i), self.size if self.crop == "center" else None)
-                img = prepare(img, self.size, self.crop, self.crop_scale, self.hflip, aug_seed)
+                pil = self.source.open(self._raw(i), self.size if self.crop == "center" else None)
+                img = prepare(pil, self.size, self.crop, self.crop_scale, self.hflip, aug_seed)
             except UNREADABLE as exc:
                 return BadImage(self.name(i), short(exc))
         if self.transform is not None:  # outside the try: a failing transform is a bug, not a bad file
-            img = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()), aug_seed)
-            img = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            pil = self.transform(Image.fromarray(img.permute(1, 2, 0).numpy()), aug_seed)
+            img = torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         return img, self.label(i)
 
     def materialize(self, num_workers: int = 0, on_bad_image: str = "error") -> None:
@@ -227,7 +227,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("only center-cropped datasets can be cached")
         chunks_keys = [list(range(s, min(s + 512, len(self)))) for s in range(0, len(self), 512)]
         counter = BadImageCounter(on_bad_image)
-        chunks, kept = [], []
+        chunks: list[torch.Tensor] = []
+        kept: list[int] = []
         # the cache holds unflipped, untransformed images: flips and transforms are drawn per sample on reading
         (transform, hflip), (self.transform, self.hflip) = (self.transform, self.hflip), (None, False)
         try:
@@ -280,6 +281,8 @@ def decode_batch(batch: Batch, size: int, device: torch.device) -> Batch:
     cropped to a square and resized to `size` (bicubic, antialiased) there: the uint8 batch the model reads."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+    if batch.encoded is None:  # every file unreadable and skipped: an empty batch, as PIL decoding gives
+        return batch
     jpeg = [i for i, e in enumerate(batch.encoded) if e.data[:2].tolist() == [0xFF, 0xD8]]
     decoded: list = [None] * len(batch.encoded)
     if jpeg:
@@ -390,9 +393,9 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
         g = subset_generator(seed, "train subset" if split == "train" else "eval subset")
         subset = sorted(torch.randperm(len(source), generator=g)[: cfg.limit].tolist())
     encoded = training_stream and cfg.decode == "gpu" and crop == "center" and transform is None
-    if size is None and cfg.image_size is None:  # a config no stage settled: the images' own size, unrounded
-        size = native_image_size(cfg, 1)[0]
-    ds = ImageDataset(source, size or cfg.image_size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
+    if size is None:  # null data.image_size: a config no stage settled, the images' own size, unrounded
+        size = cfg.image_size if cfg.image_size is not None else native_image_size(cfg, 1)[0]
+    ds = ImageDataset(source, size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
                       transform, encoded)
     stored = getattr(source, "stored_size", None)
     if stored is not None and stored < ds.size:

@@ -150,7 +150,7 @@ def finish_split(folder: Path, count: int) -> dict:
 
 def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_mb: float, force: bool,
             progress: bool = True) -> dict:
-    stored = max(cfg.image_size, round(cfg.image_size * margin))
+    stored = max(cfg.settled_size, round(cfg.settled_size * margin))
     meta, manifest = start(out, settings_of(cfg, stored, shard_mb), force)
     manifest.add(PREPARED)
     for split in splits:

@@ -15,7 +15,7 @@ import os
 import struct
 import tarfile
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, TypeGuard
 
 import numpy as np
 from PIL import Image
@@ -27,7 +27,9 @@ from ldae_cli.runs.logs import console
 class SourceConfig(Protocol):
     """What a source needs of the data config (data.DataConfig): which dataset, where, which split."""
 
-    source: str
+    @property
+    def source(self) -> str: ...  # read-only, so DataConfig's Literal field matches
+
     path: Optional[str]
     verify: bool
 
@@ -284,7 +286,7 @@ def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
                 parts = member.name.strip("/").split("/")
                 if len(parts) < 3 or parts[-3] != split:
                     continue
-                blobs.append(tar.extractfile(member).read())
+                blobs.append(tar.extractfile(member).read())  # type: ignore[union-attr]  # a file: never None
                 names.append(f"{archive}:{member.name}")
                 class_of.append(parts[-2])
     except (tarfile.TarError, OSError, EOFError) as exc:
@@ -305,7 +307,7 @@ def _images_tar(archive: Path) -> ImageSource:
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = sorted((m for m in tar if m.isfile() and is_image(m.name)), key=lambda m: m.name)
-            blobs = [tar.extractfile(m).read() for m in members]
+            blobs = [tar.extractfile(m).read() for m in members]  # type: ignore[union-attr]  # files: never None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LdaeError(f"{archive}: cannot read archive ({short(exc)})") from None
     if not blobs:
@@ -419,12 +421,13 @@ def check_split(root: Path, split: str, meta: dict, verify: bool) -> tuple[list[
         if not ok:
             raise LdaeError(f"{index}: {key} {what}; {_again(root)}")
 
-    def natural(x) -> bool:
+    def natural(x) -> TypeGuard[int]:
         return type(x) is int and x >= 0  # a bool is no count
 
     need(natural(stored) and stored > 0, "stored_size", f"must be an image side in pixels, not {stored!r}")
     need(isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
          "classes", "must be a list of distinct class names")
+    assert isinstance(classes, list)  # need() refused anything else
     need(isinstance(shards, list) and shards and shards == split_files(len(shards))[:len(shards)],
          f"splits.{split}.shards", "must list images-00000.npy, images-00001.npy, ... in order")
     need(isinstance(counts, list) and len(counts) == len(shards) and all(map(natural, counts)),

@@ -110,7 +110,7 @@ class AttnBlock(nn.Module):
 
 
 def _mid(channels: int, attention: bool) -> nn.Sequential:
-    layers = [ResnetBlock(channels, channels)]
+    layers: list[nn.Module] = [ResnetBlock(channels, channels)]
     if attention:
         layers.append(AttnBlock(channels))
     layers.append(ResnetBlock(channels, channels))
@@ -273,6 +273,8 @@ class PerceptualLoss(nn.Module):
     # LPIPS's ScalingLayer: maps [-1, 1] images to the input statistics the VGG was trained on
     SHIFT = (-0.030, -0.088, -0.188)
     SCALE = (0.458, 0.448, 0.450)
+    shift: torch.Tensor  # buffers
+    scale_in: torch.Tensor
 
     def __init__(self, vgg_weights: str, lpips_weights: str | None = None):
         super().__init__()

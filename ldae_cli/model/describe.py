@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
 from safetensors import safe_open
 
@@ -235,7 +235,7 @@ def _settings(values: dict) -> str:
 
 def render(info: dict) -> Group:
     """The description as rich renderables: what the file is, its config, provenance and last metrics."""
-    parts = [_overview(info)]
+    parts: list[RenderableType] = [_overview(info)]
     config = Table(title="configuration", show_header=False, title_justify="left")
     config.add_column(style="cyan")
     config.add_column()
@@ -294,13 +294,13 @@ def _add_parents(table: Table, parents: list[dict], depth: int) -> None:
 
 
 def _metrics_table(info: dict) -> Table:
-    metrics, results = info.get("metrics"), info.get("results")
+    metrics, results = info.get("metrics"), info.get("results") or {}
     table = Table(title="last metrics", title_justify="left")
     for column in ("quantity", "value", "step"):
         table.add_column(column, justify="left" if column == "quantity" else "right")
     for key, entry in (metrics["values"].items() if metrics else ()):
         table.add_row(key, _text(entry["value"]), _text(entry["step"]))
-    for key, value in (results.items() if results else ()):
+    for key, value in results.items():
         if key != "file":
             table.add_row(f"{key} ({Path(results['file']).name})", _text(value), "")
     run = info["training"]

@@ -105,6 +105,8 @@ def pyramid_strides(patch: int) -> list[int]:
 def model_zoo_config(name: str) -> Path:
     # detectron2.model_zoo.get_config_file imports pkg_resources, which setuptools 81+ removed
     spec = importlib.util.find_spec("detectron2.model_zoo")
+    if spec is None or not spec.submodule_search_locations:
+        raise LdaeError("detectron2 has no model_zoo package; reinstall detectron2 with `make env`")
     path = Path(next(iter(spec.submodule_search_locations))) / "configs" / name
     if not path.is_file():
         raise LdaeError(f"detectron2's model zoo config {name} is missing from {path.parent}; reinstall "

@@ -62,6 +62,10 @@ def loss_weights(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.T
 class NoiseSchedule(nn.Module):
     """gamma_t, sigma_t and the loss weight lambda_t for t = 0..T as lookup tables (t = 0 is clean)."""
 
+    gamma: torch.Tensor  # buffers
+    sigma: torch.Tensor
+    weight: torch.Tensor
+
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
         self.kind, self.T = cfg.schedule, cfg.timesteps

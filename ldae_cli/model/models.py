@@ -15,6 +15,7 @@ writes that network as a state dict for timm's `VisionTransformer`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from timm.layers import Attention, Mlp
@@ -102,7 +103,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, num_heads=heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=gelu_tanh)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=gelu_tanh)  # type: ignore[arg-type]  # factories work
         self.ada = AdaLN(width, ada_hidden, 6)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,9 @@ class FinalLayer(nn.Module):
 
 class DenoisingViT(nn.Module):
     """tokens (B, N, in_dim), timesteps (B,), labels (B,) -> tokens (B, N, out_dim)."""
+
+    spec: dict[str, Any]
+    pos_embed: torch.Tensor  # a buffer
 
     def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], width: int, encoder_depth: int,
                  decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, adaln_hidden_ratio: float = 0.25,
@@ -155,9 +159,9 @@ class DenoisingViT(nn.Module):
                 nn.init.normal_(layer.weight, std=0.02)
         if self.y_embed is not None:
             nn.init.normal_(self.y_embed.table.weight, std=0.02)
-        for ada in [b.ada for b in self.blocks] + [self.final.ada]:
-            nn.init.zeros_(ada.net[-1].weight)
-            nn.init.zeros_(ada.net[-1].bias)
+        for ada in (m for m in self.modules() if isinstance(m, AdaLN)):
+            for p in ada.net[-1].parameters():
+                nn.init.zeros_(p)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
@@ -224,7 +228,7 @@ def build_timm_vit(kwargs: dict, **overrides) -> VisionTransformer:
 
 
 @torch.no_grad()
-def fold_to_vit(model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[torch.Tensor, torch.Tensor] | None,
+def fold_to_vit(model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[torch.Tensor, torch.Tensor],
                 depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict + kwargs of a timm ViT computing `model.features` at fixed t from clean images.
 
@@ -247,6 +251,7 @@ def fold_to_vit(model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[tor
         "pos_embed": model.pos_embed,
     }
     for i, block in enumerate(model.blocks[:depth]):
+        assert isinstance(block, DiTBlock) and block.attn.qkv.bias is not None and block.mlp.fc1.bias is not None
         shift1, scale1, gate1, shift2, scale2, gate2 = (v[0] for v in block.ada(c))
         p = f"blocks.{i}."
         sd[p + "norm1.weight"], sd[p + "norm1.bias"] = 1 + scale1, shift1

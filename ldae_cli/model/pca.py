@@ -185,7 +185,7 @@ def fit_and_write(cfg: FitPCAConfig, show_progress: bool = True, force: bool = F
     result = fit(dataset, cfg.pca, cfg.data.on_bad_image, cfg.data.num_workers, show_progress)
     if result.skipped:
         console.print(f"skipped {result.skipped:,} unreadable image(s) (data.on_bad_image=skip)")
-    save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.image_size, cfg.data.source)
+    save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.settled_size, cfg.data.source)
     write_output(config_file, dump_yaml(cfg).encode(), "config")
     filters = save_filters(result.basis, cfg.pca.patch, filters_file, eigenvalues=result.eigenvalues, dim=cfg.pca.dim)
     console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "

@@ -6,6 +6,7 @@ start from), and frozen feature extractors for probing.
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ class Pretrained:
 
     @property
     def image_size(self) -> int:
-        return self.ckpt.extra["image_size"]
+        return self.denoiser.image_size
 
     def timestep(self, t: int | None = None, sigma: float | None = None) -> int:
         """The t to add noise at: `t` itself, or the t whose noise level is closest to `sigma` (default
@@ -85,7 +86,7 @@ def check_sigma(sigma: float | None) -> None:
         raise LdaeError(f"--sigma is a noise level, a finite number above 0 (e.g. 0.577), got {sigma}")
 
 
-def load_pretrained(path: str | Path, ema: bool | None = None) -> Pretrained:
+def load_pretrained(path: str | os.PathLike, ema: bool | None = None) -> Pretrained:
     """ema: None = the EMA weights when the run kept them, else the raw weights."""
     ckpt = load_checkpoint(path, "pretrain")
     ckpt.require("model_spec.grid", "model_spec.width", "model_spec.in_dim", "model_spec.out_dim", "tokenizer.kind",
@@ -118,7 +119,8 @@ def pixel_affine(pre: Pretrained) -> tuple[torch.Tensor, torch.Tensor]:
         d = pre.tokenizer.image_token_dim
         return torch.eye(d), torch.zeros(d)
     if not pre.tokenizer.is_linear:
-        raise LdaeError(f"{pre.ckpt.path}: the network reads latents of a non-linear '{pre.tokenizer.kind}' "
+        where = pre.ckpt.path if pre.ckpt else "the network in training"
+        raise LdaeError(f"{where}: the network reads latents of a non-linear '{pre.tokenizer.kind}' "
                         "tokenizer, which cannot be folded into a ViT patch embedding")
     return pre.tokenizer.affine()
 
@@ -143,6 +145,7 @@ def export_encoder(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth:
                    ema: bool | None = None) -> Path:
     """Write the folded encoder as an `encoder` checkpoint whose tensors are a timm state dict."""
     pre = load_pretrained(path, ema)
+    assert pre.ckpt is not None  # loaded from one
     state, kwargs = fold_encoder(pre, t, depth)
     extra = {"timm_kwargs": kwargs, "t": t, "depth": kwargs["depth"], "image_size": pre.image_size,
              "class_names": pre.ckpt.extra.get("class_names", []), "data_identity": pre.ckpt.extra.get("data_identity")}
@@ -204,6 +207,7 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
     `model_args` set every dimension; `pretrained_cfg` with the input size, crop and mean/std: our encoder reads
     [-1, 1] images, i.e. mean = std = 0.5 on [0, 1] pixels), model.safetensors, and a README model card."""
     pre = load_pretrained(path, ema)
+    assert pre.ckpt is not None  # loaded from one
     state, kwargs = fold_encoder(pre, t, depth)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +246,7 @@ MODEL_CARD = {"ldae": ("l-dae", "l-DAE", "a latent denoising autoencoder (l-DAE)
               "mae": ("mae", "MAE", "a masked autoencoder (MAE; no timestep: its blocks were trained at this t)")}
 
 
-def timm_export(path: str | Path) -> Path | None:
+def timm_export(path: str | os.PathLike) -> Path | None:
     """The `ldae export --format timm` folder `path` names (the folder itself, or its model.safetensors: the file
     provenance records); None for a file that is not in such a folder."""
     path = Path(path)
@@ -300,7 +304,7 @@ def load_timm_export(folder: Path) -> Checkpoint:
                       package_version=about.get("package_version", ""))
 
 
-def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None, ema: bool | None = None,
+def load_encoder(path: str | os.PathLike, t: int = DEFAULT_T, depth: int | None = None, ema: bool | None = None,
                  **timm_overrides) -> tuple[VisionTransformer, dict, Checkpoint]:
     """A timm ViT from a pretrain checkpoint (folded now at t), an exported `encoder` checkpoint or a
     `--format timm` export folder (both folded already).
@@ -314,6 +318,7 @@ def load_encoder(path: str | Path, t: int = DEFAULT_T, depth: int | None = None,
     elif (kind := read_metadata(path)["kind"]) == "pretrain":
         pre = load_pretrained(path, ema)
         state, kwargs = fold_encoder(pre, t, depth)
+        assert pre.ckpt is not None  # loaded from one
         ckpt = pre.ckpt
     elif kind == "encoder":
         ckpt = load_checkpoint(path, "encoder")
@@ -362,7 +367,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen).clamp_(-2, 2) * 0.02)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
                     module.bias.zero_()
 
 
@@ -405,6 +410,7 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
                    f"l-DAE encoder at t={t}" if pre.objective == "ldae" else f"{pre.objective} encoder") + \
         f", {depth} blocks"
     denoiser = pre.denoiser.to(device)
+    net: torch.nn.Module
     if foldable(pre):  # the plain ViT that fine-tuning and detection start from
         state, kwargs = fold_encoder(pre, t, depth)
         vit = build_timm_vit(kwargs)
@@ -437,7 +443,7 @@ def encoder_features(pre: Pretrained, t: int, depth: int | None, noisy_input: bo
             if encode is not None:
                 return encode(x).float()
             tokens = denoiser.tokenizer.encode(x)
-            return net.features(tokens, torch.full((len(x),), t, device=device), depth).mean(1).float()
+            return pre.model.features(tokens, torch.full((len(x),), t, device=device), depth).mean(1).float()
 
     if noisy_input:
         description += ", noisy input"

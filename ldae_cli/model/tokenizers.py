@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ldae_cli.settings.training import TokenizerConfig
-from ldae_cli.model.autoencoders import Autoencoder, build_autoencoder
+from ldae_cli.model.autoencoders import Autoencoder, PatchAutoencoder, build_autoencoder
 from ldae_cli.runs.checkpoint import load_checkpoint, load_state
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.patches import patchify, unpatchify
@@ -97,6 +97,10 @@ class Tokenizer(nn.Module):
     def from_export(cls, tensors: dict[str, torch.Tensor], desc: dict) -> "Tokenizer":
         raise NotImplementedError
 
+    @classmethod
+    def configured(cls, cfg: TokenizerConfig, path: str | Path | None) -> tuple["Tokenizer", list[dict]]:
+        raise NotImplementedError
+
 
 class PCATokenizer(Tokenizer):
     """Patch-wise PCA: z = V_d (x - mu) / s, x = V_d^T (s z) + mu, on non-overlapping p x p patches. With latent_scale
@@ -105,6 +109,10 @@ class PCATokenizer(Tokenizer):
     kind = "pca"
     is_linear = True
     orthonormal = True
+    mean: torch.Tensor  # buffers
+    basis: torch.Tensor
+    eigenvalues: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigenvalues: torch.Tensor, patch: int, dim: int,
                  latent_scale: str = "global", scale_dim: int | None = None):
@@ -215,6 +223,11 @@ class TrainedTokenizer(Tokenizer):
     z0 target re-encodes the network's image output).
     """
 
+    latent_mean: torch.Tensor  # buffers
+    latent_std: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, net: Autoencoder, latent_mean: torch.Tensor, latent_std: torch.Tensor,
                  latent_scale: str = "global"):
         super().__init__()
@@ -280,6 +293,7 @@ class LinearTrainedTokenizer(TrainedTokenizer):
     """Patch VAE / AE: encode is one affine map per patch, so it folds into a ViT patch embedding."""
 
     is_linear = True
+    net: PatchAutoencoder  # TOKENIZER_KINDS gives this class the patch kinds only
 
     def encode_patches(self, patches: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         mean, _ = self.net.encode_patches(patches)
@@ -304,7 +318,7 @@ TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
 def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor], where: str | Path = "the tokenizer") -> Tokenizer:
     """The one factory: a tokenizer from its description and tensors (as `Tokenizer.export` writes them).
     `where` (e.g. the checkpoint it is stored in) names what does not fit, never a raw KeyError."""
-    cls = TOKENIZER_KINDS.get(desc.get("kind"))
+    cls = TOKENIZER_KINDS.get(desc.get("kind", ""))
     if cls is None:
         raise LdaeError(f"{where}: unknown tokenizer kind {desc.get('kind')!r}; this ldae knows "
                         f"{', '.join(TOKENIZER_KINDS)}")

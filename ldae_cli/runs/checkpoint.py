@@ -21,6 +21,7 @@ import stat
 import struct
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -139,7 +140,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict,
-                    parents: list[dict] = (), extra: dict | None = None) -> Path:
+                    parents: Sequence[dict] = (), extra: dict | None = None) -> Path:
     """Write atomically: a crash leaves either the old file or the new one, never a torn one."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}")
@@ -365,6 +366,7 @@ def _pretrain_claims(config: dict, extra: dict, shape: dict, section) -> list[tu
     in_dim, out_dim = _dim(shape, "model.embed.weight", 1), _dim(shape, "model.final.linear.weight")
     patch, size = tok.get("patch"), extra.get("image_size")
     grid = [size // patch] * 2 if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
+    claims: list[tuple[str, Any, str, Any]]
     claims = [("model_spec.width", spec.get("width"), *width), ("model.width", model.get("width"), *width),
               ("model_spec.in_dim", spec.get("in_dim"), *in_dim), ("model_spec.out_dim", spec.get("out_dim"), *out_dim),
               ("model_spec.encoder_depth + decoder_depth", _depth(spec), *blocks),

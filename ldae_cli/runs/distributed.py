@@ -3,9 +3,11 @@ multi-node ready; the device and the autocast precision each process computes in
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,11 +98,16 @@ def all_gather_cat(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def no_sync(runner: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+    """DDP's no_sync when `skip` (this micro-batch's gradients wait for the step's last one), else nothing."""
+    return runner.no_sync() if skip else contextlib.nullcontext()  # type: ignore[operator]  # DDP's method
+
+
 def ddp_wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """DDP over `module`; its buffers (tokenizer bases, tables) are identical on every rank, so they are not
     re-broadcast each forward. torch 2.14 renamed that switch; older releases still take the old name."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
+    no_sync_buffers: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
         {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                                    **no_sync_buffers)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -57,11 +58,11 @@ def progress_bar(unit: str = "img", enabled: bool = True, line_every: float | No
     if enabled and not console.is_terminal:
         return PlainProgress(unit, line_every)
     # one line in an 80-column terminal: name, a short bar, %, rate, elapsed<ETA, then the losses (cut, not wrapped)
-    one_line = {"no_wrap": True, "overflow": "ellipsis"}
+    one_line = partial(Column, no_wrap=True, overflow="ellipsis")
     return Progress(
-        TextColumn("[bold]{task.description}", table_column=Column(**one_line)), BarColumn(bar_width=10),
-        TaskProgressColumn(table_column=Column(**one_line)), RateColumn(unit, table_column=Column(**one_line)),
-        ClockColumn(table_column=Column(**one_line)), TextColumn("{task.fields[info]}", table_column=Column(**one_line)),
+        TextColumn("[bold]{task.description}", table_column=one_line()), BarColumn(bar_width=10),
+        TaskProgressColumn(table_column=one_line()), RateColumn(unit, table_column=one_line()),
+        ClockColumn(table_column=one_line()), TextColumn("{task.fields[info]}", table_column=one_line()),
         console=console, disable=not enabled, transient=False, refresh_per_second=4,
     )
 

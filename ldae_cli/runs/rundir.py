@@ -185,7 +185,7 @@ class RunLock:
                 os.close(fd)
                 continue
             try:
-                self._check_taken(self._read(fd))
+                self._check_taken(self._read(fd) or {})
             except LdaeError:
                 os.close(fd)
                 raise
@@ -210,7 +210,7 @@ class RunLock:
             return None  # torn by a start killed while writing it: nobody holds it (we have the flock)
         return holder if isinstance(holder, dict) else None
 
-    def _check_taken(self, holder: dict | None) -> None:
+    def _check_taken(self, holder: dict) -> None:
         """Refuse a lock we could flock whose holder may still be alive: an ldae from before locks were flocked,
         or a process of another host (which cannot be checked from here); a dead holder's lock is ours. A pid no
         process can have, or a live process that cannot be an ldae run, is said as it is."""
@@ -226,7 +226,7 @@ class RunLock:
         if pid == os.getpid() or not pid_alive(pid):
             return
         command = process_command(pid)
-        if not might_be_ldae(command):
+        if command is not None and not might_be_ldae(command):
             raise LdaeError(f"{self.path} names pid {pid}, which is a live process but not an ldae run "
                             f"({command.split()[0]}) and holds no lock; {fix}")
         self._refuse(holder)
@@ -281,7 +281,7 @@ class Manifest:
         return cls(directory, data)
 
     @classmethod
-    def create(cls, directory: Path, command: str, files: set[str] = frozenset()) -> "Manifest":
+    def create(cls, directory: Path, command: str, files: frozenset[str] | set[str] = frozenset()) -> "Manifest":
         manifest = cls(directory, {"format": 1, "run_id": uuid.uuid4().hex, "command": f"ldae {command}",
                                    "created": _dt.datetime.now().isoformat(timespec="seconds"), "files": []})
         manifest.add(*files)
@@ -379,7 +379,7 @@ def finished_at(ckpt: Path) -> str | None:
     return f"step {step:,} of {total:,}" if done else None
 
 
-def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
+def decide(path: Path, command: str, force: bool, keep: frozenset[str] | set[str] = frozenset(), restartable=None,
            replaces: tuple[str, ...] | None = None, kind: str = "run's") -> tuple[str, list[str]]:
     """What a new start in the existing folder `path` does, without touching it: ("empty" | "restart" | "replace",
     our entries it removes); refusals are raised. See `claim`."""
@@ -418,7 +418,7 @@ def decide(path: Path, command: str, force: bool, keep: set[str] = frozenset(), 
     return "replace", ours
 
 
-def claim(path: Path, command: str, force: bool, keep: set[str] = frozenset(), restartable=None,
+def claim(path: Path, command: str, force: bool, keep: frozenset[str] | set[str] = frozenset(), restartable=None,
           replaces: tuple[str, ...] | None = None, kind: str = "run's") -> Manifest:
     """Make `path` (locked by us, existing) ready for a new run or output folder and return its manifest.
 
@@ -430,6 +430,7 @@ def claim(path: Path, command: str, force: bool, keep: set[str] = frozenset(), r
     action, ours = decide(path, command, force, keep, restartable, replaces, kind)
     if action == "restart":
         manifest = Manifest.read(path)
+        assert manifest is not None  # decide restarts only a folder with our marker
         clear(path, ours, manifest)
         return manifest
     for name in ours:

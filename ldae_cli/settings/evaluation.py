@@ -70,7 +70,7 @@ class ArchConfig:
     patch: int = 16
     mlp_ratio: float = 4.0
 
-    def resolved(self) -> tuple[int, int, int]:
+    def resolved(self) -> tuple[int, ...]:  # width, depth, num_heads
         return resolve_size("model.arch", self.size, width=self.width, depth=self.depth, num_heads=self.num_heads)
 
     def validate(self) -> None:
@@ -204,7 +204,7 @@ class BackboneConfig:
     drop_path: float = 0.1
     window_size: int = 8  # window attention in every block but the last of each quarter of the depth
 
-    def shape(self) -> tuple[int, int, int] | None:
+    def shape(self) -> tuple[int, ...] | None:
         """(width, depth, heads) this recipe is for, or None when it follows the checkpoint."""
         if self.size is None:
             return None

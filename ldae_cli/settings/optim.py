@@ -126,8 +126,8 @@ def make_adamw(params, optim: OptimConfig, device: torch.device) -> torch.optim.
     """AdamW at the run's base lr; parameter groups may carry their own weight decay and lr_scale."""
     import torch
 
-    return torch.optim.AdamW(params, lr=optim.base_lr(), betas=tuple(optim.betas), weight_decay=optim.weight_decay,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=optim.base_lr(), betas=(optim.betas[0], optim.betas[1]),
+                             weight_decay=optim.weight_decay, fused=device.type == "cuda")
 
 
 def make_ema(model: torch.nn.Module, decay: float | None) -> ModelEmaV3 | None:

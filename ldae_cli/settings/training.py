@@ -55,6 +55,12 @@ class DataConfig:
             raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
                             "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
 
+    @property
+    def settled_size(self) -> int:
+        """image_size once the run has settled it (data.pipeline.resolve_image_size), as every stage does first."""
+        assert self.image_size is not None, "data.image_size read before the run settled it"
+        return self.image_size
+
     def split_name(self, split: str) -> str:
         if split == "train":
             return self.train_split
@@ -131,13 +137,15 @@ def resolve_size(where: str, size: str, **given: int | None) -> tuple[int, ...]:
     num_heads), in that order: each the config's own when set, else the preset's. `where` is the config
     section (`model`, `model.arch`, `backbone`), named in the error when a 'custom' size lacks a value."""
     preset = SIZES.get(size)
-    values, missing = [], []
+    values: list[int] = []
+    missing: list[str] = []
     for name, value in given.items():
         if value is None and preset is not None:
             value = getattr(preset, "encoder_depth" if name == "depth" else name)
         if value is None:
             missing.append(f"{where}.{name}")
-        values.append(value)
+        else:
+            values.append(value)
     if missing:
         raise LdaeError(f"{where}.size '{size}' needs {', '.join(missing)}")
     return tuple(values)
@@ -155,7 +163,7 @@ class ModelConfig:
     class_conditional: bool = False
     class_dropout: float = 0.1  # labels replaced by the null label this often (classifier-free guidance style)
 
-    def resolved(self) -> tuple[int, int, int, int]:
+    def resolved(self) -> tuple[int, ...]:  # width, encoder_depth, decoder_depth, num_heads
         return resolve_size("model", self.size, width=self.width, encoder_depth=self.encoder_depth,
                             decoder_depth=self.decoder_depth, num_heads=self.num_heads)
 
@@ -307,9 +315,10 @@ class PretrainConfig:
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
         tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
-        if tc.kind != "trained" and (self.data.image_size or tc.patch) % tc.patch:  # null: settled to a multiple
+        size = self.data.image_size  # null: settled to a multiple
+        if tc.kind != "trained" and size is not None and size % tc.patch:
             raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
-                            f"use e.g. data.image_size={self.data.image_size // tc.patch * tc.patch or tc.patch}")
+                            f"use e.g. data.image_size={size // tc.patch * tc.patch or tc.patch}")
         if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
             raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
                             f"PCA keeps between 1 and {full} components")

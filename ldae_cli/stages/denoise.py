@@ -46,6 +46,7 @@ def newest_checkpoint(root: Path = RUNS) -> Path:
 
 def run_name(pre: Pretrained) -> str:
     """The folder of runs/denoise/ a checkpoint's panels go to: its run directory's name (or the file's stem)."""
+    assert pre.ckpt is not None  # loaded from a file
     path = pre.ckpt.path
     return path.parent.name if path.name == CHECKPOINT else path.stem
 
@@ -68,7 +69,7 @@ def output_paths(out: str | None, files: list[Path], run: str) -> list[Path]:
     common = Path(os.path.commonpath(clashing)) if clashing else None
     names = []
     for f in files:
-        if stems.count(f.stem) > 1:
+        if common is not None and stems.count(f.stem) > 1:
             names.append("__".join(f.resolve().relative_to(common).parts).replace(".", "_"))
         else:
             names.append(f.stem)
@@ -81,7 +82,7 @@ def samples_path(out: str | None, pre: Pretrained, step: int) -> Path:
     return (Path(out) if out else RUNS / "denoise" / run_name(pre)) / f"samples-t{step}.png"
 
 
-def _prepare(ckpt: str | None, ema: bool | None, device: str, t: int | None, sigma: float | None):
+def _prepare(ckpt: str | Path | None, ema: bool | None, device: str, t: int | None, sigma: float | None):
     if ckpt is None:
         ckpt = newest_checkpoint()
         console.print(f"using the newest pretrain checkpoint: {ckpt}")
@@ -142,7 +143,7 @@ def main(inputs: list[str] | None = None, *, ckpt: str | None = None, t: int | N
             p_noisy, p_denoised = float(psnr(noisy[i:i + 1], clean[i:i + 1])), float(psnr(denoised[i:i + 1], clean[i:i + 1]))
             console.print(f"{source} -> {path}  (PSNR noisy {p_noisy:.1f} dB, denoised {p_denoised:.1f} dB)")
             written.append(path)
-    if samples:
+    if samples and panel is not None:
         written.append(_dataset_samples(pre, dev, step, level, samples, seed, panel, compare_pixel_noise, titles,
                                         upscale))
     return written

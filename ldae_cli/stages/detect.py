@@ -66,9 +66,11 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         if stored is None:
             refuse_inputs_inside("detect", "detect", cfg.run.out_dir, config, {"--ckpt": ckpt})
         if preview == "config":
-            return print_config(cfg)
+            print_config(cfg)
+            return None
         if preview == "plan":
-            return dry_run(cfg, config, stored, force, Init(ckpt, from_scratch)).show()
+            dry_run(cfg, config, stored, force, Init(ckpt, from_scratch)).show()
+            return None
         if stored is not None:
             _check_resume_init(stored, ckpt, from_scratch)
             return run(cfg, config, None, stored)
@@ -167,6 +169,7 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
         encoder_state, parents = None, resume_ckpt.provenance.get("parents", [])
         start_kind, report = resume_ckpt.extra["init"], resume_ckpt.extra.get("load_report")
     else:
+        assert init_spec is not None  # a new run is given one
         spec, encoder_state, parents = resolve_backbone(cfg, init_spec)
         start_kind, report = ("scratch" if encoder_state is None else "pretrain"), None
     train_split, eval_split = register_splits(cfg)
@@ -176,6 +179,7 @@ def run(cfg: DetectConfig, config_name: str | None, init_spec: Init | None,
         torch.manual_seed(cfg.run.seed)  # detector init: identical on every rank
         model = detection.build_detector(spec, settings(cfg, len(train_split.class_names)))
         if encoder_state is not None:
+            assert init_spec is not None and init_spec.ckpt is not None  # the weights come from a --ckpt
             loaded = detection.load_encoder_into(model, encoder_state, init_spec.ckpt)
             report = loaded.to_dict()
             if s.ctx.is_main:

@@ -12,8 +12,10 @@ what pretraining learned.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ldae_cli.train.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
@@ -29,7 +31,8 @@ from ldae_cli.model.pretrained import load_encoder, named, pretraining_data
 from ldae_cli.runs.logs import console
 from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.runs import rundir
-from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session
+from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session, \
+    settle_image_size
 
 
 def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
@@ -43,6 +46,13 @@ def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
     return ({"data": data} if data else {}), why
 
 
+def settle(cfg: FinetuneConfig) -> None:
+    """From scratch, a new run's null data.image_size is the images' own size in model.arch.patch steps (a --ckpt's
+    input size is checked against data.image_size in vit_arch)."""
+    if not cfg.model.ckpt and cfg.data.image_size is None:
+        settle_image_size(cfg.data, cfg.model.arch.patch)
+
+
 def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | None]:
     """(timm kwargs without head, folded encoder or None, source checkpoint or None)."""
     mc = cfg.model
@@ -54,15 +64,15 @@ def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | 
                             f"{mc.ckpt}; set data.image_size={size[0]}")
         return kwargs, encoder, source
     width, depth, heads = mc.arch.resolved()
-    if cfg.data.image_size % mc.arch.patch:
+    if cfg.data.settled_size % mc.arch.patch:
         raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch "
                         f"{mc.arch.patch}")
-    kwargs = timm_vit_kwargs((cfg.data.image_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
+    kwargs = timm_vit_kwargs((cfg.data.settled_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
     return kwargs, None, None
 
 
 def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Module | None, Checkpoint | None]
-                  ) -> tuple[nn.Module, dict, list[dict], dict]:
+                  ) -> tuple[VisionTransformer, dict, list[dict], dict]:
     """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation) from `vit_arch`'s
     (kwargs, folded encoder, source)."""
     mc = cfg.model
@@ -72,6 +82,7 @@ def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Mo
               "drop_path_rate": mc.drop_path}
     torch.manual_seed(cfg.run.seed)  # random weights depend on the seed only (loading --ckpt draws numbers too)
     vit = build_timm_vit(kwargs)
+    assert isinstance(vit.head, nn.Linear) and vit.pos_embed is not None  # num_classes > 0, a position embedding
     init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": None if mc.from_scratch else mc.t,
                  "depth": kwargs["depth"]}
     if encoder is not None and not mc.from_scratch:
@@ -98,7 +109,7 @@ def describe_init(init_desc: dict) -> str:
 
 def run_name(cfg: FinetuneConfig, config_name: str | None) -> str:
     """runs/finetune/<config>[-<data folder>][-scratch] (rundir.run_name)"""
-    return rundir.run_name(config_name or "default", cfg.data) + ("-scratch" if cfg.model.from_scratch else "")
+    return f"{rundir.run_name(config_name or 'default', cfg.data)}{'-scratch' if cfg.model.from_scratch else ''}"
 
 
 def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
@@ -111,7 +122,7 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
                  resumable=RESUMABLE) as s:
         arch = vit_arch(cfg) if resume_ckpt is None else None  # the encoder, read and checked before any data
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
-        randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.image_size) if cfg.aug.rand_augment else None
+        randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.settled_size) if cfg.aug.rand_augment else None
         train_set = build_dataset(cfg.data, "train", augment=True, seed=cfg.run.seed, transform=randaug)
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
         num_classes = train_set.num_classes
@@ -122,7 +133,9 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
             raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
                             f"the train split {train_set.classes[:5]}; both need the same class folders")
         engine_finetune.even_micro_batch(cfg.aug, cfg.optim.accumulation(s.ctx.world)[0])  # this many ranks' share
+        description: dict[str, Any]
         if resume_ckpt is None:
+            assert arch is not None  # read above for a new run
             model, kwargs, parents, init_desc = build_network(cfg, num_classes, arch)
             description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
                            "image_size": cfg.data.image_size, "init": init_desc}
@@ -157,7 +170,7 @@ def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoin
     sample = min(o.micro, 8)
     vit.to(device).train()
     optimizer = torch.optim.AdamW(vit.parameters(), lr=1e-6)
-    size = cfg.data.image_size
+    size = cfg.data.settled_size
     batch = torch.randn(sample, 3, size, size, device=device)
     targets = torch.zeros(sample, dtype=torch.long, device=device)
 
@@ -178,7 +191,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
     try:
         cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE,
-                                           cont, base)
+                                           cont, base, adjust=settle)
     except NoData:
         raise LdaeError(f"finetune: nothing names the data to fine-tune on: {why}; give --data DIR") from None
     if resume_ckpt is None:
@@ -186,7 +199,9 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     elif cfg.model.ckpt != resume_ckpt.config.get("model", {}).get("ckpt"):  # recorded, never read: may only relocate
         same_parent(resume_ckpt, "--ckpt", cfg.model.ckpt, ("init", "architecture"))
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, config, resume_ckpt, force).show()
+        dry_run(cfg, config, resume_ckpt, force).show()
+        return None
     return run(cfg, config, resume_ckpt, force)

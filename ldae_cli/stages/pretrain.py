@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +16,7 @@ from ldae_cli.model import pca
 from ldae_cli.train.budget import sized_flags
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, load_state, read_metadata, stored_config
 from ldae_cli.config import parse_override, to_dict
-from ldae_cli.data.pipeline import build_dataset, identity_of, resolve_image_size, to_unit_range
+from ldae_cli.data.pipeline import build_dataset, identity_of, to_unit_range
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.runs.distributed import amp_dtype, barrier
 from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, print_config
@@ -31,7 +30,7 @@ from ldae_cli.model.pretrained import Pretrained
 from ldae_cli.settings.training import PCA_DIM
 from ldae_cli.runs.logs import console
 from ldae_cli.train.session import RESUMABLE as RUN_RESUMABLE, Session, config_differences, load_run_config, \
-    refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session
+    refuse_force, refuse_inputs_inside, resume_base, same_parent, same_unsaved_run, session, settle_image_size
 from ldae_cli.data.discovery import check_splits
 from ldae_cli.runs.rundir import run_name
 from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
@@ -50,8 +49,8 @@ def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint 
     else:
         stored.require("tokenizer.kind")
         tokenizer = build_tokenizer(stored.extra["tokenizer"], stored.section("tokenizer"), stored.path)
-        parents = resume.provenance.get("parents", []) if resume is not None else [init_from.parent_ref("init")]
-    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.image_size)
+        parents = resume.provenance.get("parents", []) if resume is not None else [stored.parent_ref("init")]
+    denoiser = Denoiser(cfg.diffusion, tokenizer, NoiseSchedule(cfg.diffusion), cfg.data.settled_size)
     torch.manual_seed(cfg.run.seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid, num_classes)
@@ -78,7 +77,7 @@ def configured_tokenizer(cfg: PretrainConfig, s: Session, dataset) -> tuple[Toke
                 console.print(f"[yellow]warning:[/yellow] {warning.replace('--patches', 'tokenizer.fit_patches')}")
             fitted = pca.fit(plain, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
             pca.save_fit(fitted, path, settings, {"data": s.config["data"], "pca": vars(settings),
-                                                  "out": str(path)}, cfg.data.image_size, cfg.data.source)
+                                                  "out": str(path)}, cfg.data.settled_size, cfg.data.source)
         else:  # where and as `ldae fit-pca` writes it (with its config and filters), for the next run to find
             pca.fit_and_write(pca.FitPCAConfig(cfg.data, settings, str(path)), cfg.run.progress, dataset=plain)
     barrier(s.ctx)
@@ -199,9 +198,7 @@ def settle(cfg: PretrainConfig, overrides: list[str], adopt: bool = True) -> Non
     under --init-from, whose parent fixes them) and the image size (data.resolve_image_size at the tokenizer's patch),
     which a PCA file must have been fitted at."""
     meta = adopt_pca_file(cfg, overrides) if adopt else None
-    for note in resolve_image_size(cfg.data, cfg.tokenizer.patch):
-        if os.environ.get("RANK", "0") == "0":
-            console.print(note)
+    settle_image_size(cfg.data, cfg.tokenizer.patch)
     fitted = (meta or {}).get("extra", {}).get("image_size")
     if fitted is not None and fitted != cfg.data.image_size:
         raise LdaeError(f"tokenizer.path {cfg.tokenizer.path} was fitted on {fitted}x{fitted} images but this run's "
@@ -233,7 +230,7 @@ def adopt_pca_file(cfg: PretrainConfig, overrides: list[str]) -> dict | None:
 
 
 def denoising_panel(cfg: PretrainConfig, view: Callable[[object], Pretrained], images: int = 8
-                    ) -> Callable[[object], dict[str, torch.Tensor]]:
+                    ) -> Callable[[object], dict[str, torch.Tensor]] | None:
     """clean | noisy | denoised of a few fixed images, for the dashboard at each save: from the evaluation split,
     or from the training images when there is none (the panel's title says which)."""
     plain = replace(cfg.data, limit=images, crop="center", hflip=False, cache="never")
@@ -293,7 +290,7 @@ def dry_run(cfg: PretrainConfig, config_name: str | None, resume: Checkpoint | N
         if found:
             return load_tokenizer(cfg.tokenizer, path)
         notes.append(f"the PCA tokenizer is fitted on {cfg.tokenizer.fit_patches:,} training patches first (not timed)")
-        warning = pca.oversampling(o.images, cfg.data.image_size, pca.PCAConfig(
+        warning = pca.oversampling(o.images, cfg.data.settled_size, pca.PCAConfig(
             patch=cfg.tokenizer.patch, dim=cfg.tokenizer.dim or PCA_DIM, patches=cfg.tokenizer.fit_patches))
         if warning:
             notes.append(f"warning: {warning.replace('--patches', 'tokenizer.fit_patches')}")
@@ -335,7 +332,9 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     else:  # --continue: the run in --out continues from its own checkpoint
         same_parent(ckpt, "--init-from", init_from, ("init",))
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, name, ckpt, force, parent if ckpt is None else None).show()
+        dry_run(cfg, name, ckpt, force, parent if ckpt is None else None).show()
+        return None
     return run(cfg, name, ckpt, force, parent if ckpt is None else None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from rich.table import Table
@@ -29,11 +28,11 @@ from ldae_cli.model.pretrained import FeatureEncoder, encoder_features, load_enc
 from ldae_cli.data.plots import save_probe_chart
 from ldae_cli.runs.logs import console
 from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
-    same_parent, session, verified_parent
+    same_parent, session, settle_image_size, verified_parent
 from ldae_cli.data.discovery import NoData, check_splits, settle_data
 from ldae_cli.data.sources import open_source
 from ldae_cli.runs import rundir
-from ldae_cli.runs.distributed import amp_dtype, resolve_device
+from ldae_cli.runs.distributed import DistContext, amp_dtype, resolve_device
 from ldae_cli.train.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
 
 
@@ -52,9 +51,13 @@ def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:
 
 def run_name(ckpt: str | None, config_name: str | None, random_init: bool, cfg: ProbeConfig) -> str:
     """runs/probe/<run>[-random-init]-<data>[-<config>]: named after the encoder's run and the data probed on, so
-    probes of two runs, or of one run on two datasets, never meet."""
+    probes of two runs, or of one run on two datasets, never meet. An encoder probe without --ckpt is refused here,
+    the first thing a run and a --dry-run do."""
     if cfg.probe.features != "encoder":
-        base = cfg.probe.features
+        base: str = cfg.probe.features
+    elif ckpt is None:
+        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
+                        "--random-init (its architecture)")
     else:
         path = Path(ckpt)
         base = path.parent.name if path.name in (CHECKPOINT, "model.safetensors") else path.stem if path.is_file() \
@@ -79,10 +82,18 @@ def results_table(rows: list[dict], knn: float | None, title: str, chosen: int |
     return table
 
 
+def settle(cfg: ProbeConfig) -> None:
+    """Raw pixels: a new run's null data.image_size is the images' own size (an encoder's input size is checked
+    against data.image_size in build_encoder)."""
+    if cfg.probe.features == "pixels" and cfg.data.image_size is None:
+        settle_image_size(cfg.data, 1)
+
+
 def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, device) -> FeatureEncoder:
     settings = cfg.probe
     if settings.features == "pixels":
-        return pixel_features(cfg.data.image_size)
+        return pixel_features(cfg.data.settled_size)
+    assert ckpt_path is not None  # run_name refused an encoder probe without one
     if timm_export(ckpt_path) is not None or read_metadata(ckpt_path)["kind"] == "encoder":
         if settings.noisy_input:
             raise LdaeError(f"{ckpt_path}: an exported encoder reads clean images (its t is folded in); probe.noisy_input "
@@ -103,9 +114,6 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
 
 def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
         resume: Checkpoint | None = None, force: bool = False) -> dict:
-    if ckpt is None and cfg.probe.features == "encoder":
-        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
-                        "--random-init (its architecture)")
     name = run_name(ckpt, config_name, random_init, cfg)
     with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])  # before any feature
@@ -144,13 +152,14 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
     train, held_out = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
     images = min(len(train), cfg.data.limit or len(train))
     trained = images - (engine_probe.held_out(images) if settings.select == "holdout" else 0)
-    plan = engine_probe.head_plan(settings, trained, cfg.run.seed, SimpleNamespace(rank=0, world=world))
+    plan = engine_probe.head_plan(settings, trained, cfg.run.seed, DistContext(rank=0, world=world))
     steps = plan.total_steps
     device = resolve_device(cfg.run.device)
     encoder = build_encoder(cfg, ckpt, random_init, device)
     classes = len(train.classes)
     params = encoder.dim * classes * len(settings.blrs)  # the heads; the encoder is frozen
-    sample = torch.randint(0, 256, (8, 3, cfg.data.image_size, cfg.data.image_size), dtype=torch.uint8, device=device)
+    size = cfg.data.settled_size
+    sample = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, device=device)
     extracted = images + len(held_out) if settings.fast else steps * plan.batch_size + len(held_out)
     return Plan("probe", out_dir, start, images, plan.batch_size, world, 1, plan.batch_size // world, steps,
                 plan.steps_per_epoch, plan.batch_size / 256 * max(settings.blrs), params,
@@ -194,7 +203,7 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         config = protocol(overrides, flags, base)
     try:
         cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont,
-                                           base)
+                                           base, adjust=settle)
     except NoData:
         raise LdaeError(f"probe: nothing names the data to probe on: {why}; give --data DIR") from None
     if base and not why and base["data"].get("path") == cfg.data.path:
@@ -206,9 +215,11 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
         refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg),
                              {"--ckpt": ckpt})
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, ckpt, random_init, name, resume_ckpt, force).show()
+        dry_run(cfg, ckpt, random_init, name, resume_ckpt, force).show()
+        return None
     if resume_ckpt is None:
         return run(cfg, ckpt, random_init, name, force=force)
     resume_ckpt.require("random_init")

@@ -30,7 +30,7 @@ from ldae_cli.runs.logs import console
 from ldae_cli.train.dryrun import Plan, outline, print_config
 from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.seeds import derived
-from ldae_cli.train.session import Session, load_run_config, refuse_force, session
+from ldae_cli.train.session import Session, load_run_config, refuse_force, session, settle_image_size
 from ldae_cli.model.tokenizers import PCATokenizer
 
 
@@ -121,7 +121,7 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after data is read
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
-        net.grid(cfg.data.image_size)  # fail before any data is read
+        net.grid(cfg.data.settled_size)  # fail before any data is read
         full = net.patch ** 2 * 3
         if cfg.report.pca_reference and cfg.report.pca_patches <= full:
             raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
@@ -138,6 +138,7 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
                 build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
             mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
                                           cfg.data.num_workers, cfg.data.on_bad_image)
+            assert eval_set is not None  # finalize runs on the main rank only
             report = reconstruction_report(trained, cfg, plain, eval_set, s)
             return {"stats.mean": mean, "stats.std": std}, {"report": report}
 
@@ -151,10 +152,16 @@ def dry_run(cfg: TrainTokenizerConfig, config_name: str | None, resume: Checkpoi
     o = outline(cfg, "train-tokenizer", "tokenizer", config_name, config_name, resume, force,
                 [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     net = build_autoencoder(cfg.tokenizer.spec())
-    net.grid(cfg.data.image_size)
+    net.grid(cfg.data.settled_size)
     params = sum(p.numel() for p in net.parameters())
     return o.plan("train-tokenizer", cfg, params, None,
                   "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20")
+
+
+def settle(cfg: TrainTokenizerConfig) -> None:
+    """A new run's null data.image_size is the images' own size in steps of the tokenizer's token footprint."""
+    if cfg.data.image_size is None:
+        settle_image_size(cfg.data, build_autoencoder(cfg.tokenizer.spec()).patch)
 
 
 def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
@@ -162,9 +169,12 @@ def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
     refuse_force(resume, cont, force)
-    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont)
+    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont,
+                                adjust=settle)
     if preview == "config":
-        return print_config(cfg)
+        print_config(cfg)
+        return None
     if preview == "plan":
-        return dry_run(cfg, config, ckpt, force).show()
+        dry_run(cfg, config, ckpt, force).show()
+        return None
     return run(cfg, config, ckpt, force)

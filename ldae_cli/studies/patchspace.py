@@ -43,7 +43,7 @@ def fit_here(out: Path, data: DataConfig, patch: int) -> Path:
         fitted = pca.fit(build_dataset(data, "train", augment=False), settings, data.on_bad_image, data.num_workers,
                          show_progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pca.save_fit(fitted, path, settings, {"data": to_dict(data), "pca": vars(settings)}, data.image_size,
+        pca.save_fit(fitted, path, settings, {"data": to_dict(data), "pca": vars(settings)}, data.settled_size,
                      data.source)
     return path
 

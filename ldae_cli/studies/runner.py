@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,13 +162,13 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         s = settings[key]
         width, encoder, decoder, heads = s.model.resolved()
         run.steps, run.batch = total_steps(s, facts), s.optim.batch_size
-        run.speed = f"{width} {encoder}+{decoder} {heads} {(s.data.image_size // s.tokenizer.patch) ** 2} " \
+        run.speed = f"{width} {encoder}+{decoder} {heads} {(s.data.settled_size // s.tokenizer.patch) ** 2} " \
                     f"{s.optim.batch_size}"
     return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference)
 
 
 def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
-              flags: list[str] = ()) -> Run:
+              flags: Sequence[str] = ()) -> Run:
     own = {key: value for key, value in overrides.items() if key != "run.seed" and budget.probe.get(key) != value}
     return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
                ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
@@ -248,7 +249,7 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
             continue
         tokenizer = stand_in(s.tokenizer) if s.tokenizer.kind == "pca" and not s.tokenizer.path else \
             load_tokenizer(s.tokenizer)[0]
-        denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.image_size)
+        denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.settled_size)
         objective = build_objective(s, denoiser, build_model(s.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid))
         device, micro, sample = resolve_device(s.run.device), run.batch // nproc, 1
         while True:  # 1, 16, 256, ... images, up to the batch of one GPU, while 4 steps take under TIMING_SECONDS

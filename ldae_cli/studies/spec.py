@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ldae_cli.config import load_config
-from ldae_cli.data.pipeline import median_short_side
+from ldae_cli.data.pipeline import median_short_side, native_image_size
 from ldae_cli.runs.distributed import DistContext
 from ldae_cli.errors import LdaeError
 from ldae_cli.settings.optim import plan_steps
@@ -171,6 +171,8 @@ def survey(settings: list[PretrainConfig], budget: str) -> dict[tuple, DataFacts
             source = open_source(s.data, "train")
             facts[key] = DataFacts(median_short_side(source), min(len(source), s.data.limit or len(source)),
                                    resolve_path(s.data))
+        if s.data.image_size is None:  # the size the run will settle it to (data.pipeline.resolve_image_size)
+            s.data.image_size = native_image_size(s.data, s.tokenizer.patch)[0]
         native = facts[key].native
         if native is not None and s.data.image_size > native:
             p = s.tokenizer.patch

@@ -298,6 +298,7 @@ def measured_speed(cfg, budget: Budget) -> tuple[Callable[[Candidate], float], C
 
     def speed(c: Candidate) -> float:
         if budget.gpus:
+            assert budget.gpu is not None  # parse_budget: N x GPU comes with its kind
             said[0] = (f"assumed: {GPU_FLOPS[budget.gpu] / 1e12:.1f} TFLOP/s per {budget.gpu}, what half-L reached "
                        "on an H200 (docs/bench-pretrain-step-h200.json); a smaller network reaches less")
             return budget.gpus * GPU_FLOPS[budget.gpu] / c.flops

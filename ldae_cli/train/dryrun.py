@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -97,7 +98,7 @@ def size(nbytes: int) -> str:
 
 
 def start_of(out_dir: Path, command: str, kind: str, force: bool, resume_step: int | None = None,
-             keep: set[str] = frozenset(), restartable=None) -> str:
+             keep: frozenset[str] | set[str] = frozenset(), restartable=None) -> str:
     """What a start would do in `out_dir`, decided as `rundir.claim` decides, without writing; refusals raise."""
     if resume_step is not None:
         return f"continues the run at step {resume_step:,}"
@@ -126,7 +127,7 @@ class Outline:
     accum: int
 
     def plan(self, command: str, cfg, params: int, seconds_per_image: float | None, timing: str,
-             notes: list[str] = ()) -> Plan:
+             notes: Sequence[str] = ()) -> Plan:
         """The stage's plan: this outline, the network's `params` with AdamW state (and EMA), and the timing."""
         return Plan(command, self.out_dir, self.start, self.images, cfg.optim.batch_size, self.world, self.accum,
                     self.micro, self.steps.total_steps, self.steps.steps_per_epoch, cfg.optim.base_lr(), params,
@@ -156,7 +157,7 @@ def outline(cfg, command: str, kind: str, name: str | None, config_file: str | N
     return Outline(out_dir, start, source, images, steps, world, micro, accum)
 
 
-def seconds_per_image(step: Callable[[], None], images: int, repeats: int = 3) -> float:
+def seconds_per_image(step: Callable[[], object], images: int, repeats: int = 3) -> float:
     """The median time of `step` (one optimizer step on `images` synthetic images) per image, after a warm-up."""
     import torch
 

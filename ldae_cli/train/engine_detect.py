@@ -20,7 +20,7 @@ from torch import nn
 from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.seeds import detect_step_seed
 from ldae_cli.model import detection
-from ldae_cli.runs.distributed import DistContext, amp_dtype, barrier
+from ldae_cli.runs.distributed import DistContext, amp_dtype, barrier, no_sync
 from ldae_cli.train.hooks import Curve, Curves, Description, Evaluation, LogLine
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer
@@ -127,22 +127,22 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
             write_atomically(session.output("eval.json"), record.encode())
         return results
 
-    every = cfg.eval.every
+    every = cfg.eval.every or 0
     hooks = [LogLine(), Curves(Curve("loss.png", ("loss",), "detect loss")), Description(lambda: ({}, dict(description))),
              Evaluation(evaluate_now, every=lambda step: bool(every) and step % every == 0)]
     trainer = Trainer(session, plan, TrainState({"model": model}, {"optim": optimizer}, parents=parents), hooks,
                       losses=("loss",) + LOSSES, hint="Lower optim.lr or check the annotations")
     runner = trainer.wrap(model)  # buffers (pixel statistics, anchors) are constants: not re-broadcast
-    batches = iter(detection.train_loader(records, cfg.data.image_size, tuple(cfg.data.scale_range), seed,
-                                          optim.batch_size, micro, ctx.rank, ctx.world, trainer.step,
-                                          cfg.data.num_workers))
+    low, high = cfg.data.scale_range
+    batches = iter(detection.train_loader(records, cfg.data.image_size, (low, high), seed, optim.batch_size, micro,
+                                          ctx.rank, ctx.world, trainer.step, cfg.data.num_workers))
 
     def step(index: int) -> dict:
         # drop path and proposal sampling draw from torch's RNG: keyed by (seed, step, rank) for exact resume
         torch.manual_seed(detect_step_seed(seed, index, ctx.rank, ctx.world))
         with EventStorage(index):
             for k in range(accum):
-                sync = runner.no_sync() if ctx.enabled and k < accum - 1 else contextlib.nullcontext()
+                sync = no_sync(runner, ctx.enabled and k < accum - 1)
                 with sync:
                     with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
                         loss_dict = runner(next(batches))

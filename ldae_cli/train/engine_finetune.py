@@ -12,7 +12,6 @@ part of the recipe).
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import numpy as np
@@ -23,13 +22,14 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.mixup import mixup_target
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
+from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from ldae_cli.seeds import batch_seed, seeded_rngs
 from ldae_cli.runs.checkpoint import save_checkpoint
 from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, make_loader, to_unit_range
-from ldae_cli.runs.distributed import DistContext, all_reduce_sum, amp_dtype, barrier
+from ldae_cli.runs.distributed import DistContext, all_reduce_sum, amp_dtype, barrier, no_sync
 from ldae_cli.train.hooks import Curve, Curves, Description, Evaluation, LogLine
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
@@ -128,7 +128,7 @@ class BatchAugment:
         return images, mixup_target(labels, self.num_classes, 1.0, self.smoothing)
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's BEiT/MAE groups: block i gets lr scale decay^(depth+1-(i+1)); embeddings decay^(depth+1),
     head 1. No weight decay on 1-D parameters (norms, biases) and on the position embedding."""
     return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
@@ -168,8 +168,8 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistConte
             "images": int(sums[3])}
 
 
-def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDataset, eval_set: ImageDataset, augment: BatchAugment,
-          description: dict, parents: list[dict]) -> bool:
+def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set: ImageDataset, eval_set: ImageDataset,
+          augment: BatchAugment, description: dict, parents: list[dict]) -> bool:
     """Fine-tune `model` (a timm ViT with its head); evaluates raw and EMA weights at every epoch's end and
     keeps best.safetensors. True when the run reached its last step."""
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
@@ -224,7 +224,7 @@ def train(session: Session[FinetuneConfig], model: nn.Module, train_set: ImageDa
     def step(index: int) -> None:
         for k, batch in enumerate(micro_batches(stream, plan.accum, device)):
             labels = batch.labels
-            sync = runner.no_sync() if ctx.enabled and k < plan.accum - 1 else contextlib.nullcontext()
+            sync = no_sync(runner, ctx.enabled and k < plan.accum - 1)
             with seeded_rngs(batch_seed(cfg.run.seed, index, ctx.rank, k), device), sync:
                 images, targets = augment(to_unit_range(batch.images), labels)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -22,7 +22,6 @@ sees exactly the same samples, noise, masks and schedule.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from ldae_cli.settings.training import PCA_DIM, PretrainConfig
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data.pipeline import ImageDataset
-from ldae_cli.runs.distributed import amp_dtype
+from ldae_cli.runs.distributed import amp_dtype, no_sync
 from ldae_cli.train.hooks import Curve, Curves, Description, LogLine, Pictures
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
@@ -56,7 +55,7 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     for k, (images, labels) in enumerate(micro_batches):
         sl = slice(offset, offset + images.shape[0])
         offset += images.shape[0]
-        sync = runner.no_sync() if ddp and k < len(micro_batches) - 1 else contextlib.nullcontext()
+        sync = no_sync(runner, ddp and k < len(micro_batches) - 1)
         with sync:
             per_sample = runner(images, labels, *(x[sl] for x in draw))
             (per_sample.sum() / per_rank).backward()
@@ -114,7 +113,7 @@ def synthetic_step(cfg: PretrainConfig, objective: nn.Module, batch: int, device
     objective.to(device)
     objective.denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     optimizer = make_adamw(objective.param_groups(cfg.optim.weight_decay), cfg.optim, device)
-    size = cfg.data.image_size
+    size = cfg.data.settled_size
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     labels = torch.zeros(batch, dtype=torch.long, device=device)
 

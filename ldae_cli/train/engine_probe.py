@@ -155,9 +155,8 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
     started = time.time()
     train_set, holdout = holdout_split(train_set, seed) if s.select == "holdout" else (train_set, None)
     num_classes = train_set.num_classes
-    train_f = train_y = None
-    if s.fast:
-        train_f, train_y = (t.to(device) for t in extract(encoder, train_set, ctx, "train", **reading(cfg)))
+    train_f, train_y = (t.to(device) for t in extract(encoder, train_set, ctx, "train", **reading(cfg))) if s.fast \
+        else (None, None)
     plan = head_plan(s, len(train_set) if train_f is None else len(train_f), seed, ctx)
     batch, per_epoch = plan.batch_size, plan.steps_per_epoch
     lrs = [blr * batch / 256 for blr in s.blrs]
@@ -179,11 +178,11 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
         eval_f, eval_y = extract(encoder, eval_set, ctx, "eval", **reading(cfg))
         acc = evaluate(heads, eval_f.to(device), eval_y.to(device))
         knn = knn_accuracy(train_f, train_y, eval_f.to(device), eval_y.to(device), s.knn_k, s.knn_temperature,
-                           num_classes) if s.fast else None
+                           num_classes) if train_f is not None and train_y is not None else None  # fast mode
         rows = results_rows(s.blrs, lrs, last_losses(), acc)
         if holdout is not None:
-            add_holdout_top1(rows, evaluate(heads, *(t.to(device) for t in extract(encoder, holdout, ctx, "holdout",
-                                                                                **reading(cfg)))))
+            held_f, held_y = extract(encoder, holdout, ctx, "holdout", **reading(cfg))
+            add_holdout_top1(rows, evaluate(heads, held_f.to(device), held_y.to(device)))
         results = {"encoder": encoder.description, **chosen_head(rows, s.select),
                    "holdout_images": 0 if holdout is None else len(holdout),
                    "knn_top1": None if knn is None else round(knn, 2), **about, "fast": s.fast,
@@ -207,12 +206,14 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
         last[0] = losses
 
     def fast_step(index: int) -> None:
+        assert train_f is not None and train_y is not None and isinstance(per_epoch, int)  # fast mode's cache
         epoch, within = divmod(index, per_epoch)
         idx = epoch_order(len(train_f), seed, epoch)[within * batch:(within + 1) * batch].to(device)
         record(head_step(heads, optimizer, train_f[idx], train_y[idx]))
 
     if not s.fast:
         stream = trainer.stream(train_set, cfg.data)
+        assert plan.batches is not None  # full mode: seeded steps
         pieces = len(plan.batches.micro_batches(0))
 
     def full_step(index: int) -> None:
@@ -223,6 +224,5 @@ def train(session: Session[ProbeConfig], encoder: FeatureEncoder, train_set: Ima
             labels.append(b.labels.to(device))
         record(head_step(heads, optimizer, all_gather_cat(torch.cat(feats), ctx), all_gather_cat(torch.cat(labels), ctx)))
 
-    if not trainer.fit(fast_step if s.fast else full_step):
-        return {}
-    return {k: v for k, v in evaluation.eval.items() if k != "step"}
+    finished = trainer.fit(fast_step if s.fast else full_step)  # not stopped early: its last step evaluated
+    return {k: v for k, v in evaluation.eval.items() if k != "step"} if finished and evaluation.eval is not None else {}

@@ -45,7 +45,10 @@ class TokenizerObjective(nn.Module):
             raise LdaeError(f"tokenizer.kind '{net.spec['kind']}' has no KL term: set loss.kl_weight=0 "
                             "(or use a VAE kind)")
         self.net, self.cfg = net, cfg
-        self.perceptual = PerceptualLoss(cfg.vgg_weights, cfg.lpips_weights) if cfg.perceptual_weight > 0 else None
+        self.perceptual: PerceptualLoss | None = None
+        if cfg.perceptual_weight > 0:
+            assert cfg.vgg_weights is not None  # LossConfig.validate requires it
+            self.perceptual = PerceptualLoss(cfg.vgg_weights, cfg.lpips_weights)
         self.disc = PatchDiscriminator(cfg.disc_layers, cfg.disc_channels) if cfg.adversarial_weight > 0 else None
         self.amp_dtype: torch.dtype | None = None
 
@@ -78,6 +81,7 @@ class TokenizerObjective(nn.Module):
             loss = loss + cfg.kl_weight * kl
             terms["kl"] = kl.detach()
         if self.adversarial(step):
+            assert self.disc is not None  # adversarial() says there is one
             self.disc.requires_grad_(False)  # the generator's loss must not train the discriminator
             with self._autocast(images.device):
                 g = -self.disc(recon).float().mean()
@@ -95,6 +99,7 @@ class TokenizerObjective(nn.Module):
         return weight.clamp(0.0, 1e4).detach() * self.cfg.adversarial_weight
 
     def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        assert self.disc is not None  # called at adversarial() steps only
         self.disc.requires_grad_(True)
         with self._autocast(images.device):
             real, fake = self.disc(images), self.disc(recon)
@@ -141,7 +146,7 @@ def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective,
             # the adaptive weight differentiates the compiled decoder twice (retain_graph=True), which
             # torch's donated backward buffers forbid; this is the switch its error message names
             compile_settings = torch._functorch.config.patch(donated_buffer=False)
-    optimizers = {"optim": make_adamw(net.parameters(), cfg.optim, device)}
+    optimizers: dict[str, torch.optim.Optimizer] = {"optim": make_adamw(net.parameters(), cfg.optim, device)}
     if disc is not None:
         optimizers["optim_disc"] = make_adamw(disc.parameters(), cfg.optim, device)
     final: list = []  # finalize's output, computed once
@@ -178,7 +183,8 @@ def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective,
                 terms["d_loss"] = d_loss.detach()
             for name, value in terms.items():  # each term averaged over the micro-batches that computed it
                 trainer.meter.add(name, value.double())
-        stepped = [(net, optimizers["optim"])] + ([(disc, optimizers["optim_disc"])] if adversarial else [])
+        stepped = [(net, optimizers["optim"])] + ([(disc, optimizers["optim_disc"])]
+                                                  if adversarial and disc is not None else [])
         for module, optimizer in stepped:
             params = list(module.parameters())
             average_gradients(params, ctx)

@@ -28,8 +28,9 @@ class ProbeHeads(nn.Module):
     def __init__(self, dim: int, num_classes: int, count: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
-        for head in self.heads:
+        heads = [nn.Linear(dim, num_classes) for _ in range(count)]
+        self.heads = nn.ModuleList(heads)
+        for head in heads:
             nn.init.trunc_normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
 
@@ -111,7 +112,7 @@ def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
         top_sim, top_idx = sims.topk(k, dim=1)
         votes = torch.zeros(len(top_sim), num_classes, device=sims.device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[i:i + chunk]).sum().item()
+        correct += int((votes.argmax(1) == test_labels[i:i + chunk]).sum())
     return 100.0 * correct / max(1, len(test))
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ldae_cli.runs.logs import PlainProgress, clock, console, read_metrics
 from ldae_cli.data.plots import save_curves
-from ldae_cli.train.trainer import Hook
+from ldae_cli.train.trainer import Hook, Trainer
 
 
 class LogLine(Hook):
@@ -75,7 +75,7 @@ class Curves(Hook):
 class Pictures(Hook):
     """`draw(trainer)` -> {tag: uint8 (3, H, W) image} on the dashboard after every checkpoint (main rank)."""
 
-    def __init__(self, draw: Callable[[object], dict[str, torch.Tensor]]):
+    def __init__(self, draw: Callable[[Trainer], dict[str, torch.Tensor]]):
         self.draw = draw
 
     def after_save(self, trainer) -> None:

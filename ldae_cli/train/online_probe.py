@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from functools import partial
 from typing import Callable
 
 import torch
@@ -143,7 +144,8 @@ class OnlineProbe(Hook):
             settings, view, fit, test, amp, seed, num_workers
         self.per_class = max(fit.labels_tensor().bincount().tolist()) if len(fit) else 0
         self.seconds, self.count = 0.0, 0
-        self.started, self.every = time.time(), None  # the cadence: probe_every until a measured share lowers it
+        self.started = time.time()
+        self.every: int | None = None  # the cadence: probe_every until a measured share lowers it
         self.layout = {"online probe": {self.title(): ["Multiline", ["online_knn_top1", "online_linear_top1"]]}}
 
     @property
@@ -194,9 +196,9 @@ class OnlineProbe(Hook):
         """(k-NN top-1, best linear top-1) of `pre`'s encoder: fitted on the fit subset, tested on the test one."""
         s = self.s
         encoder = encoder_features(pre, s.t, None, False, ctx.device, self.amp)
-        reading = dict(batch=s.batch, seed=self.seed, num_workers=self.num_workers, progress=False)
-        fit_f, fit_y = (x.to(ctx.device) for x in extract(encoder, self.fit, ctx, "online probe (fit)", **reading))
-        test_f, test_y = (x.to(ctx.device) for x in extract(encoder, self.test, ctx, "online probe (test)", **reading))
+        read = partial(extract, batch=s.batch, seed=self.seed, num_workers=self.num_workers, progress=False)
+        fit_f, fit_y = (x.to(ctx.device) for x in read(encoder, self.fit, ctx, "online probe (fit)"))
+        test_f, test_y = (x.to(ctx.device) for x in read(encoder, self.test, ctx, "online probe (test)"))
         classes = self.test.num_classes
         knn = knn_accuracy(fit_f, fit_y, test_f, test_y, s.knn_k, s.knn_temperature, classes)
         linear = quick_linear(fit_f, fit_y, test_f, test_y, classes, s.linear_blrs, s.linear_steps, s.linear_batch,

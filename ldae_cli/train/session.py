@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 import yaml
 
@@ -22,7 +22,7 @@ from ldae_cli.settings.training import RunConfig
 from ldae_cli.runs import rundir
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
 from ldae_cli.config import dump_yaml, load_config, to_dict
-from ldae_cli.data.pipeline import DataConfig
+from ldae_cli.data.pipeline import DataConfig, resolve_image_size
 from ldae_cli.data.discovery import detect, settle_data
 from ldae_cli.runs.distributed import DistContext, init, shutdown
 from ldae_cli.errors import Finished, LdaeError
@@ -54,7 +54,7 @@ def resume_base(stored: dict) -> dict:
 def config_differences(stored: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
     """`key: stored -> current` for each key that differs and is not in `allowed` (dotted prefixes)."""
     def flat(d, prefix=""):
-        out = {}
+        out: dict[str, Any] = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
             out.update(flat(v, key + ".") if isinstance(v, dict) else {key: v})
@@ -116,6 +116,13 @@ def resolve_data(cfg: Any, resuming: bool = False) -> None:
 def recipe(cls: type, ckpt: Checkpoint) -> dict:
     """The stored config with the defaults of keys added since it was written (which ran as their defaults do)."""
     return to_dict(stored_config(cls, ckpt))
+
+
+def settle_image_size(data: DataConfig, patch: int) -> None:
+    """A new run's image size (data.resolve_image_size, null: the images' own in `patch` steps), said on one rank."""
+    for note in resolve_image_size(data, patch):
+        if os.environ.get("RANK", "0") == "0":
+            console.print(note)
 
 
 def load_resumable(path: Path, kind: str, cls: type) -> Checkpoint:
@@ -213,7 +220,12 @@ def refuse_inputs_inside(command: str, kind: str, out: str | None, name: str | N
                             "replace); pick another --out")
 
 
-C = TypeVar("C")  # a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
+class StageConfig(Protocol):
+    run: RunConfig  # every stage's config has its run section
+
+
+# a stage's config dataclass: Session[PretrainConfig] lets an editor follow session.cfg.optim.blr
+C = TypeVar("C", bound=StageConfig)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ class TrainState:
     """
 
     def __init__(self, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer],
-                 ema=None, parents: list[dict] = (), non_finite=None):
+                 ema=None, parents: Sequence[dict] = (), non_finite=None):
         self.ema = ema  # timm's ModelEmaV3 of modules["model"], or None
         self.modules = {**modules, **({"ema": ema.module} if ema is not None else {})}
         self.optimizers, self.parents, self.rule = optimizers, list(parents), non_finite
@@ -35,13 +37,14 @@ class TrainState:
               optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"{name}.{k}": v for name, module in modules.items() if module is not None
                    for k, v in module.state_dict().items()}
-        rests = {}
+        rests: dict[str, dict | None] = {}
         for name, optimizer in optimizers.items():
             rests[name] = None
             if optimizer.state:
-                flat, rests[name] = flatten_optimizer(optimizer.state_dict())
+                flat, rest = flatten_optimizer(optimizer.state_dict())
                 # what each parameter's state holds, so that a dropped tensor is named on resume
-                rests[name]["keys"] = sorted({k for entry in optimizer.state.values() for k in entry})
+                rest["keys"] = sorted({k for entry in optimizer.state.values() for k in entry})
+                rests[name] = rest
                 tensors.update({f"{name}.{k}": v for k, v in flat.items()})
         extra = {"step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                  "epoch": step / steps_per_epoch, "finished": step >= total, "world_size": world,

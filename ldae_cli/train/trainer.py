@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class ImageStream:
 
     def __init__(self, dataset: ImageDataset, plan: StepPlan, start: int, num_workers: int, on_bad_image: str,
                  device: torch.device, sampler=None):
+        assert plan.batches is not None  # a plan of seeded steps (a stream's, not cached features')
         plan.batches.start_step, plan.batches.total_steps = start, plan.total_steps
         self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers,
                                          pin_memory=device.type == "cuda"))
@@ -161,16 +162,16 @@ class Trainer:
     def wrap(self, module: nn.Module, ddp: bool = True) -> nn.Module:
         """The module as the step should call it: under DDP when several ranks run, compiled when run.compile."""
         runner = ddp_wrap(module, self.ctx) if ddp and self.ctx.enabled else module
-        return torch.compile(runner) if self.run.compile else runner
+        return torch.compile(runner) if self.run.compile else runner  # type: ignore[return-value]  # a Module
 
     def stream(self, dataset: ImageDataset, data_cfg, sampler=None) -> ImageStream:
         """The plan's seeded batches of `dataset` from the current step (or `sampler`'s, which iterates over
         them); skipped images go into every log line. A resumed run must read the data it trained on."""
         self.data_identity = dataset.source.identity()
-        stored = self.session.resume.extra.get("data_identity") if self.session.resume is not None else None
-        if stored is not None and stored != self.data_identity:
+        resume = self.session.resume
+        if resume is not None and resume.extra.get("data_identity") not in (None, self.data_identity):
             raise LdaeError(f"--resume: the training data ({data_cfg.path or data_cfg.source}) is not the data "
-                            f"{self.session.resume.path} trained on (its files, sizes or labels differ); resume with "
+                            f"{resume.path} trained on (its files, sizes or labels differ); resume with "
                             "the original data (the same files may have moved) or start a new run")
         self._stream = ImageStream(dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image,
                                    self.device, sampler=sampler)
@@ -279,7 +280,7 @@ class Trainer:
             raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; {self.kept()}. "
                             f"{self.hint}")
         if self._stream is not None:
-            values = {**values, "skipped_images": self._stream.skipped, "data_wait": self._data_wait()}
+            values = {**values, "skipped_images": self._stream.skipped, "data_wait": self._data_wait(self._stream)}
         self.logged = self.step
         record = {"step": self.step, "epoch": round(self.epoch, 4), **means, **values,
                   "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
@@ -289,10 +290,10 @@ class Trainer:
             for hook in self.hooks:
                 hook.after_log(self, record)
 
-    def _data_wait(self) -> float | None:
+    def _data_wait(self, stream: ImageStream) -> float | None:
         """The share of the time since the last log line the loop waited for batches; warns once above 10% (the
         first interval, with the loader's start-up, does not count)."""
-        now, waited = time.perf_counter(), self._stream.waited
+        now, waited = time.perf_counter(), stream.waited
         span, share = now - self._wait_mark[0], None
         if span > 0:
             share = round((waited - self._wait_mark[1]) / span, 3)
@@ -327,7 +328,8 @@ class Trainer:
                                                          self.ctx.world, self.modules, self.optimizers)),
                         ("Trainer", {"meter.sums": meter}, {"data_identity": self.data_identity} if self.data_identity
                          is not None else {})]
-            tensors, extra = (merged([(writer[0], writer[i]) for writer in writers]) for i in (1, 2))
+            tensors = merged([(name, entries) for name, entries, _ in writers])
+            extra = merged([(name, entries) for name, _, entries in writers])
             save_checkpoint(self.path, self.session.kind, tensors, self.session.config, self.state.parents, extra)
             for hook in self.hooks:
                 hook.after_save(self)
@@ -339,7 +341,8 @@ class Trainer:
 
 def merged(writers: list[tuple[str, dict]]) -> dict:
     """The named writers' entries in one dict; a key two of them write (one value would be lost) is refused."""
-    union, owner = {}, {}
+    union: dict = {}
+    owner: dict[str, str] = {}
     for name, entries in writers:
         for key in entries:
             if key in owner:
@@ -356,7 +359,7 @@ class StopSignal:
         self.requested = False
         self.reason = ""
         self.deadline = time.monotonic() + 60 * time_limit_minutes if time_limit_minutes else None
-        self._previous = {}
+        self._previous: dict[signal.Signals, Any] = {}  # the handlers to restore
 
     def __enter__(self):
         # a job under `ldae launch` is also warned by SIGUSR2 before a preemption or its time limit
@@ -424,7 +427,8 @@ class Throughput:
     """Images per second over a sliding window of optimizer steps."""
 
     def __init__(self, window: int = 20):
-        self.window, self.marks = window, []
+        self.window = window
+        self.marks: list[tuple[float, int]] = []
 
     def mark(self, images: int) -> float:
         now = time.perf_counter()
