@@ -360,8 +360,7 @@ def legacy_run(path: Path, names: list[str]) -> bool:
 
 
 def listing(names: list[str] | set[str], limit: int = 5) -> str:
-    names = sorted(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return ", ".join(sorted(names)[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def finished_at(ckpt: Path) -> str | None:

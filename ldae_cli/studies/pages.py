@@ -7,13 +7,15 @@ import json
 from pathlib import Path, PurePosixPath
 
 from ldae_cli.studies.results import NO_DIFFERENCE
+from ldae_cli.studies.spec import LDAE_PAPER, PAPER_NOTE
 
 # how each pretrain setting reads on the page, in this order
 SETTING_TEXT = {
     "data": "{}", "image_size": "{0}×{0} images", "patch": "{0}×{0} patches", "D": "D = {}", "tokens": "{} tokens",
     "tokenizer": "{} tokenizer", "d": "d = {}", "latent_scale": "latent scale {}", "noise_scale": "noise scale s = {}",
     "model": "{}", "batch": "batch {}", "epochs": "{:g} epochs", "steps": "{:,} steps", "lr": "lr {:.3g}",
-    "warmup_epochs": "warm-up {:g} epochs", "ema": "EMA {}", "objective": "{}",
+    "warmup_epochs": "warm-up {:g} epochs", "ema": "EMA {}", "optimizer": "{}", "augmentation": "{}",
+    "objective": "{}",
 }
 PROBE_TEXT = {"mode": "{}", "epochs": "{:g} epochs", "batch": "batch {}", "blrs": "heads at blr {}",
               "knn_k": "k-NN k = {}", "t": "t = {}", "depth": "after {} blocks", "features": "features: {}",
@@ -59,6 +61,19 @@ def paper_cell(row: dict) -> str:
     if row["paper"] is not None:
         return f"{row['paper']:.1f} ({row['paper_row']})"
     return row["paper_row"] or "-"
+
+
+def sources(results: dict) -> list[str]:
+    """Where each paper number comes from, and the rows neither source gives one for; only where some row cites a
+    publication other than the l-DAE paper (a study of the l-DAE paper's own rows says so in its note)."""
+    rows = results["rows"]
+    if not any(r.get("paper_source") for r in rows):
+        return []
+    cited = [f"{r['name']}: {r['paper']:.1f}, {r.get('paper_source') or LDAE_PAPER}, {r['paper_row']}"
+             for r in rows if r["paper"] is not None]
+    none = [r["name"] for r in rows if r["paper"] is None]
+    return ["Paper numbers: " + "; ".join(cited) + "." +
+            (f" '-': a number found in neither source ({', '.join(none)})." if none else ""), ""]
 
 
 def what_ran(results: dict) -> tuple[list[str], list[str], list[str]]:
@@ -156,9 +171,8 @@ def markdown(results: dict) -> str:
                   "machine it ran on).")
     lines = [title, "", *partial, results["description"], "", "## What ran", "", *ran,
              *rows_table(results, varying, probe_varying), "## Results", "", *results_table(results), "",
-             legend(results), "",
-             "The paper's numbers are ImageNet linear-probe top-1 of a ViT-½L encoder after 400 epochs: the "
-             "direction of a change, not a value to reach here.", "", *patch_table(results), " ".join(timing), "",
+             legend(results), "", results.get("paper_note", PAPER_NOTE), "", *sources(results), *patch_table(results),
+             " ".join(timing), "",
              f"Reproduce: `{results['command']}`", ""]
     return "\n".join(lines)
 

@@ -20,7 +20,7 @@ from ldae_cli.runs.rundir import CHECKPOINT, METRICS
 from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.studies import patchspace
 from ldae_cli.studies.runner import Plan, Row, Run, Timings, relative
-from ldae_cli.studies.spec import data_key
+from ldae_cli.studies.spec import PAPER_NOTE, data_key
 
 NO_DIFFERENCE = "no difference shown"
 # the linear top-1 is the head the probe's `select` chose (results from before it: the best on the eval split)
@@ -84,10 +84,30 @@ def stored(ckpt: Path, cls: type):
     return config_from_dict(cls, meta["config"]), meta
 
 
+def objective_text(cfg: PretrainConfig) -> str:
+    """What a run's objective did, in words (its `objective` and that objective's own section)."""
+    if cfg.objective == "mae":
+        m = cfg.mae
+        return (f"MAE, {m.mask_ratio:.0%} of patches hidden, decoder width {m.decoder_width}, {m.decoder_depth} "
+                f"blocks, {m.decoder_heads} heads, {'normalised' if m.norm_pix_loss else 'raw'} pixel targets")
+    if cfg.objective == "mocov3":
+        m = cfg.mocov3
+        return (f"MoCo v3, tau {m.temperature:g}, momentum {m.momentum:g}{' to 1 (cosine)' if m.momentum_cosine else ''}"
+                f", heads {m.mlp_dim} hidden, {m.dim} out")
+    d = cfg.diffusion
+    return (f"{d.schedule} noise, predict {d.target}, loss weight {d.loss_weight}, {d.input_space} in, "
+            f"{d.output_space} out")
+
+
+def augmentation_text(data) -> str:
+    crop = f"random-resized crops of scale {data.crop_scale}" if data.crop == "random-resized" else "center crops"
+    return crop + (" and flips" if data.hflip else "")
+
+
 def pretrain_settings(ckpt: Path) -> dict:
     """What a pretrain run ran, from the resolved config and metadata in its own checkpoint."""
     cfg, meta = stored(ckpt, PretrainConfig)
-    data, tok, diffusion, optim, extra = cfg.data, cfg.tokenizer, cfg.diffusion, cfg.optim, meta["extra"]
+    data, tok, optim, extra = cfg.data, cfg.tokenizer, cfg.optim, meta["extra"]
     width, encoder, decoder, heads = cfg.model.resolved()
     full = tok.patch * tok.patch * 3
     return {"data": data.source, "image_size": data.image_size, "patch": tok.patch,
@@ -97,8 +117,9 @@ def pretrain_settings(ckpt: Path) -> dict:
             "model": f"width {width}, {encoder} + {decoder} blocks, {heads} heads", "batch": optim.batch_size,
             "epochs": optim.epochs, "steps": extra["total_steps"], "lr": optim.base_lr(),
             "warmup_epochs": optim.warmup_epochs, "ema": optim.ema,
-            "objective": f"{diffusion.schedule} noise, predict {diffusion.target}, loss weight "
-                         f"{diffusion.loss_weight}, {diffusion.input_space} in, {diffusion.output_space} out"}
+            "optimizer": f"AdamW betas {tuple(optim.betas)}, weight decay {optim.weight_decay:g}",
+            "augmentation": augmentation_text(data), "objective": objective_text(cfg),
+            **(patchspace.noise_scale(ckpt) if cfg.objective == "ldae" else {})}  # MAE and MoCo add no noise
 
 
 def probe_settings(run: Run) -> dict:
@@ -141,8 +162,9 @@ def row_results(plan: Plan, row: Row, seeds: int) -> dict:
     ckpt = row.pretrains[0].out / CHECKPOINT
     out = {"name": row.name, "family": variant.family if variant else None, "versus": row.versus,
            "baseline": row.baseline, "runs": runs, "paper": variant.paper if variant else None,
-           "paper_row": variant.paper_row if variant else None, "probe": probe_settings(row.probes[0]),
-           "settings": None if row.baseline else {**pretrain_settings(ckpt), **patchspace.noise_scale(ckpt)}}
+           "paper_row": variant.paper_row if variant else None,
+           "paper_source": variant.paper_source if variant else None, "probe": probe_settings(row.probes[0]),
+           "settings": None if row.baseline else pretrain_settings(ckpt)}
     for metric in MEASURES:
         values = [r[metric] for r in runs if r[metric] is not None]
         out[metric] = dict(zip(("mean", "std"), mean_std(values)))
@@ -161,7 +183,8 @@ def collect(plan: Plan, seeds: int, budget_file: dict, command: str) -> dict:
                 row[metric]["paired"] = paired(values, reference) if values and reference else None
     ckpts = list(dict.fromkeys(row.pretrains[s].out / CHECKPOINT for row in plan.rows for s in range(seeds)))
     timings = Timings(plan.out).runs
-    return {"study": plan.study.name, "description": plan.study.description.strip(), "budget": budget_file,
+    return {"study": plan.study.name, "description": plan.study.description.strip(),
+            "paper_note": (plan.study.paper_note or PAPER_NOTE).strip(), "budget": budget_file,
             "seeds": list(range(seeds)), "seeds_planned": plan.seeds, "reference": plan.reference,
             "variants": [dataclasses.asdict(row.variant) for row in plan.rows if row.variant is not None],
             "baselines": list(plan.study.baselines), "dataset": dataset_identity(plan, ckpts),

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.runs.distributed import resolve_device
-from ldae_cli.train.dryrun import seconds_per_image
+from ldae_cli.train.budget import BASE_CONFIG
+from ldae_cli.train.dryrun import seconds_per_image, training_flops_per_image
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs.logs import console
 from ldae_cli.model.models import build_model
@@ -29,8 +30,9 @@ from ldae_cli.model.objectives import build_objective
 from ldae_cli.runs.rundir import CHECKPOINT
 from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
 from ldae_cli.settings.training import PretrainConfig
-from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, StudyConfig, Variant, check_rows,
-                                   depth_variants, pixel_dim_variants, resolve, settings_of, slug, survey, total_steps)
+from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, StudyConfig, Variant, budget_overrides,
+                                   check_rows, depth_variants, pixel_dim_variants, resolve, settings_of, slug, survey,
+                                   total_steps)
 from ldae_cli.model.tokenizers import load_tokenizer
 
 TIMINGS = "timings.json"
@@ -51,7 +53,8 @@ class Run:
     label: str
     steps: int = 0  # a pretrain's optimizer steps
     batch: int = 0  # and its global batch
-    speed: str = ""  # pretrains with the same speed key run at the same speed (model, tokens, batch)
+    speed: str = ""  # pretrains with the same speed key run at the same speed (objective, model, tokens, batch)
+    flops: float = 0.0  # a pretrain's training FLOPs per image (dryrun.training_flops_per_image)
     own: list[str] = field(default_factory=list)  # its settings beyond the budget's (what --dry-run lists)
 
     def finished(self) -> bool:
@@ -90,6 +93,7 @@ class Plan:
     facts: dict[tuple, DataFacts]
     rows: list[Row]
     reference: str
+    budget_flops: float  # training FLOPs per image of the network budget.images_per_second is for (l-DAE's)
 
     def seed_runs(self, seed: int) -> list[Run]:
         """The pretrains of this seed (each once), then its probes."""
@@ -135,14 +139,17 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
     for variant in variants:
         config = variant.pretrain or study.pretrain
         row = Row(variant.name, variant, None, None if variant.name == reference else variant.versus or reference)
+        keys = budget_overrides(budget, study.pretrain, config)
+        scaled = {k: v for k, v in keys.items() if budget.pretrain[k] != v}  # its own blr, where the budget scales it
         for seed in range(seeds):
-            overrides = {**budget.pretrain, **variant.set, **extra, "run.seed": seed}
+            overrides = {**keys, **variant.set, **extra, "run.seed": seed}
             key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:16]
             if key not in pretrains:
                 settings[key] = resolve(config, overrides)
                 pretrains[key] = Run("pretrain", pretrain_folder(out, shared, variant, config, budget, seed),
                                      ["pretrain", "--config", config, *as_sets(overrides)],
-                                     f"{variant.name}, seed {seed}", own=[config, *settings_of(variant.set)])
+                                     f"{variant.name}, seed {seed}",
+                                     own=[config, *settings_of({**scaled, **variant.set})])
             row.pretrains[seed] = pretrains[key]
             probe = {**budget.probe, **variant.probe_set, "run.seed": seed}
             row.probes[seed] = probe_run(budget, out, variant.name, seed, pretrains[key], probe)
@@ -162,9 +169,11 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         s = settings[key]
         width, encoder, decoder, heads = s.model.resolved()
         run.steps, run.batch = total_steps(s, facts), s.optim.batch_size
-        run.speed = f"{width} {encoder}+{decoder} {heads} {(s.data.settled_size // s.tokenizer.patch) ** 2} " \
-                    f"{s.optim.batch_size}"
-    return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference)
+        run.speed = f"{s.objective} {width} {encoder}+{decoder} {heads} " \
+                    f"{(s.data.settled_size // s.tokenizer.patch) ** 2} {s.optim.batch_size}"
+        run.flops = training_flops_per_image(s)
+    budget_flops = training_flops_per_image(resolve(BASE_CONFIG, {**budget.pretrain, **extra}))
+    return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference, budget_flops)
 
 
 def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
@@ -215,8 +224,8 @@ def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] |
         if rate is None and run.speed in timed:
             (rate, speed), source = timed[run.speed], "now"
             now.add(speed)
-        elif rate is None:
-            rate, source = run.batch / budget.images_per_second, "budget"
+        elif rate is None:  # the budget's speed is its l-DAE network's: another network's scales by its FLOPs
+            rate, source = run.batch / budget.images_per_second * run.flops / plan.budget_flops, "budget"
         sources.add(source)
         seconds += (run.steps - run.done_steps()) * rate
     rest = " where this study has measured none" if "study" in sources else ""
@@ -224,7 +233,8 @@ def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] |
         ("study", "pretrains at the speed this study measured"),
         ("now", f"pretrains at {', '.join(sorted(now))}, the training step alone, timed now{rest}: data loading, "
                 "the PCA fit, online probes, checkpoints and process starts come on top"),
-        ("budget", f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s{rest}"))
+        ("budget", f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s{rest} (its l-DAE "
+                   "network's; another network or objective at that rate times their training FLOPs' ratio)"))
         if source in sources]
     probe_s = timings.probe_seconds()
     seconds += len(probes) * (probe_s or 60 * budget.probe_minutes)

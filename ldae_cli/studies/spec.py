@@ -18,6 +18,9 @@ from ldae_cli.settings.optim import plan_steps
 from ldae_cli.settings.training import PCA_DIM, DataConfig, ModelConfig, PretrainConfig, TokenizerConfig
 from ldae_cli.data.sources import open_source, resolve_path
 
+LDAE_PAPER = "Chen, Liu, Xie, He 2024 (Deconstructing Denoising Diffusion Models for Self-Supervised Learning)"
+PAPER_NOTE = ("The paper's numbers are ImageNet linear-probe top-1 of a ViT-½L encoder after 400 epochs: the "
+              "direction of a change, not a value to reach here.")
 Baseline = Literal["random-init", "pixels"]
 BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
 
@@ -32,6 +35,7 @@ class Variant:
     versus: Optional[str] = None  # the row this one is compared with; null: the study's reference
     paper: Optional[float] = None  # the paper's ImageNet linear-probe top-1 for this setting, where it gives one
     paper_row: Optional[str] = None  # where in the paper that is, or what it says where it gives no number
+    paper_source: Optional[str] = None  # the publication `paper` is from; null: the l-DAE paper (LDAE_PAPER)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class StudyConfig:
     reference: Optional[str] = None  # the row the others are compared with; null: the first (a sweep's: the split)
     depth_sweep: Optional[DepthSweep] = None  # instead of variants: one per encoder cut of the budget's model
     pixel_dim_sweep: Optional[PixelDimSweep] = None  # instead of variants: Fig. 4's pairs below the budget's
+    paper_note: Optional[str] = None  # what the paper numbers are; null: PAPER_NOTE (the l-DAE paper's ViT-1/2L)
 
     def validate(self) -> None:
         if [bool(self.variants), self.depth_sweep is not None, self.pixel_dim_sweep is not None].count(True) != 1:
@@ -74,7 +79,11 @@ class StudyConfig:
 @dataclass
 class BudgetConfig:
     """What every run of a study gets (pretrain and probe overrides), and the speed of the machine the budget is
-    made for, which the estimate printed before a study uses until the study has timed runs of its own."""
+    made for, which the estimate printed before a study uses until the study has timed runs of its own.
+
+    optim.blr is stated for the study's own pretrain config (l-DAE's, whose paper blr is final.yaml's): a variant
+    with a config of its own (another method's recipe) gets it scaled by that config's paper blr over the study
+    config's (`budget_overrides`), so every method keeps its paper's blr relative to l-DAE's."""
 
     name: str = "budget"
     pretrain: dict[str, Any] = field(default_factory=dict)  # --set overrides of every pretrain run
@@ -96,6 +105,17 @@ def settings_of(overrides: dict[str, Any]) -> list[str]:
 def resolve(config: str, overrides: dict[str, Any]) -> PretrainConfig:
     """The config `ldae pretrain --config CONFIG --set KEY=VALUE ...` loads (its data settled when the run starts)."""
     return load_config(PretrainConfig, config, settings_of(overrides))
+
+
+def budget_overrides(budget: BudgetConfig, study_config: str, config: str) -> dict[str, Any]:
+    """The budget's pretrain keys for a run of `config`: its optim.blr times config's blr / study_config's (both
+    as their files give them: the papers' own), where the two differ."""
+    keys = dict(budget.pretrain)
+    if "optim.blr" in keys and config != study_config:
+        own, base = resolve(config, {}).optim.blr, resolve(study_config, {}).optim.blr
+        if own != base:
+            keys["optim.blr"] = float(f"{keys['optim.blr'] * own / base:.4g}")
+    return keys
 
 
 def slug(text: str) -> str:

@@ -189,6 +189,39 @@ def network_spec(cfg) -> dict:
                 decoder_depth=dec, num_heads=heads, mlp_ratio=cfg.model.mlp_ratio)
 
 
+def mlp_macs(layers: int, in_dim: int, hidden: int, out_dim: int) -> int:
+    """Multiply-adds of one sample through an MLP head of `layers` Linears (in -> hidden ... hidden -> out)."""
+    dims = [in_dim, *[hidden] * (layers - 1), out_dim]
+    return sum(a * b for a, b in zip(dims, dims[1:]))
+
+
+def training_flops_per_image(cfg) -> float:
+    """Matmul FLOPs one training image costs under a pretrain config's objective, forward and backward: what every
+    estimate of a pretrain's time (--dry-run, a study's) scales by.
+    - ldae: every token through the encoder and decoder (models.model_flops_per_image);
+    - mae: the encoder on the visible tokens, then MAE's decoder on every token (its input Linear counted there);
+    - mocov3: two views through the base encoder, projector and predictor (forward and backward) and through the
+      momentum encoder and projector (forward only); the logits against the batch's keys (dim x batch multiply-adds
+      a query) are left out."""
+    from ldae_cli.model.models import model_flops_per_image
+
+    spec = network_spec(cfg)
+    tokens = spec["grid"][0] * spec["grid"][1]
+    encoder = {**spec, "decoder_depth": 0, "out_dim": 0}
+    if cfg.objective == "mae":
+        m = cfg.mae
+        decoder = {**spec, "width": m.decoder_width, "encoder_depth": m.decoder_depth, "decoder_depth": 0,
+                   "in_dim": spec["width"]}
+        return model_flops_per_image(encoder, int(tokens * (1 - m.mask_ratio))) + model_flops_per_image(decoder)
+    if cfg.objective == "mocov3":
+        m = cfg.mocov3
+        projector = mlp_macs(m.proj_layers, spec["width"], m.mlp_dim, m.dim)
+        predictor = mlp_macs(m.pred_layers, m.dim, m.mlp_dim, m.dim)
+        base = model_flops_per_image(encoder) + 2.0 * 3 * (projector + predictor)
+        return 2 * (base + model_flops_per_image(encoder, training=False) + 2.0 * projector)
+    return model_flops_per_image(spec)
+
+
 def mlp_flops_per_second(rows: int, width: int, hidden: int, device, dtype, seconds: float = 0.3) -> float:
     """The matmul FLOPs per second a transformer MLP (LayerNorm, width -> hidden, GELU, hidden -> width) trains at on
     `device` now, forward and backward on `rows` tokens: its matmuls at a network's own sizes, with the memory-bound
@@ -220,7 +253,6 @@ def estimate_images_per_second(cfg) -> tuple[float, str]:
     import torch
 
     from ldae_cli.runs.distributed import amp_dtype, resolve_device
-    from ldae_cli.model.models import model_flops_per_image
 
     device = resolve_device(cfg.run.device)
     dtype = amp_dtype(cfg.run.precision, device) or torch.float32
@@ -229,8 +261,8 @@ def estimate_images_per_second(cfg) -> tuple[float, str]:
     # a micro-batch's tokens, fewer where one step would take more than a fraction of a second (2**34 FLOPs on a CPU)
     affordable = 2 ** (40 if device.type == "cuda" else 34) // (12 * width * hidden)
     rows = max(1, min(tokens * (cfg.optim.micro_batch or cfg.optim.batch_size), 4096, max(256, affordable)))
-    speed, flops = mlp_flops_per_second(rows, width, hidden, device, dtype), model_flops_per_image(spec)
-    return speed / flops, (f"estimated: {flops / 1e9:,.3g} GFLOP per training image (the network's matmuls, forward "
-                           f"and backward) at the {speed / 1e9:,.0f} GFLOP/s a {width}-wide transformer MLP trained at "
+    speed, flops = mlp_flops_per_second(rows, width, hidden, device, dtype), training_flops_per_image(cfg)
+    return speed / flops, (f"estimated: {flops / 1e9:,.3g} GFLOP per training image (the matmuls of its objective, "
+                           f"{cfg.objective}, forward and backward) at the {speed / 1e9:,.0f} GFLOP/s a {width}-wide transformer MLP trained at "
                            f"on {rows} tokens ({str(dtype).removeprefix('torch.')}, {device}) now; attention's "
                            "softmax, the optimizer step, data loading, the online probe and checkpoints come on top")
