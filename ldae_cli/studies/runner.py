@@ -172,7 +172,9 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         run.speed = f"{s.objective} {width} {encoder}+{decoder} {heads} " \
                     f"{(s.data.settled_size // s.tokenizer.patch) ** 2} {s.optim.batch_size}"
         run.flops = training_flops_per_image(s)
-    budget_flops = training_flops_per_image(resolve(BASE_CONFIG, {**budget.pretrain, **extra}))
+    base = resolve(BASE_CONFIG, {**budget.pretrain, **extra})
+    base.data.image_size = base.data.image_size or next(iter(settings.values())).data.settled_size  # the data's
+    budget_flops = training_flops_per_image(base)
     return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference, budget_flops)
 
 
