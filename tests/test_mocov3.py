@@ -15,28 +15,37 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from ldae_cli.model.models import DenoisingViT
+from ldae_cli.config import load_config
+from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.model.models import build_model
 from ldae_cli.model.mocov3 import (BLUR, BLUR_P, FLIP, GREY, HEIGHT, LEFT, SOLARIZE, SOLARIZE_P, TOP, WIDTH,
                                    MocoV3Objective, apply_views, info_nce, momentum_at)
-from ldae_cli.model.patches import patchify
+from ldae_cli.model.tokenizers import PixelTokenizer
 from ldae_cli.runs.distributed import DistContext, ddp_wrap
 from ldae_cli.settings.contrastive import MocoV3Config
+from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
 
 SIZE, PATCH, BATCH, SEED = 16, 4, 8, 3
+CONFIG = "baselines/mocov3.yaml"
+
+
+def objective(**sets) -> MocoV3Objective:
+    """A tiny MoCo v3 objective (mocov3.yaml at 16 px, 4-pixel patches, width 32, 2 blocks), its adaLN weights
+    random so that t and the gates matter."""
+    overrides = {"data.image_size": SIZE, "tokenizer.patch": PATCH, "model.size": "custom", "model.width": 32,
+                 "model.encoder_depth": 2, "model.num_heads": 2, "mocov3.mlp_dim": 64, "mocov3.dim": 16, **sets}
+    cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in overrides.items()])
+    denoiser = Denoiser(cfg.diffusion, PixelTokenizer(PATCH), NoiseSchedule(cfg.diffusion), SIZE)
+    torch.manual_seed(0)
+    net = build_model(cfg.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.ada.net[-1].weight.normal_(0, 0.05)
+    return MocoV3Objective(cfg, denoiser, net).train()
 
 
 def tokenize(x: torch.Tensor) -> torch.Tensor:
-    return patchify(x, PATCH)
-
-
-def objective(**cfg) -> MocoV3Objective:
-    torch.manual_seed(0)
-    net = DenoisingViT(PATCH * PATCH * 3, PATCH * PATCH * 3, (SIZE // PATCH,) * 2, 32, encoder_depth=2,
-                       decoder_depth=1, num_heads=2)
-    with torch.no_grad():  # adaLN-Zero blocks start as the identity; make them compute something
-        for block in net.blocks:
-            block.ada.net[-1].weight.normal_(0, 0.05)
-    return MocoV3Objective(net, MocoV3Config(mlp_dim=64, dim=16, **cfg), tokenize, (SIZE, SIZE)).train()
+    return PixelTokenizer(PATCH).encode(x)
 
 
 def images(n: int = BATCH) -> torch.Tensor:
@@ -64,10 +73,10 @@ def test_the_loss_pairs_each_view_s_query_with_the_other_view_s_key():
     x1, x2 = tokenize(torch.rand(2, BATCH, 3, SIZE, SIZE).flatten(0, 1) * 2 - 1).chunk(2)
     loss = obj.loss_from_tokens(x1, x2)
     with torch.no_grad():  # the same modules by hand, view by view (each BatchNorm sees one view's batch)
-        h1, h2 = obj.encoder(torch.cat([x1, x2])).chunk(2)
+        h1, h2 = obj.pooled(obj.net, torch.cat([x1, x2])).chunk(2)
         proj, pred = obj.heads["projector"], obj.heads["predictor"]
         q1, q2 = pred(proj(h1)), pred(proj(h2))
-        m1, m2 = obj.momentum["encoder"](torch.cat([x1, x2])).chunk(2)
+        m1, m2 = obj.pooled(obj.momentum["encoder"], torch.cat([x1, x2])).chunk(2)
         k1, k2 = obj.momentum["projector"](m1), obj.momentum["projector"](m2)
     tau = obj.cfg.temperature
     expected = direct_ctr(q1, k2, tau) + direct_ctr(q2, k1, tau)
@@ -86,7 +95,7 @@ def test_momentum_schedule_endpoints():
 
 
 def test_momentum_update_blends_the_base_encoder_and_projector_at_the_next_step_s_momentum():
-    obj = objective(momentum=0.9)
+    obj = objective(**{"mocov3.momentum": 0.9})
     base, mom = obj.ema_pairs()
     assert len(base) == len(mom) and all(not p.requires_grad for p in mom)
     assert all(torch.equal(b, m) for b, m in zip(base, mom))  # the copy starts equal
@@ -94,24 +103,24 @@ def test_momentum_update_blends_the_base_encoder_and_projector_at_the_next_step_
         for p in base:
             p.add_(torch.randn_like(p))
     before = [p.clone() for p in mom]
-    obj.momentum_update(3, 10)
+    obj.after_step(3, 10)
     m = momentum_at(4, 10, obj.cfg)
     for b, old, new in zip(base, before, mom):
         assert torch.allclose(new, m * old + (1 - m) * b, atol=1e-6)
     predictor_ids = {id(p) for p in obj.heads["predictor"].parameters()}
     assert not predictor_ids & {id(p) for p in base}  # the predictor has no momentum twin
-    assert len(obj.momentum["encoder"].net.blocks) == obj.net.encoder_depth  # no decoder in the copy
+    assert isinstance(obj.momentum["encoder"].final, torch.nn.Identity)  # no denoising head in the copy
 
 
 def test_views_are_keyed_by_seed_and_step_whatever_the_split():
     obj, imgs = objective(), images()
-    params = obj.draw(SEED, 5, BATCH, "cpu")
-    assert torch.equal(params, obj.draw(SEED, 5, BATCH, "cpu"))
-    assert not torch.equal(params, obj.draw(SEED, 6, BATCH, "cpu"))
-    assert not torch.equal(params, obj.draw(SEED + 1, 5, BATCH, "cpu"))
+    (params,) = obj.draw(SEED, 5, BATCH, "cpu")
+    assert torch.equal(params, obj.draw(SEED, 5, BATCH, "cpu")[0])
+    assert not torch.equal(params, obj.draw(SEED, 6, BATCH, "cpu")[0])
+    assert not torch.equal(params, obj.draw(SEED + 1, 5, BATCH, "cpu")[0])
     whole = apply_views(imgs, params, obj.kernel)
     assert whole.dtype == torch.uint8 and whole.shape == (2 * BATCH, 3, SIZE, SIZE)
-    for pieces in (2, 4):  # two ranks' slices, or four micro-batches
+    for pieces in (2, 4):  # two or four ranks' slices
         n = BATCH // pieces
         parts = [apply_views(imgs[i:i + n], params[i:i + n], obj.kernel).view(2, n, 3, SIZE, SIZE)
                  for i in range(0, BATCH, n)]
@@ -120,7 +129,7 @@ def test_views_are_keyed_by_seed_and_step_whatever_the_split():
 
 
 def test_view_draws_follow_the_recipe():
-    p = objective().draw(SEED, 0, 4000, "cpu")
+    (p,) = objective().draw(SEED, 0, 4000, "cpu")
     top, left, h, w = (p[..., c] for c in (TOP, LEFT, HEIGHT, WIDTH))
     assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= SIZE).all() and (left + w <= SIZE).all())
     assert bool((h * w >= math.floor(0.08 * SIZE * SIZE)).all())
@@ -132,15 +141,15 @@ def test_view_draws_follow_the_recipe():
 def test_the_patch_projection_stays_frozen_and_out_of_the_optimizer():
     obj = objective()
     embed = obj.net.embed.weight.clone()
-    optimizer = torch.optim.AdamW(obj.trainable(), lr=1e-2, weight_decay=0.1)
-    obj(images(), obj.draw(SEED, 0, BATCH, "cpu")).mean().backward()
+    optimizer = torch.optim.AdamW(obj.param_groups(0.1), lr=1e-2, weight_decay=0.1)
+    obj(images(), None, *obj.draw(SEED, 0, BATCH, "cpu")).mean().backward()
     assert obj.net.embed.weight.grad is None and obj.net.embed.bias.grad is None
-    trainable = {id(p) for p in obj.trainable()}
+    trainable = {id(p) for p in obj.param_groups(0.1)}
     assert id(obj.net.embed.weight) not in trainable and id(obj.net.final.linear.weight) not in trainable
-    assert all(p.grad is not None for p in obj.trainable())
+    assert all(p.grad is not None for p in obj.param_groups(0.1))
     optimizer.step()
     assert torch.equal(obj.net.embed.weight, embed)
-    assert objective(freeze_patch_embed=False).net.embed.weight.requires_grad
+    assert objective(**{"mocov3.freeze_patch_embed": False}).net.embed.weight.requires_grad
 
 
 # ------------------------------------------------------------------ two gloo ranks equal one process
@@ -150,17 +159,17 @@ def run_steps(runner, obj: MocoV3Objective, rank: int, world: int, steps: int = 
     loss sum / per-rank count, SGD, then the momentum update. What every rank must agree on, by name."""
     per_rank, imgs = BATCH // world, images()
     sl = slice(rank * per_rank, (rank + 1) * per_rank)
-    optimizer = torch.optim.SGD(obj.trainable(), lr=0.05)
+    optimizer = torch.optim.SGD(obj.param_groups(0.0), lr=0.05)
     out = {}
     for step in range(steps):
-        per_sample = runner(imgs[sl], obj.draw(SEED, step, BATCH, "cpu")[sl])
+        per_sample = runner(imgs[sl], None, obj.draw(SEED, step, BATCH, "cpu")[0][sl])
         (per_sample.sum() / per_rank).backward()
         out[f"{step}.loss_sum"] = per_sample.detach().sum().reshape(1)
         named = dict(obj.named_parameters())
         out.update({f"{step}.grad.{n}": p.grad.clone() for n, p in named.items() if p.grad is not None})
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        obj.momentum_update(step, steps)
+        obj.after_step(step, steps)
     out.update({f"state.{n}": v.clone() for n, v in obj.state_dict().items() if "running" in n or "momentum." in n})
     return out
 
@@ -203,14 +212,14 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def test_the_trained_encoder_is_what_export_folds_and_the_probe_reads():
-    """The base encoder's pooled features (before the heads) are the folded timm ViT's output at cfg.timestep."""
+    """The base encoder's pooled features (before the heads) are the folded timm ViT's output at DEFAULT_T."""
     from ldae_cli.model.models import build_timm_vit, fold_to_vit
 
     obj = objective()
     dim = PATCH * PATCH * 3
-    state, kwargs = fold_to_vit(obj.net, obj.cfg.timestep, PATCH, (torch.eye(dim), torch.zeros(dim)))
+    state, kwargs = fold_to_vit(obj.net, DEFAULT_T, PATCH, (torch.eye(dim), torch.zeros(dim)))
     vit = build_timm_vit(kwargs).eval()
     vit.load_state_dict(state)
     x = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(vit(x), obj.encoder(tokenize(x)), atol=1e-5)
+        assert torch.allclose(vit(x), obj.pooled(obj.net, tokenize(x)), atol=1e-5)
