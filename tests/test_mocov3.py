@@ -208,6 +208,26 @@ def test_a_run_saves_the_base_encoder_where_evaluations_read_it_and_its_heads_an
     assert [r["step"] for r in records if "online_knn_top1" in r] == [1, 2, 3, 4]
 
 
+def test_init_from_starts_the_momentum_encoder_as_the_base_one(moco_run, pattern_tree, tmp_path):
+    """From a MoCo run: its encoder, heads and momentum encoder. From another objective's run (an MAE one of the same
+    network): its encoder, and the momentum encoder as that encoder, as a fresh run's starts as its base one."""
+    parent = load_checkpoint(moco_run, "pretrain")
+    cfg = stored_config(PretrainConfig, parent)
+    _, _, obj = stage.build(cfg, None, parent, lambda: None, 2)
+    stage.start_from(obj, parent, "mocov3")
+    for section, module in (("model", obj.net), ("mocov3", obj.saved_modules()["mocov3"])):
+        assert all(torch.equal(v, parent.section(section)[k]) for k, v in module.state_dict().items()), section
+    mae = train_tiny("baselines/mae.yaml", pattern_tree, tmp_path / "mae", **{
+        "model.decoder_depth": 0, "tokenizer.patch": 4, "mae.decoder_width": 16, "mae.decoder_depth": 1,
+        "mae.decoder_heads": 2, "online_probe.enabled": False})
+    other = load_checkpoint(mae, "pretrain")
+    _, _, obj = stage.build(cfg, None, other, lambda: None, 2)
+    stage.start_from(obj, other, "mocov3")
+    base, mom = obj.ema_pairs()
+    assert torch.equal(obj.net.blocks[0].attn.qkv.weight, other.section("model")["blocks.0.attn.qkv.weight"])
+    assert all(torch.equal(b, m) for b, m in zip(base, mom))
+
+
 def test_probe_export_info_and_the_api_read_the_base_encoder(moco_run, run_main, tmp_path):
     """The folded encoder at t = 10 is the base encoder MoCo trained, before its heads: its features are the model's
     own on every patch."""

@@ -117,6 +117,9 @@ class MAEObjective(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         pass
 
+    def net_loaded(self) -> None:
+        pass
+
     def reconstruct(self, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every stage of a step, for the loss and for checks against models_mae.py: the patches, the masking, the
         encoder features of the visible patches and the decoder's prediction of every patch."""

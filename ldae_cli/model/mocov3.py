@@ -301,6 +301,12 @@ class MocoV3Objective(nn.Module):
         return [p for m in base for p in m.parameters()], [p for m in mom for p in m.parameters()]
 
     @torch.no_grad()
+    def net_loaded(self) -> None:
+        """The base encoder took another run's weights (--init-from): the momentum encoder starts as it."""
+        for base, mom in zip(*self.ema_pairs()):
+            mom.copy_(base)
+
+    @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
         """After the optimizer step of `step`: momentum <- m * momentum + (1 - m) * base with m = m(step + 1), the
         update the official loop makes at the start of iteration step + 1 (its first, at k = 0, copies equal

@@ -8,7 +8,9 @@ encoder every evaluation folds and reads (checkpoint key `model`), `denoiser` it
 - `saved_modules()`: its own trained modules, saved and resumed beside `model` under their own keys;
 - `param_groups(weight_decay)`: what AdamW steps;
 - `after_step(step, total_steps)`: called after each optimizer step, before the EMA and any checkpoint, so that what
-  it updates is saved with the step (MoCo v3's momentum encoder; nothing for the others).
+  it updates is saved with the step (MoCo v3's momentum encoder; nothing for the others);
+- `net_loaded()`: called when --init-from has put a run of another objective's weights in `net`, so that what the
+  objective derives from `net` follows (MoCo v3's momentum encoder starts as the base one; nothing for the others).
 engine_pretrain's optimizer_step and the Trainer run every objective the same way.
 """
 
@@ -53,6 +55,9 @@ class LDAEObjective(nn.Module):
         return list(self.net.parameters())
 
     def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def net_loaded(self) -> None:
         pass
 
 

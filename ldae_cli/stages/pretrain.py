@@ -191,6 +191,8 @@ def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> Non
     if parent.config.get("objective", "ldae") == name:
         for key, module in objective.saved_modules().items():
             load_state(module, parent.section(key), f"{parent.path} ({key})")
+    else:
+        objective.net_loaded()
 
 
 def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:
