@@ -320,12 +320,6 @@ class PretrainConfig:
             raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
                             f"patches, got {tc.fit_patches}")
 
-    def block_forwards(self) -> int:
-        """Forwards of a block one training image costs, the online probe's cost model: a forward and a backward (3
-        forwards) of every block; MoCo v3: of the encoder on two views, and the momentum encoder's forward on both."""
-        _, enc, dec, _ = self.model.resolved()
-        return 8 * enc if self.objective == "mocov3" else 3 * (enc + dec)
-
     def validate_baseline(self) -> None:
         """MAE and MoCo v3 train the encoder blocks on raw patches at one timestep, with their own section's heads;
         MoCo's views are its augmentation (the loader's images stay whole)."""
@@ -349,6 +343,14 @@ class PretrainConfig:
         if self.objective == "mocov3" and self.run.compile:
             raise LdaeError("run.compile: MoCo v3's per-image views and its collectives (the keys' all_gather, the "
                             "head BatchNorms' all_reduce) run outside torch.compile; set run.compile=false")
+
+
+def block_forwards(objective: str, model: ModelConfig) -> int:
+    """Forwards of a block one training image of `objective` costs, the online probe's cost model: a forward and a
+    backward (3 forwards) of every block; MoCo v3: of the encoder on two views, and the momentum encoder's forward on
+    both."""
+    _, enc, dec, _ = model.resolved()
+    return 8 * enc if objective == "mocov3" else 3 * (enc + dec)
 
 
 # fit-pca's config (pca.py reads it)
