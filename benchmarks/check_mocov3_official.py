@@ -29,9 +29,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
 from ldae_cli.model.models import DenoisingViT, sincos_2d
 from ldae_cli.model.mocov3 import MocoV3Objective, info_nce, momentum_at
+from ldae_cli.model.tokenizers import PixelTokenizer
 from ldae_cli.settings.contrastive import MocoV3Config
+from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
 
 MIRROR = "/work/.mirror/facebookresearch+moco-v3/repo"
 TOLERANCE = 1e-5  # float32: every difference below must be rounding only
@@ -76,8 +79,8 @@ class Bridge(nn.Module):
 
 
 def tiny_net() -> DenoisingViT:
-    net = DenoisingViT(48, 48, (4, 4), 64, encoder_depth=2, decoder_depth=1, num_heads=4)
-    with torch.no_grad():  # adaLN-Zero starts every block as the identity: give the blocks something to do
+    net = DenoisingViT(48, 48, (4, 4), 64, encoder_depth=2, decoder_depth=0, num_heads=4)
+    with torch.no_grad():  # adaLN-Zero modulation starts at zero: make t matter (the objective opens the gates)
         for block in net.blocks:
             block.ada.net[-1].weight.normal_(0, 0.02)
     return net
@@ -110,8 +113,9 @@ def main() -> int:
     def record(what: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
         rows.append((what, diff(ours, theirs), float(theirs.abs().max())))
 
-    ours = MocoV3Objective(tiny_net(), cfg, lambda x: x, (16, 16))
-    theirs = builder.MoCo_ViT(partial(Bridge, ours.net, cfg.timestep), cfg.dim, cfg.mlp_dim, cfg.temperature)
+    denoiser = Denoiser(DiffusionConfig(), PixelTokenizer(4), NoiseSchedule(DiffusionConfig()), 16)
+    ours = MocoV3Objective(PretrainConfig(objective="mocov3", mocov3=cfg), denoiser, tiny_net())
+    theirs = builder.MoCo_ViT(partial(Bridge, ours.net, DEFAULT_T), cfg.dim, cfg.mlp_dim, cfg.temperature)
     theirs.base_encoder.head.load_state_dict(ours.heads["projector"].state_dict())
     theirs.momentum_encoder.head.load_state_dict(ours.heads["projector"].state_dict())
     theirs.predictor.load_state_dict(ours.heads["predictor"].state_dict())
@@ -152,7 +156,7 @@ def main() -> int:
         loss_ours = ours.loss_from_tokens(x1, x2).mean()
         record(f"step {k}: loss", loss_ours, loss_theirs)
         if k:  # the official forward has just made the update ours made after the last optimizer step
-            mom_ours = dict(ours.momentum["encoder"].net.named_parameters())
+            mom_ours = dict(ours.momentum["encoder"].named_parameters())
             mom_ours.update({f"head.{n}": p for n, p in ours.momentum["projector"].named_parameters()})
             mom_theirs = {n: p for n, p in theirs.momentum_encoder.named_parameters()}
             rows.append((f"step {k}: momentum weights (scale: |momentum - base|)",
@@ -169,7 +173,7 @@ def main() -> int:
         assert ours.net.embed.weight.grad is None  # the frozen patch projection
         opt_ours.step(), opt_theirs.step()
         opt_ours.zero_grad(), opt_theirs.zero_grad()
-        ours.momentum_update(k, total)
+        ours.after_step(k, total)
 
     for k in range(total + 1):
         rows.append((f"m(k={k}, K={total})", abs(momentum_at(k, total, cfg) -

@@ -299,6 +299,29 @@ def test_coco_mini_runs_for_real(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not COCO_MINI.exists(), reason="needs ../shared/data/coco-mini.tar.gz")
+def test_coco_mini_runs_from_an_mae_checkpoint(tmp_path):
+    """`ldae detect` from a tiny MAE run (the kind of checkpoint the paper's Table 6 sets beside l-DAE): its folded
+    encoder loads in full, two iterations train and COCO evaluation runs on the real mini set."""
+    import tarfile
+
+    images = write_image_tree(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=(32, 32), splits=("train",))
+    mae = train_tiny("baselines/mae.yaml", images, tmp_path / "mae", **{
+        "tokenizer.patch": 4, "model.encoder_depth": 4, "model.decoder_depth": 0, "mae.decoder_width": 16,
+        "mae.decoder_depth": 1, "mae.decoder_heads": 2, "online_probe.enabled": False})
+    with tarfile.open(COCO_MINI) as tar:
+        tar.extractall(tmp_path, filter="data")
+    path = run([f"data.path={tmp_path / 'coco-mini'}", f"run.out_dir={tmp_path / 'run'}", "run.progress=false",
+                "backbone.size=null", "optim.iterations=2", "optim.warmup_iterations=1", "optim.lr_steps=[0.5]"],
+               ckpt=mae)
+    ck = load_checkpoint(path, "detect")
+    assert ck.extra["init"] == "pretrain" and ck.extra["finished"] and ck.extra["num_classes"] == 80
+    assert ck.provenance["parents"][0]["sha256"] == sha256_file(mae)
+    assert json.loads((tmp_path / "run" / "load_report.json").read_text())["ok"]
+    assert set(ck.extra["eval"]) == {"step", "bbox", "segm"}
+
+
+@pytest.mark.slow
 def test_two_ranks_under_torchrun(coco, tmp_path):
     """2 gloo ranks (torchrun): each takes its half of every global batch; evaluation gathers both shards."""
     sets = detect_sets(coco, tmp_path / "ddp", **SCRATCH)

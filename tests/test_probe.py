@@ -299,10 +299,10 @@ def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
 
     s = OnlineProbeConfig()
     # CIFAR-10 at the cpu budget: 1,560 steps of 128 images, 4 + 4 blocks, 4 probes: 10,980 fit images affordable
-    assert online_fit_per_class(s, 1560 * 128, 4, 4, 1560, 10) == 1098
+    assert online_fit_per_class(s, 1560 * 128, 3 * (4 + 4), 4, 1560, 10) == 1098
     probed = 4 * (10 * 1098 + s.test_images)  # images the probes read: an encoder forward each
     assert probed * 4 / (3 * 8) <= s.max_share * 1560 * 128  # the share of the run's compute, as forwards of all blocks
-    assert online_fit_per_class(s, 400 * 1_281_167, 12, 12, 400 * 625, 1000) == 20  # ImageNet: the 20k cap wins
+    assert online_fit_per_class(s, 400 * 1_281_167, 3 * (12 + 12), 12, 400 * 625, 1000) == 20  # ImageNet: the 20k cap wins
     labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 10)
     picked = balanced_subset(labels, 4, seed=0)
     assert labels[picked].bincount().tolist() == [4, 3, 4] and picked == sorted(picked)

@@ -29,6 +29,7 @@ CONFIG_SUMMARY = {
     "tokenizer": ("kind", "path", "patch", "dim", "latent_scale"),
     "diffusion": ("schedule", "target", "loss_weight", "input_space", "output_space"),
     "mae": ("mask_ratio", "norm_pix_loss", "decoder_width", "decoder_depth", "decoder_heads"),
+    "mocov3": ("temperature", "momentum", "momentum_cosine", "mlp_dim", "dim", "freeze_patch_embed", "crop_scale"),
     "pca": ("patch", "dim", "patches", "positions"),
     "probe": ("features", "fast", "t", "depth", "blrs", "epochs", "batch_size"),
     "optim": ("batch_size", "epochs", "iterations", "blr", "lr", "ema"),
@@ -123,7 +124,7 @@ def _network_spec(extra: dict) -> dict | None:
 
 
 # the section of each pretraining objective (PretrainConfig.objective), shown for a run of that objective only
-OBJECTIVE_SECTIONS = {"ldae": "diffusion", "mae": "mae"}
+OBJECTIVE_SECTIONS = {"ldae": "diffusion", "mae": "mae", "mocov3": "mocov3"}
 
 
 def _config_summary(config: dict) -> dict:

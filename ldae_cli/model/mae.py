@@ -31,7 +31,7 @@ from torch import nn
 
 from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.errors import LdaeError
-from ldae_cli.model.models import DenoisingViT, sincos_2d
+from ldae_cli.model.models import DenoisingViT, open_gates, sincos_2d
 from ldae_cli.seeds import step_generator
 from ldae_cli.settings.training import DEFAULT_T, MAEConfig, PretrainConfig
 
@@ -101,9 +101,7 @@ class MAEObjective(nn.Module):
         self.decoder = MAEDecoder(net.spec["width"], denoiser.grid, denoiser.tokenizer.image_token_dim, cfg.mae,
                                   net.spec["mlp_ratio"])
         net.final.requires_grad_(False)  # the denoising head has no part in MAE: DDP and AdamW leave it out
-        with torch.no_grad():  # each block's gates start at 1: at t fixed the encoder starts as MAE's plain ViT
-            for block in net.blocks:
-                block.ada.net[-1].bias.view(6, -1)[[2, 5]] = 1.0
+        open_gates(net)
 
     def draw(self, seed: int, step: int, batch: int, device: torch.device) -> tuple[torch.Tensor]:
         n = self.denoiser.grid[0] * self.denoiser.grid[1]
@@ -115,6 +113,12 @@ class MAEObjective(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """MAE's AdamW groups: no weight decay on biases and LayerNorm-like vectors."""
         return param_groups_weight_decay(self, weight_decay)
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def net_loaded(self) -> None:
+        pass
 
     def reconstruct(self, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every stage of a step, for the loss and for checks against models_mae.py: the patches, the masking, the

@@ -1,13 +1,14 @@
 """MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers"; the official
 facebookresearch/moco-v3) on the encoder every ldae evaluation reads: the DenoisingViT's input Linear, position
-embedding and encoder blocks at one constant timestep, mean-pooled over tokens (what `fold_to_vit`'s timm ViT
-outputs: average pool, no class token, no final norm).
+embedding and encoder blocks at the constant t = DEFAULT_T (MoCo has no timestep; trained and folded there, as MAE's),
+mean-pooled over tokens (what `fold_to_vit`'s timm ViT outputs: average pool, no class token, no final norm), on raw
+pixel patches (the pixel tokenizer). `MocoV3Objective` is the `mocov3` entry of model/objectives.py's registry.
 
 Per step, for the global batch of B images:
 - `draw_views` draws both views' parameters of every image from (seed, step) alone (`seeds.view_generator`): random
   resized crop, colour jitter, grey, blur, solarize and flip, BYOL's recipe as the official main_moco.py sets it;
   `apply_views` applies them on the device to the loader's uint8 images (torchvision's tensor ops), so an image's
-  views do not depend on the rank count, the micro-batches or a resume;
+  views do not depend on the rank count or a resume;
 - the base encoder + projector + predictor give queries q1, q2; the momentum encoder + projector (an EMA copy,
   momentum m0 raised to 1 along a half cosine) give keys k1, k2 without gradient;
 - the loss of image i is ctr(q1_i, k2) + ctr(q2_i, k1), ctr the InfoNCE cross-entropy against the keys of the whole
@@ -16,13 +17,22 @@ Per step, for the global batch of B images:
 The MLP heads' BatchNorms take their statistics over the global batch when several ranks run (the official code's
 SyncBatchNorm, which is CUDA-only; `GlobalBatchNorm1d` all-reduces sums with autograd, so gloo on CPUs works too).
 The patch projection (the encoder's input Linear) stays at its random init, out of training (the paper's Sec. 4.2).
+After each optimizer step the engine calls `after_step`: the momentum update.
+
+Where it differs from the official code, and why:
+- no class token, average pool (the encoder ldae folds and evaluates; the official ViT reads its class token);
+- the blocks are the model's adaLN blocks at one t, tanh-GELU, gates opened to 1 (`open_gates`), with the model's
+  xavier init (vits.py draws q, k and v's thirds of the fused qkv apart);
+- the views are cut from the loader's image (whole, resized to data.image_size), not from the full-size file;
+- images in [-1, 1], as every ldae encoder reads them (the official code normalises by ImageNet's mean and std);
+- the MLP heads run in float32 outside autocast.
+benchmarks/check_mocov3_official.py runs the official builder and schedule on the same weights and inputs.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,9 +41,10 @@ import torchvision.transforms.v2.functional as tvf
 from torch import nn
 
 from ldae_cli.data.pipeline import to_unit_range
-from ldae_cli.model.models import DenoisingViT
+from ldae_cli.model.models import DenoisingViT, open_gates
 from ldae_cli.seeds import view_generator
 from ldae_cli.settings.contrastive import MocoV3Config
+from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
 
 # the two views' augmentation, as the official main_moco.py sets it (BYOL's recipe; jitter not strengthened)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
@@ -172,7 +183,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return y * self.weight + self.bias if self.affine else y
 
 
-def build_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
+def build_mlp(layers: int, in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     """The official MLP head: Linear (no bias) -> BN -> ReLU for the hidden layers, then Linear -> BN without
     affine (SimCLR's last BN, gamma removed)."""
     mods: list[nn.Module] = []
@@ -181,7 +192,7 @@ def build_mlp(layers: int, in_dim: int, hidden: int, out_dim: int, last_bn: bool
         mods.append(nn.Linear(in_dim if i == 0 else hidden, out_dim if last else hidden, bias=False))
         if not last:
             mods += [GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        elif last_bn:
+        else:
             mods.append(GlobalBatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*mods)
 
@@ -212,89 +223,73 @@ def momentum_at(step: int, total_steps: int, cfg: MocoV3Config) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def encoder_parts(net: DenoisingViT) -> list[nn.Module]:
-    """What the encoder path reads: input Linear, timestep (and null-label) embedding, encoder blocks."""
-    return [net.embed, net.t_embed, *([net.y_embed] if net.y_embed is not None else []),
-            *net.blocks[:net.encoder_depth]]
-
-
-class PooledEncoder(nn.Module):
-    """tokens (B, N, in_dim) -> (B, width): the net's encoder at constant t, averaged over tokens."""
-
-    def __init__(self, net: DenoisingViT, timestep: int):
-        super().__init__()
-        self.net, self.timestep = net, timestep
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = torch.full((tokens.shape[0],), self.timestep, dtype=torch.long, device=tokens.device)
-        return self.net.features(tokens, t).mean(1)
+    """What the encoder path reads: input Linear, timestep embedding, blocks (no label embedding, no decoder blocks:
+    a mocov3 config has neither)."""
+    return [net.embed, net.t_embed, net.blocks]
 
 
 def momentum_copy(net: DenoisingViT) -> DenoisingViT:
-    """A frozen copy of the net's encoder path (decoder blocks and output layer left out)."""
+    """A frozen copy of the net's encoder path (the unused denoising head left out)."""
     twin = copy.deepcopy(net)
-    twin.blocks = nn.ModuleList(list(twin.blocks)[:net.encoder_depth])
     twin.final = nn.Identity()
-    twin.spec = {**net.spec, "decoder_depth": 0}
     return twin.requires_grad_(False)
 
 
 class MocoV3Objective(nn.Module):
-    """uint8 images + their rows of the step's view draw -> per-sample loss (B,); the unit DDP wraps.
+    """The `mocov3` objective: draw = both views' parameters of every image (B, 2, PARAMS); forward = per-sample loss.
 
-    net: the DenoisingViT whose encoder is trained (the base encoder; the probe and export read it at
-    cfg.timestep); tokenize: images in [-1, 1] (B, 3, H, W) -> the net's input tokens (B, N, in_dim);
-    image_size: (H, W) of the loader's images. Parts of the net outside the encoder path (decoder blocks, output
-    layer) and, with cfg.freeze_patch_embed, the input Linear are frozen: no gradient, out of `trainable()`.
-    """
+    `net` is the base encoder every evaluation reads at DEFAULT_T; its denoising head and, with freeze_patch_embed,
+    its input Linear are frozen (out of DDP and AdamW). Saved beside it under `mocov3`: the heads (their BatchNorm
+    statistics too) and the momentum encoder and projector, which `after_step` updates."""
 
-    def __init__(self, net: DenoisingViT, cfg: MocoV3Config, tokenize: Callable[[torch.Tensor], torch.Tensor],
-                 image_size: tuple[int, int]):
+    def __init__(self, cfg: PretrainConfig, denoiser, net: DenoisingViT):
         super().__init__()
-        self.cfg, self.tokenize, self.image_size = cfg, tokenize, tuple(image_size)
-        self.kernel = blur_kernel(cfg)
-        self.amp_dtype: torch.dtype | None = None  # torch.bfloat16: the encoders run under autocast on CUDA
-        for part in [*net.blocks[net.encoder_depth:], net.final]:
-            part.requires_grad_(False)
-        if cfg.freeze_patch_embed:
+        self.cfg, self.denoiser, self.net = cfg.mocov3, denoiser, net
+        self.kernel = blur_kernel(self.cfg)
+        net.final.requires_grad_(False)
+        if self.cfg.freeze_patch_embed:
             net.embed.requires_grad_(False)
-        width = net.spec["width"]
-        self.encoder = PooledEncoder(net, cfg.timestep)
-        self.heads = nn.ModuleDict({"projector": build_mlp(cfg.proj_layers, width, cfg.mlp_dim, cfg.dim),
-                                    "predictor": build_mlp(cfg.pred_layers, cfg.dim, cfg.mlp_dim, cfg.dim)})
-        self.momentum = nn.ModuleDict({
-            "encoder": PooledEncoder(momentum_copy(net), cfg.timestep),
-            "projector": copy.deepcopy(self.heads["projector"]).requires_grad_(False)})
+        open_gates(net)
+        width, mlp, dim = net.spec["width"], self.cfg.mlp_dim, self.cfg.dim
+        self.heads = nn.ModuleDict({"projector": build_mlp(self.cfg.proj_layers, width, mlp, dim),
+                                    "predictor": build_mlp(self.cfg.pred_layers, dim, mlp, dim)})
+        self.momentum = nn.ModuleDict({"encoder": momentum_copy(net),
+                                       "projector": copy.deepcopy(self.heads["projector"]).requires_grad_(False)})
 
-    @property
-    def net(self) -> DenoisingViT:
-        return self.encoder.net
+    def draw(self, seed: int, step: int, batch: int, device: torch.device) -> tuple[torch.Tensor]:
+        """The step's view parameters for the global batch (rows sliced per rank like any draw)."""
+        size = (self.denoiser.image_size,) * 2
+        return (draw_views(self.cfg, seed, step, batch, size).to(device),)
 
-    def trainable(self) -> list[nn.Parameter]:
-        """What the optimizer updates: the base encoder (its patch projection aside) and both heads."""
+    def saved_modules(self) -> dict[str, nn.Module]:
+        return {"mocov3": nn.ModuleDict({"heads": self.heads, "momentum": self.momentum})}
+
+    def param_groups(self, weight_decay: float) -> list[nn.Parameter]:
+        """The base encoder (its patch projection aside) and both heads, all decayed (the official AdamW)."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    def draw(self, seed: int, step: int, global_batch: int, device: torch.device | str) -> torch.Tensor:
-        """The step's view parameters for the global batch (rows sliced per rank and micro-batch like the noise)."""
-        return draw_views(self.cfg, seed, step, global_batch, self.image_size).to(device)
-
-    def forward(self, images: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.tokenize(to_unit_range(apply_views(images, views, self.kernel))).chunk(2)
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        pixels = to_unit_range(apply_views(images, views, self.kernel)).float()
+        x1, x2 = self.denoiser.tokenizer.encode(pixels).chunk(2)
         return self.loss_from_tokens(x1, x2)
 
-    def _pooled(self, encoder: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-        device = tokens.device.type
-        with torch.autocast(device, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            return encoder(tokens).float()
+    def pooled(self, net: DenoisingViT, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N, in_dim) -> (B, width): the net's encoder at DEFAULT_T averaged over tokens (what the folded
+        ViT outputs)."""
+        t = torch.full((tokens.shape[0],), DEFAULT_T, dtype=torch.long, device=tokens.device)
+        amp = self.denoiser.amp_dtype
+        with torch.autocast(tokens.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return net.features(tokens, t).mean(1).float()
 
     def loss_from_tokens(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Per-sample loss from both views' tokens. The encoders run on both views at once (their LayerNorms are
         per token); the heads run view by view, so each BatchNorm sees one view's batch, as in the official code."""
         tokens = torch.cat([x1, x2])
-        h1, h2 = self._pooled(self.encoder, tokens).chunk(2)
+        h1, h2 = self.pooled(self.net, tokens).chunk(2)
         proj, pred = self.heads["projector"], self.heads["predictor"]
         q1, q2 = pred(proj(h1)), pred(proj(h2))
         with torch.no_grad():
-            m1, m2 = self._pooled(self.momentum["encoder"], tokens).chunk(2)
+            m1, m2 = self.pooled(self.momentum["encoder"], tokens).chunk(2)
             k1, k2 = self.momentum["projector"](m1), self.momentum["projector"](m2)
         tau = self.cfg.temperature
         return info_nce(q1, k2, tau) + info_nce(q2, k1, tau)
@@ -302,11 +297,17 @@ class MocoV3Objective(nn.Module):
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(base, momentum) parameters in matching order: encoder path, then projector."""
         base = [*encoder_parts(self.net), self.heads["projector"]]
-        mom = [*encoder_parts(self.momentum["encoder"].net), self.momentum["projector"]]
+        mom = [*encoder_parts(self.momentum["encoder"]), self.momentum["projector"]]
         return [p for m in base for p in m.parameters()], [p for m in mom for p in m.parameters()]
 
     @torch.no_grad()
-    def momentum_update(self, step: int, total_steps: int) -> None:
+    def net_loaded(self) -> None:
+        """The base encoder took another run's weights (--init-from): the momentum encoder starts as it."""
+        for base, mom in zip(*self.ema_pairs()):
+            mom.copy_(base)
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
         """After the optimizer step of `step`: momentum <- m * momentum + (1 - m) * base with m = m(step + 1), the
         update the official loop makes at the start of iteration step + 1 (its first, at k = 0, copies equal
         weights and changes nothing)."""

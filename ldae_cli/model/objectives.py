@@ -6,7 +6,11 @@ encoder every evaluation folds and reads (checkpoint key `model`), `denoiser` it
   randomness drawn from `seeds.step_generator(seed, step)`, so any rank count, accumulation or resume sees the same;
 - `forward(images, labels, *rows of that draw)`: uint8 images -> per-sample loss (B,), the unit DDP wraps;
 - `saved_modules()`: its own trained modules, saved and resumed beside `model` under their own keys;
-- `param_groups(weight_decay)`: what AdamW steps.
+- `param_groups(weight_decay)`: what AdamW steps;
+- `after_step(step, total_steps)`: called after each optimizer step, before the EMA and any checkpoint, so that what
+  it updates is saved with the step (MoCo v3's momentum encoder; nothing for the others);
+- `net_loaded()`: called when --init-from has put a run of another objective's weights in `net`, so that what the
+  objective derives from `net` follows (MoCo v3's momentum encoder starts as the base one; nothing for the others).
 engine_pretrain's optimizer_step and the Trainer run every objective the same way.
 """
 
@@ -19,6 +23,7 @@ from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.model.diffusion import Denoiser
 from ldae_cli.model.mae import MAEObjective
 from ldae_cli.model.models import DenoisingViT
+from ldae_cli.model.mocov3 import MocoV3Objective
 from ldae_cli.seeds import step_generator
 from ldae_cli.settings.training import PretrainConfig
 
@@ -49,8 +54,14 @@ class LDAEObjective(nn.Module):
     def param_groups(self, weight_decay: float) -> list[nn.Parameter]:
         return list(self.net.parameters())
 
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
 
-OBJECTIVES: dict[str, type[nn.Module]] = {"ldae": LDAEObjective, "mae": MAEObjective}
+    def net_loaded(self) -> None:
+        pass
+
+
+OBJECTIVES: dict[str, type[nn.Module]] = {"ldae": LDAEObjective, "mae": MAEObjective, "mocov3": MocoV3Objective}
 
 
 def build_objective(cfg: PretrainConfig, denoiser: Denoiser, net: DenoisingViT) -> nn.Module:

@@ -243,7 +243,9 @@ def export_timm(path: str | Path, out: str | Path, t: int = DEFAULT_T, depth: in
 
 # the model card's tag, title and what the encoder was pretrained as, by objective
 MODEL_CARD = {"ldae": ("l-dae", "l-DAE", "a latent denoising autoencoder (l-DAE)"),
-              "mae": ("mae", "MAE", "a masked autoencoder (MAE; no timestep: its blocks were trained at this t)")}
+              "mae": ("mae", "MAE", "a masked autoencoder (MAE; no timestep: its blocks were trained at this t)"),
+              "mocov3": ("moco-v3", "MoCo v3", "MoCo v3's base encoder (contrastive, features before its projection "
+                                               "head; no timestep: its blocks were trained at this t)")}
 
 
 def timm_export(path: str | os.PathLike) -> Path | None:

@@ -1,5 +1,7 @@
-"""MoCo v3's settings (Chen, Xie, He 2021; facebookresearch/moco-v3's ViT recipe), free of torch like the other
-config sections: model/mocov3.py reads them. The defaults are the paper's ViT settings."""
+"""MoCo v3's settings, the `mocov3:` section of a pretrain config read when `objective: mocov3` (Chen, Xie, He 2021;
+facebookresearch/moco-v3's ViT recipe), free of torch like the other config sections: model/mocov3.py reads them.
+The defaults are the paper's ViT settings. MoCo has no timestep: like MAE's, its encoder is trained and folded at
+settings.training.DEFAULT_T."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ from dataclasses import dataclass, field
 
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
-from ldae_cli.settings.training import DEFAULT_T
 
 
 @dataclass
@@ -20,8 +21,6 @@ class MocoV3Config:
     proj_layers: int = 3
     pred_layers: int = 2
     freeze_patch_embed: bool = True  # the random patch projection stays at its init (the paper's stability fix)
-    # the constant timestep the encoder is conditioned on (MoCo has none); export folds at the same t
-    timestep: int = DEFAULT_T
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random resized crop's area range
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur's sigma range, pixels
 
@@ -29,7 +28,6 @@ class MocoV3Config:
         require("mocov3", "> 0", lambda v: v > 0, temperature=self.temperature, mlp_dim=self.mlp_dim, dim=self.dim)
         require("mocov3", "in [0, 1]", lambda v: 0 <= v <= 1, momentum=self.momentum)
         require("mocov3", ">= 1", lambda v: v >= 1, proj_layers=self.proj_layers, pred_layers=self.pred_layers)
-        require("mocov3", ">= 0", lambda v: v >= 0, timestep=self.timestep)
         if len(self.crop_scale) != 2 or not (0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
             raise LdaeError(f"mocov3.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {self.crop_scale}")
         if len(self.blur_sigma) != 2 or not (0 < self.blur_sigma[0] <= self.blur_sigma[1]):

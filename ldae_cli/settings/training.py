@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple, Optional
 
 from ldae_cli.config import require
 from ldae_cli.errors import LdaeError
+from ldae_cli.settings.contrastive import MocoV3Config
 from ldae_cli.settings.optim import OptimConfig
 
 DEFAULT_T = 10  # the timestep encoders are folded at
@@ -264,7 +265,7 @@ class MAEConfig:
                             f"{self.decoder_heads} and by 4 (the 2-D sin-cos position embedding), e.g. 512")
 
 
-Objective = Literal["ldae", "mae"]
+Objective = Literal["ldae", "mae", "mocov3"]
 MAX_SEED = 2 ** 31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
 
 
@@ -297,8 +298,9 @@ class RunConfig:
 
 @dataclass
 class PretrainConfig:
-    # what the encoder learns from (model/objectives.py): ldae denoises (tokenizer, model, diffusion); mae masks
-    # (the `mae:` section; the pixel tokenizer, the model's encoder blocks only, no timestep: t = DEFAULT_T)
+    # what the encoder learns from (model/objectives.py): ldae denoises (tokenizer, model, diffusion); mae masks (the
+    # `mae:` section), mocov3 contrasts two views (the `mocov3:` section): both on the pixel tokenizer, the model's
+    # encoder blocks only, no timestep (t = DEFAULT_T)
     objective: Objective = "ldae"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -308,10 +310,11 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     online_probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    mocov3: MocoV3Config = field(default_factory=MocoV3Config)
 
     def validate(self) -> None:
-        if self.objective == "mae":
-            self.validate_mae()
+        if self.objective != "ldae":
+            self.validate_baseline()
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
         tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
@@ -326,18 +329,37 @@ class PretrainConfig:
             raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
                             f"patches, got {tc.fit_patches}")
 
-
-    def validate_mae(self) -> None:
-        """MAE trains the encoder blocks on raw patches at one timestep; its decoder is the `mae:` section's."""
-        wrong = [f"{key} {value!r} (needs {need!r})" for key, value, need in (
-            ("tokenizer.kind", self.tokenizer.kind, "pixel"), ("tokenizer.latent_scale", self.tokenizer.latent_scale,
-                                                               "none"),
-            ("model.decoder_depth", self.model.resolved()[2], 0),
-            ("model.class_conditional", self.model.class_conditional, False),
-            ("online_probe.t", self.online_probe.t, DEFAULT_T)) if value != need]
+    def validate_baseline(self) -> None:
+        """MAE and MoCo v3 train the encoder blocks on raw patches at one timestep, with their own section's heads;
+        MoCo's views are its augmentation (the loader's images stay whole)."""
+        needs = [("tokenizer.kind", self.tokenizer.kind, "pixel"),
+                 ("tokenizer.latent_scale", self.tokenizer.latent_scale, "none"),
+                 ("model.decoder_depth", self.model.resolved()[2], 0),
+                 ("model.class_conditional", self.model.class_conditional, False),
+                 ("online_probe.t", self.online_probe.t, DEFAULT_T)]
+        if self.objective == "mocov3":
+            needs += [("data.crop", self.data.crop, "center"), ("data.hflip", self.data.hflip, False)]
+        wrong = [f"{key} {value!r} (needs {need!r})" for key, value, need in needs if value != need]
         if wrong:
-            raise LdaeError(f"objective mae: {'; '.join(wrong)}: MAE reads raw pixel patches, decodes with the mae: "
-                            f"section's decoder and has no timestep (its encoder is folded at t = {DEFAULT_T})")
+            raise LdaeError(f"objective {self.objective}: {'; '.join(wrong)}: it reads raw pixel patches, trains with "
+                            f"the {self.objective}: section's heads and has no timestep (its encoder is folded at "
+                            f"t = {DEFAULT_T})" + ("; its two views are the augmentation, made from whole images"
+                                                   if self.objective == "mocov3" else ""))
+        if self.objective == "mocov3" and self.optim.micro_batch is not None:
+            raise LdaeError(f"optim.micro_batch {self.optim.micro_batch}: MoCo v3 takes no gradient accumulation (its "
+                            "InfoNCE negatives and head BatchNorms span the global batch, each rank's share in one "
+                            "pass); set optim.micro_batch=null")
+        if self.objective == "mocov3" and self.run.compile:
+            raise LdaeError("run.compile: MoCo v3's per-image views and its collectives (the keys' all_gather, the "
+                            "head BatchNorms' all_reduce) run outside torch.compile; set run.compile=false")
+
+
+def block_forwards(objective: str, model: ModelConfig) -> int:
+    """Forwards of a block one training image of `objective` costs, the online probe's cost model: a forward and a
+    backward (3 forwards) of every block; MoCo v3: of the encoder on two views, and the momentum encoder's forward on
+    both."""
+    _, enc, dec, _ = model.resolved()
+    return 8 * enc if objective == "mocov3" else 3 * (enc + dec)
 
 
 # fit-pca's config (pca.py reads it)

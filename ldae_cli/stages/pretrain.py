@@ -138,10 +138,7 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
             start_from(objective, init_from, cfg.objective)
         if s.ctx.is_main:
             (width, enc, dec, heads), n_params = cfg.model.resolved(), trained_parameters(objective)
-            what = (f"{cfg.diffusion.schedule} schedule, target {cfg.diffusion.target}, {cfg.diffusion.input_space}->"
-                    f"{cfg.diffusion.output_space}" if cfg.objective == "ldae" else
-                    f"MAE: mask {cfg.mae.mask_ratio:g}, decoder {cfg.mae.decoder_depth} blocks of width "
-                    f"{cfg.mae.decoder_width}, norm_pix_loss {cfg.mae.norm_pix_loss}")
+            what = objective_line(cfg)
             console.print(f"model: {enc}+{dec} blocks, width {width}, {heads} heads, {n_params / 1e6:.1f}M params; "
                           f"tokenizer {tokenizer.kind} p={tokenizer.patch} d={tokenizer.token_dim}; {what}"
                           + (f"; weights from {init_from.path}" if init_from is not None else ""))
@@ -163,13 +160,25 @@ def run(cfg: PretrainConfig, config_name: str | None = None, resume: Checkpoint 
         return s.checkpoint
 
 
+def objective_line(cfg: PretrainConfig) -> str:
+    """The objective's settings in brief, for the run's banner."""
+    d, mae, moco = cfg.diffusion, cfg.mae, cfg.mocov3
+    return {"ldae": f"{d.schedule} schedule, target {d.target}, {d.input_space}->{d.output_space}",
+            "mae": f"MAE: mask {mae.mask_ratio:g}, decoder {mae.decoder_depth} blocks of width {mae.decoder_width}, "
+                   f"norm_pix_loss {mae.norm_pix_loss}",
+            "mocov3": f"MoCo v3: tau {moco.temperature:g}, momentum {moco.momentum:g}"
+                      f"{' cosine to 1' if moco.momentum_cosine else ''}, heads {moco.mlp_dim}->{moco.dim}, patch "
+                      f"projection {'frozen' if moco.freeze_patch_embed else 'trained'}"}[cfg.objective]
+
+
 def trained_parameters(objective: torch.nn.Module) -> int:
     return sum(p.numel() for p in objective.parameters() if p.requires_grad)
 
 
 def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> None:
     """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read), and, when it
-    was trained with the same objective, that objective's own modules (MAE's decoder)."""
+    was trained with the same objective, that objective's own modules (MAE's decoder; MoCo v3's heads and momentum
+    encoder)."""
     model = objective.net
     section = "ema" if parent.extra.get("has_ema") and parent.section("ema") else "model"
     if parent.extra.get("model_spec") != model.spec:
@@ -181,6 +190,8 @@ def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> Non
     if parent.config.get("objective", "ldae") == name:
         for key, module in objective.saved_modules().items():
             load_state(module, parent.section(key), f"{parent.path} ({key})")
+    else:
+        objective.net_loaded()
 
 
 def check_init_from(cfg: PretrainConfig, parent: Checkpoint) -> None:

@@ -138,9 +138,10 @@ def round_down(x: float) -> float:
     return float(f"{math.floor(x / step + 1e-9) * step:.2g}")
 
 
-def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], float], probe, pca: bool = True) -> Sized:
+def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], float], probe, pca: bool = True,
+             objective: str = "ldae") -> Sized:
     """The keys a budget sets for this data (module docstring: the rules); `speed(candidate)` is training images per
-    second, all ranks together; `probe` the config's OnlineProbeConfig."""
+    second, all ranks together; `probe` the config's OnlineProbeConfig, `objective` its objective."""
     side = min(facts.side, MAX_SIDE)
     if side < 4:
         raise LdaeError(f"--budget: the images of {facts.name} are {facts.side} px (median short side); a run needs "
@@ -175,7 +176,7 @@ def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], floa
         "optim.batch_size": batch, "optim.epochs": epoch_count, "optim.warmup_epochs": round_down(epoch_count / 10),
         "run.time_limit_minutes": round(budget.seconds / 60, 2), "run.compile": budget.gpus > 0,
     }
-    overrides["online_probe.enabled"], probe_line = probe_decision(facts, probe, overrides, ranks)
+    overrides["online_probe.enabled"], probe_line = probe_decision(facts, probe, overrides, ranks, objective)
     why = (f"the most tokens, then the largest model of at most {PARAMS_PER_IMAGE} block parameters per training "
            f"image, that get {MIN_EPOCHS} epochs" if reached else f"the fewest tokens and the smallest model: none gets "
            f"{MIN_EPOCHS} epochs in this budget")
@@ -198,7 +199,7 @@ def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], floa
     return Sized(overrides, lines)
 
 
-def probe_decision(facts: DataFacts, probe, overrides: dict, ranks: int) -> tuple[bool, str]:
+def probe_decision(facts: DataFacts, probe, overrides: dict, ranks: int, objective: str) -> tuple[bool, str]:
     """Whether the online probe can meet its floor at this size of run (online_probe.online_fit_size), and the line
     saying so or why not."""
     from ldae_cli.model.models import ModelConfig
@@ -206,9 +207,10 @@ def probe_decision(facts: DataFacts, probe, overrides: dict, ranks: int) -> tupl
     from ldae_cli.settings.optim import OptimConfig
 
     keys = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-    cfg = SimpleNamespace(online_probe=probe, run=SimpleNamespace(seed=0), model=ModelConfig(**keys), optim=OptimConfig(
-        batch_size=overrides["optim.batch_size"], epochs=overrides["optim.epochs"],
-        warmup_epochs=overrides["optim.warmup_epochs"]))
+    optim = OptimConfig(batch_size=overrides["optim.batch_size"], epochs=overrides["optim.epochs"],
+                        warmup_epochs=overrides["optim.warmup_epochs"])
+    cfg = SimpleNamespace(objective=objective, online_probe=probe, run=SimpleNamespace(seed=0), model=ModelConfig(**keys),
+                          optim=optim)
     try:
         per_class = online_fit_size(cfg, SimpleNamespace(rank=0, world=ranks), facts.images, facts.classes,
                                     min(probe.test_images, facts.eval_images))
@@ -256,7 +258,7 @@ def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict
                         f"(tokenizer.path {cfg.tokenizer.path}); set tokenizer.path=null, or size the run by hand")
     facts = data_facts(cfg.data)
     speed, assumed = measured_speed(cfg, budget)
-    sized = size_run(facts, budget, speed, cfg.online_probe, pca=cfg.tokenizer.kind == "pca")
+    sized = size_run(facts, budget, speed, cfg.online_probe, pca=cfg.tokenizer.kind == "pca", objective=cfg.objective)
     lines = [*sized.lines, f"  ({assumed()})"]
     if preview == "config":  # stdout is the YAML alone: the decisions go above it as comments
         sys.stdout.write("".join(f"# {line}\n" for line in lines))

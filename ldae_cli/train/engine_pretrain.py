@@ -10,8 +10,10 @@ Reading path, the files one pretrain step passes through, in order:
 4. model/diffusion.py     l-DAE, `Denoiser.loss`: images to latents (model/tokenizers.py: the PCA encode), noise at
                           level t, the network (model/models.py: `DenoisingViT`), the target and the weighted loss;
                           or model/mae.py, MAE: masking, the encoder on the visible patches, the decoder and the
-                          masked-patch loss;
-5. settings/optim.py      the lr of the step (`StepPlan.lr`), AdamW's update;
+                          masked-patch loss; or model/mocov3.py, MoCo v3: two views, the base and momentum encoders,
+                          the heads and the symmetric InfoNCE loss over the global batch;
+5. settings/optim.py      the lr of the step (`StepPlan.lr`), AdamW's update, then the objective's `after_step`
+                          (MoCo's momentum update);
 6. train/trainer.py       the EMA update, then the cadence: a metrics line, the hooks (train/hooks.py,
                           train/online_probe.py), a checkpoint (train/train_state.py, runs/checkpoint.py) when
                           one is due.
@@ -93,6 +95,7 @@ def train(session: Session[PretrainConfig], objective: nn.Module, dataset: Image
         batches = [(b.images, b.labels) for b in micro_batches(stream, plan.accum, device)]
         loss_sum, count = optimizer_step(runner, model, optimizer, batches, draw, ctx.rank * per_rank, per_rank,
                                          cfg.optim.clip_grad, ctx.enabled)
+        objective.after_step(index, plan.total_steps)  # before the Trainer's EMA and checkpoint
         trainer.meter.add("loss", loss_sum, count)
 
     trainer.announce(f"{len(dataset):,} images", cfg.optim.base_lr())
@@ -121,4 +124,5 @@ def synthetic_step(cfg: PretrainConfig, objective: nn.Module, batch: int, device
         objective(images, labels, *objective.draw(cfg.run.seed, 0, batch, device)).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        objective.after_step(0, 1)
     return step

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ldae_cli.settings.training import OnlineProbeConfig
+from ldae_cli.settings.training import OnlineProbeConfig, block_forwards
 from ldae_cli.data.pipeline import ImageDataset, build_dataset
 from ldae_cli.runs.distributed import DistContext, all_reduce_sum
 from ldae_cli.errors import LdaeError
@@ -35,15 +35,15 @@ def probe_every(s: OnlineProbeConfig, total_steps: int) -> int:
     return s.every or math.ceil(total_steps / 4)
 
 
-def online_fit_per_class(s: OnlineProbeConfig, train_images: int, encoder_depth: int, decoder_depth: int,
+def online_fit_per_class(s: OnlineProbeConfig, train_images: int, block_forwards: int, encoder_depth: int,
                          total_steps: int, num_classes: int, test_images: int | None = None) -> int:
     """Fit images per class: as many as `s.fit_images` holds, fewer where the probes would take more than
-    `s.max_share` of the run (0 or less: not even the test images). The cost model: a training image costs a forward
-    and a backward pass (3 forwards) of every block, a probed image one forward of the encoder's, and the run probes
-    `probes` times the fit and `test_images` (default `s.test_images`); `train_images` is what the whole run trains
-    on (steps x batch)."""
+    `s.max_share` of the run (0 or less: not even the test images). The cost model: a training image costs
+    `block_forwards` forwards of a block (settings.training.block_forwards), a probed image one forward of the encoder's,
+    and the run probes `probes` times the fit and `test_images` (default `s.test_images`); `train_images` is what the
+    whole run trains on (steps x batch)."""
     probes = math.ceil(total_steps / probe_every(s, total_steps))
-    affordable = s.max_share * train_images * 3 * (encoder_depth + decoder_depth) / encoder_depth / probes
+    affordable = s.max_share * train_images * block_forwards / encoder_depth / probes
     tested = s.test_images if test_images is None else test_images
     return min(s.fit_images, int(affordable) - tested) // num_classes
 
@@ -58,9 +58,8 @@ def online_fit_size(cfg, ctx, images: int, classes: int, test_images: int) -> in
         raise LdaeError(f"{images:,} training images over {classes} classes give {images // classes} per class, "
                         f"below its floor of {s.per_class} (online_probe.per_class)")
     total = plan_steps(images, cfg.optim, cfg.run.seed, ctx).total_steps
-    _, encoder_depth, decoder_depth, _ = cfg.model.resolved()
-    per_class = online_fit_per_class(s, total * cfg.optim.batch_size, encoder_depth, decoder_depth, total, classes,
-                                     test_images)
+    per_class = online_fit_per_class(s, total * cfg.optim.batch_size, block_forwards(cfg.objective, cfg.model),
+                                     cfg.model.resolved()[1], total, classes, test_images)
     if per_class < s.per_class:
         raise LdaeError(f"its {s.max_share:.0%} share of the run (online_probe.max_share) pays for "
                         f"{max(per_class, 0)} fit images per class, below its floor of {s.per_class} "
