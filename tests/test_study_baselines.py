@@ -26,7 +26,7 @@ def test_each_method_keeps_its_papers_optimiser_with_the_blr_the_budget_scales_o
                                                                                           tmp_path):
     plan = plan_of(budget, pattern_tree, tmp_path)
     by_name = {run.label.split(",")[0]: (run, plan.settings[key]) for key, run in plan.pretrains.items()}
-    assert [r.name for r in plan.rows] == ["l-DAE", "MAE", "random init (same network)", "raw pixels"]
+    assert [r.name for r in plan.rows] == ["l-DAE", "MAE", "MoCo v3", "random init (same network)", "raw pixels"]
     ldae, mae = by_name["l-DAE"][1], by_name["MAE"][1]
     scale = load("budget", budget, BudgetConfig).pretrain["optim.blr"] / 1.0e-4  # over l-DAE's paper blr
     assert ldae.optim.blr == pytest.approx(1.0e-4 * scale) and mae.optim.blr == pytest.approx(1.5e-4 * scale)
@@ -42,6 +42,12 @@ def test_each_method_keeps_its_papers_optimiser_with_the_blr_the_budget_scales_o
     assert f"optim.blr={mae.optim.blr}" in by_name["MAE"][0].own  # --dry-run lists the scaled blr
     assert by_name["MAE"][0].speed != by_name["l-DAE"][0].speed
     assert plan.budget_flops == by_name["l-DAE"][0].flops > by_name["MAE"][0].flops
+    moco = by_name["MoCo v3"][1]
+    assert (moco.objective, moco.optim.betas, moco.optim.weight_decay, moco.data.crop, moco.data.hflip) == \
+        ("mocov3", [0.9, 0.999], 0.1, "center", False)  # its views are its augmentation
+    assert moco.optim.blr == pytest.approx(1.5e-4 * scale) and by_name["MoCo v3"][0].flops > plan.budget_flops
+    assert moco.model.resolved()[:2] + (moco.model.resolved()[3], moco.tokenizer.patch) == \
+        (width, encoder, heads, ldae.tokenizer.patch)
 
 
 def test_training_flops_per_image_follow_the_objective_on_the_same_encoder():
@@ -83,7 +89,7 @@ def row(name, paper=None, paper_row=None, source=None):
 
 def test_the_page_names_each_paper_numbers_source_and_the_rows_neither_source_has():
     study = load("study", "baselines", StudyConfig)
-    assert [v.paper for v in study.variants] == [66.6, 68.0] and "ViT-B" in study.paper_note
+    assert [v.paper for v in study.variants] == [66.6, 68.0, 76.7] and "ViT-B" in study.paper_note
     rows = [row("l-DAE", 66.6, "Table 5a"), row("MoCo v3", 76.7, "ViT-B, 300 ep", "Chen, Xie, He 2021"),
             row("raw pixels")]
     text = pages.sources({"rows": rows})[0]
