@@ -156,8 +156,8 @@ def main() -> int:
         loss_ours = ours.loss_from_tokens(x1, x2).mean()
         record(f"step {k}: loss", loss_ours, loss_theirs)
         if k:  # the official forward has just made the update ours made after the last optimizer step
-            mom_ours = dict(ours.momentum["encoder"].named_parameters())
-            mom_ours.update({f"head.{n}": p for n, p in ours.momentum["projector"].named_parameters()})
+            mom_ours = dict(ours.momentum.encoder.named_parameters())
+            mom_ours.update({f"head.{n}": p for n, p in ours.momentum.projector.named_parameters()})
             mom_theirs = {n: p for n, p in theirs.momentum_encoder.named_parameters()}
             rows.append((f"step {k}: momentum weights (scale: |momentum - base|)",
                          max(diff(p, mom_theirs[n if n.startswith("head.") else f"net.{n}"])

@@ -31,7 +31,9 @@ from torch import nn
 
 from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.errors import LdaeError
+from ldae_cli.model.diffusion import Denoiser
 from ldae_cli.model.models import DenoisingViT, open_gates, sincos_2d
+from ldae_cli.model.objective_base import Objective
 from ldae_cli.seeds import step_generator
 from ldae_cli.settings.training import DEFAULT_T, MAEConfig, PretrainConfig
 
@@ -41,6 +43,8 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 class MAEDecoder(nn.Module):
     """Visible tokens' encoder features (B, K, W) + where every patch went (ids_restore) -> pixels of every patch."""
 
+    pos_embed: torch.Tensor  # a buffer
+
     def __init__(self, width: int, grid: tuple[int, int], patch_dim: int, cfg: MAEConfig, mlp_ratio: float):
         super().__init__()
         dim = cfg.decoder_width
@@ -48,7 +52,8 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(width, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(Block(dim, cfg.decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+        self.blocks = nn.ModuleList(Block(dim, cfg.decoder_heads, mlp_ratio, qkv_bias=True,
+                                          norm_layer=LayerNorm)  # type: ignore[arg-type]  # timm calls any factory
                                     for _ in range(cfg.decoder_depth))
         self.out_norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_dim)
@@ -86,12 +91,11 @@ def masked_loss(pred: torch.Tensor, patches: torch.Tensor, mask: torch.Tensor, n
     return (per_patch * mask).sum(1) / mask.sum(1)
 
 
-class MAEObjective(nn.Module):
+class MAEObjective(Objective):
     """The `mae` objective: draw = the masking noise (B, N); forward = per-image loss."""
 
-    def __init__(self, cfg: PretrainConfig, denoiser, net: DenoisingViT):
-        super().__init__()
-        self.denoiser, self.net = denoiser, net
+    def __init__(self, cfg: PretrainConfig, denoiser: Denoiser, net: DenoisingViT):
+        super().__init__(cfg, denoiser, net)
         self.norm_pix = cfg.mae.norm_pix_loss
         n = denoiser.grid[0] * denoiser.grid[1]
         self.keep = int(n * (1 - cfg.mae.mask_ratio))  # models_mae.py's count
@@ -113,12 +117,6 @@ class MAEObjective(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """MAE's AdamW groups: no weight decay on biases and LayerNorm-like vectors."""
         return param_groups_weight_decay(self, weight_decay)
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        pass
-
-    def net_loaded(self) -> None:
-        pass
 
     def reconstruct(self, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every stage of a step, for the loss and for checks against models_mae.py: the patches, the masking, the

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,9 @@ import torchvision.transforms.v2.functional as tvf
 from torch import nn
 
 from ldae_cli.data.pipeline import to_unit_range
+from ldae_cli.model.diffusion import Denoiser
 from ldae_cli.model.models import DenoisingViT, open_gates
+from ldae_cli.model.objective_base import Objective
 from ldae_cli.seeds import view_generator
 from ldae_cli.settings.contrastive import MocoV3Config
 from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
@@ -66,7 +69,7 @@ JITTER_OPS = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation,
 # The views
 # ---------------------------------------------------------------------------------------------
 
-def crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float]) -> torch.Tensor:
+def crop_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float]) -> torch.Tensor:
     """(..., 4 * CROP_TRIES) uniforms -> (..., 4) boxes (top, left, h, w): torchvision's RandomResizedCrop draw, the
     first of its tries that fits, else its central fallback."""
     u = u.reshape(*u.shape[:-1], CROP_TRIES, 4)
@@ -93,7 +96,7 @@ def draw_views(cfg: MocoV3Config, seed: int, step: int, batch: int, size: tuple[
     u = torch.rand(batch, 2, 4 * CROP_TRIES + 14, generator=gen, dtype=torch.float64)
     r = u[..., 4 * CROP_TRIES:]
     p = torch.zeros(batch, 2, PARAMS, dtype=torch.float64)
-    p[..., TOP:WIDTH + 1] = crop_boxes(u[..., :4 * CROP_TRIES], *size, tuple(cfg.crop_scale))
+    p[..., TOP:WIDTH + 1] = crop_boxes(u[..., :4 * CROP_TRIES], *size, cfg.crop_scale)
     p[..., JITTER_ON] = (r[..., 0] < JITTER_P).double()
     for i, strength in enumerate(JITTER):  # ColorJitter's factor ranges: [1-s, 1+s], hue [-s, s]
         lo, hi = (-strength, strength) if i == 3 else (max(0.0, 1 - strength), 1 + strength)
@@ -173,12 +176,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         count = sums[-1].detach()
         mean = sums[:-1] / count
         var = SumOverRanks.apply((x - mean).square().sum(0)) / count
-        if self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is not None and running_mean is not None and running_var is not None:  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                factor = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean, factor)
-                self.running_var.lerp_(var * count / (count - 1), factor)
+                tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1 / float(tracked)
+                running_mean.lerp_(mean, factor)
+                running_var.lerp_(var * count / (count - 1), factor)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight + self.bias if self.affine else y
 
@@ -228,23 +232,28 @@ def encoder_parts(net: DenoisingViT) -> list[nn.Module]:
     return [net.embed, net.t_embed, net.blocks]
 
 
-def momentum_copy(net: DenoisingViT) -> DenoisingViT:
-    """A frozen copy of the net's encoder path (the unused denoising head left out)."""
-    twin = copy.deepcopy(net)
-    twin.final = nn.Identity()
-    return twin.requires_grad_(False)
+class Momentum(nn.Module):
+    """The momentum encoder and projector: frozen copies of the base ones (the net's unused denoising head left
+    out of the encoder's), which `MocoV3Objective.after_step` moves towards them."""
+
+    def __init__(self, net: DenoisingViT, projector: nn.Module):
+        super().__init__()
+        self.encoder = copy.deepcopy(net)
+        del self.encoder.final  # the copy only runs `features`
+        self.projector = copy.deepcopy(projector)
+        self.requires_grad_(False)
 
 
-class MocoV3Objective(nn.Module):
+class MocoV3Objective(Objective):
     """The `mocov3` objective: draw = both views' parameters of every image (B, 2, PARAMS); forward = per-sample loss.
 
     `net` is the base encoder every evaluation reads at DEFAULT_T; its denoising head and, with freeze_patch_embed,
     its input Linear are frozen (out of DDP and AdamW). Saved beside it under `mocov3`: the heads (their BatchNorm
     statistics too) and the momentum encoder and projector, which `after_step` updates."""
 
-    def __init__(self, cfg: PretrainConfig, denoiser, net: DenoisingViT):
-        super().__init__()
-        self.cfg, self.denoiser, self.net = cfg.mocov3, denoiser, net
+    def __init__(self, cfg: PretrainConfig, denoiser: Denoiser, net: DenoisingViT):
+        super().__init__(cfg, denoiser, net)
+        self.cfg = cfg.mocov3
         self.kernel = blur_kernel(self.cfg)
         net.final.requires_grad_(False)
         if self.cfg.freeze_patch_embed:
@@ -253,8 +262,7 @@ class MocoV3Objective(nn.Module):
         width, mlp, dim = net.spec["width"], self.cfg.mlp_dim, self.cfg.dim
         self.heads = nn.ModuleDict({"projector": build_mlp(self.cfg.proj_layers, width, mlp, dim),
                                     "predictor": build_mlp(self.cfg.pred_layers, dim, mlp, dim)})
-        self.momentum = nn.ModuleDict({"encoder": momentum_copy(net),
-                                       "projector": copy.deepcopy(self.heads["projector"]).requires_grad_(False)})
+        self.momentum = Momentum(net, self.heads["projector"])
 
     def draw(self, seed: int, step: int, batch: int, device: torch.device) -> tuple[torch.Tensor]:
         """The step's view parameters for the global batch (rows sliced per rank like any draw)."""
@@ -289,15 +297,15 @@ class MocoV3Objective(nn.Module):
         proj, pred = self.heads["projector"], self.heads["predictor"]
         q1, q2 = pred(proj(h1)), pred(proj(h2))
         with torch.no_grad():
-            m1, m2 = self.pooled(self.momentum["encoder"], tokens).chunk(2)
-            k1, k2 = self.momentum["projector"](m1), self.momentum["projector"](m2)
+            m1, m2 = self.pooled(self.momentum.encoder, tokens).chunk(2)
+            k1, k2 = self.momentum.projector(m1), self.momentum.projector(m2)
         tau = self.cfg.temperature
         return info_nce(q1, k2, tau) + info_nce(q2, k1, tau)
 
     def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(base, momentum) parameters in matching order: encoder path, then projector."""
         base = [*encoder_parts(self.net), self.heads["projector"]]
-        mom = [*encoder_parts(self.momentum["encoder"]), self.momentum["projector"]]
+        mom = [*encoder_parts(self.momentum.encoder), self.momentum.projector]
         return [p for m in base for p in m.parameters()], [p for m in mom for p in m.parameters()]
 
     @torch.no_grad()

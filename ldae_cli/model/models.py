@@ -203,8 +203,8 @@ def open_gates(net: DenoisingViT) -> None:
     """Every block's gates at 1 (not DiT's 0): at a constant t the encoder then starts as a plain ViT, as MAE's and
     MoCo v3's encoders do (objectives that train the encoder at one t)."""
     with torch.no_grad():
-        for block in net.blocks:
-            block.ada.net[-1].bias.view(6, -1)[[2, 5]] = 1.0
+        for ada in (m for m in net.blocks.modules() if isinstance(m, AdaLN)):  # one per block
+            ada.net[-1].get_parameter("bias").view(6, -1)[[2, 5]] = 1.0
 
 
 def build_model(cfg: ModelConfig, in_dim: int, out_dim: int, grid: tuple[int, int], num_classes: int = 0

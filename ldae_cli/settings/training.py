@@ -332,11 +332,12 @@ class PretrainConfig:
     def validate_baseline(self) -> None:
         """MAE and MoCo v3 train the encoder blocks on raw patches at one timestep, with their own section's heads;
         MoCo's views are its augmentation (the loader's images stay whole)."""
-        needs = [("tokenizer.kind", self.tokenizer.kind, "pixel"),
-                 ("tokenizer.latent_scale", self.tokenizer.latent_scale, "none"),
-                 ("model.decoder_depth", self.model.resolved()[2], 0),
-                 ("model.class_conditional", self.model.class_conditional, False),
-                 ("online_probe.t", self.online_probe.t, DEFAULT_T)]
+        needs: list[tuple[str, object, object]] = [
+            ("tokenizer.kind", self.tokenizer.kind, "pixel"),
+            ("tokenizer.latent_scale", self.tokenizer.latent_scale, "none"),
+            ("model.decoder_depth", self.model.resolved()[2], 0),
+            ("model.class_conditional", self.model.class_conditional, False),
+            ("online_probe.t", self.online_probe.t, DEFAULT_T)]
         if self.objective == "mocov3":
             needs += [("data.crop", self.data.crop, "center"), ("data.hflip", self.data.hflip, False)]
         wrong = [f"{key} {value!r} (needs {need!r})" for key, value, need in needs if value != need]

@@ -23,6 +23,7 @@ from ldae_cli.train.dryrun import Plan, estimate_images_per_second, outline, pri
 from ldae_cli.train.online_probe import OnlineProbe, online_plan, online_subsets
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.models import build_model
+from ldae_cli.model.objective_base import Objective
 from ldae_cli.model.objectives import build_objective
 from ldae_cli.settings.optim import plan_steps
 from ldae_cli.data.plots import grid_tensor
@@ -37,7 +38,7 @@ from ldae_cli.model.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 
 
 def build(cfg: PretrainConfig, resume: Checkpoint | None, init_from: Checkpoint | None, fresh: Callable[[], tuple],
-          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], torch.nn.Module]:
+          num_classes: int, meta: bool = False) -> tuple[Tokenizer, list[dict], Objective]:
     """What a run trains and its --dry-run counts: the tokenizer and the run's parents (`fresh()`, or a resumed or
     --init-from run's own, never refitted or swapped), and the objective (objectives.py) around the denoiser and the
     network, seeded alike on every rank (on the meta device: counted, not allocated)."""
@@ -171,11 +172,11 @@ def objective_line(cfg: PretrainConfig) -> str:
                       f"projection {'frozen' if moco.freeze_patch_embed else 'trained'}"}[cfg.objective]
 
 
-def trained_parameters(objective: torch.nn.Module) -> int:
+def trained_parameters(objective: Objective) -> int:
     return sum(p.numel() for p in objective.parameters() if p.requires_grad)
 
 
-def start_from(objective: torch.nn.Module, parent: Checkpoint, name: str) -> None:
+def start_from(objective: Objective, parent: Checkpoint, name: str) -> None:
     """--init-from: the parent's weights (its EMA when it kept one, the weights its evaluations read), and, when it
     was trained with the same objective, that objective's own modules (MAE's decoder; MoCo v3's heads and momentum
     encoder)."""

@@ -87,13 +87,14 @@ def stored(ckpt: Path, cls: type):
 def objective_text(cfg: PretrainConfig) -> str:
     """What a run's objective did, in words (its `objective` and that objective's own section)."""
     if cfg.objective == "mae":
-        m = cfg.mae
-        return (f"MAE, {m.mask_ratio:.0%} of patches hidden, decoder width {m.decoder_width}, {m.decoder_depth} "
-                f"blocks, {m.decoder_heads} heads, {'normalised' if m.norm_pix_loss else 'raw'} pixel targets")
+        mae = cfg.mae
+        return (f"MAE, {mae.mask_ratio:.0%} of patches hidden, decoder width {mae.decoder_width}, "
+                f"{mae.decoder_depth} blocks, {mae.decoder_heads} heads, "
+                f"{'normalised' if mae.norm_pix_loss else 'raw'} pixel targets")
     if cfg.objective == "mocov3":
-        m = cfg.mocov3
-        return (f"MoCo v3, tau {m.temperature:g}, momentum {m.momentum:g}{' to 1 (cosine)' if m.momentum_cosine else ''}"
-                f", heads {m.mlp_dim} hidden, {m.dim} out")
+        moco = cfg.mocov3
+        return (f"MoCo v3, tau {moco.temperature:g}, momentum {moco.momentum:g}"
+                f"{' to 1 (cosine)' if moco.momentum_cosine else ''}, heads {moco.mlp_dim} hidden, {moco.dim} out")
     d = cfg.diffusion
     return (f"{d.schedule} noise, predict {d.target}, loss weight {d.loss_weight}, {d.input_space} in, "
             f"{d.output_space} out")

@@ -4,7 +4,7 @@ micro-batches, DDP); the Trainer does the rest (checkpoints, exact resume, EMA, 
 Reading path, the files one pretrain step passes through, in order:
 1. seeds.py               `SeededSteps` picks the step's images (this rank's share, cut into micro-batches);
 2. data/pipeline.py       each image decoded, cropped and resized to uint8 (a DataLoader worker; trainer.ImageStream);
-3. train/engine_pretrain  the objective's `draw` (model/objectives.py) draws the step's randomness for the global
+3. train/engine_pretrain  the objective's `draw` (model/objective_base.py) draws the step's randomness for the global
                           batch (`seeds.step_generator`), then `optimizer_step` runs each micro-batch through the
                           objective:
 4. model/diffusion.py     l-DAE, `Denoiser.loss`: images to latents (model/tokenizers.py: the PCA encode), noise at
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ldae_cli.settings.training import PCA_DIM, PretrainConfig
+from ldae_cli.model.objective_base import Objective
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.data.pipeline import ImageDataset
 from ldae_cli.runs.distributed import amp_dtype, no_sync
@@ -70,7 +71,7 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     return loss_sum, count
 
 
-def train(session: Session[PretrainConfig], objective: nn.Module, dataset: ImageDataset,
+def train(session: Session[PretrainConfig], objective: Objective, dataset: ImageDataset,
           describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None,
           pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None) -> bool:
     """Pretrain `objective.net` (and the objective's own modules) on `dataset` with the run's optim settings (and
@@ -111,7 +112,7 @@ def stand_in(tc: TokenizerConfig) -> PCATokenizer:
                         tc.scale_dim)
 
 
-def synthetic_step(cfg: PretrainConfig, objective: nn.Module, batch: int, device) -> Callable[[], None]:
+def synthetic_step(cfg: PretrainConfig, objective: Objective, batch: int, device) -> Callable[[], None]:
     """One optimizer step of the run's objective on `batch` random images: what --dry-run times."""
     objective.to(device)
     objective.denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
