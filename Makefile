@@ -1,4 +1,4 @@
-# The two commands that matter: `make demo` (whole pipeline on Fashion-MNIST) and `make test`.
+# The two commands that matter: `make demo` (whole pipeline on Fashion-MNIST) and `make test` (`make lint` first in CI).
 # Both create .venv and install everything on first use; re-running them skips what is done.
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +8,7 @@ DEMO ?= runs/demo
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
 COCO_MINI ?= ../shared/data/coco-mini.tar.gz
 
-.PHONY: env data demo test bench clean-demo
+.PHONY: env data demo test lint bench clean-demo
 
 env: $(STAMP)
 
@@ -80,6 +80,12 @@ $(DEMO)/probe-random-init/results.json: $(DEMO)/pretrain/done
 
 test: env
 	$(BIN)/python -m pytest -q
+
+# What CI checks before the tests (and .pre-commit-config.yaml before a commit): lint, import order, format, types
+lint: env
+	$(BIN)/ruff check ldae_cli tests benchmarks
+	$(BIN)/ruff format --check ldae_cli tests benchmarks
+	$(BIN)/mypy
 
 bench: env
 	$(BIN)/python benchmarks/fit_pca.py

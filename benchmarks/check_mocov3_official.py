@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import subprocess
 import sys
 import tarfile
-import subprocess
 import tempfile
 import types
 from functools import partial
@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.model.models import DenoisingViT, sincos_2d
 from ldae_cli.model.mocov3 import MocoV3Objective, info_nce, momentum_at
+from ldae_cli.model.models import DenoisingViT, sincos_2d
 from ldae_cli.model.tokenizers import PixelTokenizer
 from ldae_cli.settings.contrastive import MocoV3Config
 from ldae_cli.settings.training import DEFAULT_T, PretrainConfig
@@ -43,11 +43,13 @@ TOLERANCE = 1e-5  # float32: every difference below must be rounding only
 def import_official(mirror: str, dest: Path):
     tar = subprocess.run(["git", f"--git-dir={mirror}", "archive", "HEAD"], check=True, capture_output=True).stdout
     tarfile.open(fileobj=io.BytesIO(tar)).extractall(dest, filter="data")
-    commit = subprocess.run(["git", f"--git-dir={mirror}", "rev-parse", "HEAD"], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", f"--git-dir={mirror}", "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     # shims: timm moved to_2tuple and renamed num_tokens; the official loss puts its labels on .cuda()
     import timm.layers
     import timm.models.vision_transformer as timm_vit
+
     helpers = types.ModuleType("timm.models.layers.helpers")
     helpers.to_2tuple = timm.layers.to_2tuple
     sys.modules[helpers.__name__] = helpers
@@ -59,6 +61,7 @@ def import_official(mirror: str, dest: Path):
     import main_moco
     import moco.builder
     import vits
+
     sys.argv = argv
     return commit, moco.builder, main_moco, vits
 
@@ -120,13 +123,16 @@ def main() -> int:
     theirs.momentum_encoder.head.load_state_dict(ours.heads["projector"].state_dict())
     theirs.predictor.load_state_dict(ours.heads["predictor"].state_dict())
     ours.train(), theirs.train()
-    ours_params = {**{f"net.{k}": p for k, p in ours.net.named_parameters()},
-                   **{f"head.{k}": p for k, p in ours.heads["projector"].named_parameters()},
-                   **{f"predictor.{k}": p for k, p in ours.heads["predictor"].named_parameters()}}
+    ours_params = {
+        **{f"net.{k}": p for k, p in ours.net.named_parameters()},
+        **{f"head.{k}": p for k, p in ours.heads["projector"].named_parameters()},
+        **{f"predictor.{k}": p for k, p in ours.heads["predictor"].named_parameters()},
+    }
     theirs_params = {k: p for k, p in theirs.base_encoder.named_parameters()}
     theirs_params.update({f"predictor.{k}": p for k, p in theirs.predictor.named_parameters()})
-    assert {k for k, p in ours_params.items() if p.requires_grad} == \
-        {k for k, p in theirs_params.items() if p.requires_grad}
+    assert {k for k, p in ours_params.items() if p.requires_grad} == {
+        k for k, p in theirs_params.items() if p.requires_grad
+    }
 
     # the heads on the same features; the loss on the same q, k (both halves, the 2 tau scale)
     h = torch.randn(32, 64)
@@ -135,9 +141,11 @@ def main() -> int:
     record("predictor output", ours.heads["predictor"](z), theirs.predictor(z))
     q1, q2, k1, k2 = torch.randn(4, 32, cfg.dim).unbind()
     record("contrastive loss ctr(q, k)", info_nce(q1, k2, cfg.temperature).mean(), theirs.contrastive_loss(q1, k2))
-    record("symmetric loss ctr(q1,k2)+ctr(q2,k1)",
-           (info_nce(q1, k2, cfg.temperature) + info_nce(q2, k1, cfg.temperature)).mean(),
-           theirs.contrastive_loss(q1, k2) + theirs.contrastive_loss(q2, k1))
+    record(
+        "symmetric loss ctr(q1,k2)+ctr(q2,k1)",
+        (info_nce(q1, k2, cfg.temperature) + info_nce(q2, k1, cfg.temperature)).mean(),
+        theirs.contrastive_loss(q1, k2) + theirs.contrastive_loss(q2, k1),
+    )
 
     # full steps: forward (the official one updates its momentum encoder first), backward, SGD, momentum update
     total, per_epoch = 8, 2
@@ -159,26 +167,41 @@ def main() -> int:
             mom_ours = dict(ours.momentum.encoder.named_parameters())
             mom_ours.update({f"head.{n}": p for n, p in ours.momentum.projector.named_parameters()})
             mom_theirs = {n: p for n, p in theirs.momentum_encoder.named_parameters()}
-            rows.append((f"step {k}: momentum weights (scale: |momentum - base|)",
-                         max(diff(p, mom_theirs[n if n.startswith("head.") else f"net.{n}"])
-                             for n, p in mom_ours.items()),
-                         max(diff(p, b) for p, b in zip(*ours.ema_pairs()))))
+            rows.append(
+                (
+                    f"step {k}: momentum weights (scale: |momentum - base|)",
+                    max(diff(p, mom_theirs[n if n.startswith("head.") else f"net.{n}"]) for n, p in mom_ours.items()),
+                    max(diff(p, b) for p, b in zip(*ours.ema_pairs())),
+                )
+            )
         loss_ours.backward(), loss_theirs.backward()
         head_keys = [n for n in ours_params if not n.startswith("net.")]
-        rows.append((f"step {k}: grad of the loss, head params",
-                     *grads_diff({n: ours_params[n] for n in head_keys}, {n: theirs_params[n] for n in head_keys})))
+        rows.append(
+            (
+                f"step {k}: grad of the loss, head params",
+                *grads_diff({n: ours_params[n] for n in head_keys}, {n: theirs_params[n] for n in head_keys}),
+            )
+        )
         enc_keys = [n for n in ours_params if n.startswith("net.")]
-        rows.append((f"step {k}: grad of the loss, encoder params",
-                     *grads_diff({n: ours_params[n] for n in enc_keys}, {n: theirs_params[n] for n in enc_keys})))
+        rows.append(
+            (
+                f"step {k}: grad of the loss, encoder params",
+                *grads_diff({n: ours_params[n] for n in enc_keys}, {n: theirs_params[n] for n in enc_keys}),
+            )
+        )
         assert ours.net.embed.weight.grad is None  # the frozen patch projection
         opt_ours.step(), opt_theirs.step()
         opt_ours.zero_grad(), opt_theirs.zero_grad()
         ours.after_step(k, total)
 
     for k in range(total + 1):
-        rows.append((f"m(k={k}, K={total})", abs(momentum_at(k, total, cfg) -
-                                                  main_moco.adjust_moco_momentum(k / per_epoch, official_args)),
-                     momentum_at(k, total, cfg)))
+        rows.append(
+            (
+                f"m(k={k}, K={total})",
+                abs(momentum_at(k, total, cfg) - main_moco.adjust_moco_momentum(k / per_epoch, official_args)),
+                momentum_at(k, total, cfg),
+            )
+        )
     stand_in = SimpleNamespace(patch_embed=SimpleNamespace(grid_size=(4, 4)), embed_dim=64, num_tokens=1)
     vits.VisionTransformerMoCo.build_2d_sincos_position_embedding(stand_in)
     record("2-D sin-cos position embedding (vits.py)", sincos_2d(64, (4, 4)), stand_in.pos_embed[0, 1:])
@@ -188,8 +211,10 @@ def main() -> int:
     for what, d, scale in rows:
         print(f"{what:<52} {d:>22.3e} {scale:>20.3e}")
     worst = max(rows, key=lambda r: r[1])
-    print(f"largest difference: {worst[1]:.3e} ({worst[0]}); tolerance {TOLERANCE:g}: "
-          f"{'PASS' if worst[1] <= TOLERANCE else 'FAIL'}")
+    print(
+        f"largest difference: {worst[1]:.3e} ({worst[0]}); tolerance {TOLERANCE:g}: "
+        f"{'PASS' if worst[1] <= TOLERANCE else 'FAIL'}"
+    )
     dist.destroy_process_group()
     return 0 if worst[1] <= TOLERANCE else 1
 

@@ -1,6 +1,6 @@
 """How long a config or `--set` mistake takes to be reported: `ldae pretrain --config final.yaml` with a misspelt key
-and with a bad value (and every other stage with a misspelt key), against the same command with a valid config (`--print-config`, which loads the stage and
-torch, as every error did before) and against starting Python alone.
+and with a bad value (and every other stage with a misspelt key), against the same command with a valid config
+(`--print-config`, which loads the stage and torch, as every error did before) and against starting Python alone.
 
     python benchmarks/cli_latency.py [--repeats 5] [--json docs/bench-cli-latency.json]
 
@@ -60,23 +60,32 @@ def main() -> None:
             "--set optim.lr=-1 (bad value)": ([*ldae, "--set", "optim.lr=-1"], 1),
             "--print-config (valid: loads the stage and torch)": ([*ldae, "--print-config"], 0),
         }
-        stages = {"fit-pca": [], "train-tokenizer": ["--config", "tokenizer/patch-ae.yaml"],
-                  "probe": ["--config", "probe/small-fast.yaml"], "finetune": ["--config", "finetune/cifar10.yaml"],
-                  "detect": ["--config", "detect/cpu-tiny.yaml"]}
+        stages = {
+            "fit-pca": [],
+            "train-tokenizer": ["--config", "tokenizer/patch-ae.yaml"],
+            "probe": ["--config", "probe/small-fast.yaml"],
+            "finetune": ["--config", "finetune/cifar10.yaml"],
+            "detect": ["--config", "detect/cpu-tiny.yaml"],
+        }
         for stage, config in stages.items():  # the other stages' typo, reported as early
             commands[f"--set no_such_key=1 ({stage})"] = (
-                [sys.executable, "-m", "ldae_cli", stage, *config, "--data", str(tree), "--set", "no_such_key=1"], 1)
+                [sys.executable, "-m", "ldae_cli", stage, *config, "--data", str(tree), "--set", "no_such_key=1"],
+                1,
+            )
         times = {name: [] for name in commands}
         for _ in range(args.repeats):  # interleaved, so that a burst of other load hits every command alike
             for name, (argv, code) in commands.items():
                 times[name].append(wall(argv, Path(tmp), code))
-    results = {name: {"median_s": round(statistics.median(t), 3), "best_s": round(min(t), 3)}
-               for name, t in times.items()}
+    results = {
+        name: {"median_s": round(statistics.median(t), 3), "best_s": round(min(t), 3)} for name, t in times.items()
+    }
     errors = [name for name in results if name.startswith("--set")]
     valid = results["--print-config (valid: loads the stage and torch)"]["median_s"]
     python = results["python -c pass"]["median_s"]
     summary = {
-        "repeats": args.repeats, "cpus": os.cpu_count(), "commands": results,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "commands": results,
         "load_average_1m": os.getloadavg()[0],  # other work on the machine meanwhile
         "slowest_error_median_s": max(results[name]["median_s"] for name in errors),
         "valid_over_error": round(valid / max(results[name]["median_s"] for name in errors), 1),
@@ -84,9 +93,11 @@ def main() -> None:
     }
     for name, r in results.items():
         print(f"{name:52s} median {r['median_s']:6.2f} s   best {r['best_s']:6.2f} s")
-    print(f"slowest error: {summary['slowest_error_median_s']:.2f} s (median) = {summary['error_over_python_start']}x "
-          f"a bare Python start; the valid command, which loads torch as every error did before, takes "
-          f"{summary['valid_over_error']}x as long")
+    print(
+        f"slowest error: {summary['slowest_error_median_s']:.2f} s (median) = {summary['error_over_python_start']}x "
+        f"a bare Python start; the valid command, which loads torch as every error did before, takes "
+        f"{summary['valid_over_error']}x as long"
+    )
     Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.json}")
 

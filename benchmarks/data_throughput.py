@@ -77,15 +77,20 @@ def main() -> None:
     encoded = ImageDataset(files, args.size, "center", encoded=True)
     cpu = torch.device("cpu")
     prepared.prepare(cfg, ["train"], work / "prepared", 1.0, 1024, force=False, progress=False)
-    ready = build_dataset(DataConfig(source="imagefolder", path=str(work / "prepared"), image_size=args.size,
-                                     num_workers=0), "train")
+    ready = build_dataset(
+        DataConfig(source="imagefolder", path=str(work / "prepared"), image_size=args.size, num_workers=0), "train"
+    )
     batches = [list(range(i, min(i + 32, n))) for i in range(0, n, 32)]
     rates = {
-        "(a) PIL decode + crop + resize": rate(lambda: [collate([pil[i] for i in b]) for b in batches], n, args.seconds),
+        "(a) PIL decode + crop + resize": rate(
+            lambda: [collate([pil[i] for i in b]) for b in batches], n, args.seconds
+        ),
         "(b) torchvision decode_jpeg + resize": rate(
-            lambda: [decode_batch(collate([encoded[i] for i in b]), args.size, cpu) for b in batches], n, args.seconds),
-        "(c) prepared (memory-mapped uint8)": rate(lambda: [collate([ready[i] for i in b]) for b in batches], n,
-                                                    args.seconds),
+            lambda: [decode_batch(collate([encoded[i] for i in b]), args.size, cpu) for b in batches], n, args.seconds
+        ),
+        "(c) prepared (memory-mapped uint8)": rate(
+            lambda: [collate([ready[i] for i in b]) for b in batches], n, args.seconds
+        ),
     }
     base = rates["(a) PIL decode + crop + resize"]
     print(f"{'path':<40} {'img/s per core':>15} {'vs (a)':>8} {'cores for 8 x H200':>20}")

@@ -51,8 +51,11 @@ def main() -> None:
         matmul = best_of(lambda: a @ w, 5)
     peak = 2 * a.shape[0] * 768 * 3072 / matmul
     flops = model_flops_per_image(model.spec, training=False)
-    print(f"threads {torch.get_num_threads()}, batch {b}, B-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M"
-          f" params), 256 tokens, {flops / 1e9:.1f} GFLOP per image")
+    print(
+        f"threads {torch.get_num_threads()}, batch {b}, "
+        f"B-size model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params), 256 tokens, "
+        f"{flops / 1e9:.1f} GFLOP per image"
+    )
     print(f"denoise (full step)   {full:.3f} s/image")
     print(f"bare network forward  {bare:.3f} s/image   ratio full/bare {full / bare:.3f}")
     print(f"fp32 matmul rate      {peak / 1e9:.0f} GFLOP/s -> floor {flops / peak:.3f} s/image")

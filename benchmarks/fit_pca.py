@@ -45,7 +45,7 @@ def sample_patches(images: torch.Tensor, patch: int, count: int, per_image: int,
     order = torch.cat([torch.randperm(len(images), generator=gen) for _ in range(-(-n_images // len(images)))])
     out = []
     for start in range(0, n_images, 256):
-        idx = order[start:min(start + 256, n_images)]
+        idx = order[start : min(start + 256, n_images)]
         out.append(random_patches(to_unit_range(images[idx]), patch, per_image, gen))
     return torch.cat(out)[:count].numpy()
 
@@ -60,7 +60,7 @@ def fit_ldae(x: np.ndarray, batch: int) -> tuple[float, np.ndarray, np.ndarray, 
     t0 = time.perf_counter()
     acc = CovarianceAccumulator(x.shape[1])
     for start in range(0, len(x), batch):
-        acc.update(torch.from_numpy(x[start:start + batch]))
+        acc.update(torch.from_numpy(x[start : start + batch]))
     eigenvalues, basis = principal_components(acc.covariance())
     elapsed = time.perf_counter() - t0
     return elapsed, acc.mean.numpy(), basis.numpy(), eigenvalues.numpy()
@@ -72,7 +72,7 @@ def fit_sklearn(x: np.ndarray, batch: int, n_components: int) -> tuple[float, np
     t0 = time.perf_counter()
     ipca = IncrementalPCA(n_components=n_components, batch_size=batch)
     for start in range(0, len(x), batch):
-        ipca.partial_fit(x[start:start + batch])
+        ipca.partial_fit(x[start : start + batch])
     elapsed = time.perf_counter() - t0
     return elapsed, ipca.mean_, ipca.components_, ipca.explained_variance_
 
@@ -101,8 +101,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=16, help="kept components d compared")
     ap.add_argument("--batch", type=int, default=4096, help="patches per batch, the same for both methods")
     ap.add_argument("--per-image", type=int, default=16, help="patches sampled per image")
-    ap.add_argument("--ipca-components", choices=["full", "d", "both"], default="both",
-                    help="IncrementalPCA n_components: D (all), d, or run both")
+    ap.add_argument(
+        "--ipca-components",
+        choices=["full", "d", "both"],
+        default="both",
+        help="IncrementalPCA n_components: D (all), d, or run both",
+    )
     ap.add_argument("--data", default=None, help="CIFAR-10 tree or .tar.gz (default: ldae's default locations)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="threads for torch and BLAS (0: library defaults)")
@@ -110,13 +114,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads > 0:
         from threadpoolctl import threadpool_limits
+
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)  # numpy/scipy BLAS (sklearn's SVDs) and OpenMP pools
 
     import sklearn
-    print(f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"numpy {np.__version__}, scikit-learn {sklearn.__version__}; batch {args.batch}, d = {args.dim}, "
-          f"best of {args.repeats}")
+
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"numpy {np.__version__}, scikit-learn {sklearn.__version__}; batch {args.batch}, d = {args.dim}, "
+        f"best of {args.repeats}"
+    )
     t0 = time.perf_counter()
     ds = build_dataset(DataConfig(source="cifar10", path=args.data, image_size=32, num_workers=2), "train")
     images = ds.cached if ds.cached is not None else torch.stack([ds[i][0] for i in range(len(ds))])
@@ -127,34 +135,50 @@ def main() -> None:
         d_full = 3 * p * p
         d = min(args.dim, d_full)
         x = sample_patches(images, p, args.patches, args.per_image, args.seed)
-        print(f"\n== p = {p}: {len(x):,} patches of D = {d_full} (float32, {x.nbytes / 2 ** 20:.0f} MiB), "
-              f"{-(-len(x) // args.batch)} batches")
+        print(
+            f"\n== p = {p}: {len(x):,} patches of D = {d_full} (float32, {x.nbytes / 2**20:.0f} MiB), "
+            f"{-(-len(x) // args.batch)} batches"
+        )
         ref_mean, ref_basis, ref_eig = exact(x)
         t_ours, mean, basis, eig = best_of(args.repeats, fit_ldae, x, args.batch)
         print(f"  ldae streaming (float64 Chan merge + eigh): {t_ours:7.2f} s")
-        print(f"      vs exact: max angle top-{d} {max_angle_deg(basis, ref_basis, d):.2e} deg, "
-              f"max rel eigenvalue error (all {d_full}) {np.max(np.abs(eig - ref_eig) / ref_eig):.1e}, "
-              f"mean max abs diff {np.abs(mean - ref_mean).max():.1e}")
+        print(
+            f"      vs exact: max angle top-{d} {max_angle_deg(basis, ref_basis, d):.2e} deg, "
+            f"max rel eigenvalue error (all {d_full}) {np.max(np.abs(eig - ref_eig) / ref_eig):.1e}, "
+            f"mean max abs diff {np.abs(mean - ref_mean).max():.1e}"
+        )
         kinds = {"full": [d_full], "d": [d], "both": [d_full, d] if d != d_full else [d_full]}[args.ipca_components]
         for k in kinds:
             t_sk, sk_mean, sk_basis, sk_eig = best_of(args.repeats, fit_sklearn, x, args.batch, k)
             ratio = t_sk / t_ours
             angle = max_angle_deg(basis, sk_basis, d)
             eig_rel = np.abs(sk_eig[:d] - eig[:d]) / eig[:d]
-            print(f"  sklearn IncrementalPCA(n_components={k}): {t_sk:7.2f} s  -> ldae is {ratio:.1f}x faster"
-                  if ratio >= 1 else
-                  f"  sklearn IncrementalPCA(n_components={k}): {t_sk:7.2f} s  -> ldae is {1 / ratio:.1f}x slower")
-            print(f"      vs ldae:  max principal angle top-{d} {angle:.2e} deg, "
-                  f"top-{d} eigenvalues max rel diff {eig_rel.max():.1e}"
-                  + (f", all {d_full}: {np.max(np.abs(sk_eig - eig) / np.maximum(eig, 1e-30)):.1e}" if k == d_full else ""))
-            print(f"      vs exact: max angle top-{d} {max_angle_deg(sk_basis, ref_basis, d):.2e} deg, "
-                  f"top-{d} eigenvalues max rel error {np.max(np.abs(sk_eig[:d] - ref_eig[:d]) / ref_eig[:d]):.1e}")
+            print(
+                f"  sklearn IncrementalPCA(n_components={k}): {t_sk:7.2f} s  -> ldae is {ratio:.1f}x faster"
+                if ratio >= 1
+                else f"  sklearn IncrementalPCA(n_components={k}): {t_sk:7.2f} s  -> ldae is {1 / ratio:.1f}x slower"
+            )
+            print(
+                f"      vs ldae:  max principal angle top-{d} {angle:.2e} deg, "
+                f"top-{d} eigenvalues max rel diff {eig_rel.max():.1e}"
+                + (
+                    f", all {d_full}: {np.max(np.abs(sk_eig - eig) / np.maximum(eig, 1e-30)):.1e}"
+                    if k == d_full
+                    else ""
+                )
+            )
+            print(
+                f"      vs exact: max angle top-{d} {max_angle_deg(sk_basis, ref_basis, d):.2e} deg, "
+                f"top-{d} eigenvalues max rel error {np.max(np.abs(sk_eig[:d] - ref_eig[:d]) / ref_eig[:d]):.1e}"
+            )
             rows.append((p, d_full, k, t_ours, t_sk, ratio, angle, eig_rel.max()))
         print(f"  variance explained by d = {d}: {eig[:d].sum() / eig.sum():.4%}")
 
     print("\nsummary")
-    print(f"{'p':>3} {'D':>4} {'ipca k':>7} {'ldae s':>8} {'sklearn s':>10} {'speedup':>8} {'max angle':>10} "
-          f"{'eig rel':>8}")
+    print(
+        f"{'p':>3} {'D':>4} {'ipca k':>7} {'ldae s':>8} {'sklearn s':>10} {'speedup':>8} {'max angle':>10} "
+        f"{'eig rel':>8}"
+    )
     for p, dd, k, t1, t2, r, ang, er in rows:
         print(f"{p:>3} {dd:>4} {k:>7} {t1:>8.2f} {t2:>10.2f} {r:>7.1f}x {ang:>9.1e}° {er:>8.1e}")
     print(f"total {time.perf_counter() - t0:.1f} s")

@@ -48,18 +48,43 @@ def write_images(root: Path, per_class: int = 16, size: int = 32) -> Path:
 
 
 def pretrain_args(data: Path, out: Path, pca: Path) -> list[str]:
-    sets = {"data.source": "imagefolder", "data.path": data, "data.image_size": 32, "data.num_workers": 0,
-            "tokenizer.patch": 4, "tokenizer.dim": 8, "tokenizer.path": pca, "model.size": "custom",
-            "model.width": 64, "model.encoder_depth": 2, "model.decoder_depth": 2, "model.num_heads": 4,
-            "optim.batch_size": 8, "optim.epochs": 15, "optim.warmup_epochs": 1, "optim.ema": 0.99,
-            "run.out_dir": out, "run.save_every": 1, "run.log_every": 1, "run.progress": False, "run.device": "cpu"}
+    sets = {
+        "data.source": "imagefolder",
+        "data.path": data,
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "tokenizer.patch": 4,
+        "tokenizer.dim": 8,
+        "tokenizer.path": pca,
+        "model.size": "custom",
+        "model.width": 64,
+        "model.encoder_depth": 2,
+        "model.decoder_depth": 2,
+        "model.num_heads": 4,
+        "optim.batch_size": 8,
+        "optim.epochs": 15,
+        "optim.warmup_epochs": 1,
+        "optim.ema": 0.99,
+        "run.out_dir": out,
+        "run.save_every": 1,
+        "run.log_every": 1,
+        "run.progress": False,
+        "run.device": "cpu",
+    }
     return ["pretrain", "--config", "final.yaml", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
 
 
 def ldae(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ldae_cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ldae_cli", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -72,15 +97,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-delay", type=float, default=12.0,
-                    help="seconds after a start: kills land uniformly in [1, this); a start takes about 4")
+    ap.add_argument(
+        "--max-delay",
+        type=float,
+        default=12.0,
+        help="seconds after a start: kills land uniformly in [1, this); a start takes about 4",
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="ldae-soak-"))
     data = write_images(work / "images")
     pca = work / "pca.safetensors"
-    finish(ldae("fit-pca", "--source", "imagefolder", "--data", data, "--patch", "4", "--dim", "8", "--patches",
-                "20000", "--image-size", "32", "--out", pca, "--set", "data.num_workers=0"))
+    finish(
+        ldae(
+            "fit-pca",
+            "--source",
+            "imagefolder",
+            "--data",
+            data,
+            "--patch",
+            "4",
+            "--dim",
+            "8",
+            "--patches",
+            "20000",
+            "--image-size",
+            "32",
+            "--out",
+            pca,
+            "--set",
+            "data.num_workers=0",
+        )
+    )
     started = time.time()
     finish(ldae(*pretrain_args(data, work / "whole", pca)))
     whole_s = time.time() - started
@@ -97,24 +145,32 @@ def main() -> None:
             time.sleep(delay)
         else:  # aim at a checkpoint write: kill the moment its temp file shows up
             delay = time.time() + args.max_delay
-            while time.time() < delay and not any(e.name.endswith(".tmp") and e.name not in left
-                                                  for e in os.scandir(run)):
+            while time.time() < delay and not any(
+                e.name.endswith(".tmp") and e.name not in left for e in os.scandir(run)
+            ):
                 pass
             delay = args.max_delay - (delay - time.time())
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         temp = bool(list(run.glob(".*.tmp")))
-        step = read_metadata(run / "checkpoint.safetensors")["extra"]["step"] \
-            if (run / "checkpoint.safetensors").exists() else "-"
-        print(f"{k:>4}  {delay:>7.2f}  {step!s:>15}  {'yes' if temp else 'no':>17}  "
-              f"{'--resume' if resumable else 'new run'}")
+        step = (
+            read_metadata(run / "checkpoint.safetensors")["extra"]["step"]
+            if (run / "checkpoint.safetensors").exists()
+            else "-"
+        )
+        print(
+            f"{k:>4}  {delay:>7.2f}  {step!s:>15}  {'yes' if temp else 'no':>17}  "
+            f"{'--resume' if resumable else 'new run'}"
+        )
     resumable = (run / "checkpoint.safetensors").exists()
     finish(ldae("pretrain", "--resume", run) if resumable else ldae(*pretrain_args(data, run, pca), "--force"))
     a, b = load_file(work / "whole" / "checkpoint.safetensors"), load_file(run / "checkpoint.safetensors")
     differing = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
     litter = [p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name == ".ldae.lock"]
-    print(f"killed run finished after {time.time() - started:.1f} s; {len(a)} tensors compared "
-          f"(model, ema, optimizer state): {len(differing)} differ; temp files or locks left: {litter or 'none'}")
+    print(
+        f"killed run finished after {time.time() - started:.1f} s; {len(a)} tensors compared "
+        f"(model, ema, optimizer state): {len(differing)} differ; temp files or locks left: {litter or 'none'}"
+    )
     if differing or litter or a.keys() != b.keys():
         sys.exit(f"FAILED: differing tensors {differing[:5]}, litter {litter}")
     print("PASSED: bit-equal to the uninterrupted run")

@@ -20,7 +20,8 @@ Shims, all here and none in ldae:
 - the fixed sin-cos embeddings are copied from ldae's (they are models_mae.py's with the row and column halves
   swapped: the script checks that too).
 
-    python benchmarks/mae_official.py [--mirror /work/.mirror/facebookresearch+mae/repo] [--out docs/mae-official-check.txt]
+    python benchmarks/mae_official.py [--mirror /work/.mirror/facebookresearch+mae/repo] \\
+        [--out docs/mae-official-check.txt]
 """
 
 from __future__ import annotations
@@ -71,26 +72,34 @@ CASES = [  # (name, image size, patch, width, depth, heads, decoder width, depth
 
 def official_modules(mirror: str, folder: Path) -> tuple[object, object, str]:
     """models_mae (class token edited out) and util.pos_embed imported from `folder`; and the edit as a diff."""
-    archive = subprocess.run(["git", "--git-dir", mirror, "archive", "HEAD", "models_mae.py", "util/pos_embed.py"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "--git-dir", mirror, "archive", "HEAD", "models_mae.py", "util/pos_embed.py"],
+        check=True,
+        capture_output=True,
+    ).stdout
     tarfile.open(fileobj=io.BytesIO(archive)).extractall(folder)
-    commit = subprocess.run(["git", "--git-dir", mirror, "rev-parse", "HEAD"], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "--git-dir", mirror, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     source = (folder / "models_mae.py").read_text()
     edited = source
     for old, new in NO_CLS_TOKEN:
         assert edited.count(old) == 1, f"models_mae.py at {commit} differs from what this script edits: {old!r}"
         edited = edited.replace(old, new)
     (folder / "models_mae.py").write_text(edited)
-    diff = "".join(difflib.unified_diff(source.splitlines(True), edited.splitlines(True), "models_mae.py",
-                                        "models_mae.py (no class token)", n=0))
+    diff = "".join(
+        difflib.unified_diff(
+            source.splitlines(True), edited.splitlines(True), "models_mae.py", "models_mae.py (no class token)", n=0
+        )
+    )
     (folder / "util" / "__init__.py").touch()
     sys.path.insert(0, str(folder))
     if not hasattr(np, "float"):
         np.float = float  # numpy >= 1.24 dropped the alias util/pos_embed.py uses
     import models_mae
-    from util import pos_embed
     from timm.models.vision_transformer import Block
+    from util import pos_embed
+
     models_mae.Block = lambda *args, qk_scale=None, **kwargs: Block(*args, **kwargs)  # timm >= 0.9: no qk_scale
     return models_mae, pos_embed, f"official commit {commit}\n{diff}"
 
@@ -98,10 +107,19 @@ def official_modules(mirror: str, folder: Path) -> tuple[object, object, str]:
 def ldae_mae(case, norm_pix: bool) -> tuple[MAEObjective, float]:
     """ldae's MAE objective with mae.yaml's settings at the case's size, every parameter random."""
     _, size, patch, width, depth, heads, dwidth, ddepth, dheads, _ = case
-    sets = {"data.image_size": size, "tokenizer.patch": patch, "model.size": "custom", "model.width": width,
-            "model.encoder_depth": depth, "model.decoder_depth": 0, "model.num_heads": heads,
-            "mae.decoder_width": dwidth, "mae.decoder_depth": ddepth, "mae.decoder_heads": dheads,
-            "mae.norm_pix_loss": norm_pix}
+    sets = {
+        "data.image_size": size,
+        "tokenizer.patch": patch,
+        "model.size": "custom",
+        "model.width": width,
+        "model.encoder_depth": depth,
+        "model.decoder_depth": 0,
+        "model.num_heads": heads,
+        "mae.decoder_width": dwidth,
+        "mae.decoder_depth": ddepth,
+        "mae.decoder_heads": dheads,
+        "mae.norm_pix_loss": norm_pix,
+    }
     cfg = load_config(PretrainConfig, "baselines/mae.yaml", [f"{k}={v}" for k, v in sets.items()])
     denoiser = Denoiser(cfg.diffusion, PixelTokenizer(patch), NoiseSchedule(cfg.diffusion), size)
     torch.manual_seed(0)
@@ -116,22 +134,33 @@ def official_mae(models_mae, objective: MAEObjective, case) -> nn.Module:
     """MaskedAutoencoderViT of the case's size holding ldae's weights (the encoder folded at t = DEFAULT_T)."""
     _, size, patch, width, depth, heads, dwidth, ddepth, dheads, _ = case
     official = models_mae.MaskedAutoencoderViT(
-        img_size=size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads, decoder_embed_dim=dwidth,
-        decoder_depth=ddepth, decoder_num_heads=dheads, mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        norm_pix_loss=objective.norm_pix)
+        img_size=size,
+        patch_size=patch,
+        embed_dim=width,
+        depth=depth,
+        num_heads=heads,
+        decoder_embed_dim=dwidth,
+        decoder_depth=ddepth,
+        decoder_num_heads=dheads,
+        mlp_ratio=4.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_pix_loss=objective.norm_pix,
+    )
     for block in official.blocks:
         block.mlp.act = nn.GELU(approximate="tanh")
     folded, _ = fold_to_vit(objective.net, DEFAULT_T, patch, objective.denoiser.tokenizer.affine())
     dec = objective.decoder
-    state = {"patch_embed.proj.weight": folded["patch_embed.proj.weight"],
-             "patch_embed.proj.bias": folded["patch_embed.proj.bias"],
-             **{k: v for k, v in folded.items() if k.startswith("blocks.")},
-             **{f"norm.{k}": v for k, v in dec.norm.state_dict().items()},
-             **{f"decoder_embed.{k}": v for k, v in dec.embed.state_dict().items()},
-             "mask_token": dec.mask_token.detach(),
-             **{f"decoder_{k}": v for k, v in dec.blocks.state_dict(prefix="blocks.").items()},
-             **{f"decoder_norm.{k}": v for k, v in dec.out_norm.state_dict().items()},
-             **{f"decoder_pred.{k}": v for k, v in dec.pred.state_dict().items()}}
+    state = {
+        "patch_embed.proj.weight": folded["patch_embed.proj.weight"],
+        "patch_embed.proj.bias": folded["patch_embed.proj.bias"],
+        **{k: v for k, v in folded.items() if k.startswith("blocks.")},
+        **{f"norm.{k}": v for k, v in dec.norm.state_dict().items()},
+        **{f"decoder_embed.{k}": v for k, v in dec.embed.state_dict().items()},
+        "mask_token": dec.mask_token.detach(),
+        **{f"decoder_{k}": v for k, v in dec.blocks.state_dict(prefix="blocks.").items()},
+        **{f"decoder_norm.{k}": v for k, v in dec.out_norm.state_dict().items()},
+        **{f"decoder_pred.{k}": v for k, v in dec.pred.state_dict().items()},
+    }
     missing, unexpected = official.load_state_dict(state, strict=False)
     assert set(missing) == {"cls_token", "pos_embed", "decoder_pos_embed"} and not unexpected, (missing, unexpected)
     with torch.no_grad():
@@ -143,9 +172,10 @@ def official_mae(models_mae, objective: MAEObjective, case) -> nn.Module:
 def sincos_check(pos_embed, width: int, grid: int) -> float:
     """Largest difference between models_mae.py's sin-cos table and ldae's with its row and column halves swapped."""
     from ldae_cli.model.models import sincos_2d
+
     theirs = torch.from_numpy(pos_embed.get_2d_sincos_pos_embed(width, grid)).float()
     ours = sincos_2d(width, (grid, grid))
-    return (theirs - torch.cat([ours[:, width // 2:], ours[:, :width // 2]], 1)).abs().max().item()
+    return (theirs - torch.cat([ours[:, width // 2 :], ours[:, : width // 2]], 1)).abs().max().item()
 
 
 def compare(models_mae, case, norm_pix: bool) -> dict[str, tuple[float, float]]:
@@ -153,8 +183,9 @@ def compare(models_mae, case, norm_pix: bool) -> dict[str, tuple[float, float]]:
     objective, mask_ratio = ldae_mae(case, norm_pix)
     official = official_mae(models_mae, objective, case)
     batch = case[-1]
-    images = torch.randint(0, 256, (batch, 3, case[1], case[1]), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(1))
+    images = torch.randint(
+        0, 256, (batch, 3, case[1], case[1]), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     (noise,) = objective.draw(seed=0, step=7, batch=batch, device=torch.device("cpu"))
     imgs = to_unit_range(images).float()
     captured = {}
@@ -170,14 +201,16 @@ def compare(models_mae, case, norm_pix: bool) -> dict[str, tuple[float, float]]:
     target = official.patchify(imgs)
     exact = lambda a, b: (float((a != b).sum()), float(b.numel()))  # noqa: E731 (differing entries, entries)
     diff = lambda a, b: ((a - b).abs().max().item(), b.abs().max().item())  # noqa: E731
-    return {"ids_restore (entries differing)": exact(ours["ids_restore"], ids_restore),
-            "mask (entries differing)": exact(ours["mask"], mask),
-            "patches": diff(ours["patches"], target),
-            "encoder, visible tokens, before its norm": diff(ours["latent"], captured["pre_norm"]),
-            "encoder, visible tokens, after its norm": diff(our_latent_normed, latent),
-            "decoder prediction": diff(ours["pred"], pred),
-            "loss (forward_loss)": diff(our_loss, loss),
-            "loss (MaskedAutoencoderViT.forward)": diff(our_loss, loss_whole)}
+    return {
+        "ids_restore (entries differing)": exact(ours["ids_restore"], ids_restore),
+        "mask (entries differing)": exact(ours["mask"], mask),
+        "patches": diff(ours["patches"], target),
+        "encoder, visible tokens, before its norm": diff(ours["latent"], captured["pre_norm"]),
+        "encoder, visible tokens, after its norm": diff(our_latent_normed, latent),
+        "decoder prediction": diff(ours["pred"], pred),
+        "loss (forward_loss)": diff(our_loss, loss),
+        "loss (MaskedAutoencoderViT.forward)": diff(our_loss, loss_whole),
+    }
 
 
 def main() -> None:
@@ -188,11 +221,14 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         models_mae, pos_embed, edit = official_modules(args.mirror, Path(tmp))
-        lines = [f"ldae MAE vs facebookresearch/mae models_mae.py, torch {torch.__version__}, float32 on CPU",
-                 edit.rstrip(), "",
-                 f"sin-cos tables, models_mae.py's vs ldae's halves swapped: largest difference "
-                 f"{sincos_check(pos_embed, 768, 14):.3g} (768 wide, 14 x 14), "
-                 f"{sincos_check(pos_embed, 512, 14):.3g} (512 wide)"]
+        lines = [
+            f"ldae MAE vs facebookresearch/mae models_mae.py, torch {torch.__version__}, float32 on CPU",
+            edit.rstrip(),
+            "",
+            f"sin-cos tables, models_mae.py's vs ldae's halves swapped: largest difference "
+            f"{sincos_check(pos_embed, 768, 14):.3g} (768 wide, 14 x 14), "
+            f"{sincos_check(pos_embed, 512, 14):.3g} (512 wide)",
+        ]
         worst = 0.0
         for case in CASES:
             for norm_pix in (True, False):

@@ -21,18 +21,18 @@ import time
 import torch
 
 from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule
-from ldae_cli.train.engine_pretrain import optimizer_step
-from ldae_cli.model.objectives import LDAEObjective
-from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.model.models import ModelConfig, build_model, model_flops_per_image
+from ldae_cli.model.objectives import LDAEObjective
 from ldae_cli.model.pca import principal_components
 from ldae_cli.model.tokenizers import PCATokenizer
+from ldae_cli.settings.training import PretrainConfig
+from ldae_cli.train.engine_pretrain import optimizer_step
 
 
 def synthetic_pca(patch: int, dim: int) -> PCATokenizer:
     """A valid orthonormal basis with a decaying spectrum (its values do not affect the cost)."""
     full = patch * patch * 3
-    a = torch.randn(full, full, dtype=torch.float64) / full ** 0.5
+    a = torch.randn(full, full, dtype=torch.float64) / full**0.5
     cov = a @ a.T + torch.diag(torch.logspace(0, -4, full, dtype=torch.float64))
     eig, basis = principal_components(cov)
     return PCATokenizer(torch.zeros(full), basis, eig, patch, dim)
@@ -72,7 +72,7 @@ def matmul_peak(device: torch.device) -> float:
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     sec = timed(lambda: a @ b, 10, 3, device)
-    return 2 * n ** 3 / sec
+    return 2 * n**3 / sec
 
 
 def main() -> None:
@@ -149,25 +149,33 @@ def main() -> None:
     flops = model_flops_per_image(model.spec)
     res = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "size": args.size, "width": model.spec["width"],
-        "blocks": model.spec["encoder_depth"] + model.spec["decoder_depth"], "tokens": n_tok, "batch": b,
-        "compile": args.compile, "precision": "bf16-autocast" if amp else "fp32",
+        "torch": torch.__version__,
+        "size": args.size,
+        "width": model.spec["width"],
+        "blocks": model.spec["encoder_depth"] + model.spec["decoder_depth"],
+        "tokens": n_tok,
+        "batch": b,
+        "compile": args.compile,
+        "precision": "bf16-autocast" if amp else "fp32",
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
-        "bare_img_per_s": round(bare_ips, 1), "full_img_per_s": round(full_ips, 1),
+        "bare_img_per_s": round(bare_ips, 1),
+        "full_img_per_s": round(full_ips, 1),
         "ratio_full_over_bare": round(full_ips / bare_ips, 3),
         "spread_bare": round(abs(sec_bare - sec_bare2) / min(sec_bare, sec_bare2), 3),
         "spread_full": round(abs(sec_full - sec_full2) / min(sec_full, sec_full2), 3),
         "model_gflop_per_img": round(flops / 1e9, 2),
-        "full_tflops": round(full_ips * flops / 1e12, 1), "bench_seconds": round(time.perf_counter() - t0, 1),
+        "full_tflops": round(full_ips * flops / 1e12, 1),
+        "bench_seconds": round(time.perf_counter() - t0, 1),
     }
     if device.type == "cuda":
         peak = matmul_peak(device)
         res["matmul_peak_tflops"] = round(peak / 1e12, 1)
         res["mfu_full"] = round(full_ips * flops / peak, 3)
         res["mfu_bare"] = round(bare_ips * flops / peak, 3)
-        res["max_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 1)
+        res["max_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         for name, fn in (("bare", bare_step), ("full", full_step)):
             with profile(activities=acts) as prof:

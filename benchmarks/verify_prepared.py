@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from timing import best_of  # noqa: E402
+
 from ldae_cli.data.prepared import finish_split, npy_bytes  # noqa: E402
 from ldae_cli.data.sources import check_split  # noqa: E402
 
@@ -31,7 +32,7 @@ IMAGENET_TRAIN_GB = 251.9
 
 def write_split(folder: Path, total_mb: int, shards: int) -> dict:
     side = 64
-    per_shard = max(1, total_mb * 2 ** 20 // shards // (side * side * 3))
+    per_shard = max(1, total_mb * 2**20 // shards // (side * side * 3))
     rng = np.random.default_rng(0)
     folder.mkdir(parents=True)
     for k in range(shards):
@@ -53,7 +54,7 @@ def main() -> None:
         info = write_split(root / "train", args.mb, args.shards)
         meta = {"stored_size": 64, "classes": [str(c) for c in range(1000)], "splits": {"train": info}}
         files = [root / "train" / name for name in info["file_sha256"]]
-        size_mb = sum(f.stat().st_size for f in files) / 2 ** 20
+        size_mb = sum(f.stat().st_size for f in files) / 2**20
 
         def read_all():
             for f in files:
@@ -63,14 +64,21 @@ def main() -> None:
 
         read_s = best_of(read_all)
         verify_s = best_of(lambda: check_split(root, "train", meta, verify=True))
-    result = {"mb": round(size_mb, 1), "read_s": round(read_s, 3), "verify_s": round(verify_s, 3),
-              "read_mb_per_s": round(size_mb / read_s), "verify_mb_per_s": round(size_mb / verify_s),
-              "verify_vs_read": round(verify_s / read_s, 2),
-              "imagenet_train_minutes": round(IMAGENET_TRAIN_GB * 1024 / (size_mb / verify_s) / 60, 1)}
-    print(f"{size_mb:.0f} MB in {len(files)} files: read {read_s:.3f} s ({result['read_mb_per_s']} MB/s), verify "
-          f"{verify_s:.3f} s ({result['verify_mb_per_s']} MB/s), {result['verify_vs_read']}x the read; ImageNet-1k "
-          f"train prepared at 256x256 ({IMAGENET_TRAIN_GB} GB): about {result['imagenet_train_minutes']} min per "
-          "start on one core (data.verify=false skips it)")
+    result = {
+        "mb": round(size_mb, 1),
+        "read_s": round(read_s, 3),
+        "verify_s": round(verify_s, 3),
+        "read_mb_per_s": round(size_mb / read_s),
+        "verify_mb_per_s": round(size_mb / verify_s),
+        "verify_vs_read": round(verify_s / read_s, 2),
+        "imagenet_train_minutes": round(IMAGENET_TRAIN_GB * 1024 / (size_mb / verify_s) / 60, 1),
+    }
+    print(
+        f"{size_mb:.0f} MB in {len(files)} files: read {read_s:.3f} s ({result['read_mb_per_s']} MB/s), verify "
+        f"{verify_s:.3f} s ({result['verify_mb_per_s']} MB/s), {result['verify_vs_read']}x the read; ImageNet-1k "
+        f"train prepared at 256x256 ({IMAGENET_TRAIN_GB} GB): about {result['imagenet_train_minutes']} min per "
+        "start on one core (data.verify=false skips it)"
+    )
     print(json.dumps(result))
 
 

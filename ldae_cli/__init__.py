@@ -14,6 +14,7 @@ __all__ = ["__version__", *_API]
 def __getattr__(name: str):
     if name in _API:
         from ldae_cli import api
+
         return getattr(api, name)
     raise AttributeError(f"module 'ldae_cli' has no attribute {name!r}")
 

@@ -18,11 +18,11 @@ from typing import Sequence, Union
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ldae_cli.model import pretrained as _pretrained
-from ldae_cli.data.pipeline import load_image_file, to_unit_range
-from ldae_cli.model.describe import describe_checkpoint
-from ldae_cli.errors import LdaeError
 from ldae_cli.data.imagefiles import collect_images
+from ldae_cli.data.pipeline import load_image_file, to_unit_range
+from ldae_cli.errors import LdaeError
+from ldae_cli.model import pretrained as _pretrained
+from ldae_cli.model.describe import describe_checkpoint
 
 __all__ = ["load_encoder", "load_pretrained", "extract_features", "denoise", "info", "collect_images"]
 
@@ -30,8 +30,9 @@ Images = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], torch.Tensor
 DENOISE_BATCH = 16  # images per forward; the noise of image i depends only on (seed, i), not on this
 
 
-def load_encoder(path: str | os.PathLike, t: int = _pretrained.DEFAULT_T, depth: int | None = None,
-                 ema: bool | None = None) -> VisionTransformer:
+def load_encoder(
+    path: str | os.PathLike, t: int = _pretrained.DEFAULT_T, depth: int | None = None, ema: bool | None = None
+) -> VisionTransformer:
     """The l-DAE encoder as a timm VisionTransformer in eval mode, on the CPU.
 
     path: a pretrain checkpoint (its encoder is folded at timestep `t` after `depth` blocks, default the
@@ -54,8 +55,9 @@ def info(path: str | os.PathLike) -> dict:
     return describe_checkpoint(path)
 
 
-def extract_features(encoder: VisionTransformer, images: Images, batch_size: int = 64,
-                     device: str | torch.device | None = None) -> torch.Tensor:
+def extract_features(
+    encoder: VisionTransformer, images: Images, batch_size: int = 64, device: str | torch.device | None = None
+) -> torch.Tensor:
     """Average-pooled features, float32 (N, dim) on the CPU, one row per image.
 
     images: a folder (searched recursively; rows in sorted file order), image files and folders, or a batch
@@ -75,8 +77,9 @@ def extract_features(encoder: VisionTransformer, images: Images, batch_size: int
     return torch.cat(rows)
 
 
-def denoise(pretrained: _pretrained.Pretrained, images: Images, sigma: float | None = None, t: int | None = None,
-            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def denoise(
+    pretrained: _pretrained.Pretrained, images: Images, sigma: float | None = None, t: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy, denoised) images on the [-1, 1] scale (noise takes some values beyond it: clamp to show them),
     (N, 3, S, S) on the CPU, as `ldae denoise` makes them: noise added in
     the tokenizer's latent at timestep `t`, or at the t whose noise level is closest to `sigma` (default
@@ -102,23 +105,28 @@ def _batches(images: Images, size: int, batch_size: int):
         return
     files = collect_images([images] if isinstance(images, (str, os.PathLike)) else list(images))
     for start in range(0, len(files), batch_size):
-        yield to_unit_range(torch.stack([load_image_file(f, size) for f in files[start:start + batch_size]]))
+        yield to_unit_range(torch.stack([load_image_file(f, size) for f in files[start : start + batch_size]]))
 
 
 def _tensor_images(images: torch.Tensor, size: int) -> torch.Tensor:
     if images.dim() == 3:
         images = images[None]
     if images.dim() != 4 or not len(images) or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
-        raise LdaeError(f"images: expected a (N, 3, {size}, {size}) batch, got shape {tuple(images.shape)}; pass "
-                        "image files or a folder to have them center-cropped and resized")
+        raise LdaeError(
+            f"images: expected a (N, 3, {size}, {size}) batch, got shape {tuple(images.shape)}; pass "
+            "image files or a folder to have them center-cropped and resized"
+        )
     if images.dtype == torch.uint8:
         return to_unit_range(images)
     if not images.is_floating_point():
         raise LdaeError(f"images: expected uint8 or float values, got {images.dtype}")
     if not bool(torch.isfinite(images).all()):
-        raise LdaeError("images: the batch holds NaN or infinite values; pass uint8 pixels, or x / 127.5 - 1 of "
-                        "finite ones")
+        raise LdaeError(
+            "images: the batch holds NaN or infinite values; pass uint8 pixels, or x / 127.5 - 1 of finite ones"
+        )
     if images.numel() and (images.min() < -1.001 or images.max() > 1.001):
-        raise LdaeError(f"images: float values must lie in [-1, 1] (got {float(images.min()):.3g} .. "
-                        f"{float(images.max()):.3g}); pass uint8 pixels, or x / 127.5 - 1")
+        raise LdaeError(
+            f"images: float values must lie in [-1, 1] (got {float(images.min()):.3g} .. "
+            f"{float(images.max()):.3g}); pass uint8 pixels, or x / 127.5 - 1"
+        )
     return images.float()

@@ -180,8 +180,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else key
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else (
-                f"; valid keys here: {', '.join(names)}")
+            hint = (
+                f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+                if close
+                else (f"; valid keys here: {', '.join(names)}")
+            )
             raise LdaeError(f"unknown config key '{where}'{hint}")
     kwargs = {}
     for name in names:
@@ -222,8 +225,13 @@ def apply_override(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def load_config(cls: type, config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
-                flags: dict[str, Any] | None = None, base: dict | None = None) -> Any:
+def load_config(
+    cls: type,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    flags: dict[str, Any] | None = None,
+    base: dict | None = None,
+) -> Any:
     """Defaults < `base` (a stored config) < config file (with its bases) < flags < `--set` overrides."""
     data: dict = copy.deepcopy(base) if base else {}
     if config:
@@ -251,6 +259,7 @@ def to_dict(cfg: Any) -> dict:
         if isinstance(v, dict):
             return {k: convert(x) for k, x in v.items()}
         return v
+
     return convert(dataclasses.asdict(cfg))
 
 

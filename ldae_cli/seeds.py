@@ -43,9 +43,16 @@ def seeded_rngs(key: int, device: torch.device | None = None):
             random.setstate(py_state)
             np.random.set_state(np_state)
 
+
 # what `derived` adds to the run seed for a draw of its own
-OFFSETS = {"train subset": 0, "eval subset": 1, "online fit subset": 2, "pixel noise": 1, "held-out report": 1,
-           "probe holdout": 3}
+OFFSETS = {
+    "train subset": 0,
+    "eval subset": 1,
+    "online fit subset": 2,
+    "pixel noise": 1,
+    "held-out report": 1,
+    "probe holdout": 3,
+}
 
 
 def derived(seed: int, purpose: str) -> int:
@@ -106,7 +113,7 @@ def stream_generator(seed: int, epoch: int) -> torch.Generator:
 
 def stream_sample_seed(seed: int, position: int) -> int:
     """The numpy seed of the augmentation of the detection stream's sample at `position`."""
-    return (seed * 1_000_003 + position) % 2 ** 32
+    return (seed * 1_000_003 + position) % 2**32
 
 
 def image_noise_seed(seed: int, index: int) -> int:
@@ -143,15 +150,29 @@ class SeededSteps(torch.utils.data.Sampler):
     `piece` into pieces of at most that many items (a probe's encoder batches), or neither: the items one by one.
     """
 
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, pieces: int = 1,
-                 start_step: int = 0, total_steps: int | None = None, key: str = "optim.batch_size",
-                 layout: str = "epochs", piece: int | None = None):
+    def __init__(
+        self,
+        n: int,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        pieces: int = 1,
+        start_step: int = 0,
+        total_steps: int | None = None,
+        key: str = "optim.batch_size",
+        layout: str = "epochs",
+        piece: int | None = None,
+    ):
         if global_batch % (world * pieces):
-            raise LdaeError(f"global batch {global_batch} is not divisible by ranks ({world}) x accumulation "
-                            f"steps ({pieces})")
+            raise LdaeError(
+                f"global batch {global_batch} is not divisible by ranks ({world}) x accumulation steps ({pieces})"
+            )
         if layout == "epochs" and n < global_batch:
-            raise LdaeError(f"the training data has {n:,} images, fewer than one global batch of {global_batch:,}; "
-                            f"lower {key} (e.g. --set {key}={largest_batch(n, world * pieces)}) or add images")
+            raise LdaeError(
+                f"the training data has {n:,} images, fewer than one global batch of {global_batch:,}; "
+                f"lower {key} (e.g. --set {key}={largest_batch(n, world * pieces)}) or add images"
+            )
         self.n, self.batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
         self.accum, self.layout, self.piece = pieces, layout, piece
         self.per_rank = global_batch // world
@@ -166,13 +187,13 @@ class SeededSteps(torch.utils.data.Sampler):
             return list(range(base, base + self.per_rank))
         assert isinstance(self.steps_per_epoch, int)  # n // global_batch in the epochs layout
         epoch, within = divmod(step, self.steps_per_epoch)
-        idx = epoch_order(self.n, self.seed, epoch)[within * self.batch + lo: within * self.batch + lo + self.per_rank]
+        idx = epoch_order(self.n, self.seed, epoch)[within * self.batch + lo : within * self.batch + lo + self.per_rank]
         return [(i, sample_seed(self.seed, epoch, i)) for i in idx.tolist()]
 
     def micro_batches(self, step: int) -> list[list]:
         keys = self.rank_share(step)
         size = self.piece or self.per_rank // self.accum
-        return [keys[i:i + size] for i in range(0, len(keys), size)]
+        return [keys[i : i + size] for i in range(0, len(keys), size)]
 
     def __iter__(self) -> Iterator:
         step = self.start_step
@@ -186,8 +207,9 @@ class SeededSteps(torch.utils.data.Sampler):
     def __len__(self) -> int:
         if self.total_steps is None:
             raise TypeError("unbounded")
-        return (self.total_steps - self.start_step) * (len(self.micro_batches(self.start_step)) if self.piece else
-                                                       self.accum)
+        return (self.total_steps - self.start_step) * (
+            len(self.micro_batches(self.start_step)) if self.piece else self.accum
+        )
 
 
 def largest_batch(n: int, multiple: int) -> int:

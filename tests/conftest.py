@@ -8,16 +8,17 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from helpers import TOKENS, run_cli, train_tiny, write_coco_split, write_fmnist, write_image_tree, write_pattern_tree
 
 
 @pytest.fixture
 def cli(tmp_path):
     """run_cli with the working directory in tmp_path (so default outputs like runs/ land there)."""
+
     def _run(*args, **kwargs):
         kwargs.setdefault("cwd", tmp_path)
         return run_cli(*args, **kwargs)
+
     return _run
 
 
@@ -61,6 +62,7 @@ def run_main(capsys, monkeypatch, tmp_path):
             cli_mod._state["debug"] = False
         out = capsys.readouterr()
         return InProcessResult(code, out.out, out.err)
+
     return _run
 
 
@@ -81,6 +83,7 @@ def coco(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------ the reliability matrix's shared world
 
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Files every case may read and none may change: images, a finished pretrain run (with its PCA), an
@@ -88,6 +91,11 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     images = write_pattern_tree(root / "images")
     ckpt = train_tiny("final.yaml", images, root / "pre", **TOKENS, **{"optim.epochs": 2})
-    cut = train_tiny("final.yaml", images, root / "cut", **TOKENS, **{"optim.epochs": 3, "run.save_every": 1,
-                                                                      "run.stop_after_steps": 2})
+    cut = train_tiny(
+        "final.yaml",
+        images,
+        root / "cut",
+        **TOKENS,
+        **{"optim.epochs": 3, "run.save_every": 1, "run.stop_after_steps": 2},
+    )
     return SimpleNamespace(root=root, images=images, ckpt=ckpt, pca=root / "pre" / "pca.safetensors", cut=cut)

@@ -18,16 +18,30 @@ from PIL import Image, ImageDraw
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args, cwd: str | os.PathLike | None = None, env: dict | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args, cwd: str | os.PathLike | None = None, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`python -m ldae_cli ARGS` in a subprocess: the real exit code and the real stdout/stderr text."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ldae_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ldae_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
-def write_image_tree(root: Path, classes=("cat", "dog", "frog"), per_class: int = 4, size=(20, 16),
-                     splits=("train", "val"), seed: int = 0, ext: str = ".png") -> Path:
+def write_image_tree(
+    root: Path,
+    classes=("cat", "dog", "frog"),
+    per_class: int = 4,
+    size=(20, 16),
+    splits=("train", "val"),
+    seed: int = 0,
+    ext: str = ".png",
+) -> Path:
     """An ImageFolder tree root/<split>/<class>/<i><ext> of random RGB images (width, height = size)."""
     rng = np.random.default_rng(seed)
     w, h = size
@@ -44,8 +58,11 @@ def write_image_tree(root: Path, classes=("cat", "dog", "frog"), per_class: int 
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
-    return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + \
-        arr.astype(np.uint8).tobytes()
+    return (
+        struct.pack(">HBB", 0, 0x08, arr.ndim)
+        + struct.pack(f">{arr.ndim}I", *arr.shape)
+        + arr.astype(np.uint8).tobytes()
+    )
 
 
 def write_fmnist(root: Path, n_train: int = 12, n_test: int = 6, seed: int = 0, gz: bool = True) -> dict:
@@ -53,8 +70,10 @@ def write_fmnist(root: Path, n_train: int = 12, n_test: int = 6, seed: int = 0, 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    names = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    names = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
     for split, n in (("train", n_train), ("test", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, n, dtype=np.uint8)
@@ -69,8 +88,9 @@ def write_fmnist(root: Path, n_train: int = 12, n_test: int = 6, seed: int = 0, 
     return arrays
 
 
-def write_pattern_tree(root: Path, classes=("a", "b"), per_class: int = 8, size: int = 32,
-                       splits=("train", "val"), seed: int = 0) -> Path:
+def write_pattern_tree(
+    root: Path, classes=("a", "b"), per_class: int = 8, size: int = 32, splits=("train", "val"), seed: int = 0
+) -> Path:
     """root/<split>/<class>/<i>.png: smooth stripes whose frequency depends on the class.
 
     Structured enough that a PCA, a denoiser and a linear probe each have something real to learn.
@@ -93,11 +113,25 @@ def write_pattern_tree(root: Path, classes=("a", "b"), per_class: int = 8, size:
 def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
     """--set overrides that shrink any pretrain config to a 2-step CPU run on `data` (an ImageFolder tree)."""
     sets = {
-        "data.source": "imagefolder", "data.path": str(data), "data.image_size": 32, "data.num_workers": 0,
-        "model.size": "custom", "model.width": 32, "model.encoder_depth": 1, "model.decoder_depth": 1,
-        "model.num_heads": 2, "tokenizer.fit_patches": 4000, "optim.batch_size": 8, "optim.epochs": 1,
-        "optim.warmup_epochs": 0.5, "run.out_dir": str(out), "run.compile": False, "run.progress": False,
-        "run.log_every": 1, "run.save_every": 1000, "run.device": "cpu",
+        "data.source": "imagefolder",
+        "data.path": str(data),
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "model.size": "custom",
+        "model.width": 32,
+        "model.encoder_depth": 1,
+        "model.decoder_depth": 1,
+        "model.num_heads": 2,
+        "tokenizer.fit_patches": 4000,
+        "optim.batch_size": 8,
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0.5,
+        "run.out_dir": str(out),
+        "run.compile": False,
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.save_every": 1000,
+        "run.device": "cpu",
     }
     sets.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
@@ -117,11 +151,26 @@ def train_tiny_conv_vae(data: Path, out: Path) -> Path:
     from ldae_cli.config import load_config
     from ldae_cli.stages import train_tokenizer
 
-    sets = {"data.source": "imagefolder", "data.path": data, "data.image_size": 32, "data.num_workers": 0,
-            "data.eval_split": "train", "tokenizer.stride": 2, "tokenizer.channel_mult": "[1,2]",
-            "tokenizer.channels": 8, "tokenizer.latent_channels": 2, "tokenizer.res_blocks": 1,
-            "optim.batch_size": 8, "optim.epochs": 1, "report.images": 4, "report.stats_images": 16,
-            "report.pca_reference": False, "run.out_dir": out, "run.progress": False, "run.device": "cpu"}
+    sets = {
+        "data.source": "imagefolder",
+        "data.path": data,
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "data.eval_split": "train",
+        "tokenizer.stride": 2,
+        "tokenizer.channel_mult": "[1,2]",
+        "tokenizer.channels": 8,
+        "tokenizer.latent_channels": 2,
+        "tokenizer.res_blocks": 1,
+        "optim.batch_size": 8,
+        "optim.epochs": 1,
+        "report.images": 4,
+        "report.stats_images": 16,
+        "report.pca_reference": False,
+        "run.out_dir": out,
+        "run.progress": False,
+        "run.device": "cpu",
+    }
     cfg = load_config(train_tokenizer.TrainTokenizerConfig, "tokenizer/conv-vae", [f"{k}={v}" for k, v in sets.items()])
     return train_tokenizer.run(cfg)
 
@@ -145,18 +194,29 @@ def write_coco_split(root: Path, split: str, n: int, seed: int) -> None:
                 poly = [(x0, y0), (x0 + bw, y0), (x0 + bw, y0 + bh), (x0, y0 + bh)]
             else:
                 cx, cy = x0 + bw / 2, y0 + bh / 2
-                poly = [(cx + bw / 2 * math.cos(a), cy + bh / 2 * math.sin(a))
-                        for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)]
+                poly = [
+                    (cx + bw / 2 * math.cos(a), cy + bh / 2 * math.sin(a))
+                    for a in np.linspace(0, 2 * math.pi, 16, endpoint=False)
+                ]
             draw.polygon(poly, fill=(220, 200, 40) if cat["id"] == 2 else (40, 120, 230))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat["id"], "iscrowd": 0,
-                         "bbox": [x0, y0, bw, bh], "area": float(bw * bh),
-                         "segmentation": [[float(c) for p in poly for c in p]]})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat["id"],
+                    "iscrowd": 0,
+                    "bbox": [x0, y0, bw, bh],
+                    "area": float(bw * bh),
+                    "segmentation": [[float(c) for p in poly for c in p]],
+                }
+            )
         name = f"{i:06d}.png"
         img.save(root / split / name)
         images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
     (root / "annotations").mkdir(exist_ok=True)
     (root / "annotations" / f"instances_{split}.json").write_text(
-        json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
+        json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES})
+    )
 
 
 # --------------------------------------------------------------- the reliability matrix's shared settings and checks
@@ -165,13 +225,15 @@ TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8}
 
 
 def snapshot(*roots: Path) -> dict[Path, str]:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest() for root in roots for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def unchanged(before: dict[Path, str]) -> None:
-    changed = [str(p) for p, digest in before.items()
-               if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != digest]
+    changed = [
+        str(p) for p, digest in before.items() if not p.exists() or hashlib.sha256(p.read_bytes()).hexdigest() != digest
+    ]
     assert not changed, f"pre-existing files changed or removed: {changed}"
 
 
@@ -202,9 +264,23 @@ def pretrain_args(world, out: Path, **extra) -> list[str]:
 
 
 def probe_args(world, out: Path, *extra: str, ckpt=None) -> list[str]:
-    return ["probe", "--ckpt", str(ckpt or world.ckpt), "--out", str(out), *sets(
-        ["probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "run.progress=false", "data.num_workers=0",
-         *extra])]
+    return [
+        "probe",
+        "--ckpt",
+        str(ckpt or world.ckpt),
+        "--out",
+        str(out),
+        *sets(
+            [
+                "probe.fast=true",
+                "probe.epochs=1",
+                "probe.batch_size=8",
+                "run.progress=false",
+                "data.num_workers=0",
+                *extra,
+            ]
+        ),
+    ]
 
 
 def rewrite_metadata(src: Path, dst: Path, edit) -> Path:

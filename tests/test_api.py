@@ -11,26 +11,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_tiny
 from safetensors.torch import load_file, save_file
 
 import ldae_cli as ldae
 from ldae_cli import api
+from ldae_cli.data.imagefiles import collect_images
 from ldae_cli.data.pipeline import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
-from ldae_cli.data.imagefiles import collect_images
 from ldae_cli.model.patches import patchify
 from ldae_cli.model.pretrained import export_encoder, export_timm, load_pretrained
-
-from helpers import train_tiny
 
 
 @pytest.fixture(scope="module")
 def trained(pattern_tree, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("api")
-    ckpt = train_tiny("final.yaml", pattern_tree, root / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                   "model.encoder_depth": 2, "optim.epochs": 2})
-    return {"pretrain": ckpt, "encoder": export_encoder(ckpt, root / "enc.safetensors", t=20),
-            "timm": export_timm(ckpt, root / "timm", t=20), "images": pattern_tree / "val"}
+    ckpt = train_tiny(
+        "final.yaml",
+        pattern_tree,
+        root / "pre",
+        **{"tokenizer.patch": 4, "tokenizer.dim": 8, "model.encoder_depth": 2, "optim.epochs": 2},
+    )
+    return {
+        "pretrain": ckpt,
+        "encoder": export_encoder(ckpt, root / "enc.safetensors", t=20),
+        "timm": export_timm(ckpt, root / "timm", t=20),
+        "images": pattern_tree / "val",
+    }
 
 
 def test_import_does_not_import_torch():
@@ -47,7 +54,7 @@ def test_the_api_names_are_documented_functions():
         assert inspect.isfunction(value) and value is getattr(api, name), name
         assert value.__doc__ and len(value.__doc__) > 40, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        ldae.nope
+        _ = ldae.nope
 
 
 def test_timm_folder_encoder_and_pretrain_give_the_same_features(trained):
@@ -87,10 +94,13 @@ def test_features_of_a_folder_files_and_tensors_agree(trained):
 def test_feature_inputs_are_checked(trained, tmp_path):
     encoder = ldae.load_encoder(trained["timm"])
     (tmp_path / "empty").mkdir()
-    cases = [(torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "expected a (N, 3, 32, 32) batch"),
-             (torch.full((1, 3, 32, 32), 255.0), "float values must lie in [-1, 1]"),
-             (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "expected uint8 or float"),
-             (tmp_path / "empty", "no images in this folder"), (tmp_path / "nope", "no such image or folder")]
+    cases = [
+        (torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "expected a (N, 3, 32, 32) batch"),
+        (torch.full((1, 3, 32, 32), 255.0), "float values must lie in [-1, 1]"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "expected uint8 or float"),
+        (tmp_path / "empty", "no images in this folder"),
+        (tmp_path / "nope", "no such image or folder"),
+    ]
     for images, message in cases:
         with pytest.raises(LdaeError) as caught:
             ldae.extract_features(encoder, images)

@@ -39,7 +39,9 @@ def imports_of(path: Path, name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("ldae_cli"):
                 continue
             for alias in node.names:  # `from ldae_cli.model import pca` imports the module ldae_cli.model.pca
@@ -71,17 +73,27 @@ def test_the_top_level_holds_the_face_and_a_few_base_modules_and_the_part_folder
 def test_a_folder_imports_only_its_own_layer_and_lower_ones():
     """runs < settings < data < model < train < studies < stages < face: a module reaches down, never up (the
     package root is imported for its version only)."""
-    upward = sorted(f"{name} -> {i}" for name, path in modules().items() for i in imports_of(path, name)
-                    if i != "ldae_cli" and layer(i) > layer(name))
+    upward = sorted(
+        f"{name} -> {i}"
+        for name, path in modules().items()
+        for i in imports_of(path, name)
+        if i != "ldae_cli" and layer(i) > layer(name)
+    )
     assert not upward
 
 
 def test_only_the_cli_imports_stages():
-    offenders = {name: sorted(i for i in imports_of(path, name) if i.startswith("ldae_cli.stages"))
-                 for name, path in modules().items() if not name.startswith("ldae_cli.stages") and name != "ldae_cli.cli"}
+    offenders = {
+        name: sorted(i for i in imports_of(path, name) if i.startswith("ldae_cli.stages"))
+        for name, path in modules().items()
+        if not name.startswith("ldae_cli.stages") and name != "ldae_cli.cli"
+    }
     assert not {k: v for k, v in offenders.items() if v}
-    between_stages = {name: sorted(i for i in imports_of(path, name) if i.startswith("ldae_cli.stages."))
-                      for name, path in modules().items() if name.startswith("ldae_cli.stages.")}
+    between_stages = {
+        name: sorted(i for i in imports_of(path, name) if i.startswith("ldae_cli.stages."))
+        for name, path in modules().items()
+        if name.startswith("ldae_cli.stages.")
+    }
     assert not {k: v for k, v in between_stages.items() if v}, "a stage imports another stage"
 
 
@@ -95,7 +107,7 @@ def test_no_import_cycles():
             if nxt == "ldae_cli" or nxt not in graph:
                 continue
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, trail + [nxt])
         state[node] = 2
@@ -107,8 +119,9 @@ def test_no_import_cycles():
 
 def logical_line_starts(source: str) -> list[int]:
     """The line each logical line of `source` ends on (Python's NEWLINE tokens)."""
-    return [tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-            if tok.type == tokenize.NEWLINE]
+    return [
+        tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.NEWLINE
+    ]
 
 
 def test_modules_and_functions_are_small_enough_to_read():
@@ -129,17 +142,23 @@ def test_modules_and_functions_are_small_enough_to_read():
 
 def test_the_layout_page_lists_every_module():
     page = (PACKAGE.parent / "docs" / "architecture.md").read_text()
-    layout = page[page.index("## Layout"):]
-    missing = [str(path.relative_to(PACKAGE.parent)) for name, path in modules().items()
-               if path.name != "__init__.py" and str(path.relative_to(PACKAGE.parent)) not in layout]
+    layout = page[page.index("## Layout") :]
+    missing = [
+        str(path.relative_to(PACKAGE.parent))
+        for name, path in modules().items()
+        if path.name != "__init__.py" and str(path.relative_to(PACKAGE.parent)) not in layout
+    ]
     assert not missing
 
 
 def test_comments_do_not_point_outside_the_repository():
     """A comment or docstring must stand on its own: no 'see SPEC.md' or '../shared/...'."""
-    offenders = [f"{path.relative_to(PACKAGE.parent)}:{i}" for path in modules().values()
-                 for i, line in enumerate(path.read_text().splitlines(), 1)
-                 if re.search(r"\bSPEC\b|\.\./shared|DETECTRON2\.md", line)]
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{i}"
+        for path in modules().values()
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bSPEC\b|\.\./shared|DETECTRON2\.md", line)
+    ]
     assert not offenders
 
 
@@ -163,22 +182,39 @@ def test_one_meaning_per_name():
 def test_engines_read_no_config_defined_in_a_stage():
     """A config class lives with the code that reads it: an engine_<stage> module imports no stage, and each
     engine's Session[...] names a config class defined in the engine itself or a library module."""
-    stage_classes = {node.name for name, path in modules().items() if name.startswith("ldae_cli.stages.")
-                     for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)}
+    stage_classes = {
+        node.name
+        for name, path in modules().items()
+        if name.startswith("ldae_cli.stages.")
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.ClassDef)
+    }
     for name, path in modules().items():
         if not name.startswith("ldae_cli.train.engine_"):
             continue
         tree = ast.parse(path.read_text())
-        sessions = [node.slice.id for node in ast.walk(tree) if isinstance(node, ast.Subscript)
-                    and getattr(node.value, "id", None) == "Session" and isinstance(node.slice, ast.Name)]
+        sessions = [
+            node.slice.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Subscript)
+            and getattr(node.value, "id", None) == "Session"
+            and isinstance(node.slice, ast.Name)
+        ]
         assert sessions, f"{name}: its train() takes no typed Session[...]"
         defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
-        library = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom) and node.module and
-                   node.module.startswith("ldae_cli") and not node.module.startswith("ldae_cli.stages")
-                   for alias in node.names}
+        library = {
+            alias.name
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.startswith("ldae_cli")
+            and not node.module.startswith("ldae_cli.stages")
+            for alias in node.names
+        }
         assert set(sessions) <= defined | library, (name, sessions)
-        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
-            {alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for alias in n.names}
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+            alias.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for alias in n.names
+        }
         assert not (read & stage_classes) - defined, (name, sorted((read & stage_classes) - defined))
 
 
@@ -205,8 +241,11 @@ def test_one_module_derives_seeds():
 
 def test_nothing_imports_the_cli():
     """Library code never calls back into the command line (`ldae launch` is handed the function it runs)."""
-    importers = [name for name, path in modules().items() if name not in ("ldae_cli.cli", "ldae_cli.__main__") and
-                 "ldae_cli.cli" in imports_of(path, name)]
+    importers = [
+        name
+        for name, path in modules().items()
+        if name not in ("ldae_cli.cli", "ldae_cli.__main__") and "ldae_cli.cli" in imports_of(path, name)
+    ]
     assert not importers
 
 
@@ -214,7 +253,10 @@ def test_nothing_imports_conftest():
     """conftest.py holds fixtures and hooks, which pytest hands out by name; a plain helper a test module or
     script imports lives in tests/helpers.py (benchmarks' shell scripts embed Python too, so they are read)."""
     root = PACKAGE.parent
-    importers = [str(path.relative_to(root)) for folder in ("tests", "benchmarks") for path in
-                 sorted((root / folder).rglob("*")) if path.suffix in (".py", ".sh")
-                 and CONFTEST_IMPORT.search(path.read_text())]
+    importers = [
+        str(path.relative_to(root))
+        for folder in ("tests", "benchmarks")
+        for path in sorted((root / folder).rglob("*"))
+        if path.suffix in (".py", ".sh") and CONFTEST_IMPORT.search(path.read_text())
+    ]
     assert not importers

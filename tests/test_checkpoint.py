@@ -12,9 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 import ldae_cli.runs.checkpoint as ckpt_mod
-from ldae_cli.runs.checkpoint import (FORMAT_VERSION, flatten_optimizer, load_checkpoint, read_metadata,
-                                 save_checkpoint, sha256_file, unflatten_optimizer)
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import (
+    FORMAT_VERSION,
+    flatten_optimizer,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    sha256_file,
+    unflatten_optimizer,
+)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "ldae_cli"
 
@@ -48,8 +55,14 @@ def test_round_trip_everything(tmp_path):
     parent_ckpt = load_checkpoint(parent)
     config = {"model": {"width": 128, "depth": [4, 4]}, "optim": {"lr": 1e-4, "name": "adamw"}, "flag": None}
     extra = {"step": 123, "metrics": {"loss": 0.25}, "note": "héllo"}
-    path = save_checkpoint(tmp_path / "sub" / "child.safetensors", "pretrain", tensors(),
-                           config, parents=[parent_ckpt.parent_ref("tokenizer")], extra=extra)
+    path = save_checkpoint(
+        tmp_path / "sub" / "child.safetensors",
+        "pretrain",
+        tensors(),
+        config,
+        parents=[parent_ckpt.parent_ref("tokenizer")],
+        extra=extra,
+    )
     ck = load_checkpoint(path, kind="pretrain")
     assert ck.kind == "pretrain" and ck.format_version == FORMAT_VERSION and ck.package_version
     assert ck.config == config and ck.extra == extra
@@ -149,8 +162,11 @@ def test_newer_format_version_is_refused(tmp_path):
 
 def test_damaged_metadata_json(tmp_path):
     bad = tmp_path / "bad.safetensors"
-    save_file({"w": torch.ones(3)}, str(bad), metadata={"ldae.kind": "pca", "ldae.format_version": "1",
-                                                          "ldae.config": "{not json"})
+    save_file(
+        {"w": torch.ones(3)},
+        str(bad),
+        metadata={"ldae.kind": "pca", "ldae.format_version": "1", "ldae.config": "{not json"},
+    )
     assert "metadata is damaged" in one_line_error(load_checkpoint, bad)
 
 
@@ -204,9 +220,13 @@ def test_optimizer_state_round_trip_gives_identical_steps(tmp_path):
         _step(model, opt, s)
     opt_tensors, rest = flatten_optimizer(opt.state_dict())
     model_tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    path = save_checkpoint(tmp_path / "ck.safetensors", "pretrain",
-                           {**model_tensors, **{f"optim.{k}": v for k, v in opt_tensors.items()}}, {},
-                           extra={"optim": rest})
+    path = save_checkpoint(
+        tmp_path / "ck.safetensors",
+        "pretrain",
+        {**model_tensors, **{f"optim.{k}": v for k, v in opt_tensors.items()}},
+        {},
+        extra={"optim": rest},
+    )
     # continue the original for two more steps
     for s in range(3, 5):
         _step(model, opt, s)
@@ -234,8 +254,10 @@ def test_optimizer_state_round_trip_gives_identical_steps(tmp_path):
 
 
 def test_optimizer_non_tensor_state_survives(tmp_path):
-    state = {"state": {0: {"step": 7, "momentum_buffer": torch.ones(2)}, 1: {"step": 3}},
-             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    state = {
+        "state": {0: {"step": 7, "momentum_buffer": torch.ones(2)}, 1: {"step": 3}},
+        "param_groups": [{"lr": 0.1, "params": [0, 1]}],
+    }
     t, rest = flatten_optimizer(state)
     rest = json.loads(json.dumps(rest))  # it is stored as JSON metadata
     back = unflatten_optimizer(t, rest)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import run_cli
 
 SUBCOMMANDS = ("fit-pca", "train-tokenizer", "pretrain", "probe", "finetune", "detect", "denoise")
@@ -60,8 +59,11 @@ def test_help_defaults_are_the_configs_defaults():
 
     fit = " ".join(run_cli("fit-pca", "-h").stdout.split())
     s = PCAConfig()
-    for option, value in (("Patch size p (D = p*p*3).", s.patch), ("Kept components d.", s.dim),
-                          ("Random patches to sample.", s.patches)):
+    for option, value in (
+        ("Patch size p (D = p*p*3).", s.patch),
+        ("Kept components d.", s.dim),
+        ("Random patches to sample.", s.patches),
+    ):
         assert f"{option} (default: {value})" in fit
     assert f"(default: {PrepareConfig().margin:g})" in " ".join(run_cli("prepare-data", "-h").stdout.split())
     assert f"folded at. (default: {DEFAULT_T})" in " ".join(run_cli("probe", "-h").stdout.split())
@@ -116,6 +118,7 @@ def test_unexpected_exception_is_one_line_and_debug_reraises(run_main, monkeypat
 
     def boom(*args, **kwargs):
         raise RuntimeError("internal failure [x]\nsecond line")
+
     monkeypatch.setattr(fit_pca, "load_config", boom)
     res = run_main("fit-pca", "--patch", "4", "--dim", "4", "--source", "imagefolder")
     assert_one_line_error(res, "RuntimeError", "internal failure [x]", "--debug")

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import torch
-
 from helpers import write_pattern_tree
+
 from ldae_cli.runs.checkpoint import load_checkpoint
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "resume-base"
@@ -42,7 +42,9 @@ def test_a_checkpoint_from_the_base_commit_resumes_exactly(run_main, tmp_path):
     assert resumed.extra["step"] == in_pieces.extra["step"] == expected.extra["step"] == 6
     assert resumed.tensors.keys() == in_pieces.tensors.keys() == expected.tensors.keys()
     assert not [k for k in resumed.tensors if not torch.equal(resumed.tensors[k], in_pieces.tensors[k])]
-    apart = {k: (resumed.tensors[k].double() - expected.tensors[k].double()).abs().max().item() for k in expected.tensors}
+    apart = {
+        k: (resumed.tensors[k].double() - expected.tensors[k].double()).abs().max().item() for k in expected.tensors
+    }
     assert max(apart.values()) < 1e-6, sorted(apart.items(), key=lambda kv: -kv[1])[:3]
     for run in (whole, pieces):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -8,8 +8,15 @@ from typing import Literal, Optional
 
 import pytest
 
-from ldae_cli.config import (BUNDLED_CONFIGS, config_from_dict, dump_yaml, find_config, load_config, parse_override,
-                             to_dict)
+from ldae_cli.config import (
+    BUNDLED_CONFIGS,
+    config_from_dict,
+    dump_yaml,
+    find_config,
+    load_config,
+    parse_override,
+    to_dict,
+)
 from ldae_cli.errors import LdaeError
 from ldae_cli.stages.fit_pca import FitPCAConfig
 
@@ -46,6 +53,7 @@ def error_of(fn, *args, **kwargs) -> str:
 
 # --- unknown keys ---------------------------------------------------------------------------------
 
+
 def test_unknown_top_level_key_names_it_and_the_closest_valid_key(tmp_path):
     cfg = write(tmp_path / "c.yaml", "dta:\n  source: cifar10\n")
     msg = error_of(load_config, FitPCAConfig, cfg)
@@ -72,6 +80,7 @@ def test_unknown_key_without_close_match_lists_valid_keys():
 
 
 # --- type errors --------------------------------------------------------------------------------
+
 
 def test_type_error_names_key_and_expected_type():
     msg = error_of(load_config, FitPCAConfig, None, ["pca.patch=abc"])
@@ -119,6 +128,7 @@ def test_validate_hook_runs_on_loaded_values():
 
 # --- YAML number quirks -------------------------------------------------------------------------
 
+
 def test_yaml_exponent_without_dot_becomes_float(tmp_path):
     # YAML 1.1 (PyYAML) reads `1e-4` as a *string*; a float field must still get the number
     cfg = write(tmp_path / "c.yaml", "optim:\n  lr: 1e-4\n  warmup: 5e-1\n  betas: [9e-1, 1]\n")
@@ -137,6 +147,7 @@ def test_optional_accepts_null():
 
 
 # --- precedence ---------------------------------------------------------------------------------
+
 
 def test_set_overrides_beat_flags_beat_file_beat_defaults(tmp_path):
     cfg = write(tmp_path / "c.yaml", "pca:\n  patch: 4\n  dim: 8\n  seed: 3\n")
@@ -161,6 +172,7 @@ def test_malformed_set_is_a_clear_error():
 
 
 # --- base: inheritance --------------------------------------------------------------------------
+
 
 def test_base_inheritance_merges_sections(tmp_path):
     write(tmp_path / "base.yaml", "data:\n  source: cifar10\n  image_size: 32\npca:\n  patch: 8\n  dim: 16\n")
@@ -197,6 +209,7 @@ def test_unknown_key_in_base_file_is_reported(tmp_path):
 
 
 # --- finding configs ----------------------------------------------------------------------------
+
 
 def test_find_config_by_bare_name_and_relative_name():
     expected = (BUNDLED_CONFIGS / "demo" / "fmnist-pca.yaml").resolve()
@@ -245,6 +258,7 @@ def test_non_mapping_yaml_is_rejected(tmp_path):
 
 
 # --- round trips --------------------------------------------------------------------------------
+
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(FitPCAConfig, "fmnist-pca", ["data.crop_scale=[0.5, 1.0]", "out=x.safetensors"])

@@ -10,16 +10,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_fmnist, write_image_tree
 from PIL import Image
 
 import ldae_cli.data.sources as sources_mod
-from ldae_cli.seeds import SeededSteps
-from ldae_cli.data.pipeline import (BadImage, BadImageCounter, DataConfig, build_dataset, collate, decode_batch,
-                           load_image_file, make_loader, prepare, to_rgb, to_uint8, to_unit_range)
+from ldae_cli.data.pipeline import (
+    BadImage,
+    BadImageCounter,
+    DataConfig,
+    build_dataset,
+    collate,
+    decode_batch,
+    load_image_file,
+    make_loader,
+    prepare,
+    to_rgb,
+    to_uint8,
+    to_unit_range,
+)
 from ldae_cli.data.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
-
-from helpers import write_fmnist, write_image_tree
+from ldae_cli.seeds import SeededSteps
 
 
 def reopen(img: Image.Image, fmt: str) -> Image.Image:
@@ -37,6 +48,7 @@ def as_array(t: torch.Tensor) -> np.ndarray:
 
 
 # --- decoding every mode to RGB uint8 -------------------------------------------------------------
+
 
 def test_grayscale_becomes_three_equal_channels():
     arr = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
@@ -124,6 +136,7 @@ def test_exif_orientation_is_applied():
 
 # --- crops and ranges ---------------------------------------------------------------------------
 
+
 def test_center_crop_of_non_square_image():
     w, h = 60, 20
     arr = np.zeros((h, w, 3), np.uint8)
@@ -177,6 +190,7 @@ def test_random_resized_crops_same_with_and_without_workers(image_tree):
 
 
 # --- unreadable files ---------------------------------------------------------------------------
+
 
 def test_load_image_file_errors_name_the_file(tmp_path):
     bad = tmp_path / "x.jpg"
@@ -233,13 +247,15 @@ def test_bad_image_counter_error_policy_raises():
 
 
 def test_gpu_decoding_passes_a_micro_batch_of_only_skipped_files_through_empty():
-    """data.decode=gpu with on_bad_image=skip: every file of the micro-batch unreadable is an empty batch, as with PIL."""
+    """data.decode=gpu with on_bad_image=skip: a micro-batch whose every file is unreadable is an empty batch, as
+    with PIL."""
     batch = BadImageCounter("skip").check(collate([BadImage("a.jpg", "gone"), BadImage("b.jpg", "gone")]))
     decoded = decode_batch(batch, 8, torch.device("cpu"))
     assert decoded.images.shape[0] == 0 and decoded.labels.shape[0] == 0 and len(decoded.bad) == 2
 
 
 # --- missing data -------------------------------------------------------------------------------
+
 
 def test_missing_data_path_says_where_and_how(tmp_path):
     cfg = DataConfig(source="imagefolder", path=str(tmp_path / "nowhere"))
@@ -288,6 +304,7 @@ def test_imagefolder_without_split_folder(image_tree):
 
 # --- sources ------------------------------------------------------------------------------------
 
+
 def _tar(root: Path, archive: Path, arcname: str) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname=arcname)
@@ -296,8 +313,9 @@ def _tar(root: Path, archive: Path, arcname: str) -> Path:
 
 def test_imagefolder_folder_and_tar_give_identical_images_and_labels(tmp_path):
     # class names whose order differs between sorting names and sorting "name/file" paths
-    root = write_image_tree(tmp_path / "data" / "ds", classes=("a", "a-b", "a_c", "B"), per_class=3,
-                            splits=("train", "val"))
+    root = write_image_tree(
+        tmp_path / "data" / "ds", classes=("a", "a-b", "a_c", "B"), per_class=3, splits=("train", "val")
+    )
     archive = _tar(tmp_path / "data", tmp_path / "ds.tar.gz", "top")
     for split, name in (("train", "train"), ("eval", "val")):
         cfg_dir = DataConfig(source="imagefolder", path=str(root), image_size=8)
@@ -382,6 +400,7 @@ def test_limit_takes_a_seeded_subset(fmnist_dir):
 
 # --- seeded global batches ----------------------------------------------------------------------
 
+
 def _steps(n, batch, seed, world=1, accum=1, start=0, total=12):
     """{step: [rank0 micro-batches..., rank1 micro-batches...]} as flat lists of (index, aug_seed)."""
     out = {}
@@ -415,7 +434,7 @@ def test_epochs_are_permutations_and_aug_seeds_change_per_epoch():
 def test_resuming_at_start_step_gives_the_same_batches():
     full = list(SeededSteps(50, 8, seed=3, pieces=2, total_steps=15))
     resumed = list(SeededSteps(50, 8, seed=3, pieces=2, start_step=9, total_steps=15))
-    assert resumed == full[9 * 2:]
+    assert resumed == full[9 * 2 :]
     assert len(SeededSteps(50, 8, seed=3, pieces=2, start_step=9, total_steps=15)) == 12
 
 
@@ -439,10 +458,14 @@ def test_loader_over_step_batches_yields_the_indexed_images(fmnist_dir):
 
 def test_a_cached_dataset_flips_exactly_like_an_uncached_one(image_tree):
     """The cache holds unflipped images; each read flips by its own sample seed (it once flipped the cache too)."""
-    cached = build_dataset(DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True,
-                                      num_workers=0, cache="always"), "train")
-    fresh = build_dataset(DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True,
-                                     num_workers=0, cache="never"), "train")
+    cached = build_dataset(
+        DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True, num_workers=0, cache="always"),
+        "train",
+    )
+    fresh = build_dataset(
+        DataConfig(source="imagefolder", path=str(image_tree), image_size=8, hflip=True, num_workers=0, cache="never"),
+        "train",
+    )
     assert cached.cached is not None and fresh.cached is None
     for key in [(i, seed) for i in range(len(fresh)) for seed in (0, 1, 2, 3)]:
         assert torch.equal(cached[key][0], fresh[key][0]), key
@@ -467,8 +490,12 @@ def test_one_image_as_training_data_is_refused_with_the_fix(stage, world, run_ma
     image.write_bytes((world.images / "train" / "a" / "0.png").read_bytes())
     before = snapshot(tmp_path, world.root)
     res = run_main(*SINGLE_IMAGE[stage](world), "--data", str(image))
-    one_line(res, 1, f"`{image}` is a single image; --data takes a folder of images, an image tree or an archive "
-                     "(.tar/.tar.gz): put it in a folder")
+    one_line(
+        res,
+        1,
+        f"`{image}` is a single image; --data takes a folder of images, an image tree or an archive "
+        "(.tar/.tar.gz): put it in a folder",
+    )
     unchanged(before)
     assert set(snapshot(tmp_path, world.root)) == set(before)  # nothing written either
 
@@ -476,8 +503,9 @@ def test_one_image_as_training_data_is_refused_with_the_fix(stage, world, run_ma
 def test_denoise_still_takes_one_image(world, run_main, tmp_path):
     image = tmp_path / "img.png"
     image.write_bytes((world.images / "val" / "a" / "0.png").read_bytes())
-    res = run_main("denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "panel.png"), "--device",
-                   "cpu")
+    res = run_main(
+        "denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "panel.png"), "--device", "cpu"
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "panel.png").stat().st_size > 0
 

@@ -4,26 +4,42 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import train_tiny
 from PIL import Image
 
-from helpers import train_tiny
 from ldae_cli.data.pipeline import load_image_file, to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.pretrained import DEFAULT_SIGMA, load_pretrained
 from ldae_cli.stages import denoise as stage
 
-SHORT = {"tokenizer.patch": 4, "tokenizer.dim": 8, "model.width": 64, "model.encoder_depth": 2,
-         "model.decoder_depth": 2, "model.num_heads": 4, "optim.epochs": 60, "optim.warmup_epochs": 2,
-         "optim.blr": 0.02, "run.log_every": 20}
-EPS = {"diffusion.target": "eps", "diffusion.input_space": "latent", "diffusion.output_space": "latent",
-       "diffusion.schedule": "linear-gamma2", "diffusion.loss_weight": "1"}
+SHORT = {
+    "tokenizer.patch": 4,
+    "tokenizer.dim": 8,
+    "model.width": 64,
+    "model.encoder_depth": 2,
+    "model.decoder_depth": 2,
+    "model.num_heads": 4,
+    "optim.epochs": 60,
+    "optim.warmup_epochs": 2,
+    "optim.blr": 0.02,
+    "run.log_every": 20,
+}
+EPS = {
+    "diffusion.target": "eps",
+    "diffusion.input_space": "latent",
+    "diffusion.output_space": "latent",
+    "diffusion.schedule": "linear-gamma2",
+    "diffusion.loss_weight": "1",
+}
 
 
 @pytest.fixture(scope="module")
 def models(pattern_tree, tmp_path_factory):
     root = tmp_path_factory.mktemp("denoise")
-    return {"x0": train_tiny("final.yaml", pattern_tree, root / "x0", **SHORT),
-            "eps": train_tiny("final.yaml", pattern_tree, root / "eps", **SHORT, **EPS)}
+    return {
+        "x0": train_tiny("final.yaml", pattern_tree, root / "x0", **SHORT),
+        "eps": train_tiny("final.yaml", pattern_tree, root / "eps", **SHORT, **EPS),
+    }
 
 
 @pytest.mark.parametrize("target", ["x0", "eps"])
@@ -50,8 +66,7 @@ def test_panel_has_three_tiles_of_the_right_size(models, pattern_tree, tmp_path)
     clean = Image.open(files[0]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
     first = panel.crop((pad, title + pad, pad + tile, title + pad + tile))
     assert list(first.getdata()) == list(clean.getdata())
-    four = stage.main([str(files[0])], ckpt=str(models["x0"]), out=str(tmp_path / "one.png"),
-                              compare_pixel_noise=True)
+    four = stage.main([str(files[0])], ckpt=str(models["x0"]), out=str(tmp_path / "one.png"), compare_pixel_noise=True)
     assert four == [tmp_path / "one.png"] and Image.open(four[0]).size[0] == 4 * (tile + pad) + pad
 
 

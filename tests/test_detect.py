@@ -14,23 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT, train_tiny, write_image_tree
 from torch.overrides import TorchFunctionMode
 from torch.utils._device import _device_constructors
 
-from helpers import REPO_ROOT, train_tiny, write_image_tree
-from ldae_cli.model import detection
-from ldae_cli.train import engine_detect
-from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldae_cli.config import load_config
 from ldae_cli.errors import LdaeError
+from ldae_cli.model import detection
 from ldae_cli.model.models import SIZES, build_timm_vit
 from ldae_cli.model.pretrained import fold_encoder, load_encoder, load_pretrained
+from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from ldae_cli.stages import detect as stage
+from ldae_cli.train import engine_detect
 
 # detectron2 imports timm's old module path and uses torch.jit.script; stage runs silence both, the
 # direct builds here do not
-pytestmark = [pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
+
 
 class MetaParams(TorchFunctionMode):
     """`with torch.device("meta")` for weights (sizes of every model in seconds, no memory), except the
@@ -38,8 +41,11 @@ class MetaParams(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _device_constructors() and func not in (torch.linspace, torch.tensor) \
-                and kwargs.get("device") is None:
+        if (
+            func in _device_constructors()
+            and func not in (torch.linspace, torch.tensor)
+            and kwargs.get("device") is None
+        ):
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
 
@@ -49,31 +55,58 @@ def pretrain_ckpt(tmp_path_factory) -> Path:
     """A real tiny l-DAE run: width 32, 8 encoder blocks (so window and global blocks both occur), patch 4, 32^2."""
     base = tmp_path_factory.mktemp("pre")
     images = write_image_tree(base / "imgs", classes=("a", "b"), per_class=4, size=(32, 32), splits=("train",))
-    return train_tiny("final.yaml", images, base / "run", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                              "model.encoder_depth": 8, "model.decoder_depth": 1})
+    return train_tiny(
+        "final.yaml",
+        images,
+        base / "run",
+        **{"tokenizer.patch": 4, "tokenizer.dim": 8, "model.encoder_depth": 8, "model.decoder_depth": 1},
+    )
 
 
 def detect_sets(coco: Path, out: Path, **extra) -> list[str]:
     """--set overrides that shrink cpu-tiny to a 2-iteration run on the synthetic COCO set."""
-    sets = {"data.path": str(coco), "data.train_split": "train", "data.eval_split": "val", "data.image_size": 64,
-            "data.num_workers": 0, "backbone.size": None, "model.pyramid_channels": 16, "model.box_fc_dim": 32,
-            "model.roi_batch_per_image": 32, "optim.batch_size": 2, "optim.iterations": 2,
-            "optim.warmup_iterations": 1, "optim.lr_steps": "[0.5]", "run.out_dir": str(out),
-            "run.progress": False, "run.log_every": 1, "run.save_every": 100, "run.device": "cpu"}
+    sets = {
+        "data.path": str(coco),
+        "data.train_split": "train",
+        "data.eval_split": "val",
+        "data.image_size": 64,
+        "data.num_workers": 0,
+        "backbone.size": None,
+        "model.pyramid_channels": 16,
+        "model.box_fc_dim": 32,
+        "model.roi_batch_per_image": 32,
+        "optim.batch_size": 2,
+        "optim.iterations": 2,
+        "optim.warmup_iterations": 1,
+        "optim.lr_steps": "[0.5]",
+        "run.out_dir": str(out),
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.save_every": 100,
+        "run.device": "cpu",
+    }
     sets.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
 
 
-SCRATCH = {"backbone.size": "custom", "backbone.width": 32, "backbone.depth": 8, "backbone.num_heads": 2,
-           "backbone.patch_size": 4, "backbone.pretrain_image_size": 32}
+SCRATCH = {
+    "backbone.size": "custom",
+    "backbone.width": 32,
+    "backbone.depth": 8,
+    "backbone.num_heads": 2,
+    "backbone.patch_size": 4,
+    "backbone.pretrain_image_size": 32,
+}
 
 
 def run(overrides, resume=None, ckpt=None, from_scratch=False, eval_only=False, config="detect/cpu-tiny"):
-    return stage.main(config, overrides, {}, resume, ckpt=ckpt and str(ckpt), from_scratch=from_scratch,
-                              eval_only=eval_only)
+    return stage.main(
+        config, overrides, {}, resume, ckpt=ckpt and str(ckpt), from_scratch=from_scratch, eval_only=eval_only
+    )
 
 
 # --------------------------------------------------------------------------------------------- structure
+
 
 def test_global_blocks_at_each_quarter():
     assert detection.global_block_indexes(12) == [2, 5, 8, 11]  # ViTDet-B
@@ -83,8 +116,9 @@ def test_global_blocks_at_each_quarter():
     assert detection.global_block_indexes(2) == [0, 1]
     spec = detection.BackboneSpec(32, 12, 2, 16, 256)
     with MetaParams():
-        model = detection.build_detector(spec, detection.DetectorSpec(image_size=1024, num_classes=3,
-                                                                          drop_path=0.1, window_size=8))
+        model = detection.build_detector(
+            spec, detection.DetectorSpec(image_size=1024, num_classes=3, drop_path=0.1, window_size=8)
+        )
     windows = [block.window_size for block in model.backbone.net.blocks]
     assert windows == [8, 8, 0, 8, 8, 0, 8, 8, 0, 8, 8, 0]
     # relative positions: 8x8 windows, or the whole 64x64 grid in global blocks
@@ -104,9 +138,20 @@ def test_global_blocks_at_each_quarter():
 def test_loading_report_is_exact_for_every_size(size):
     """Every folded-encoder tensor lands in backbone.net; only rel-pos and pyramid/heads start fresh."""
     width, enc, _, heads = SIZES[size]
-    kwargs = dict(img_size=(256, 256), patch_size=16, embed_dim=width, depth=enc, num_heads=heads, mlp_ratio=4.0,
-                  class_token=False, global_pool="avg", final_norm=False, fc_norm=False, num_classes=0,
-                  act_layer="gelu_tanh")
+    kwargs = dict(
+        img_size=(256, 256),
+        patch_size=16,
+        embed_dim=width,
+        depth=enc,
+        num_heads=heads,
+        mlp_ratio=4.0,
+        class_token=False,
+        global_pool="avg",
+        final_norm=False,
+        fc_norm=False,
+        num_classes=0,
+        act_layer="gelu_tanh",
+    )
     with MetaParams():
         encoder = build_timm_vit(kwargs).state_dict()  # the fold writes exactly these names and shapes
         spec = detection.BackboneSpec.from_timm_kwargs(kwargs, size)
@@ -115,8 +160,9 @@ def test_loading_report_is_exact_for_every_size(size):
     assert report.ok, report.to_dict()
     assert sorted(report.loaded) == sorted(detection.NET_PREFIX + k for k in encoder)
     assert report.loaded_params == sum(v.numel() for v in encoder.values())
-    assert sorted(report.fresh_rel_pos) == sorted(f"{detection.NET_PREFIX}blocks.{i}.attn.rel_pos_{a}"
-                                                  for i in range(enc) for a in "hw")
+    assert sorted(report.fresh_rel_pos) == sorted(
+        f"{detection.NET_PREFIX}blocks.{i}.attn.rel_pos_{a}" for i in range(enc) for a in "hw"
+    )
     assert all(not k.startswith(detection.NET_PREFIX) for k in report.fresh_new)
     assert len(report.loaded) + len(report.fresh_rel_pos) + len(report.fresh_new) == len(model.state_dict())
 
@@ -127,8 +173,11 @@ def test_loading_report_names_anything_else():
     with MetaParams():
         model = detection.build_detector(spec, detection.DetectorSpec(64, 2, 0.0, 8, 16, 32, 32))
     target = detection.shapes(model.state_dict())
-    good = {k[len(detection.NET_PREFIX):]: v for k, v in target.items()
-            if k.startswith(detection.NET_PREFIX) and not k.endswith(detection.REL_POS)}
+    good = {
+        k[len(detection.NET_PREFIX) :]: v
+        for k, v in target.items()
+        if k.startswith(detection.NET_PREFIX) and not k.endswith(detection.REL_POS)
+    }
     assert detection.loading_report(target, good).ok
     extra = {**good, "cls_token": (1, 1, 32)}
     with pytest.raises(LdaeError, match=r"unexpected in the encoder \['cls_token'\]"):
@@ -174,6 +223,7 @@ def test_configs_carry_the_papers_recipe():
 
 # --------------------------------------------------------------------------------------------- end to end
 
+
 def test_train_two_iterations_and_evaluate(coco, pretrain_ckpt, tmp_path):
     out = tmp_path / "det"
     # batch 2 as 2 micro-batches of 1: the accumulation path
@@ -181,13 +231,21 @@ def test_train_two_iterations_and_evaluate(coco, pretrain_ckpt, tmp_path):
     ck = load_checkpoint(path, "detect")
     assert ck.extra["step"] == 2 and ck.extra["finished"] and ck.extra["init"] == "pretrain"
     assert ck.extra["class_names"] == ["square", "disc"] and ck.extra["num_classes"] == 2
-    assert ck.extra["backbone"] == {"width": 32, "depth": 8, "num_heads": 2, "patch_size": 4,
-                                    "pretrain_image_size": 32, "mlp_ratio": 4.0}
+    assert ck.extra["backbone"] == {
+        "width": 32,
+        "depth": 8,
+        "num_heads": 2,
+        "patch_size": 4,
+        "pretrain_image_size": 32,
+        "mlp_ratio": 4.0,
+    }
     parent = ck.provenance["parents"][0]
     assert parent["role"] == "pretrain" and parent["sha256"] == sha256_file(pretrain_ckpt)
     report = json.loads((out / "load_report.json").read_text())
     assert report["ok"] and report["loaded"] == 2 + 1 + 8 * 12 and len(report["fresh_rel_pos"]) == 16
-    assert set(ck.extra["eval"]) == {"step", "bbox", "segm"} and set(ck.extra["eval"]["bbox"]) >= set(engine_detect.AP_KEYS)
+    assert set(ck.extra["eval"]) == {"step", "bbox", "segm"} and set(ck.extra["eval"]["bbox"]) >= set(
+        engine_detect.AP_KEYS
+    )
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -215,14 +273,17 @@ def test_resume_is_exact_from_scratch(coco, tmp_path):
     for section in ("model", "optim"):
         ta, tb = a.section(section), b.section(section)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), section
+
     def losses(run_dir):
         return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
     assert losses(tmp_path / "full") == losses(tmp_path / "cut")
     with pytest.raises(LdaeError, match="already holds a detect checkpoint"):
         run(detect_sets(coco, tmp_path / "full", **sets), from_scratch=True)
 
 
 # --------------------------------------------------------------------------------------------- errors
+
 
 @pytest.fixture
 def broken_coco(coco, tmp_path) -> Path:
@@ -233,13 +294,16 @@ def broken_coco(coco, tmp_path) -> Path:
 
 def test_data_errors_name_the_file(broken_coco):
     root = broken_coco
-    with pytest.raises(LdaeError, match=r"instances_train2017.json: COCO annotations not found.*found "
-                                        r"instances_train.json, instances_val.json"):
+    with pytest.raises(
+        LdaeError,
+        match=r"instances_train2017.json: COCO annotations not found.*found "
+        r"instances_train.json, instances_val.json",
+    ):
         detection.register_coco_split(root, "train2017")
     (root / "annotations" / "instances_val.json").write_text('{"images": [1, 2,')
     with pytest.raises(LdaeError, match=r"instances_val.json: not valid JSON \(line 1"):
         detection.register_coco_split(root, "val")
-    (root / "annotations" / "instances_val.json").write_text('[1, 2]')
+    (root / "annotations" / "instances_val.json").write_text("[1, 2]")
     with pytest.raises(LdaeError, match=r"instances_val.json: not a COCO instances file"):
         detection.register_coco_split(root, "val")
     (root / "annotations" / "instances_val.json").write_text('{"images": [], "annotations": []}')
@@ -291,8 +355,17 @@ def test_coco_mini_runs_for_real(tmp_path):
 
     with tarfile.open(COCO_MINI) as tar:
         tar.extractall(tmp_path, filter="data")
-    path = run([f"data.path={tmp_path / 'coco-mini'}", f"run.out_dir={tmp_path / 'run'}", "run.progress=false",
-                "optim.iterations=4", "optim.warmup_iterations=1", "optim.lr_steps=[0.5]"], from_scratch=True)
+    path = run(
+        [
+            f"data.path={tmp_path / 'coco-mini'}",
+            f"run.out_dir={tmp_path / 'run'}",
+            "run.progress=false",
+            "optim.iterations=4",
+            "optim.warmup_iterations=1",
+            "optim.lr_steps=[0.5]",
+        ],
+        from_scratch=True,
+    )
     ck = load_checkpoint(path, "detect")
     assert ck.extra["num_classes"] == 80 and ck.extra["finished"]
     assert set(ck.extra["eval"]) == {"step", "bbox", "segm"}
@@ -306,14 +379,34 @@ def test_coco_mini_runs_from_an_mae_checkpoint(tmp_path):
     import tarfile
 
     images = write_image_tree(tmp_path / "imgs", classes=("a", "b"), per_class=4, size=(32, 32), splits=("train",))
-    mae = train_tiny("baselines/mae.yaml", images, tmp_path / "mae", **{
-        "tokenizer.patch": 4, "model.encoder_depth": 4, "model.decoder_depth": 0, "mae.decoder_width": 16,
-        "mae.decoder_depth": 1, "mae.decoder_heads": 2, "online_probe.enabled": False})
+    mae = train_tiny(
+        "baselines/mae.yaml",
+        images,
+        tmp_path / "mae",
+        **{
+            "tokenizer.patch": 4,
+            "model.encoder_depth": 4,
+            "model.decoder_depth": 0,
+            "mae.decoder_width": 16,
+            "mae.decoder_depth": 1,
+            "mae.decoder_heads": 2,
+            "online_probe.enabled": False,
+        },
+    )
     with tarfile.open(COCO_MINI) as tar:
         tar.extractall(tmp_path, filter="data")
-    path = run([f"data.path={tmp_path / 'coco-mini'}", f"run.out_dir={tmp_path / 'run'}", "run.progress=false",
-                "backbone.size=null", "optim.iterations=2", "optim.warmup_iterations=1", "optim.lr_steps=[0.5]"],
-               ckpt=mae)
+    path = run(
+        [
+            f"data.path={tmp_path / 'coco-mini'}",
+            f"run.out_dir={tmp_path / 'run'}",
+            "run.progress=false",
+            "backbone.size=null",
+            "optim.iterations=2",
+            "optim.warmup_iterations=1",
+            "optim.lr_steps=[0.5]",
+        ],
+        ckpt=mae,
+    )
     ck = load_checkpoint(path, "detect")
     assert ck.extra["init"] == "pretrain" and ck.extra["finished"] and ck.extra["num_classes"] == 80
     assert ck.provenance["parents"][0]["sha256"] == sha256_file(mae)
@@ -325,10 +418,29 @@ def test_coco_mini_runs_from_an_mae_checkpoint(tmp_path):
 def test_two_ranks_under_torchrun(coco, tmp_path):
     """2 gloo ranks (torchrun): each takes its half of every global batch; evaluation gathers both shards."""
     sets = detect_sets(coco, tmp_path / "ddp", **SCRATCH)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29547", "-m", "ldae_cli", "detect", "--config", "detect/cpu-tiny", "--from-scratch",
-                        *sum((["--set", s] for s in sets), [])], capture_output=True, text=True, cwd=REPO_ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29547",
+            "-m",
+            "ldae_cli",
+            "detect",
+            "--config",
+            "detect/cpu-tiny",
+            "--from-scratch",
+            *sum((["--set", s] for s in sets), []),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ck = load_checkpoint(tmp_path / "ddp" / "checkpoint.safetensors", "detect")
     assert ck.extra["world_size"] == 2 and ck.extra["finished"] and ck.extra["eval"]["bbox"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from ldae_cli.config import load_config
-from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule, loss_weights, schedule_table
 from ldae_cli.errors import LdaeError
-from ldae_cli.stages.pretrain import PretrainConfig
+from ldae_cli.model.diffusion import Denoiser, DiffusionConfig, NoiseSchedule, loss_weights, schedule_table
 from ldae_cli.model.tokenizers import PixelTokenizer
+from ldae_cli.stages.pretrain import PretrainConfig
 
 
 def test_ddpm_gamma_squared_is_the_cumulative_product_of_one_minus_beta():
@@ -30,8 +30,8 @@ def test_ddpm_gamma_squared_is_the_cumulative_product_of_one_minus_beta():
 def test_linear_gamma2_is_variance_preserving_and_linear_in_gamma_squared():
     gamma, sigma = schedule_table("linear-gamma2", 100, 0.5)
     t = torch.arange(101, dtype=torch.float64)
-    torch.testing.assert_close(gamma ** 2, 1 - t / 100, rtol=0, atol=1e-15)
-    torch.testing.assert_close(gamma ** 2 + sigma ** 2, torch.ones(101, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(gamma**2, 1 - t / 100, rtol=0, atol=1e-15)
+    torch.testing.assert_close(gamma**2 + sigma**2, torch.ones(101, dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_linear_sigma_keeps_gamma_one_and_ends_at_root_two():
@@ -63,8 +63,11 @@ def test_loss_weights_match_their_formulas(kind):
 
 
 def test_unknown_schedule_or_weight_is_an_error_naming_the_choices():
-    with pytest.raises(LdaeError, match=r"diffusion.schedule: unknown schedule 'cosine'; choose one of ddpm, "
-                                        r"linear-gamma2, linear-sigma, constant"):
+    with pytest.raises(
+        LdaeError,
+        match=r"diffusion.schedule: unknown schedule 'cosine'; choose one of ddpm, "
+        r"linear-gamma2, linear-sigma, constant",
+    ):
         schedule_table("cosine", 10, 0.5)
     with pytest.raises(LdaeError, match=r"diffusion.loss_weight: unknown weighting 'sqrt'"):
         loss_weights("sqrt", torch.ones(3), torch.ones(3))

@@ -12,16 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint
 from ldae_cli.config import load_config, to_dict
-from ldae_cli.settings.optim import make_ema, set_lr
-from ldae_cli.train.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.models import DenoisingViT, sincos_2d
 from ldae_cli.model.pretrained import load_encoder
+from ldae_cli.model.tokenizers import PCATokenizer
+from ldae_cli.runs.checkpoint import load_checkpoint, save_checkpoint
+from ldae_cli.settings.optim import make_ema, set_lr
 from ldae_cli.stages import finetune as stage
 from ldae_cli.stages.pretrain import PretrainConfig
-from ldae_cli.model.tokenizers import PCATokenizer
+from ldae_cli.train.engine_finetune import BatchAugment, SeededRandAugment, layer_decay_groups
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +57,40 @@ def pretrain_ckpt(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.normal_(0, 0.05)
     tok_tensors, tok_desc = tok.export()
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-               **{f"tokenizer.{k}": v for k, v in tok_tensors.items()}}
-    extra = {"model_spec": model.spec, "tokenizer": tok_desc, "image_size": 16, "num_classes": 0, "has_ema": False,
-             "finished": True}
-    return save_checkpoint(tmp_path_factory.mktemp("pre") / "pre.safetensors", "pretrain", tensors, to_dict(cfg),
-                           extra=extra)
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **{f"tokenizer.{k}": v for k, v in tok_tensors.items()},
+    }
+    extra = {
+        "model_spec": model.spec,
+        "tokenizer": tok_desc,
+        "image_size": 16,
+        "num_classes": 0,
+        "has_ema": False,
+        "finished": True,
+    }
+    return save_checkpoint(
+        tmp_path_factory.mktemp("pre") / "pre.safetensors", "pretrain", tensors, to_dict(cfg), extra=extra
+    )
 
 
 def tiny(data: Path, out: Path, **extra) -> list[str]:
     """Overrides of finetune/cifar10 for the halves data and a 2-block width-32 ViT."""
-    sets = {"data.source": "imagefolder", "data.path": str(data), "data.image_size": 16, "data.num_workers": 0,
-            "model.arch.width": 32, "model.arch.depth": 2, "model.arch.num_heads": 2, "optim.batch_size": 16,
-            "optim.ema": 0.9, "run.out_dir": str(out), "run.progress": False,
-            "run.log_every": 1, "run.device": "cpu"}
+    sets = {
+        "data.source": "imagefolder",
+        "data.path": str(data),
+        "data.image_size": 16,
+        "data.num_workers": 0,
+        "model.arch.width": 32,
+        "model.arch.depth": 2,
+        "model.arch.num_heads": 2,
+        "optim.batch_size": 16,
+        "optim.ema": 0.9,
+        "run.out_dir": str(out),
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.device": "cpu",
+    }
     sets.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in sets.items()]
 
@@ -85,17 +105,38 @@ def log(run: Path) -> list[dict]:
 
 
 def test_presets_carry_the_papers_numbers():
-    get = lambda name: load_config(stage.FinetuneConfig, f"finetune/{name}")
-    b, l, mb, ml = get("ldae-B"), get("ldae-L"), get("mae-B"), get("mae-L")
-    assert (b.optim.batch_size, b.optim.base_lr(), b.optim.layer_decay, b.model.drop_path, b.optim.epochs) == \
-        (1024, 4e-3, 0.85, 0.1, 100)
-    assert (b.optim.weight_decay, b.optim.warmup_epochs, b.optim.ema, b.aug.mixup, b.aug.cutmix) == \
-        (0.05, 5, 0.9999, 0.8, 1.0)
-    assert (b.aug.rand_augment, b.aug.label_smoothing, b.aug.erase_prob, b.data.image_size) == \
-        ("rand-m9-mstd0.5-inc1", 0.1, 0.25, 256)
-    assert (l.optim.layer_decay, l.optim.base_lr(), l.model.arch.size) == (0.65, 4e-3, "L")
-    assert (mb.optim.blr, mb.optim.base_lr(), mb.optim.layer_decay, mb.model.drop_path, mb.optim.epochs) == \
-        (5e-4, 2e-3, 0.65, 0.1, 100)
+    def get(name):
+        return load_config(stage.FinetuneConfig, f"finetune/{name}")
+
+    b, lg, mb, ml = get("ldae-B"), get("ldae-L"), get("mae-B"), get("mae-L")
+    assert (b.optim.batch_size, b.optim.base_lr(), b.optim.layer_decay, b.model.drop_path, b.optim.epochs) == (
+        1024,
+        4e-3,
+        0.85,
+        0.1,
+        100,
+    )
+    assert (b.optim.weight_decay, b.optim.warmup_epochs, b.optim.ema, b.aug.mixup, b.aug.cutmix) == (
+        0.05,
+        5,
+        0.9999,
+        0.8,
+        1.0,
+    )
+    assert (b.aug.rand_augment, b.aug.label_smoothing, b.aug.erase_prob, b.data.image_size) == (
+        "rand-m9-mstd0.5-inc1",
+        0.1,
+        0.25,
+        256,
+    )
+    assert (lg.optim.layer_decay, lg.optim.base_lr(), lg.model.arch.size) == (0.65, 4e-3, "L")
+    assert (mb.optim.blr, mb.optim.base_lr(), mb.optim.layer_decay, mb.model.drop_path, mb.optim.epochs) == (
+        5e-4,
+        2e-3,
+        0.65,
+        0.1,
+        100,
+    )
     assert (ml.optim.blr, ml.optim.layer_decay, ml.model.drop_path, ml.optim.epochs) == (1e-3, 0.75, 0.2, 50)
     for cpu in ("cifar10", "fmnist"):
         c = get(cpu)
@@ -134,8 +175,18 @@ def test_layer_decay_gives_block_i_scale_decay_to_depth_plus_1_minus_layer_id(ha
 def test_mixup_cutmix_targets_are_distributions_and_keyed():
     from ldae_cli.train.engine_finetune import seeded_rngs
 
-    aug = BatchAugment(5, mixup=0.8, cutmix=1.0, prob=1.0, switch_prob=0.5, mode="batch", label_smoothing=0.1,
-                       erase_prob=0.25, erase_mode="pixel", erase_count=1)
+    aug = BatchAugment(
+        5,
+        mixup=0.8,
+        cutmix=1.0,
+        prob=1.0,
+        switch_prob=0.5,
+        mode="batch",
+        label_smoothing=0.1,
+        erase_prob=0.25,
+        erase_mode="pixel",
+        erase_count=1,
+    )
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     images = torch.rand(8, 3, 8, 8) * 2 - 1
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
@@ -200,8 +251,12 @@ def test_network_from_a_pretrain_checkpoint_is_the_folded_encoder(halves, pretra
     images = torch.rand(3, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         # the backbone computes the folded encoder's pooled features; a fresh LayerNorm and head follow
-        torch.testing.assert_close(model.forward_head(model.forward_features(images), pre_logits=True),
-                                   torch.nn.functional.layer_norm(encoder(images), (32,), eps=1e-6), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.forward_head(model.forward_features(images), pre_logits=True),
+            torch.nn.functional.layer_norm(encoder(images), (32,), eps=1e-6),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     assert model.head.weight.std() < 1e-4 and torch.equal(model.head.bias, torch.zeros(2))
 
     scratch_cfg = config(halves, tmp_path, ckpt=str(pretrain_ckpt), from_scratch=True)
@@ -219,10 +274,30 @@ def test_tiny_run_learns_and_writes_its_records(run_main, halves, tmp_path):
     out = tmp_path / "run"
     # the loop itself (layer decay, warm-up + cosine, label smoothing, drop path, EMA, per-epoch eval);
     # mixup, RandAugment and erasing are tested above and in the resume test, and slow a 36-step run too much
-    res = run_main("finetune", "--from-scratch", "--config", "finetune/cifar10", *sum(
-        (["--set", s] for s in tiny(halves, out, **{"optim.epochs": 6, "optim.lr": 3e-3, "aug.mixup": 0,
-                                                        "aug.cutmix": 0, "aug.rand_augment": None,
-                                                        "aug.erase_prob": 0})), []))
+    res = run_main(
+        "finetune",
+        "--from-scratch",
+        "--config",
+        "finetune/cifar10",
+        *sum(
+            (
+                ["--set", s]
+                for s in tiny(
+                    halves,
+                    out,
+                    **{
+                        "optim.epochs": 6,
+                        "optim.lr": 3e-3,
+                        "aug.mixup": 0,
+                        "aug.cutmix": 0,
+                        "aug.rand_augment": None,
+                        "aug.erase_prob": 0,
+                    },
+                )
+            ),
+            [],
+        ),
+    )
     assert res.returncode == 0, res.stderr
     evals = [r for r in log(out) if "top1" in r]
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4, 5, 6]
@@ -251,7 +326,10 @@ def test_resume_equals_the_uninterrupted_run(halves, pretrain_ckpt, tmp_path):
     assert a.extra["step"] == b.extra["step"] == 12
     for name in a.tensors:
         assert torch.equal(a.tensors[name], b.tensors[name]), name
-    timeless = lambda run: [{k: v for k, v in r.items() if k not in ("time_s", "img_per_s", "data_wait")} for r in log(run)]
+
+    def timeless(run):
+        return [{k: v for k, v in r.items() if k not in ("time_s", "img_per_s", "data_wait")} for r in log(run)]
+
     assert timeless(tmp_path / "full") == timeless(tmp_path / "cut")  # losses and evaluations, line for line
     assert b.provenance["parents"][0]["sha256"] == a.provenance["parents"][0]["sha256"]
 
@@ -279,9 +357,23 @@ def test_two_ranks_under_torchrun(halves, pretrain_ckpt, tmp_path):
 
     out = tmp_path / "ddp"
     sets = tiny(halves, out, **{"optim.epochs": 1, "aug.rand_augment": None})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541",
-           "-m", "ldae_cli", "finetune", "--config", "finetune/cifar10", "--ckpt", str(pretrain_ckpt),
-           *sum((["--set", s] for s in sets), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29541",
+        "-m",
+        "ldae_cli",
+        "finetune",
+        "--config",
+        "finetune/cifar10",
+        "--ckpt",
+        str(pretrain_ckpt),
+        *sum((["--set", s] for s in sets), []),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     last = load_checkpoint(out / "checkpoint.safetensors", "finetune")

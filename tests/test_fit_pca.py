@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT
 from PIL import Image
 
-from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
 from ldae_cli.data.sources import default_locations
-from ldae_cli.model.pca import CovarianceAccumulator, principal_components
 from ldae_cli.model.patches import patchify, random_patches, unpatchify
-from ldae_cli.stages.fit_pca import FitPCAConfig
+from ldae_cli.model.pca import CovarianceAccumulator, principal_components
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig, latent_normalization, load_tokenizer
-
-from helpers import REPO_ROOT
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.stages.fit_pca import FitPCAConfig
 
 
 def correlated(n: int, dim: int, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
@@ -35,12 +34,13 @@ def correlated(n: int, dim: int, seed: int = 0, offset: float = 0.0) -> torch.Te
 
 # --- the accumulator and the eigenbasis ----------------------------------------------------------
 
+
 def test_covariance_over_uneven_batches_matches_numpy():
     x = correlated(3001, 12, offset=1e4)  # a large offset: naive sum-of-squares would lose digits
     acc = CovarianceAccumulator(12)
     start = 0
     for size in (1, 2, 997, 0, 1500, 13, 488):
-        acc.update(x[start:start + size])
+        acc.update(x[start : start + size])
         start += size
     assert start == len(x) and acc.n == len(x)
     ref = np.cov(x.numpy(), rowvar=False)
@@ -54,8 +54,9 @@ def test_covariance_accepts_float32_batches_and_accumulates_in_float64():
     acc = CovarianceAccumulator(6)
     for chunk in x.split(300):
         acc.update(chunk)
-    np.testing.assert_allclose(acc.covariance().numpy(), np.cov(x.double().numpy(), rowvar=False),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        acc.covariance().numpy(), np.cov(x.double().numpy(), rowvar=False), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_principal_components_descending_orthonormal_and_diagonalising():
@@ -70,7 +71,7 @@ def test_principal_components_descending_orthonormal_and_diagonalising():
     np.testing.assert_allclose(eigenvalues.numpy(), ref, rtol=1e-10, atol=1e-13)
     # signs are fixed: the largest-magnitude entry of each row is positive
     assert torch.all(basis.gather(1, basis.abs().argmax(1, keepdim=True)) > 0)
-    e2, b2 = principal_components(-(-cov))
+    e2, b2 = principal_components(cov.clone())
     assert torch.equal(b2, basis)
 
 
@@ -87,7 +88,7 @@ def test_random_patches_are_the_pixels_at_the_sampled_positions():
     for b in range(3):
         for j in range(k):
             y, x = int(ys[b, j]), int(xs[b, j])
-            window = images[b:b + 1, :, y:y + p, x:x + p]
+            window = images[b : b + 1, :, y : y + p, x : x + p]
             # same layout as the tokenizer: patchify of the window is exactly this patch
             torch.testing.assert_close(out[b * k + j], patchify(window, p)[0, 0], rtol=0, atol=0)
             # and explicitly (row, col, channel) order
@@ -118,6 +119,7 @@ def test_patchify_unpatchify_round_trip_and_layout():
 
 
 # --- the tokenizer on a fitted basis -------------------------------------------------------------
+
 
 def fitted_tokenizer(dim: int, latent_scale: str = "global", n: int = 5000, seed: int = 0):
     patches = correlated(n, 48, seed=seed, offset=0.3)
@@ -181,6 +183,7 @@ def test_latent_scale_none_is_the_raw_projection():
 
 def test_tokenizer_rejects_bad_shapes_and_dims():
     from ldae_cli.errors import LdaeError
+
     with pytest.raises(LdaeError, match="between 1 and 48"):
         PCATokenizer(torch.zeros(48), torch.eye(48), torch.ones(48), 4, 49)
     with pytest.raises(LdaeError, match="do not fit"):
@@ -191,11 +194,30 @@ def test_tokenizer_rejects_bad_shapes_and_dims():
 
 # --- the stage through the CLI -------------------------------------------------------------------
 
+
 def test_fit_pca_cli_on_a_tiny_imagefolder(cli, image_tree, tmp_path):
     out = tmp_path / "out" / "pca.safetensors"
-    res = cli("fit-pca", "--source", "imagefolder", "--data", image_tree, "--patch", "4", "--dim", "8",
-              "--patches", "3000", "--image-size", "16", "--out", out, "--set", "pca.patches_per_image=20",
-              "--set", "data.num_workers=0")
+    res = cli(
+        "fit-pca",
+        "--source",
+        "imagefolder",
+        "--data",
+        image_tree,
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--patches",
+        "3000",
+        "--image-size",
+        "16",
+        "--out",
+        out,
+        "--set",
+        "pca.patches_per_image=20",
+        "--set",
+        "data.num_workers=0",
+    )
     assert res.returncode == 0, res.stderr
     assert "variance explained by d = 8 of 48 components" in res.stdout
     shown = float(res.stdout.split("components:")[1].split("%")[0])
@@ -223,10 +245,27 @@ def test_fit_pca_cli_on_a_tiny_imagefolder(cli, image_tree, tmp_path):
 
 def test_fit_pca_is_reproducible_and_default_out(run_main, image_tree, tmp_path):
     cli = run_main  # in-process: same code path as the console script, without two interpreter starts
-    args = ("fit-pca", "--source", "imagefolder", "--data", image_tree, "--patch", "2", "--dim", "4",
-            "--patches", "500", "--image-size", "8", "--set", "data.num_workers=0")
+    args = (
+        "fit-pca",
+        "--source",
+        "imagefolder",
+        "--data",
+        image_tree,
+        "--patch",
+        "2",
+        "--dim",
+        "4",
+        "--patches",
+        "500",
+        "--image-size",
+        "8",
+        "--set",
+        "data.num_workers=0",
+    )
     assert cli(*args).returncode == 0
-    first = tmp_path / "runs" / "pca" / f"{Path(image_tree).name}-p2-d4-8px.safetensors"  # named after the data and size
+    first = (
+        tmp_path / "runs" / "pca" / f"{Path(image_tree).name}-p2-d4-8px.safetensors"
+    )  # named after the data and size
     a = load_checkpoint(first).tensors
     first.rename(tmp_path / "a.safetensors")
     refused = cli(*args)  # the fit's config and filters are still there: nothing is replaced without --force
@@ -240,8 +279,23 @@ def test_fit_pca_is_reproducible_and_default_out(run_main, image_tree, tmp_path)
 
 def test_fit_pca_cli_errors_are_one_line(run_main, image_tree, tmp_path):
     cli = run_main
-    res = cli("fit-pca", "--source", "imagefolder", "--data", image_tree, "--patch", "32", "--dim", "4",
-              "--image-size", "16", "--patches", "5000", "--out", tmp_path / "x.safetensors")
+    res = cli(
+        "fit-pca",
+        "--source",
+        "imagefolder",
+        "--data",
+        image_tree,
+        "--patch",
+        "32",
+        "--dim",
+        "4",
+        "--image-size",
+        "16",
+        "--patches",
+        "5000",
+        "--out",
+        tmp_path / "x.safetensors",
+    )
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "larger than the images" in res.stderr
     res = cli("fit-pca", "--patch", "4", "--dim", "4", "--patches", "10")
@@ -249,6 +303,7 @@ def test_fit_pca_cli_errors_are_one_line(run_main, image_tree, tmp_path):
 
 
 # --- acceptance on real CIFAR-10 -----------------------------------------------------------------
+
 
 def _cifar_archive() -> Path | None:
     for place in default_locations("cifar10"):
@@ -289,9 +344,30 @@ def test_cifar10_pca_reconstruction_within_one_percent_of_exact(tmp_path, capsys
     out = tmp_path / "cifar-pca.safetensors"
     t0 = time.time()
     # the command under test runs in its own process while this one builds the exact reference
-    proc = subprocess.Popen([sys.executable, "-m", "ldae_cli", "fit-pca", "--source", "cifar10", "--data", str(archive),
-                             "--image-size", "32", "--patch", "4", "--dim", "16", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ldae_cli",
+            "fit-pca",
+            "--source",
+            "cifar10",
+            "--data",
+            str(archive),
+            "--image-size",
+            "32",
+            "--patch",
+            "4",
+            "--dim",
+            "16",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     try:
         train = _decode_split(archive, "train")
         test = _decode_split(archive, "test")
@@ -336,9 +412,11 @@ def test_cifar10_pca_reconstruction_within_one_percent_of_exact(tmp_path, capsys
     err_ours = float(sum(errs) / images.numel())
     rel = (err_ours - err_exact) / err_exact
     with capsys.disabled():  # shown in every run, not only when the test fails
-        print(f"\nCIFAR-10 test grid patches (10,000 x 64), d = 16 of 48: mean squared reconstruction error "
-              f"fit-pca {err_ours:.6g} vs exact PCA on all train patches {err_exact:.6g} "
-              f"({100 * rel:+.3f}%), {time.time() - t0:.1f} s")
+        print(
+            f"\nCIFAR-10 test grid patches (10,000 x 64), d = 16 of 48: mean squared reconstruction error "
+            f"fit-pca {err_ours:.6g} vs exact PCA on all train patches {err_exact:.6g} "
+            f"({100 * rel:+.3f}%), {time.time() - t0:.1f} s"
+        )
     assert err_ours > 0 and err_exact > 0
     assert abs(rel) <= 0.01
 
@@ -346,20 +424,33 @@ def test_cifar10_pca_reconstruction_within_one_percent_of_exact(tmp_path, capsys
 # --- no more patches than the images hold ---------------------------------------------------------
 
 OVERSAMPLING = [  # images, image size, patch, pca.patches -> what `fit-pca` says before it fits (None: nothing)
-    (10, 64, 16, 1_000_000, "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel "
-                            "grid) once, not on --patches 1,000,000: more draws would only repeat them; the fit is "
-                            "rank-deficient: 160 distinct patches for D = 768 dimensions; components beyond 160 are "
-                            "noise: add images"),
-    (100, 16, 4, 3000, "fitting on each of the 1,600 distinct patches (100 images x 16 positions on the 4-pixel grid) "
-                       "once, not on --patches 3,000: more draws would only repeat them"),  # D = 48: full rank
+    (
+        10,
+        64,
+        16,
+        1_000_000,
+        "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel "
+        "grid) once, not on --patches 1,000,000: more draws would only repeat them; the fit is "
+        "rank-deficient: 160 distinct patches for D = 768 dimensions; components beyond 160 are "
+        "noise: add images",
+    ),
+    (
+        100,
+        16,
+        4,
+        3000,
+        "fitting on each of the 1,600 distinct patches (100 images x 16 positions on the 4-pixel grid) "
+        "once, not on --patches 3,000: more draws would only repeat them",
+    ),  # D = 48: full rank
     (100, 16, 4, 1600, None),  # exactly the distinct ones
     (1000, 64, 16, 10_000, None),  # 16,000 distinct: random draws, full rank
 ]
 
 
 @pytest.mark.parametrize("images, size, patch, patches, said", OVERSAMPLING)
-def test_the_warning_says_each_distinct_patch_is_taken_once_and_when_the_fit_is_rank_deficient(images, size, patch,
-                                                                                                patches, said):
+def test_the_warning_says_each_distinct_patch_is_taken_once_and_when_the_fit_is_rank_deficient(
+    images, size, patch, patches, said
+):
     from ldae_cli.model.pca import PCAConfig, oversampling
 
     assert oversampling(images, size, PCAConfig(patch=patch, patches=patches)) == said
@@ -371,19 +462,46 @@ def test_fit_pca_stops_at_the_distinct_patches_and_says_the_fit_is_rank_deficien
     tree = write_image_tree(tmp_path / "tree", classes=("a", "b"), per_class=5, size=(64, 64), splits=("train",))
     out = tmp_path / "pca.safetensors"
     started = time.perf_counter()
-    res = run_main("fit-pca", "--source", "imagefolder", "--data", tree, "--patch", "16", "--dim", "8",
-                   "--image-size", "64", "--out", out, "--set", "data.num_workers=0")  # --patches 1,000,000
+    res = run_main(
+        "fit-pca",
+        "--source",
+        "imagefolder",
+        "--data",
+        tree,
+        "--patch",
+        "16",
+        "--dim",
+        "8",
+        "--image-size",
+        "64",
+        "--out",
+        out,
+        "--set",
+        "data.num_workers=0",
+    )  # --patches 1,000,000
     assert res.returncode == 0, res.stderr
     assert time.perf_counter() - started < 20  # 160 patches, not a million
     said = " ".join(res.stdout.split())
-    assert "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel grid) once, not on " \
-           "--patches 1,000,000" in said and "the fit is rank-deficient: 160 distinct patches for D = 768 " \
-           "dimensions; components beyond 160 are noise" in said
+    assert (
+        "fitting on each of the 160 distinct patches (10 images x 16 positions on the 16-pixel grid) once, not on "
+        "--patches 1,000,000"
+        in said
+        and "the fit is rank-deficient: 160 distinct patches for D = 768 dimensions; components beyond 160 are noise"
+        in said
+    )
     ck = load_checkpoint(out, "pca")
     assert ck.extra["n_patches"] == 160
     # the exact PCA of the 160 grid patches: their mean, and no variance beyond the 159 directions they span
-    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
-                          for p in sorted((tree / "train").rglob("*.png"))]).double() / 127.5 - 1
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                for p in sorted((tree / "train").rglob("*.png"))
+            ]
+        ).double()
+        / 127.5
+        - 1
+    )
     patches = patchify(images, 16).reshape(-1, 768)
     torch.testing.assert_close(ck.tensors["pca.mean"], patches.mean(0), rtol=0, atol=1e-6)  # fp32 pixels
     eigenvalues = ck.tensors["pca.eigenvalues"]

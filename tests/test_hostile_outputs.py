@@ -12,14 +12,27 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import one_line, snapshot, unchanged
 from PIL import Image
 
-from helpers import one_line, snapshot, unchanged
 from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.runs.outputs import stamp, write_output
 
-FIT = ("fit-pca", "--source", "imagefolder", "--patch", "4", "--dim", "4", "--patches", "500", "--image-size", "16",
-       "--set", "data.num_workers=0")
+FIT = (
+    "fit-pca",
+    "--source",
+    "imagefolder",
+    "--patch",
+    "4",
+    "--dim",
+    "4",
+    "--patches",
+    "500",
+    "--image-size",
+    "16",
+    "--set",
+    "data.num_workers=0",
+)
 
 
 def fit(w, out, *extra) -> tuple:
@@ -51,54 +64,123 @@ def device(w) -> Path:
 
 # each case: (id, category, the command given the prepared world `w`, fragments of its one line)
 HOSTILE = [
-    ("fit_pca_onto_a_training_image", "data-loss",
-     lambda w: fit(w, w.image, "--force"), lambda w: [str(w.image), "inside", str(w.data)]),
-    ("fit_pca_into_the_dataset_under_a_new_name", "silent-wrong",
-     lambda w: fit(w, w.data / "pca.safetensors"), lambda w: [str(w.data / "pca.safetensors"), "inside"]),
-    ("fit_pca_into_the_dataset_through_a_linked_folder", "silent-wrong",
-     lambda w: fit(w, link(w.tmp / "alias", w.data / "train") / "a" / "pca.safetensors"),
-     lambda w: ["alias/a/pca.safetensors", "inside"]),
-    ("export_over_a_users_text_file", "data-loss",
-     lambda w: export(w, w.notes, "--force"), lambda w: [str(w.notes), "ldae did not write it"]),
-    ("export_over_a_users_file_without_force", "generic",
-     lambda w: export(w, w.notes), lambda w: [str(w.notes), "ldae did not write it"]),
-    ("fit_pca_over_a_users_filters_png", "data-loss",
-     lambda w: fit(w, w.tmp / "pca.safetensors", "--force"),
-     lambda w: [str(users_png(w.tmp / "pca.filters.png")), "ldae did not write it"]),
-    ("fit_pca_sidecar_is_the_users_config", "data-loss",
-     lambda w: fit(w, w.tmp / "my.safetensors", "--force", "--config", w.config),
-     lambda w: [str(w.config), "ldae did not write it"]),
-    ("fit_pca_over_a_pretrain_checkpoint", "data-loss",
-     lambda w: fit(w, w.model, "--force"), lambda w: [str(w.model), "is a 'pretrain' checkpoint"]),
-    ("export_through_a_link_to_a_users_file", "data-loss",
-     lambda w: export(w, link(w.tmp / "vit.safetensors", w.notes), "--force"),
-     lambda w: [str(w.tmp / "vit.safetensors"), "symbolic link"]),
-    ("export_onto_a_dangling_link", "generic",
-     lambda w: export(w, link(w.tmp / "vit.safetensors", w.tmp / "elsewhere" / "x"), "--force"),
-     lambda w: [str(w.tmp / "vit.safetensors"), "symbolic link"]),
-    ("fit_pca_sidecar_is_a_link", "data-loss",
-     lambda w: fit(w, w.tmp / "pca.safetensors", "--force"),
-     lambda w: [str(link(w.tmp / "pca.config.yaml", w.config)), "symbolic link"]),
-    ("denoise_onto_its_own_input", "data-loss",
-     lambda w: ("denoise", w.mine, "--ckpt", w.world.ckpt, "--out", w.mine, "--force"),
-     lambda w: [str(w.mine), "also an input"]),
-    ("denoise_panel_through_a_link_to_an_image", "data-loss",
-     lambda w: ("denoise", w.mine, "--ckpt", w.world.ckpt, "--out", link(w.tmp / "panel.png", w.image), "--force"),
-     lambda w: [str(w.tmp / "panel.png"), "symbolic link"]),
-    ("denoise_samples_into_the_checkpoints_dataset", "silent-wrong",
-     lambda w: ("denoise", "--samples", "2", "--ckpt", w.world.ckpt, "--out", w.world.images / "val" / "a" / "s.png"),
-     lambda w: [str(w.world.images / "val" / "a" / "s.png"), "inside"]),
-    ("report_over_a_users_png", "data-loss",
-     lambda w: ("report", w.pca, "--force"),
-     lambda w: [str(users_png(w.tmp / "pca.report.png")), "ldae did not write it"]),
-    ("export_over_an_ldae_picture", "generic",
-     lambda w: export(w, w.picture, "--force"), lambda w: [str(w.picture), "'picture' output of ldae"]),
-    ("export_onto_a_fifo", "generic",
-     lambda w: export(w, w.fifo, "--force"), lambda w: [str(w.fifo), "a FIFO"]),
-    ("fit_pca_sidecar_is_a_fifo", "generic",
-     lambda w: fit(w, w.tmp / "f.safetensors", "--force"), lambda w: [str(w.fifo_sidecar), "a FIFO"]),
-    ("export_onto_a_device", "generic",
-     lambda w: export(w, w.device, "--force"), lambda w: [str(w.device), "a device"]),
+    (
+        "fit_pca_onto_a_training_image",
+        "data-loss",
+        lambda w: fit(w, w.image, "--force"),
+        lambda w: [str(w.image), "inside", str(w.data)],
+    ),
+    (
+        "fit_pca_into_the_dataset_under_a_new_name",
+        "silent-wrong",
+        lambda w: fit(w, w.data / "pca.safetensors"),
+        lambda w: [str(w.data / "pca.safetensors"), "inside"],
+    ),
+    (
+        "fit_pca_into_the_dataset_through_a_linked_folder",
+        "silent-wrong",
+        lambda w: fit(w, link(w.tmp / "alias", w.data / "train") / "a" / "pca.safetensors"),
+        lambda w: ["alias/a/pca.safetensors", "inside"],
+    ),
+    (
+        "export_over_a_users_text_file",
+        "data-loss",
+        lambda w: export(w, w.notes, "--force"),
+        lambda w: [str(w.notes), "ldae did not write it"],
+    ),
+    (
+        "export_over_a_users_file_without_force",
+        "generic",
+        lambda w: export(w, w.notes),
+        lambda w: [str(w.notes), "ldae did not write it"],
+    ),
+    (
+        "fit_pca_over_a_users_filters_png",
+        "data-loss",
+        lambda w: fit(w, w.tmp / "pca.safetensors", "--force"),
+        lambda w: [str(users_png(w.tmp / "pca.filters.png")), "ldae did not write it"],
+    ),
+    (
+        "fit_pca_sidecar_is_the_users_config",
+        "data-loss",
+        lambda w: fit(w, w.tmp / "my.safetensors", "--force", "--config", w.config),
+        lambda w: [str(w.config), "ldae did not write it"],
+    ),
+    (
+        "fit_pca_over_a_pretrain_checkpoint",
+        "data-loss",
+        lambda w: fit(w, w.model, "--force"),
+        lambda w: [str(w.model), "is a 'pretrain' checkpoint"],
+    ),
+    (
+        "export_through_a_link_to_a_users_file",
+        "data-loss",
+        lambda w: export(w, link(w.tmp / "vit.safetensors", w.notes), "--force"),
+        lambda w: [str(w.tmp / "vit.safetensors"), "symbolic link"],
+    ),
+    (
+        "export_onto_a_dangling_link",
+        "generic",
+        lambda w: export(w, link(w.tmp / "vit.safetensors", w.tmp / "elsewhere" / "x"), "--force"),
+        lambda w: [str(w.tmp / "vit.safetensors"), "symbolic link"],
+    ),
+    (
+        "fit_pca_sidecar_is_a_link",
+        "data-loss",
+        lambda w: fit(w, w.tmp / "pca.safetensors", "--force"),
+        lambda w: [str(link(w.tmp / "pca.config.yaml", w.config)), "symbolic link"],
+    ),
+    (
+        "denoise_onto_its_own_input",
+        "data-loss",
+        lambda w: ("denoise", w.mine, "--ckpt", w.world.ckpt, "--out", w.mine, "--force"),
+        lambda w: [str(w.mine), "also an input"],
+    ),
+    (
+        "denoise_panel_through_a_link_to_an_image",
+        "data-loss",
+        lambda w: ("denoise", w.mine, "--ckpt", w.world.ckpt, "--out", link(w.tmp / "panel.png", w.image), "--force"),
+        lambda w: [str(w.tmp / "panel.png"), "symbolic link"],
+    ),
+    (
+        "denoise_samples_into_the_checkpoints_dataset",
+        "silent-wrong",
+        lambda w: (
+            "denoise",
+            "--samples",
+            "2",
+            "--ckpt",
+            w.world.ckpt,
+            "--out",
+            w.world.images / "val" / "a" / "s.png",
+        ),
+        lambda w: [str(w.world.images / "val" / "a" / "s.png"), "inside"],
+    ),
+    (
+        "report_over_a_users_png",
+        "data-loss",
+        lambda w: ("report", w.pca, "--force"),
+        lambda w: [str(users_png(w.tmp / "pca.report.png")), "ldae did not write it"],
+    ),
+    (
+        "export_over_an_ldae_picture",
+        "generic",
+        lambda w: export(w, w.picture, "--force"),
+        lambda w: [str(w.picture), "'picture' output of ldae"],
+    ),
+    ("export_onto_a_fifo", "generic", lambda w: export(w, w.fifo, "--force"), lambda w: [str(w.fifo), "a FIFO"]),
+    (
+        "fit_pca_sidecar_is_a_fifo",
+        "generic",
+        lambda w: fit(w, w.tmp / "f.safetensors", "--force"),
+        lambda w: [str(w.fifo_sidecar), "a FIFO"],
+    ),
+    (
+        "export_onto_a_device",
+        "generic",
+        lambda w: export(w, w.device, "--force"),
+        lambda w: [str(w.device), "a device"],
+    ),
 ]
 
 
@@ -108,11 +190,20 @@ def hostile(world, tmp_path):
     PCA file and of the pretrain checkpoint, an ldae picture, FIFOs and a device."""
     data = tmp_path / "data"
     shutil.copytree(world.images, data)
-    w = SimpleNamespace(world=world, tmp=tmp_path, data=data, image=data / "train" / "a" / "0.png",
-                        notes=tmp_path / "notes.txt", config=tmp_path / "my.config.yaml", mine=tmp_path / "mine.png",
-                        pca=tmp_path / "pca.safetensors", model=tmp_path / "model.safetensors",
-                        picture=tmp_path / "report.png", fifo=tmp_path / "fifo",
-                        fifo_sidecar=tmp_path / "f.filters.png")
+    w = SimpleNamespace(
+        world=world,
+        tmp=tmp_path,
+        data=data,
+        image=data / "train" / "a" / "0.png",
+        notes=tmp_path / "notes.txt",
+        config=tmp_path / "my.config.yaml",
+        mine=tmp_path / "mine.png",
+        pca=tmp_path / "pca.safetensors",
+        model=tmp_path / "model.safetensors",
+        picture=tmp_path / "report.png",
+        fifo=tmp_path / "fifo",
+        fifo_sidecar=tmp_path / "f.filters.png",
+    )
     w.notes.write_text("my notes\n")
     w.config.write_text("pca:\n  patch: 4\n")
     shutil.copy2(w.image, w.mine)
@@ -163,11 +254,18 @@ def test_force_replaces_what_ldae_wrote(world, run_main, tmp_path):
         assert run_main(*export(w, vit, *force)).returncode == 0
         assert run_main("report", out, *force).returncode == 0
     assert read_metadata(out)["kind"] == "pca" and read_metadata(vit)["kind"] == "encoder"
-    assert [stamp(tmp_path / n) for n in ("pca.safetensors", "pca.config.yaml", "pca.filters.png",
-                                          "pca.report.png", "vit.safetensors")] == \
-        ["pca", "config", "picture", "picture", "encoder"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "pca.config.yaml", "pca.filters.png",
-                                                          "pca.report.png", "pca.safetensors", "vit.safetensors"]
+    assert [
+        stamp(tmp_path / n)
+        for n in ("pca.safetensors", "pca.config.yaml", "pca.filters.png", "pca.report.png", "vit.safetensors")
+    ] == ["pca", "config", "picture", "picture", "encoder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "pca.config.yaml",
+        "pca.filters.png",
+        "pca.report.png",
+        "pca.safetensors",
+        "vit.safetensors",
+    ]
     # a JSON output (detect's evaluation) is stamped by its first key and keeps its content
     write_output(tmp_path / "eval.json", json.dumps({"bbox": {"AP": 1.5}}).encode(), "evaluation")
     assert stamp(tmp_path / "eval.json") == "evaluation"

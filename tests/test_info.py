@@ -8,33 +8,48 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import train_tiny
 from safetensors.torch import save_file
 
-from ldae_cli.runs.checkpoint import load_checkpoint
-from ldae_cli.model.describe import describe_checkpoint
 from ldae_cli.errors import LdaeError
+from ldae_cli.model.describe import describe_checkpoint
 from ldae_cli.model.pretrained import export_encoder, export_timm
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.runs.logs import read_metrics
 from ldae_cli.stages import info as stage
 from ldae_cli.stages import probe
-
-from helpers import train_tiny
 
 
 @pytest.fixture(scope="module")
 def runs(pattern_tree, tmp_path_factory) -> dict[str, Path]:
     """A 2-step pretrain run (with its fitted PCA), a fast probe of it, and both of its exports."""
     root = tmp_path_factory.mktemp("info")
-    ckpt = train_tiny("final.yaml", pattern_tree, root / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                  "online_probe.per_class": 1,
-                                                                  "online_probe.max_share": 1})
-    sets = ["probe.fast=true", "probe.epochs=2", "probe.warmup_epochs=1", "probe.batch_size=8",
-            "probe.blrs=[0.01,1.0]", "probe.select=eval", "run.progress=false", "data.num_workers=0",
-            f"run.out_dir={root / 'probe'}"]  # select eval: the heads train on all 16 images, 2 steps an epoch
+    ckpt = train_tiny(
+        "final.yaml",
+        pattern_tree,
+        root / "pre",
+        **{"tokenizer.patch": 4, "tokenizer.dim": 8, "online_probe.per_class": 1, "online_probe.max_share": 1},
+    )
+    sets = [
+        "probe.fast=true",
+        "probe.epochs=2",
+        "probe.warmup_epochs=1",
+        "probe.batch_size=8",
+        "probe.blrs=[0.01,1.0]",
+        "probe.select=eval",
+        "run.progress=false",
+        "data.num_workers=0",
+        f"run.out_dir={root / 'probe'}",
+    ]  # select eval: the heads train on all 16 images, 2 steps an epoch
     probe.main(None, sets, {}, ckpt=str(ckpt), random_init=False)
-    return {"pretrain": ckpt, "pca": root / "pre" / "pca.safetensors", "probe": root / "probe",
-            "encoder": export_encoder(ckpt, root / "encoder.safetensors"), "timm": export_timm(ckpt, root / "timm"),
-            "root": root}
+    return {
+        "pretrain": ckpt,
+        "pca": root / "pre" / "pca.safetensors",
+        "probe": root / "probe",
+        "encoder": export_encoder(ckpt, root / "encoder.safetensors"),
+        "timm": export_timm(ckpt, root / "timm"),
+        "root": root,
+    }
 
 
 def test_a_pretrain_checkpoint(runs):
@@ -51,8 +66,9 @@ def test_a_pretrain_checkpoint(runs):
     assert info["network"]["width"] == 32 and info["network"]["num_heads"] == 2
     assert info["tokenizer"] == {"kind": "pca", "patch": 4, "dim": 8, "latent_scale": "global"}
     pca_sha = load_checkpoint(runs["pca"]).sha256
-    assert info["parents"] == [{"role": "tokenizer", "kind": "pca", "path": str(runs["pca"]), "sha256": pca_sha,
-                                "status": "ok", "parents": []}]
+    assert info["parents"] == [
+        {"role": "tokenizer", "kind": "pca", "path": str(runs["pca"]), "sha256": pca_sha, "status": "ok", "parents": []}
+    ]
     records = read_metrics(runs["pretrain"].parent / "metrics.jsonl")
     last_loss = [r for r in records if "loss" in r][-1]
     assert info["metrics"]["values"]["loss"] == {"value": last_loss["loss"], "step": 2}
@@ -123,8 +139,14 @@ def test_tables_show_kind_progress_provenance_and_metrics(runs, capsys, monkeypa
     out = capsys.readouterr().out
     pretrain_sha = load_checkpoint(runs["pretrain"]).sha256
     assert run["step"] == run["total_steps"] == 4  # 16 images, batch 8, 2 epochs
-    for text in ("probe (ldae checkpoint, format version 1)", "step 4 / 4", "finished", "best_top1 (results.json)",
-                 "knn_top1 (results.json)", "provenance: the checkpoints it was made from"):
+    for text in (
+        "probe (ldae checkpoint, format version 1)",
+        "step 4 / 4",
+        "finished",
+        "best_top1 (results.json)",
+        "knn_top1 (results.json)",
+        "provenance: the checkpoints it was made from",
+    ):
         assert text in out, text
     rows = [" ".join(line.replace("│", " ").split()) for line in out.splitlines()]
     assert f"ok pretrain pretrain {runs['pretrain']} {pretrain_sha[:12]}" in rows
@@ -138,9 +160,13 @@ def test_damaged_foreign_and_odd_inputs_are_one_line_errors(runs, tmp_path):
     save_file({"w": __import__("torch").zeros(2)}, str(foreign))
     png = tmp_path / "x.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
-    cases = {truncated: "checkpoint is truncated", foreign: "without ldae metadata, not an ldae checkpoint",
-             png: "not an ldae checkpoint", tmp_path / "nope.safetensors": "checkpoint not found",
-             tmp_path: "neither a run directory (checkpoint.safetensors) nor an `ldae export --format timm` folder"}
+    cases = {
+        truncated: "checkpoint is truncated",
+        foreign: "without ldae metadata, not an ldae checkpoint",
+        png: "not an ldae checkpoint",
+        tmp_path / "nope.safetensors": "checkpoint not found",
+        tmp_path: "neither a run directory (checkpoint.safetensors) nor an `ldae export --format timm` folder",
+    }
     for path, message in cases.items():
         with pytest.raises(LdaeError, match=None) as caught:
             describe_checkpoint(path)

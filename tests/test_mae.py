@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO_ROOT, one_line, run_cli, sets, tiny_overrides, train_tiny
+
 from ldae_cli import api
 from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import to_unit_range
@@ -29,15 +29,31 @@ from ldae_cli.stages import pretrain as stage
 from ldae_cli.train.engine_pretrain import optimizer_step
 
 CONFIG = "baselines/mae.yaml"
-TINY = {"model.decoder_depth": 0, "tokenizer.patch": 4, "mae.decoder_width": 16, "mae.decoder_depth": 1,
-        "mae.decoder_heads": 2}
+TINY = {
+    "model.decoder_depth": 0,
+    "tokenizer.patch": 4,
+    "mae.decoder_width": 16,
+    "mae.decoder_depth": 1,
+    "mae.decoder_heads": 2,
+}
 
 
 def objective(size: int = 16, norm_pix: bool = True, **sets) -> MAEObjective:
     """A tiny MAE objective (mae.yaml at 16 px, 4-pixel patches: 16 patches, 4 kept), every weight random."""
-    overrides = {"data.image_size": size, "tokenizer.patch": 4, "model.size": "custom", "model.width": 32,
-                 "model.encoder_depth": 2, "model.decoder_depth": 0, "model.num_heads": 4, "mae.decoder_width": 16,
-                 "mae.decoder_depth": 2, "mae.decoder_heads": 2, "mae.norm_pix_loss": norm_pix, **sets}
+    overrides = {
+        "data.image_size": size,
+        "tokenizer.patch": 4,
+        "model.size": "custom",
+        "model.width": 32,
+        "model.encoder_depth": 2,
+        "model.decoder_depth": 0,
+        "model.num_heads": 4,
+        "mae.decoder_width": 16,
+        "mae.decoder_depth": 2,
+        "mae.decoder_heads": 2,
+        "mae.norm_pix_loss": norm_pix,
+        **sets,
+    }
     cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in overrides.items()])
     denoiser = Denoiser(cfg.diffusion, PixelTokenizer(4), NoiseSchedule(cfg.diffusion), size)
     torch.manual_seed(0)
@@ -68,7 +84,7 @@ def reference(obj: MAEObjective, imgs: torch.Tensor, noise: torch.Tensor, norm_p
     losses = []
     for b in range(len(x)):
         kept = sorted(range(n), key=lambda j: noise[b, j].item())[:keep]
-        tokens = vit.patch_embed(x[b:b + 1])[0] + vit.pos_embed[0]
+        tokens = vit.patch_embed(x[b : b + 1])[0] + vit.pos_embed[0]
         h = tokens[kept][None]
         for block in vit.blocks:
             h = block(h)
@@ -81,7 +97,7 @@ def reference(obj: MAEObjective, imgs: torch.Tensor, noise: torch.Tensor, norm_p
         errors = []
         for j in (j for j in range(n) if j not in kept):
             r, c = divmod(j, grid)
-            target = x[b, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+            target = x[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(1, 2, 0).reshape(-1)
             if norm_pix:
                 mean = target.mean()
                 target = (target - mean) / (((target - mean) ** 2).sum() / (len(target) - 1) + 1e-6) ** 0.5
@@ -125,7 +141,7 @@ def test_two_ranks_slices_of_the_draw_are_one_process():
         obj = objective()
         optimizer = torch.optim.SGD(obj.param_groups(0.0), lr=0.0)
         draw = obj.draw(0, 4, 8, torch.device("cpu"))
-        batches = [(imgs[i:i + micro], labels[i:i + micro]) for i in range(offset, offset + count, micro)]
+        batches = [(imgs[i : i + micro], labels[i : i + micro]) for i in range(offset, offset + count, micro)]
         captured = []
         optimizer.step = lambda: captured.extend(p.grad.clone() for g in optimizer.param_groups for p in g["params"])
         total, n = optimizer_step(obj, obj.net, optimizer, batches, draw, offset, count, None, False)
@@ -154,17 +170,20 @@ def test_each_loss_term():
     # norm_pix: each target patch at mean 0 and unbiased variance 1 (up to the 1e-6), so a patch and its affine copy
     # are the same target
     shifted = patches * 3.0 + 2.0
-    torch.testing.assert_close(masked_loss(pred, shifted, mask, True), masked_loss(pred, patches, mask, True),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        masked_loss(pred, shifted, mask, True), masked_loss(pred, patches, mask, True), rtol=1e-5, atol=1e-5
+    )
     target = (patches - patches.mean(-1, keepdim=True)) / patches.std(-1, keepdim=True)
-    torch.testing.assert_close(masked_loss(pred, patches, mask, True), masked_loss(pred, target, mask, False),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        masked_loss(pred, patches, mask, True), masked_loss(pred, target, mask, False), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_an_mae_config_is_checked_in_one_line():
     with pytest.raises(LdaeError, match="tokenizer.kind 'pca' .*model.decoder_depth 2"):
-        load_config(PretrainConfig, CONFIG, ["tokenizer.kind=pca", "tokenizer.latent_scale=global",
-                                             "model.decoder_depth=2"])
+        load_config(
+            PretrainConfig, CONFIG, ["tokenizer.kind=pca", "tokenizer.latent_scale=global", "model.decoder_depth=2"]
+        )
     with pytest.raises(LdaeError, match="online_probe.t 500"):
         load_config(PretrainConfig, CONFIG, ["online_probe.t=500"])
     with pytest.raises(LdaeError, match="mae.mask_ratio must be in"):
@@ -179,8 +198,9 @@ def test_an_mae_config_is_checked_in_one_line():
 def mae_run(pattern_tree, tmp_path_factory):
     """A finished 2-step MAE run at toy size (online probe on)."""
     root = tmp_path_factory.mktemp("mae")
-    return train_tiny(CONFIG, pattern_tree, root / "pre", **TINY, **{"online_probe.per_class": 1,
-                                                                     "online_probe.max_share": 1})
+    return train_tiny(
+        CONFIG, pattern_tree, root / "pre", **TINY, **{"online_probe.per_class": 1, "online_probe.max_share": 1}
+    )
 
 
 def test_a_run_saves_the_encoder_where_evaluations_read_it_and_the_decoder_apart(mae_run):
@@ -210,11 +230,24 @@ def test_probe_export_info_and_the_api_read_an_mae_checkpoint(mae_run, run_main,
     torch.testing.assert_close(api.extract_features(vit, x), own, rtol=1e-5, atol=1e-5)
     res = run_main("export", "--ckpt", str(mae_run), "--out", str(tmp_path / "timm"), "--format", "timm")
     assert res.returncode == 0, res.stderr
-    torch.testing.assert_close(api.extract_features(api.load_encoder(tmp_path / "timm"), x), own, rtol=1e-5,
-                               atol=1e-5)
-    res = run_main("probe", "--ckpt", str(mae_run), "--out", str(tmp_path / "probe"), "--set", "probe.fast=true",
-                   "--set", "probe.epochs=1", "--set", "probe.batch_size=8", "--set", "run.progress=false",
-                   "--set", "data.num_workers=0")
+    torch.testing.assert_close(api.extract_features(api.load_encoder(tmp_path / "timm"), x), own, rtol=1e-5, atol=1e-5)
+    res = run_main(
+        "probe",
+        "--ckpt",
+        str(mae_run),
+        "--out",
+        str(tmp_path / "probe"),
+        "--set",
+        "probe.fast=true",
+        "--set",
+        "probe.epochs=1",
+        "--set",
+        "probe.batch_size=8",
+        "--set",
+        "run.progress=false",
+        "--set",
+        "data.num_workers=0",
+    )
     assert res.returncode == 0, res.stderr
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["encoder"] == "mae encoder, 1 blocks" and 0 <= results["selected_top1"] <= 100
@@ -226,10 +259,17 @@ def test_probe_export_info_and_the_api_read_an_mae_checkpoint(mae_run, run_main,
 
 
 def test_an_mae_checkpoint_has_no_timestep_and_no_denoiser(mae_run, run_main, tmp_path):
-    one_line(run_main("export", "--ckpt", str(mae_run), "--out", str(tmp_path / "e.safetensors"), "--t", "500"), 1,
-             "an 'mae' encoder has no timestep", "leave t at 10")
-    one_line(run_main("denoise", "--ckpt", str(mae_run), "--samples", "2", "--out", str(tmp_path / "d")), 1,
-             "an 'mae' checkpoint has no denoiser")
+    one_line(
+        run_main("export", "--ckpt", str(mae_run), "--out", str(tmp_path / "e.safetensors"), "--t", "500"),
+        1,
+        "an 'mae' encoder has no timestep",
+        "leave t at 10",
+    )
+    one_line(
+        run_main("denoise", "--ckpt", str(mae_run), "--samples", "2", "--out", str(tmp_path / "d")),
+        1,
+        "an 'mae' checkpoint has no denoiser",
+    )
 
 
 def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
@@ -237,8 +277,12 @@ def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
     sets = {**TINY, "optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "online_probe.enabled": False}
     demo = "demo/cifar10-mae.yaml"
     stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "full", **sets)), "full")
-    stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets,
-                                                               **{"run.stop_after_steps": 3})), "cut")
+    stage.run(
+        load_config(
+            PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3})
+        ),
+        "cut",
+    )
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
     stage.main(None, [], {}, str(tmp_path / "cut"))
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("full", "cut"))
@@ -246,22 +290,53 @@ def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
     for section in ("model", "mae", "ema", "optim"):
         assert a.section(section).keys() == b.section(section).keys() and a.section(section)
         assert all(torch.equal(a.section(section)[k], b.section(section)[k]) for k in a.section(section)), section
-    log = lambda run: [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
+
+    def log(run):
+        return [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
+
     assert log("full") == log("cut") and len([x for x in log("full") if x is not None]) == 6
 
 
 def test_ddp_two_ranks_match_one_process(pattern_tree, tmp_path):
     """2 gloo ranks x 4 images == 1 process x 8 images: DDP over the objective, its frozen denoising head left out."""
+
     def args(out):
-        return ["pretrain", "--config", CONFIG, *sets(tiny_overrides(pattern_tree, tmp_path / out, **TINY, **{
-            "optim.epochs": 3, "online_probe.enabled": False}))]
+        return [
+            "pretrain",
+            "--config",
+            CONFIG,
+            *sets(
+                tiny_overrides(
+                    pattern_tree, tmp_path / out, **TINY, **{"optim.epochs": 3, "online_probe.enabled": False}
+                )
+            ),
+        ]
+
     one = run_cli(*args("one"), timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29541", "-m", "ldae_cli", *args("two")], capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29541",
+            "-m",
+            "ldae_cli",
+            *args("two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-2000:]
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-               if "loss" in r] for run in ("one", "two")]
+    losses = [
+        [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == len(losses[1]) == 6
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -16,16 +16,30 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from helpers import REPO_ROOT, one_line, run_cli, sets, tiny_overrides, train_tiny
+
 from ldae_cli import api
 from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
+from ldae_cli.model.mocov3 import (
+    BLUR,
+    BLUR_P,
+    FLIP,
+    GREY,
+    HEIGHT,
+    LEFT,
+    SOLARIZE,
+    SOLARIZE_P,
+    TOP,
+    WIDTH,
+    MocoV3Objective,
+    apply_views,
+    info_nce,
+    momentum_at,
+)
 from ldae_cli.model.models import build_model
-from ldae_cli.model.mocov3 import (BLUR, BLUR_P, FLIP, GREY, HEIGHT, LEFT, SOLARIZE, SOLARIZE_P, TOP, WIDTH,
-                                   MocoV3Objective, apply_views, info_nce, momentum_at)
 from ldae_cli.model.tokenizers import PixelTokenizer
 from ldae_cli.runs.checkpoint import load_checkpoint, stored_config
 from ldae_cli.settings.contrastive import MocoV3Config
@@ -39,8 +53,17 @@ CONFIG = "baselines/mocov3.yaml"
 def objective(**overridden) -> MocoV3Objective:
     """A tiny MoCo v3 objective (mocov3.yaml at 16 px, 4-pixel patches, width 32, 2 blocks), its adaLN weights
     random so that t and the gates matter."""
-    overrides = {"data.image_size": SIZE, "tokenizer.patch": PATCH, "model.size": "custom", "model.width": 32,
-                 "model.encoder_depth": 2, "model.num_heads": 2, "mocov3.mlp_dim": 64, "mocov3.dim": 16, **overridden}
+    overrides = {
+        "data.image_size": SIZE,
+        "tokenizer.patch": PATCH,
+        "model.size": "custom",
+        "model.width": 32,
+        "model.encoder_depth": 2,
+        "model.num_heads": 2,
+        "mocov3.mlp_dim": 64,
+        "mocov3.dim": 16,
+        **overridden,
+    }
     cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in overrides.items()])
     denoiser = Denoiser(cfg.diffusion, PixelTokenizer(PATCH), NoiseSchedule(cfg.diffusion), SIZE)
     torch.manual_seed(0)
@@ -129,8 +152,10 @@ def test_views_are_keyed_by_seed_and_step_whatever_the_split():
     assert whole.dtype == torch.uint8 and whole.shape == (2 * BATCH, 3, SIZE, SIZE)
     for pieces in (2, 4):  # two or four ranks' slices
         n = BATCH // pieces
-        parts = [apply_views(imgs[i:i + n], params[i:i + n], obj.kernel).view(2, n, 3, SIZE, SIZE)
-                 for i in range(0, BATCH, n)]
+        parts = [
+            apply_views(imgs[i : i + n], params[i : i + n], obj.kernel).view(2, n, 3, SIZE, SIZE)
+            for i in range(0, BATCH, n)
+        ]
         assert torch.equal(torch.cat(parts, 1).flatten(0, 1), whole)
     assert not torch.equal(whole[:BATCH], whole[BATCH:])
 
@@ -161,8 +186,9 @@ def test_the_patch_projection_stays_frozen_and_out_of_the_optimizer():
 
 def test_a_mocov3_config_is_checked_in_one_line():
     with pytest.raises(LdaeError, match="objective mocov3: tokenizer.kind 'pca' .*model.decoder_depth 2"):
-        load_config(PretrainConfig, CONFIG, ["tokenizer.kind=pca", "tokenizer.latent_scale=global",
-                                             "model.decoder_depth=2"])
+        load_config(
+            PretrainConfig, CONFIG, ["tokenizer.kind=pca", "tokenizer.latent_scale=global", "model.decoder_depth=2"]
+        )
     with pytest.raises(LdaeError, match="data.crop 'random-resized' .*data.hflip True"):
         load_config(PretrainConfig, CONFIG, ["data.crop=random-resized", "data.hflip=true"])
     with pytest.raises(LdaeError, match="online_probe.t 500"):
@@ -172,10 +198,18 @@ def test_a_mocov3_config_is_checked_in_one_line():
 
 
 def test_accumulation_and_compile_are_refused_in_one_line(run_main):
-    one_line(run_main("pretrain", "--config", CONFIG, "--set", "optim.micro_batch=1024"), 1,
-             "optim.micro_batch 1024: MoCo v3 takes no gradient accumulation", "set optim.micro_batch=null")
-    one_line(run_main("pretrain", "--config", CONFIG, "--set", "run.compile=true"), 1,
-             "run.compile: MoCo v3", "set run.compile=false")
+    one_line(
+        run_main("pretrain", "--config", CONFIG, "--set", "optim.micro_batch=1024"),
+        1,
+        "optim.micro_batch 1024: MoCo v3 takes no gradient accumulation",
+        "set optim.micro_batch=null",
+    )
+    one_line(
+        run_main("pretrain", "--config", CONFIG, "--set", "run.compile=true"),
+        1,
+        "run.compile: MoCo v3",
+        "set run.compile=false",
+    )
 
 
 # ------------------------------------------------------------------ runs through `ldae pretrain`
@@ -187,16 +221,25 @@ TINY = {"model.decoder_depth": 0, "tokenizer.patch": 4, "mocov3.mlp_dim": 32, "m
 def moco_run(pattern_tree, tmp_path_factory):
     """A finished 4-step MoCo v3 run at toy size (online probe on; an lr at which the weights visibly move)."""
     root = tmp_path_factory.mktemp("mocov3")
-    return train_tiny(CONFIG, pattern_tree, root / "pre", **TINY, **{
-        "online_probe.per_class": 1, "online_probe.max_share": 1, "optim.lr": 1e-2, "optim.epochs": 2})
+    return train_tiny(
+        CONFIG,
+        pattern_tree,
+        root / "pre",
+        **TINY,
+        **{"online_probe.per_class": 1, "online_probe.max_share": 1, "optim.lr": 1e-2, "optim.epochs": 2},
+    )
 
 
 def test_a_run_saves_the_base_encoder_where_evaluations_read_it_and_its_heads_and_momentum_apart(moco_run):
     ck = load_checkpoint(moco_run, "pretrain")
     assert ck.config["objective"] == "mocov3" and ck.extra["model_spec"]["decoder_depth"] == 0
     assert {k.split(".")[0] for k in ck.tensors} == {"model", "mocov3", "optim", "meter"}
-    assert {"mocov3.heads.projector.1.running_mean", "mocov3.heads.predictor.0.weight",
-            "mocov3.momentum.projector.0.weight", "mocov3.momentum.encoder.blocks.0.attn.qkv.weight"} <= set(ck.tensors)
+    assert {
+        "mocov3.heads.projector.1.running_mean",
+        "mocov3.heads.predictor.0.weight",
+        "mocov3.momentum.projector.0.weight",
+        "mocov3.momentum.encoder.blocks.0.attn.qkv.weight",
+    } <= set(ck.tensors)
     model, momentum = ck.section("model"), ck.section("mocov3")
     _, _, start = stage.build(stored_config(PretrainConfig, ck), None, ck, lambda: None, 2)  # the run's init
     qkv = "blocks.0.attn.qkv.weight"  # the momentum encoder followed the base encoder, lagging behind it
@@ -217,9 +260,19 @@ def test_init_from_starts_the_momentum_encoder_as_the_base_one(moco_run, pattern
     stage.start_from(obj, parent, "mocov3")
     for section, module in (("model", obj.net), ("mocov3", obj.saved_modules()["mocov3"])):
         assert all(torch.equal(v, parent.section(section)[k]) for k, v in module.state_dict().items()), section
-    mae = train_tiny("baselines/mae.yaml", pattern_tree, tmp_path / "mae", **{
-        "model.decoder_depth": 0, "tokenizer.patch": 4, "mae.decoder_width": 16, "mae.decoder_depth": 1,
-        "mae.decoder_heads": 2, "online_probe.enabled": False})
+    mae = train_tiny(
+        "baselines/mae.yaml",
+        pattern_tree,
+        tmp_path / "mae",
+        **{
+            "model.decoder_depth": 0,
+            "tokenizer.patch": 4,
+            "mae.decoder_width": 16,
+            "mae.decoder_depth": 1,
+            "mae.decoder_heads": 2,
+            "online_probe.enabled": False,
+        },
+    )
     other = load_checkpoint(mae, "pretrain")
     _, _, obj = stage.build(cfg, None, other, lambda: None, 2)
     stage.start_from(obj, other, "mocov3")
@@ -238,12 +291,25 @@ def test_probe_export_info_and_the_api_read_the_base_encoder(moco_run, run_main,
     torch.testing.assert_close(api.extract_features(vit, x), own, rtol=1e-5, atol=1e-5)
     res = run_main("export", "--ckpt", str(moco_run), "--out", str(tmp_path / "timm"), "--format", "timm")
     assert res.returncode == 0, res.stderr
-    torch.testing.assert_close(api.extract_features(api.load_encoder(tmp_path / "timm"), x), own, rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(api.extract_features(api.load_encoder(tmp_path / "timm"), x), own, rtol=1e-5, atol=1e-5)
     assert "MoCo v3 encoder" in (tmp_path / "timm" / "README.md").read_text()
-    res = run_main("probe", "--ckpt", str(moco_run), "--out", str(tmp_path / "probe"), "--set", "probe.fast=true",
-                   "--set", "probe.epochs=1", "--set", "probe.batch_size=8", "--set", "run.progress=false",
-                   "--set", "data.num_workers=0")
+    res = run_main(
+        "probe",
+        "--ckpt",
+        str(moco_run),
+        "--out",
+        str(tmp_path / "probe"),
+        "--set",
+        "probe.fast=true",
+        "--set",
+        "probe.epochs=1",
+        "--set",
+        "probe.batch_size=8",
+        "--set",
+        "run.progress=false",
+        "--set",
+        "data.num_workers=0",
+    )
     assert res.returncode == 0, res.stderr
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["encoder"] == "mocov3 encoder, 1 blocks" and 0 <= results["selected_top1"] <= 100
@@ -255,10 +321,17 @@ def test_probe_export_info_and_the_api_read_the_base_encoder(moco_run, run_main,
 
 
 def test_a_mocov3_checkpoint_has_no_timestep_and_no_denoiser(moco_run, run_main, tmp_path):
-    one_line(run_main("export", "--ckpt", str(moco_run), "--out", str(tmp_path / "e.safetensors"), "--t", "500"), 1,
-             "an 'mocov3' encoder has no timestep", "leave t at 10")
-    one_line(run_main("denoise", "--ckpt", str(moco_run), "--samples", "2", "--out", str(tmp_path / "d")), 1,
-             "an 'mocov3' checkpoint has no denoiser")
+    one_line(
+        run_main("export", "--ckpt", str(moco_run), "--out", str(tmp_path / "e.safetensors"), "--t", "500"),
+        1,
+        "an 'mocov3' encoder has no timestep",
+        "leave t at 10",
+    )
+    one_line(
+        run_main("denoise", "--ckpt", str(moco_run), "--samples", "2", "--out", str(tmp_path / "d")),
+        1,
+        "an 'mocov3' checkpoint has no denoiser",
+    )
 
 
 def test_resume_of_a_mocov3_run_is_bit_exact(pattern_tree, tmp_path):
@@ -267,8 +340,12 @@ def test_resume_of_a_mocov3_run_is_bit_exact(pattern_tree, tmp_path):
     sets = {**TINY, "optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "online_probe.enabled": False}
     demo = "demo/cifar10-mocov3.yaml"
     stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "full", **sets)), "full")
-    stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets,
-                                                               **{"run.stop_after_steps": 3})), "cut")
+    stage.run(
+        load_config(
+            PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3})
+        ),
+        "cut",
+    )
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
     stage.main(None, [], {}, str(tmp_path / "cut"))
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("full", "cut"))
@@ -277,7 +354,10 @@ def test_resume_of_a_mocov3_run_is_bit_exact(pattern_tree, tmp_path):
         assert a.section(section).keys() == b.section(section).keys() and a.section(section)
         assert all(torch.equal(a.section(section)[k], b.section(section)[k]) for k in a.section(section)), section
     assert any(k.endswith("running_var") for k in a.section("mocov3"))
-    log = lambda run: [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
+
+    def log(run):
+        return [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
+
     assert log("full") == log("cut") and len([x for x in log("full") if x is not None]) == 6
 
 
@@ -298,17 +378,48 @@ def test_two_ranks_equal_one_process(pattern_tree, tmp_path):
     heads' BatchNorm statistics taken over both ranks, so every step's loss, the base encoder, the heads with their
     running statistics and the momentum encoder are one process's (a rank's own negatives or BatchNorm statistics
     are off by 1e-2 or more), at an lr where the weights move."""
+
     def args(out):
-        return ["pretrain", "--config", CONFIG, *sets(tiny_overrides(pattern_tree, tmp_path / out, **TINY, **{
-            "optim.epochs": 2, "optim.lr": 1e-2, "online_probe.enabled": False}))]
+        return [
+            "pretrain",
+            "--config",
+            CONFIG,
+            *sets(
+                tiny_overrides(
+                    pattern_tree,
+                    tmp_path / out,
+                    **TINY,
+                    **{"optim.epochs": 2, "optim.lr": 1e-2, "online_probe.enabled": False},
+                )
+            ),
+        ]
+
     one = run_cli(*args("one"), timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "-m", "ldae_cli", *args("two")], capture_output=True, text=True,
-                         cwd=REPO_ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "ldae_cli",
+            *args("two"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert two.returncode == 0, two.stderr[-2000:]
-    losses = [[r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-               if "loss" in r] for run in ("one", "two")]
+    losses = [
+        [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for run in ("one", "two")
+    ]
     assert len(losses[0]) == len(losses[1]) == 4 and len(set(losses[0])) == 4
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("one", "two"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldae_cli.runs.checkpoint import read_metadata
-from ldae_cli.model.models import DenoisingViT, ModelConfig, SIZES, build_model, build_timm_vit, fold_to_vit, sincos_2d
-from ldae_cli.model.tokenizers import PCATokenizer, patchify
 from ldae_cli.errors import LdaeError
+from ldae_cli.model.models import SIZES, DenoisingViT, ModelConfig, build_model, build_timm_vit, fold_to_vit, sincos_2d
+from ldae_cli.model.tokenizers import PCATokenizer, patchify
+from ldae_cli.runs.checkpoint import read_metadata
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,9 @@ def test_position_embedding_is_fixed_sincos():
 def _pca(d=8, p=4):
     torch.manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(p * p * 3, p * p * 3))
-    return PCATokenizer(torch.randn(p * p * 3) * 0.1, basis.T.contiguous(), torch.rand(p * p * 3).sort(descending=True)[0], p, d)
+    return PCATokenizer(
+        torch.randn(p * p * 3) * 0.1, basis.T.contiguous(), torch.rand(p * p * 3).sort(descending=True)[0], p, d
+    )
 
 
 @pytest.mark.parametrize("input_space", ["image", "latent"])
@@ -94,9 +96,9 @@ def test_fold_depends_on_t():
 
 def test_export_cli_writes_a_state_dict_timm_loads_strictly(tmp_path):
     """End to end: a pretrain checkpoint -> `ldae export` -> plain safetensors -> timm, same features."""
-    from ldae_cli.runs.checkpoint import save_checkpoint
     from ldae_cli.config import to_dict
     from ldae_cli.model.pretrained import load_pretrained
+    from ldae_cli.runs.checkpoint import save_checkpoint
     from ldae_cli.stages.pretrain import PretrainConfig
 
     cfg = PretrainConfig()
@@ -107,13 +109,19 @@ def test_export_cli_writes_a_state_dict_timm_loads_strictly(tmp_path):
     model = DenoisingViT(48, 48, (8, 8), 64, 2, 2, 4)
     randomize(model)
     tok_tensors, tok_desc = tok.export()
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-               **{f"tokenizer.{k}": v for k, v in tok_tensors.items()}}
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **{f"tokenizer.{k}": v for k, v in tok_tensors.items()},
+    }
     extra = {"model_spec": model.spec, "tokenizer": tok_desc, "image_size": 32, "num_classes": 0, "has_ema": False}
     ckpt = save_checkpoint(tmp_path / "pre.safetensors", "pretrain", tensors, to_dict(cfg), extra=extra)
     out = tmp_path / "vit.safetensors"
-    r = subprocess.run([sys.executable, "-m", "ldae_cli", "export", "--ckpt", str(ckpt), "--out", str(out)],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "ldae_cli", "export", "--ckpt", str(ckpt), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     meta = read_metadata(out)
     assert meta["kind"] == "encoder" and meta["extra"]["t"] == 10
@@ -131,18 +139,26 @@ def test_timm_form_export_loads_through_create_model_local_dir(pattern_tree, tmp
     """`ldae export --format timm` -> a folder `timm.create_model("local-dir:...", pretrained=True)` loads by
     itself, computing the adaLN model's features at the fold t to 1e-5 from [-1, 1] images."""
     import timm
-
     from helpers import train_tiny
+
     from ldae_cli.model.pretrained import load_pretrained
 
-    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                       "model.encoder_depth": 2, "optim.epochs": 2})
+    ckpt = train_tiny(
+        "final.yaml",
+        pattern_tree,
+        tmp_path / "pre",
+        **{"tokenizer.patch": 4, "tokenizer.dim": 8, "model.encoder_depth": 2, "optim.epochs": 2},
+    )
     out = tmp_path / "ldae-vit"
     res = run_main("export", "--ckpt", str(ckpt), "--out", str(out), "--format", "timm")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.iterdir()) == [".ldae-run.json", "README.md", "config.json", "model.safetensors"]
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    assert tuple(model.pretrained_cfg["mean"]) == (0.5,) * 3 and tuple(model.pretrained_cfg["input_size"]) == (3, 32, 32)
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5,) * 3 and tuple(model.pretrained_cfg["input_size"]) == (
+        3,
+        32,
+        32,
+    )
     pre = load_pretrained(ckpt)
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():

@@ -19,11 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    REPO_ROOT,
+    TOKENS,
+    one_line,
+    pretrain_args,
+    probe_args,
+    sets,
+    snapshot,
+    tiny_overrides,
+    unchanged,
+    write_pattern_tree,
+)
 
-from helpers import REPO_ROOT, TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, \
-    unchanged, write_pattern_tree
-from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from ldae_cli.runs.rundir import CONFIG, MARKER, Manifest
 
 FAST = {"online_probe.enabled": False}
@@ -39,6 +49,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ --force and ownership
+
 
 def test_force_never_deletes_a_users_files(world, run_main, tmp_path):
     thesis = tmp_path / "thesis"
@@ -74,14 +85,22 @@ def test_force_replaces_only_the_runs_own_files_and_removes_links_as_links(world
     (precious / "events.txt").write_text("kept elsewhere")
     shutil.rmtree(run / "tensorboard")
     (run / "tensorboard").symlink_to(precious)  # the user keeps the dashboards on another disk
-    assert run_main(*pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca, "run.seed": 3}),
-                    "--force").returncode == 0
+    assert (
+        run_main(
+            *pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca, "run.seed": 3}), "--force"
+        ).returncode
+        == 0
+    )
     assert (precious / "events.txt").read_text() == "kept elsewhere"
     assert load_checkpoint(run / "checkpoint.safetensors").config["run"]["seed"] == 3
     (run / "notes.txt").write_text("mine")
     before = snapshot(run)
-    one_line(run_main(*pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca}), "--force"), 1,
-             "notes.txt", "ldae did not write")
+    one_line(
+        run_main(*pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca}), "--force"),
+        1,
+        "notes.txt",
+        "ldae did not write",
+    )
     unchanged(before)
 
 
@@ -132,8 +151,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_com
     assert run_main(*args).returncode == 0
     (run / "checkpoint.safetensors").unlink()  # what a SIGKILL after the first metrics line leaves
     before = snapshot(run)
-    one_line(run_main(*pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca, "run.seed": 4})), 1,
-             "already holds")  # another recipe is not this run
+    one_line(
+        run_main(*pretrain_args(world, run, **FAST, **{"tokenizer.path": world.pca, "run.seed": 4})), 1, "already holds"
+    )  # another recipe is not this run
     unchanged(before)
     res = run_main(*args)
     assert res.returncode == 0, res.stderr
@@ -142,35 +162,47 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_with_the_same_com
 
 # ------------------------------------------------------------------------------------------ exports
 
+
 def test_exports_never_eat_their_input_or_a_run(world, run_main, tmp_path):
     mine = tmp_path / "mine.safetensors"
     shutil.copy2(world.ckpt, mine)
     before = snapshot(tmp_path, world.root)
     for force in ([], ["--force"]):
         one_line(run_main("export", "--ckpt", str(mine), "--out", str(mine), *force), 1, "also an input")
-        one_line(run_main("export", "--ckpt", str(mine), "--out", str(world.ckpt), *force), 1,
-                 "belongs to the run")
+        one_line(run_main("export", "--ckpt", str(mine), "--out", str(world.ckpt), *force), 1, "belongs to the run")
     pca = tmp_path / "pca-copy.safetensors"
     shutil.copy2(world.pca, pca)
     one_line(run_main("export", "--ckpt", str(mine), "--out", str(pca), "--force"), 1, "is a 'pca' checkpoint")
     project = tmp_path / "project"
     project.mkdir()
     (project / "README.md").write_text("my project")
-    one_line(run_main("export", "--ckpt", str(mine), "--out", str(project), "--format", "timm", "--force"), 1,
-             "README.md", "ldae did not write")
-    one_line(run_main("export", "--ckpt", str(mine), "--out", str(world.root / "pre"), "--format", "timm",
-                      "--force"), 1, "ldae pretrain")  # a run's folder is not an export's
+    one_line(
+        run_main("export", "--ckpt", str(mine), "--out", str(project), "--format", "timm", "--force"),
+        1,
+        "README.md",
+        "ldae did not write",
+    )
+    one_line(
+        run_main("export", "--ckpt", str(mine), "--out", str(world.root / "pre"), "--format", "timm", "--force"),
+        1,
+        "ldae pretrain",
+    )  # a run's folder is not an export's
     unchanged(before)
     assert (project / "README.md").read_text() == "my project" and names(project) == ["README.md"]
     folder = tmp_path / "vit"
     assert run_main("export", "--ckpt", str(mine), "--out", str(folder), "--format", "timm").returncode == 0
     one_line(run_main("export", "--ckpt", str(mine), "--out", str(folder), "--format", "timm"), 1, "already holds")
-    assert run_main("export", "--ckpt", str(mine), "--out", str(folder), "--format", "timm", "--t", "20",
-                    "--force").returncode == 0
+    assert (
+        run_main(
+            "export", "--ckpt", str(mine), "--out", str(folder), "--format", "timm", "--t", "20", "--force"
+        ).returncode
+        == 0
+    )
     assert Manifest.read(folder).files == {"README.md", "config.json", "model.safetensors"}
 
 
 # ------------------------------------------------------------------------------------------ one run per directory
+
 
 def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, run_main, tmp_path):
     run = tmp_path / "run"
@@ -181,8 +213,12 @@ def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, ru
     assert run_main(*pretrain_args(world, run, **base, **{"run.stop_after_steps": 1}), "--continue").returncode == 0
     assert step() == 2
     before = snapshot(run)
-    one_line(run_main(*pretrain_args(world, run, **base, **{"run.seed": 9}), "--continue"), 1, "holds another run",
-             "run.seed: 0 -> 9")
+    one_line(
+        run_main(*pretrain_args(world, run, **base, **{"run.seed": 9}), "--continue"),
+        1,
+        "holds another run",
+        "run.seed: 0 -> 9",
+    )
     unchanged(before)
     assert run_main(*pretrain_args(world, run, **base), "--continue").returncode == 0 and step() == 4
     again = run_main(*pretrain_args(world, run, **base), "--continue")
@@ -190,8 +226,8 @@ def test_continue_starts_continues_finishes_and_refuses_another_recipe(world, ru
 
 
 def test_launch_never_forces_and_runs_its_command_with_continue():
-    from ldae_cli.runs import slurm
     from ldae_cli.cli import run_in_process
+    from ldae_cli.runs import slurm
 
     job = slurm.LdaeJob(["pretrain", "--config", "final.yaml", "--out", "runs/x"], run_in_process)
     assert job.command() == ["pretrain", "--config", "final.yaml", "--out", "runs/x", "--continue"]
@@ -200,8 +236,23 @@ def test_launch_never_forces_and_runs_its_command_with_continue():
 
 
 def test_a_failed_job_reports_the_stages_own_error(run_main, tmp_path):
-    res = run_main("launch", "--local", "--gpus-per-node", "0", "--wait", "--folder", str(tmp_path / "jobs"), "--",
-                   "pretrain", "--config", "final.yaml", "--out", str(tmp_path / "run"), "--set", "optim.batch_size=0")
+    res = run_main(
+        "launch",
+        "--local",
+        "--gpus-per-node",
+        "0",
+        "--wait",
+        "--folder",
+        str(tmp_path / "jobs"),
+        "--",
+        "pretrain",
+        "--config",
+        "final.yaml",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "optim.batch_size=0",
+    )
     one_line(res, 1, "(pretrain) failed: optim.batch_size must be positive")
 
 
@@ -209,8 +260,9 @@ def test_resume_refuses_other_data_and_follows_moved_data(world, run_main, tmp_p
     other = write_pattern_tree(tmp_path / "other", seed=1)
     run = copy_run(world.cut.parent, tmp_path / "run")
     before = snapshot(run)
-    one_line(run_main("pretrain", "--resume", str(run), "--set", f"data.path={other}"), 1,
-             "is not the data", "trained on")
+    one_line(
+        run_main("pretrain", "--resume", str(run), "--set", f"data.path={other}"), 1, "is not the data", "trained on"
+    )
     unchanged(before)
     moved = shutil.copytree(world.images, tmp_path / "moved")
     assert run_main("pretrain", "--resume", str(run), "--set", f"data.path={moved}").returncode == 0
@@ -218,9 +270,22 @@ def test_resume_refuses_other_data_and_follows_moved_data(world, run_main, tmp_p
 
 # ------------------------------------------------------------------------------------------ integrity of data and files
 
+
 def _prepare(run_main, data: Path, out: Path, size: int, *extra: str):
-    return run_main("prepare-data", "--source", "imagefolder", "--data", str(data), "--image-size", str(size),
-                    "--out", str(out), "--set", "data.num_workers=0", *extra)
+    return run_main(
+        "prepare-data",
+        "--source",
+        "imagefolder",
+        "--data",
+        str(data),
+        "--image-size",
+        str(size),
+        "--out",
+        str(out),
+        "--set",
+        "data.num_workers=0",
+        *extra,
+    )
 
 
 def test_prepared_data_is_checked_shard_by_shard(pattern_tree, run_main, tmp_path):
@@ -234,14 +299,18 @@ def test_prepared_data_is_checked_shard_by_shard(pattern_tree, run_main, tmp_pat
     meta = json.loads((out / "prepared.json").read_text())
     assert meta["stored_size"] == 16
     for split, info in meta["splits"].items():  # nothing stale: every file is one the new preparation lists
-        assert set(names(out / split)) == set(info["file_sha256"]) | {f"skipped-{k:05d}.txt"
-                                                                      for k in range(len(info["shards"]))}
+        assert set(names(out / split)) == set(info["file_sha256"]) | {
+            f"skipped-{k:05d}.txt" for k in range(len(info["shards"]))
+        }
     ok = run_main("prepare-data", "--verify", str(out))
     assert ok.returncode == 0 and "every file matches" in ok.stdout
 
     def opened(verify: bool = True):
-        cfg = load_config(DataConfig, None, [f"path={out}", "source=imagefolder", "image_size=16", "num_workers=0",
-                                             f"verify={str(verify).lower()}"])
+        cfg = load_config(
+            DataConfig,
+            None,
+            [f"path={out}", "source=imagefolder", "image_size=16", "num_workers=0", f"verify={str(verify).lower()}"],
+        )
         return build_dataset(cfg, "train")
 
     shard = out / "train" / "images-00000.npy"
@@ -279,8 +348,21 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_every_stage(world, r
         ("export", "--ckpt", str(bad), "--out", str(tmp_path / "vit.safetensors")),
         ("denoise", str(image), "--ckpt", str(bad), "--out", str(tmp_path / "panel.png")),
         tuple(probe_args(world, tmp_path / "probe", ckpt=bad)),
-        ("finetune", "--ckpt", str(bad), "--config", "finetune/cifar10", "--out", str(tmp_path / "ft"), "--data",
-         str(world.images), "--source", "imagefolder", "--set", "data.image_size=32"),
+        (
+            "finetune",
+            "--ckpt",
+            str(bad),
+            "--config",
+            "finetune/cifar10",
+            "--out",
+            str(tmp_path / "ft"),
+            "--data",
+            str(world.images),
+            "--source",
+            "imagefolder",
+            "--set",
+            "data.image_size=32",
+        ),
         ("detect", "--ckpt", str(bad), "--config", "detect/cpu-tiny", "--out", str(tmp_path / "det")),
     ]
     for args in commands:
@@ -359,8 +441,9 @@ print(json.dumps(counts))
 def test_exactly_one_of_six_processes_takes_a_contested_stale_lock(tmp_path):
     """60 trials, 6 forked processes calling the lock code at once on a stale lock (in a small interpreter, so that
     forking is cheap): exactly one holder every time."""
-    out = subprocess.run([sys.executable, "-c", RACE, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", RACE, str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [1] * 60
 
@@ -371,7 +454,7 @@ RANGES = [
     ({"optim.min_lr": 1.0}, "optim.min_lr 1 is above the peak lr"),
     ({"optim.epochs": ".nan"}, "optim.epochs: expected a finite number"),
     ({"optim.epochs": ".inf"}, "optim.epochs: expected a finite number"),
-    ({"run.seed": 2 ** 31}, "run.seed must lie in 0 ... 2147483647"),
+    ({"run.seed": 2**31}, "run.seed must lie in 0 ... 2147483647"),
     ({"data.eval_split": "nope"}, "no 'nope' split"),
 ]
 
@@ -384,14 +467,20 @@ def test_an_option_out_of_range_is_named_before_anything_is_written(extra, fragm
     unchanged(before)
 
 
-@pytest.mark.parametrize("args,fragment", [(("--sigma", "0"), "--sigma is a noise level"),
-                                           (("--sigma", "nan"), "--sigma is a noise level"),
-                                           (("--sigma", "inf"), "--sigma is a noise level"),
-                                           (("--samples", "0"), "--samples is a number of images")])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("--sigma", "0"), "--sigma is a noise level"),
+        (("--sigma", "nan"), "--sigma is a noise level"),
+        (("--sigma", "inf"), "--sigma is a noise level"),
+        (("--samples", "0"), "--samples is a number of images"),
+    ],
+)
 def test_denoise_options_out_of_range_are_named(args, fragment, world, run_main, tmp_path):
     image = next((world.images / "val" / "a").glob("*.png"))
-    one_line(run_main("denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "p.png"), *args), 1,
-             fragment)
+    one_line(
+        run_main("denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "p.png"), *args), 1, fragment
+    )
     assert not (tmp_path / "p.png").exists()
 
 
@@ -407,13 +496,25 @@ def _records(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_and_resumed_run_logs_what_an_uninterrupted_one_does(sig, world, tmp_path):
-    settings = {**FAST, "tokenizer.path": world.pca, "optim.epochs": 60, "run.log_every": 3, "run.save_every": 7,
-                "run.tensorboard": False}
+    settings = {
+        **FAST,
+        "tokenizer.path": world.pca,
+        "optim.epochs": 60,
+        "run.log_every": 3,
+        "run.save_every": 7,
+        "run.tensorboard": False,
+    }
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
 
     def cli(*args):
-        return subprocess.Popen([sys.executable, "-m", "ldae_cli", *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "ldae_cli", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=env,
+        )
 
     assert cli(*pretrain_args(world, tmp_path / "whole", **settings)).wait(timeout=300) == 0
     run = tmp_path / "cut"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from ldae_cli.data import plots
-from ldae_cli.train.engine_probe import results_rows
 from ldae_cli.model.pca import PCAConfig, distinct_patches, oversampling
+from ldae_cli.train.engine_probe import results_rows
 
 
 @pytest.fixture
@@ -37,15 +37,26 @@ def labels(axis) -> list[str]:
 
 # --- log axes with plain decimal ticks -------------------------------------------------------------
 
+
 def test_plain_number_has_no_exponent():
-    assert [plots.plain_number(v) for v in (0.15, 0.1, 0.05, 0.02, 1e-5, 20.0, 1.545e-1)] == \
-        ["0.15", "0.1", "0.05", "0.02", "0.00001", "20", "0.1545"]
+    assert [plots.plain_number(v) for v in (0.15, 0.1, 0.05, 0.02, 1e-5, 20.0, 1.545e-1)] == [
+        "0.15",
+        "0.1",
+        "0.05",
+        "0.02",
+        "0.00001",
+        "20",
+        "0.1545",
+    ]
 
 
-@pytest.mark.parametrize("lo,hi,expected", [
-    (0.0118, 0.166, ["0.02", "0.05", "0.1"]),  # the CIFAR demo's loss: 1-2-5 steps
-    (1e-4, 10.0, ["0.0001", "0.001", "0.01", "0.1", "1", "10"]),  # many decades: one label each
-])
+@pytest.mark.parametrize(
+    "lo,hi,expected",
+    [
+        (0.0118, 0.166, ["0.02", "0.05", "0.1"]),  # the CIFAR demo's loss: 1-2-5 steps
+        (1e-4, 10.0, ["0.0001", "0.001", "0.01", "0.1", "1", "10"]),  # many decades: one label each
+    ],
+)
 def test_loss_curves_label_log_axes_with_plain_decimals(tmp_path, figures, lo, hi, expected):
     steps = np.arange(200)
     records = [{"step": int(s), "loss": float(hi * (lo / hi) ** (s / 199))} for s in steps]
@@ -66,6 +77,7 @@ def test_a_narrow_loss_range_still_gets_several_plain_ticks(tmp_path, figures):
 
 
 # --- PCA filters and spectrum -------------------------------------------------------------------------
+
 
 def test_filters_without_eigenvalues_are_the_plain_grid(tmp_path):
     basis = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(0)))[0].T
@@ -98,8 +110,12 @@ def test_report_of_a_pca_file_draws_its_spectrum_and_kept_d(tmp_path, figures):
     from ldae_cli.stages import report
 
     g = torch.Generator().manual_seed(0)
-    fit = PCAFit(torch.zeros(48), torch.linalg.qr(torch.randn(48, 48, generator=g))[0].T,
-                 torch.logspace(0, -3, 48), n_patches=1000)
+    fit = PCAFit(
+        torch.zeros(48),
+        torch.linalg.qr(torch.randn(48, 48, generator=g))[0].T,
+        torch.logspace(0, -3, 48),
+        n_patches=1000,
+    )
     ckpt = save_fit(fit, tmp_path / "pca.safetensors", PCAConfig(patch=4, dim=8), {}, 32, "synthetic")
     assert report.main([str(ckpt)]) == [tmp_path / "pca.report.png"]
     assert "d = 8 keeps" in figures[0].axes[1].get_title()
@@ -114,6 +130,7 @@ def test_hundreds_of_components_get_a_log_component_axis(tmp_path, figures):
 
 # --- fit-pca: more patches than the data holds -----------------------------------------------------
 
+
 def test_distinct_patches_on_the_grid_and_at_every_offset():
     assert distinct_patches(100, 16, PCAConfig(patch=4)) == 100 * 16
     assert distinct_patches(100, 16, PCAConfig(patch=4, positions="any")) == 100 * 13 * 13
@@ -122,18 +139,34 @@ def test_distinct_patches_on_the_grid_and_at_every_offset():
     assert oversampling(100, 16, PCAConfig(patch=4, patches=1600)) is None
     assert oversampling(100, 16, PCAConfig(patch=4, patches=1_000_000)) == (
         "fitting on each of the 1,600 distinct patches (100 images x 16 positions on the 4-pixel grid) once, not on "
-        "--patches 1,000,000: more draws would only repeat them")
+        "--patches 1,000,000: more draws would only repeat them"
+    )
 
 
 def test_fit_pca_warns_when_it_oversamples_and_draws_the_spectrum(run_main, image_tree, tmp_path):
     out = tmp_path / "pca.safetensors"
-    args = ("fit-pca", "--source", "imagefolder", "--data", image_tree, "--patch", "4", "--dim", "8",
-            "--image-size", "16", "--set", "data.num_workers=0")
+    args = (
+        "fit-pca",
+        "--source",
+        "imagefolder",
+        "--data",
+        image_tree,
+        "--patch",
+        "4",
+        "--dim",
+        "8",
+        "--image-size",
+        "16",
+        "--set",
+        "data.num_workers=0",
+    )
     res = run_main(*args, "--patches", "3000", "--out", out)
     assert res.returncode == 0, res.stderr
     # 12 training images x 16 grid positions
-    assert "warning: fitting on each of the 192 distinct patches (12 images x 16 positions on the 4-pixel grid) " \
-           "once, not on --patches 3,000" in " ".join(res.stdout.split())
+    assert (
+        "warning: fitting on each of the 192 distinct patches (12 images x 16 positions on the 4-pixel grid) "
+        "once, not on --patches 3,000" in " ".join(res.stdout.split())
+    )
     with Image.open(tmp_path / "pca.filters.png") as im:
         assert im.width > 1000  # grid + spectrum panel
     quiet = run_main(*args, "--patches", "150", "--out", tmp_path / "b.safetensors")
@@ -142,13 +175,20 @@ def test_fit_pca_warns_when_it_oversamples_and_draws_the_spectrum(run_main, imag
 
 # --- the probe chart ------------------------------------------------------------------------------
 
+
 def probe_results(top1: list[float], knn: float | None = 31.95, diverged: tuple[int, ...] = ()) -> dict:
-    blrs = [0.1, 1.0, 10.0, 100.0][:len(top1)]
+    blrs = [0.1, 1.0, 10.0, 100.0][: len(top1)]
     acc = {1: torch.tensor(top1), 5: torch.tensor(top1) + 40}
     rows = results_rows(blrs, [b * 4 for b in blrs], [None if i in diverged else 0.5 for i in range(len(top1))], acc)
     best = max(range(len(rows)), key=lambda i: rows[i]["top1"])
-    return {"encoder": "l-DAE encoder at t=10, 4 blocks", "heads": rows, "best_head": best,
-            "best_top1": rows[best]["top1"], "knn_top1": knn, "eval_split": "test"}
+    return {
+        "encoder": "l-DAE encoder at t=10, 4 blocks",
+        "heads": rows,
+        "best_head": best,
+        "best_top1": rows[best]["top1"],
+        "knn_top1": knn,
+        "eval_split": "test",
+    }
 
 
 def test_probe_chart_marks_the_best_head_and_the_knn_line(tmp_path, figures):
@@ -181,7 +221,7 @@ def test_probe_chart_without_knn_or_heads(tmp_path, figures):
 def test_a_spectrum_reaching_1e_19_labels_its_axis_1e_19_not_a_row_of_zeros(figures, tmp_path):
     """fit-pca's spectrum axis printed 0.0000000000000000001."""
     basis = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0].T
-    eigenvalues = torch.tensor([10.0 ** -e for e in np.linspace(0, 21, 48)], dtype=torch.float64)
+    eigenvalues = torch.tensor([10.0**-e for e in np.linspace(0, 21, 48)], dtype=torch.float64)
     plots.save_filters(basis, 4, tmp_path / "f.png", eigenvalues=eigenvalues, dim=8)
     shown = [t.get_text() for t in figures[0].axes[1].yaxis.get_ticklabels() if t.get_text()]
     assert all(re.fullmatch(r"\d(\.\d+)?e[+-]\d+", s) for s in shown), shown

@@ -8,30 +8,47 @@ import json
 
 import pytest
 import torch
-
 from helpers import tiny_overrides, write_pattern_tree
-from ldae_cli.data import prepared
-from ldae_cli.runs.checkpoint import load_checkpoint
+
 from ldae_cli.config import load_config
+from ldae_cli.data import prepared
 from ldae_cli.data.pipeline import DataConfig, build_dataset, make_loader
-from ldae_cli.seeds import SeededSteps
-from ldae_cli.errors import LdaeError
 from ldae_cli.data.sources import PreparedSource
+from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.seeds import SeededSteps
 
 TOKENS = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3, "optim.ema": 0.9}
 
 
 def prepare(src, out, run_main, *extra):
-    res = run_main("prepare-data", "--source", "imagefolder", "--data", str(src), "--image-size", "32", "--out",
-                   str(out), "--set", "data.num_workers=0", "--set", "shard_mb=0.01", *extra)  # 3 images a shard
+    res = run_main(
+        "prepare-data",
+        "--source",
+        "imagefolder",
+        "--data",
+        str(src),
+        "--image-size",
+        "32",
+        "--out",
+        str(out),
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "shard_mb=0.01",
+        *extra,
+    )  # 3 images a shard
     assert res.returncode == 0, res.stderr
     return out
 
 
 def tree_bytes(root) -> dict:
     """Every file's sha256 but ldae's bookkeeping (the lock, and the marker whose run id is each preparation's own)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in (".ldae.lock", ".ldae-run.json")}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in (".ldae.lock", ".ldae-run.json")
+    }
 
 
 def pretrain(run_main, data, out, **extra):
@@ -81,8 +98,9 @@ def test_two_ranks_read_disjoint_images(pattern_tree, run_main, tmp_path):
     assert sorted(touched[0] + touched[1]) == list(range(16))  # two steps of 8: one epoch, split by rank
 
 
-def test_preparing_twice_gives_the_same_bytes_and_an_interrupted_one_continues(pattern_tree, run_main, tmp_path,
-                                                                               monkeypatch):
+def test_preparing_twice_gives_the_same_bytes_and_an_interrupted_one_continues(
+    pattern_tree, run_main, tmp_path, monkeypatch
+):
     first = tree_bytes(prepare(pattern_tree, tmp_path / "a", run_main))
     assert tree_bytes(prepare(pattern_tree, tmp_path / "b", run_main)) == first
     written, real = [], prepared.write_shard
@@ -94,8 +112,21 @@ def test_preparing_twice_gives_the_same_bytes_and_an_interrupted_one_continues(p
         real(dataset, chunk, folder, k, bad, workers)
 
     monkeypatch.setattr(prepared, "write_shard", dies_at_the_third)
-    res = run_main("prepare-data", "--source", "imagefolder", "--data", str(pattern_tree), "--image-size", "32",
-                   "--out", str(tmp_path / "c"), "--set", "data.num_workers=0", "--set", "shard_mb=0.01")
+    res = run_main(
+        "prepare-data",
+        "--source",
+        "imagefolder",
+        "--data",
+        str(pattern_tree),
+        "--image-size",
+        "32",
+        "--out",
+        str(tmp_path / "c"),
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "shard_mb=0.01",
+    )
     assert res.returncode == 130 and written == [0, 1]
     assert "interrupted; kept: shards 1-2 of 6 of the 'train' split" in res.stderr
     with pytest.raises(LdaeError, match="interrupted; run the same `ldae prepare-data` command again"):
@@ -109,8 +140,19 @@ def test_preparing_twice_gives_the_same_bytes_and_an_interrupted_one_continues(p
 def test_unreadable_images_are_skipped_and_listed(run_main, tmp_path):
     tree = write_pattern_tree(tmp_path / "tree")
     (tree / "train" / "b" / "broken.png").write_bytes(b"no")
-    res = run_main("prepare-data", "--source", "imagefolder", "--data", str(tree), "--image-size", "32", "--out",
-                   str(tmp_path / "x"), "--set", "data.num_workers=0")
+    res = run_main(
+        "prepare-data",
+        "--source",
+        "imagefolder",
+        "--data",
+        str(tree),
+        "--image-size",
+        "32",
+        "--out",
+        str(tmp_path / "x"),
+        "--set",
+        "data.num_workers=0",
+    )
     assert res.returncode == 1 and "broken.png: cannot read image" in res.stderr
     prepare(tree, tmp_path / "y", run_main, "--set", "data.on_bad_image=skip")
     info = json.loads((tmp_path / "y" / "prepared.json").read_text())["splits"]["train"]
@@ -131,10 +173,10 @@ def test_decoding_on_the_device_gives_the_pil_pipeline_s_images(run_main, tmp_pa
     for cls in ("a", "b"):
         (root / "train" / cls).mkdir(parents=True)
         for i in range(4):
-            img = np.stack([np.sin((3 + i) * 6.28 * xx + c) * 0.4 + 0.5 for c in range(3)], -1) + \
-                rng.normal(0, 0.02, (48, 64, 3))
-            Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(root / "train" / cls / f"{i}.jpg",
-                                                                          quality=95)
+            img = np.stack([np.sin((3 + i) * 6.28 * xx + c) * 0.4 + 0.5 for c in range(3)], -1) + rng.normal(
+                0, 0.02, (48, 64, 3)
+            )
+            Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(root / "train" / cls / f"{i}.jpg", quality=95)
     cfg = DataConfig(source="imagefolder", path=str(root), image_size=32, num_workers=0, decode="gpu", hflip=True)
     encoded = build_dataset(cfg, "train", training_stream=True)
     pil = build_dataset(cfg, "train")

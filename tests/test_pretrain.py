@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_overrides, train_tiny_conv_vae
 
-from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import BUNDLED_CONFIGS, _read_yaml, find_config, load_config, to_dict
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.stages import pretrain as stage
-from helpers import tiny_overrides, train_tiny_conv_vae
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,12 +99,22 @@ def _tensors_equal(a, b, prefix):
 
 
 def test_resume_is_bit_exact(images, tmp_path):
-    sets = {"optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "tokenizer.patch": 4, "tokenizer.dim": 8,
-            "online_probe.per_class": 1, "online_probe.max_share": 1}  # the online probe on, at a fixed cadence
+    sets = {
+        "optim.epochs": 3,
+        "optim.ema": 0.9,
+        "run.save_every": 2,
+        "tokenizer.patch": 4,
+        "tokenizer.dim": 8,
+        "online_probe.per_class": 1,
+        "online_probe.max_share": 1,
+    }  # the online probe on, at a fixed cadence
     full = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(images, tmp_path / "full", **sets))
     stage.run(full, "full")
-    first = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
-        images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3}))
+    first = load_config(
+        stage.PretrainConfig,
+        "final.yaml",
+        tiny_overrides(images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3}),
+    )
     stage.run(first, "cut")
     assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
     stage.main(None, [], {}, str(tmp_path / "cut"))
@@ -112,14 +122,20 @@ def test_resume_is_bit_exact(images, tmp_path):
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors")
     assert a.extra["step"] == b.extra["step"] == 6
     assert _tensors_equal(a, b, "model") and _tensors_equal(a, b, "ema") and _tensors_equal(a, b, "optim")
-    log = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    def log(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
     assert [r.get("loss") for r in log("full")] == [r.get("loss") for r in log("cut")]
     assert [r.get("online_knn_top1") for r in log("full")] == [r.get("online_knn_top1") for r in log("cut")]
 
 
 def test_resume_refuses_a_changed_recipe(images, tmp_path):
-    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
-        images, tmp_path / "r", **{"tokenizer.patch": 4, "tokenizer.dim": 8, "run.stop_after_steps": 1}))
+    cfg = load_config(
+        stage.PretrainConfig,
+        "final.yaml",
+        tiny_overrides(images, tmp_path / "r", **{"tokenizer.patch": 4, "tokenizer.dim": 8, "run.stop_after_steps": 1}),
+    )
     stage.run(cfg, "r")
     with pytest.raises(LdaeError, match="optim.blr"):
         stage.main(None, ["optim.blr=0.5"], {}, str(tmp_path / "r"))
@@ -129,9 +145,22 @@ def test_resume_refuses_a_changed_recipe(images, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
     out = tmp_path / "nan"
-    cfg = load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
-        images, out, **{"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 40, "optim.warmup_epochs": 0,
-                        "optim.lr": 1e30, "run.save_every": 1}))
+    cfg = load_config(
+        stage.PretrainConfig,
+        "final.yaml",
+        tiny_overrides(
+            images,
+            out,
+            **{
+                "tokenizer.patch": 4,
+                "tokenizer.dim": 8,
+                "optim.epochs": 40,
+                "optim.warmup_epochs": 0,
+                "optim.lr": 1e30,
+                "run.save_every": 1,
+            },
+        ),
+    )
     with pytest.raises(LdaeError, match=r"loss became (nan|inf).*last good checkpoint \(step \d+\)"):
         stage.run(cfg, "nan")
     ck = load_checkpoint(out / "checkpoint.safetensors", "pretrain")
@@ -139,29 +168,62 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(images, tmp_path):
 
 
 def _cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "ldae_cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "ldae_cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_ddp_two_ranks_match_one_process(images, tmp_path):
     """2 gloo ranks x 4 images == 1 process x 8 images: same batches, same noise, same loss curve."""
     sets = {"tokenizer.patch": 4, "tokenizer.dim": 8, "optim.epochs": 3}
     # fit the PCA once (the run's pca.safetensors) so both runs share it
-    stage.run(load_config(stage.PretrainConfig, "final.yaml", tiny_overrides(
-        images, tmp_path / "pca-run", **sets, **{"run.stop_after_steps": 1})), "pca-run")
+    stage.run(
+        load_config(
+            stage.PretrainConfig,
+            "final.yaml",
+            tiny_overrides(images, tmp_path / "pca-run", **sets, **{"run.stop_after_steps": 1}),
+        ),
+        "pca-run",
+    )
     sets["tokenizer.path"] = str(tmp_path / "pca-run" / "pca.safetensors")
     one = tiny_overrides(images, tmp_path / "one", **sets)
     two = tiny_overrides(images, tmp_path / "two", **sets)
     args = ["pretrain", "--config", "final.yaml"]
     r1 = _cli(*args, *sum((["--set", s] for s in one), []))
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                         "--master-port", "29533", "-m", "ldae_cli", *args, *sum((["--set", s] for s in two), [])],
-                        capture_output=True, text=True, cwd=REPO, timeout=600,
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29533",
+            "-m",
+            "ldae_cli",
+            *args,
+            *sum((["--set", s] for s in two), []),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r2.returncode == 0, r2.stderr[-2000:]
-    l1 = [r["loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    l2 = [r["loss"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    l1 = [
+        r["loss"] for r in map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    l2 = [
+        r["loss"] for r in map(json.loads, (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert len(l1) == len(l2) == 6
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
     assert load_checkpoint(tmp_path / "two" / "checkpoint.safetensors").extra["world_size"] == 2

@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-
 from helpers import train_tiny, train_tiny_conv_vae
+
+from ldae_cli.errors import LdaeError
 from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.runs.logs import read_metrics
-from ldae_cli.train.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
 from ldae_cli.settings.optim import lr_at, set_lr
-from ldae_cli.errors import LdaeError
 from ldae_cli.stages import probe as stage
+from ldae_cli.train.heads import ProbeHeads, evaluate, head_step, knn_accuracy, lars_for_heads, with_lowest
 
 
 def test_lars_matches_a_hand_computation():
@@ -27,8 +27,10 @@ def test_lars_matches_a_hand_computation():
     opt = lars_for_heads(heads, [2.0], momentum=0.9)
     for g in opt.param_groups:
         g["lr"] = g["lr_scale"]
-    grads = [(torch.tensor([[0.1, 0.2, -0.3], [0.4, 0.0, 0.1]]), torch.tensor([1.0, -2.0])),
-             (torch.tensor([[-0.2, 0.1, 0.0], [0.3, -0.1, 0.2]]), torch.tensor([0.5, 0.5]))]
+    grads = [
+        (torch.tensor([[0.1, 0.2, -0.3], [0.4, 0.0, 0.1]]), torch.tensor([1.0, -2.0])),
+        (torch.tensor([[-0.2, 0.1, 0.0], [0.3, -0.1, 0.2]]), torch.tensor([0.5, 0.5])),
+    ]
     w, b, buf_w, buf_b = w0.clone(), b0.clone(), None, None
     for gw, gb in grads:
         heads.heads[0].weight.grad, heads.heads[0].bias.grad = gw.clone(), gb.clone()
@@ -111,21 +113,49 @@ def test_knn_on_separable_features():
 
 
 def _probe(ckpt, out, *extra, random_init=False):
-    sets = ["probe.fast=true", "probe.epochs=5", "probe.warmup_epochs=1", "probe.batch_size=8",
-            "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={out}", *extra]
+    sets = [
+        "probe.fast=true",
+        "probe.epochs=5",
+        "probe.warmup_epochs=1",
+        "probe.batch_size=8",
+        "probe.blrs=[0.01,1.0]",
+        "run.progress=false",
+        "data.num_workers=0",
+        f"run.out_dir={out}",
+        *extra,
+    ]
     return stage.main(None, sets, {}, ckpt=str(ckpt), random_init=random_init)
 
 
-@pytest.mark.parametrize("target,extra", [
-    ("x0", {}),
-    ("z0", {"diffusion.target": "z0", "diffusion.loss_weight": "gamma2", "diffusion.output_space": "latent",
-            "diffusion.input_space": "latent"}),
-    ("eps", {"diffusion.target": "eps", "diffusion.output_space": "latent", "diffusion.input_space": "latent",
-             "diffusion.schedule": "linear-gamma2", "diffusion.loss_weight": "1"}),
-])
+@pytest.mark.parametrize(
+    "target,extra",
+    [
+        ("x0", {}),
+        (
+            "z0",
+            {
+                "diffusion.target": "z0",
+                "diffusion.loss_weight": "gamma2",
+                "diffusion.output_space": "latent",
+                "diffusion.input_space": "latent",
+            },
+        ),
+        (
+            "eps",
+            {
+                "diffusion.target": "eps",
+                "diffusion.output_space": "latent",
+                "diffusion.input_space": "latent",
+                "diffusion.schedule": "linear-gamma2",
+                "diffusion.loss_weight": "1",
+            },
+        ),
+    ],
+)
 def test_probe_works_from_every_target_type(target, extra, pattern_tree, tmp_path):
-    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / target, **{"tokenizer.patch": 4, "tokenizer.dim": 8},
-                      **extra)
+    ckpt = train_tiny(
+        "final.yaml", pattern_tree, tmp_path / target, **{"tokenizer.patch": 4, "tokenizer.dim": 8}, **extra
+    )
     results = _probe(ckpt, tmp_path / f"probe-{target}")
     assert len(results["heads"]) == 2 and 0 <= results["best_top1"] <= 100
     assert results["knn_top1"] is not None
@@ -142,16 +172,27 @@ def test_baselines_random_init_and_pixels(pattern_tree, tmp_path):
     assert rand["random_init"] and "random-init" in rand["encoder"]
     pixels = _probe(ckpt, tmp_path / "pix", "probe.features=pixels")
     assert pixels["encoder"] == "raw pixels"
-    head = lambda run: load_checkpoint(tmp_path / run / "checkpoint.safetensors").tensors["heads.heads.0.weight"]
+
+    def head(run):
+        return load_checkpoint(tmp_path / run / "checkpoint.safetensors").tensors["heads.heads.0.weight"]
+
     assert head("pix").shape == (2, 3 * 32 * 32) and head("rand").shape == (2, 32)
 
 
 def test_full_protocol_stops_and_resumes(pattern_tree, tmp_path):
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
-    sets = ["probe.epochs=2", "probe.warmup_epochs=1", "probe.batch_size=8", "probe.blrs=[0.1]",
-            "run.progress=false", "data.num_workers=0", "probe.extract_batch=4"]
-    first = stage.main(None, sets + [f"run.out_dir={tmp_path / 'a'}", "run.stop_after_steps=1"], {},
-                               ckpt=str(ckpt), random_init=False)
+    sets = [
+        "probe.epochs=2",
+        "probe.warmup_epochs=1",
+        "probe.batch_size=8",
+        "probe.blrs=[0.1]",
+        "run.progress=false",
+        "data.num_workers=0",
+        "probe.extract_batch=4",
+    ]
+    first = stage.main(
+        None, sets + [f"run.out_dir={tmp_path / 'a'}", "run.stop_after_steps=1"], {}, ckpt=str(ckpt), random_init=False
+    )
     assert first == {}
     assert load_checkpoint(tmp_path / "a" / "checkpoint.safetensors").extra["step"] == 1
     resumed = stage.main(None, [], {}, str(tmp_path / "a"))
@@ -164,22 +205,23 @@ def test_full_protocol_stops_and_resumes(pattern_tree, tmp_path):
 
 def test_probe_errors_are_clear(pattern_tree, tmp_path):
     with pytest.raises(LdaeError, match="needs --ckpt"):
-        stage.main(None, ["data.source=imagefolder", f"data.path={pattern_tree}"], {}, ckpt=None,
-                           random_init=False)
+        stage.main(None, ["data.source=imagefolder", f"data.path={pattern_tree}"], {}, ckpt=None, random_init=False)
     pca = tmp_path / "pre" / "pca.safetensors"
     train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
     with pytest.raises(LdaeError, match="is a 'pca' checkpoint; probe reads a pretrain checkpoint"):
         stage.main(None, [], {}, ckpt=str(pca), random_init=False)
     with pytest.raises(LdaeError, match="probe.blrs"):
-        stage.main(None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"),
-                           random_init=False)
+        stage.main(
+            None, ["probe.blrs=[]"], {}, ckpt=str(tmp_path / "pre" / "checkpoint.safetensors"), random_init=False
+        )
 
 
 def test_probe_reads_a_conv_tokenizer_model_through_the_adaln_network(pattern_tree, tmp_path):
     """Table 1 rows put a conv VAE in front of the network: no plain-ViT fold exists, the probe still works."""
     tok = train_tiny_conv_vae(pattern_tree, tmp_path / "tok")
-    ckpt = train_tiny("trajectory/T1.5.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.path": tok,
-                                                                                 "tokenizer.patch": 4})
+    ckpt = train_tiny(
+        "trajectory/T1.5.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.path": tok, "tokenizer.patch": 4}
+    )
     results = _probe(ckpt, tmp_path / "probe")
     assert "conv-vae latents" in results["encoder"] and len(results["heads"]) == 2
     rand = _probe(ckpt, tmp_path / "rand", random_init=True)
@@ -194,10 +236,31 @@ def test_two_ranks_give_the_one_process_result(pattern_tree, tmp_path):
 
     ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8})
     one = _probe(ckpt, tmp_path / "one")
-    sets = ["probe.fast=true", "probe.epochs=5", "probe.warmup_epochs=1", "probe.batch_size=8",
-            "probe.blrs=[0.01,1.0]", "run.progress=false", "data.num_workers=0", f"run.out_dir={tmp_path / 'two'}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29542",
-           "-m", "ldae_cli", "probe", "--ckpt", str(ckpt), *sum((["--set", s] for s in sets), [])]
+    sets = [
+        "probe.fast=true",
+        "probe.epochs=5",
+        "probe.warmup_epochs=1",
+        "probe.batch_size=8",
+        "probe.blrs=[0.01,1.0]",
+        "run.progress=false",
+        "data.num_workers=0",
+        f"run.out_dir={tmp_path / 'two'}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29542",
+        "-m",
+        "ldae_cli",
+        "probe",
+        "--ckpt",
+        str(ckpt),
+        *sum((["--set", s] for s in sets), []),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -211,9 +274,9 @@ def _fast_heads(blrs, tmp_path, monkeypatch):
     """Fast mode on the Trainer, with two Gaussian blobs as the extracted features (train and eval)."""
     from types import SimpleNamespace
 
-    from ldae_cli.train import engine_probe
-    from ldae_cli.runs.distributed import DistContext
     from ldae_cli.model.pretrained import FeatureEncoder
+    from ldae_cli.runs.distributed import DistContext
+    from ldae_cli.train import engine_probe
     from ldae_cli.train.session import Session
 
     feats, labels = _blobs()
@@ -238,15 +301,21 @@ def test_a_diverging_head_is_logged_alone_and_the_others_go_on(tmp_path, monkeyp
 
 
 def test_every_head_diverging_stops_the_probe(tmp_path, monkeypatch):
-    with pytest.raises(LdaeError, match=r"loss became (inf|nan) between steps 0 and 4;.*Every probe head diverged: "
-                                        r"lower probe.blrs \(now \[1e\+30, 1e\+31\]\)"):
+    with pytest.raises(
+        LdaeError,
+        match=r"loss became (inf|nan) between steps 0 and 4;.*Every probe head diverged: "
+        r"lower probe.blrs \(now \[1e\+30, 1e\+31\]\)",
+    ):
         _fast_heads([1e30, 1e31], tmp_path, monkeypatch)
 
 
 def test_results_table_marks_the_best_head_and_diverged_heads():
     from rich.console import Console
-    rows = [{"blr": 0.1, "lr": 0.4, "train_loss": 0.52, "top1": 61.0, "top5": 95.7},
-            {"blr": 1e30, "lr": 4e30, "train_loss": None, "top1": 10.0, "top5": 50.0}]
+
+    rows = [
+        {"blr": 0.1, "lr": 0.4, "train_loss": 0.52, "top1": 61.0, "top5": 95.7},
+        {"blr": 1e30, "lr": 4e30, "train_loss": None, "top1": 10.0, "top5": 50.0},
+    ]
     console = Console(width=120, record=True)
     console.print(stage.results_table(rows, 53.05, "probe"))
     text = console.export_text()
@@ -266,15 +335,24 @@ def test_the_online_probe_agrees_with_the_offline_one_and_has_a_panel_of_its_own
     and folded as `ldae probe` reads it, on the same fit and test subsets; TensorBoard and `ldae report` show
     them in a panel of their own, titled with what they fit and test on."""
     from ldae_cli.config import config_from_dict
-    from ldae_cli.runs.distributed import DistContext
-    from ldae_cli.train.online_probe import OnlineProbe, online_subsets
     from ldae_cli.model.pretrained import load_pretrained
+    from ldae_cli.runs.distributed import DistContext
     from ldae_cli.stages import pretrain, report
+    from ldae_cli.train.online_probe import OnlineProbe, online_subsets
 
-    ckpt = train_tiny("final.yaml", pattern_tree, tmp_path / "pre", **{"tokenizer.patch": 4, "tokenizer.dim": 8,
-                                                                       "optim.epochs": 2, "optim.ema": 0.9,
-                                                                       "online_probe.per_class": 1,
-                                                                       "online_probe.max_share": 1})
+    ckpt = train_tiny(
+        "final.yaml",
+        pattern_tree,
+        tmp_path / "pre",
+        **{
+            "tokenizer.patch": 4,
+            "tokenizer.dim": 8,
+            "optim.epochs": 2,
+            "optim.ema": 0.9,
+            "online_probe.per_class": 1,
+            "online_probe.max_share": 1,
+        },
+    )
     logged = [json.loads(x) for x in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in logged if "online_knn_top1" in r]
     assert [r["step"] for r in online] == [1, 2, 3, 4]  # a quarter of 4 steps apart, and the last one
@@ -302,7 +380,9 @@ def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
     assert online_fit_per_class(s, 1560 * 128, 3 * (4 + 4), 4, 1560, 10) == 1098
     probed = 4 * (10 * 1098 + s.test_images)  # images the probes read: an encoder forward each
     assert probed * 4 / (3 * 8) <= s.max_share * 1560 * 128  # the share of the run's compute, as forwards of all blocks
-    assert online_fit_per_class(s, 400 * 1_281_167, 3 * (12 + 12), 12, 400 * 625, 1000) == 20  # ImageNet: the 20k cap wins
+    assert (
+        online_fit_per_class(s, 400 * 1_281_167, 3 * (12 + 12), 12, 400 * 625, 1000) == 20
+    )  # ImageNet: the 20k cap wins
     labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 10)
     picked = balanced_subset(labels, 4, seed=0)
     assert labels[picked].bincount().tolist() == [4, 3, 4] and picked == sorted(picked)
@@ -312,8 +392,16 @@ def test_the_online_fit_subset_is_class_balanced_and_sized_to_its_cost_share():
 def test_raw_pixels_without_an_image_size_are_probed_at_the_images_own_size(pattern_tree, tmp_path):
     """data.image_size null (no checkpoint names one): the pixel baseline settles it to the data's 32, as pretrain
     would, and the heads read 3 x 32 x 32 features."""
-    sets = ["probe.features=pixels", "probe.fast=true", "probe.epochs=1", "probe.batch_size=8", "probe.blrs=[0.1]",
-            "run.progress=false", "data.num_workers=0", f"run.out_dir={tmp_path}"]
+    sets = [
+        "probe.features=pixels",
+        "probe.fast=true",
+        "probe.epochs=1",
+        "probe.batch_size=8",
+        "probe.blrs=[0.1]",
+        "run.progress=false",
+        "data.num_workers=0",
+        f"run.out_dir={tmp_path}",
+    ]
     results = stage.main(None, sets, {"data.path": str(pattern_tree)})
     assert results["encoder"] == "raw pixels"
     saved = load_checkpoint(tmp_path / "checkpoint.safetensors", "probe")

@@ -18,11 +18,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import (
+    REPO_ROOT,
+    TOKENS,
+    kept_or_appended,
+    one_line,
+    pretrain_args,
+    probe_args,
+    rewrite_metadata,
+    sets,
+    snapshot,
+    tiny_overrides,
+    unchanged,
+    write_pattern_tree,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO_ROOT, TOKENS, kept_or_appended, one_line, pretrain_args, probe_args, rewrite_metadata, sets, \
-    snapshot, tiny_overrides, unchanged, write_pattern_tree
 from ldae_cli.runs.checkpoint import load_checkpoint
 
 # ------------------------------------------------------------------------------------------ bad options
@@ -65,14 +77,59 @@ BAD_STAGE_OPTIONS = [
     (lambda w, out: probe_args(w, out, "probe.blrs=[-1]"), "probe.blrs"),
     (lambda w, out: probe_args(w, out, "probe.t=-1"), "probe.t must be >= 0"),
     (lambda w, out: probe_args(w, out, "probe.knn_k=0"), "probe.knn_k must be a positive integer"),
-    (lambda w, out: ["finetune", "--from-scratch", "--config", "finetune/cifar10", "--out", str(out), "--set",
-                     "model.arch.num_heads=0"], "model.arch: width must be >= 4 and num_heads >= 1"),
-    (lambda w, out: ["detect", "--config", "detect/cpu-tiny", "--from-scratch", "--out", str(out), "--set",
-                     "optim.iterations=3"], "optim.lr_steps"),
-    (lambda w, out: ["detect", "--config", "detect/cpu-tiny", "--from-scratch", "--out", str(out), "--set",
-                     "eval.every=0"], "eval.every must be a positive number of iterations"),
-    (lambda w, out: ["fit-pca", "--patch", "4", "--dim", "4", "--patches", "10", "--out", str(out / "p.safetensors")],
-     "pca.patches"),
+    (
+        lambda w, out: [
+            "finetune",
+            "--from-scratch",
+            "--config",
+            "finetune/cifar10",
+            "--out",
+            str(out),
+            "--set",
+            "model.arch.num_heads=0",
+        ],
+        "model.arch: width must be >= 4 and num_heads >= 1",
+    ),
+    (
+        lambda w, out: [
+            "detect",
+            "--config",
+            "detect/cpu-tiny",
+            "--from-scratch",
+            "--out",
+            str(out),
+            "--set",
+            "optim.iterations=3",
+        ],
+        "optim.lr_steps",
+    ),
+    (
+        lambda w, out: [
+            "detect",
+            "--config",
+            "detect/cpu-tiny",
+            "--from-scratch",
+            "--out",
+            str(out),
+            "--set",
+            "eval.every=0",
+        ],
+        "eval.every must be a positive number of iterations",
+    ),
+    (
+        lambda w, out: [
+            "fit-pca",
+            "--patch",
+            "4",
+            "--dim",
+            "4",
+            "--patches",
+            "10",
+            "--out",
+            str(out / "p.safetensors"),
+        ],
+        "pca.patches",
+    ),
     (lambda w, out: ["pretrain", "--resume", str(out / "nowhere")], "no checkpoint there"),
     (lambda w, out: ["probe", "--ckpt", str(out / "missing.safetensors")], "checkpoint not found"),
 ]
@@ -88,6 +145,7 @@ def test_a_bad_option_of_any_stage_is_one_line(args, fragment, world, run_main, 
 
 # ------------------------------------------------------------------------------------------ bad files
 
+
 def _truncated(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     return dst
@@ -96,8 +154,8 @@ def _truncated(src: Path, dst: Path) -> Path:
 def _bad_json(src: Path, dst: Path) -> Path:
     raw = src.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = raw[8:8 + n].replace(b'"ldae.extra":"{', b'"ldae.extra":"[{', 1)
-    dst.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    header = raw[8 : 8 + n].replace(b'"ldae.extra":"{', b'"ldae.extra":"[{', 1)
+    dst.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
     return dst
 
 
@@ -106,18 +164,36 @@ BAD_FILES = [
     ("random bytes", lambda s, d: d.write_bytes(os.urandom(4000)) and d, "not an ldae checkpoint"),
     ("empty", lambda s, d: d.write_bytes(b"") == 0 and d, "too short for safetensors"),
     ("foreign safetensors", lambda s, d: save_file({"w": torch.zeros(2)}, str(d)) or d, "without ldae metadata"),
-    ("wrong kind", lambda s, d: d.write_bytes((s.parent / "pca.safetensors").read_bytes()) and d,
-     "is a 'pca' checkpoint; probe reads a pretrain checkpoint"),
-    ("missing grid", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].pop("grid")),
-     "without 'model_spec.grid' in its metadata"),
-    ("missing tokenizer", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].pop("tokenizer")),
-     "without 'tokenizer.kind' in its metadata"),
-    ("spec does not fit tensors", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].update(width=64)),
-     "its tensors do not match the network its metadata describes"),
-    ("grid does not fit image size", lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].update(image_size=64)),
-     "metadata is damaged or was edited"),
-    ("newer config key", lambda s, d: rewrite_metadata(s, d, lambda m: m["config"]["diffusion"].update(sampler="dpm")),
-     "unknown config key 'sampler'"),
+    (
+        "wrong kind",
+        lambda s, d: d.write_bytes((s.parent / "pca.safetensors").read_bytes()) and d,
+        "is a 'pca' checkpoint; probe reads a pretrain checkpoint",
+    ),
+    (
+        "missing grid",
+        lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].pop("grid")),
+        "without 'model_spec.grid' in its metadata",
+    ),
+    (
+        "missing tokenizer",
+        lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].pop("tokenizer")),
+        "without 'tokenizer.kind' in its metadata",
+    ),
+    (
+        "spec does not fit tensors",
+        lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"]["model_spec"].update(width=64)),
+        "its tensors do not match the network its metadata describes",
+    ),
+    (
+        "grid does not fit image size",
+        lambda s, d: rewrite_metadata(s, d, lambda m: m["extra"].update(image_size=64)),
+        "metadata is damaged or was edited",
+    ),
+    (
+        "newer config key",
+        lambda s, d: rewrite_metadata(s, d, lambda m: m["config"]["diffusion"].update(sampler="dpm")),
+        "unknown config key 'sampler'",
+    ),
     ("damaged json", _bad_json, "metadata is damaged (invalid JSON)"),
 ]
 
@@ -145,8 +221,23 @@ def test_bad_yaml_and_a_yaml_payload_are_one_line(run_main, world, tmp_path):
 
 def test_an_empty_image_folder_is_named(run_main, tmp_path):
     (tmp_path / "empty" / "train" / "x").mkdir(parents=True)
-    one_line(run_main("fit-pca", "--source", "imagefolder", "--data", str(tmp_path / "empty"), "--patch", "4",
-                      "--dim", "4", "--out", str(tmp_path / "p.safetensors")), 1, "no images found")
+    one_line(
+        run_main(
+            "fit-pca",
+            "--source",
+            "imagefolder",
+            "--data",
+            str(tmp_path / "empty"),
+            "--patch",
+            "4",
+            "--dim",
+            "4",
+            "--out",
+            str(tmp_path / "p.safetensors"),
+        ),
+        1,
+        "no images found",
+    )
 
 
 def _bad_images(root: Path) -> Path:
@@ -159,14 +250,36 @@ def _bad_images(root: Path) -> Path:
 @pytest.mark.parametrize("cache,batch", [("always", 16), ("never", 17)])  # cached: the bad one is dropped first
 def test_unreadable_images_are_named_or_skipped_and_counted(cache, batch, run_main, world, tmp_path):
     tree = _bad_images(tmp_path / "images")
-    args = ["pretrain", "--config", "final.yaml", *sets(tiny_overrides(tree, tmp_path / "err", **TOKENS, **{
-        "tokenizer.path": world.pca, "data.cache": cache}))]
+    args = [
+        "pretrain",
+        "--config",
+        "final.yaml",
+        *sets(tiny_overrides(tree, tmp_path / "err", **TOKENS, **{"tokenizer.path": world.pca, "data.cache": cache})),
+    ]
     one_line(run_main(*args), 1, "9.png: cannot read image", "data.on_bad_image=skip")
-    args = ["pretrain", "--config", "final.yaml", *sets(tiny_overrides(tree, tmp_path / "skip", **TOKENS, **{
-        "tokenizer.path": world.pca, "data.cache": cache, "data.on_bad_image": "skip", "optim.batch_size": batch}))]
+    args = [
+        "pretrain",
+        "--config",
+        "final.yaml",
+        *sets(
+            tiny_overrides(
+                tree,
+                tmp_path / "skip",
+                **TOKENS,
+                **{
+                    "tokenizer.path": world.pca,
+                    "data.cache": cache,
+                    "data.on_bad_image": "skip",
+                    "optim.batch_size": batch,
+                },
+            )
+        ),
+    ]
     assert run_main(*args).returncode == 0
     records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_images"] for r in records if "loss" in r][-1] == 1  # counted whether the dataset was cached or read batch by batch
+    assert [r["skipped_images"] for r in records if "loss" in r][
+        -1
+    ] == 1  # counted whether the dataset was cached or read batch by batch
 
 
 def _bomb(path: Path) -> Path:
@@ -189,8 +302,7 @@ def test_a_decompression_bomb_is_an_error_in_denoise_and_skipped_in_a_dataset(wo
         denoise.main([str(bomb)], ckpt=str(world.ckpt), out=str(tmp_path / "out"))
     tree = write_pattern_tree(tmp_path / "tree")
     _bomb(tree / "train" / "a" / "big.png")
-    cfg = load_config(DataConfig, None, ["source=imagefolder", f"path={tree}", "on_bad_image=skip",
-                                         "num_workers=0"])
+    cfg = load_config(DataConfig, None, ["source=imagefolder", f"path={tree}", "on_bad_image=skip", "num_workers=0"])
     with pytest.warns(UserWarning, match="big.png"):
         ds = build_dataset(cfg, "train")
     assert ds.skipped == 1 and len(ds) == 16
@@ -201,13 +313,13 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
     code = f"""
 import resource, sys
 from PIL import Image
-Image.new("RGB", (6000, 4000), (120, 30, 200)).save({str(tmp_path / 'big.jpg')!r}, quality=90)
+Image.new("RGB", (6000, 4000), (120, 30, 200)).save({str(tmp_path / "big.jpg")!r}, quality=90)
 import gc; gc.collect()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from ldae_cli.data.pipeline import load_image_file
 from ldae_cli.data.sources import decode
-img = decode({str(tmp_path / 'big.jpg')!r}, 32)
-x = load_image_file({str(tmp_path / 'big.jpg')!r}, 32)
+img = decode({str(tmp_path / "big.jpg")!r}, 32)
+x = load_image_file({str(tmp_path / "big.jpg")!r}, 32)
 print(img.size, tuple(x.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
@@ -218,15 +330,28 @@ print(img.size, tuple(x.shape), (resource.getrusage(resource.RUSAGE_SELF).ru_max
 
 # ------------------------------------------------------------------------------------------ ownership
 
+
 def test_two_runs_at_once_the_second_names_the_first(world, run_main, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         run = tmp_path / "run"
         run.mkdir()
-        (run / ".ldae.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
-                                                    "command": "ldae pretrain", "since": "2026-12-01T10:00:00"}))
+        (run / ".ldae.lock").write_text(
+            json.dumps(
+                {
+                    "pid": holder.pid,
+                    "host": socket.gethostname(),
+                    "command": "ldae pretrain",
+                    "since": "2026-12-01T10:00:00",
+                }
+            )
+        )
         before = snapshot(tmp_path, world.root)
-        one_line(run_main(*pretrain_args(world, run)), 1, f"{run} is in use by `ldae pretrain` (pid {holder.pid} on this host")
+        one_line(
+            run_main(*pretrain_args(world, run)),
+            1,
+            f"{run} is in use by `ldae pretrain` (pid {holder.pid} on this host",
+        )
         unchanged(before)
     finally:
         holder.kill()
@@ -251,8 +376,12 @@ def test_resume_writes_only_into_its_own_directory(world, run_main, tmp_path):
     other = tmp_path / "other"
     assert run_main(*pretrain_args(world, other, **{"tokenizer.path": world.pca})).returncode == 0
     before = snapshot(world.root, tmp_path)
-    one_line(run_main("pretrain", "--resume", str(world.cut), "--out", str(other)), 1,
-             "a resumed run writes only there", "leave out --out")
+    one_line(
+        run_main("pretrain", "--resume", str(world.cut), "--out", str(other)),
+        1,
+        "a resumed run writes only there",
+        "leave out --out",
+    )
     unchanged(before)
 
 
@@ -260,8 +389,12 @@ def test_a_new_run_never_replaces_another_without_force(world, run_main, tmp_pat
     run = tmp_path / "run"
     assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})).returncode == 0
     before = snapshot(tmp_path, world.root)
-    assert "--resume" not in one_line(run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})), 1,
-                                      "already holds a pretrain checkpoint of a finished run", "--force")
+    assert "--resume" not in one_line(
+        run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca})),
+        1,
+        "already holds a pretrain checkpoint of a finished run",
+        "--force",
+    )
     unchanged(before)
     keep = tmp_path / "notes"
     keep.mkdir()
@@ -270,16 +403,34 @@ def test_a_new_run_never_replaces_another_without_force(world, run_main, tmp_pat
     one_line(run_main(*pretrain_args(world, keep), "--force"), 1, "ldae did not write")
     assert (keep / "mine.txt").read_text() == "not a run"
     first = (run / "checkpoint.safetensors").read_bytes()
-    assert run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "run.seed": 5}), "--force").returncode == 0
-    assert (run / "checkpoint.safetensors").read_bytes() != first and \
-        load_checkpoint(run / "checkpoint.safetensors").config["run"]["seed"] == 5
+    assert (
+        run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "run.seed": 5}), "--force").returncode == 0
+    )
+    assert (run / "checkpoint.safetensors").read_bytes() != first and load_checkpoint(
+        run / "checkpoint.safetensors"
+    ).config["run"]["seed"] == 5
 
 
 def test_single_file_outputs_are_never_replaced_without_force(world, run_main, tmp_path):
     image = next((world.images / "val" / "a").glob("*.png"))
     cases = [
-        ("fit-pca", "--source", "imagefolder", "--data", str(world.images), "--patch", "4", "--dim", "4",
-         "--patches", "500", "--out", str(tmp_path / "pca.safetensors"), "--set", "data.num_workers=0"),
+        (
+            "fit-pca",
+            "--source",
+            "imagefolder",
+            "--data",
+            str(world.images),
+            "--patch",
+            "4",
+            "--dim",
+            "4",
+            "--patches",
+            "500",
+            "--out",
+            str(tmp_path / "pca.safetensors"),
+            "--set",
+            "data.num_workers=0",
+        ),
         ("export", "--ckpt", str(world.ckpt), "--out", str(tmp_path / "vit.safetensors")),
         ("denoise", str(image), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "panel.png")),
         ("report", str(tmp_path / "pre")),
@@ -300,27 +451,45 @@ def test_denoise_never_gives_two_images_one_panel(world, run_main, tmp_path):
     for folder in ("x", "y"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "img.png").write_bytes(src.read_bytes())
-    res = run_main("denoise", str(tmp_path / "x"), str(tmp_path / "y"), "--ckpt", str(world.ckpt), "--out",
-                   str(tmp_path / "out"))
+    res = run_main(
+        "denoise", str(tmp_path / "x"), str(tmp_path / "y"), "--ckpt", str(world.ckpt), "--out", str(tmp_path / "out")
+    )
     assert res.returncode == 0, res.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x__img_png-denoised.png",
-                                                                   "y__img_png-denoised.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "x__img_png-denoised.png",
+        "y__img_png-denoised.png",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ faults
 
+
 def test_nan_before_the_first_save_names_no_checkpoint(world, run_main, tmp_path):
     run = tmp_path / "nan"
-    res = run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
-                                             "optim.warmup_epochs": 0}))
+    res = run_main(
+        *pretrain_args(
+            world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20, "optim.warmup_epochs": 0}
+        )
+    )
     one_line(res, 1, "no checkpoint was written before")
     assert not (run / "checkpoint.safetensors").exists() and (run / "metrics.jsonl").exists()
 
 
 def test_nan_keeps_only_a_finite_checkpoint(world, run_main, tmp_path):
     run = tmp_path / "nan"
-    res = run_main(*pretrain_args(world, run, **{"tokenizer.path": world.pca, "optim.lr": 1e30, "optim.epochs": 20,
-                                             "optim.warmup_epochs": 0, "run.save_every": 1}))
+    res = run_main(
+        *pretrain_args(
+            world,
+            run,
+            **{
+                "tokenizer.path": world.pca,
+                "optim.lr": 1e30,
+                "optim.epochs": 20,
+                "optim.warmup_epochs": 0,
+                "run.save_every": 1,
+            },
+        )
+    )
     line = one_line(res, 1)
     assert "non-finite" in line or "loss became" in line
     if (run / "checkpoint.safetensors").exists():
@@ -341,9 +510,14 @@ def _finished_copy(world, tmp_path) -> Path:
 def test_a_full_disk_names_the_folder_and_keeps_the_old_checkpoint(world, run_main, tmp_path, monkeypatch):
     run = _finished_copy(world, tmp_path)
     before, metrics = snapshot(run), (run / "metrics.jsonl").read_bytes()
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10 ** 9, used=10 ** 9, free=5000))
-    one_line(run_main("pretrain", "--resume", str(run)), 1, f"not enough space in {run} to write "
-             "checkpoint.safetensors", "MB are free", "previous file, if any, is unchanged")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleNamespace(total=10**9, used=10**9, free=5000))
+    one_line(
+        run_main("pretrain", "--resume", str(run)),
+        1,
+        f"not enough space in {run} to write checkpoint.safetensors",
+        "MB are free",
+        "previous file, if any, is unchanged",
+    )
     kept_or_appended(before, metrics)
     assert not list(run.glob(".*.tmp"))
 
@@ -374,8 +548,13 @@ def test_a_read_only_folder_is_named(world, run_main, tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(run))
 
     monkeypatch.setattr(ckpt_mod.tempfile, "mkstemp", denied)
-    one_line(run_main("pretrain", "--resume", str(run)), 1, f"cannot write checkpoint.safetensors in {run}",
-             "Permission denied", "writable --out")
+    one_line(
+        run_main("pretrain", "--resume", str(run)),
+        1,
+        f"cannot write checkpoint.safetensors in {run}",
+        "Permission denied",
+        "writable --out",
+    )
     kept_or_appended(before, metrics)
 
 
@@ -398,8 +577,15 @@ def test_temp_files_of_a_killed_save_are_removed_on_the_next_start(world, run_ma
 
 def _cli(*args, **kw) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "ldae_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ldae_cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        **kw,
+    )
 
 
 def _wait_for(path: Path, timeout: float = 120) -> None:
@@ -430,14 +616,16 @@ def test_sigterm_before_training_says_nothing_was_saved(world, tmp_path):
     time.sleep(1.0)  # inside the PCA fit
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    one_line(SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err), 143,
-             "terminated (SIGTERM) before anything of this run was saved")
+    one_line(
+        SimpleNamespace(returncode=proc.returncode, stdout=out, stderr=err),
+        143,
+        "terminated (SIGTERM) before anything of this run was saved",
+    )
     assert not run.exists()  # nothing of value was written, so nothing is left
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(world, tmp_path):
-    sets_ = {"tokenizer.path": world.pca, "optim.epochs": 8, "run.save_every": 1, "run.log_every": 1,
-             "optim.ema": 0.9}
+    sets_ = {"tokenizer.path": world.pca, "optim.epochs": 8, "run.save_every": 1, "run.log_every": 1, "optim.ema": 0.9}
     assert _cli(*pretrain_args(world, tmp_path / "whole", **sets_)).wait(timeout=300) == 0
     run = tmp_path / "killed"
     proc = _cli(*pretrain_args(world, run, **sets_))

@@ -9,38 +9,94 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-
 from helpers import TOKENS, one_line, probe_args, sets, tiny_overrides
-from ldae_cli.runs.checkpoint import read_metadata
 from test_detect import SCRATCH, detect_sets
 from test_trained_tokenizers import tiny_sets
 
+from ldae_cli.runs.checkpoint import read_metadata
+
 # detectron2 imports timm's old module path and uses torch.jit.script (as in test_detect.py)
-pytestmark = [pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Importing from timm.models.layers:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
 
 
 # each stage's command for a tiny run in `out`, stopped after `steps` steps (None: to its end), saving every step;
 # finished, it has written all its outputs (curves, evaluations, a best checkpoint, a report)
 STAGES = {
     "pretrain": lambda world, coco, out, steps: [
-        "pretrain", "--config", "final.yaml", *sets(tiny_overrides(world.images, out, **TOKENS, **{
-            "optim.epochs": 2, "online_probe.enabled": False, "tokenizer.path": world.pca,
-            "run.save_every": 1, "run.stop_after_steps": steps}))],
+        "pretrain",
+        "--config",
+        "final.yaml",
+        *sets(
+            tiny_overrides(
+                world.images,
+                out,
+                **TOKENS,
+                **{
+                    "optim.epochs": 2,
+                    "online_probe.enabled": False,
+                    "tokenizer.path": world.pca,
+                    "run.save_every": 1,
+                    "run.stop_after_steps": steps,
+                },
+            )
+        ),
+    ],
     "train-tokenizer": lambda world, coco, out, steps: [
-        "train-tokenizer", "--config", "tokenizer/patch-ae", *sets(tiny_sets(world.images, out, **{
-            "data.eval_split": "val", "report.images": 4, "report.stats_images": 8, "report.pca_reference": False,
-            "run.save_every": 1, "run.stop_after_steps": steps}))],
+        "train-tokenizer",
+        "--config",
+        "tokenizer/patch-ae",
+        *sets(
+            tiny_sets(
+                world.images,
+                out,
+                **{
+                    "data.eval_split": "val",
+                    "report.images": 4,
+                    "report.stats_images": 8,
+                    "report.pca_reference": False,
+                    "run.save_every": 1,
+                    "run.stop_after_steps": steps,
+                },
+            )
+        ),
+    ],
     "probe": lambda world, coco, out, steps: probe_args(
-        world, out, "probe.epochs=2", "run.save_every=1", f"run.stop_after_steps={steps or 'null'}"),
+        world, out, "probe.epochs=2", "run.save_every=1", f"run.stop_after_steps={steps or 'null'}"
+    ),
     "finetune": lambda world, coco, out, steps: [
-        "finetune", "--config", "finetune/cifar10", "--ckpt", world.ckpt, "--out", out, *sets([
-            "data.source=imagefolder", f"data.path={world.images}", "data.num_workers=0", "optim.batch_size=8",
-            "optim.epochs=1", "run.progress=false", "run.device=cpu", "run.save_every=1",
-            f"run.stop_after_steps={steps or 'null'}"])],
+        "finetune",
+        "--config",
+        "finetune/cifar10",
+        "--ckpt",
+        world.ckpt,
+        "--out",
+        out,
+        *sets(
+            [
+                "data.source=imagefolder",
+                f"data.path={world.images}",
+                "data.num_workers=0",
+                "optim.batch_size=8",
+                "optim.epochs=1",
+                "run.progress=false",
+                "run.device=cpu",
+                "run.save_every=1",
+                f"run.stop_after_steps={steps or 'null'}",
+            ]
+        ),
+    ],
     "detect": lambda world, coco, out, steps: [
-        "detect", "--config", "detect/cpu-tiny", "--from-scratch", *sets(detect_sets(coco, out, **SCRATCH, **{
-            "eval.every": 1, "run.save_every": 1, "run.stop_after_steps": steps}))],
+        "detect",
+        "--config",
+        "detect/cpu-tiny",
+        "--from-scratch",
+        *sets(
+            detect_sets(coco, out, **SCRATCH, **{"eval.every": 1, "run.save_every": 1, "run.stop_after_steps": steps})
+        ),
+    ],
 }
 
 

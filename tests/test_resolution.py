@@ -19,8 +19,8 @@ from helpers import (
 )
 from PIL import Image
 
-from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.data.pipeline import DataConfig, native_image_size
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 
 SMALL = {"tokenizer.patch": 8, "tokenizer.fit_patches": 2000, "data.image_size": None}  # native 64: 64 tokens
 
@@ -42,7 +42,9 @@ def fit(run_main, data: Path, *extra):
 
 def pretrain(run_main, data: Path, out: Path | None, *extra, **overrides):
     # out None: the default run directory under runs/ (the command as a user types it)
-    args = tiny_overrides(data, out or Path("unused"), **{**SMALL, **overrides, **({} if out else {"run.out_dir": None})})
+    args = tiny_overrides(
+        data, out or Path("unused"), **{**SMALL, **overrides, **({} if out else {"run.out_dir": None})}
+    )
     return run_main("pretrain", "--config", "final.yaml", *sets(args), *extra)
 
 
@@ -52,7 +54,9 @@ def test_native_size_is_the_median_short_side_rounded_down_to_the_patch(tmp_path
     for i, (w, h) in enumerate([(80, 60), (50, 52), (100, 70)]):  # short sides 60, 52, 70: median 60
         Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(photos / f"{i}.png")
     data = DataConfig(source="images", path=str(photos))
-    note = "data: image size 48 (native: median short side 60 of 3 sampled images; rounded down to a multiple of patch 16)"
+    note = (
+        "data: image size 48 (native: median short side 60 of 3 sampled images; rounded down to a multiple of patch 16)"
+    )
     assert native_image_size(data, 16) == (48, note)
     assert native_image_size(data, 4)[0] == 60
 
@@ -60,8 +64,9 @@ def test_native_size_is_the_median_short_side_rounded_down_to_the_patch(tmp_path
 def test_fit_pca_reads_at_the_native_size_says_so_and_records_size_and_data(run_main, tree, tmp_path):
     res = fit(run_main, tree, "--patch", "16", "--dim", "16")
     assert res.returncode == 0, res.stderr
-    assert "data: image size 64 (native: median short side 64 of 16 sampled images; a multiple of patch 16)" \
-        in res.stdout
+    assert (
+        "data: image size 64 (native: median short side 64 of 16 sampled images; a multiple of patch 16)" in res.stdout
+    )
     extra = read_metadata(tmp_path / "runs" / "pca" / "tree-p16-d16-64px.safetensors")["extra"]
     assert extra["image_size"] == 64 and len(extra["data_identity"]) == 64  # a sha256 of the training images
 
@@ -78,12 +83,13 @@ def test_dry_run_says_the_size_and_warns_of_upsampling_as_a_start_would(run_main
 
 
 def test_a_pca_fitted_at_another_size_is_refused_naming_both(run_main, tree, tmp_path):
-    assert fit(run_main, tree, "--patch", "8", "--dim", "8", "--image-size", "32", "--out", "p32.safetensors"
-               ).returncode == 0
+    assert (
+        fit(run_main, tree, "--patch", "8", "--dim", "8", "--image-size", "32", "--out", "p32.safetensors").returncode
+        == 0
+    )
     before = snapshot(tmp_path)
     res = pretrain(run_main, tree, tmp_path / "run", **{"tokenizer.path": tmp_path / "p32.safetensors"})
-    one_line(res, 1, "p32.safetensors was fitted on 32x32 images", "this run's image size is 64",
-             "data.image_size=32")
+    one_line(res, 1, "p32.safetensors was fitted on 32x32 images", "this run's image size is 64", "data.image_size=32")
     assert not (tmp_path / "run").exists()
     unchanged(before)
 
@@ -94,8 +100,10 @@ def test_pretrain_reuses_the_pca_fit_pca_wrote_for_this_data_patch_d_and_size(ru
     before = snapshot(tmp_path / "runs" / "pca")
     res = pretrain(run_main, tree, tmp_path / "run", **{"tokenizer.dim": 8})
     assert res.returncode == 0, res.stderr
-    assert f"tokenizer: {Path('runs/pca/tree-p8-d8-64px.safetensors')}, the PCA `ldae fit-pca` fitted on this data" \
+    assert (
+        f"tokenizer: {Path('runs/pca/tree-p8-d8-64px.safetensors')}, the PCA `ldae fit-pca` fitted on this data"
         in flat(res.stdout)
+    )
     parents = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").provenance["parents"]
     assert [Path(p["path"]).resolve() for p in parents if p["role"] == "tokenizer"] == [pca.resolve()]
     assert not (tmp_path / "run" / "pca.safetensors").exists()
@@ -123,9 +131,11 @@ def test_the_cards_fit_pca_d16_meets_final_yaml_d32_said_with_the_set_that_uses_
     res = pretrain(run_main, tree, None, "--dry-run")  # final.yaml's d = 32
     assert res.returncode == 0, res.stderr
     mine = Path("runs/pca/tree-p8-d16-64px.safetensors")
-    assert (f"fitting the PCA on the training data (patch 8, d = 32, image size 64) -> "
-            f"{Path('runs/pca/tree-p8-d32-64px.safetensors')}; {mine} (`ldae fit-pca` on this data, d = 16) is not "
-            f"used: this config keeps d = 32; --set tokenizer.path={mine} uses it instead") in flat(res.stdout)
+    assert (
+        f"fitting the PCA on the training data (patch 8, d = 32, image size 64) -> "
+        f"{Path('runs/pca/tree-p8-d32-64px.safetensors')}; {mine} (`ldae fit-pca` on this data, d = 16) is not "
+        f"used: this config keeps d = 32; --set tokenizer.path={mine} uses it instead"
+    ) in flat(res.stdout)
 
 
 def test_a_pca_of_other_images_under_the_same_name_is_not_used_and_said(run_main, tree, tmp_path):
@@ -135,7 +145,8 @@ def test_a_pca_of_other_images_under_the_same_name_is_not_used_and_said(run_main
     before = snapshot(tmp_path / "runs")
     res = pretrain(run_main, tree, tmp_path / "run", "--dry-run", **{"tokenizer.dim": 8})
     assert res.returncode == 0, res.stderr
-    assert f"tokenizer: {shared} is a PCA of other images than these: fitting the PCA on the training data" \
-        in flat(res.stdout)
+    assert f"tokenizer: {shared} is a PCA of other images than these: fitting the PCA on the training data" in flat(
+        res.stdout
+    )
     unchanged(before)
     shutil.rmtree(tmp_path / "elsewhere")

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import TOKENS, one_line, sets, snapshot, tiny_overrides, unchanged, write_pattern_tree
 
 ON_TINY = {"online_probe.per_class": 1, "online_probe.max_share": 1}  # the floor lowered to what tiny data holds
@@ -32,16 +31,33 @@ def online_records(out: Path) -> list[dict]:
 
 # --- the online probe: on only at its floor, said either way -----------------------------------------------------
 
-@pytest.mark.parametrize("data,extra,said", [
-    ("world", {}, "online probe: off: 16 training images over 2 classes give 8 per class, below its floor of 10 "
-                  "(online_probe.per_class)"),
-    ("twelve", {}, "online probe: off: its 4% share of the run (online_probe.max_share) pays for 0 fit images per "
-                   "class, below its floor of 10"),
-    ("twelve", {"online_probe.max_share": 1}, "online probe: on: fit up to 12 train images per class, test 8 eval "
-                                              "images"),
-], ids=["too-few-images-per-class", "share-pays-for-too-few", "floor-met"])
+
+@pytest.mark.parametrize(
+    "data,extra,said",
+    [
+        (
+            "world",
+            {},
+            "online probe: off: 16 training images over 2 classes give 8 per class, below its floor of 10 "
+            "(online_probe.per_class)",
+        ),
+        (
+            "twelve",
+            {},
+            "online probe: off: its 4% share of the run (online_probe.max_share) pays for 0 fit images per "
+            "class, below its floor of 10",
+        ),
+        (
+            "twelve",
+            {"online_probe.max_share": 1},
+            "online probe: on: fit up to 12 train images per class, test 8 eval images",
+        ),
+    ],
+    ids=["too-few-images-per-class", "share-pays-for-too-few", "floor-met"],
+)
 def test_the_online_probe_runs_only_at_its_floor_and_the_plan_and_the_start_say_why(
-        data, extra, said, world, twelve, run_main, tmp_path):
+    data, extra, said, world, twelve, run_main, tmp_path
+):
     """generic: a probe on 1 image per class reads as a number; below the floor it is off, with the reason, in
     --dry-run and in the start (and no online record is written), and on when the floor is met."""
     images = world.images if data == "world" else twelve
@@ -61,23 +77,29 @@ def test_the_online_probe_runs_only_at_its_floor_and_the_plan_and_the_start_say_
     unchanged(before)
 
 
-@pytest.mark.parametrize("images,classes,tested,share,fragment", [
-    (16, 2, 16, 0.04, "16 training images over 2 classes give 8 per class, below its floor of 10"),
-    (50_000, 10, 1000, 0.04, None),
-    (500, 10, 100, 0.001, "its 0% share of the run (online_probe.max_share) pays for 0 fit images per class"),
-    (40, 1, 8, 0.04, "no usable labelled train and evaluation splits (it has no labelled images)"),
-    (40, 2, 0, 0.04, "no usable labelled train and evaluation splits (it has no labelled images)"),
-])
+@pytest.mark.parametrize(
+    "images,classes,tested,share,fragment",
+    [
+        (16, 2, 16, 0.04, "16 training images over 2 classes give 8 per class, below its floor of 10"),
+        (50_000, 10, 1000, 0.04, None),
+        (500, 10, 100, 0.001, "its 0% share of the run (online_probe.max_share) pays for 0 fit images per class"),
+        (40, 1, 8, 0.04, "no usable labelled train and evaluation splits (it has no labelled images)"),
+        (40, 2, 0, 0.04, "no usable labelled train and evaluation splits (it has no labelled images)"),
+    ],
+)
 def test_the_floor_is_checked_against_the_data_and_the_share(images, classes, tested, share, fragment):
     """generic: the floor's two reasons (too few images per class, a share that pays for fewer) and no labels."""
     from ldae_cli.config import load_config
+    from ldae_cli.errors import LdaeError
     from ldae_cli.runs.distributed import DistContext
     from ldae_cli.train.engine_pretrain import PretrainConfig
-    from ldae_cli.errors import LdaeError
     from ldae_cli.train.online_probe import online_fit_size
 
-    cfg = load_config(PretrainConfig, "final.yaml", ["optim.batch_size=8", "optim.epochs=10", "optim.warmup_epochs=1",
-                                                     f"online_probe.max_share={share}"])
+    cfg = load_config(
+        PretrainConfig,
+        "final.yaml",
+        ["optim.batch_size=8", "optim.epochs=10", "optim.warmup_epochs=1", f"online_probe.max_share={share}"],
+    )
     if fragment is None:
         assert online_fit_size(cfg, DistContext(), images, classes, tested) >= cfg.online_probe.per_class
     else:
@@ -89,11 +111,24 @@ def test_a_measured_share_over_max_share_makes_the_probe_run_less_often(twelve, 
     """silent-wrong: the cost model is a model; the probe measures its own share after each probe and, over
     max_share, probes less often, saying so. At 1 % of a 36-step run, the first probe alone is over."""
     out = tmp_path / "run"
-    res = run_main(*pretrain(twelve, out, **{"online_probe.per_class": 1, "online_probe.max_share": 0.01,
-                                             "online_probe.test_images": 2, "optim.epochs": 12}))
+    res = run_main(
+        *pretrain(
+            twelve,
+            out,
+            **{
+                "online_probe.per_class": 1,
+                "online_probe.max_share": 0.01,
+                "online_probe.test_images": 2,
+                "optim.epochs": 12,
+            },
+        )
+    )
     assert res.returncode == 0, res.stderr
-    said = re.search(r"online probe: (\d+)% of the run's time so far, over online_probe.max_share 1%: probing "
-                     r"every ([\d,]+) steps instead of 9", res.stdout)
+    said = re.search(
+        r"online probe: (\d+)% of the run's time so far, over online_probe.max_share 1%: probing "
+        r"every ([\d,]+) steps instead of 9",
+        res.stdout,
+    )
     assert said and int(said.group(1)) > 1 and int(said.group(2).replace(",", "")) > 9, res.stdout
     steps = [r["step"] for r in online_records(out)]
     assert steps[0] == 9 and steps[-1] == 36 and len(steps) < 4  # fewer than the 4 of the planned cadence
@@ -101,14 +136,27 @@ def test_a_measured_share_over_max_share_makes_the_probe_run_less_often(twelve, 
 
 # --- the probe's protocol by the data's size ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,said,resolved", [
-    ((), "probe: 16 training images, fewer than the full protocol's batch 16,384: using the small-data protocol "
-         "(probe/small-fast)", {"fast": True, "batch_size": 1024, "blrs": [0.1, 1.0, 10.0, 100.0], "select": "holdout"}),
-    (("probe.batch_size=8",), "probe: 16 training images: the full protocol, batch 8",
-     {"fast": False, "batch_size": 8, "blrs": [1e-4, 1e-3, 1e-2, 1e-1], "select": "holdout"}),
-], ids=["small-data", "a-batch-fits"])
+
+@pytest.mark.parametrize(
+    "extra,said,resolved",
+    [
+        (
+            (),
+            "probe: 16 training images, fewer than the full protocol's batch 16,384: using the small-data protocol "
+            "(probe/small-fast)",
+            {"fast": True, "batch_size": 1024, "blrs": [0.1, 1.0, 10.0, 100.0], "select": "holdout"},
+        ),
+        (
+            ("probe.batch_size=8",),
+            "probe: 16 training images: the full protocol, batch 8",
+            {"fast": False, "batch_size": 8, "blrs": [1e-4, 1e-3, 1e-2, 1e-1], "select": "holdout"},
+        ),
+    ],
+    ids=["small-data", "a-batch-fits"],
+)
 def test_probe_without_config_picks_its_protocol_by_the_datas_size_and_says_which(
-        extra, said, resolved, world, run_main, tmp_path):
+    extra, said, resolved, world, run_main, tmp_path
+):
     """generic: `ldae probe` without --config on 16 images wanted a batch of 16,384; it now takes the small-data
     protocol, and the full one only when a batch fits, saying which; --set still has the last word."""
     import yaml
@@ -118,19 +166,29 @@ def test_probe_without_config_picks_its_protocol_by_the_datas_size_and_says_whic
     assert said in " ".join(plan.stdout.split())
     res = run_main("probe", "--ckpt", world.ckpt, "--out", tmp_path / "p", *sets(list(extra)), "--print-config")
     assert res.returncode == 0, res.stderr
-    printed = yaml.safe_load(res.stdout[re.search(r"^data:$", res.stdout, re.M).start():])["probe"]
+    printed = yaml.safe_load(res.stdout[re.search(r"^data:$", res.stdout, re.M).start() :])["probe"]
     assert {k: printed[k] for k in resolved} == resolved
     assert not (tmp_path / "p").exists()
 
 
 def test_a_config_names_the_protocol_and_nothing_is_picked(world, run_main, tmp_path):
-    res = run_main("probe", "--ckpt", world.ckpt, "--config", "probe/ldae.yaml", "--out", tmp_path / "p",
-                   *sets(["probe.batch_size=8"]), "--dry-run")
+    res = run_main(
+        "probe",
+        "--ckpt",
+        world.ckpt,
+        "--config",
+        "probe/ldae.yaml",
+        "--out",
+        tmp_path / "p",
+        *sets(["probe.batch_size=8"]),
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr
     assert "protocol" not in res.stdout and not (tmp_path / "p").exists()
 
 
 # --- probe.select: holdout -----------------------------------------------------------------------------------------
+
 
 def test_holdout_selection_reports_both_numbers_and_is_deterministic_by_seed(world, run_main, tmp_path):
     """silent-wrong: the best head on the eval split is an optimistic number; the default chooses the head on a
@@ -138,8 +196,9 @@ def test_holdout_selection_reports_both_numbers_and_is_deterministic_by_seed(wor
     same for a seed."""
     runs = {}
     for name in ("a", "b"):
-        res = run_main("probe", "--ckpt", world.ckpt, "--out", tmp_path / name, *sets(["run.progress=false",
-                                                                                      "data.num_workers=0"]))
+        res = run_main(
+            "probe", "--ckpt", world.ckpt, "--out", tmp_path / name, *sets(["run.progress=false", "data.num_workers=0"])
+        )
         assert res.returncode == 0, res.stderr
         runs[name] = json.loads((tmp_path / name / "results.json").read_text())
         r = runs[name]
@@ -149,9 +208,11 @@ def test_holdout_selection_reports_both_numbers_and_is_deterministic_by_seed(wor
         best_held = max(h["holdout_top1"] for h in r["heads"])
         assert r["heads"][r["selected_head"]]["holdout_top1"] == best_held
         line = " ".join(res.stdout.split())
-        assert (f"top-1 {r['selected_top1']:.2f} % on val: head {r['selected_head']} (blr "
-                f"{r['heads'][r['selected_head']]['blr']:g}), chosen on 2 held-out train images (probe.select "
-                f"holdout); best on val itself {r['best_top1']:.2f} % (head {r['best_head']}, optimistic)") in line
+        assert (
+            f"top-1 {r['selected_top1']:.2f} % on val: head {r['selected_head']} (blr "
+            f"{r['heads'][r['selected_head']]['blr']:g}), chosen on 2 held-out train images (probe.select "
+            f"holdout); best on val itself {r['best_top1']:.2f} % (head {r['best_head']}, optimistic)"
+        ) in line
     for r in runs.values():
         r.pop("seconds")
     assert runs["a"] == runs["b"]
@@ -163,8 +224,11 @@ def test_holdout_split_is_seeded_stratified_and_center_cropped(world):
     from ldae_cli.data.pipeline import build_dataset
     from ldae_cli.train.engine_probe import ProbeConfig, holdout_split
 
-    cfg = load_config(ProbeConfig, None, [f"data.path={world.images}", "data.image_size=32", "data.cache=never",
-                                          "data.crop=random-resized"])
+    cfg = load_config(
+        ProbeConfig,
+        None,
+        [f"data.path={world.images}", "data.image_size=32", "data.cache=never", "data.crop=random-resized"],
+    )
     settle_data(cfg.data)
     ds = build_dataset(cfg.data, "train", augment=True, seed=0)
     train, held = holdout_split(ds, 0)
@@ -175,8 +239,14 @@ def test_holdout_split_is_seeded_stratified_and_center_cropped(world):
 
 
 def test_select_eval_reports_the_best_on_eval_and_says_it_is_optimistic(world, run_main, tmp_path):
-    res = run_main("probe", "--ckpt", world.ckpt, "--out", tmp_path / "p", *sets(
-        ["probe.select=eval", "run.progress=false", "data.num_workers=0"]))
+    res = run_main(
+        "probe",
+        "--ckpt",
+        world.ckpt,
+        "--out",
+        tmp_path / "p",
+        *sets(["probe.select=eval", "run.progress=false", "data.num_workers=0"]),
+    )
     assert res.returncode == 0, res.stderr
     r = json.loads((tmp_path / "p" / "results.json").read_text())
     assert r["select"] == "eval" and r["selected_head"] == r["best_head"] and r["holdout_images"] == 0
@@ -185,14 +255,18 @@ def test_select_eval_reports_the_best_on_eval_and_says_it_is_optimistic(world, r
 
 def test_a_bad_select_is_one_line_and_writes_nothing(world, run_main, tmp_path):
     before = snapshot(world.root)
-    line = one_line(run_main("probe", "--ckpt", world.ckpt, "--out", tmp_path / "p", *sets(["probe.select=test"])),
-                    1, "probe.select")
+    line = one_line(
+        run_main("probe", "--ckpt", world.ckpt, "--out", tmp_path / "p", *sets(["probe.select=test"])),
+        1,
+        "probe.select",
+    )
     assert "holdout" in line and "eval" in line
     assert not (tmp_path / "p").exists()
     unchanged(before)
 
 
 # --- the studies record which selection they used --------------------------------------------------------------------
+
 
 def test_committed_studies_render_as_eval_and_a_holdout_study_says_so():
     """generic: the committed pages render byte for byte, those from before probe.select as chosen on the eval

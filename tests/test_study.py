@@ -16,29 +16,50 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from helpers import train_tiny, write_image_tree
-from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
+
 from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.settings.evaluation import LinearProbeConfig
 from ldae_cli.model.models import ModelConfig
+from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
+from ldae_cli.settings.evaluation import LinearProbeConfig
 from ldae_cli.stages.study import load
 from ldae_cli.studies import pages, patchspace, runner
 from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
 from ldae_cli.studies.spec import BudgetConfig, DepthSweep, PixelDimSweep, StudyConfig, depth_variants
-from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 
 TOY_BUDGET = {
     "name": "toy",
-    "pretrain": {"data.image_size": 32, "data.num_workers": 0, "tokenizer.patch": 4, "tokenizer.dim": 8,
-                 "tokenizer.fit_patches": 4000, "model.size": "custom", "model.width": 32, "model.encoder_depth": 1,
-                 "model.decoder_depth": 1, "model.num_heads": 2, "optim.batch_size": 8, "optim.epochs": 1.5,
-                 "optim.warmup_epochs": 0.5, "run.compile": False, "run.progress": False, "run.log_every": 1,
-                 "run.device": "cpu"},
+    "pretrain": {
+        "data.image_size": 32,
+        "data.num_workers": 0,
+        "tokenizer.patch": 4,
+        "tokenizer.dim": 8,
+        "tokenizer.fit_patches": 4000,
+        "model.size": "custom",
+        "model.width": 32,
+        "model.encoder_depth": 1,
+        "model.decoder_depth": 1,
+        "model.num_heads": 2,
+        "optim.batch_size": 8,
+        "optim.epochs": 1.5,
+        "optim.warmup_epochs": 0.5,
+        "run.compile": False,
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.device": "cpu",
+    },
     "probe_config": "probe/small-fast.yaml",
-    "probe": {"probe.epochs": 3, "probe.warmup_epochs": 0.3, "probe.batch_size": 8, "probe.blrs": [0.1, 10.0],
-              "data.num_workers": 0, "run.progress": False, "run.device": "cpu"},
+    "probe": {
+        "probe.epochs": 3,
+        "probe.warmup_epochs": 0.3,
+        "probe.batch_size": 8,
+        "probe.blrs": [0.1, 10.0],
+        "data.num_workers": 0,
+        "run.progress": False,
+        "run.device": "cpu",
+    },
     "images_per_second": 100.0,
     "probe_minutes": 0.1,
 }
@@ -47,9 +68,13 @@ TOY_STUDY = {
     "description": "l-DAE against the pixel DAE, at toy size.",
     "pretrain": "final.yaml",
     "reference": "l-DAE",
-    "variants": [{"name": "l-DAE", "paper": 64.5, "paper_row": "T3.5"},
-                 {"name": "pixel DAE", "set": {"tokenizer.kind": "pixel", "tokenizer.dim": None,
-                                               "tokenizer.latent_scale": "none"}}],
+    "variants": [
+        {"name": "l-DAE", "paper": 64.5, "paper_row": "T3.5"},
+        {
+            "name": "pixel DAE",
+            "set": {"tokenizer.kind": "pixel", "tokenizer.dim": None, "tokenizer.latent_scale": "none"},
+        },
+    ],
     "baselines": ["random-init"],
 }
 
@@ -58,8 +83,18 @@ TOY_STUDY = {
 def toy(tmp_path, pattern_tree):
     (tmp_path / "budget.yaml").write_text(yaml.safe_dump(TOY_BUDGET))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(TOY_STUDY))
-    return ["study", str(tmp_path / "study.yaml"), "--budget", str(tmp_path / "budget.yaml"), "--out",
-            str(tmp_path / "out"), "--source", "imagefolder", "--data", str(pattern_tree)]
+    return [
+        "study",
+        str(tmp_path / "study.yaml"),
+        "--budget",
+        str(tmp_path / "budget.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--source",
+        "imagefolder",
+        "--data",
+        str(pattern_tree),
+    ]
 
 
 def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_main, tmp_path):
@@ -118,8 +153,9 @@ def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_
 
 def test_the_estimate_counts_the_steps_the_settings_give_and_learns_from_measured_runs(toy, tmp_path):
     study, budget = load("study", toy[1], StudyConfig), load("budget", toy[3], BudgetConfig)
-    plan = runner.make_plan(study, budget, 2, tmp_path / "out", {"data.source": "imagefolder", "data.path": toy[-1],
-                                                                  "optim.epochs": 30})
+    plan = runner.make_plan(
+        study, budget, 2, tmp_path / "out", {"data.source": "imagefolder", "data.path": toy[-1], "optim.epochs": 30}
+    )
     assert {r.steps for r in plan.pretrains.values()} == {60}  # 30 epochs of 16 images at batch 8: the override counts
     timings = runner.Timings(plan.out)
     # 4 pretrains x 60 steps x 8 images at the budget's 100 img/s (19 s) and 6 probes at its 0.1 min (36 s)
@@ -196,7 +232,10 @@ def test_every_bundled_study_and_budget_loads_and_no_budget_upsamples_cifar10(ru
     files = (BUNDLED_CONFIGS / "study" / "budget").glob("*.yaml")
     budgets = {p.stem: load("budget", p.stem, BudgetConfig) for p in files}
     assert {"cpu", "cpu-long", "cpu-64", "gpu", "gpu-64", "paper"} <= set(budgets)
-    for name, budget in budgets.items():  # CIFAR-10's at its native 32x32, the -64 ones Tiny-ImageNet's 64x64 at D = 768
+    for (
+        name,
+        budget,
+    ) in budgets.items():  # CIFAR-10's at its native 32x32, the -64 ones Tiny-ImageNet's 64x64 at D = 768
         size = (budget.pretrain.get("data.image_size"), budget.pretrain.get("tokenizer.patch"))
         assert name == "paper" or size == ((64, 16) if name.endswith("-64") else (32, 8))
     for name in ("cpu", "cpu-64"):  # the same network and step, a wider patch embedding
@@ -211,8 +250,13 @@ def test_every_bundled_study_plans_on_cifar10_at_the_cpu_and_gpu_budgets(tmp_pat
     """Resolving every run of every study refuses nothing: no study or budget upsamples CIFAR-10."""
     for budget in ("cpu", "cpu-long", "gpu"):
         for path in sorted((BUNDLED_CONFIGS / "study").glob("*.yaml")):
-            plan = runner.make_plan(load("study", path.stem, StudyConfig), load("budget", budget, BudgetConfig), 1,
-                                    tmp_path, {"data.source": "cifar10"})
+            plan = runner.make_plan(
+                load("study", path.stem, StudyConfig),
+                load("budget", budget, BudgetConfig),
+                1,
+                tmp_path,
+                {"data.source": "cifar10"},
+            )
             assert all(f.native == 32 and f.train_images == 50000 for f in plan.facts.values())
 
 
@@ -220,14 +264,25 @@ def test_every_bundled_study_plans_on_cifar10_at_the_cpu_and_gpu_budgets(tmp_pat
 def test_the_64_pixel_budgets_plan_d_768_at_64_pixels_and_refuse_smaller_images(budget, tmp_path, pattern_tree):
     small = {"data.source": "imagefolder", "data.path": str(pattern_tree)}  # 32x32 images
     with pytest.raises(LdaeError, match="data.image_size 64 is above the native 32x32.*never upsamples"):
-        runner.make_plan(load("study", "pixel-vs-latent", StudyConfig), load("budget", budget, BudgetConfig), 1,
-                         tmp_path, small)
+        runner.make_plan(
+            load("study", "pixel-vs-latent", StudyConfig), load("budget", budget, BudgetConfig), 1, tmp_path, small
+        )
     photos = write_image_tree(tmp_path / "photos", per_class=2, size=(64, 64))
-    plan = runner.make_plan(load("study", "pixel-dim", StudyConfig), load("budget", budget, BudgetConfig), 1, tmp_path,
-                            {"data.source": "imagefolder", "data.path": str(photos), "optim.batch_size": 2})
-    assert [r.name for r in plan.rows] == ["pixel DAE 64/16 (D = 768)", "l-DAE 64/16 (d = 16)",
-                                           "pixel DAE 32/8 (D = 192)", "l-DAE 32/8 (d = 16)",
-                                           "pixel DAE 16/4 (D = 48)", "l-DAE 16/4 (d = 16)"]
+    plan = runner.make_plan(
+        load("study", "pixel-dim", StudyConfig),
+        load("budget", budget, BudgetConfig),
+        1,
+        tmp_path,
+        {"data.source": "imagefolder", "data.path": str(photos), "optim.batch_size": 2},
+    )
+    assert [r.name for r in plan.rows] == [
+        "pixel DAE 64/16 (D = 768)",
+        "l-DAE 64/16 (d = 16)",
+        "pixel DAE 32/8 (D = 192)",
+        "l-DAE 32/8 (d = 16)",
+        "pixel DAE 16/4 (D = 48)",
+        "l-DAE 16/4 (d = 16)",
+    ]
     assert plan.reference == "pixel DAE 64/16 (D = 768)" and plan.rows[0].variant.paper == 23.6
     assert {(s.data.image_size // s.tokenizer.patch) ** 2 for s in plan.settings.values()} == {16}
     if budget == "gpu-64":  # the training FLOPs an image that gpu_study.sh's plan quotes: 2.11 GFLOP
@@ -245,9 +300,13 @@ TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyimagenet-b
 def test_gpu_study_plans_pixel_dim_at_d_768_on_the_tinyimagenet_archive(tmp_path):
     """One command on a GPU machine; DRY_RUN=1 shows its plan anywhere (the GPU budget's speed is its own figure)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_study.sh"
-    res = subprocess.run(["bash", str(script), "tinyimagenet"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "DRY_RUN": "1", "TINY": str(TINY), "RUNS": str(tmp_path / "runs"),
-                              "PYTHON": sys.executable})
+    res = subprocess.run(
+        ["bash", str(script), "tinyimagenet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DRY_RUN": "1", "TINY": str(TINY), "RUNS": str(tmp_path / "runs"), "PYTHON": sys.executable},
+    )
     assert res.returncode == 0, res.stderr
     assert "study pixel-dim, budget gpu-64, 1 seed(s)" in res.stdout and "12 runs" in res.stdout
     for row in ("pixel DAE 64/16 (D = 768)", "l-DAE 64/16 (d = 16)", "pixel DAE 16/4 (D = 48)"):
@@ -261,9 +320,13 @@ def test_the_pixel_dim_sweep_keeps_the_cifar10_pairs_at_the_cpu_budget():
     study, budget = load("study", "pixel-dim", StudyConfig), load("budget", "cpu", BudgetConfig)
     variants, reference = runner.variants_of(study, budget.pretrain)
     assert [(v.name, v.versus, v.set.get("tokenizer.dim")) for v in variants] == [
-        ("pixel DAE 32/8 (D = 192)", None, None), ("l-DAE 32/8 (d = 16)", "pixel DAE 32/8 (D = 192)", 16),
-        ("pixel DAE 16/4 (D = 48)", None, None), ("l-DAE 16/4 (d = 16)", "pixel DAE 16/4 (D = 48)", 16),
-        ("pixel DAE 8/2 (D = 12)", None, None), ("l-DAE 8/2 (d = 12)", "pixel DAE 8/2 (D = 12)", 12)]
+        ("pixel DAE 32/8 (D = 192)", None, None),
+        ("l-DAE 32/8 (d = 16)", "pixel DAE 32/8 (D = 192)", 16),
+        ("pixel DAE 16/4 (D = 48)", None, None),
+        ("l-DAE 16/4 (d = 16)", "pixel DAE 16/4 (D = 48)", 16),
+        ("pixel DAE 8/2 (D = 12)", None, None),
+        ("l-DAE 8/2 (d = 12)", "pixel DAE 8/2 (D = 12)", 12),
+    ]
     assert reference == "pixel DAE 32/8 (D = 192)"
     with pytest.raises(LdaeError, match="below one pixel"):
         runner.variants_of(StudyConfig(pixel_dim_sweep=PixelDimSweep(pairs=5)), budget.pretrain)
@@ -291,13 +354,15 @@ def test_studies_given_one_pretrains_folder_share_the_runs_they_both_ask_for(tmp
 
 def test_the_depth_sweep_follows_the_models_blocks():
     sweep = DepthSweep(24, {9: 58.5, 12: 64.5, 15: 59.7})
-    variants, split = depth_variants(sweep, ModelConfig(size="custom", width=64, encoder_depth=4, decoder_depth=4,
-                                                        num_heads=4))
+    variants, split = depth_variants(
+        sweep, ModelConfig(size="custom", width=64, encoder_depth=4, decoder_depth=4, num_heads=4)
+    )
     assert [v.probe_set["probe.depth"] for v in variants] == list(range(1, 9))
     assert split == "after 4 of 8 blocks (the split)"
     assert {v.probe_set["probe.depth"]: v.paper for v in variants if v.paper} == {3: 58.5, 4: 64.5, 5: 59.7}
-    variants, split = depth_variants(sweep, ModelConfig(size="custom", width=64, encoder_depth=6, decoder_depth=6,
-                                                        num_heads=4))
+    variants, split = depth_variants(
+        sweep, ModelConfig(size="custom", width=64, encoder_depth=6, decoder_depth=6, num_heads=4)
+    )
     assert split == "after 6 of 12 blocks (the split)" and [v.paper for v in variants if v.paper] == [64.5]
 
 

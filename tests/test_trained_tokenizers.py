@@ -12,15 +12,21 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldae_cli.runs.checkpoint import load_checkpoint
 from ldae_cli.config import load_config
 from ldae_cli.errors import LdaeError
-from ldae_cli.stages import train_tokenizer as stage
-from ldae_cli.model.autoencoders import AutoencoderConfig, PatchDiscriminator, PerceptualLoss, build_autoencoder, hinge_d_loss
-from ldae_cli.train.engine_tokenizer import TokenizerObjective
+from ldae_cli.model.autoencoders import (
+    AutoencoderConfig,
+    PatchDiscriminator,
+    PerceptualLoss,
+    build_autoencoder,
+    hinge_d_loss,
+)
 from ldae_cli.model.patches import patchify
-from ldae_cli.train.session import load_run_config
 from ldae_cli.model.tokenizers import TOKENIZER_KINDS, TokenizerConfig, build_tokenizer, load_tokenizer
+from ldae_cli.runs.checkpoint import load_checkpoint
+from ldae_cli.stages import train_tokenizer as stage
+from ldae_cli.train.engine_tokenizer import TokenizerObjective
+from ldae_cli.train.session import load_run_config
 
 
 def make_tokenizer(net, mean, std, latent_scale):
@@ -29,11 +35,21 @@ def make_tokenizer(net, mean, std, latent_scale):
 
 
 def load_trained_tokenizer(ck, latent_scale, patch=4, dim=None):
-    return load_tokenizer(TokenizerConfig(kind="trained", path=str(ck.path), patch=patch, dim=dim,
-                                          latent_scale=latent_scale))[0]
+    return load_tokenizer(
+        TokenizerConfig(kind="trained", path=str(ck.path), patch=patch, dim=dim, latent_scale=latent_scale)
+    )[0]
 
-TINY_CONV = dict(kind="conv-vae", stride=2, latent_channels=2, token_group=2, channels=8, channel_mult=[1, 2],
-                 res_blocks=1, attention=True)
+
+TINY_CONV = dict(
+    kind="conv-vae",
+    stride=2,
+    latent_channels=2,
+    token_group=2,
+    channels=8,
+    channel_mult=[1, 2],
+    res_blocks=1,
+    attention=True,
+)
 SPECS = {
     "conv-vae": TINY_CONV,
     "patch-vae": dict(kind="patch-vae", patch=4, dim=8),
@@ -77,12 +93,27 @@ def vgg_file(tmp_path_factory) -> Path:
 
 def tiny_sets(data: Path, out: Path, **extra) -> list[str]:
     sets = {
-        "data.source": "imagefolder", "data.path": str(data), "data.image_size": 16, "data.num_workers": 0,
+        "data.source": "imagefolder",
+        "data.path": str(data),
+        "data.image_size": 16,
+        "data.num_workers": 0,
         "data.hflip": False,  # the synthetic patch model is not flip-symmetric
-        "tokenizer.kind": "patch-ae", "tokenizer.patch": 4, "tokenizer.dim": 8, "loss.kl_weight": 0,
-        "optim.batch_size": 8, "optim.epochs": 1, "optim.warmup_epochs": 0, "optim.blr": 0.1,
-        "report.images": 16, "report.stats_images": 64, "report.pca_patches": 1000, "report.grid_images": 4,
-        "run.out_dir": str(out), "run.progress": False, "run.log_every": 1, "run.save_every": 1000,
+        "tokenizer.kind": "patch-ae",
+        "tokenizer.patch": 4,
+        "tokenizer.dim": 8,
+        "loss.kl_weight": 0,
+        "optim.batch_size": 8,
+        "optim.epochs": 1,
+        "optim.warmup_epochs": 0,
+        "optim.blr": 0.1,
+        "report.images": 16,
+        "report.stats_images": 64,
+        "report.pca_patches": 1000,
+        "report.grid_images": 4,
+        "run.out_dir": str(out),
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.save_every": 1000,
         "run.device": "cpu",
     }
     sets.update(extra)
@@ -98,6 +129,7 @@ def tiny_conv_sets(**extra) -> dict:
 
 
 # --- the tokenizers --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", list(SPECS))
 def test_round_trip_shapes_export_and_frozen_but_differentiable(kind):
@@ -143,8 +175,10 @@ def test_linear_tokenizers_are_one_affine_map_per_patch(kind):
     torch.testing.assert_close(patchify(x, 4) @ a.T + b, tok.encode(x))
     z = tok.encode(x)
     torch.testing.assert_close(tok.decode_patches(z), patchify(tok.decode(z, (2, 2)), 4))
-    assert tok.is_linear and not make_tokenizer(build_autoencoder(TINY_CONV), torch.zeros(8), torch.ones(8),
-                                                "none").is_linear
+    assert (
+        tok.is_linear
+        and not make_tokenizer(build_autoencoder(TINY_CONV), torch.zeros(8), torch.ones(8), "none").is_linear
+    )
 
 
 def test_latent_scale_options_centre_and_scale():
@@ -158,6 +192,7 @@ def test_latent_scale_options_centre_and_scale():
 
 
 # --- configuration errors --------------------------------------------------------------------------
+
 
 def test_perceptual_loss_refuses_to_start_without_weights(tmp_path):
     with pytest.raises(LdaeError, match=r"loss\.vgg_weights is empty.*VGG16 state dict saved as \.safetensors"):
@@ -189,8 +224,10 @@ def test_config_errors_name_the_key():
 
 
 def test_every_paper_config_loads():
-    cfgs = {name: load_config(stage.TrainTokenizerConfig, f"tokenizer/{name}", ["loss.vgg_weights=x.safetensors"])
-            for name in ("vqgan", "vqgan-noperceptual", "conv-vae", "patch-vae", "patch-ae")}
+    cfgs = {
+        name: load_config(stage.TrainTokenizerConfig, f"tokenizer/{name}", ["loss.vgg_weights=x.safetensors"])
+        for name in ("vqgan", "vqgan-noperceptual", "conv-vae", "patch-vae", "patch-ae")
+    }
     assert cfgs["vqgan"].loss.perceptual_weight > 0 and cfgs["vqgan"].loss.adversarial_weight > 0
     no_perceptual = cfgs["vqgan-noperceptual"].loss
     assert no_perceptual.perceptual_weight == 0 and no_perceptual.adversarial_weight > 0
@@ -202,6 +239,7 @@ def test_every_paper_config_loads():
 
 
 # --- the losses ------------------------------------------------------------------------------------
+
 
 def test_perceptual_loss_with_user_weights(vgg_file, tmp_path):
     torch.manual_seed(0)
@@ -232,11 +270,15 @@ def test_patch_discriminator_and_hinge_loss():
 
 # --- training -------------------------------------------------------------------------------------
 
+
 def test_patch_ae_reaches_the_pca_error(images, tmp_path):
     """The linear AE's optimum spans the PCA subspace: trained to convergence, its held-out MSE is the PCA's."""
     out = tmp_path / "ae"
-    cfg = load_config(stage.TrainTokenizerConfig, "tokenizer/patch-ae", tiny_sets(
-        images, out, **{"optim.epochs": 150, "optim.blr": 0.5, "optim.batch_size": 16, "run.log_every": 200}))
+    cfg = load_config(
+        stage.TrainTokenizerConfig,
+        "tokenizer/patch-ae",
+        tiny_sets(images, out, **{"optim.epochs": 150, "optim.blr": 0.5, "optim.batch_size": 16, "run.log_every": 200}),
+    )
     path = stage.run(cfg, "ae")
     report = json.loads((out / "report.json").read_text())
     mse = lambda db: 4.0 / 10 ** (db / 10)  # noqa: E731 - PSNR back to MSE for images in [-1, 1]
@@ -247,6 +289,7 @@ def test_patch_ae_reaches_the_pca_error(images, tmp_path):
     # the stored statistics make `whiten` latents zero-mean, unit-variance on the training images
     tok = load_trained_tokenizer(ck, "whiten")
     from ldae_cli.data.pipeline import build_dataset, to_unit_range
+
     z = tok.encode(to_unit_range(build_dataset(cfg.data, "train").cached)).reshape(-1, 8)
     torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-3, rtol=0)
     torch.testing.assert_close(z.std(0), torch.ones(8), atol=1e-3, rtol=0)
@@ -258,13 +301,26 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_is_bit_exact_with_every_loss(images, vgg_file, tmp_path):
     """Conv VAE + perceptual + discriminator (switching on mid-run): stop, resume, same bits as one run."""
-    sets = tiny_conv_sets(**{"optim.epochs": 0.5, "loss.perceptual_weight": 1.0, "loss.vgg_weights": vgg_file,
-                             "loss.adversarial_weight": 0.5, "loss.disc_start": 2, "loss.disc_channels": 8,
-                             "loss.disc_layers": 2, "optim.blr": 0.01, "report.pca_reference": False})
+    sets = tiny_conv_sets(
+        **{
+            "optim.epochs": 0.5,
+            "loss.perceptual_weight": 1.0,
+            "loss.vgg_weights": vgg_file,
+            "loss.adversarial_weight": 0.5,
+            "loss.disc_start": 2,
+            "loss.disc_channels": 8,
+            "loss.disc_layers": 2,
+            "optim.blr": 0.01,
+            "report.pca_reference": False,
+        }
+    )
     full = load_config(stage.TrainTokenizerConfig, "tokenizer/vqgan", tiny_sets(images, tmp_path / "full", **sets))
     stage.run(full, "full")
-    cut = load_config(stage.TrainTokenizerConfig, "tokenizer/vqgan", tiny_sets(
-        images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 1}))
+    cut = load_config(
+        stage.TrainTokenizerConfig,
+        "tokenizer/vqgan",
+        tiny_sets(images, tmp_path / "cut", **sets, **{"run.stop_after_steps": 1}),
+    )
     stage.run(cut, "cut")
     partial = load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors", "tokenizer")
     assert partial.extra["step"] == 1 and not partial.extra["finished"]
@@ -278,13 +334,26 @@ def test_resume_is_bit_exact_with_every_loss(images, vgg_file, tmp_path):
     assert log("full")[-1].keys() >= {"perceptual", "g", "d_weight", "d_loss", "kl"}
     assert [r["loss"] for r in log("full")] == [r["loss"] for r in log("cut")]
     with pytest.raises(LdaeError, match="loss.kl_weight"):
-        load_run_config(stage.TrainTokenizerConfig, "tokenizer", None, ["loss.kl_weight=0.5"], {}, str(tmp_path / "cut"))
+        load_run_config(
+            stage.TrainTokenizerConfig, "tokenizer", None, ["loss.kl_weight=0.5"], {}, str(tmp_path / "cut")
+        )
 
 
 def test_checkpoint_fits_pretrain_contract(images, tmp_path):
-    cfg = load_config(stage.TrainTokenizerConfig, "tokenizer/patch-vae", tiny_sets(
-        images, tmp_path / "vae", **{"tokenizer.kind": "patch-vae", "loss.kl_weight": 1e-6, "optim.epochs": 0.25,
-                                     "report.pca_reference": False}))
+    cfg = load_config(
+        stage.TrainTokenizerConfig,
+        "tokenizer/patch-vae",
+        tiny_sets(
+            images,
+            tmp_path / "vae",
+            **{
+                "tokenizer.kind": "patch-vae",
+                "loss.kl_weight": 1e-6,
+                "optim.epochs": 0.25,
+                "report.pca_reference": False,
+            },
+        ),
+    )
     ck = load_checkpoint(stage.run(cfg, "vae"), "tokenizer")
     assert "pca_psnr" not in ck.extra["report"] and ck.extra["report"]["psnr"] > 0
     tok = load_trained_tokenizer(ck, "global", dim=8)
@@ -298,8 +367,11 @@ def test_checkpoint_fits_pretrain_contract(images, tmp_path):
 
 
 def test_a_missing_held_out_split_fails_before_training(images, tmp_path):
-    cfg = load_config(stage.TrainTokenizerConfig, "tokenizer/patch-ae",
-                      tiny_sets(images, tmp_path / "r", **{"data.eval_split": "nope"}))
+    cfg = load_config(
+        stage.TrainTokenizerConfig,
+        "tokenizer/patch-ae",
+        tiny_sets(images, tmp_path / "r", **{"data.eval_split": "nope"}),
+    )
     with pytest.raises(LdaeError, match="no 'nope' folder"):
         stage.run(cfg, "r")
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()
@@ -319,7 +391,13 @@ def test_every_configurable_tokenizer_kind_resolves_through_the_registry():
 
 def test_a_null_image_size_is_settled_to_the_images_own(images, tmp_path, capsys):
     """data.image_size null: the run reads the images at their 16 pixels (a multiple of the 4-pixel tokens)."""
-    cfg, _ = load_run_config(stage.TrainTokenizerConfig, "tokenizer", "tokenizer/patch-ae",
-                             tiny_sets(images, tmp_path / "r", **{"data.image_size": "null"}), {}, None,
-                             adjust=stage.settle)
+    cfg, _ = load_run_config(
+        stage.TrainTokenizerConfig,
+        "tokenizer",
+        "tokenizer/patch-ae",
+        tiny_sets(images, tmp_path / "r", **{"data.image_size": "null"}),
+        {},
+        None,
+        adjust=stage.settle,
+    )
     assert cfg.data.image_size == 16 and "data: image size 16 (native" in capsys.readouterr().out

@@ -9,14 +9,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+    TOKENS,
+    one_line,
+    pretrain_args,
+    probe_args,
+    sets,
+    snapshot,
+    tiny_overrides,
+    train_tiny,
+    unchanged,
+    write_fmnist,
+    write_pattern_tree,
+)
 from PIL import Image
 
-from helpers import TOKENS, one_line, pretrain_args, probe_args, sets, snapshot, tiny_overrides, train_tiny, \
-    unchanged, write_fmnist, write_pattern_tree
 from ldae_cli.runs.checkpoint import read_metadata
 
-PCA = ("fit-pca", "--patch", "4", "--dim", "8", "--patches", "2000", "--image-size", "32", "--set",
-       "data.num_workers=0")
+PCA = (
+    "fit-pca",
+    "--patch",
+    "4",
+    "--dim",
+    "8",
+    "--patches",
+    "2000",
+    "--image-size",
+    "32",
+    "--set",
+    "data.num_workers=0",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +72,9 @@ def export(run_main, ckpt: Path, out: Path, form: str) -> Path:
 
 
 @pytest.mark.parametrize("form, name", [("ldae", "vit.safetensors"), ("timm", "ldae-vit")])
-def test_a_probe_of_an_export_reads_the_data_it_was_pretrained_on(world, run_main, tmp_path,
-                                                                  fashion_mnist_installed, form, name):
+def test_a_probe_of_an_export_reads_the_data_it_was_pretrained_on(
+    world, run_main, tmp_path, fashion_mnist_installed, form, name
+):
     """silent-wrong: `probe --ckpt ldae-vit` (no --data) probed Fashion-MNIST; the export now records its data."""
     vit = export(run_main, world.ckpt, tmp_path / name, form)
     res = run_main(*probe_args(world, tmp_path / "probe", ckpt=vit))
@@ -86,9 +109,9 @@ NAMELESS = [  # (case, what happens to the export or its data, what the line say
 
 @pytest.mark.parametrize("command", ["probe", "finetune"])
 @pytest.mark.parametrize("case, damage, says", NAMELESS, ids=[c[0] for c in NAMELESS])
-def test_an_export_whose_data_is_not_named_or_not_there_asks_for_data(folders, run_main, tmp_path,
-                                                                       fashion_mnist_installed, command, case,
-                                                                       damage, says):
+def test_an_export_whose_data_is_not_named_or_not_there_asks_for_data(
+    folders, run_main, tmp_path, fashion_mnist_installed, command, case, damage, says
+):
     """silent-wrong: where the record names no data, or data that is gone or changed, the stage stops in one
     line asking for --data, before it writes anything; with --data it runs on that."""
     *_, copy, ckpt = folders
@@ -101,9 +124,13 @@ def test_an_export_whose_data_is_not_named_or_not_there_asks_for_data(folders, r
     damage(vit, root)
     before = snapshot(tmp_path)
     args = [command, "--ckpt", str(vit), *sets(["run.device=cpu", "data.num_workers=0"])]
-    one_line(run_main(*args, "--out", str(tmp_path / "run")), 1,
-             f"{command}: nothing names the data to {'probe' if command == 'probe' else 'fine-tune'} on: {vit}",
-             says, "give --data DIR")
+    one_line(
+        run_main(*args, "--out", str(tmp_path / "run")),
+        1,
+        f"{command}: nothing names the data to {'probe' if command == 'probe' else 'fine-tune'} on: {vit}",
+        says,
+        "give --data DIR",
+    )
     unchanged(before)
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
 
@@ -131,8 +158,14 @@ def test_no_data_named_is_one_line_asking_for_it(run_main, tmp_path, fashion_mni
 def test_the_demo_configs_name_their_data(run_main, tmp_path, fashion_mnist_installed):
     """generic: the Fashion-MNIST default lives in the demo's configs, which name it, so the demo still runs."""
     out = tmp_path / "pca.safetensors"
-    res = run_main("fit-pca", "--config", "demo/fmnist-pca.yaml", "--out", str(out), *sets(
-        ["pca.patches=2000", "data.num_workers=0"]))
+    res = run_main(
+        "fit-pca",
+        "--config",
+        "demo/fmnist-pca.yaml",
+        "--out",
+        str(out),
+        *sets(["pca.patches=2000", "data.num_workers=0"]),
+    )
     assert res.returncode == 0, res.stderr
     assert read_metadata(out)["config"]["data"]["source"] == "fashion-mnist"
 
@@ -140,13 +173,24 @@ def test_the_demo_configs_name_their_data(run_main, tmp_path, fashion_mnist_inst
 def test_default_names_differ_across_two_data_folders(world, folders, run_main, tmp_path):
     """data-loss: fits, runs and probes on two datasets never meet in one default output ("already exists")."""
     tree, other, photos, *_ = folders
-    probe = [a for a in probe_args(world, tmp_path / "x", "probe.warmup_epochs=0.1")
-             if a not in ("--out", str(tmp_path / "x"))]  # no --out: the default name
+    probe = [
+        a
+        for a in probe_args(world, tmp_path / "x", "probe.warmup_epochs=0.1")
+        if a not in ("--out", str(tmp_path / "x"))
+    ]  # no --out: the default name
     for data in (tree, other):
         assert run_main(*PCA, "--data", str(data)).returncode == 0
-        res = run_main("pretrain", "--config", "final.yaml", "--data", str(data), *sets(
-            [s for s in tiny_overrides(data, tmp_path, **TOKENS) if not s.startswith(("data.", "run.out_dir="))]
-            + ["data.image_size=32", "data.num_workers=0"]))
+        res = run_main(
+            "pretrain",
+            "--config",
+            "final.yaml",
+            "--data",
+            str(data),
+            *sets(
+                [s for s in tiny_overrides(data, tmp_path, **TOKENS) if not s.startswith(("data.", "run.out_dir="))]
+                + ["data.image_size=32", "data.num_workers=0"]
+            ),
+        )
         assert res.returncode == 0, res.stderr
         res = run_main(*probe, "--data", str(data))
         assert res.returncode == 0, res.stderr
@@ -163,11 +207,21 @@ def test_rerunning_a_finished_run_says_it_is_finished(world, run_main, tmp_path)
     probe = probe_args(world, tmp_path / "probe")
     assert run_main(*probe).returncode == 0
     before = snapshot(world.root, tmp_path)
-    for args, where, steps in ((pretrain_args(world, world.ckpt.parent), world.ckpt.parent, "step 4 of 4"),
-                               (probe, tmp_path / "probe", "of")):
-        line = one_line(run_main(*args), 1, f"{where} already holds a", "checkpoint of a finished run", steps,
-                        "its outputs are", "checkpoint.safetensors", "pick another --out for a new run",
-                        "--force to replace it")
+    for args, where, steps in (
+        (pretrain_args(world, world.ckpt.parent), world.ckpt.parent, "step 4 of 4"),
+        (probe, tmp_path / "probe", "of"),
+    ):
+        line = one_line(
+            run_main(*args),
+            1,
+            f"{where} already holds a",
+            "checkpoint of a finished run",
+            steps,
+            "its outputs are",
+            "checkpoint.safetensors",
+            "pick another --out for a new run",
+            "--force to replace it",
+        )
         assert "--resume" not in line
     one_line(run_main(*pretrain_args(world, world.cut.parent)), 1, "--resume")  # an unfinished run: resume it
     unchanged(before)

@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from ldae_cli.data.sources import (
+    DATA_CHOICES,
+    EVAL_SPLITS,
+    FMNIST_FILES,
+    PREPARED,
+    SourceConfig,
+    is_image,
+    read_prepared,
+    resolve_path,
+)
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.settings.training import DataConfig
-from ldae_cli.data.sources import (DATA_CHOICES, EVAL_SPLITS, PREPARED, SourceConfig, FMNIST_FILES, is_image,
-                              read_prepared, resolve_path)
-
 
 Kind = Literal["fashion-mnist", "cifar10", "imagefolder", "images"]  # what detection finds: a data.source but auto
 
@@ -38,15 +45,19 @@ class NoData(LdaeError):
 def detect(path: str | None, train_split: str = "train") -> Detected:
     """data.source=auto: the kind of dataset at `path`; none is `NoData` (no stage assumes a dataset)."""
     if not path:
-        raise NoData(f"nothing names the data: no --data, and the config sets neither data.path nor data.source; "
-                     f"give --data DIR: {DATA_CHOICES}")
+        raise NoData(
+            f"nothing names the data: no --data, and the config sets neither data.path nor data.source; "
+            f"give --data DIR: {DATA_CHOICES}"
+        )
     root = Path(path).expanduser()
     if not root.exists():
         raise LdaeError(f"dataset not found: {path} does not exist; give --data PATH: {DATA_CHOICES}")
     if root.is_dir() and (root / PREPARED).is_file():
         meta = read_prepared(root)
-        return Detected(meta.get("source") or "images", notes=[f"data: {root} is a prepared dataset (splits "
-                                                                f"{', '.join(meta.get('splits', {}))})"])
+        return Detected(
+            meta.get("source") or "images",
+            notes=[f"data: {root} is a prepared dataset (splits {', '.join(meta.get('splits', {}))})"],
+        )
     if root.is_dir() and any((root / f"{FMNIST_FILES['train'][0]}{ext}").is_file() for ext in ("", ".gz")):
         return Detected("fashion-mnist", notes=[f"data: {root} holds Fashion-MNIST IDX files"])
     splits = tree_splits(root)
@@ -60,12 +71,19 @@ def detect(path: str | None, train_split: str = "train") -> Detected:
             notes.append(f"data: no evaluation split ({', '.join(EVAL_SPLITS)}); name one with --eval-split")
         return Detected("imagefolder", found[0] if found else None, notes)
     if root.is_file() and is_image(root.name) and not tarfile.is_tarfile(root):  # one image is no dataset to train on
-        raise LdaeError(f"`{path}` is a single image; --data takes a folder of images, an image tree or an archive "
-                        "(.tar/.tar.gz): put it in a folder")
+        raise LdaeError(
+            f"`{path}` is a single image; --data takes a folder of images, an image tree or an archive "
+            "(.tar/.tar.gz): put it in a folder"
+        )
     kind = "archive" if root.is_file() and tarfile.is_tarfile(root) else "folder" if root.is_dir() else "file"
-    return Detected("images", notes=[f"data: {root} is a {kind} of unlabelled images (no '{train_split}/<class>/' "
-                                     "folders): training only; probes need labels, and 'evaluation' images are "
-                                     "the training images"])
+    return Detected(
+        "images",
+        notes=[
+            f"data: {root} is a {kind} of unlabelled images (no '{train_split}/<class>/' "
+            "folders): training only; probes need labels, and 'evaluation' images are "
+            "the training images"
+        ],
+    )
 
 
 def tree_splits(root: Path) -> set[str]:
@@ -82,8 +100,9 @@ def tree_splits(root: Path) -> set[str]:
     splits = set()
     for top in [root, *sorted(d for d in root.iterdir() if d.is_dir())]:
         for split_dir in (d for d in top.iterdir() if d.is_dir()):
-            if any(c.is_dir() and any(is_image(f.name) for f in c.iterdir() if f.is_file())
-                   for c in split_dir.iterdir()):
+            if any(
+                c.is_dir() and any(is_image(f.name) for f in c.iterdir() if f.is_file()) for c in split_dir.iterdir()
+            ):
                 splits.add(split_dir.name)
     return splits
 
@@ -104,17 +123,22 @@ def check_splits(cfg: SourceConfig, names: list[str]) -> None:
     if root.is_dir() and (root / PREPARED).is_file():
         have = set(read_prepared(root).get("splits", {}))
     elif cfg.source == "fashion-mnist":
-        have = {split for split, (images, _) in FMNIST_FILES.items()
-                if any((root / f"{images}{ext}").is_file() for ext in ("", ".gz"))}
+        have = {
+            split
+            for split, (images, _) in FMNIST_FILES.items()
+            if any((root / f"{images}{ext}").is_file() for ext in ("", ".gz"))
+        }
     elif cfg.source in ("cifar10", "imagefolder"):
         have = tree_splits(root)
     else:
         return  # a folder of images: every split is the same images
     missing = [n for n in names if n not in have]
     if missing:
-        raise LdaeError(f"{root}: no '{missing[0]}' split (it has {', '.join(sorted(have)) or 'none'}); name the "
-                        "evaluation split with --eval-split (data.eval_split), or the training one with "
-                        "data.train_split")
+        raise LdaeError(
+            f"{root}: no '{missing[0]}' split (it has {', '.join(sorted(have)) or 'none'}); name the "
+            "evaluation split with --eval-split (data.eval_split), or the training one with "
+            "data.train_split"
+        )
 
 
 def settle_data(data: DataConfig) -> list[str]:

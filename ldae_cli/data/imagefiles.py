@@ -7,8 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ldae_cli.errors import LdaeError
 from ldae_cli.data.sources import images_under, note_escaping
+from ldae_cli.errors import LdaeError
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:

@@ -1,8 +1,8 @@
 """The data layer: every dataset the stages read, one image pipeline, and seeded batch order.
 
 Images come from the sources of sources.py (Fashion-MNIST, ImageFolder trees and archives, plain
-folders). Every image goes through the same pipeline: decoded to RGB whatever its mode, cropped (center, or random-resized), resized to
-`image_size` and kept as uint8 until the training loop turns it into floats in [-1, 1].
+folders). Every image goes through the same pipeline: decoded to RGB whatever its mode, cropped (center, or
+random-resized), resized to `image_size` and kept as uint8 until the training loop turns it into floats in [-1, 1].
 
 Randomness is keyed by (seed, epoch, index), never by a global RNG, so batch order and crops are
 identical across resumes, numbers of DataLoader workers and numbers of DDP ranks.
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldae_cli.settings.training import DataConfig
+from ldae_cli.data.sources import ImageSource, PreparedSource, decode, open_source
 from ldae_cli.errors import LdaeError, short
 from ldae_cli.runs.logs import console
 from ldae_cli.seeds import flip, subset_generator
-from ldae_cli.data.sources import ImageSource, PreparedSource, decode, open_source
+from ldae_cli.settings.training import DataConfig
 
 # what a broken, truncated, foreign or oversized (decompression-bomb) image file raises while decoding
 UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -34,6 +34,7 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.De
 # ---------------------------------------------------------------------------------------------
 # Decoding: any PIL mode -> RGB uint8
 # ---------------------------------------------------------------------------------------------
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB whatever the file held: grayscale, palette, alpha (composited on white), CMYK, 16-bit."""
@@ -64,8 +65,9 @@ def center_square(w: int, h: int) -> tuple[int, int, int, int]:
     return left, top, left + side, top + side
 
 
-def random_resized_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
-                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_box(
+    w: int, h: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """Inception-style crop box (area fraction in `scale`, aspect in `ratio`), from a seeded rng."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -79,8 +81,9 @@ def random_resized_box(w: int, h: int, scale: tuple[float, float], rng: random.R
     return center_square(w, h)
 
 
-def prepare(img: Image.Image, size: int, crop: str = "center", crop_scale=(0.2, 1.0), hflip: bool = False,
-            aug_seed: int = 0) -> torch.Tensor:
+def prepare(
+    img: Image.Image, size: int, crop: str = "center", crop_scale=(0.2, 1.0), hflip: bool = False, aug_seed: int = 0
+) -> torch.Tensor:
     """PIL image -> uint8 tensor (3, size, size) after the configured crop."""
     img = to_rgb(img)
     w, h = img.size
@@ -119,6 +122,7 @@ def load_image_file(path: str | os.PathLike, size: int) -> torch.Tensor:
 # Datasets and batches
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class BadImage:
     name: str
@@ -151,9 +155,17 @@ class ImageDataset(torch.utils.data.Dataset):
     images), so per-sample augmentations such as RandAugment stay keyed by the sample's aug_seed.
     """
 
-    def __init__(self, source: ImageSource, size: int, crop: str = "center", crop_scale=(0.2, 1.0),
-                 hflip: bool = False, subset: list[int] | None = None,
-                 transform: Callable[[Image.Image, int], Image.Image] | None = None, encoded: bool = False):
+    def __init__(
+        self,
+        source: ImageSource,
+        size: int,
+        crop: str = "center",
+        crop_scale=(0.2, 1.0),
+        hflip: bool = False,
+        subset: list[int] | None = None,
+        transform: Callable[[Image.Image, int], Image.Image] | None = None,
+        encoded: bool = False,
+    ):
         self.source, self.size, self.crop, self.crop_scale, self.hflip = source, size, crop, crop_scale, hflip
         self.subset, self.transform, self.encoded = subset, transform, encoded
         self.cached: torch.Tensor | None = None
@@ -258,16 +270,21 @@ def identity_of(source: ImageSource, images: int) -> str:
 def raise_bad(bad: list[BadImage]) -> None:
     first = bad[0]
     more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
-    raise LdaeError(f"{first.name}: cannot read image ({first.reason}){more}; "
-                    "set data.on_bad_image=skip to skip unreadable files")
+    raise LdaeError(
+        f"{first.name}: cannot read image ({first.reason}){more}; set data.on_bad_image=skip to skip unreadable files"
+    )
 
 
 def collate(items: list) -> Batch:
     bad = [x for x in items if isinstance(x, BadImage)]
     good = [x for x in items if not isinstance(x, BadImage)]
     if good and isinstance(good[0][0], Encoded):
-        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.tensor([lab for _, lab in good]), bad,
-                     [enc for enc, _ in good])
+        return Batch(
+            torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+            torch.tensor([lab for _, lab in good]),
+            bad,
+            [enc for enc, _ in good],
+        )
     if good:
         images = torch.stack([img for img, _ in good])
         labels = torch.tensor([lab for _, lab in good], dtype=torch.long)
@@ -286,8 +303,9 @@ def decode_batch(batch: Batch, size: int, device: torch.device) -> Batch:
     jpeg = [i for i, e in enumerate(batch.encoded) if e.data[:2].tolist() == [0xFF, 0xD8]]
     decoded: list = [None] * len(batch.encoded)
     if jpeg:
-        for i, img in zip(jpeg, decode_jpeg([batch.encoded[i].data for i in jpeg], mode=ImageReadMode.RGB,
-                                            device=device)):
+        for i, img in zip(
+            jpeg, decode_jpeg([batch.encoded[i].data for i in jpeg], mode=ImageReadMode.RGB, device=device)
+        ):
             decoded[i] = img
     for i, e in enumerate(batch.encoded):
         if decoded[i] is None:
@@ -297,22 +315,30 @@ def decode_batch(batch: Batch, size: int, device: torch.device) -> Batch:
         _, h, w = img.shape
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
-        square = img[:, top:top + side, left:left + side].float()[None]
+        square = img[:, top : top + side, left : left + side].float()[None]
         if side != size:
-            square = torch.nn.functional.interpolate(square, size=(size, size), mode="bicubic", antialias=True,
-                                                     align_corners=False)
+            square = torch.nn.functional.interpolate(
+                square, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
         out = square[0].round_().clamp_(0, 255).to(torch.uint8)
         images.append(out.flip(-1) if e.flip else out)
     return Batch(torch.stack(images), batch.labels.to(device, non_blocking=True), batch.bad)
 
 
-def make_loader(dataset: ImageDataset, batches, num_workers: int, pin_memory: bool = False
-                ) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: ImageDataset, batches, num_workers: int, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader over explicit lists of keys; cached datasets are indexed in the main process."""
     workers = 0 if dataset.cached is not None else num_workers
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       pin_memory=pin_memory, persistent_workers=False,
-                                       prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 class BadImageCounter:
@@ -344,9 +370,11 @@ def upsampling(cfg: DataConfig, source: ImageSource, size: int) -> str | None:
     native = median_short_side(source)
     if native is None or size <= native:
         return None
-    return (f"[yellow]warning:[/yellow] data.image_size {size} is above the images' own resolution (median short side "
-            f"{native} over a sample of {min(64, len(source))}): every image is upsampled {size / native:.3g}x; set "
-            f"data.image_size=null to train at native resolution")
+    return (
+        f"[yellow]warning:[/yellow] data.image_size {size} is above the images' own resolution (median short side "
+        f"{native} over a sample of {min(64, len(source))}): every image is upsampled {size / native:.3g}x; set "
+        f"data.image_size=null to train at native resolution"
+    )
 
 
 def native_image_size(data: DataConfig, patch: int) -> tuple[int, str]:
@@ -355,15 +383,21 @@ def native_image_size(data: DataConfig, patch: int) -> tuple[int, str]:
     source = open_source(data, "train")
     side = median_short_side(source)
     if side is None:
-        raise LdaeError(f"data.image_size: none of the sampled images of {data.path or data.source} could be read to "
-                        "measure their size; set data.image_size")
+        raise LdaeError(
+            f"data.image_size: none of the sampled images of {data.path or data.source} could be read to "
+            "measure their size; set data.image_size"
+        )
     size = side // patch * patch
     if size == 0:
-        raise LdaeError(f"data.image_size: the images' median short side {side} is below the patch {patch}; use a "
-                        f"patch of at most {side}, or set data.image_size (upsampling them)")
+        raise LdaeError(
+            f"data.image_size: the images' median short side {side} is below the patch {patch}; use a "
+            f"patch of at most {side}, or set data.image_size (upsampling them)"
+        )
     how = "a multiple of" if size == side else "rounded down to a multiple of"
-    return size, (f"data: image size {size} (native: median short side {side} of {min(64, len(source))} sampled "
-                  f"images; {how} patch {patch})")
+    return size, (
+        f"data: image size {size} (native: median short side {side} of {min(64, len(source))} sampled "
+        f"images; {how} patch {patch})"
+    )
 
 
 def resolve_image_size(data: DataConfig, patch: int) -> list[str]:
@@ -379,9 +413,15 @@ def resolve_image_size(data: DataConfig, patch: int) -> list[str]:
     return [f"data: image size {data.image_size} (data.image_size)"] + ([warning] if warning else [])
 
 
-def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = None, seed: int = 0,
-                  size: int | None = None, transform: Callable[[Image.Image, int], Image.Image] | None = None,
-                  training_stream: bool = False) -> ImageDataset:
+def build_dataset(
+    cfg: DataConfig,
+    split: str = "train",
+    augment: bool | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    transform: Callable[[Image.Image, int], Image.Image] | None = None,
+    training_stream: bool = False,
+) -> ImageDataset:
     """The configured dataset for 'train' or 'eval'; eval (or augment=False) always center-crops.
     `transform`: a per-sample transform after crop and flip (see ImageDataset), applied as given.
     `training_stream`: the dataset a Trainer streams, whose files data.decode=gpu decodes on the device."""
@@ -395,18 +435,19 @@ def build_dataset(cfg: DataConfig, split: str = "train", augment: bool | None = 
     encoded = training_stream and cfg.decode == "gpu" and crop == "center" and transform is None
     if size is None:  # null data.image_size: a config no stage settled, the images' own size, unrounded
         size = cfg.image_size if cfg.image_size is not None else native_image_size(cfg, 1)[0]
-    ds = ImageDataset(source, size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset,
-                      transform, encoded)
+    ds = ImageDataset(source, size, crop, tuple(cfg.crop_scale), cfg.hflip and augment, subset, transform, encoded)
     stored = getattr(source, "stored_size", None)
     if stored is not None and stored < ds.size:
-        raise LdaeError(f"{cfg.path}: prepared at {stored}x{stored}, smaller than data.image_size {ds.size}; prepare "
-                        f"it again with --image-size {ds.size}")
+        raise LdaeError(
+            f"{cfg.path}: prepared at {stored}x{stored}, smaller than data.image_size {ds.size}; prepare "
+            f"it again with --image-size {ds.size}"
+        )
     warning = upsampling(cfg, source, ds.size) if split == "train" and stored is None else None
     if warning:
         console.print(warning)
     if ds.deterministic and cfg.cache != "never" and stored is None and not encoded:  # prepared: its own cache
         nbytes = len(ds) * 3 * ds.size * ds.size
-        if cfg.cache == "always" or nbytes <= 2 * 1024 ** 3:
+        if cfg.cache == "always" or nbytes <= 2 * 1024**3:
             ds.materialize(cfg.num_workers, cfg.on_bad_image)
     return ds
 

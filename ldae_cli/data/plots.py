@@ -23,8 +23,14 @@ def _to_pil(image: torch.Tensor, upscale: int = 1) -> Image.Image:
     return pil
 
 
-def save_grid(rows: list[list[torch.Tensor]], path: Path, upscale: int = 1, pad: int = 2,
-              titles: list[str] | None = None, background=(255, 255, 255)) -> Path:
+def save_grid(
+    rows: list[list[torch.Tensor]],
+    path: Path,
+    upscale: int = 1,
+    pad: int = 2,
+    titles: list[str] | None = None,
+    background=(255, 255, 255),
+) -> Path:
     """Tile equally sized images: rows[r][c]. Optional column titles above the first row."""
     buffer = io.BytesIO()
     grid_image(rows, upscale, pad, titles, background).save(buffer, format="png")
@@ -36,8 +42,13 @@ def grid_tensor(rows: list[list[torch.Tensor]], upscale: int = 1, titles: list[s
     return torch.from_numpy(np.array(grid_image(rows, upscale, titles=titles))).permute(2, 0, 1).contiguous()
 
 
-def grid_image(rows: list[list[torch.Tensor]], upscale: int = 1, pad: int = 2, titles: list[str] | None = None,
-               background=(255, 255, 255)) -> Image.Image:
+def grid_image(
+    rows: list[list[torch.Tensor]],
+    upscale: int = 1,
+    pad: int = 2,
+    titles: list[str] | None = None,
+    background=(255, 255, 255),
+) -> Image.Image:
     tiles = [[_to_pil(img, upscale) for img in row] for row in rows]
     th, tw = tiles[0][0].height, tiles[0][0].width
     ncol = max(len(r) for r in tiles)
@@ -52,8 +63,15 @@ def grid_image(rows: list[list[torch.Tensor]], upscale: int = 1, pad: int = 2, t
     return canvas
 
 
-def save_filters(basis: torch.Tensor, patch: int, path: Path, count: int = 64, ncol: int = 8,
-                 eigenvalues: torch.Tensor | None = None, dim: int | None = None) -> Path:
+def save_filters(
+    basis: torch.Tensor,
+    patch: int,
+    path: Path,
+    count: int = 64,
+    ncol: int = 8,
+    eigenvalues: torch.Tensor | None = None,
+    dim: int | None = None,
+) -> Path:
     """PCA components as p x p x 3 images, each stretched to its own range (the paper's App. B). With the
     eigenvalues, a panel beside them shows each component's share of the variance and the cumulative share,
     the kept `dim` marked."""
@@ -63,7 +81,7 @@ def save_filters(basis: torch.Tensor, patch: int, path: Path, count: int = 64, n
     hi = filters.amax(dim=(1, 2, 3), keepdim=True)
     scaled = (filters - lo) / (hi - lo).clamp_min(1e-12) * 2 - 1
     upscale = max(1, 48 // patch)
-    rows = [list(scaled[i:i + ncol]) for i in range(0, count, ncol)]
+    rows = [list(scaled[i : i + ncol]) for i in range(0, count, ncol)]
     # pad the last row with white tiles so every row has ncol tiles
     rows[-1] += [torch.ones_like(scaled[0])] * (ncol - len(rows[-1]))
     if eigenvalues is None:
@@ -101,20 +119,28 @@ def _spectrum(ax, eigenvalues: torch.Tensor, dim: int | None) -> None:
         kept = 100 * float(share[:dim].sum())
         ax.axvline(dim, color="C3", ls="--", lw=1)
         cumulative.plot([dim], [kept], "o", color="C3", ms=4)
-        cumulative.annotate(f"d = {dim}: {kept:.2f}%", (dim, kept), xytext=(6, -14), textcoords="offset points",
-                            color="C3", fontsize=9)
+        cumulative.annotate(
+            f"d = {dim}: {kept:.2f}%", (dim, kept), xytext=(6, -14), textcoords="offset points", color="C3", fontsize=9
+        )
         title += f": d = {dim} keeps {kept:.2f}% of the variance"
     ax.set_title(title, fontsize=9)
 
 
-def save_curves(records: list[dict], path: Path, keys: tuple[str, ...] = ("loss",), x: str = "step",
-                title: str = "", log_y: bool = True) -> Path | None:
+def save_curves(
+    records: list[dict],
+    path: Path,
+    keys: tuple[str, ...] = ("loss",),
+    x: str = "step",
+    title: str = "",
+    log_y: bool = True,
+) -> Path | None:
     """Line plot of `keys` against `x` from metrics.jsonl records; None when there is nothing to plot."""
     return save_panels(records, path, [(keys, title, log_y)], x)
 
 
-def save_panels(records: list[dict], path: Path, panels: list[tuple[tuple[str, ...], str, bool]],
-                x: str = "step") -> Path | None:
+def save_panels(
+    records: list[dict], path: Path, panels: list[tuple[tuple[str, ...], str, bool]], x: str = "step"
+) -> Path | None:
     """Side-by-side line plots, one per (keys, title, log y) whose keys the records hold; None when none does."""
     shown = []
     for keys, title, log_y in panels:
@@ -153,11 +179,25 @@ def save_probe_chart(results: dict, path: Path) -> Path | None:
         ax.plot(blrs, [h["top5"] for h in heads], color="C0", ls=":", marker=".", alpha=0.6, label="top-5")
     diverged = [h for h in heads if h.get("train_loss") is None]
     if diverged:
-        ax.scatter([h["blr"] for h in diverged], [h["top1"] for h in diverged], marker="x", s=60, color="C3",
-                   zorder=3, label="diverged")
+        ax.scatter(
+            [h["blr"] for h in diverged],
+            [h["top1"] for h in diverged],
+            marker="x",
+            s=60,
+            color="C3",
+            zorder=3,
+            label="diverged",
+        )
     best = max(heads, key=lambda h: h["top1"])  # the first of equals, as the probe picks it
-    ax.scatter([best["blr"]], [best["top1"]], marker="*", s=220, color="C1", zorder=4,
-               label=f"best: blr {best['blr']:g}, {best['top1']:.2f}")
+    ax.scatter(
+        [best["blr"]],
+        [best["top1"]],
+        marker="*",
+        s=220,
+        color="C1",
+        zorder=4,
+        label=f"best: blr {best['blr']:g}, {best['top1']:.2f}",
+    )
     if results.get("knn_top1") is not None:
         ax.axhline(results["knn_top1"], color="C2", ls="--", lw=1.2, label=f"k-NN top-1 {results['knn_top1']:.2f}")
     ax.set_xscale("log")
@@ -180,17 +220,26 @@ def readable_log_ticks(axis) -> None:
     lo = max(lo, 1e-300)
     ticks: list[float] = []
     for mantissas in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
-        found = [m * 10.0 ** e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
-                 for m in mantissas if lo <= m * 10.0 ** e <= hi]
+        found = [
+            m * 10.0**e
+            for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+            for m in mantissas
+            if lo <= m * 10.0**e <= hi
+        ]
         if len(found) >= 3:
-            ticks = found[::-(-len(found) // 9)]  # at most 9 labels however many decades
+            ticks = found[:: -(-len(found) // 9)]  # at most 9 labels however many decades
             break
     if not ticks:
         ticks = [v for v in ticker.MaxNLocator(nbins=4).tick_values(lo, hi) if lo <= v <= hi and v > 0]
     axis.set_major_locator(ticker.FixedLocator(ticks))
     short = all(1e-4 <= v < 1e4 for v in ticks)
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: plain_number(v) if short else
-                                                  np.format_float_scientific(v, precision=3, trim="-", exp_digits=1)))
+    axis.set_major_formatter(
+        ticker.FuncFormatter(
+            lambda v, _: (
+                plain_number(v) if short else np.format_float_scientific(v, precision=3, trim="-", exp_digits=1)
+            )
+        )
+    )
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
@@ -201,13 +250,16 @@ def plain_number(value: float) -> str:
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+
     return plt
 
 
 def _ticker():
     import matplotlib.ticker
+
     return matplotlib.ticker
 
 
@@ -223,4 +275,3 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """PSNR in dB per image for images in [-1, 1] (peak-to-peak 2)."""
     mse = (a.float() - b.float()).square().flatten(1).mean(1).clamp_min(1e-12)
     return 10 * torch.log10(4.0 / mse)
-

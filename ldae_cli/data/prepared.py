@@ -29,12 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from ldae_cli.data.pipeline import BadImageCounter, DataConfig, ImageDataset, make_loader
+from ldae_cli.data.sources import (
+    PREPARED,
+    check_split,
+    file_sha256,
+    index_sha256,
+    open_source,
+    read_prepared,
+    split_files,
+)
 from ldae_cli.errors import LdaeError
-from ldae_cli.runs.logs import console, note_kept, progress_bar
 from ldae_cli.runs import rundir
+from ldae_cli.runs.logs import console, note_kept, progress_bar
 from ldae_cli.runs.rundir import remove_temp_files, write_atomically
-from ldae_cli.data.sources import PREPARED, check_split, file_sha256, index_sha256, open_source, read_prepared, \
-    split_files
 
 FORMAT = 1
 
@@ -47,9 +54,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def settings_of(cfg: DataConfig, stored: int, shard_mb: float) -> dict:
     """What a prepared dataset is: a different value means a different dataset (never silently mixed)."""
-    return {"format": FORMAT, "source": cfg.source, "path": str(Path(cfg.path).resolve()) if cfg.path else None,
-            "image_size": cfg.image_size, "stored_size": stored, "crop": "center",
-            "shard_images": max(1, int(shard_mb * 2 ** 20) // (stored * stored * 3))}
+    return {
+        "format": FORMAT,
+        "source": cfg.source,
+        "path": str(Path(cfg.path).resolve()) if cfg.path else None,
+        "image_size": cfg.image_size,
+        "stored_size": stored,
+        "crop": "center",
+        "shard_images": max(1, int(shard_mb * 2**20) // (stored * stored * 3)),
+    }
 
 
 def start(out: Path, settings: dict, force: bool) -> tuple[dict, rundir.Manifest]:
@@ -64,19 +77,23 @@ def start(out: Path, settings: dict, force: bool) -> tuple[dict, rundir.Manifest
         meta = None  # an edited or damaged index: --force prepares the dataset again
     if meta is not None:
         manifest = rundir.Manifest.read(out) or rundir.Manifest.create(
-            out, "prepare-data", {PREPARED, *(n for n in meta.get("splits", {}) if (out / n).is_dir())})
+            out, "prepare-data", {PREPARED, *(n for n in meta.get("splits", {}) if (out / n).is_dir())}
+        )
         if {k: meta.get(k) for k in settings} == settings:
             return meta, manifest
         if not force:
             changed = [k for k in settings if meta.get(k) != settings[k]]
-            raise LdaeError(f"{out} holds a dataset prepared with other settings ({', '.join(changed)}); pick another "
-                            "--out, or add --force to prepare it again")
+            raise LdaeError(
+                f"{out} holds a dataset prepared with other settings ({', '.join(changed)}); pick another "
+                "--out, or add --force to prepare it again"
+            )
     manifest = rundir.claim(out, "prepare-data", force, replaces=("prepare-data",))
     return {**settings, "classes": None, "splits": {}}, manifest
 
 
-def prepare_split(cfg: DataConfig, split: str, out: Path, meta: dict, progress: bool,
-                  manifest: rundir.Manifest) -> dict:
+def prepare_split(
+    cfg: DataConfig, split: str, out: Path, meta: dict, progress: bool, manifest: rundir.Manifest
+) -> dict:
     """Write the missing shards of one split, then its labels, file list and content hash."""
     source = open_source(cfg, split)
     name = cfg.split_name(split)
@@ -100,15 +117,18 @@ def prepare_split(cfg: DataConfig, split: str, out: Path, meta: dict, progress: 
                 continue
             write_shard(dataset, chunk, folder, k, bad, cfg.num_workers)
             bar.update(task, advance=len(chunk))
-            note_kept(f"shards 1-{k + 1} of {len(chunks)} of the '{name}' split in {out} (run the same command again "
-                      "to continue)")
+            note_kept(
+                f"shards 1-{k + 1} of {len(chunks)} of the '{name}' split in {out} (run the same command again "
+                "to continue)"
+            )
     return finish_split(folder, len(chunks))
 
 
-def write_shard(dataset: ImageDataset, chunk: list[int], folder: Path, k: int, bad: BadImageCounter,
-                workers: int) -> None:
+def write_shard(
+    dataset: ImageDataset, chunk: list[int], folder: Path, k: int, bad: BadImageCounter, workers: int
+) -> None:
     images, labels, names, skipped = [], [], [], []
-    pieces = [chunk[i:i + 256] for i in range(0, len(chunk), 256)]
+    pieces = [chunk[i : i + 256] for i in range(0, len(chunk), 256)]
     for keys, batch in zip(pieces, make_loader(dataset, pieces, workers)):
         bad.check(batch)
         lost = {b.name for b in batch.bad}
@@ -133,7 +153,7 @@ def write_index(out: Path, meta: dict) -> None:
 def finish_split(folder: Path, count: int) -> dict:
     shards = split_files(count)[:count]
     counts, digest = [], hashlib.sha256()
-    for k, shard in enumerate(shards):
+    for shard in shards:
         digest.update(bytes.fromhex(file_sha256(folder / shard)))
         counts.append(int(np.load(folder / shard, mmap_mode="r").shape[0]))
     labels = np.concatenate([np.load(folder / f"labels-{k:05d}.npy") for k in range(count)]).astype(np.int64)
@@ -143,13 +163,20 @@ def finish_split(folder: Path, count: int) -> dict:
     write_atomically(folder / "labels.npy", npy_bytes(labels))
     write_atomically(folder / "files.txt", files.encode())
     # every file a run reads, with its own hash: a changed byte is named by file when a run opens the split
-    return {"complete": True, "images": int(sum(counts)), "shards": shards, "counts": counts,
-            "skipped": skipped, "content_sha256": digest.hexdigest(),
-            "file_sha256": {n: file_sha256(folder / n) for n in split_files(count)}}
+    return {
+        "complete": True,
+        "images": int(sum(counts)),
+        "shards": shards,
+        "counts": counts,
+        "skipped": skipped,
+        "content_sha256": digest.hexdigest(),
+        "file_sha256": {n: file_sha256(folder / n) for n in split_files(count)},
+    }
 
 
-def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_mb: float, force: bool,
-            progress: bool = True) -> dict:
+def prepare(
+    cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_mb: float, force: bool, progress: bool = True
+) -> dict:
     stored = max(cfg.settled_size, round(cfg.settled_size * margin))
     meta, manifest = start(out, settings_of(cfg, stored, shard_mb), force)
     manifest.add(PREPARED)
@@ -163,8 +190,10 @@ def prepare(cfg: DataConfig, splits: list[str], out: Path, margin: float, shard_
         meta["splits"][name] = prepare_split(cfg, split, out, meta, progress, manifest)
         write_index(out, meta)
         info = meta["splits"][name]
-        console.print(f"{name}: {info['images']:,} images at {stored}x{stored} in {len(info['shards'])} shard(s)"
-                      + (f", {len(info['skipped'])} unreadable skipped" if info["skipped"] else ""))
+        console.print(
+            f"{name}: {info['images']:,} images at {stored}x{stored} in {len(info['shards'])} shard(s)"
+            + (f", {len(info['skipped'])} unreadable skipped" if info["skipped"] else "")
+        )
     return meta
 
 
@@ -179,8 +208,10 @@ def verify(out: Path, progress: bool = True) -> tuple[dict[str, int], int]:
         task = bar.add_task(f"verify {out}", total=len(meta["splits"]), info="")
         for name, info in meta["splits"].items():
             if not info.get("complete"):
-                raise LdaeError(f"{out}: the preparation of its '{name}' split was interrupted; run the same "
-                                "`ldae prepare-data` command again to finish it")
+                raise LdaeError(
+                    f"{out}: the preparation of its '{name}' split was interrupted; run the same "
+                    "`ldae prepare-data` command again to finish it"
+                )
             check_split(out, name, meta, verify=True)
             checked[name], files = info["images"], files + len(info["file_sha256"])
             bar.update(task, advance=1)

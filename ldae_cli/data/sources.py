@@ -72,8 +72,9 @@ class ImageSource:
 
     def encoded(self, i: int) -> bytes:
         """Image i's file as stored (for decoding on the GPU, data.decode=gpu)."""
-        raise LdaeError(f"data.decode=gpu decodes image files; {type(self).__name__} holds decoded arrays "
-                        "(use data.decode=pil)")
+        raise LdaeError(
+            f"data.decode=gpu decodes image files; {type(self).__name__} holds decoded arrays (use data.decode=pil)"
+        )
 
     def identity(self) -> str:
         """A sha256 that is the same for the same images wherever they are (no absolute path enters it): what a
@@ -96,7 +97,9 @@ class ArraySource(ImageSource):
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return Image.fromarray(self.images[i])
 
-    def identity(self) -> str:  # the decoded arrays themselves (IDX files: tens of MB, hashed in a fraction of a second)
+    def identity(
+        self,
+    ) -> str:  # the decoded arrays themselves (IDX files: tens of MB, hashed in a fraction of a second)
         h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
         h.update(np.asarray(self.labels, dtype=np.int64).tobytes())
         return h.hexdigest()
@@ -109,8 +112,10 @@ class FileSource(ImageSource):
 
     def identity(self) -> str:  # each file's path below the dataset root, its size and label
         root = self.root if self.root is not None and self.root.is_dir() else None
-        return digest_lines(f"{p.relative_to(root) if root else p.name}\t{p.stat().st_size}\t{label}"
-                            for p, label in zip(self.paths, self.labels))
+        return digest_lines(
+            f"{p.relative_to(root) if root else p.name}\t{p.stat().st_size}\t{label}"
+            for p, label in zip(self.paths, self.labels)
+        )
 
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(self.paths[i], target)
@@ -126,8 +131,10 @@ class BytesSource(ImageSource):
         self.blobs, self.names, self.labels, self.classes, self.archive = blobs, names, labels, classes, archive
 
     def identity(self) -> str:  # each member's name inside the archive (names are "<archive>:<member>"), size, label
-        return digest_lines(f"{name[len(self.archive) + 1:]}\t{len(blob)}\t{label}"
-                            for name, blob, label in zip(self.names, self.blobs, self.labels))
+        return digest_lines(
+            f"{name[len(self.archive) + 1 :]}\t{len(blob)}\t{label}"
+            for name, blob, label in zip(self.names, self.blobs, self.labels)
+        )
 
     def open(self, i: int, target: int | None = None) -> Image.Image:
         return decode(io.BytesIO(self.blobs[i]), target)
@@ -136,10 +143,22 @@ class BytesSource(ImageSource):
         return self.blobs[i]
 
 
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot"]
-FMNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -150,7 +169,7 @@ def _read_idx(path: Path) -> np.ndarray:
         zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
         if zero != 0 or dtype_code != 0x08:
             raise ValueError("not an unsigned-byte IDX file")
-        dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+        dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         if data.size != int(np.prod(dims)):
             raise ValueError(f"expected {int(np.prod(dims))} values, found {data.size}")
@@ -162,21 +181,30 @@ def _read_idx(path: Path) -> np.ndarray:
 def default_locations(source: str) -> list[Path]:
     env = [Path(os.environ["LDAE_DATA"])] if os.environ.get("LDAE_DATA") else []
     if source == "fashion-mnist":
-        return [*(e / "fashion-mnist" for e in env), FMNIST_DEBIAN, CACHE_HOME / "fashion-mnist",
-                CACHE_HOME / "FashionMNIST" / "raw"]
+        return [
+            *(e / "fashion-mnist" for e in env),
+            FMNIST_DEBIAN,
+            CACHE_HOME / "fashion-mnist",
+            CACHE_HOME / "FashionMNIST" / "raw",
+        ]
     if source == "cifar10":
         names = ("cifar10-jpg.tar.gz", "cifar10")
-        return [*(e / n for e in env for n in names), *(REPO_ROOT.parent / "shared" / "data" / n for n in names),
-                *(CACHE_HOME / n for n in names)]
+        return [
+            *(e / n for e in env for n in names),
+            *(REPO_ROOT.parent / "shared" / "data" / n for n in names),
+            *(CACHE_HOME / n for n in names),
+        ]
     return []
 
 
-DATA_CHOICES = ("a folder of images, a <split>/<class>/<image> tree (ImageNet layout), a .tar/.tar.gz of either, "
-                "a folder of Fashion-MNIST IDX files, or a folder written by `ldae prepare-data`")
+DATA_CHOICES = (
+    "a folder of images, a <split>/<class>/<image> tree (ImageNet layout), a .tar/.tar.gz of either, "
+    "a folder of Fashion-MNIST IDX files, or a folder written by `ldae prepare-data`"
+)
 EVAL_SPLITS = ("val", "validation", "test")  # a class tree's evaluation split: the first of these it has
 _HOW_TO_GET = {
     "fashion-mnist": "install it with `sudo apt-get install dataset-fashion-mnist` (or run `make data`, which "
-                     "falls back to torchvision's download), or point data.path at a folder of IDX files",
+    "falls back to torchvision's download), or point data.path at a folder of IDX files",
     "cifar10": "point data.path at the CIFAR-10 JPEG tree or its .tar.gz (cifar10/{train,test}/<class>/*.jpg)",
     "imagefolder": "give --data DIR (data.path): a folder (or .tar/.tar.gz) laid out as <split>/<class>/<image>",
     "images": "give --data DIR (data.path): a folder of images",
@@ -207,7 +235,9 @@ def _fmnist(root: Path, split: str) -> ImageSource:
     for stem in FMNIST_FILES[split]:
         hits = [root / (stem + ext) for ext in (".gz", "") if (root / (stem + ext)).is_file()]
         if not hits:
-            raise LdaeError(f"{root}: missing {stem}.gz; expected Fashion-MNIST IDX files there ({_HOW_TO_GET['fashion-mnist']})")
+            raise LdaeError(
+                f"{root}: missing {stem}.gz; expected Fashion-MNIST IDX files there ({_HOW_TO_GET['fashion-mnist']})"
+            )
         found.append(hits[0])
     images, labels = _read_idx(found[0]), _read_idx(found[1])
     if len(images) != len(labels):
@@ -254,9 +284,11 @@ def _imagefolder(root: Path, split: str) -> ImageSource:
     split_dir = _find_split_dir(root, split)
     if split_dir is None:
         present = ", ".join(sorted(d.name for d in root.iterdir() if d.is_dir())[:6]) or "none"
-        raise LdaeError(f"{root}: no '{split}' folder (looked for {root / split} and {root}/*/{split}; folders there: "
-                        f"{present}); expected the layout <split>/<class>/<image>; name the split with --eval-split "
-                        "(data.eval_split) or data.train_split")
+        raise LdaeError(
+            f"{root}: no '{split}' folder (looked for {root / split} and {root}/*/{split}; folders there: "
+            f"{present}); expected the layout <split>/<class>/<image>; name the split with --eval-split "
+            "(data.eval_split) or data.train_split"
+        )
     folders = [d for d in sorted(split_dir.iterdir()) if d.is_dir()]
     classes = [d.name for d in folders if not escapes(d, root)]
     paths, labels, skipped = [], [], len(folders) - len(classes)
@@ -267,8 +299,9 @@ def _imagefolder(root: Path, split: str) -> ImageSource:
         skipped += outside
     told = note_escaping(skipped, split_dir, root)
     if not paths:
-        raise LdaeError(f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})"
-                        + told)
+        raise LdaeError(
+            f"{split_dir}: no images found in class folders (extensions {', '.join(IMAGE_EXTENSIONS)})" + told
+        )
     return FileSource(paths, labels, classes, root)
 
 
@@ -292,14 +325,17 @@ def _imagefolder_tar(archive: Path, split: str) -> ImageSource:
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LdaeError(f"{archive}: archive is damaged ({short(exc)})") from None
     if not blobs:
-        raise LdaeError(f"{archive}: no images under a '{split}/<class>/' folder in this archive; name the split "
-                        "with --eval-split (data.eval_split) or data.train_split")
+        raise LdaeError(
+            f"{archive}: no images under a '{split}/<class>/' folder in this archive; name the split "
+            "with --eval-split (data.eval_split) or data.train_split"
+        )
     classes = sorted(set(class_of))
     index = {c: i for i, c in enumerate(classes)}
     # the same order as the extracted folder: by class name, then by file name within the class
     order = sorted(range(len(names)), key=lambda i: (class_of[i], names[i].rsplit("/", 1)[-1], names[i]))
-    return BytesSource([blobs[i] for i in order], [names[i] for i in order],
-                       [index[class_of[i]] for i in order], classes, str(archive))
+    return BytesSource(
+        [blobs[i] for i in order], [names[i] for i in order], [index[class_of[i]] for i in order], classes, str(archive)
+    )
 
 
 def _images_tar(archive: Path) -> ImageSource:
@@ -339,12 +375,16 @@ class PreparedSource(ImageSource):
     def __init__(self, root: Path, split: str, verify: bool = True):
         meta = read_prepared(root)
         if split not in meta["splits"]:
-            raise LdaeError(f"{root}: a prepared dataset without a '{split}' split (it has "
-                            f"{', '.join(meta['splits'])}); prepare it with that split")
+            raise LdaeError(
+                f"{root}: a prepared dataset without a '{split}' split (it has "
+                f"{', '.join(meta['splits'])}); prepare it with that split"
+            )
         info = meta["splits"][split]
         if not info.get("complete"):
-            raise LdaeError(f"{root}: the preparation of its '{split}' split was interrupted; run the same "
-                            "`ldae prepare-data` command again to finish it")
+            raise LdaeError(
+                f"{root}: the preparation of its '{split}' split was interrupted; run the same "
+                "`ldae prepare-data` command again to finish it"
+            )
         self.labels, self.names = check_split(root, split, meta, verify)
         self.root, self.split, self.stored_size = root, split, meta["stored_size"]
         self.shards, self.starts = info["shards"], np.cumsum([0] + info["counts"])[:-1]
@@ -375,9 +415,11 @@ def file_sha256(path: Path) -> str:
 
 def split_files(shards: int) -> list[str]:
     """The files of a prepared split of `shards` shards that a run reads: each has its sha256 in prepared.json."""
-    return ([f"images-{k:05d}.npy" for k in range(shards)] + [f"{kind}-{k:05d}.{ext}" for k in range(shards)
-                                                              for kind, ext in (("labels", "npy"), ("files", "txt"))]
-            + ["labels.npy", "files.txt"])
+    return (
+        [f"images-{k:05d}.npy" for k in range(shards)]
+        + [f"{kind}-{k:05d}.{ext}" for k in range(shards) for kind, ext in (("labels", "npy"), ("files", "txt"))]
+        + ["labels.npy", "files.txt"]
+    )
 
 
 def index_sha256(meta: dict) -> str:
@@ -397,15 +439,23 @@ def read_prepared(root: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise LdaeError(f"{path}: not a readable prepared-dataset description ({short(exc)}); prepare "
-                        "the dataset again") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or not all(
+        raise LdaeError(
+            f"{path}: not a readable prepared-dataset description ({short(exc)}); prepare the dataset again"
+        ) from None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("splits"), dict)
+        or not all(
             isinstance(info, dict) and name == Path(name).name and name not in ("", ".", "..")
-            for name, info in meta["splits"].items()):
+            for name, info in meta["splits"].items()
+        )
+    ):
         raise LdaeError(f"{path}: 'splits' must map split folder names to their descriptions; {_again(root)}")
     if meta.get("index_sha256", index_sha256(meta)) != index_sha256(meta):
-        raise LdaeError(f"{path}: its content differs from its index_sha256 (the file was edited or damaged after "
-                        f"it was written); {_again(root)}")
+        raise LdaeError(
+            f"{path}: its content differs from its index_sha256 (the file was edited or damaged after "
+            f"it was written); {_again(root)}"
+        )
     return meta
 
 
@@ -414,8 +464,13 @@ def check_split(root: Path, split: str, meta: dict, verify: bool) -> tuple[list[
     files (image counts and size, classes and labels: seconds, always) and, with `verify`, every file with its
     recorded sha256: an edited or damaged dataset is one line naming the file and key before any image is read."""
     index, folder, info = root / PREPARED, root / split, meta["splits"][split]
-    stored, classes, shards, counts, hashes = (meta.get("stored_size"), meta.get("classes"), info.get("shards"),
-                                               info.get("counts"), info.get("file_sha256"))
+    stored, classes, shards, counts, hashes = (
+        meta.get("stored_size"),
+        meta.get("classes"),
+        info.get("shards"),
+        info.get("counts"),
+        info.get("file_sha256"),
+    )
 
     def need(ok, key: str, what: str) -> None:
         if not ok:
@@ -425,55 +480,90 @@ def check_split(root: Path, split: str, meta: dict, verify: bool) -> tuple[list[
         return type(x) is int and x >= 0  # a bool is no count
 
     need(natural(stored) and stored > 0, "stored_size", f"must be an image side in pixels, not {stored!r}")
-    need(isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
-         "classes", "must be a list of distinct class names")
+    need(
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(set(classes)) == len(classes),
+        "classes",
+        "must be a list of distinct class names",
+    )
     assert isinstance(classes, list)  # need() refused anything else
-    need(isinstance(shards, list) and shards and shards == split_files(len(shards))[:len(shards)],
-         f"splits.{split}.shards", "must list images-00000.npy, images-00001.npy, ... in order")
-    need(isinstance(counts, list) and len(counts) == len(shards) and all(map(natural, counts)),
-         f"splits.{split}.counts", f"must hold {len(shards)} image counts, one per shard, not {counts!r}")
-    need(info.get("images") == sum(counts) and natural(info["images"]), f"splits.{split}.images",
-         f"is {info.get('images')!r}, but its counts add up to {sum(counts)}")
+    need(
+        isinstance(shards, list) and shards and shards == split_files(len(shards))[: len(shards)],
+        f"splits.{split}.shards",
+        "must list images-00000.npy, images-00001.npy, ... in order",
+    )
+    need(
+        isinstance(counts, list) and len(counts) == len(shards) and all(map(natural, counts)),
+        f"splits.{split}.counts",
+        f"must hold {len(shards)} image counts, one per shard, not {counts!r}",
+    )
+    need(
+        info.get("images") == sum(counts) and natural(info["images"]),
+        f"splits.{split}.images",
+        f"is {info.get('images')!r}, but its counts add up to {sum(counts)}",
+    )
     # a missing or empty hash list is an error, never a pass that checked nothing
-    need(isinstance(hashes, dict) and sorted(hashes) == sorted(split_files(len(shards))) and all(
-        isinstance(h, str) and len(h) == 64 for h in hashes.values()), f"splits.{split}.file_sha256",
+    need(
+        isinstance(hashes, dict)
+        and sorted(hashes) == sorted(split_files(len(shards)))
+        and all(isinstance(h, str) and len(h) == 64 for h in hashes.values()),
+        f"splits.{split}.file_sha256",
         f"must hold the sha256 of each of the split's {len(split_files(len(shards)))} files (it is missing, empty "
-        "or lists others)")
+        "or lists others)",
+    )
     if verify:
-        fix = (f"{_again(root)}; `ldae prepare-data --verify {root}` checks every file, and data.verify=false skips "
-               "this check")
+        fix = (
+            f"{_again(root)}; `ldae prepare-data --verify {root}` checks every file, and data.verify=false skips "
+            "this check"
+        )
         for name, recorded in hashes.items():
             if not (folder / name).is_file():
                 raise LdaeError(f"{folder / name}: missing from the prepared dataset; {fix}")
             if file_sha256(folder / name) != recorded:
-                raise LdaeError(f"{folder / name}: its sha256 differs from the one recorded when it was prepared (the "
-                                f"file was changed or damaged); {fix}")
+                raise LdaeError(
+                    f"{folder / name}: its sha256 differs from the one recorded when it was prepared (the "
+                    f"file was changed or damaged); {fix}"
+                )
 
     def read(name: str):
         try:
-            return np.load(folder / name, mmap_mode="r") if name.endswith(".npy") else \
-                (folder / name).read_text().splitlines()
+            return (
+                np.load(folder / name, mmap_mode="r")
+                if name.endswith(".npy")
+                else (folder / name).read_text().splitlines()
+            )
         except (OSError, ValueError) as exc:
             raise LdaeError(f"{folder / name}: missing or unreadable ({short(exc)}); {_again(root)}") from None
 
     for name, count in zip(shards, counts):
         array = read(name)
-        need(array.shape == (count, stored, stored, 3) and array.dtype == np.uint8,
-             f"splits.{split}.counts and stored_size", f"say {count} images of {stored}x{stored}, but {folder / name} "
-             f"holds {array.dtype} {array.shape}")
+        need(
+            array.shape == (count, stored, stored, 3) and array.dtype == np.uint8,
+            f"splits.{split}.counts and stored_size",
+            f"say {count} images of {stored}x{stored}, but {folder / name} holds {array.dtype} {array.shape}",
+        )
     labels, names = read("labels.npy"), read("files.txt")
-    need(labels.shape == (len(names),) == (info["images"],) and labels.dtype == np.int64, f"splits.{split}.images",
-         f"is {info['images']}, but {folder / 'labels.npy'} holds {labels.dtype} {labels.shape} and "
-         f"{folder / 'files.txt'} {len(names)} names")
+    need(
+        labels.shape == (len(names),) == (info["images"],) and labels.dtype == np.int64,
+        f"splits.{split}.images",
+        f"is {info['images']}, but {folder / 'labels.npy'} holds {labels.dtype} {labels.shape} and "
+        f"{folder / 'files.txt'} {len(names)} names",
+    )
     low, high = (int(labels.min()), int(labels.max())) if len(labels) else (-1, -1)
-    need(not len(labels) or (0 <= low and high < len(classes) if classes else low == high == -1), "classes",
-         f"holds {len(classes)} class(es), but {folder / 'labels.npy'} holds labels {low} to {high}")
+    need(
+        not len(labels) or (0 <= low and high < len(classes) if classes else low == high == -1),
+        "classes",
+        f"holds {len(classes)} class(es), but {folder / 'labels.npy'} holds labels {low} to {high}",
+    )
     return labels.tolist(), names
 
 
 # data.source -> the reader of a dataset of that kind at data.path (a prepared dataset is read as one whatever its kind)
 SOURCES: dict[str, Callable[[Path, str], ImageSource]] = {
-    "fashion-mnist": _fmnist, "cifar10": _imagefolder, "imagefolder": _imagefolder, "images": _plain_images}
+    "fashion-mnist": _fmnist,
+    "cifar10": _imagefolder,
+    "imagefolder": _imagefolder,
+    "images": _plain_images,
+}
 
 
 def open_source(cfg: SourceConfig, split: str) -> ImageSource:

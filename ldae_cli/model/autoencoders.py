@@ -41,6 +41,7 @@ KINDS = ("conv-vae", "patch-vae", "patch-ae")
 # Autoencoders
 # ---------------------------------------------------------------------------------------------
 
+
 class Autoencoder(nn.Module):
     """images <-> tokens; `variational` nets also return a log-variance to sample from."""
 
@@ -63,12 +64,14 @@ class Autoencoder(nn.Module):
 
     def grid(self, image_size: int) -> tuple[int, int]:
         if image_size % self.patch:
-            raise LdaeError(f"data.image_size {image_size} is not divisible by the tokenizer's token footprint "
-                            f"{self.patch} pixels")
+            raise LdaeError(
+                f"data.image_size {image_size} is not divisible by the tokenizer's token footprint {self.patch} pixels"
+            )
         return image_size // self.patch, image_size // self.patch
 
-    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Training pass: (reconstruction, mean, logvar); `noise` (B, N, d) samples the posterior."""
         mean, logvar = self.posterior(images)
         z = mean if logvar is None or noise is None else mean + torch.exp(0.5 * logvar) * noise
@@ -122,12 +125,28 @@ class ConvVAE(Autoencoder):
 
     variational = True
 
-    def __init__(self, stride: int, latent_channels: int, token_group: int, channels: int, channel_mult: list[int],
-                 res_blocks: int, attention: bool, kind: str = "conv-vae"):
+    def __init__(
+        self,
+        stride: int,
+        latent_channels: int,
+        token_group: int,
+        channels: int,
+        channel_mult: list[int],
+        res_blocks: int,
+        attention: bool,
+        kind: str = "conv-vae",
+    ):
         super().__init__()
-        self.spec = {"kind": kind, "stride": stride, "latent_channels": latent_channels, "token_group": token_group,
-                     "channels": channels, "channel_mult": list(channel_mult), "res_blocks": res_blocks,
-                     "attention": attention}
+        self.spec = {
+            "kind": kind,
+            "stride": stride,
+            "latent_channels": latent_channels,
+            "token_group": token_group,
+            "channels": channels,
+            "channel_mult": list(channel_mult),
+            "res_blocks": res_blocks,
+            "attention": attention,
+        }
         self.latent_channels, self.group = latent_channels, token_group
         self.patch, self.token_dim = stride * token_group, token_group * token_group * latent_channels
         widths = [channels * m for m in channel_mult]
@@ -140,8 +159,12 @@ class ConvVAE(Autoencoder):
                 cin = width
             if level < len(widths) - 1:
                 enc.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
-        enc += [_mid(cin, attention), nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.SiLU(),
-                nn.Conv2d(cin, 2 * latent_channels, 3, padding=1)]
+        enc += [
+            _mid(cin, attention),
+            nn.GroupNorm(_groups(cin), cin, eps=1e-6),
+            nn.SiLU(),
+            nn.Conv2d(cin, 2 * latent_channels, 3, padding=1),
+        ]
         self.encoder = nn.Sequential(*enc)
 
         dec: list[nn.Module] = [nn.Conv2d(latent_channels, widths[-1], 3, padding=1), _mid(widths[-1], attention)]
@@ -213,6 +236,7 @@ def build_autoencoder(spec: dict) -> Autoencoder:
 # VQGAN-style losses: PatchGAN discriminator, LPIPS-style perceptual distance
 # ---------------------------------------------------------------------------------------------
 
+
 class PatchDiscriminator(nn.Module):
     """pix2pix's PatchGAN as VQGAN uses it: strided 4x4 convs with BatchNorm -> a map of real/fake logits."""
 
@@ -221,10 +245,13 @@ class PatchDiscriminator(nn.Module):
         seq: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < layers else 1
-            seq += [nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
-                    nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
+            seq += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride, 1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         seq.append(nn.Conv2d(channels * mult, 1, 4, 1, 1))
         self.main = nn.Sequential(*seq)
         for m in self.modules():  # DCGAN init, as taming-transformers does
@@ -245,8 +272,10 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of torchvision's vgg16().features (LPIPS's taps)
 VGG_TAPS = (3, 8, 15, 22, 29)
 VGG_WIDTHS = (64, 128, 256, 512, 512)
-VGG_FORMAT = ("a torchvision VGG16 state dict saved with safetensors (keys features.0.weight ... features.28.bias; "
-              "classifier.* may be present and is ignored)")
+VGG_FORMAT = (
+    "a torchvision VGG16 state dict saved with safetensors (keys features.0.weight ... features.28.bias; "
+    "classifier.* may be present and is ignored)"
+)
 LPIPS_FORMAT = "LPIPS's linear layers saved with safetensors (keys lin0.model.1.weight ... lin4.model.1.weight)"
 
 
@@ -257,8 +286,9 @@ def _read_safetensors(path: str, key: str, fmt: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(p)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise LdaeError(f"{key}: {path} is not a readable safetensors file ({str(exc).splitlines()[0]}); "
-                        f"expected {fmt}") from None
+        raise LdaeError(
+            f"{key}: {path} is not a readable safetensors file ({str(exc).splitlines()[0]}); expected {fmt}"
+        ) from None
 
 
 class PerceptualLoss(nn.Module):
@@ -288,20 +318,24 @@ class PerceptualLoss(nn.Module):
         if missing:
             raise LdaeError(f"loss.vgg_weights: {vgg_weights} lacks {', '.join(missing[:3])}; expected {VGG_FORMAT}")
         try:
-            features.load_state_dict({k[len("features."):]: v for k, v in wanted.items()
-                                      if int(k.split(".")[1]) <= VGG_TAPS[-1]})
+            features.load_state_dict(
+                {k[len("features.") :]: v for k, v in wanted.items() if int(k.split(".")[1]) <= VGG_TAPS[-1]}
+            )
         except RuntimeError as exc:
             why = str(exc).splitlines()[-1].strip()
-            raise LdaeError(f"loss.vgg_weights: {vgg_weights} does not fit VGG16 ({why}); "
-                            f"expected {VGG_FORMAT}") from None
+            raise LdaeError(
+                f"loss.vgg_weights: {vgg_weights} does not fit VGG16 ({why}); expected {VGG_FORMAT}"
+            ) from None
         self.features = features.eval().requires_grad_(False)
         if lpips_weights:
             lin = _read_safetensors(lpips_weights, "loss.lpips_weights", LPIPS_FORMAT)
             try:
                 weights = [lin[f"lin{i}.model.1.weight"].reshape(w).float() for i, w in enumerate(VGG_WIDTHS)]
             except (KeyError, RuntimeError):
-                raise LdaeError(f"loss.lpips_weights: {lpips_weights} does not hold five linear layers of widths "
-                                f"{VGG_WIDTHS}; expected {LPIPS_FORMAT}") from None
+                raise LdaeError(
+                    f"loss.lpips_weights: {lpips_weights} does not hold five linear layers of widths "
+                    f"{VGG_WIDTHS}; expected {LPIPS_FORMAT}"
+                ) from None
         else:
             weights = [torch.ones(w) for w in VGG_WIDTHS]
         for i, w in enumerate(weights):

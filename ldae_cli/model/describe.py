@@ -14,8 +14,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from safetensors import safe_open
 
-from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, sha256_file
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata, sha256_file
 from ldae_cli.runs.logs import read_metrics
 from ldae_cli.runs.rundir import CHECKPOINT, METRICS
 
@@ -34,8 +34,18 @@ CONFIG_SUMMARY = {
     "probe": ("features", "fast", "t", "depth", "blrs", "epochs", "batch_size"),
     "optim": ("batch_size", "epochs", "iterations", "blr", "lr", "ema"),
 }
-NETWORK_KEYS = ("width", "embed_dim", "encoder_depth", "decoder_depth", "depth", "num_heads", "patch_size", "img_size",
-                "grid", "mlp_ratio")
+NETWORK_KEYS = (
+    "width",
+    "embed_dim",
+    "encoder_depth",
+    "decoder_depth",
+    "depth",
+    "num_heads",
+    "patch_size",
+    "img_size",
+    "grid",
+    "mlp_ratio",
+)
 TOKENIZER_KEYS = ("kind", "patch", "dim", "latent_scale", "stride", "latent_channels")
 DETAIL_KEYS = {
     "pca": ("patch", "dim", "n_patches", "variance_explained", "image_size", "dataset"),
@@ -55,8 +65,10 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir() and (path / CHECKPOINT).is_file():
         path = path / CHECKPOINT
     elif path.is_dir() and not ((path / "config.json").is_file() and (path / TIMM_WEIGHTS).is_file()):
-        raise LdaeError(f"{path}: neither a run directory ({CHECKPOINT}) nor an `ldae export --format timm` "
-                        f"folder (config.json + {TIMM_WEIGHTS}); give a checkpoint file or one of those")
+        raise LdaeError(
+            f"{path}: neither a run directory ({CHECKPOINT}) nor an `ldae export --format timm` "
+            f"folder (config.json + {TIMM_WEIGHTS}); give a checkpoint file or one of those"
+        )
     folder = _timm_folder(path)
     if folder is not None:
         return _describe_timm(folder)
@@ -65,15 +77,24 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
     ck = load_checkpoint(path)
     kind, extra, config, provenance = ck.kind, ck.extra, ck.config, ck.provenance
     info = {
-        "path": str(path), "kind": kind, "format": "ldae checkpoint", "format_version": ck.format_version,
-        "package_version": ck.package_version, "created": provenance.get("created"),
-        "command": provenance.get("command"), "file_size": path.stat().st_size, "sha256": ck.sha256,
+        "path": str(path),
+        "kind": kind,
+        "format": "ldae checkpoint",
+        "format_version": ck.format_version,
+        "package_version": ck.package_version,
+        "created": provenance.get("created"),
+        "command": provenance.get("command"),
+        "file_size": path.stat().st_size,
+        "sha256": ck.sha256,
         "parameters": _parameters(path, NETWORK_SECTION.get(kind, "" if kind == "encoder" else None)),
-        "training": _training(extra, config), "config": _config_summary(config),
+        "training": _training(extra, config),
+        "config": _config_summary(config),
         "network": _pick(_network_spec(extra), NETWORK_KEYS),
         "tokenizer": _pick(extra.get("tokenizer"), TOKENIZER_KEYS),
-        "details": _pick(extra, DETAIL_KEYS.get(kind, ())), "parents": _parents(provenance),
-        "metrics": None, "results": None,
+        "details": _pick(extra, DETAIL_KEYS.get(kind, ())),
+        "parents": _parents(provenance),
+        "metrics": None,
+        "results": None,
     }
     if "step" in extra:  # a training run's checkpoint: its run directory holds the metrics and results
         info["metrics"] = _last_metrics(path.parent / METRICS)
@@ -85,11 +106,13 @@ def _timm_folder(path: Path) -> Path | None:
     if not (path.is_dir() or path.name == TIMM_WEIGHTS):
         return None
     from ldae_cli.model.pretrained import timm_export
+
     return timm_export(path)
 
 
 def _timm_provenance(folder: Path) -> dict:
     from ldae_cli.model.pretrained import read_timm_config, timm_provenance
+
     return timm_provenance(read_timm_config(folder))
 
 
@@ -102,14 +125,30 @@ def _describe_timm(folder: Path) -> dict:
     parents = _parents(timm_provenance(config))
     # the folder keeps no training config; its source pretrain checkpoint does, when it is still there
     source = read_metadata(parents[0]["path"])["config"] if parents and parents[0]["status"] == "ok" else {}
-    details = {**_pick(about, ("t", "depth", "image_size")), "architecture": config.get("architecture"),
-               **_pick(config.get("pretrained_cfg"), ("input_size", "mean", "std"))}
+    details = {
+        **_pick(about, ("t", "depth", "image_size")),
+        "architecture": config.get("architecture"),
+        **_pick(config.get("pretrained_cfg"), ("input_size", "mean", "std")),
+    }
     return {
-        "path": str(folder), "kind": "encoder", "format": "timm export folder", "format_version": None,
-        "package_version": about.get("package_version", ""), "created": None, "command": None,
-        "file_size": weights.stat().st_size, "sha256": sha256_file(weights), "parameters": _parameters(weights, ""),
-        "training": None, "config": _config_summary(source), "network": _pick(config["model_args"], NETWORK_KEYS),
-        "tokenizer": None, "details": details, "parents": parents, "metrics": None, "results": None,
+        "path": str(folder),
+        "kind": "encoder",
+        "format": "timm export folder",
+        "format_version": None,
+        "package_version": about.get("package_version", ""),
+        "created": None,
+        "command": None,
+        "file_size": weights.stat().st_size,
+        "sha256": sha256_file(weights),
+        "parameters": _parameters(weights, ""),
+        "training": None,
+        "config": _config_summary(source),
+        "network": _pick(config["model_args"], NETWORK_KEYS),
+        "tokenizer": None,
+        "details": details,
+        "parents": parents,
+        "metrics": None,
+        "results": None,
     }
 
 
@@ -130,8 +169,9 @@ OBJECTIVE_SECTIONS = {"ldae": "diffusion", "mae": "mae", "mocov3": "mocov3"}
 def _config_summary(config: dict) -> dict:
     objective = config.get("objective", "ldae")
     others = {section for name, section in OBJECTIVE_SECTIONS.items() if name != objective}
-    summary = {section: _pick(config.get(section), keys) for section, keys in CONFIG_SUMMARY.items()
-               if section not in others}
+    summary = {
+        section: _pick(config.get(section), keys) for section, keys in CONFIG_SUMMARY.items() if section not in others
+    }
     if "objective" in config:
         summary = {"objective": {"objective": objective}, **summary}
     return {section: values for section, values in summary.items() if values}
@@ -151,8 +191,13 @@ def _training(extra: dict, config: dict) -> dict | None:
     if "total_steps" not in extra:  # no train state: not a training checkpoint, or a run's best weights
         return None
     epochs = (config.get("optim") or {}).get("epochs") or (config.get("probe") or {}).get("epochs")
-    return {"step": extra["step"], "total_steps": extra.get("total_steps"), "epoch": extra.get("epoch"),
-            "epochs": epochs, "finished": extra.get("finished")}
+    return {
+        "step": extra["step"],
+        "total_steps": extra.get("total_steps"),
+        "epoch": extra.get("epoch"),
+        "epochs": epochs,
+        "finished": extra.get("finished"),
+    }
 
 
 def _parents(provenance: dict) -> list[dict]:
@@ -169,8 +214,9 @@ def _parents(provenance: dict) -> list[dict]:
         else:
             entry["status"] = "ok"
             folder = _timm_folder(path)  # a run started from a timm export records its model.safetensors
-            entry["parents"] = _parents(_timm_provenance(folder) if folder is not None
-                                        else read_metadata(path)["provenance"])
+            entry["parents"] = _parents(
+                _timm_provenance(folder) if folder is not None else read_metadata(path)["provenance"]
+            )
         chain.append(entry)
     return chain
 
@@ -201,11 +247,16 @@ def _results(kind: str, folder: Path) -> dict | None:
         return None
     if kind == "probe":
         best = data["heads"][data["best_head"]]
-        return {"file": str(file), "best_top1": data["best_top1"], "best_blr": best["blr"],
-                "knn_top1": data.get("knn_top1"), "eval_split": data.get("eval_split")}
+        return {
+            "file": str(file),
+            "best_top1": data["best_top1"],
+            "best_blr": best["blr"],
+            "knn_top1": data.get("knn_top1"),
+            "eval_split": data.get("eval_split"),
+        }
     flat = {}
     for key, value in data.items():
-        for sub, number in (value.items() if isinstance(value, dict) else [("", value)]):
+        for sub, number in value.items() if isinstance(value, dict) else [("", value)]:
             if isinstance(number, (int, float)) and not isinstance(number, bool):
                 flat[f"{key}_{sub}" if sub else key] = number
     return {"file": str(file), **flat}
@@ -247,8 +298,7 @@ def render(info: dict) -> Group:
             config.add_row(label, _settings(info[name]))
     if config.row_count:
         parts.append(config)
-    parts.append(_provenance_table(info["parents"]) if info["parents"] else
-                 "provenance: made from no other checkpoint")
+    parts.append(_provenance_table(info["parents"]) if info["parents"] else "provenance: made from no other checkpoint")
     if info.get("metrics") or info.get("results"):
         parts.append(_metrics_table(info))
     return Group(*parts)
@@ -261,11 +311,12 @@ def _overview(info: dict) -> Table:
     version = f", format version {info['format_version']}" if info["format_version"] else ""
     table.add_row("kind", f"[bold]{info['kind']}[/bold] ({info['format']}{version})")
     if info["package_version"]:
-        table.add_row("written by", f"ldae {info['package_version']}" + (f", {info['created']}" if info["created"]
-                                                                          else ""))
+        table.add_row(
+            "written by", f"ldae {info['package_version']}" + (f", {info['created']}" if info["created"] else "")
+        )
     if info["command"]:
         table.add_row("command", info["command"])
-    table.add_row("size", f"{info['file_size'] / 2 ** 20:,.2f} MB")
+    table.add_row("size", f"{info['file_size'] / 2**20:,.2f} MB")
     table.add_row("sha256", info["sha256"])
     if info["parameters"] is not None:
         table.add_row("parameters", f"{info['parameters']:,}")
@@ -273,8 +324,10 @@ def _overview(info: dict) -> Table:
     if run:
         epochs = f" of {_text(run['epochs'])}" if run["epochs"] is not None else ""
         state = "finished" if run["finished"] else "[yellow]not finished[/yellow] (continue with --resume)"
-        table.add_row("training", f"step {run['step']:,} / {_text(run['total_steps'])}, epoch "
-                                  f"{_text(run['epoch'])}{epochs}: {state}")
+        table.add_row(
+            "training",
+            f"step {run['step']:,} / {_text(run['total_steps'])}, epoch {_text(run['epoch'])}{epochs}: {state}",
+        )
     return table
 
 
@@ -289,8 +342,13 @@ def _provenance_table(parents: list[dict]) -> Table:
 def _add_parents(table: Table, parents: list[dict], depth: int) -> None:
     for p in parents:
         style = STATUS_STYLE[p["status"]]
-        table.add_row(f"[{style}]{p['status']}[/{style}]", "  " * depth + ("└ " if depth else "") + str(p["role"]),
-                      str(p["kind"]), str(p["path"]), (p["sha256"] or "")[:12])
+        table.add_row(
+            f"[{style}]{p['status']}[/{style}]",
+            "  " * depth + ("└ " if depth else "") + str(p["role"]),
+            str(p["kind"]),
+            str(p["path"]),
+            (p["sha256"] or "")[:12],
+        )
         _add_parents(table, p.get("parents", []), depth + 1)
 
 
@@ -299,13 +357,14 @@ def _metrics_table(info: dict) -> Table:
     table = Table(title="last metrics", title_justify="left")
     for column in ("quantity", "value", "step"):
         table.add_column(column, justify="left" if column == "quantity" else "right")
-    for key, entry in (metrics["values"].items() if metrics else ()):
+    for key, entry in metrics["values"].items() if metrics else ():
         table.add_row(key, _text(entry["value"]), _text(entry["step"]))
     for key, value in results.items():
         if key != "file":
             table.add_row(f"{key} ({Path(results['file']).name})", _text(value), "")
     run = info["training"]
     if metrics and run and metrics["last_step"] not in (None, run["step"]):
-        table.caption = (f"metrics.jsonl goes to step {metrics['last_step']:,}; this checkpoint is at step "
-                         f"{run['step']:,}")
+        table.caption = (
+            f"metrics.jsonl goes to step {metrics['last_step']:,}; this checkpoint is at step {run['step']:,}"
+        )
     return table

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ldae_cli.seeds import SeededSteps, stream_generator, stream_sample_seed
 from ldae_cli.errors import LdaeError
 from ldae_cli.runs.rundir import write_atomically
+from ldae_cli.seeds import SeededSteps, stream_generator, stream_sample_seed
 
 NET_PREFIX = "backbone.net."  # where detectron2's SimpleFeaturePyramid keeps the plain ViT
 REL_POS = ("attn.rel_pos_h", "attn.rel_pos_w")
@@ -39,13 +39,16 @@ def require_detectron2() -> None:
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             from detectron2.modeling import SimpleFeaturePyramid, ViT  # noqa: F401
     except ImportError as exc:
-        raise LdaeError(f"`ldae detect` needs detectron2 ({exc}); run `make env`, which installs it "
-                        "(see requirements/detectron2.txt)") from None
+        raise LdaeError(
+            f"`ldae detect` needs detectron2 ({exc}); run `make env`, which installs it "
+            "(see requirements/detectron2.txt)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+
 
 def global_block_indexes(depth: int) -> list[int]:
     """Blocks with global attention: the last block of each quarter of the depth.
@@ -72,13 +75,21 @@ class BackboneSpec:
         img = kw["img_size"]
         h, w = (img, img) if isinstance(img, int) else img
         if h != w:
-            raise LdaeError(f"{where}: pretrained on {h}x{w} images; detectron2's ViT interpolates only square "
-                            "position-embedding grids")
+            raise LdaeError(
+                f"{where}: pretrained on {h}x{w} images; detectron2's ViT interpolates only square "
+                "position-embedding grids"
+            )
         return cls(kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"], h, kw.get("mlp_ratio", 4.0))
 
     def to_dict(self) -> dict:
-        return dict(width=self.width, depth=self.depth, num_heads=self.num_heads, patch_size=self.patch_size,
-                    pretrain_image_size=self.pretrain_image_size, mlp_ratio=self.mlp_ratio)
+        return dict(
+            width=self.width,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            patch_size=self.patch_size,
+            pretrain_image_size=self.pretrain_image_size,
+            mlp_ratio=self.mlp_ratio,
+        )
 
 
 @dataclass
@@ -97,8 +108,10 @@ class DetectorSpec:
 def pyramid_strides(patch: int) -> list[int]:
     """Strides of the simple feature pyramid (scales 4, 2, 1, 0.5 of the ViT's stride) and its top block."""
     if patch % 4:
-        raise LdaeError(f"the simple feature pyramid upsamples the ViT's stride {patch} by 4; it needs a patch "
-                        "size divisible by 4 (the pretrain tokenizer.patch)")
+        raise LdaeError(
+            f"the simple feature pyramid upsamples the ViT's stride {patch} by 4; it needs a patch "
+            "size divisible by 4 (the pretrain tokenizer.patch)"
+        )
     return [patch // 4, patch // 2, patch, patch * 2, patch * 4]
 
 
@@ -109,8 +122,9 @@ def model_zoo_config(name: str) -> Path:
         raise LdaeError("detectron2 has no model_zoo package; reinstall detectron2 with `make env`")
     path = Path(next(iter(spec.submodule_search_locations))) / "configs" / name
     if not path.is_file():
-        raise LdaeError(f"detectron2's model zoo config {name} is missing from {path.parent}; reinstall "
-                        "detectron2 with `make env`")
+        raise LdaeError(
+            f"detectron2's model zoo config {name} is missing from {path.parent}; reinstall detectron2 with `make env`"
+        )
     return path
 
 
@@ -172,8 +186,10 @@ def build_detector(spec: BackboneSpec, settings: DetectorSpec) -> nn.Module:
     from detectron2.config import instantiate
 
     if settings.image_size % (spec.patch_size * 4):
-        raise LdaeError(f"data.image_size {settings.image_size} must be a multiple of {spec.patch_size * 4} "
-                        f"(4 x the patch size {spec.patch_size}: the coarsest pyramid level)")
+        raise LdaeError(
+            f"data.image_size {settings.image_size} must be a multiple of {spec.patch_size * 4} "
+            f"(4 x the patch size {spec.patch_size}: the coarsest pyramid level)"
+        )
     model = instantiate(detector_config(spec, settings))
     # LastLevelMaxPool hard-codes its input level as "p5" (stride 32, right for patch 16 only)
     model.backbone.top_block.in_feature = f"p{int(math.log2(pyramid_strides(spec.patch_size)[3]))}"
@@ -183,6 +199,7 @@ def build_detector(spec: BackboneSpec, settings: DetectorSpec) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # Loading the folded encoder into backbone.net
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadReport:
@@ -203,20 +220,35 @@ class LoadReport:
     def check(self, source: str) -> None:
         if self.ok:
             return
-        parts = [f"{label} {items[:3]}" for label, items in (
-            ("missing from the encoder", self.missing), ("unexpected in the encoder", self.unexpected),
-            ("shape mismatch", self.mismatched)) if items]
+        parts = [
+            f"{label} {items[:3]}"
+            for label, items in (
+                ("missing from the encoder", self.missing),
+                ("unexpected in the encoder", self.unexpected),
+                ("shape mismatch", self.mismatched),
+            )
+            if items
+        ]
         raise LdaeError(f"{source}: the encoder does not fit detectron2's ViT: {'; '.join(parts)}")
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)} encoder tensors ({self.loaded_params / 1e6:.2f}M values) into "
-                f"{NET_PREFIX.rstrip('.')}; fresh: {len(self.fresh_rel_pos)} relative-position tensors (zero), "
-                f"{len(self.fresh_new)} pyramid/RPN/ROI-head tensors")
+        return (
+            f"loaded {len(self.loaded)} encoder tensors ({self.loaded_params / 1e6:.2f}M values) into "
+            f"{NET_PREFIX.rstrip('.')}; fresh: {len(self.fresh_rel_pos)} relative-position tensors (zero), "
+            f"{len(self.fresh_new)} pyramid/RPN/ROI-head tensors"
+        )
 
     def to_dict(self) -> dict:
-        return {"loaded": len(self.loaded), "loaded_params": self.loaded_params,
-                "fresh_rel_pos": self.fresh_rel_pos, "fresh_new": len(self.fresh_new), "ok": self.ok,
-                "missing": self.missing, "unexpected": self.unexpected, "mismatched": self.mismatched}
+        return {
+            "loaded": len(self.loaded),
+            "loaded_params": self.loaded_params,
+            "fresh_rel_pos": self.fresh_rel_pos,
+            "fresh_new": len(self.fresh_new),
+            "ok": self.ok,
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+            "mismatched": self.mismatched,
+        }
 
 
 def loading_report(detector_shapes: dict[str, tuple], encoder_shapes: dict[str, tuple]) -> LoadReport:
@@ -243,7 +275,7 @@ def loading_report(detector_shapes: dict[str, tuple], encoder_shapes: dict[str, 
         elif name.endswith(REL_POS):
             report.fresh_rel_pos.append(name)
         else:
-            report.missing.append(name[len(NET_PREFIX):])
+            report.missing.append(name[len(NET_PREFIX) :])
     return report
 
 
@@ -265,6 +297,7 @@ def load_encoder_into(detector: nn.Module, encoder_state: dict[str, torch.Tensor
 # COCO-layout data
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CocoSplit:
     name: str  # the DatasetCatalog / MetadataCatalog name
@@ -285,18 +318,27 @@ def register_coco_split(root: str | Path, split: str) -> CocoSplit:
 
     root = Path(root)
     if not root.is_dir():
-        raise LdaeError(f"data.path {root}: not a folder; give a COCO root holding annotations/instances_<split>.json "
-                        "and one image folder per split")
+        raise LdaeError(
+            f"data.path {root}: not a folder; give a COCO root holding annotations/instances_<split>.json "
+            "and one image folder per split"
+        )
     json_file, image_root = coco_paths(root, split)
     if not json_file.is_file():
-        present = sorted(p.name for p in (root / "annotations").glob("instances_*.json")) \
-            if (root / "annotations").is_dir() else []
+        present = (
+            sorted(p.name for p in (root / "annotations").glob("instances_*.json"))
+            if (root / "annotations").is_dir()
+            else []
+        )
         hint = f"; found {', '.join(present)} (set data.train_split / data.eval_split)" if present else ""
-        raise LdaeError(f"{json_file}: COCO annotations not found (expected annotations/instances_{split}.json "
-                        f"under data.path){hint}")
+        raise LdaeError(
+            f"{json_file}: COCO annotations not found (expected annotations/instances_{split}.json "
+            f"under data.path){hint}"
+        )
     if not image_root.is_dir():
-        raise LdaeError(f"{image_root}: image folder for split '{split}' not found (COCO layout: data.path/{split}/ "
-                        f"next to annotations/)")
+        raise LdaeError(
+            f"{image_root}: image folder for split '{split}' not found (COCO layout: data.path/{split}/ "
+            f"next to annotations/)"
+        )
     name = f"ldae_{split}@{root.resolve()}"
     for catalog in (DatasetCatalog, MetadataCatalog):
         if name in catalog.list():  # a re-run in the same process (tests) may see changed files
@@ -306,16 +348,20 @@ def register_coco_split(root: str | Path, split: str) -> CocoSplit:
     except json.JSONDecodeError as exc:
         raise LdaeError(f"{json_file}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
     except (KeyError, TypeError, AssertionError, AttributeError) as exc:
-        raise LdaeError(f"{json_file}: not a COCO instances file ({type(exc).__name__}: {exc}); expected a mapping "
-                        "with 'images', 'annotations' and 'categories' lists") from None
+        raise LdaeError(
+            f"{json_file}: not a COCO instances file ({type(exc).__name__}: {exc}); expected a mapping "
+            "with 'images', 'annotations' and 'categories' lists"
+        ) from None
     meta = MetadataCatalog.get(name)
     class_names = list(getattr(meta, "thing_classes", []))
     if not class_names:
         raise LdaeError(f"{json_file}: 'categories' is empty; detection needs at least one category")
     missing = [d["file_name"] for d in dicts if not Path(d["file_name"]).is_file()]
     if missing:
-        raise LdaeError(f"{json_file}: {len(missing)} of {len(dicts)} images are missing from {image_root} "
-                        f"(first: {Path(missing[0]).name})")
+        raise LdaeError(
+            f"{json_file}: {len(missing)} of {len(dicts)} images are missing from {image_root} "
+            f"(first: {Path(missing[0]).name})"
+        )
     DatasetCatalog.register(name, lambda: dicts)
     meta.set(json_file=str(json_file), image_root=str(image_root), evaluator_type="coco")
     return CocoSplit(name, json_file, image_root, dicts, class_names)
@@ -343,8 +389,10 @@ def polygons_to_rle(record: dict) -> dict:
     for ann in record.get("annotations", []):
         segm = ann.get("segmentation")
         if isinstance(segm, list):
-            ann = {**ann, "segmentation": mask_util.merge(
-                mask_util.frPyObjects(segm, record["height"], record["width"]))}
+            ann = {
+                **ann,
+                "segmentation": mask_util.merge(mask_util.frPyObjects(segm, record["height"], record["width"])),
+            }
         anns.append(ann)
     return {**record, "annotations": anns}
 
@@ -356,14 +404,24 @@ def lsj_mapper(image_size: int, scale_range: tuple[float, float], train: bool):
     from detectron2.data import DatasetMapper
 
     if not train:
-        return DatasetMapper(is_train=False, augmentations=[T.ResizeShortestEdge(image_size, max_size=image_size)],
-                             image_format="RGB")
-    augs = [T.RandomFlip(horizontal=True),
-            T.ResizeScale(min_scale=scale_range[0], max_scale=scale_range[1], target_height=image_size,
-                          target_width=image_size),
-            T.FixedSizeCrop(crop_size=(image_size, image_size), pad=False)]
-    return DatasetMapper(is_train=True, augmentations=augs, image_format="RGB", use_instance_mask=True,
-                         instance_mask_format="bitmask", recompute_boxes=True)
+        return DatasetMapper(
+            is_train=False, augmentations=[T.ResizeShortestEdge(image_size, max_size=image_size)], image_format="RGB"
+        )
+    augs = [
+        T.RandomFlip(horizontal=True),
+        T.ResizeScale(
+            min_scale=scale_range[0], max_scale=scale_range[1], target_height=image_size, target_width=image_size
+        ),
+        T.FixedSizeCrop(crop_size=(image_size, image_size), pad=False),
+    ]
+    return DatasetMapper(
+        is_train=True,
+        augmentations=augs,
+        image_format="RGB",
+        use_instance_mask=True,
+        instance_mask_format="bitmask",
+        recompute_boxes=True,
+    )
 
 
 class SeededStream(torch.utils.data.Dataset):
@@ -382,7 +440,9 @@ class SeededStream(torch.utils.data.Dataset):
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:  # only the current epoch's order is kept
-            self._orders = {epoch: torch.randperm(len(self.dicts), generator=stream_generator(self.seed, epoch)).tolist()}
+            self._orders = {
+                epoch: torch.randperm(len(self.dicts), generator=stream_generator(self.seed, epoch)).tolist()
+            }
         return self._orders[epoch]
 
     def __getitem__(self, k: int) -> dict:
@@ -396,9 +456,18 @@ class SeededStream(torch.utils.data.Dataset):
             np.random.set_state(state)
 
 
-def train_loader(dicts: list[dict], image_size: int, scale_range: tuple[float, float], seed: int,
-                 global_batch: int, micro_batch: int, rank: int, world: int, start_step: int,
-                 num_workers: int) -> Iterable[list[dict]]:
+def train_loader(
+    dicts: list[dict],
+    image_size: int,
+    scale_range: tuple[float, float],
+    seed: int,
+    global_batch: int,
+    micro_batch: int,
+    rank: int,
+    world: int,
+    start_step: int,
+    num_workers: int,
+) -> Iterable[list[dict]]:
     """detectron2's train loader over the seeded stream; each item is one micro-batch of this rank.
 
     Aspect-ratio grouping is off: it reorders samples across steps (so a resume could not be exact),
@@ -408,8 +477,13 @@ def train_loader(dicts: list[dict], image_size: int, scale_range: tuple[float, f
 
     dataset = SeededStream(dicts, lsj_mapper(image_size, scale_range, train=True), seed)
     return build_detection_train_loader(
-        dataset, mapper=None, sampler=SeededSteps(len(dicts), global_batch, seed, rank, world, start_step=start_step, layout="stream"),
-        total_batch_size=micro_batch * world, aspect_ratio_grouping=False, num_workers=num_workers)
+        dataset,
+        mapper=None,
+        sampler=SeededSteps(len(dicts), global_batch, seed, rank, world, start_step=start_step, layout="stream"),
+        total_batch_size=micro_batch * world,
+        aspect_ratio_grouping=False,
+        num_workers=num_workers,
+    )
 
 
 class _Counted:
@@ -427,8 +501,15 @@ class _Counted:
             self.advance(len(batch))
 
 
-def evaluate(model: nn.Module, split: CocoSplit, image_size: int, text: Path, distributed: bool,
-             num_workers: int, advance=lambda n: None) -> dict[str, dict[str, float | None]]:
+def evaluate(
+    model: nn.Module,
+    split: CocoSplit,
+    image_size: int,
+    text: Path,
+    distributed: bool,
+    num_workers: int,
+    advance=lambda n: None,
+) -> dict[str, dict[str, float | None]]:
     """COCO box and mask AP (pycocotools' official COCOeval) of `model` on `split`.
 
     Returns {"bbox": {"AP": .., "AP50": .., ...}, "segm": {...}} in percent (None where COCOeval has no
@@ -439,10 +520,12 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, text: Path, di
     from detectron2.data import build_detection_test_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-    loader = build_detection_test_loader(dataset=split.dicts, mapper=lsj_mapper(image_size, (1.0, 1.0), train=False),
-                                         num_workers=num_workers)
-    evaluator = COCOEvaluator(split.name, tasks=("bbox", "segm"), distributed=distributed, output_dir=None,
-                              use_fast_impl=False)
+    loader = build_detection_test_loader(
+        dataset=split.dicts, mapper=lsj_mapper(image_size, (1.0, 1.0), train=False), num_workers=num_workers
+    )
+    evaluator = COCOEvaluator(
+        split.name, tasks=("bbox", "segm"), distributed=distributed, output_dir=None, use_fast_impl=False
+    )
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         results = inference_on_dataset(model, _Counted(loader, advance), evaluator)
@@ -450,5 +533,11 @@ def evaluate(model: nn.Module, split: CocoSplit, image_size: int, text: Path, di
         write_atomically(text, printed.getvalue().encode())
     if not results:
         return {}
-    return {task: {k: float(v) if math.isfinite(v) else None for k, v in results.get(task, {}).items()
-                   if not k.startswith("AP-")} for task in ("bbox", "segm")}
+    return {
+        task: {
+            k: float(v) if math.isfinite(v) else None
+            for k, v in results.get(task, {}).items()
+            if not k.startswith("AP-")
+        }
+        for task in ("bbox", "segm")
+    }

@@ -15,10 +15,10 @@ from typing import get_args
 import torch
 from torch import nn
 
-from ldae_cli.settings.training import Schedule, LossWeight, DiffusionConfig
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.patches import patchify, unpatchify
 from ldae_cli.model.tokenizers import Tokenizer
+from ldae_cli.settings.training import DiffusionConfig, LossWeight, Schedule
 
 
 def schedule_table(kind: str, T: int, constant_sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +50,14 @@ def loss_weights(kind: str, gamma: torch.Tensor, sigma: torch.Tensor) -> torch.T
     if kind == "1":
         return torch.ones_like(gamma)
     if kind == "gamma2":
-        return gamma ** 2
+        return gamma**2
     if kind == "snr":
-        return gamma ** 2 / (sigma ** 2).clamp_min(1e-20)
+        return gamma**2 / (sigma**2).clamp_min(1e-20)
     if kind == "inv1p":
-        return 1 / (1 + sigma ** 2)
-    raise LdaeError(f"diffusion.loss_weight: unknown weighting {kind!r}; choose one of "
-                    f"{', '.join(get_args(LossWeight))}")
+        return 1 / (1 + sigma**2)
+    raise LdaeError(
+        f"diffusion.loss_weight: unknown weighting {kind!r}; choose one of {', '.join(get_args(LossWeight))}"
+    )
 
 
 class NoiseSchedule(nn.Module):
@@ -91,8 +92,10 @@ class Denoiser(nn.Module):
     def __init__(self, cfg: DiffusionConfig, tokenizer: Tokenizer, schedule: NoiseSchedule, image_size: int):
         super().__init__()
         if cfg.tail_weight != 1.0 and cfg.target == "x0" and not tokenizer.orthonormal:
-            raise LdaeError(f"diffusion.tail_weight needs a tokenizer with an orthonormal basis (pca or pixel); "
-                            f"'{tokenizer.kind}' has none: set diffusion.tail_weight=1.0")
+            raise LdaeError(
+                f"diffusion.tail_weight needs a tokenizer with an orthonormal basis (pca or pixel); "
+                f"'{tokenizer.kind}' has none: set diffusion.tail_weight=1.0"
+            )
         self.cfg, self.tokenizer, self.schedule = cfg, tokenizer, schedule
         self.grid = tokenizer.grid(image_size)
         self.image_size = image_size
@@ -120,13 +123,22 @@ class Denoiser(nn.Module):
         zt = gamma * z0 + sigma * eps
         return zt, (zt if self.cfg.input_space == "latent" else self.to_image_patches(zt))
 
-    def loss(self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-             labels: torch.Tensor | None = None, drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        drop_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-sample weighted loss (B,) for images in [-1, 1] with the given timesteps and latent noise."""
         z0 = self.tokenizer.encode(images.float())
         _, net_in = self.noisy_input(z0, t, eps)
         # only the network runs in reduced precision; tokenizer and loss projections stay in float32
-        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             out = net(net_in, t, labels, drop_labels)
         out = out.float()
         target = self.cfg.target
@@ -144,8 +156,9 @@ class Denoiser(nn.Module):
         return self.schedule.weight[t] * per_token.mean(-1)
 
     @torch.no_grad()
-    def denoise(self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(
+        self, net: nn.Module, images: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(noisy image, one-step estimate of the clean image) for visualisation and PSNR."""
         z0 = self.tokenizer.encode(images.float())
         zt, net_in = self.noisy_input(z0, t, eps)

@@ -52,9 +52,10 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(width, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(Block(dim, cfg.decoder_heads, mlp_ratio, qkv_bias=True,
-                                          norm_layer=LayerNorm)  # type: ignore[arg-type]  # timm calls any factory
-                                    for _ in range(cfg.decoder_depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.decoder_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)  # type: ignore[arg-type]  # timm calls any factory
+            for _ in range(cfg.decoder_depth)
+        )
         self.out_norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_dim)
         for module in self.modules():  # MAE's init: xavier-uniform Linears, zero biases (LayerNorms 1 and 0 already)
@@ -100,10 +101,13 @@ class MAEObjective(Objective):
         n = denoiser.grid[0] * denoiser.grid[1]
         self.keep = int(n * (1 - cfg.mae.mask_ratio))  # models_mae.py's count
         if not 1 <= self.keep < n:
-            raise LdaeError(f"mae.mask_ratio {cfg.mae.mask_ratio} keeps {self.keep} of the {n} patches of an image; "
-                            f"the encoder needs one or more and the loss one hidden patch or more")
-        self.decoder = MAEDecoder(net.spec["width"], denoiser.grid, denoiser.tokenizer.image_token_dim, cfg.mae,
-                                  net.spec["mlp_ratio"])
+            raise LdaeError(
+                f"mae.mask_ratio {cfg.mae.mask_ratio} keeps {self.keep} of the {n} patches of an image; "
+                f"the encoder needs one or more and the loss one hidden patch or more"
+            )
+        self.decoder = MAEDecoder(
+            net.spec["width"], denoiser.grid, denoiser.tokenizer.image_token_dim, cfg.mae, net.spec["mlp_ratio"]
+        )
         net.final.requires_grad_(False)  # the denoising head has no part in MAE: DDP and AdamW leave it out
         open_gates(net)
 
@@ -129,8 +133,14 @@ class MAEObjective(Objective):
         with torch.autocast(images.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             latent = self.net.features(visible, t, keep=ids_keep)
             pred = self.decoder(latent, ids_restore)
-        return {"patches": patches, "ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask,
-                "latent": latent.float(), "pred": pred.float()}
+        return {
+            "patches": patches,
+            "ids_keep": ids_keep,
+            "ids_restore": ids_restore,
+            "mask": mask,
+            "latent": latent.float(),
+            "pred": pred.float(),
+        }
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         out = self.reconstruct(images, noise)

@@ -59,8 +59,20 @@ CROP_RATIO = (3 / 4, 4 / 3)
 CROP_TRIES = 10  # torchvision's RandomResizedCrop tries this many boxes before its central fallback
 
 # the columns of one view's parameter row
-TOP, LEFT, HEIGHT, WIDTH, JITTER_ON, FACTORS, ORDER, GREY, BLUR, SIGMA, SOLARIZE, FLIP = 0, 1, 2, 3, 4, 5, 9, 13, 14, \
-    15, 16, 17
+TOP, LEFT, HEIGHT, WIDTH, JITTER_ON, FACTORS, ORDER, GREY, BLUR, SIGMA, SOLARIZE, FLIP = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    9,
+    13,
+    14,
+    15,
+    16,
+    17,
+)
 PARAMS = 18
 JITTER_OPS = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue)
 
@@ -68,6 +80,7 @@ JITTER_OPS = (tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation,
 # ---------------------------------------------------------------------------------------------
 # The views
 # ---------------------------------------------------------------------------------------------
+
 
 def crop_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float]) -> torch.Tensor:
     """(..., 4 * CROP_TRIES) uniforms -> (..., 4) boxes (top, left, h, w): torchvision's RandomResizedCrop draw, the
@@ -83,8 +96,13 @@ def crop_boxes(u: torch.Tensor, height: int, width: int, scale: Sequence[float])
     first = fits.to(torch.uint8).argmax(-1, keepdim=True)[..., None].expand(*fits.shape[:-1], 1, 4)
     chosen = tries.gather(-2, first).squeeze(-2)
     ratio = width / height
-    fh, fw = (round(width / CROP_RATIO[0]), width) if ratio < CROP_RATIO[0] else \
-        (height, round(height * CROP_RATIO[1])) if ratio > CROP_RATIO[1] else (height, width)
+    fh, fw = (
+        (round(width / CROP_RATIO[0]), width)
+        if ratio < CROP_RATIO[0]
+        else (height, round(height * CROP_RATIO[1]))
+        if ratio > CROP_RATIO[1]
+        else (height, width)
+    )
     fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=u.dtype)
     return torch.where(fits.any(-1, keepdim=True), chosen, fallback)
 
@@ -94,14 +112,14 @@ def draw_views(cfg: MocoV3Config, seed: int, step: int, batch: int, size: tuple[
     from (seed, step) alone. Row i belongs to the step's i-th image whatever the ranks and micro-batches."""
     gen = view_generator(seed, step)
     u = torch.rand(batch, 2, 4 * CROP_TRIES + 14, generator=gen, dtype=torch.float64)
-    r = u[..., 4 * CROP_TRIES:]
+    r = u[..., 4 * CROP_TRIES :]
     p = torch.zeros(batch, 2, PARAMS, dtype=torch.float64)
-    p[..., TOP:WIDTH + 1] = crop_boxes(u[..., :4 * CROP_TRIES], *size, cfg.crop_scale)
+    p[..., TOP : WIDTH + 1] = crop_boxes(u[..., : 4 * CROP_TRIES], *size, cfg.crop_scale)
     p[..., JITTER_ON] = (r[..., 0] < JITTER_P).double()
     for i, strength in enumerate(JITTER):  # ColorJitter's factor ranges: [1-s, 1+s], hue [-s, s]
         lo, hi = (-strength, strength) if i == 3 else (max(0.0, 1 - strength), 1 + strength)
         p[..., FACTORS + i] = lo + (hi - lo) * r[..., 1 + i]
-    p[..., ORDER:ORDER + 4] = r[..., 5:9].argsort(-1).double()  # ColorJitter's random order of its four ops
+    p[..., ORDER : ORDER + 4] = r[..., 5:9].argsort(-1).double()  # ColorJitter's random order of its four ops
     p[..., GREY] = (r[..., 9] < GREY_P).double()
     p[..., BLUR] = (r[..., 10] < torch.tensor(BLUR_P, dtype=torch.float64)).double()
     p[..., SIGMA] = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * r[..., 11]
@@ -117,10 +135,10 @@ def blur_kernel(cfg: MocoV3Config) -> int:
 
 def one_view(image: torch.Tensor, p: list[float], kernel: int) -> torch.Tensor:
     """One uint8 (3, H, W) image -> its view, the official order: crop, jitter, grey, blur, solarize, flip."""
-    top, left, h, w = (int(v) for v in p[TOP:WIDTH + 1])
+    top, left, h, w = (int(v) for v in p[TOP : WIDTH + 1])
     x = tvf.resized_crop(image, top, left, h, w, list(image.shape[-2:]), antialias=True)
     if p[JITTER_ON]:
-        for op in p[ORDER:ORDER + 4]:
+        for op in p[ORDER : ORDER + 4]:
             x = JITTER_OPS[int(op)](x, p[FACTORS + int(op)])
     if p[GREY]:
         x = tvf.rgb_to_grayscale(x, num_output_channels=3)
@@ -143,6 +161,7 @@ def apply_views(images: torch.Tensor, params: torch.Tensor, kernel: int) -> torc
 # ---------------------------------------------------------------------------------------------
 # Global-batch statistics under DDP
 # ---------------------------------------------------------------------------------------------
+
 
 def spans_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -226,6 +245,7 @@ def momentum_at(step: int, total_steps: int, cfg: MocoV3Config) -> float:
 # The objective
 # ---------------------------------------------------------------------------------------------
 
+
 def encoder_parts(net: DenoisingViT) -> list[nn.Module]:
     """What the encoder path reads: input Linear, timestep embedding, blocks (no label embedding, no decoder blocks:
     a mocov3 config has neither)."""
@@ -260,8 +280,12 @@ class MocoV3Objective(Objective):
             net.embed.requires_grad_(False)
         open_gates(net)
         width, mlp, dim = net.spec["width"], self.cfg.mlp_dim, self.cfg.dim
-        self.heads = nn.ModuleDict({"projector": build_mlp(self.cfg.proj_layers, width, mlp, dim),
-                                    "predictor": build_mlp(self.cfg.pred_layers, dim, mlp, dim)})
+        self.heads = nn.ModuleDict(
+            {
+                "projector": build_mlp(self.cfg.proj_layers, width, mlp, dim),
+                "predictor": build_mlp(self.cfg.pred_layers, dim, mlp, dim),
+            }
+        )
         self.momentum = Momentum(net, self.heads["projector"])
 
     def draw(self, seed: int, step: int, batch: int, device: torch.device) -> tuple[torch.Tensor]:

@@ -22,11 +22,14 @@ from timm.layers import Attention, Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ldae_cli.settings.training import ModelConfig
-# the presets and shape checks the fine-tuning and detection backbones share, re-exported where they were
-from ldae_cli.settings.training import SIZES as SIZES, SizeName as SizeName, check_shape as check_shape, \
-    resolve_size as resolve_size
 from ldae_cli.errors import LdaeError
+
+# the presets and shape checks the fine-tuning and detection backbones share, re-exported where they were
+from ldae_cli.settings.training import SIZES as SIZES
+from ldae_cli.settings.training import ModelConfig
+from ldae_cli.settings.training import SizeName as SizeName
+from ldae_cli.settings.training import check_shape as check_shape
+from ldae_cli.settings.training import resolve_size as resolve_size
 
 
 def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -35,8 +38,9 @@ def sincos_2d(width: int, grid: tuple[int, int]) -> torch.Tensor:
         raise LdaeError(f"model.width {width} must be divisible by 4 for the 2-D sin-cos position embedding")
     gh, gw = grid
     freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
-    rows, cols = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
+    )
 
     def embed(pos):
         angles = pos.reshape(-1, 1) * freqs
@@ -130,21 +134,41 @@ class DenoisingViT(nn.Module):
     spec: dict[str, Any]
     pos_embed: torch.Tensor  # a buffer
 
-    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], width: int, encoder_depth: int,
-                 decoder_depth: int, num_heads: int, mlp_ratio: float = 4.0, adaln_hidden_ratio: float = 0.25,
-                 num_classes: int = 0):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        grid: tuple[int, int],
+        width: int,
+        encoder_depth: int,
+        decoder_depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        adaln_hidden_ratio: float = 0.25,
+        num_classes: int = 0,
+    ):
         super().__init__()
-        self.spec = dict(in_dim=in_dim, out_dim=out_dim, grid=list(grid), width=width, encoder_depth=encoder_depth,
-                         decoder_depth=decoder_depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         adaln_hidden_ratio=adaln_hidden_ratio, num_classes=num_classes)
+        self.spec = dict(
+            in_dim=in_dim,
+            out_dim=out_dim,
+            grid=list(grid),
+            width=width,
+            encoder_depth=encoder_depth,
+            decoder_depth=decoder_depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            adaln_hidden_ratio=adaln_hidden_ratio,
+            num_classes=num_classes,
+        )
         self.encoder_depth = encoder_depth
         ada_hidden = max(1, int(width * adaln_hidden_ratio))
         self.embed = nn.Linear(in_dim, width)
         self.register_buffer("pos_embed", sincos_2d(width, grid)[None], persistent=False)
         self.t_embed = TimestepEmbedder(width)
         self.y_embed = LabelEmbedder(num_classes, width) if num_classes else None
-        self.blocks = nn.ModuleList(DiTBlock(width, num_heads, mlp_ratio, ada_hidden)
-                                    for _ in range(encoder_depth + decoder_depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(width, num_heads, mlp_ratio, ada_hidden) for _ in range(encoder_depth + decoder_depth)
+        )
         self.final = FinalLayer(width, out_dim, ada_hidden)
         self._init_weights()
 
@@ -153,6 +177,7 @@ class DenoisingViT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+
         self.apply(xavier)
         for layer in self.t_embed.mlp:
             if isinstance(layer, nn.Linear):
@@ -169,8 +194,9 @@ class DenoisingViT(nn.Module):
     def from_spec(cls, spec: dict) -> "DenoisingViT":
         return cls(**{**spec, "grid": tuple(spec["grid"])})
 
-    def condition(self, t: torch.Tensor, labels: torch.Tensor | None = None,
-                  drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def condition(
+        self, t: torch.Tensor, labels: torch.Tensor | None = None, drop_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         c = self.t_embed(t)
         if self.y_embed is not None:
             if labels is None:
@@ -178,16 +204,22 @@ class DenoisingViT(nn.Module):
             c = c + self.y_embed(labels, drop_labels)
         return c
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
-                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        drop_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         c = self.condition(t, labels, drop_labels)
         x = self.embed(tokens) + self.pos_embed
         for block in self.blocks:
             x = block(x, c)
         return self.final(x, c)
 
-    def features(self, tokens: torch.Tensor, t: torch.Tensor, depth: int | None = None,
-                 keep: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self, tokens: torch.Tensor, t: torch.Tensor, depth: int | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token features after `depth` blocks (default: the encoder), conditioned on t, null label. `keep` (B, K):
         the grid positions `tokens` (B, K, in_dim) sit at, a subset of the grid (MAE's visible patches)."""
         depth = self.encoder_depth if depth is None else depth
@@ -207,24 +239,48 @@ def open_gates(net: DenoisingViT) -> None:
             ada.net[-1].get_parameter("bias").view(6, -1)[[2, 5]] = 1.0
 
 
-def build_model(cfg: ModelConfig, in_dim: int, out_dim: int, grid: tuple[int, int], num_classes: int = 0
-                ) -> DenoisingViT:
+def build_model(
+    cfg: ModelConfig, in_dim: int, out_dim: int, grid: tuple[int, int], num_classes: int = 0
+) -> DenoisingViT:
     width, enc, dec, heads = cfg.resolved()
-    return DenoisingViT(in_dim, out_dim, grid, width, enc, dec, heads, cfg.mlp_ratio, cfg.adaln_hidden_ratio,
-                        num_classes if cfg.class_conditional else 0)
+    return DenoisingViT(
+        in_dim,
+        out_dim,
+        grid,
+        width,
+        enc,
+        dec,
+        heads,
+        cfg.mlp_ratio,
+        cfg.adaln_hidden_ratio,
+        num_classes if cfg.class_conditional else 0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Fold to a plain ViT at fixed t
 # ---------------------------------------------------------------------------------------------
 
-def timm_vit_kwargs(image_size: tuple[int, int], patch: int, width: int, depth: int, num_heads: int,
-                    mlp_ratio: float = 4.0) -> dict:
+
+def timm_vit_kwargs(
+    image_size: tuple[int, int], patch: int, width: int, depth: int, num_heads: int, mlp_ratio: float = 4.0
+) -> dict:
     """kwargs of timm's VisionTransformer for the encoder we train and fold: no class token, average pool,
     no final norm, tanh-GELU (DiT's blocks), no head (classifiers add theirs)."""
-    return dict(img_size=tuple(image_size), patch_size=patch, embed_dim=width, depth=depth, num_heads=num_heads,
-                mlp_ratio=mlp_ratio, class_token=False, global_pool="avg", final_norm=False, fc_norm=False,
-                num_classes=0, act_layer="gelu_tanh")
+    return dict(
+        img_size=tuple(image_size),
+        patch_size=patch,
+        embed_dim=width,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        class_token=False,
+        global_pool="avg",
+        final_norm=False,
+        fc_norm=False,
+        num_classes=0,
+        act_layer="gelu_tanh",
+    )
 
 
 def build_timm_vit(kwargs: dict, **overrides) -> VisionTransformer:
@@ -236,8 +292,9 @@ def build_timm_vit(kwargs: dict, **overrides) -> VisionTransformer:
 
 
 @torch.no_grad()
-def fold_to_vit(model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[torch.Tensor, torch.Tensor],
-                depth: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def fold_to_vit(
+    model: DenoisingViT, t: int, patch: int, pixel_affine: tuple[torch.Tensor, torch.Tensor], depth: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict + kwargs of a timm ViT computing `model.features` at fixed t from clean images.
 
     pixel_affine (A, b): the tokenizer's map from an image patch vector (row, col, channel order) to
@@ -284,4 +341,3 @@ def model_flops_per_image(spec: dict, tokens: int | None = None, training: bool 
     per_block = n * (4 * w * w + 2 * w * hidden) + 2 * n * n * w  # qkv+proj, mlp, scores+values
     macs = depth * per_block + n * w * (spec["in_dim"] + spec["out_dim"])
     return 2.0 * macs * (3 if training else 1)
-

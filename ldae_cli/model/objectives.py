@@ -8,8 +8,8 @@ import torch
 from ldae_cli.data.pipeline import to_unit_range
 from ldae_cli.model.diffusion import Denoiser
 from ldae_cli.model.mae import MAEObjective
-from ldae_cli.model.models import DenoisingViT
 from ldae_cli.model.mocov3 import MocoV3Objective
+from ldae_cli.model.models import DenoisingViT
 from ldae_cli.model.objective_base import Objective
 from ldae_cli.seeds import step_generator
 from ldae_cli.settings.training import PretrainConfig
@@ -30,8 +30,9 @@ class LDAEObjective(Objective):
         drop = torch.rand(batch, generator=gen, device=device) < self.class_dropout
         return t, eps, drop
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
-                drop: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
         return self.denoiser.loss(self.net, to_unit_range(images), t, eps, labels, drop)
 
     def param_groups(self, weight_decay: float) -> list[torch.nn.Parameter]:

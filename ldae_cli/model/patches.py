@@ -28,8 +28,9 @@ def unpatchify(tokens: torch.Tensor, p: int, grid: tuple[int, int], channels: in
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, gh * p, gw * p)
 
 
-def random_patches(images: torch.Tensor, patch: int, per_image: int, gen: torch.Generator,
-                   grid: bool = False) -> torch.Tensor:
+def random_patches(
+    images: torch.Tensor, patch: int, per_image: int, gen: torch.Generator, grid: bool = False
+) -> torch.Tensor:
     """`per_image` patches at random positions of each image -> (B * per_image, p*p*C), in `patchify`'s layout.
 
     grid=True draws only positions of the tokenizer's own p x p grid (what it will encode).

@@ -1,4 +1,5 @@
-"""The patch-wise PCA tokenizer's basis (the paper's Sec. 4.2), fitted by streaming random patches (what `ldae fit-pca` runs).
+"""The patch-wise PCA tokenizer's basis (the paper's Sec. 4.2), fitted by streaming random patches (what
+`ldae fit-pca` runs).
 
 Patches (p x p x 3, images in [-1, 1]) are taken at random positions of randomly chosen,
 center-cropped images (or, when pca.patches reaches the distinct patches the images hold, every one of
@@ -15,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from ldae_cli.runs.checkpoint import save_checkpoint
 from ldae_cli.config import dump_yaml, to_dict
 from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.data.plots import save_filters
+from ldae_cli.data.sources import resolve_path
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.patches import random_patches
+from ldae_cli.model.tokenizers import latent_normalization
+from ldae_cli.runs.checkpoint import save_checkpoint
 from ldae_cli.runs.logs import console, progress_bar
 from ldae_cli.runs.outputs import refuse_to_replace, write_output
-from ldae_cli.data.plots import save_filters
 from ldae_cli.runs.rundir import RUNS, data_name, remove_temp_files
-from ldae_cli.data.sources import resolve_path
 from ldae_cli.settings.training import FitPCAConfig, PCAConfig
-from ldae_cli.model.tokenizers import latent_normalization
 
 
 class CovarianceAccumulator:
@@ -90,15 +91,26 @@ def oversampling(n_images: int, image_size: int, settings: PCAConfig) -> str | N
     if distinct == 0 or settings.patches <= distinct:  # none at all: `fit` says why
         return None
     where = f"positions on the {settings.patch}-pixel grid" if settings.positions == "grid" else "pixel offsets"
-    full = settings.patch ** 2 * 3
-    rank = (f"; the fit is rank-deficient: {distinct:,} distinct patches for D = {full:,} dimensions; components "
-            f"beyond {distinct:,} are noise: add images" if distinct < full else "")
-    return (f"fitting on each of the {distinct:,} distinct patches ({n_images:,} images x {distinct // n_images:,} "
-            f"{where}) once, not on --patches {settings.patches:,}: more draws would only repeat them{rank}")
+    full = settings.patch**2 * 3
+    rank = (
+        f"; the fit is rank-deficient: {distinct:,} distinct patches for D = {full:,} dimensions; components "
+        f"beyond {distinct:,} are noise: add images"
+        if distinct < full
+        else ""
+    )
+    return (
+        f"fitting on each of the {distinct:,} distinct patches ({n_images:,} images x {distinct // n_images:,} "
+        f"{where}) once, not on --patches {settings.patches:,}: more draws would only repeat them{rank}"
+    )
 
 
-def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error", num_workers: int = 0,
-        show_progress: bool = True) -> PCAFit:
+def fit(
+    dataset: ImageDataset,
+    settings: PCAConfig,
+    on_bad_image: str = "error",
+    num_workers: int = 0,
+    show_progress: bool = True,
+) -> PCAFit:
     p = settings.patch
     if dataset.size < p:
         raise LdaeError(f"pca.patch {p} is larger than the images ({dataset.size}x{dataset.size})")
@@ -109,9 +121,12 @@ def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error",
     total = distinct if every else settings.patches
     n_images = len(dataset) if every else math.ceil(total / settings.patches_per_image)
     passes = math.ceil(n_images / len(dataset))
-    order = list(range(n_images)) if every else \
-        torch.cat([torch.randperm(len(dataset), generator=gen) for _ in range(passes)])[:n_images].tolist()
-    batches = [order[i:i + settings.batch_images] for i in range(0, n_images, settings.batch_images)]
+    order = (
+        list(range(n_images))
+        if every
+        else torch.cat([torch.randperm(len(dataset), generator=gen) for _ in range(passes)])[:n_images].tolist()
+    )
+    batches = [order[i : i + settings.batch_images] for i in range(0, n_images, settings.batch_images)]
     acc = CovarianceAccumulator(p * p * 3)
     bad = BadImageCounter(on_bad_image)
     remaining = total
@@ -119,8 +134,11 @@ def fit(dataset: ImageDataset, settings: PCAConfig, on_bad_image: str = "error",
         task = bar.add_task("fit-pca", total=total, info="")
         for batch in make_loader(dataset, batches, num_workers):
             images = to_unit_range(bad.check(batch).images)
-            chunks = (all_patches(image, p, grid) for image in images) if every else \
-                [random_patches(images, p, settings.patches_per_image, gen, grid=grid)[:remaining]]
+            chunks = (
+                (all_patches(image, p, grid) for image in images)
+                if every
+                else [random_patches(images, p, settings.patches_per_image, gen, grid=grid)[:remaining]]
+            )
             for patches in chunks:  # every patch: an image at a time, as all its offsets may be many
                 acc.update(patches)
                 remaining -= patches.shape[0]
@@ -143,12 +161,24 @@ def save_fit(result: PCAFit, out: Path, settings: PCAConfig, config: dict, image
     dim = settings.dim
     variance = result.eigenvalues[:dim].clamp_min(1e-12)
     _, global_scale = latent_normalization(torch.zeros_like(variance), variance, "global")
-    tensors = {"pca.mean": result.mean, "pca.basis": result.basis, "pca.eigenvalues": result.eigenvalues,
-               "pca.whiten_std": result.eigenvalues.clamp_min(0).sqrt()}
-    extra = {"patch": settings.patch, "dim": dim, "channels": 3, "n_patches": result.n_patches,
-             "skipped_images": result.skipped,
-             "variance_explained": result.variance_explained(dim), "latent_scale_global": float(global_scale[0]),
-             "image_size": image_size, "dataset": dataset, "data_identity": result.data_identity}
+    tensors = {
+        "pca.mean": result.mean,
+        "pca.basis": result.basis,
+        "pca.eigenvalues": result.eigenvalues,
+        "pca.whiten_std": result.eigenvalues.clamp_min(0).sqrt(),
+    }
+    extra = {
+        "patch": settings.patch,
+        "dim": dim,
+        "channels": 3,
+        "n_patches": result.n_patches,
+        "skipped_images": result.skipped,
+        "variance_explained": result.variance_explained(dim),
+        "latent_scale_global": float(global_scale[0]),
+        "image_size": image_size,
+        "dataset": dataset,
+        "data_identity": result.data_identity,
+    }
     return save_checkpoint(out, "pca", tensors, config, extra=extra)
 
 
@@ -164,21 +194,27 @@ def sidecars(out: Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".config.yaml"), stem.with_name(stem.name + ".filters.png")
 
 
-def fit_and_write(cfg: FitPCAConfig, show_progress: bool = True, force: bool = False, dataset: ImageDataset | None = None
-        ) -> tuple[Path, PCAFit]:
+def fit_and_write(
+    cfg: FitPCAConfig, show_progress: bool = True, force: bool = False, dataset: ImageDataset | None = None
+) -> tuple[Path, PCAFit]:
     """Fit and write the PCA file with its config and filters; on `dataset` when given (pretrain's training images,
     read already), else on cfg.data's (its image size settled)."""
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     config_file, filters_file = sidecars(out)
-    for path, kind, what in ((out, "pca", "PCA fit"), (config_file, "config", "config of the PCA fit"),
-                             (filters_file, "picture", "filters picture of the PCA fit")):
+    for path, kind, what in (
+        (out, "pca", "PCA fit"),
+        (config_file, "config", "config of the PCA fit"),
+        (filters_file, "picture", "filters picture of the PCA fit"),
+    ):
         refuse_to_replace(path, force, what, kind, inputs=(resolve_path(cfg.data),))
     if out.parent.is_dir():
         remove_temp_files(out.parent, out.name)  # of an earlier fit killed while saving
     if dataset is None:
         dataset = build_dataset(cfg.data, "train", augment=False, seed=cfg.pca.seed)
-    console.print(f"fit-pca: {len(dataset):,} images from {cfg.data.source}, {cfg.pca.patches:,} patches of "
-                  f"{cfg.pca.patch}x{cfg.pca.patch}x3 (D = {cfg.pca.patch ** 2 * 3})")
+    console.print(
+        f"fit-pca: {len(dataset):,} images from {cfg.data.source}, {cfg.pca.patches:,} patches of "
+        f"{cfg.pca.patch}x{cfg.pca.patch}x3 (D = {cfg.pca.patch**2 * 3})"
+    )
     warning = oversampling(len(dataset), dataset.size, cfg.pca)
     if warning:
         console.print(f"[yellow]warning:[/yellow] {warning}")
@@ -188,7 +224,9 @@ def fit_and_write(cfg: FitPCAConfig, show_progress: bool = True, force: bool = F
     save_fit(result, out, cfg.pca, to_dict(cfg), cfg.data.settled_size, cfg.data.source)
     write_output(config_file, dump_yaml(cfg).encode(), "config")
     filters = save_filters(result.basis, cfg.pca.patch, filters_file, eigenvalues=result.eigenvalues, dim=cfg.pca.dim)
-    console.print(f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
-                  f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]")
+    console.print(
+        f"variance explained by d = {cfg.pca.dim} of {result.basis.shape[0]} components: "
+        f"[bold]{100 * result.variance_explained(cfg.pca.dim):.2f}%[/bold]"
+    )
     console.print(f"wrote {out} and {filters}")
     return out, result

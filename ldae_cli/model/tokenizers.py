@@ -19,15 +19,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldae_cli.settings.training import TokenizerConfig
-from ldae_cli.model.autoencoders import Autoencoder, PatchAutoencoder, build_autoencoder
-from ldae_cli.runs.checkpoint import load_checkpoint, load_state
 from ldae_cli.errors import LdaeError
+from ldae_cli.model.autoencoders import Autoencoder, PatchAutoencoder, build_autoencoder
 from ldae_cli.model.patches import patchify, unpatchify
+from ldae_cli.runs.checkpoint import load_checkpoint, load_state
+from ldae_cli.settings.training import TokenizerConfig
 
 
-def latent_normalization(mean: torch.Tensor, variance: torch.Tensor, latent_scale: str
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_normalization(
+    mean: torch.Tensor, variance: torch.Tensor, latent_scale: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift, scale) with z = (latent - shift) / scale, from the latent's mean and variance per dim.
 
     `global`: one rms over the kept dims, sqrt(mean_i var_i); `whiten`: one std per dim; `none`: no
@@ -40,8 +41,10 @@ def latent_normalization(mean: torch.Tensor, variance: torch.Tensor, latent_scal
         return mean.clone(), variance.mean().sqrt().expand_as(variance).clone()
     if latent_scale == "whiten":
         return mean.clone(), variance.sqrt()
-    raise LdaeError(f"tokenizer.latent_scale: {latent_scale!r} is not one of 'global', 'whiten', 'none' ('fixed' is "
-                    "for PCA tokenizers only)")
+    raise LdaeError(
+        f"tokenizer.latent_scale: {latent_scale!r} is not one of 'global', 'whiten', 'none' ('fixed' is "
+        "for PCA tokenizers only)"
+    )
 
 
 class Tokenizer(nn.Module):
@@ -114,8 +117,16 @@ class PCATokenizer(Tokenizer):
     eigenvalues: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, mean: torch.Tensor, basis: torch.Tensor, eigenvalues: torch.Tensor, patch: int, dim: int,
-                 latent_scale: str = "global", scale_dim: int | None = None):
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        basis: torch.Tensor,
+        eigenvalues: torch.Tensor,
+        patch: int,
+        dim: int,
+        latent_scale: str = "global",
+        scale_dim: int | None = None,
+    ):
         super().__init__()
         full = basis.shape[0]
         if basis.shape != (full, full) or mean.shape != (full,) or full != patch * patch * 3:
@@ -128,8 +139,9 @@ class PCATokenizer(Tokenizer):
         self.register_buffer("eigenvalues", eigenvalues.float())
         if latent_scale == "fixed":
             if scale_dim is None or not 1 <= scale_dim <= full:
-                raise LdaeError(f"tokenizer.scale_dim: latent_scale 'fixed' needs between 1 and {full} components, "
-                                f"got {scale_dim}")
+                raise LdaeError(
+                    f"tokenizer.scale_dim: latent_scale 'fixed' needs between 1 and {full} components, got {scale_dim}"
+                )
             scale = self.eigenvalues[:scale_dim].clamp_min(1e-12).mean().sqrt().expand(dim).clone()
         else:
             scale = latent_normalization(torch.zeros(dim), self.eigenvalues[:dim].clamp_min(1e-12), latent_scale)[1]
@@ -137,17 +149,31 @@ class PCATokenizer(Tokenizer):
 
     @classmethod
     def from_export(cls, tensors, desc):
-        return cls(tensors["mean"], tensors["basis"], tensors["eigenvalues"], desc["patch"], desc["dim"],
-                   desc["latent_scale"], desc.get("scale_dim"))
+        return cls(
+            tensors["mean"],
+            tensors["basis"],
+            tensors["eigenvalues"],
+            desc["patch"],
+            desc["dim"],
+            desc["latent_scale"],
+            desc.get("scale_dim"),
+        )
 
     @classmethod
     def configured(cls, cfg, path):
         ckpt = load_checkpoint(path, "pca")
         if cfg.patch != ckpt.extra["patch"]:
-            raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} was fitted on "
-                            f"{ckpt.extra['patch']}x{ckpt.extra['patch']} patches")
-        desc = {"kind": "pca", "patch": ckpt.extra["patch"], "dim": cfg.dim or ckpt.extra["dim"],
-                "latent_scale": cfg.latent_scale, "scale_dim": cfg.scale_dim}
+            raise LdaeError(
+                f"tokenizer.patch is {cfg.patch} but {ckpt.path} was fitted on "
+                f"{ckpt.extra['patch']}x{ckpt.extra['patch']} patches"
+            )
+        desc = {
+            "kind": "pca",
+            "patch": ckpt.extra["patch"],
+            "dim": cfg.dim or ckpt.extra["dim"],
+            "latent_scale": cfg.latent_scale,
+            "scale_dim": cfg.scale_dim,
+        }
         return build_tokenizer(desc, ckpt.section("pca")), [ckpt.parent_ref("tokenizer")]
 
     @property
@@ -175,8 +201,13 @@ class PCATokenizer(Tokenizer):
 
     def export(self):
         tensors = {"mean": self.mean, "basis": self.basis, "eigenvalues": self.eigenvalues}
-        return tensors, {"kind": "pca", "patch": self.patch, "dim": self.token_dim, "latent_scale": self.latent_scale,
-                         "scale_dim": self.scale_dim}
+        return tensors, {
+            "kind": "pca",
+            "patch": self.patch,
+            "dim": self.token_dim,
+            "latent_scale": self.latent_scale,
+            "scale_dim": self.scale_dim,
+        }
 
 
 class PixelTokenizer(Tokenizer):
@@ -228,12 +259,15 @@ class TrainedTokenizer(Tokenizer):
     shift: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, net: Autoencoder, latent_mean: torch.Tensor, latent_std: torch.Tensor,
-                 latent_scale: str = "global"):
+    def __init__(
+        self, net: Autoencoder, latent_mean: torch.Tensor, latent_std: torch.Tensor, latent_scale: str = "global"
+    ):
         super().__init__()
         if latent_mean.shape != (net.token_dim,) or latent_std.shape != (net.token_dim,):
-            raise LdaeError(f"latent statistics of shape {tuple(latent_mean.shape)} do not fit a tokenizer "
-                            f"with {net.token_dim} dims per token")
+            raise LdaeError(
+                f"latent statistics of shape {tuple(latent_mean.shape)} do not fit a tokenizer "
+                f"with {net.token_dim} dims per token"
+            )
         self.kind, self.patch, self.token_dim = net.spec["kind"], net.patch, net.token_dim
         self.latent_scale = latent_scale
         self.net = net.eval().requires_grad_(False)
@@ -246,8 +280,11 @@ class TrainedTokenizer(Tokenizer):
     @classmethod
     def from_export(cls, tensors, desc):
         net = build_autoencoder(desc["net"])
-        load_state(net, {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")},
-                   f"the {desc['kind']} tokenizer")
+        load_state(
+            net,
+            {k[len("net.") :]: v for k, v in tensors.items() if k.startswith("net.")},
+            f"the {desc['kind']} tokenizer",
+        )
         return cls(net, tensors["latent_mean"], tensors["latent_std"], desc["latent_scale"])
 
     @classmethod
@@ -255,20 +292,30 @@ class TrainedTokenizer(Tokenizer):
         ckpt = load_checkpoint(path, "tokenizer")
         extra = ckpt.extra
         if not extra.get("finished"):
-            raise LdaeError(f"{ckpt.path}: this train-tokenizer run stopped at step {extra.get('step')} of "
-                            f"{extra.get('total_steps')}, before its latent statistics were measured; finish it with "
-                            f"`ldae train-tokenizer --resume {Path(ckpt.path).parent}`")
+            raise LdaeError(
+                f"{ckpt.path}: this train-tokenizer run stopped at step {extra.get('step')} of "
+                f"{extra.get('total_steps')}, before its latent statistics were measured; finish it with "
+                f"`ldae train-tokenizer --resume {Path(ckpt.path).parent}`"
+            )
         stats = ckpt.section("stats")
-        tensors = {**{f"net.{k}": v for k, v in ckpt.section("net").items()},
-                   "latent_mean": stats["mean"], "latent_std": stats["std"]}
-        tokenizer = build_tokenizer({"kind": extra["tokenizer"]["kind"], "net": extra["tokenizer"],
-                                     "latent_scale": cfg.latent_scale}, tensors)
+        tensors = {
+            **{f"net.{k}": v for k, v in ckpt.section("net").items()},
+            "latent_mean": stats["mean"],
+            "latent_std": stats["std"],
+        }
+        tokenizer = build_tokenizer(
+            {"kind": extra["tokenizer"]["kind"], "net": extra["tokenizer"], "latent_scale": cfg.latent_scale}, tensors
+        )
         if cfg.patch != tokenizer.patch:
-            raise LdaeError(f"tokenizer.patch is {cfg.patch} but {ckpt.path} has tokens of {tokenizer.patch}x"
-                            f"{tokenizer.patch} pixels; set tokenizer.patch={tokenizer.patch}")
+            raise LdaeError(
+                f"tokenizer.patch is {cfg.patch} but {ckpt.path} has tokens of {tokenizer.patch}x"
+                f"{tokenizer.patch} pixels; set tokenizer.patch={tokenizer.patch}"
+            )
         if cfg.dim is not None and cfg.dim != tokenizer.token_dim:
-            raise LdaeError(f"tokenizer.dim is {cfg.dim} but {ckpt.path} has {tokenizer.token_dim} dims per token; "
-                            f"set tokenizer.dim={tokenizer.token_dim} or null")
+            raise LdaeError(
+                f"tokenizer.dim is {cfg.dim} but {ckpt.path} has {tokenizer.token_dim} dims per token; "
+                f"set tokenizer.dim={tokenizer.token_dim} or null"
+            )
         return tokenizer, [ckpt.parent_ref("tokenizer")]
 
     def train(self, mode: bool = True):
@@ -311,8 +358,13 @@ class LinearTrainedTokenizer(TrainedTokenizer):
 
 # a kind's name, as a checkpoint stores it and a config names it (tokenizer.kind 'trained': any of the autoencoders)
 TOKENIZER_KINDS: dict[str, type[Tokenizer]] = {
-    "pca": PCATokenizer, "pixel": PixelTokenizer, "trained": TrainedTokenizer,
-    "conv-vae": TrainedTokenizer, "patch-vae": LinearTrainedTokenizer, "patch-ae": LinearTrainedTokenizer}
+    "pca": PCATokenizer,
+    "pixel": PixelTokenizer,
+    "trained": TrainedTokenizer,
+    "conv-vae": TrainedTokenizer,
+    "patch-vae": LinearTrainedTokenizer,
+    "patch-ae": LinearTrainedTokenizer,
+}
 
 
 def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor], where: str | Path = "the tokenizer") -> Tokenizer:
@@ -320,13 +372,15 @@ def build_tokenizer(desc: dict, tensors: dict[str, torch.Tensor], where: str | P
     `where` (e.g. the checkpoint it is stored in) names what does not fit, never a raw KeyError."""
     cls = TOKENIZER_KINDS.get(desc.get("kind", ""))
     if cls is None:
-        raise LdaeError(f"{where}: unknown tokenizer kind {desc.get('kind')!r}; this ldae knows "
-                        f"{', '.join(TOKENIZER_KINDS)}")
+        raise LdaeError(
+            f"{where}: unknown tokenizer kind {desc.get('kind')!r}; this ldae knows {', '.join(TOKENIZER_KINDS)}"
+        )
     try:
         return cls.from_export(tensors, desc)
     except (KeyError, TypeError) as exc:
-        raise LdaeError(f"{where}: the stored {desc['kind']} tokenizer lacks {exc}; the file is damaged or was not "
-                        "written by ldae") from None
+        raise LdaeError(
+            f"{where}: the stored {desc['kind']} tokenizer lacks {exc}; the file is damaged or was not written by ldae"
+        ) from None
 
 
 def load_tokenizer(cfg: TokenizerConfig, path: str | Path | None = None) -> tuple[Tokenizer, list[dict]]:

@@ -58,7 +58,7 @@ class Checkpoint:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors under `prefix.` with the prefix removed (e.g. 'model' -> a state dict)."""
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def parent_ref(self, role: str) -> dict:
         return {"role": role, "path": str(self.path), "sha256": self.sha256, "kind": self.kind}
@@ -69,8 +69,10 @@ class Checkpoint:
             node = self.extra
             for part in key.split("."):
                 if not isinstance(node, dict) or part not in node:
-                    raise LdaeError(f"{self.path}: a '{self.kind}' checkpoint without '{key}' in its metadata; it is "
-                                    "damaged or was not written by ldae")
+                    raise LdaeError(
+                        f"{self.path}: a '{self.kind}' checkpoint without '{key}' in its metadata; it is "
+                        "damaged or was not written by ldae"
+                    )
                 node = node[part]
 
 
@@ -82,9 +84,11 @@ def stored_config(cls: type, ck: Checkpoint, section: str | None = None):
         return config_from_dict(cls, data)
     except LdaeError as exc:
         where = f" (section '{section}')" if section else ""
-        raise LdaeError(f"{ck.path}: its stored config{where} does not read as this ldae {__version__}'s: {exc}; it "
-                        f"was written by ldae {ck.package_version or 'of unknown version'} — read it with that "
-                        "version, or upgrade ldae") from None
+        raise LdaeError(
+            f"{ck.path}: its stored config{where} does not read as this ldae {__version__}'s: {exc}; it "
+            f"was written by ldae {ck.package_version or 'of unknown version'} — read it with that "
+            "version, or upgrade ldae"
+        ) from None
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -93,13 +97,21 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: s
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} expected"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
-        parts = ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-                ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + shapes[:2]
-        raise LdaeError(f"{where}: its tensors do not match the network its metadata describes ({'; '.join(parts)}); "
-                        "the file is damaged or was edited")
+        parts = (
+            ([f"missing {', '.join(missing[:3])}"] if missing else [])
+            + ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+            + shapes[:2]
+        )
+        raise LdaeError(
+            f"{where}: its tensors do not match the network its metadata describes ({'; '.join(parts)}); "
+            "the file is damaged or was edited"
+        )
     module.load_state_dict(state)
 
 
@@ -139,8 +151,14 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch.Tensor], config: dict,
-                    parents: Sequence[dict] = (), extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    config: dict,
+    parents: Sequence[dict] = (),
+    extra: dict | None = None,
+) -> Path:
     """Write atomically: a crash leaves either the old file or the new one, never a torn one."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}")
@@ -173,8 +191,10 @@ def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_space(path, needed, shutil.disk_usage(path.parent).free) from None
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise LdaeError(f"cannot write {path.name} in {path.parent} ({exc.strerror}); the previous file, if any, "
-                            "is unchanged; pick a writable --out") from None
+            raise LdaeError(
+                f"cannot write {path.name} in {path.parent} ({exc.strerror}); the previous file, if any, "
+                "is unchanged; pick a writable --out"
+            ) from None
         raise
     finally:
         if tmp is not None and os.path.exists(tmp):
@@ -183,9 +203,11 @@ def save_checkpoint(path: str | os.PathLike, kind: str, tensors: dict[str, torch
 
 
 def _no_space(path: Path, needed: int, free: int) -> LdaeError:
-    return LdaeError(f"not enough space in {path.parent} to write {path.name}: it needs about {needed / 2**20:,.1f} MB "
-                     f"and {free / 2**20:,.1f} MB are free; the previous file, if any, is unchanged. Free some space "
-                     "or pick another --out")
+    return LdaeError(
+        f"not enough space in {path.parent} to write {path.name}: it needs about {needed / 2**20:,.1f} MB "
+        f"and {free / 2**20:,.1f} MB are free; the previous file, if any, is unchanged. Free some space "
+        "or pick another --out"
+    )
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,8 +235,9 @@ def _check_header(path: Path) -> dict:
     if path.is_dir():
         raise LdaeError(f"{path}: is a directory, expected a .safetensors checkpoint file")
     if not stat.S_ISREG(st.st_mode):  # a named pipe or a device would block the read or never end
-        raise LdaeError(f"{path}: not a regular file (a pipe, socket or device), expected a .safetensors checkpoint "
-                        "file")
+        raise LdaeError(
+            f"{path}: not a regular file (a pipe, socket or device), expected a .safetensors checkpoint file"
+        )
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -231,8 +254,10 @@ def _check_header(path: Path) -> dict:
         raise LdaeError(f"{path}: not an ldae checkpoint (safetensors header is not a mapping)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise LdaeError(f"{path}: checkpoint is truncated ({size} bytes on disk, {8 + n + end} expected);"
-                        " it was damaged after writing; use an earlier checkpoint")
+        raise LdaeError(
+            f"{path}: checkpoint is truncated ({size} bytes on disk, {8 + n + end} expected);"
+            " it was damaged after writing; use an earlier checkpoint"
+        )
     return header.get("__metadata__") or {}
 
 
@@ -245,8 +270,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise LdaeError(f"{path}: a safetensors file without ldae metadata, not an ldae checkpoint")
     version = int(meta.get(f"{_META_PREFIX}format_version", "0"))
     if version > FORMAT_VERSION or version < 1:
-        raise LdaeError(f"{path}: checkpoint format version {version}; this ldae {__version__} reads version "
-                        f"{FORMAT_VERSION} (upgrade ldae to read newer files)")
+        raise LdaeError(
+            f"{path}: checkpoint format version {version}; this ldae {__version__} reads version "
+            f"{FORMAT_VERSION} (upgrade ldae to read newer files)"
+        )
     try:
         return {
             "kind": kind,
@@ -260,8 +287,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise LdaeError(f"{path}: checkpoint metadata is damaged (invalid JSON)") from None
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
-                    device: str = "cpu") -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, kind: str | tuple[str, ...] | None = None, device: str = "cpu"
+) -> Checkpoint:
     path = Path(path)
     meta = read_metadata(path)
     wanted = (kind,) if isinstance(kind, str) else kind
@@ -274,12 +302,22 @@ def load_checkpoint(path: str | os.PathLike, kind: str | tuple[str, ...] | None 
     if meta["kind"] not in MAY_HOLD_NON_FINITE:
         bad = first_non_finite(tensors)
         if bad is not None:
-            raise LdaeError(f"{path}: tensor '{bad}' holds NaN or infinite values, and ldae never writes such a "
-                            "checkpoint (its NaN guard keeps only finite ones): the file is damaged or was edited; "
-                            "use an earlier checkpoint")
-    ck = Checkpoint(path=path, kind=meta["kind"], tensors=tensors, config=meta["config"], extra=meta["extra"],
-                    provenance=meta["provenance"], sha256=sha256_file(path),
-                    format_version=meta["format_version"], package_version=meta["package_version"])
+            raise LdaeError(
+                f"{path}: tensor '{bad}' holds NaN or infinite values, and ldae never writes such a "
+                "checkpoint (its NaN guard keeps only finite ones): the file is damaged or was edited; "
+                "use an earlier checkpoint"
+            )
+    ck = Checkpoint(
+        path=path,
+        kind=meta["kind"],
+        tensors=tensors,
+        config=meta["config"],
+        extra=meta["extra"],
+        provenance=meta["provenance"],
+        sha256=sha256_file(path),
+        format_version=meta["format_version"],
+        package_version=meta["package_version"],
+    )
     check_network(ck)
     return ck
 
@@ -294,8 +332,11 @@ def check_network(ck: Checkpoint) -> None:
     for key, stated, source, held in _claims(ck.kind, ck.config, ck.extra, shape):
         if stated is not None and held is not None and stated != held:
             said = f"its metadata says {key} {_value(stated)}, but {source} holds {_value(held)}"
-            what = f"its tensors do not match the network its metadata describes: {said}" \
-                if source.startswith("tensor") else f"its metadata disagrees with itself: {said}"
+            what = (
+                f"its tensors do not match the network its metadata describes: {said}"
+                if source.startswith("tensor")
+                else f"its metadata disagrees with itself: {said}"
+            )
             raise LdaeError(f"{ck.path}: {what}; the metadata is damaged or was edited; use an earlier checkpoint")
 
 
@@ -314,7 +355,7 @@ def _patch(source: tuple[str, int | None]) -> tuple[str, int | None]:
 
 
 def _blocks(shape: dict, prefix: str) -> tuple[str, int]:
-    found = {k[len(prefix):].split(".")[0] for k in shape if k.startswith(prefix)}
+    found = {k[len(prefix) :].split(".")[0] for k in shape if k.startswith(prefix)}
     return f"tensors {prefix}* ({len(found)} blocks)", len(found)
 
 
@@ -334,23 +375,31 @@ def _claims(kind: str, config: dict, extra: dict, shape: dict) -> list[tuple[str
     if kind == "pca":
         claims.append(("patch", extra.get("patch"), *_patch(_dim(shape, "pca.basis"))))
     if kind == "tokenizer" and isinstance(extra.get("tokenizer"), dict) and "net.decoder.weight" in shape:
-        claims += [("tokenizer.patch", extra["tokenizer"].get("patch"), *_patch(_dim(shape, "net.decoder.weight"))),
-                   ("tokenizer.dim", extra["tokenizer"].get("dim"), *_dim(shape, "net.decoder.weight", 1))]
+        claims += [
+            ("tokenizer.patch", extra["tokenizer"].get("patch"), *_patch(_dim(shape, "net.decoder.weight"))),
+            ("tokenizer.dim", extra["tokenizer"].get("dim"), *_dim(shape, "net.decoder.weight", 1)),
+        ]
     if kind == "probe" and isinstance(extra.get("blrs"), list):
         claims.append(("blrs (one head each)", len(extra["blrs"]), *_blocks(shape, "heads.heads.")))
     spec = extra.get("timm_kwargs")
     if isinstance(spec, dict):  # an exported encoder or a fine-tuned ViT, under timm's names
         prefix = "model." if kind == "finetune" else ""
-        claims += [("timm_kwargs.embed_dim", spec.get("embed_dim"), *_dim(shape, f"{prefix}patch_embed.proj.weight")),
-                   ("timm_kwargs.patch_size", spec.get("patch_size"),
-                    *_dim(shape, f"{prefix}patch_embed.proj.weight", 2)),
-                   ("timm_kwargs.depth", spec.get("depth"), *_blocks(shape, f"{prefix}blocks."))]
+        claims += [
+            ("timm_kwargs.embed_dim", spec.get("embed_dim"), *_dim(shape, f"{prefix}patch_embed.proj.weight")),
+            ("timm_kwargs.patch_size", spec.get("patch_size"), *_dim(shape, f"{prefix}patch_embed.proj.weight", 2)),
+            ("timm_kwargs.depth", spec.get("depth"), *_blocks(shape, f"{prefix}blocks.")),
+        ]
     if "has_ema" in extra:  # a run that kept an EMA copy of its network stores it as ema.*
         optim = section("optim")
-        claims += [("has_ema", True if extra["has_ema"] else None, "tensors ema.* (any there)",
-                    any(k.startswith("ema.") for k in shape)),
-                   ("optim.ema (set)", optim["ema"] is not None if "ema" in optim else None, "has_ema",
-                    extra["has_ema"])]
+        claims += [
+            (
+                "has_ema",
+                True if extra["has_ema"] else None,
+                "tensors ema.* (any there)",
+                any(k.startswith("ema.") for k in shape),
+            ),
+            ("optim.ema (set)", optim["ema"] is not None if "ema" in optim else None, "has_ema", extra["has_ema"]),
+        ]
     if kind == "pretrain" and isinstance(extra.get("model_spec"), dict):
         claims += _pretrain_claims(config, extra, shape, section)
     return claims
@@ -367,10 +416,14 @@ def _pretrain_claims(config: dict, extra: dict, shape: dict, section) -> list[tu
     patch, size = tok.get("patch"), extra.get("image_size")
     grid = [size // patch] * 2 if isinstance(size, int) and isinstance(patch, int) and patch > 0 else None
     claims: list[tuple[str, Any, str, Any]]
-    claims = [("model_spec.width", spec.get("width"), *width), ("model.width", model.get("width"), *width),
-              ("model_spec.in_dim", spec.get("in_dim"), *in_dim), ("model_spec.out_dim", spec.get("out_dim"), *out_dim),
-              ("model_spec.encoder_depth + decoder_depth", _depth(spec), *blocks),
-              ("model.encoder_depth + decoder_depth", _depth(model), *blocks)]
+    claims = [
+        ("model_spec.width", spec.get("width"), *width),
+        ("model.width", model.get("width"), *width),
+        ("model_spec.in_dim", spec.get("in_dim"), *in_dim),
+        ("model_spec.out_dim", spec.get("out_dim"), *out_dim),
+        ("model_spec.encoder_depth + decoder_depth", _depth(spec), *blocks),
+        ("model.encoder_depth + decoder_depth", _depth(model), *blocks),
+    ]
     if tok.get("kind") == "pca":
         claims.append(("tokenizer.patch", patch, *_patch(_dim(shape, "tokenizer.basis"))))
     for space, held in (("input_space", in_dim), ("output_space", out_dim)):
@@ -379,9 +432,11 @@ def _pretrain_claims(config: dict, extra: dict, shape: dict, section) -> list[tu
         elif tok.get("kind") == "pca":
             claims.append(("tokenizer.dim", tok.get("dim"), *held))
     # what no tensor shows: the heads split the width inside attention, the grid sets a buffer that is not stored
-    claims += [("model.num_heads", model.get("num_heads"), "model_spec.num_heads", spec.get("num_heads")),
-               ("data.image_size", section("data").get("image_size"), "image_size", size),
-               ("model_spec.grid", spec.get("grid"), f"image_size {size} over tokenizer.patch", grid)]
+    claims += [
+        ("model.num_heads", model.get("num_heads"), "model_spec.num_heads", spec.get("num_heads")),
+        ("data.image_size", section("data").get("image_size"), "image_size", size),
+        ("model_spec.grid", spec.get("grid"), f"image_size {size} over tokenizer.patch", grid),
+    ]
     stated = section("tokenizer")
     for key in ("dim", "latent_scale") if stated.get("kind") == tok.get("kind") else ():  # patch: see above
         claims.append((f"tokenizer.{key} (config)", stated.get(key), f"the stored tokenizer's {key}", tok.get(key)))

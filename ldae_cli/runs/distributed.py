@@ -15,7 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ldae_cli.errors import LdaeError
 
-
 PREEMPTIBLE = "LDAE_PREEMPTIBLE"  # set in an `ldae launch` job: the loop also stops cleanly on SIGUSR2
 
 
@@ -107,7 +106,9 @@ def ddp_wrap(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """DDP over `module`; its buffers (tokenizer bases, tables) are identical on every rank, so they are not
     re-broadcast each forward. torch 2.14 renamed that switch; older releases still take the old name."""
     params = inspect.signature(DistributedDataParallel.__init__).parameters
-    no_sync_buffers: dict[str, Any] = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else \
-        {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                   **no_sync_buffers)
+    no_sync_buffers: dict[str, Any] = (
+        {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None, **no_sync_buffers
+    )

@@ -60,10 +60,16 @@ def progress_bar(unit: str = "img", enabled: bool = True, line_every: float | No
     # one line in an 80-column terminal: name, a short bar, %, rate, elapsed<ETA, then the losses (cut, not wrapped)
     one_line = partial(Column, no_wrap=True, overflow="ellipsis")
     return Progress(
-        TextColumn("[bold]{task.description}", table_column=one_line()), BarColumn(bar_width=10),
-        TaskProgressColumn(table_column=one_line()), RateColumn(unit, table_column=one_line()),
-        ClockColumn(table_column=one_line()), TextColumn("{task.fields[info]}", table_column=one_line()),
-        console=console, disable=not enabled, transient=False, refresh_per_second=4,
+        TextColumn("[bold]{task.description}", table_column=one_line()),
+        BarColumn(bar_width=10),
+        TaskProgressColumn(table_column=one_line()),
+        RateColumn(unit, table_column=one_line()),
+        ClockColumn(table_column=one_line()),
+        TextColumn("{task.fields[info]}", table_column=one_line()),
+        console=console,
+        disable=not enabled,
+        transient=False,
+        refresh_per_second=4,
     )
 
 
@@ -102,8 +108,15 @@ class PlainProgress:
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, info: str = "") -> int:
         now = time.monotonic()
-        self.tasks[len(self.tasks)] = {"description": description, "total": total, "completed": completed,
-                                       "start": completed, "info": info, "started": now, "printed": now}
+        self.tasks[len(self.tasks)] = {
+            "description": description,
+            "total": total,
+            "completed": completed,
+            "start": completed,
+            "info": info,
+            "started": now,
+            "printed": now,
+        }
         return len(self.tasks) - 1
 
     def update(self, task: int, advance: float = 0, info: str | None = None) -> None:
@@ -126,8 +139,10 @@ class PlainProgress:
         total = t["total"] or 0
         eta = clock((total - t["completed"]) / rate) if rate > 0 and total else "?"
         share = f" ({100 * t['completed'] / total:.0f}%)" if total else ""
-        return (f"{t['description']}: {t['completed']:,.0f}/{total:,.0f}{share}, {rate:,.0f} {self.unit}/s, "
-                f"elapsed {clock(elapsed)}, eta {eta} {t['info']}").rstrip()
+        return (
+            f"{t['description']}: {t['completed']:,.0f}/{total:,.0f}{share}, {rate:,.0f} {self.unit}/s, "
+            f"elapsed {clock(elapsed)}, eta {eta} {t['info']}"
+        ).rstrip()
 
 
 class Board:
@@ -137,8 +152,9 @@ class Board:
 
     SKIPPED = ("step", "epoch", "time_s")
 
-    def __init__(self, tensorboard: Path | None, wandb: Path | None, resumed_at: int | None, config: dict,
-                 layout: dict):
+    def __init__(
+        self, tensorboard: Path | None, wandb: Path | None, resumed_at: int | None, config: dict, layout: dict
+    ):
         self.tb = self.wb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -150,8 +166,11 @@ class Board:
             self.wb = start_wandb(wandb.parent, config)  # W&B makes its folder `wandb` in the one it is given
 
     def scalars(self, record: dict) -> None:
-        values = {k: v for k, v in record.items() if k not in self.SKIPPED and isinstance(v, (int, float))
-                  and not isinstance(v, bool)}
+        values = {
+            k: v
+            for k, v in record.items()
+            if k not in self.SKIPPED and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         for key, value in values.items():
             if self.tb is not None:
                 self.tb.add_scalar(key, value, record["step"])
@@ -178,11 +197,20 @@ def start_wandb(out_dir: Path, config: dict):
     try:
         import wandb
     except ImportError:
-        raise LdaeError("run.wandb is true but wandb is not installed: `pip install wandb`, or set run.wandb=false "
-                        "(TensorBoard logs are written either way)") from None
+        raise LdaeError(
+            "run.wandb is true but wandb is not installed: `pip install wandb`, or set run.wandb=false "
+            "(TensorBoard logs are written either way)"
+        ) from None
     run_id = hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:16]  # one W&B run across resumes
-    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ldae"), name=out_dir.name, id=run_id, resume="allow",
-                      dir=str(out_dir), config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "ldae"),
+        name=out_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(out_dir),
+        config=config,
+        mode=os.environ.get("WANDB_MODE", "offline"),
+    )
 
 
 class MetricsLog:
@@ -190,16 +218,18 @@ class MetricsLog:
     torn by a kill mid-write (the last one) is dropped, never a reason to refuse a resume. Records also go to
     `board` (TensorBoard, W&B) when there is one."""
 
-    def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None,
-                 board: Board | None = None):
+    def __init__(
+        self, path: Path, enabled: bool = True, truncate_after_step: int | None = None, board: Board | None = None
+    ):
         self.path, self.enabled, self.board = Path(path), enabled, board
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             old = read_own(self.path) if truncate_after_step is not None else None
             if old is not None:
                 # lines logged after the checkpoint we resume from would be logged again: drop them
-                text = "".join(json.dumps(r) + "\n" for r in parse_metrics(old)
-                               if r.get("step", -1) <= truncate_after_step).encode()
+                text = "".join(
+                    json.dumps(r) + "\n" for r in parse_metrics(old) if r.get("step", -1) <= truncate_after_step
+                ).encode()
                 if text != old:
                     write_atomically(self.path, text)
 

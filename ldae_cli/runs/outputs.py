@@ -25,27 +25,36 @@ def refuse_to_replace(path: Path, force: bool, what: str, kind: str, inputs: tup
     for given in map(Path, inputs):
         real = given.resolve()
         if real == target:
-            raise LdaeError(f"{path} is also an input of this command; writing the {what} there would destroy it; "
-                            "pick another --out")
+            raise LdaeError(
+                f"{path} is also an input of this command; writing the {what} there would destroy it; "
+                "pick another --out"
+            )
         if real.is_dir() and target.is_relative_to(real):
-            raise LdaeError(f"{path} is inside {given}, which this command reads; the {what} is never written into "
-                            "its own input; pick an --out outside it")
+            raise LdaeError(
+                f"{path} is inside {given}, which this command reads; the {what} is never written into "
+                "its own input; pick an --out outside it"
+            )
     check_own(path)  # a link (the user's, wherever it points), folder, FIFO or device is named
     if not path.exists():
         return
     manifest = Manifest.read(path.parent)
     if path.name == CHECKPOINT or (manifest is not None and path.name in manifest.files):
-        raise LdaeError(f"{path} belongs to the run in {path.parent}; pick another --out (--force never replaces a "
-                        "run's files)")
+        raise LdaeError(
+            f"{path} belongs to the run in {path.parent}; pick another --out (--force never replaces a run's files)"
+        )
     found = stamp(path)
     if found is None:
-        raise LdaeError(f"{path} already exists and ldae did not write it (--force replaces only ldae's own {what}); "
-                        "move it away or pick another --out")
+        raise LdaeError(
+            f"{path} already exists and ldae did not write it (--force replaces only ldae's own {what}); "
+            "move it away or pick another --out"
+        )
     if found != kind:
         from ldae_cli.runs.checkpoint import KINDS
 
-        raise LdaeError(f"{path} is a '{found}' {'checkpoint' if found in KINDS else 'output'} of ldae; --force "
-                        f"replaces it only with another of its kind, never with the {what}; pick another --out")
+        raise LdaeError(
+            f"{path} is a '{found}' {'checkpoint' if found in KINDS else 'output'} of ldae; --force "
+            f"replaces it only with another of its kind, never with the {what}; pick another --out"
+        )
     if not force:
         raise LdaeError(f"{path} already exists; pick another --out, or add --force to replace the {what}")
 
@@ -82,12 +91,12 @@ def stamp(path: Path) -> str | None:
         with os.fdopen(fd, "rb") as f:
             head = f.read(4096)
         if head.startswith(PNG_SIGNATURE):
-            size = int.from_bytes(head[PNG_HEAD:PNG_HEAD + 4], "big")
-            chunk = head[PNG_HEAD + 4:PNG_HEAD + 8 + size]
+            size = int.from_bytes(head[PNG_HEAD : PNG_HEAD + 4], "big")
+            chunk = head[PNG_HEAD + 4 : PNG_HEAD + 8 + size]
             return chunk[9:].decode() if chunk.startswith(b"tEXtldae\0") else None
         for prefix, end in ((b"# ldae: ", b"\n"), (b'{\n "ldae": "', b'"')):
             if head.startswith(prefix):
-                return head[len(prefix):].split(end, 1)[0].decode()
+                return head[len(prefix) :].split(end, 1)[0].decode()
         return read_metadata(path)["kind"]
     except (LdaeError, OSError, ValueError, KeyError, TypeError, AttributeError):
         return None

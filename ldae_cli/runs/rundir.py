@@ -49,15 +49,43 @@ BOOKKEEPING = (LOCK, MARKER)
 TRAINING_COMMANDS = ("pretrain", "probe", "finetune", "train-tokenizer", "detect")
 # what runs written before the marker existed hold: a folder of nothing else (with a checkpoint ldae reads) is
 # such a run, and --force may replace it
-LEGACY_OUTPUTS = {"config.yaml", CONFIG, CHECKPOINT, METRICS, "pca.safetensors", "loss.png", "accuracy.png",
-                  "report.png", "results.json", "eval.json", "best.safetensors", "coco_eval.txt", "load_report.json",
-                  "reconstructions.png", "report.json", "tensorboard", "wandb"}
+LEGACY_OUTPUTS = {
+    "config.yaml",
+    CONFIG,
+    CHECKPOINT,
+    METRICS,
+    "pca.safetensors",
+    "loss.png",
+    "accuracy.png",
+    "report.png",
+    "results.json",
+    "eval.json",
+    "best.safetensors",
+    "coco_eval.txt",
+    "load_report.json",
+    "reconstructions.png",
+    "report.json",
+    "tensorboard",
+    "wandb",
+}
 LEGACY_PREFIXES = ("eval-only-", "coco_eval-only-")
 FOLDERS = ("tensorboard", "wandb")  # the entries of a run that are folders
 # what ldae writes inside a folder it lists: TensorBoard's event files, W&B's, a prepared split's shards and indexes
-FOLDER_FILES = ("events.out.tfevents.*", "run-*", "offline-run-*", "latest-run", "debug*.log", "images-[0-9]*.npy",
-                "labels-[0-9]*.npy", "files-[0-9]*.txt", "skipped-[0-9]*.txt", "labels.npy", "files.txt", TEMP_GLOB)
-PID_MAX = 2 ** 22  # Linux's largest possible pid (PID_MAX_LIMIT); other systems stay below it
+FOLDER_FILES = (
+    "events.out.tfevents.*",
+    "run-*",
+    "offline-run-*",
+    "latest-run",
+    "debug*.log",
+    "images-[0-9]*.npy",
+    "labels-[0-9]*.npy",
+    "files-[0-9]*.txt",
+    "skipped-[0-9]*.txt",
+    "labels.npy",
+    "files.txt",
+    TEMP_GLOB,
+)
+PID_MAX = 2**22  # Linux's largest possible pid (PID_MAX_LIMIT); other systems stay below it
 
 
 def pid_alive(pid: int) -> bool:
@@ -86,8 +114,14 @@ def might_be_ldae(command: str | None) -> bool:
 
 
 def entry_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
         if test(mode):
             return name
     return "a file"
@@ -101,9 +135,11 @@ def check_own(path: Path, folder: bool = False) -> None:
     except FileNotFoundError:
         return
     if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
-        raise LdaeError(f"{path} is {entry_kind(mode)}, not the {'folder' if folder else 'file'} ldae keeps there; "
-                        "ldae writes only its own files there, never through a link, FIFO or device; move it away or "
-                        "pick another --out")
+        raise LdaeError(
+            f"{path} is {entry_kind(mode)}, not the {'folder' if folder else 'file'} ldae keeps there; "
+            "ldae writes only its own files there, never through a link, FIFO or device; move it away or "
+            "pick another --out"
+        )
 
 
 def open_own(path: Path, flags: int, follow: bool = False) -> int:
@@ -169,8 +205,12 @@ class RunLock:
         return self.fd is not None
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": f"ldae {self.command}",
-              "since": _dt.datetime.now().isoformat(timespec="seconds")}
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": f"ldae {self.command}",
+            "since": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
         for _ in range(10):
             fd = open_own(self.path, os.O_CREAT | os.O_RDWR)
             try:
@@ -227,16 +267,20 @@ class RunLock:
             return
         command = process_command(pid)
         if command is not None and not might_be_ldae(command):
-            raise LdaeError(f"{self.path} names pid {pid}, which is a live process but not an ldae run "
-                            f"({command.split()[0]}) and holds no lock; {fix}")
+            raise LdaeError(
+                f"{self.path} names pid {pid}, which is a live process but not an ldae run "
+                f"({command.split()[0]}) and holds no lock; {fix}"
+            )
         self._refuse(holder)
 
     def _refuse(self, holder: dict) -> None:
         host = str(holder.get("host", "?"))
         where = "this host" if host == socket.gethostname() else f"host {host}"
-        raise LdaeError(f"{self.path.parent} is in use by `{holder.get('command', 'ldae')}` (pid {holder.get('pid', '?')} "
-                        f"on {where}, since {holder.get('since', '?')}); wait for it to finish or pick another --out. If "
-                        f"that process is gone (its machine crashed), delete {self.path}")
+        raise LdaeError(
+            f"{self.path.parent} is in use by `{holder.get('command', 'ldae')}` (pid {holder.get('pid', '?')} "
+            f"on {where}, since {holder.get('since', '?')}); wait for it to finish or pick another --out. If "
+            f"that process is gone (its machine crashed), delete {self.path}"
+        )
 
     def release(self) -> None:
         if self.fd is not None:
@@ -272,18 +316,32 @@ class Manifest:
             data, why = None, "not valid JSON, e.g. truncated"
         except OSError as exc:
             data, why = None, f"unreadable: {exc.strerror}"
-        if not isinstance(data, dict) or not isinstance(data.get("run_id"), str) or \
-                not isinstance(data.get("files"), list) or not all(isinstance(n, str) for n in data["files"]):
-            raise LdaeError(f"{path}, the marker of what ldae wrote in {directory}, is damaged ({why}), so ldae cannot "
-                            f"tell its files there from yours; delete it if {directory} holds only a run of ldae's "
-                            "(it then counts as a run from before the marker), else move the folder away or pick "
-                            "another --out")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("run_id"), str)
+            or not isinstance(data.get("files"), list)
+            or not all(isinstance(n, str) for n in data["files"])
+        ):
+            raise LdaeError(
+                f"{path}, the marker of what ldae wrote in {directory}, is damaged ({why}), so ldae cannot "
+                f"tell its files there from yours; delete it if {directory} holds only a run of ldae's "
+                "(it then counts as a run from before the marker), else move the folder away or pick "
+                "another --out"
+            )
         return cls(directory, data)
 
     @classmethod
     def create(cls, directory: Path, command: str, files: frozenset[str] | set[str] = frozenset()) -> "Manifest":
-        manifest = cls(directory, {"format": 1, "run_id": uuid.uuid4().hex, "command": f"ldae {command}",
-                                   "created": _dt.datetime.now().isoformat(timespec="seconds"), "files": []})
+        manifest = cls(
+            directory,
+            {
+                "format": 1,
+                "run_id": uuid.uuid4().hex,
+                "command": f"ldae {command}",
+                "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                "files": [],
+            },
+        )
         manifest.add(*files)
         if not files:
             manifest.save()
@@ -373,13 +431,25 @@ def finished_at(ckpt: Path) -> str | None:
         return None
     step, total = extra.get("step"), extra.get("total_steps")
     last = extra.get("eval", {"step": total})  # a run stopped before its final evaluation: --resume finishes it
-    done = extra.get("finished") and isinstance(step, int) and isinstance(total, int) and \
-        isinstance(last, dict) and last.get("step") == total
+    done = (
+        extra.get("finished")
+        and isinstance(step, int)
+        and isinstance(total, int)
+        and isinstance(last, dict)
+        and last.get("step") == total
+    )
     return f"step {step:,} of {total:,}" if done else None
 
 
-def decide(path: Path, command: str, force: bool, keep: frozenset[str] | set[str] = frozenset(), restartable=None,
-           replaces: tuple[str, ...] | None = None, kind: str = "run's") -> tuple[str, list[str]]:
+def decide(
+    path: Path,
+    command: str,
+    force: bool,
+    keep: frozenset[str] | set[str] = frozenset(),
+    restartable=None,
+    replaces: tuple[str, ...] | None = None,
+    kind: str = "run's",
+) -> tuple[str, list[str]]:
     """What a new start in the existing folder `path` does, without touching it: ("empty" | "restart" | "replace",
     our entries it removes); refusals are raised. See `claim`."""
     names = [n for n in entries(path) if n not in keep]
@@ -396,29 +466,46 @@ def decide(path: Path, command: str, force: bool, keep: frozenset[str] | set[str
         if not foreign and restartable is not None and restartable(path):
             return "restart", ours
         if force and written_by not in (replaces or TRAINING_COMMANDS):
-            raise LdaeError(f"{path} holds what `ldae {written_by}` wrote; `ldae {command} --force` does not replace "
-                            "it; pick another --out")
+            raise LdaeError(
+                f"{path} holds what `ldae {written_by}` wrote; `ldae {command} --force` does not replace "
+                "it; pick another --out"
+            )
     if not force:
         if CHECKPOINT in names:
             if done := finished_at(path / CHECKPOINT):
-                raise LdaeError(f"{path} already holds a {kind} checkpoint of a finished run ({done}): its outputs "
-                                f"are {listing(ours or names, 8)}; pick another --out for a new run, or add --force "
-                                "to replace it")
-            raise LdaeError(f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume {path}`"
-                            f" (or add --continue), pick another --out, or add --force to replace that run")
-        raise LdaeError(f"{path} already holds {listing(names)}; pick another --out"
-                        + (", or add --force to replace what ldae wrote there" if not foreign else ""))
+                raise LdaeError(
+                    f"{path} already holds a {kind} checkpoint of a finished run ({done}): its outputs "
+                    f"are {listing(ours or names, 8)}; pick another --out for a new run, or add --force "
+                    "to replace it"
+                )
+            raise LdaeError(
+                f"{path} already holds a {kind} checkpoint; continue it with `ldae {command} --resume {path}`"
+                f" (or add --continue), pick another --out, or add --force to replace that run"
+            )
+        raise LdaeError(
+            f"{path} already holds {listing(names)}; pick another --out"
+            + (", or add --force to replace what ldae wrote there" if not foreign else "")
+        )
     why = protected(path)
     if why:
         raise LdaeError(f"--force never empties {path}: {why}; pick another --out")
     if foreign:
-        raise LdaeError(f"--force replaces only what ldae wrote, and {path} also holds {listing(foreign)}, which ldae "
-                        "did not write; move them away or pick another --out")
+        raise LdaeError(
+            f"--force replaces only what ldae wrote, and {path} also holds {listing(foreign)}, which ldae "
+            "did not write; move them away or pick another --out"
+        )
     return "replace", ours
 
 
-def claim(path: Path, command: str, force: bool, keep: frozenset[str] | set[str] = frozenset(), restartable=None,
-          replaces: tuple[str, ...] | None = None, kind: str = "run's") -> Manifest:
+def claim(
+    path: Path,
+    command: str,
+    force: bool,
+    keep: frozenset[str] | set[str] = frozenset(),
+    restartable=None,
+    replaces: tuple[str, ...] | None = None,
+    kind: str = "run's",
+) -> Manifest:
     """Make `path` (locked by us, existing) ready for a new run or output folder and return its manifest.
 
     An empty folder (but for `keep`, e.g. the user's config file that --config named) is marked as ours. A
@@ -448,8 +535,11 @@ def adopt(path: Path, command: str) -> Manifest:
     """The manifest of a run being resumed, whose entries are checked before anything is written (`check_own`); a
     run written before the marker existed gets one now, listing the files ldae writes that it holds."""
     manifest = Manifest.read(path)
-    names = manifest.files if manifest is not None else \
-        {n for n in entries(path) if n in LEGACY_OUTPUTS or n.startswith(LEGACY_PREFIXES)}
+    names = (
+        manifest.files
+        if manifest is not None
+        else {n for n in entries(path) if n in LEGACY_OUTPUTS or n.startswith(LEGACY_PREFIXES)}
+    )
     for name in sorted(names):
         check_own(path / name, folder=name in FOLDERS)
     return manifest or Manifest.create(path, command, names)
@@ -481,8 +571,10 @@ def resolve(command: str, kind: str, out: str | None, name: str | None, resume_p
     if resume_path is not None:
         home = resume_path.parent
         if out and Path(out).resolve() != home.resolve():
-            raise LdaeError(f"--resume continues the run in {home}, and a resumed run writes only there; --out {out} "
-                            "names another directory (leave out --out)")
+            raise LdaeError(
+                f"--resume continues the run in {home}, and a resumed run writes only there; --out {out} "
+                "names another directory (leave out --out)"
+            )
         return home
     path = Path(out) if out else default_dir(kind, name)
     if path.exists() and not path.is_dir():

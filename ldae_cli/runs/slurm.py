@@ -16,8 +16,8 @@ import signal
 from pathlib import Path
 from typing import Callable
 
-from ldae_cli.runs.distributed import PREEMPTIBLE
 from ldae_cli.errors import Interrupted, LdaeError
+from ldae_cli.runs.distributed import PREEMPTIBLE
 from ldae_cli.runs.logs import console
 
 RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
@@ -35,12 +35,16 @@ def output_of(argv: list[str]) -> Path:
 
 def check(argv: list[str]) -> None:
     if not argv or argv[0] not in RESUMABLE:
-        raise LdaeError(f"ldae launch runs a training stage ({', '.join(RESUMABLE)}), e.g. `ldae launch -- pretrain "
-                        f"--config final.yaml --out runs/x`; got {' '.join(argv) or 'nothing'}")
+        raise LdaeError(
+            f"ldae launch runs a training stage ({', '.join(RESUMABLE)}), e.g. `ldae launch -- pretrain "
+            f"--config final.yaml --out runs/x`; got {' '.join(argv) or 'nothing'}"
+        )
     for flag in ("--resume", "--continue"):
         if flag in argv:
-            raise LdaeError(f"ldae launch starts a run and continues it itself after a requeue; give the command "
-                            f"without {flag} (its --out says where the run is)")
+            raise LdaeError(
+                f"ldae launch starts a run and continues it itself after a requeue; give the command "
+                f"without {flag} (its --out says where the run is)"
+            )
     output_of(argv)
 
 
@@ -77,20 +81,42 @@ class LdaeJob:
         return submitit.helpers.DelayedSubmission(LdaeJob(self.argv, self.runner))
 
 
-def submit(argv: list[str], runner: Callable[[list[str]], None], local: bool, nodes: int, gpus_per_node: int,
-           cpus_per_task: int, partition: str | None, time_min: int, folder: Path, extra: dict):
+def submit(
+    argv: list[str],
+    runner: Callable[[list[str]], None],
+    local: bool,
+    nodes: int,
+    gpus_per_node: int,
+    cpus_per_task: int,
+    partition: str | None,
+    time_min: int,
+    folder: Path,
+    extra: dict,
+):
     """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job."""
     import submitit
 
     job = LdaeJob(argv, runner)
-    executor = submitit.LocalExecutor(folder=str(folder)) if local else \
-        submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    params = dict(timeout_min=time_min, nodes=nodes, tasks_per_node=max(1, gpus_per_node),
-                  cpus_per_task=cpus_per_task, name=f"ldae-{argv[0]}-{output_of(argv).name}")
+    executor = (
+        submitit.LocalExecutor(folder=str(folder))
+        if local
+        else submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    )
+    params = dict(
+        timeout_min=time_min,
+        nodes=nodes,
+        tasks_per_node=max(1, gpus_per_node),
+        cpus_per_task=cpus_per_task,
+        name=f"ldae-{argv[0]}-{output_of(argv).name}",
+    )
     if local:
         params = {"timeout_min": time_min, "tasks_per_node": max(1, gpus_per_node), "gpus_per_node": gpus_per_node}
     else:
-        params.update(gpus_per_node=gpus_per_node, slurm_partition=partition, slurm_signal_delay_s=120,
-                      slurm_additional_parameters=extra)
+        params.update(
+            gpus_per_node=gpus_per_node,
+            slurm_partition=partition,
+            slurm_signal_delay_s=120,
+            slurm_additional_parameters=extra,
+        )
     executor.update_parameters(**params)
     return executor.submit(job)

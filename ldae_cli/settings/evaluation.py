@@ -41,8 +41,14 @@ class LinearProbeConfig:
         if self.batch_size < 1 or self.epochs <= 0 or self.extract_batch < 1:
             raise LdaeError("probe.batch_size, probe.epochs and probe.extract_batch must be positive")
         require("probe", "a positive integer", lambda v: v > 0, depth=self.depth, knn_k=self.knn_k)
-        require("probe", ">= 0", lambda v: v >= 0, t=self.t, warmup_epochs=self.warmup_epochs,
-                weight_decay=self.weight_decay)
+        require(
+            "probe",
+            ">= 0",
+            lambda v: v >= 0,
+            t=self.t,
+            warmup_epochs=self.warmup_epochs,
+            weight_decay=self.weight_decay,
+        )
         require("probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
         require("probe", "in [0, 1)", lambda v: 0 <= v < 1, momentum=self.momentum)
         check_warmup("probe.warmup_epochs", self.warmup, "probe.epochs", self.epochs)
@@ -158,17 +164,21 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         if self.data.source == "images":
-            raise LdaeError("finetune needs labelled data; data.source 'images' has no labels "
-                            "(use cifar10, fashion-mnist or imagefolder)")
+            raise LdaeError(
+                "finetune needs labelled data; data.source 'images' has no labels "
+                "(use cifar10, fashion-mnist or imagefolder)"
+            )
         even_micro_batch(self.aug, self.optim.micro_batch or self.optim.batch_size)
 
 
 def even_micro_batch(aug: AugConfig, micro: int) -> None:
     """Mixup and CutMix pair the samples of a micro-batch (timm's Mixup), so it must hold an even number."""
     if aug.mixing and micro % 2:
-        raise LdaeError(f"aug.mixup {aug.mixup:g} / aug.cutmix {aug.cutmix:g} pair the samples of a micro-batch, which "
-                        f"must be even, but it holds {micro} (optim.micro_batch, else optim.batch_size per rank); make "
-                        "it even or set aug.mixup=0 aug.cutmix=0")
+        raise LdaeError(
+            f"aug.mixup {aug.mixup:g} / aug.cutmix {aug.cutmix:g} pair the samples of a micro-batch, which "
+            f"must be even, but it holds {micro} (optim.micro_batch, else optim.batch_size per rank); make "
+            "it even or set aug.mixup=0 aug.cutmix=0"
+        )
 
 
 @dataclass
@@ -215,8 +225,13 @@ class BackboneConfig:
         if shape:
             check_shape("backbone", shape[0], shape[2])
             require("backbone", "a positive integer", lambda v: v > 0, depth=shape[1])
-        require("backbone", "a positive integer", lambda v: v > 0, patch_size=self.patch_size,
-                pretrain_image_size=self.pretrain_image_size)
+        require(
+            "backbone",
+            "a positive integer",
+            lambda v: v > 0,
+            patch_size=self.patch_size,
+            pretrain_image_size=self.pretrain_image_size,
+        )
         require("backbone", ">= 0", lambda v: v >= 0, t=self.t)
         if not 0 <= self.drop_path < 1:
             raise LdaeError(f"backbone.drop_path: expected a rate in [0, 1), got {self.drop_path}")
@@ -231,8 +246,14 @@ class DetectModelConfig:
     roi_batch_per_image: int = 512  # sampled proposals per image for the ROI heads
 
     def validate(self) -> None:
-        require("model", "a positive integer", lambda v: v > 0, pyramid_channels=self.pyramid_channels,
-                box_fc_dim=self.box_fc_dim, roi_batch_per_image=self.roi_batch_per_image)
+        require(
+            "model",
+            "a positive integer",
+            lambda v: v > 0,
+            pyramid_channels=self.pyramid_channels,
+            box_fc_dim=self.box_fc_dim,
+            roi_batch_per_image=self.roi_batch_per_image,
+        )
 
 
 @dataclass
@@ -262,18 +283,26 @@ class DetectOptimConfig:
             raise LdaeError(f"optim.lr_steps: expected increasing fractions of the run in (0, 1), got {self.lr_steps}")
         milestones = self.milestones()
         if milestones and (milestones[0] < 1 or len(set(milestones)) < len(milestones)):
-            raise LdaeError(f"optim.lr_steps {self.lr_steps} of {self.iterations} iterations put lr steps at "
-                            f"{milestones}; use more optim.iterations or fewer lr_steps")
+            raise LdaeError(
+                f"optim.lr_steps {self.lr_steps} of {self.iterations} iterations put lr steps at "
+                f"{milestones}; use more optim.iterations or fewer lr_steps"
+            )
         if self.warmup_iterations >= self.iterations:
-            raise LdaeError(f"optim.warmup_iterations {self.warmup_iterations} is not fewer than optim.iterations "
-                            f"{self.iterations}: the lr would never reach its peak; set it below {self.iterations}")
+            raise LdaeError(
+                f"optim.warmup_iterations {self.warmup_iterations} is not fewer than optim.iterations "
+                f"{self.iterations}: the lr would never reach its peak; set it below {self.iterations}"
+            )
         if milestones and milestones[0] < self.warmup_iterations:
-            raise LdaeError(f"optim.lr_steps {self.lr_steps} puts the first lr step at iteration {milestones[0]}, "
-                            f"inside the optim.warmup_iterations {self.warmup_iterations}; raise the first step or "
-                            "shorten the warm-up")
+            raise LdaeError(
+                f"optim.lr_steps {self.lr_steps} puts the first lr step at iteration {milestones[0]}, "
+                f"inside the optim.warmup_iterations {self.warmup_iterations}; raise the first step or "
+                "shorten the warm-up"
+            )
         if self.micro_batch is not None and self.batch_size % self.micro_batch:
-            raise LdaeError(f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size}; "
-                            "use a divisor of it, or null")
+            raise LdaeError(
+                f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size}; "
+                "use a divisor of it, or null"
+            )
 
     def milestones(self) -> list[int]:
         return [round(f * self.iterations) for f in self.lr_steps]
@@ -287,10 +316,12 @@ class DetectOptimConfig:
         from fvcore.common.param_scheduler import MultiStepParamScheduler
 
         milestones = self.milestones()
-        steps = MultiStepParamScheduler(values=[0.1 ** i for i in range(len(milestones) + 1)],
-                                        milestones=milestones, num_updates=self.iterations)
-        return WarmupParamScheduler(steps, warmup_factor=self.warmup_factor,
-                                    warmup_length=min(1.0, self.warmup_iterations / self.iterations))
+        steps = MultiStepParamScheduler(
+            values=[0.1**i for i in range(len(milestones) + 1)], milestones=milestones, num_updates=self.iterations
+        )
+        return WarmupParamScheduler(
+            steps, warmup_factor=self.warmup_factor, warmup_length=min(1.0, self.warmup_iterations / self.iterations)
+        )
 
 
 @dataclass
@@ -312,8 +343,11 @@ class DetectConfig:
 
     def validate(self) -> None:
         if self.run.compile:
-            raise LdaeError("run.compile: detect does not compile (Mask R-CNN has data-dependent shapes); "
-                            "set run.compile=false")
+            raise LdaeError(
+                "run.compile: detect does not compile (Mask R-CNN has data-dependent shapes); set run.compile=false"
+            )
         if self.eval.every is not None and self.eval.every > self.optim.iterations:
-            raise LdaeError(f"eval.every {self.eval.every} is more than optim.iterations {self.optim.iterations}: no "
-                            "evaluation would fall inside the run (the end always evaluates); lower it, or null")
+            raise LdaeError(
+                f"eval.every {self.eval.every} is more than optim.iterations {self.optim.iterations}: no "
+                "evaluation would fall inside the run (the end always evaluates); lower it, or null"
+            )

@@ -47,11 +47,15 @@ class OptimConfig:
         if not math.isfinite(self.base_lr()):
             raise LdaeError(f"optim: the lr (blr x batch_size / 256, or lr) overflows to {self.base_lr()}; lower it")
         if self.min_lr > self.base_lr():
-            raise LdaeError(f"optim.min_lr {self.min_lr:g} is above the peak lr {self.base_lr():g} (blr x batch_size / 256,"
-                            " or lr) that the schedule decays from; lower optim.min_lr")
+            raise LdaeError(
+                f"optim.min_lr {self.min_lr:g} is above the peak lr {self.base_lr():g} (blr x batch_size / 256,"
+                " or lr) that the schedule decays from; lower optim.min_lr"
+            )
         if self.micro_batch is not None and self.batch_size % self.micro_batch:
-            raise LdaeError(f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size} "
-                            "(each rank's share is cut into whole micro-batches); use a divisor of it, or null")
+            raise LdaeError(
+                f"optim.micro_batch {self.micro_batch} does not divide optim.batch_size {self.batch_size} "
+                "(each rank's share is cut into whole micro-batches); use a divisor of it, or null"
+            )
         check_warmup("optim.warmup_epochs", self.warmup_epochs, "optim.epochs", self.epochs)
 
     def base_lr(self) -> float:
@@ -64,8 +68,10 @@ class OptimConfig:
 def check_warmup(warmup_key: str, warmup: float, run_key: str, run: float) -> None:
     """A warm-up must end before the run does: one as long as the run never reaches the peak lr, nor decays."""
     if warmup and warmup >= run:
-        raise LdaeError(f"{warmup_key} {warmup:g} is not shorter than {run_key} {run:g}: the lr would never reach its "
-                        f"peak; set {warmup_key} below {run:g} (e.g. {run / 10:g}) or 0")
+        raise LdaeError(
+            f"{warmup_key} {warmup:g} is not shorter than {run_key} {run:g}: the lr would never reach its "
+            f"peak; set {warmup_key} below {run:g} (e.g. {run / 10:g}) or 0"
+        )
 
 
 def accumulation(batch_size: int, micro_batch: int | None, world: int) -> tuple[int, int]:
@@ -112,8 +118,13 @@ def plan_steps(n_images: int, optim: OptimConfig, seed: int, ctx) -> StepPlan:
     batches = SeededSteps(n_images, optim.batch_size, seed, ctx.rank, ctx.world, accum)
     per_epoch = batches.steps_per_epoch
     total = max(1, round(optim.epochs * per_epoch))
-    schedule = partial(lr_at, total_steps=total, warmup_steps=round(optim.warmup_epochs * per_epoch),
-                       base_lr=optim.base_lr(), min_lr=optim.min_lr)
+    schedule = partial(
+        lr_at,
+        total_steps=total,
+        warmup_steps=round(optim.warmup_epochs * per_epoch),
+        base_lr=optim.base_lr(),
+        min_lr=optim.min_lr,
+    )
     return StepPlan(total, per_epoch, optim.batch_size, schedule, batches, micro, accum)
 
 
@@ -126,8 +137,13 @@ def make_adamw(params, optim: OptimConfig, device: torch.device) -> torch.optim.
     """AdamW at the run's base lr; parameter groups may carry their own weight decay and lr_scale."""
     import torch
 
-    return torch.optim.AdamW(params, lr=optim.base_lr(), betas=(optim.betas[0], optim.betas[1]),
-                             weight_decay=optim.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        params,
+        lr=optim.base_lr(),
+        betas=(optim.betas[0], optim.betas[1]),
+        weight_decay=optim.weight_decay,
+        fused=device.type == "cuda",
+    )
 
 
 def make_ema(model: torch.nn.Module, decay: float | None) -> ModelEmaV3 | None:

@@ -53,8 +53,10 @@ class DataConfig:
         if self.limit is not None and self.limit < 1:
             raise LdaeError(f"data.limit: must be a positive number of images or null, got {self.limit}")
         if self.decode == "gpu" and self.crop != "center":
-            raise LdaeError("data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
-                            "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`")
+            raise LdaeError(
+                "data.decode=gpu decodes center crops (pretraining); random-resized crops are decoded by "
+                "PIL: set data.decode=pil, or prepare the dataset with `ldae prepare-data --margin 1.15`"
+            )
 
     @property
     def settled_size(self) -> int:
@@ -89,15 +91,26 @@ class TokenizerConfig:
     fit_patches: int = 1_000_000  # pca fitted on the fly: patches sampled
 
     def validate(self) -> None:
-        require("tokenizer", "a positive integer", lambda v: v > 0, patch=self.patch, dim=self.dim,
-                fit_patches=self.fit_patches, scale_dim=self.scale_dim)
+        require(
+            "tokenizer",
+            "a positive integer",
+            lambda v: v > 0,
+            patch=self.patch,
+            dim=self.dim,
+            fit_patches=self.fit_patches,
+            scale_dim=self.scale_dim,
+        )
         if self.latent_scale == "fixed" and (self.kind != "pca" or self.scale_dim is None):
-            raise LdaeError("tokenizer.latent_scale 'fixed' scales a PCA latent by the global scale of "
-                            f"tokenizer.scale_dim components: set kind pca and scale_dim (got kind {self.kind!r}, "
-                            f"scale_dim {self.scale_dim})")
+            raise LdaeError(
+                "tokenizer.latent_scale 'fixed' scales a PCA latent by the global scale of "
+                f"tokenizer.scale_dim components: set kind pca and scale_dim (got kind {self.kind!r}, "
+                f"scale_dim {self.scale_dim})"
+            )
         if self.scale_dim is not None and self.latent_scale != "fixed":
-            raise LdaeError(f"tokenizer.scale_dim is read only with latent_scale 'fixed' (got {self.latent_scale!r}); "
-                            "set scale_dim null or latent_scale fixed")
+            raise LdaeError(
+                f"tokenizer.scale_dim is read only with latent_scale 'fixed' (got {self.latent_scale!r}); "
+                "set scale_dim null or latent_scale fixed"
+            )
         if self.kind == "pixel" and self.dim is not None:
             raise LdaeError("tokenizer.dim: the pixel tokenizer keeps every pixel (d = patch*patch*3); leave dim null")
         if self.kind == "pixel" and self.latent_scale != "none":
@@ -129,8 +142,10 @@ def check_shape(where: str, width: int, num_heads: int) -> None:
     if num_heads < 1 or width < 4:
         raise LdaeError(f"{where}: width must be >= 4 and num_heads >= 1, got width {width} and {num_heads} heads")
     if width % num_heads or width % 4:
-        raise LdaeError(f"{where}.width {width} must be divisible by {where}.num_heads {num_heads} and by 4 (the "
-                        f"2-D sin-cos position embedding); e.g. width {max(num_heads, 4) * 16 // 4 * 4}")
+        raise LdaeError(
+            f"{where}.width {width} must be divisible by {where}.num_heads {num_heads} and by 4 (the "
+            f"2-D sin-cos position embedding); e.g. width {max(num_heads, 4) * 16 // 4 * 4}"
+        )
 
 
 def resolve_size(where: str, size: str, **given: int | None) -> tuple[int, ...]:
@@ -165,8 +180,14 @@ class ModelConfig:
     class_dropout: float = 0.1  # labels replaced by the null label this often (classifier-free guidance style)
 
     def resolved(self) -> tuple[int, ...]:  # width, encoder_depth, decoder_depth, num_heads
-        return resolve_size("model", self.size, width=self.width, encoder_depth=self.encoder_depth,
-                            decoder_depth=self.decoder_depth, num_heads=self.num_heads)
+        return resolve_size(
+            "model",
+            self.size,
+            width=self.width,
+            encoder_depth=self.encoder_depth,
+            decoder_depth=self.decoder_depth,
+            num_heads=self.num_heads,
+        )
 
     def validate(self) -> None:
         width, enc, dec, heads = self.resolved()
@@ -232,9 +253,19 @@ class OnlineProbeConfig:
     batch: int = 256  # feature extraction
 
     def validate(self) -> None:
-        require("online_probe", "a positive integer", lambda v: v > 0, every=self.every, knn_k=self.knn_k,
-                fit_images=self.fit_images, per_class=self.per_class, test_images=self.test_images,
-                linear_steps=self.linear_steps, linear_batch=self.linear_batch, batch=self.batch)
+        require(
+            "online_probe",
+            "a positive integer",
+            lambda v: v > 0,
+            every=self.every,
+            knn_k=self.knn_k,
+            fit_images=self.fit_images,
+            per_class=self.per_class,
+            test_images=self.test_images,
+            linear_steps=self.linear_steps,
+            linear_batch=self.linear_batch,
+            batch=self.batch,
+        )
         require("online_probe", ">= 0", lambda v: v >= 0, t=self.t)
         require("online_probe", "> 0", lambda v: v > 0, knn_temperature=self.knn_temperature)
         require("online_probe", "in (0, 1]", lambda v: 0 < v <= 1, max_share=self.max_share)
@@ -242,9 +273,11 @@ class OnlineProbeConfig:
             raise LdaeError(f"online_probe.linear_blrs: give positive base learning rates, got {self.linear_blrs}")
         for key in ("knn_k", "linear_batch"):  # both are cut to the fit subset, which holds at most fit_images
             if getattr(self, key) > self.fit_images:
-                raise LdaeError(f"online_probe.{key} {getattr(self, key)} is more than online_probe.fit_images "
-                                f"{self.fit_images}, the most images the probe fits on; lower it to {self.fit_images} "
-                                "or less, or raise fit_images")
+                raise LdaeError(
+                    f"online_probe.{key} {getattr(self, key)} is more than online_probe.fit_images "
+                    f"{self.fit_images}, the most images the probe fits on; lower it to {self.fit_images} "
+                    "or less, or raise fit_images"
+                )
 
 
 @dataclass
@@ -261,12 +294,14 @@ class MAEConfig:
         require("mae", "in (0, 1)", lambda v: 0 < v < 1, mask_ratio=self.mask_ratio)
         require("mae", ">= 1", lambda v: v >= 1, decoder_depth=self.decoder_depth, decoder_heads=self.decoder_heads)
         if self.decoder_width % self.decoder_heads or self.decoder_width % 4:
-            raise LdaeError(f"mae.decoder_width {self.decoder_width} must be divisible by mae.decoder_heads "
-                            f"{self.decoder_heads} and by 4 (the 2-D sin-cos position embedding), e.g. 512")
+            raise LdaeError(
+                f"mae.decoder_width {self.decoder_width} must be divisible by mae.decoder_heads "
+                f"{self.decoder_heads} and by 4 (the 2-D sin-cos position embedding), e.g. 512"
+            )
 
 
 Objective = Literal["ldae", "mae", "mocov3"]
-MAX_SEED = 2 ** 31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
+MAX_SEED = 2**31 - 1  # seeds are mixed into generator seeds that must stay within 64 bits
 
 
 @dataclass
@@ -286,8 +321,10 @@ class RunConfig:
 
     def validate(self) -> None:
         if self.log_every < 1 or self.save_every < 1:
-            raise LdaeError(f"run.log_every and run.save_every are numbers of steps (1 or more), got "
-                            f"{self.log_every} and {self.save_every}")
+            raise LdaeError(
+                f"run.log_every and run.save_every are numbers of steps (1 or more), got "
+                f"{self.log_every} and {self.save_every}"
+            )
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise LdaeError(f"run.stop_after_steps must be 1 or more (or null), got {self.stop_after_steps}")
         if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
@@ -317,17 +354,23 @@ class PretrainConfig:
             self.validate_baseline()
         if self.model.class_conditional and self.data.source == "images":
             raise LdaeError("model.class_conditional needs labelled data; data.source 'images' has no labels")
-        tc, full = self.tokenizer, self.tokenizer.patch ** 2 * 3
+        tc, full = self.tokenizer, self.tokenizer.patch**2 * 3
         size = self.data.image_size  # null: settled to a multiple
         if tc.kind != "trained" and size is not None and size % tc.patch:
-            raise LdaeError(f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
-                            f"use e.g. data.image_size={size // tc.patch * tc.patch or tc.patch}")
+            raise LdaeError(
+                f"data.image_size {self.data.image_size} is not a multiple of tokenizer.patch {tc.patch}; "
+                f"use e.g. data.image_size={size // tc.patch * tc.patch or tc.patch}"
+            )
         if tc.kind == "pca" and tc.dim is not None and tc.dim > full:
-            raise LdaeError(f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
-                            f"PCA keeps between 1 and {full} components")
+            raise LdaeError(
+                f"tokenizer.dim {tc.dim} is more than the {full} values of a {tc.patch}x{tc.patch}x3 patch; "
+                f"PCA keeps between 1 and {full} components"
+            )
         if tc.kind == "pca" and not tc.path and tc.fit_patches <= full:
-            raise LdaeError(f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
-                            f"patches, got {tc.fit_patches}")
+            raise LdaeError(
+                f"tokenizer.fit_patches: fitting a PCA of {full}-dim patches needs more than {full} "
+                f"patches, got {tc.fit_patches}"
+            )
 
     def validate_baseline(self) -> None:
         """MAE and MoCo v3 train the encoder blocks on raw patches at one timestep, with their own section's heads;
@@ -337,22 +380,29 @@ class PretrainConfig:
             ("tokenizer.latent_scale", self.tokenizer.latent_scale, "none"),
             ("model.decoder_depth", self.model.resolved()[2], 0),
             ("model.class_conditional", self.model.class_conditional, False),
-            ("online_probe.t", self.online_probe.t, DEFAULT_T)]
+            ("online_probe.t", self.online_probe.t, DEFAULT_T),
+        ]
         if self.objective == "mocov3":
             needs += [("data.crop", self.data.crop, "center"), ("data.hflip", self.data.hflip, False)]
         wrong = [f"{key} {value!r} (needs {need!r})" for key, value, need in needs if value != need]
         if wrong:
-            raise LdaeError(f"objective {self.objective}: {'; '.join(wrong)}: it reads raw pixel patches, trains with "
-                            f"the {self.objective}: section's heads and has no timestep (its encoder is folded at "
-                            f"t = {DEFAULT_T})" + ("; its two views are the augmentation, made from whole images"
-                                                   if self.objective == "mocov3" else ""))
+            raise LdaeError(
+                f"objective {self.objective}: {'; '.join(wrong)}: it reads raw pixel patches, trains with "
+                f"the {self.objective}: section's heads and has no timestep (its encoder is folded at "
+                f"t = {DEFAULT_T})"
+                + ("; its two views are the augmentation, made from whole images" if self.objective == "mocov3" else "")
+            )
         if self.objective == "mocov3" and self.optim.micro_batch is not None:
-            raise LdaeError(f"optim.micro_batch {self.optim.micro_batch}: MoCo v3 takes no gradient accumulation (its "
-                            "InfoNCE negatives and head BatchNorms span the global batch, each rank's share in one "
-                            "pass); set optim.micro_batch=null")
+            raise LdaeError(
+                f"optim.micro_batch {self.optim.micro_batch}: MoCo v3 takes no gradient accumulation (its "
+                "InfoNCE negatives and head BatchNorms span the global batch, each rank's share in one "
+                "pass); set optim.micro_batch=null"
+            )
         if self.objective == "mocov3" and self.run.compile:
-            raise LdaeError("run.compile: MoCo v3's per-image views and its collectives (the keys' all_gather, the "
-                            "head BatchNorms' all_reduce) run outside torch.compile; set run.compile=false")
+            raise LdaeError(
+                "run.compile: MoCo v3's per-image views and its collectives (the keys' all_gather, the "
+                "head BatchNorms' all_reduce) run outside torch.compile; set run.compile=false"
+            )
 
 
 def block_forwards(objective: str, model: ModelConfig) -> int:
@@ -364,6 +414,7 @@ def block_forwards(objective: str, model: ModelConfig) -> int:
 
 
 # fit-pca's config (pca.py reads it)
+
 
 @dataclass
 class PCAConfig:
@@ -398,6 +449,7 @@ class FitPCAConfig:
 
 # train-tokenizer's config (engine_tokenizer.py and autoencoders.py read it)
 
+
 @dataclass
 class AutoencoderConfig:
     """The `tokenizer:` section of a train-tokenizer config (the architecture)."""
@@ -421,24 +473,35 @@ class AutoencoderConfig:
                 raise LdaeError(f"tokenizer.stride: must be a power of two (1, 2, 4, 8, ...), got {self.stride}")
             levels = int(math.log2(self.stride)) + 1
             if len(self.channel_mult) != levels:
-                raise LdaeError(f"tokenizer.channel_mult has {len(self.channel_mult)} levels but stride "
-                                f"{self.stride} needs {levels} (one per resolution), e.g. "
-                                f"{[min(2 ** i, 4) for i in range(levels)]}")
+                raise LdaeError(
+                    f"tokenizer.channel_mult has {len(self.channel_mult)} levels but stride "
+                    f"{self.stride} needs {levels} (one per resolution), e.g. "
+                    f"{[min(2**i, 4) for i in range(levels)]}"
+                )
             if min(self.latent_channels, self.token_group, self.channels, self.res_blocks, *self.channel_mult) < 1:
-                raise LdaeError("tokenizer.latent_channels, token_group, channels, res_blocks and channel_mult "
-                                "must be positive")
+                raise LdaeError(
+                    "tokenizer.latent_channels, token_group, channels, res_blocks and channel_mult must be positive"
+                )
         else:
             if self.patch < 1 or not 1 <= self.dim <= self.patch * self.patch * 3:
-                raise LdaeError(f"tokenizer.dim: a {self.patch}x{self.patch}x3 patch tokenizer keeps between 1 "
-                                f"and {self.patch * self.patch * 3} dims, got {self.dim}")
+                raise LdaeError(
+                    f"tokenizer.dim: a {self.patch}x{self.patch}x3 patch tokenizer keeps between 1 "
+                    f"and {self.patch * self.patch * 3} dims, got {self.dim}"
+                )
 
     def spec(self) -> dict:
         """The JSON-able description stored in checkpoints, enough to rebuild the network."""
         if self.kind == "conv-vae":
-            return {"kind": self.kind, "stride": self.stride, "latent_channels": self.latent_channels,
-                    "token_group": self.token_group, "channels": self.channels,
-                    "channel_mult": list(self.channel_mult), "res_blocks": self.res_blocks,
-                    "attention": self.attention}
+            return {
+                "kind": self.kind,
+                "stride": self.stride,
+                "latent_channels": self.latent_channels,
+                "token_group": self.token_group,
+                "channels": self.channels,
+                "channel_mult": list(self.channel_mult),
+                "res_blocks": self.res_blocks,
+                "attention": self.attention,
+            }
         return {"kind": self.kind, "patch": self.patch, "dim": self.dim}
 
 
@@ -458,9 +521,11 @@ class LossConfig:
         if min(self.kl_weight, self.perceptual_weight, self.adversarial_weight) < 0:
             raise LdaeError("loss.kl_weight, loss.perceptual_weight and loss.adversarial_weight must be >= 0")
         if self.perceptual_weight > 0 and not self.vgg_weights:
-            raise LdaeError(f"loss.perceptual_weight is {self.perceptual_weight:g} but loss.vgg_weights is empty: "
-                            f"the perceptual loss needs VGG16 weights (a torchvision VGG16 state dict saved as "
-                            f".safetensors; none is downloaded); set loss.vgg_weights=PATH or loss.perceptual_weight=0")
+            raise LdaeError(
+                f"loss.perceptual_weight is {self.perceptual_weight:g} but loss.vgg_weights is empty: "
+                f"the perceptual loss needs VGG16 weights (a torchvision VGG16 state dict saved as "
+                f".safetensors; none is downloaded); set loss.vgg_weights=PATH or loss.perceptual_weight=0"
+            )
         if self.disc_start < 0 or self.disc_layers < 1 or self.disc_channels < 1:
             raise LdaeError("loss.disc_start must be >= 0, loss.disc_layers and loss.disc_channels positive")
 

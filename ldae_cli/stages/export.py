@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldae_cli.runs import outputs, rundir
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.pretrained import TIMM_EXPORT_FILES, export_encoder, export_timm
+from ldae_cli.runs import outputs, rundir
 
 
-def main(ckpt: str, out: str, t: int, depth: int | None, ema: bool | None, force: bool = False,
-         form: str = "ldae") -> Path:
+def main(
+    ckpt: str, out: str, t: int, depth: int | None, ema: bool | None, force: bool = False, form: str = "ldae"
+) -> Path:
     target = Path(out)
     if form == "timm":
         return export_folder(ckpt, target, t, depth, ema, force)

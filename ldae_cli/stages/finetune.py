@@ -18,21 +18,26 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ldae_cli.train.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, FinetuneConfig
-from ldae_cli.train import engine_finetune
-from ldae_cli.runs.checkpoint import Checkpoint
+from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.data.pipeline import build_dataset
-from ldae_cli.runs.distributed import resolve_device
-from ldae_cli.train.dryrun import Plan, outline, print_config, seconds_per_image
-from ldae_cli.train.engine_finetune import BatchAugment, SeededRandAugment
 from ldae_cli.errors import LdaeError
 from ldae_cli.model.models import build_timm_vit, sincos_2d, timm_vit_kwargs
 from ldae_cli.model.pretrained import load_encoder, named, pretraining_data
-from ldae_cli.runs.logs import console
-from ldae_cli.data.discovery import NoData, check_splits
 from ldae_cli.runs import rundir
-from ldae_cli.train.session import load_run_config, refuse_force, refuse_inputs_inside, same_parent, session, \
-    settle_image_size
+from ldae_cli.runs.checkpoint import Checkpoint
+from ldae_cli.runs.distributed import resolve_device
+from ldae_cli.runs.logs import console
+from ldae_cli.train import engine_finetune
+from ldae_cli.train.dryrun import Plan, outline, print_config, seconds_per_image
+from ldae_cli.train.engine_finetune import DESCRIPTION_KEYS, RESUMABLE, BatchAugment, FinetuneConfig, SeededRandAugment
+from ldae_cli.train.session import (
+    load_run_config,
+    refuse_force,
+    refuse_inputs_inside,
+    same_parent,
+    session,
+    settle_image_size,
+)
 
 
 def default_config(ckpt: str | None, given: bool) -> tuple[dict, str]:
@@ -60,36 +65,43 @@ def vit_arch(cfg: FinetuneConfig) -> tuple[dict, nn.Module | None, Checkpoint | 
         encoder, kwargs, source = load_encoder(mc.ckpt, mc.t, mc.depth, mc.pretrain_ema)
         size = tuple(kwargs["img_size"])
         if size != (cfg.data.image_size, cfg.data.image_size):
-            raise LdaeError(f"data.image_size {cfg.data.image_size} does not match the input size {size[0]} of "
-                            f"{mc.ckpt}; set data.image_size={size[0]}")
+            raise LdaeError(
+                f"data.image_size {cfg.data.image_size} does not match the input size {size[0]} of "
+                f"{mc.ckpt}; set data.image_size={size[0]}"
+            )
         return kwargs, encoder, source
     width, depth, heads = mc.arch.resolved()
     if cfg.data.settled_size % mc.arch.patch:
-        raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch "
-                        f"{mc.arch.patch}")
+        raise LdaeError(f"data.image_size {cfg.data.image_size} is not a multiple of model.arch.patch {mc.arch.patch}")
     kwargs = timm_vit_kwargs((cfg.data.settled_size,) * 2, mc.arch.patch, width, depth, heads, mc.arch.mlp_ratio)
     return kwargs, None, None
 
 
-def build_network(cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Module | None, Checkpoint | None]
-                  ) -> tuple[VisionTransformer, dict, list[dict], dict]:
+def build_network(
+    cfg: FinetuneConfig, num_classes: int, arch: tuple[dict, nn.Module | None, Checkpoint | None]
+) -> tuple[VisionTransformer, dict, list[dict], dict]:
     """(ViT with head, its timm kwargs, provenance parents, a description of the initialisation) from `vit_arch`'s
     (kwargs, folded encoder, source)."""
     mc = cfg.model
     kwargs, encoder, source = arch
     # MAE's global-pool classifier: LayerNorm after the average pool (timm's fc_norm), then the head
-    kwargs = {**kwargs, "num_classes": num_classes, "final_norm": True, "fc_norm": True,
-              "drop_path_rate": mc.drop_path}
+    kwargs = {**kwargs, "num_classes": num_classes, "final_norm": True, "fc_norm": True, "drop_path_rate": mc.drop_path}
     torch.manual_seed(cfg.run.seed)  # random weights depend on the seed only (loading --ckpt draws numbers too)
     vit = build_timm_vit(kwargs)
     assert isinstance(vit.head, nn.Linear) and vit.pos_embed is not None  # num_classes > 0, a position embedding
-    init_desc = {"from_scratch": mc.from_scratch, "source": mc.ckpt, "t": None if mc.from_scratch else mc.t,
-                 "depth": kwargs["depth"]}
+    init_desc = {
+        "from_scratch": mc.from_scratch,
+        "source": mc.ckpt,
+        "t": None if mc.from_scratch else mc.t,
+        "depth": kwargs["depth"],
+    }
     if encoder is not None and not mc.from_scratch:
         missing, unexpected = vit.load_state_dict(encoder.state_dict(), strict=False)
         if set(missing) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} or unexpected:
-            raise LdaeError(f"{mc.ckpt}: encoder weights do not fit the fine-tuning ViT (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
+            raise LdaeError(
+                f"{mc.ckpt}: encoder weights do not fit the fine-tuning ViT (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})"
+            )
     else:
         grid = (kwargs["img_size"][0] // kwargs["patch_size"], kwargs["img_size"][1] // kwargs["patch_size"])
         with torch.no_grad():
@@ -112,14 +124,18 @@ def run_name(cfg: FinetuneConfig, config_name: str | None) -> str:
     return f"{rundir.run_name(config_name or 'default', cfg.data)}{'-scratch' if cfg.model.from_scratch else ''}"
 
 
-def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
-        force: bool = False) -> Path:
+def run(
+    cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None, force: bool = False
+) -> Path:
     if not cfg.model.ckpt and not cfg.model.from_scratch:
-        raise LdaeError("finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
-                        "(config keys model.ckpt / model.from_scratch)")
+        raise LdaeError(
+            "finetune needs --ckpt (a pretrain checkpoint or exported encoder) or --from-scratch "
+            "(config keys model.ckpt / model.from_scratch)"
+        )
     name = run_name(cfg, config_name)
-    with session("finetune", "finetune", cfg, name, resume_ckpt, force, config_file=config_name,
-                 resumable=RESUMABLE) as s:
+    with session(
+        "finetune", "finetune", cfg, name, resume_ckpt, force, config_file=config_name, resumable=RESUMABLE
+    ) as s:
         arch = vit_arch(cfg) if resume_ckpt is None else None  # the encoder, read and checked before any data
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
         randaug = SeededRandAugment(cfg.aug.rand_augment, cfg.data.settled_size) if cfg.aug.rand_augment else None
@@ -127,18 +143,26 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
         eval_set = build_dataset(cfg.data, "eval", augment=False, seed=cfg.run.seed)
         num_classes = train_set.num_classes
         if num_classes < 2:
-            raise LdaeError(f"finetune needs at least 2 classes; the {cfg.data.source} training split has "
-                            f"{num_classes}")
+            raise LdaeError(
+                f"finetune needs at least 2 classes; the {cfg.data.source} training split has {num_classes}"
+            )
         if eval_set.classes != train_set.classes:
-            raise LdaeError(f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
-                            f"the train split {train_set.classes[:5]}; both need the same class folders")
+            raise LdaeError(
+                f"the eval split '{cfg.data.split_name('eval')}' has classes {eval_set.classes[:5]}, "
+                f"the train split {train_set.classes[:5]}; both need the same class folders"
+            )
         engine_finetune.even_micro_batch(cfg.aug, cfg.optim.accumulation(s.ctx.world)[0])  # this many ranks' share
         description: dict[str, Any]
         if resume_ckpt is None:
             assert arch is not None  # read above for a new run
             model, kwargs, parents, init_desc = build_network(cfg, num_classes, arch)
-            description = {"timm_kwargs": kwargs, "class_names": train_set.classes, "num_classes": num_classes,
-                           "image_size": cfg.data.image_size, "init": init_desc}
+            description = {
+                "timm_kwargs": kwargs,
+                "class_names": train_set.classes,
+                "num_classes": num_classes,
+                "image_size": cfg.data.image_size,
+                "init": init_desc,
+            }
         else:
             resume_ckpt.require(*DESCRIPTION_KEYS)
             description = {k: resume_ckpt.extra[k] for k in DESCRIPTION_KEYS}
@@ -147,12 +171,24 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
         if s.ctx.is_main:
             kw = description["timm_kwargs"]
             n_params = sum(p.numel() for p in model.parameters())
-            console.print(f"model: ViT depth {kw['depth']}, width {kw['embed_dim']}, {kw['num_heads']} heads, patch "
-                          f"{kw['patch_size']}, {n_params / 1e6:.2f}M params, {num_classes} classes; init: "
-                          f"{describe_init(description['init'])}")
+            console.print(
+                f"model: ViT depth {kw['depth']}, width {kw['embed_dim']}, {kw['num_heads']} heads, patch "
+                f"{kw['patch_size']}, {n_params / 1e6:.2f}M params, {num_classes} classes; init: "
+                f"{describe_init(description['init'])}"
+            )
         a = cfg.aug
-        augment = BatchAugment(num_classes, a.mixup, a.cutmix, a.mix_prob, a.switch_prob, a.mix_mode,
-                               a.label_smoothing, a.erase_prob, a.erase_mode, a.erase_count)
+        augment = BatchAugment(
+            num_classes,
+            a.mixup,
+            a.cutmix,
+            a.mix_prob,
+            a.switch_prob,
+            a.mix_mode,
+            a.label_smoothing,
+            a.erase_prob,
+            a.erase_mode,
+            a.erase_count,
+        )
         engine_finetune.train(s, model, train_set, eval_set, augment, description, parents)
         return s.checkpoint
 
@@ -160,10 +196,21 @@ def run(cfg: FinetuneConfig, config_name: str | None = None, resume_ckpt: Checkp
 def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a start and a step of the network timed, with nothing written."""
     name = run_name(cfg, config_name)
-    o = outline(cfg, "finetune", "finetune", name, config_name, resume_ckpt, force,
-                [cfg.data.split_name("train"), cfg.data.split_name("eval")])
-    kwargs = resume_ckpt.extra["timm_kwargs"] if resume_ckpt is not None else \
-        {**vit_arch(cfg)[0], "num_classes": len(o.source.classes), "final_norm": True, "fc_norm": True}
+    o = outline(
+        cfg,
+        "finetune",
+        "finetune",
+        name,
+        config_name,
+        resume_ckpt,
+        force,
+        [cfg.data.split_name("train"), cfg.data.split_name("eval")],
+    )
+    kwargs = (
+        resume_ckpt.extra["timm_kwargs"]
+        if resume_ckpt is not None
+        else {**vit_arch(cfg)[0], "num_classes": len(o.source.classes), "final_norm": True, "fc_norm": True}
+    )
     vit = build_timm_vit(kwargs)
     params = sum(p.numel() for p in vit.parameters())
     device = resolve_device(cfg.run.device)
@@ -179,19 +226,34 @@ def dry_run(cfg: FinetuneConfig, config_name: str | None, resume_ckpt: Checkpoin
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return o.plan("finetune", cfg, params, seconds_per_image(step, sample), f"measured on {sample} synthetic images "
-                  f"on {device}, without data loading, augmentation or evaluations")
+    return o.plan(
+        "finetune",
+        cfg,
+        params,
+        seconds_per_image(step, sample),
+        f"measured on {sample} synthetic images on {device}, without data loading, augmentation or evaluations",
+    )
 
 
-def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, from_scratch: bool = False, force: bool = False, cont: bool = False,
-         preview: str | None = None) -> Path | None:
+def main(
+    config: str | None,
+    overrides: list[str],
+    flags: dict,
+    resume: str | None = None,
+    *,
+    ckpt: str | None = None,
+    from_scratch: bool = False,
+    force: bool = False,
+    cont: bool = False,
+    preview: str | None = None,
+) -> Path | None:
     refuse_force(resume, cont, force)
     flags = {**flags, "model.ckpt": ckpt, "model.from_scratch": True if from_scratch else None}
     base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
     try:
-        cfg, resume_ckpt = load_run_config(FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE,
-                                           cont, base, adjust=settle)
+        cfg, resume_ckpt = load_run_config(
+            FinetuneConfig, "finetune", config, overrides, flags, resume, RESUMABLE, cont, base, adjust=settle
+        )
     except NoData:
         raise LdaeError(f"finetune: nothing names the data to fine-tune on: {why}; give --data DIR") from None
     if resume_ckpt is None:

@@ -1,4 +1,4 @@
-"""`ldae info`: what a checkpoint, run directory or timm export folder is (ldae_cli/model/describe.py), as tables or JSON."""
+"""`ldae info`: what a checkpoint, run directory or timm export folder is (model/describe.py), as tables or JSON."""
 
 from __future__ import annotations
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ldae_cli.runs import slurm
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs import slurm
 from ldae_cli.runs.logs import console
 
 
-def main(argv: list[str], runner: Callable[[list[str]], None], local: bool, nodes: int, gpus_per_node: int,
-         cpus_per_task: int, partition: str | None, time_min: int, folder: str, sbatch: list[str], wait: bool) -> str:
+def main(
+    argv: list[str],
+    runner: Callable[[list[str]], None],
+    local: bool,
+    nodes: int,
+    gpus_per_node: int,
+    cpus_per_task: int,
+    partition: str | None,
+    time_min: int,
+    folder: str,
+    sbatch: list[str],
+    wait: bool,
+) -> str:
     """Submit `ldae <argv>`; every task of the job calls `runner(argv)` (the CLI's in-process entry, by reference)."""
     argv = argv[1:] if argv[:1] == ["--"] else argv
     slurm.check(argv)
@@ -24,11 +35,14 @@ def main(argv: list[str], runner: Callable[[list[str]], None], local: bool, node
         key, value = item.split("=", 1)
         extra[key.strip()] = value
     try:
-        job = slurm.submit(argv, runner, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder),
-                            extra)
+        job = slurm.submit(
+            argv, runner, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder), extra
+        )
     except (RuntimeError, OSError) as exc:  # no sbatch on this machine, a rejected submission
-        raise LdaeError(f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "
-                        "without SLURM use --local") from None
+        raise LdaeError(
+            f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "
+            "without SLURM use --local"
+        ) from None
     console.print(f"submitted job {job.job_id}: ldae {' '.join(argv)}; logs in {job.paths.folder}")
     if wait:
         console.print(f"job {job.job_id} finished; its run is {result(job, argv[0])}")

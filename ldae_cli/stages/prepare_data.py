@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ldae_cli.data import prepared
 from ldae_cli.config import load_config
+from ldae_cli.data import prepared
+from ldae_cli.data.discovery import check_splits, settle_data
 from ldae_cli.data.pipeline import DataConfig, resolve_image_size
+from ldae_cli.data.sources import PREPARED
 from ldae_cli.errors import LdaeError
 from ldae_cli.runs.logs import console
-from ldae_cli.data.discovery import check_splits, settle_data
 from ldae_cli.runs.rundir import RunLock
-from ldae_cli.data.sources import PREPARED
 
 
 @dataclass
@@ -34,12 +34,14 @@ class PrepareConfig:
             raise LdaeError(f"splits: a list of 'train' and/or 'eval', got {self.splits}")
 
 
-def main(config: str | None, overrides: list[str], flags: dict, force: bool = False, verify: str | None = None
-         ) -> Path:
+def main(config: str | None, overrides: list[str], flags: dict, force: bool = False, verify: str | None = None) -> Path:
     if verify is not None:
         checked, files = prepared.verify(Path(verify))
-        console.print(f"{verify}: every file matches its recorded sha256: {PREPARED} and the {files} files it lists ("
-                      + ", ".join(f"{name}: {n:,} images" for name, n in checked.items()) + ")")
+        console.print(
+            f"{verify}: every file matches its recorded sha256: {PREPARED} and the {files} files it lists ("
+            + ", ".join(f"{name}: {n:,} images" for name, n in checked.items())
+            + ")"
+        )
         return Path(verify)
     cfg = load_config(PrepareConfig, config, overrides, flags)
     if not cfg.out:

@@ -17,23 +17,41 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
-from ldae_cli.train import engine_probe
-from ldae_cli.train.engine_probe import RESUMABLE, ProbeConfig
-from ldae_cli.runs.checkpoint import Checkpoint, read_metadata
 from ldae_cli.config import load_config
-from ldae_cli.data.pipeline import build_dataset
-from ldae_cli.errors import LdaeError
-from ldae_cli.model.pretrained import FeatureEncoder, encoder_features, load_encoder, load_pretrained, \
-    pixel_features, named, pretraining_data, timm_export, vit_features
-from ldae_cli.data.plots import save_probe_chart
-from ldae_cli.runs.logs import console
-from ldae_cli.train.session import CHECKPOINT, kept_config, load_run_config, refuse_force, refuse_inputs_inside, \
-    same_parent, session, settle_image_size, verified_parent
 from ldae_cli.data.discovery import NoData, check_splits, settle_data
+from ldae_cli.data.pipeline import build_dataset
+from ldae_cli.data.plots import save_probe_chart
 from ldae_cli.data.sources import open_source
+from ldae_cli.errors import LdaeError
+from ldae_cli.model.pretrained import (
+    FeatureEncoder,
+    encoder_features,
+    load_encoder,
+    load_pretrained,
+    named,
+    pixel_features,
+    pretraining_data,
+    timm_export,
+    vit_features,
+)
 from ldae_cli.runs import rundir
+from ldae_cli.runs.checkpoint import Checkpoint, read_metadata
 from ldae_cli.runs.distributed import DistContext, amp_dtype, resolve_device
+from ldae_cli.runs.logs import console
+from ldae_cli.train import engine_probe
 from ldae_cli.train.dryrun import Plan, print_config, seconds_per_image, start_of, state_bytes, world_size
+from ldae_cli.train.engine_probe import RESUMABLE, ProbeConfig
+from ldae_cli.train.session import (
+    CHECKPOINT,
+    kept_config,
+    load_run_config,
+    refuse_force,
+    refuse_inputs_inside,
+    same_parent,
+    session,
+    settle_image_size,
+    verified_parent,
+)
 
 
 def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:
@@ -43,8 +61,10 @@ def default_config(ckpt_path: str | None, given: bool) -> tuple[dict, str]:
     if ckpt_path is None:
         return {}, "no --ckpt records any"
     if timm_export(ckpt_path) is None and (kind := read_metadata(ckpt_path)["kind"]) not in ("pretrain", "encoder"):
-        raise LdaeError(f"{ckpt_path}: is a '{kind}' checkpoint; probe reads a pretrain checkpoint, an "
-                        "`ldae export` file or a `--format timm` folder")
+        raise LdaeError(
+            f"{ckpt_path}: is a '{kind}' checkpoint; probe reads a pretrain checkpoint, an "
+            "`ldae export` file or a `--format timm` folder"
+        )
     data, why = pretraining_data(ckpt_path, given)
     return {"data": {**data, "crop": "random-resized", "crop_scale": [0.08, 1.0], "hflip": True}}, why
 
@@ -56,12 +76,19 @@ def run_name(ckpt: str | None, config_name: str | None, random_init: bool, cfg: 
     if cfg.probe.features != "encoder":
         base: str = cfg.probe.features
     elif ckpt is None:
-        raise LdaeError("probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
-                        "--random-init (its architecture)")
+        raise LdaeError(
+            "probe needs --ckpt (a pretrain checkpoint or an `ldae export` file or folder), also for "
+            "--random-init (its architecture)"
+        )
     else:
         path = Path(ckpt)
-        base = path.parent.name if path.name in (CHECKPOINT, "model.safetensors") else path.stem if path.is_file() \
+        base = (
+            path.parent.name
+            if path.name in (CHECKPOINT, "model.safetensors")
+            else path.stem
+            if path.is_file()
             else path.name
+        )
         base += "-random-init" if random_init else ""
     base += f"-{rundir.data_name(cfg.data)}"
     return f"{base}-{Path(config_name).stem}" if config_name else base
@@ -96,24 +123,44 @@ def build_encoder(cfg: ProbeConfig, ckpt_path: str | None, random_init: bool, de
     assert ckpt_path is not None  # run_name refused an encoder probe without one
     if timm_export(ckpt_path) is not None or read_metadata(ckpt_path)["kind"] == "encoder":
         if settings.noisy_input:
-            raise LdaeError(f"{ckpt_path}: an exported encoder reads clean images (its t is folded in); probe.noisy_input "
-                            "needs the pretrain checkpoint")
+            raise LdaeError(
+                f"{ckpt_path}: an exported encoder reads clean images (its t is folded in); probe.noisy_input "
+                "needs the pretrain checkpoint"
+            )
         vit, kwargs, source = load_encoder(ckpt_path, depth=settings.depth)
         if tuple(kwargs["img_size"]) != (cfg.data.image_size,) * 2:
-            raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} takes {kwargs['img_size'][0]}; "
-                            f"set data.image_size={kwargs['img_size'][0]}")
-        return vit_features(vit, kwargs, source, device, amp_dtype(cfg.run.precision, device),
-                            cfg.run.seed if random_init else None)
+            raise LdaeError(
+                f"data.image_size is {cfg.data.image_size} but {ckpt_path} takes {kwargs['img_size'][0]}; "
+                f"set data.image_size={kwargs['img_size'][0]}"
+            )
+        return vit_features(
+            vit, kwargs, source, device, amp_dtype(cfg.run.precision, device), cfg.run.seed if random_init else None
+        )
     pre = load_pretrained(ckpt_path, settings.ema)
     if cfg.data.image_size != pre.image_size:
-        raise LdaeError(f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
-                        f"{pre.image_size}; probe at the pretraining size")
-    return encoder_features(pre, settings.t, settings.depth, settings.noisy_input, device,
-                            amp_dtype(cfg.run.precision, device), cfg.run.seed if random_init else None)
+        raise LdaeError(
+            f"data.image_size is {cfg.data.image_size} but {ckpt_path} was pretrained at "
+            f"{pre.image_size}; probe at the pretraining size"
+        )
+    return encoder_features(
+        pre,
+        settings.t,
+        settings.depth,
+        settings.noisy_input,
+        device,
+        amp_dtype(cfg.run.precision, device),
+        cfg.run.seed if random_init else None,
+    )
 
 
-def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_name: str | None = None,
-        resume: Checkpoint | None = None, force: bool = False) -> dict:
+def run(
+    cfg: ProbeConfig,
+    ckpt: str | None,
+    random_init: bool = False,
+    config_name: str | None = None,
+    resume: Checkpoint | None = None,
+    force: bool = False,
+) -> dict:
     name = run_name(ckpt, config_name, random_init, cfg)
     with session("probe", "probe", cfg, name, resume, force, config_file=config_name, resumable=RESUMABLE) as s:
         check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])  # before any feature
@@ -124,14 +171,28 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         if num_classes < 2:
             raise LdaeError(f"probing needs labelled data with 2+ classes; {cfg.data.source} gives {num_classes}")
         if s.ctx.is_main:
-            console.print(f"probe: {encoder.description}; {len(train_ds):,} train / {len(eval_ds):,} eval images, "
-                          f"{num_classes} classes, {'fast (cached features)' if cfg.probe.fast else 'full protocol'}")
-        about = {"checkpoint": ckpt, "random_init": random_init, "features": cfg.probe.features, "t": cfg.probe.t,
-                 "depth": cfg.probe.depth, "noisy_input": cfg.probe.noisy_input}
+            console.print(
+                f"probe: {encoder.description}; {len(train_ds):,} train / {len(eval_ds):,} eval images, "
+                f"{num_classes} classes, {'fast (cached features)' if cfg.probe.fast else 'full protocol'}"
+            )
+        about = {
+            "checkpoint": ckpt,
+            "random_init": random_init,
+            "features": cfg.probe.features,
+            "t": cfg.probe.t,
+            "depth": cfg.probe.depth,
+            "noisy_input": cfg.probe.noisy_input,
+        }
 
         def show(results: dict) -> None:
-            console.print(results_table(results["heads"], results["knn_top1"], f"linear probe: {encoder.description}",
-                                        results["selected_head"]))
+            console.print(
+                results_table(
+                    results["heads"],
+                    results["knn_top1"],
+                    f"linear probe: {encoder.description}",
+                    results["selected_head"],
+                )
+            )
             console.print(f"{engine_probe.summary(results)}; wrote {s.output('results.json')} and {s.checkpoint}")
 
         results = engine_probe.train(s, encoder, train_ds, eval_ds, about, show)
@@ -140,14 +201,21 @@ def run(cfg: ProbeConfig, ckpt: str | None, random_init: bool = False, config_na
         return results
 
 
-def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: str | None,
-            resume: Checkpoint | None, force: bool) -> Plan:
+def dry_run(
+    cfg: ProbeConfig,
+    ckpt: str | None,
+    random_init: bool,
+    config_name: str | None,
+    resume: Checkpoint | None,
+    force: bool,
+) -> Plan:
     """--dry-run: the checks and plan of a probe, with the encoder's feature extraction timed; nothing written."""
     world, settings = world_size(), cfg.probe
     name = run_name(ckpt, config_name, random_init, cfg)
     out_dir = rundir.resolve("probe", "probe", cfg.run.out_dir, name, resume.path if resume else None)
-    start = start_of(out_dir, "probe", "probe", force, resume.extra["step"] if resume else None,
-                     kept_config(config_name, out_dir))
+    start = start_of(
+        out_dir, "probe", "probe", force, resume.extra["step"] if resume else None, kept_config(config_name, out_dir)
+    )
     check_splits(cfg.data, [cfg.data.split_name("train"), cfg.data.split_name("eval")])
     train, held_out = open_source(cfg.data, "train"), open_source(cfg.data, "eval")
     images = min(len(train), cfg.data.limit or len(train))
@@ -161,12 +229,26 @@ def dry_run(cfg: ProbeConfig, ckpt: str | None, random_init: bool, config_name: 
     size = cfg.data.settled_size
     sample = torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, device=device)
     extracted = images + len(held_out) if settings.fast else steps * plan.batch_size + len(held_out)
-    return Plan("probe", out_dir, start, images, plan.batch_size, world, 1, plan.batch_size // world, steps,
-                plan.steps_per_epoch, plan.batch_size / 256 * max(settings.blrs), params,
-                state_bytes(params, 1), seconds_per_image(lambda: encoder.fn(sample, 0), 8),
-                f"the encoder's features measured on 8 synthetic images on {device}; "
-                + ("fast mode: features of every image once" if settings.fast else "full mode: every step's images"),
-                [f"encoder: {encoder.description}; {classes} classes, {len(settings.blrs)} heads"], extracted)
+    return Plan(
+        "probe",
+        out_dir,
+        start,
+        images,
+        plan.batch_size,
+        world,
+        1,
+        plan.batch_size // world,
+        steps,
+        plan.steps_per_epoch,
+        plan.batch_size / 256 * max(settings.blrs),
+        params,
+        state_bytes(params, 1),
+        seconds_per_image(lambda: encoder.fn(sample, 0), 8),
+        f"the encoder's features measured on 8 synthetic images on {device}; "
+        + ("fast mode: features of every image once" if settings.fast else "full mode: every step's images"),
+        [f"encoder: {encoder.description}; {classes} classes, {len(settings.blrs)} heads"],
+        extracted,
+    )
 
 
 SMALL_DATA = "probe/small-fast.yaml"
@@ -184,36 +266,53 @@ def protocol(overrides: list[str], flags: dict, base: dict | None) -> str | None
         return None
     images, s = min(len(source), trial.data.limit or len(source)), trial.probe
     if s.batch_size <= images:
-        console.print(f"probe: {images:,} training images: {'fast mode' if s.fast else 'the full protocol'}, batch "
-                      f"{s.batch_size:,} (--config names another)")
+        console.print(
+            f"probe: {images:,} training images: {'fast mode' if s.fast else 'the full protocol'}, batch "
+            f"{s.batch_size:,} (--config names another)"
+        )
         return None
     whose = "a fast-mode" if s.fast else "the full protocol's"
-    console.print(f"probe: {images:,} training images, fewer than {whose} batch {s.batch_size:,}: using the "
-                  f"small-data protocol ({Path(SMALL_DATA).with_suffix('')})")
+    console.print(
+        f"probe: {images:,} training images, fewer than {whose} batch {s.batch_size:,}: using the "
+        f"small-data protocol ({Path(SMALL_DATA).with_suffix('')})"
+    )
     return SMALL_DATA
 
 
-def main(config: str | None, overrides: list[str], flags: dict, resume: str | None = None, *,
-         ckpt: str | None = None, random_init: bool = False, force: bool = False, cont: bool = False,
-         preview: str | None = None) -> dict | None:
+def main(
+    config: str | None,
+    overrides: list[str],
+    flags: dict,
+    resume: str | None = None,
+    *,
+    ckpt: str | None = None,
+    random_init: bool = False,
+    force: bool = False,
+    cont: bool = False,
+    preview: str | None = None,
+) -> dict | None:
     refuse_force(resume, cont, force)
     name = Path(config).stem if config else None
     base, why = default_config(ckpt, named(flags)) if resume is None else (None, "")
     if config is None and resume is None:  # no protocol named: the data's size picks one (the run keeps its name)
         config = protocol(overrides, flags, base)
     try:
-        cfg, resume_ckpt = load_run_config(ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont,
-                                           base, adjust=settle)
+        cfg, resume_ckpt = load_run_config(
+            ProbeConfig, "probe", config, overrides, flags, resume, RESUMABLE, cont, base, adjust=settle
+        )
     except NoData:
         raise LdaeError(f"probe: nothing names the data to probe on: {why}; give --data DIR") from None
     if base and not why and base["data"].get("path") == cfg.data.path:
         console.print(f"data: {cfg.data.path or cfg.data.source}, which {ckpt} was pretrained on")
     if random_init and cfg.probe.features != "encoder":
-        raise LdaeError(f"--random-init probes an untrained encoder, but probe.features is '{cfg.probe.features}' "
-                        "(the raw-image baseline, no encoder); give one of them")
+        raise LdaeError(
+            f"--random-init probes an untrained encoder, but probe.features is '{cfg.probe.features}' "
+            "(the raw-image baseline, no encoder); give one of them"
+        )
     if resume_ckpt is None and ckpt is not None:
-        refuse_inputs_inside("probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg),
-                             {"--ckpt": ckpt})
+        refuse_inputs_inside(
+            "probe", "probe", cfg.run.out_dir, run_name(ckpt, name, random_init, cfg), {"--ckpt": ckpt}
+        )
     if preview == "config":
         print_config(cfg)
         return None
@@ -225,12 +324,16 @@ def main(config: str | None, overrides: list[str], flags: dict, resume: str | No
     resume_ckpt.require("random_init")
     was_random = bool(resume_ckpt.extra["random_init"])
     if (random_init and not was_random) or (cont and was_random != random_init):  # a resume may leave it out
-        raise LdaeError(f"{'--continue' if cont else '--resume'}: {resume_ckpt.path.parent} holds a probe "
-                        f"{'with' if was_random else 'without'} --random-init; "
-                        + ("pick another --out" if cont else "resume it as it was started"))
+        raise LdaeError(
+            f"{'--continue' if cont else '--resume'}: {resume_ckpt.path.parent} holds a probe "
+            f"{'with' if was_random else 'without'} --random-init; "
+            + ("pick another --out" if cont else "resume it as it was started")
+        )
     if cfg.probe.features == "encoder":
-        role = next((p["role"] for p in resume_ckpt.provenance.get("parents", []) if p.get("role") in
-                     ("pretrain", "encoder")), "pretrain")
+        role = next(
+            (p["role"] for p in resume_ckpt.provenance.get("parents", []) if p.get("role") in ("pretrain", "encoder")),
+            "pretrain",
+        )
         ckpt = verified_parent(resume_ckpt, role, ckpt)
     else:  # the pixel baseline reads no encoder
         same_parent(resume_ckpt, "--ckpt", ckpt, ())

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from ldae_cli.config import BUNDLED_CONFIGS, find_config, load_config, parse_override
-from ldae_cli.runs.rundir import RUNS
 from ldae_cli.errors import LdaeError
 from ldae_cli.runs.logs import console
+from ldae_cli.runs.rundir import RUNS
 from ldae_cli.studies import pages, results, runner
 from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 
@@ -26,7 +26,9 @@ def load(kind: str, name: str, cls: type):
             path = find_config(f"{where}/{name}")
         except LdaeError:
             known = ", ".join(p.stem for p in sorted((BUNDLED_CONFIGS / where).glob("*.yaml")))
-            raise LdaeError(f"{kind} '{name}' not found; give a YAML file or one of configs/{where}/: {known}") from None
+            raise LdaeError(
+                f"{kind} '{name}' not found; give a YAML file or one of configs/{where}/: {known}"
+            ) from None
     return load_config(cls, path)
 
 
@@ -34,13 +36,26 @@ def reproduce(argv: list[str]) -> str:
     """The command line that made a study, without --out and --pretrains: where it ran (and which runs it shared
     with another study, identical by their settings and seed) is no part of what it shows."""
     where = ("--out", "--pretrains")
-    kept = [arg for i, arg in enumerate(argv)
-            if not (arg in where or arg.startswith(tuple(f"{w}=" for w in where)) or (i and argv[i - 1] in where))]
+    kept = [
+        arg
+        for i, arg in enumerate(argv)
+        if not (arg in where or arg.startswith(tuple(f"{w}=" for w in where)) or (i and argv[i - 1] in where))
+    ]
     return "ldae " + " ".join(shlex.quote(a) for a in kept)
 
 
-def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, source: str | None,
-         overrides: list[str], nproc: int = 1, pretrains: str | None = None, dry_run: bool = False) -> list[Path]:
+def main(
+    name: str,
+    budget: str,
+    seeds: int,
+    out: str | None,
+    data: str | None,
+    source: str | None,
+    overrides: list[str],
+    nproc: int = 1,
+    pretrains: str | None = None,
+    dry_run: bool = False,
+) -> list[Path]:
     if seeds < 1 or nproc < 1:
         raise LdaeError(f"--seeds and --nproc must be at least 1, got {seeds} and {nproc}")
     spec = load("study", name, StudyConfig)
@@ -52,8 +67,9 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
         extra[".".join(keys)] = value
     run_dir = Path(out) if out else RUNS / "study" / spec.name / plan_budget.name
     command = reproduce(sys.argv[1:]) if sys.argv[1:] else f"ldae study {name}"
-    plan = runner.make_plan(spec, plan_budget, seeds, run_dir.resolve(), extra,
-                            Path(pretrains).resolve() if pretrains else None)
+    plan = runner.make_plan(
+        spec, plan_budget, seeds, run_dir.resolve(), extra, Path(pretrains).resolve() if pretrains else None
+    )
     if dry_run:
         runner.dry_run(plan, nproc)
         return []
@@ -64,7 +80,8 @@ def main(name: str, budget: str, seeds: int, out: str | None, data: str | None, 
 
     started = time.time()
     runner.execute(plan, nproc, publish)
-    console.print(f"study {spec.name} done in {(time.time() - started) / 60:.1f} min; wrote "
-                  f"{', '.join(str(w) for w in written)}")
+    console.print(
+        f"study {spec.name} done in {(time.time() - started) / 60:.1f} min; wrote {', '.join(str(w) for w in written)}"
+    )
     console.print((run_dir / "results.md").read_text())
     return written

@@ -17,25 +17,24 @@ from typing import Any
 
 import torch
 
-from ldae_cli.train.engine_tokenizer import RESUMABLE, TrainTokenizerConfig
-from ldae_cli.train import engine_tokenizer
+from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
+from ldae_cli.data.plots import psnr, save_grid
+from ldae_cli.errors import LdaeError
 from ldae_cli.model import pca
 from ldae_cli.model.autoencoders import Autoencoder, build_autoencoder
+from ldae_cli.model.tokenizers import PCATokenizer
 from ldae_cli.runs.checkpoint import Checkpoint
-from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, build_dataset, make_loader, to_unit_range
-from ldae_cli.train.engine_tokenizer import TokenizerObjective
-from ldae_cli.errors import LdaeError
-from ldae_cli.data.plots import psnr, save_grid
 from ldae_cli.runs.logs import console
-from ldae_cli.train.dryrun import Plan, outline, print_config
 from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.seeds import derived
+from ldae_cli.train import engine_tokenizer
+from ldae_cli.train.dryrun import Plan, outline, print_config
+from ldae_cli.train.engine_tokenizer import RESUMABLE, TokenizerObjective, TrainTokenizerConfig
 from ldae_cli.train.session import Session, load_run_config, refuse_force, session, settle_image_size
-from ldae_cli.model.tokenizers import PCATokenizer
 
 
 def _chunks(indices: list[int], size: int = 256) -> list[list[int]]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def _subset(n: int, count: int, seed: int) -> list[int]:
@@ -43,8 +42,9 @@ def _subset(n: int, count: int, seed: int) -> list[int]:
 
 
 @torch.no_grad()
-def latent_statistics(net: Autoencoder, dataset: ImageDataset, count: int, seed: int, num_workers: int,
-                      on_bad_image: str) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_statistics(
+    net: Autoencoder, dataset: ImageDataset, count: int, seed: int, num_workers: int, on_bad_image: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std per token dim of the posterior mean over `count` training images (float64 sums)."""
     device = next(net.parameters()).device
     total = torch.zeros(net.token_dim, dtype=torch.float64, device=device)
@@ -65,17 +65,18 @@ def latent_statistics(net: Autoencoder, dataset: ImageDataset, count: int, seed:
 
 
 @torch.no_grad()
-def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset,
-                          eval_set: ImageDataset, session: Session) -> dict:
+def reconstruction_report(
+    net: Autoencoder, cfg: TrainTokenizerConfig, train_set: ImageDataset, eval_set: ImageDataset, session: Session
+) -> dict:
     """Test PSNR of the tokenizer (and of the same-size PCA), reconstructions.png and report.json."""
     device = next(net.parameters()).device
     grid = net.grid(eval_set.size)
     reference = None
     if cfg.report.pca_reference:
-        settings = pca.PCAConfig(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches,
-                                   seed=cfg.run.seed)
-        console.print(f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} "
-                      "training patches")
+        settings = pca.PCAConfig(patch=net.patch, dim=net.token_dim, patches=cfg.report.pca_patches, seed=cfg.run.seed)
+        console.print(
+            f"fitting the reference PCA (p={net.patch}, d={net.token_dim}) on {settings.patches:,} training patches"
+        )
         result = pca.fit(train_set, settings, cfg.data.on_bad_image, cfg.data.num_workers, cfg.run.progress)
         reference = PCATokenizer(result.mean, result.basis, result.eigenvalues, net.patch, net.token_dim).to(device)
     scores: dict[str, list[torch.Tensor]] = {"tokenizer": [], "pca": []}
@@ -94,12 +95,19 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
         for i in range(min(images.shape[0], cfg.report.grid_images - len(shown))):
             shown.append([c[i].cpu() for c in columns])
     if not scores["tokenizer"]:
-        raise LdaeError(f"no held-out images could be read for the reconstruction report ({cfg.data.source}, "
-                        f"split '{cfg.data.split_name('eval')}')")
+        raise LdaeError(
+            f"no held-out images could be read for the reconstruction report ({cfg.data.source}, "
+            f"split '{cfg.data.split_name('eval')}')"
+        )
     kind = net.spec["kind"]
-    report = {"kind": kind, "patch": net.patch, "dim": net.token_dim, "split": cfg.data.split_name("eval"),
-              "images": int(sum(len(s) for s in scores["tokenizer"])),
-              "psnr": round(float(torch.cat(scores["tokenizer"]).mean()), 3)}
+    report = {
+        "kind": kind,
+        "patch": net.patch,
+        "dim": net.token_dim,
+        "split": cfg.data.split_name("eval"),
+        "images": int(sum(len(s) for s in scores["tokenizer"])),
+        "psnr": round(float(torch.cat(scores["tokenizer"]).mean()), 3),
+    }
     titles = ["original", kind]
     if reference is not None:
         report["pca_psnr"] = round(float(torch.cat(scores["pca"]).mean()), 3)
@@ -114,18 +122,32 @@ def reconstruction_report(net: Autoencoder, cfg: TrainTokenizerConfig, train_set
     return report
 
 
-def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: Checkpoint | None = None,
-        force: bool = False) -> Path:
-    with session("train-tokenizer", "tokenizer", cfg, config_name, resume_ckpt, force, config_file=config_name,
-                 resumable=RESUMABLE) as s:
+def run(
+    cfg: TrainTokenizerConfig,
+    config_name: str | None = None,
+    resume_ckpt: Checkpoint | None = None,
+    force: bool = False,
+) -> Path:
+    with session(
+        "train-tokenizer",
+        "tokenizer",
+        cfg,
+        config_name,
+        resume_ckpt,
+        force,
+        config_file=config_name,
+        resumable=RESUMABLE,
+    ) as s:
         cfg.optim.accumulation(s.ctx.world)  # a batch the ranks cannot split fails now, not after data is read
         torch.manual_seed(cfg.run.seed)  # initial weights: identical on every rank
         net = build_autoencoder(cfg.tokenizer.spec())
         net.grid(cfg.data.settled_size)  # fail before any data is read
-        full = net.patch ** 2 * 3
+        full = net.patch**2 * 3
         if cfg.report.pca_reference and cfg.report.pca_patches <= full:
-            raise LdaeError(f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
-                            f"than {full} patches, got {cfg.report.pca_patches}")
+            raise LdaeError(
+                f"report.pca_patches: the reference PCA of {net.patch}x{net.patch}x3 patches needs more "
+                f"than {full} patches, got {cfg.report.pca_patches}"
+            )
         objective = TokenizerObjective(net, cfg.loss)
         dataset = build_dataset(cfg.data, "train", seed=cfg.run.seed)
         # opened now so that a missing held-out split fails before training, not after it
@@ -134,10 +156,14 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
         def finalize(trained: Autoencoder) -> tuple[dict[str, torch.Tensor], dict]:
             trained.eval()
             # statistics and the reference PCA describe the images pretrain will encode, not their flips or crops
-            plain = dataset if not (cfg.data.hflip or cfg.data.crop != "center") else \
-                build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
-            mean, std = latent_statistics(trained, plain, cfg.report.stats_images, cfg.run.seed,
-                                          cfg.data.num_workers, cfg.data.on_bad_image)
+            plain = (
+                dataset
+                if not (cfg.data.hflip or cfg.data.crop != "center")
+                else build_dataset(cfg.data, "train", augment=False, seed=cfg.run.seed)
+            )
+            mean, std = latent_statistics(
+                trained, plain, cfg.report.stats_images, cfg.run.seed, cfg.data.num_workers, cfg.data.on_bad_image
+            )
             assert eval_set is not None  # finalize runs on the main rank only
             report = reconstruction_report(trained, cfg, plain, eval_set, s)
             return {"stats.mean": mean, "stats.std": std}, {"report": report}
@@ -149,13 +175,26 @@ def run(cfg: TrainTokenizerConfig, config_name: str | None = None, resume_ckpt: 
 
 def dry_run(cfg: TrainTokenizerConfig, config_name: str | None, resume: Checkpoint | None, force: bool) -> Plan:
     """--dry-run: the checks and plan of a start; the step time is not estimated (GAN and perceptual losses)."""
-    o = outline(cfg, "train-tokenizer", "tokenizer", config_name, config_name, resume, force,
-                [cfg.data.split_name("train"), cfg.data.split_name("eval")])
+    o = outline(
+        cfg,
+        "train-tokenizer",
+        "tokenizer",
+        config_name,
+        config_name,
+        resume,
+        force,
+        [cfg.data.split_name("train"), cfg.data.split_name("eval")],
+    )
     net = build_autoencoder(cfg.tokenizer.spec())
     net.grid(cfg.data.settled_size)
     params = sum(p.numel() for p in net.parameters())
-    return o.plan("train-tokenizer", cfg, params, None,
-                  "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20")
+    return o.plan(
+        "train-tokenizer",
+        cfg,
+        params,
+        None,
+        "not estimated for train-tokenizer: time a few steps with --set run.stop_after_steps=20",
+    )
 
 
 def settle(cfg: TrainTokenizerConfig) -> None:
@@ -164,13 +203,21 @@ def settle(cfg: TrainTokenizerConfig) -> None:
         settle_image_size(cfg.data, build_autoencoder(cfg.tokenizer.spec()).patch)
 
 
-def main(config: str | None, overrides: list[str], flags: dict[str, Any], resume: str | None = None,
-         force: bool = False, cont: bool = False, preview: str | None = None) -> Path | None:
+def main(
+    config: str | None,
+    overrides: list[str],
+    flags: dict[str, Any],
+    resume: str | None = None,
+    force: bool = False,
+    cont: bool = False,
+    preview: str | None = None,
+) -> Path | None:
     if config is None and resume is None:
         raise LdaeError("train-tokenizer needs --config (e.g. --config tokenizer/conv-vae) or --resume RUN_DIR")
     refuse_force(resume, cont, force)
-    cfg, ckpt = load_run_config(TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont,
-                                adjust=settle)
+    cfg, ckpt = load_run_config(
+        TrainTokenizerConfig, "tokenizer", config, overrides, flags, resume, RESUMABLE, cont, adjust=settle
+    )
     if preview == "config":
         print_config(cfg)
         return None

@@ -9,13 +9,13 @@ import math
 import os
 from pathlib import Path
 
-from ldae_cli.model import pca
-from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.config import config_from_dict, to_dict
 from ldae_cli.data.pipeline import build_dataset
+from ldae_cli.model import pca
+from ldae_cli.model.tokenizers import build_tokenizer
+from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.runs.logs import console
 from ldae_cli.settings.training import DataConfig, PretrainConfig
-from ldae_cli.model.tokenizers import build_tokenizer
 
 SHARE_DIMS = (8, 16, 32, 48, 64, 128)
 FIT_PATCHES = 200_000  # where the study fits its own PCA: enough for D = 768 (16x16 patches) too
@@ -38,13 +38,21 @@ def fit_here(out: Path, data: DataConfig, patch: int) -> Path:
     path = out / "patchspace" / f"{data.source}-{data.image_size}-p{patch}.safetensors"
     if not path.is_file():
         settings = pca.PCAConfig(patch=patch, dim=min(16, patch * patch * 3), patches=FIT_PATCHES)
-        console.print(f"fitting a PCA of {patch}x{patch} patches at {data.image_size}x{data.image_size} for the "
-                      f"study's patch-space table -> {path}")
-        fitted = pca.fit(build_dataset(data, "train", augment=False), settings, data.on_bad_image, data.num_workers,
-                         show_progress=False)
+        console.print(
+            f"fitting a PCA of {patch}x{patch} patches at {data.image_size}x{data.image_size} for the "
+            f"study's patch-space table -> {path}"
+        )
+        fitted = pca.fit(
+            build_dataset(data, "train", augment=False),
+            settings,
+            data.on_bad_image,
+            data.num_workers,
+            show_progress=False,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
-        pca.save_fit(fitted, path, settings, {"data": to_dict(data), "pca": vars(settings)}, data.settled_size,
-                     data.source)
+        pca.save_fit(
+            fitted, path, settings, {"data": to_dict(data), "pca": vars(settings)}, data.settled_size, data.source
+        )
     return path
 
 
@@ -67,9 +75,16 @@ def tables(out: Path, ckpts: list[Path], dims: set[int]) -> list[dict]:
         full = len(eigenvalues)
         shown = sorted(d for d in set(SHARE_DIMS) | dims if d < full)
         total = float(eigenvalues.sum())
-        entries.append({"data": space["data"].source, "image_size": space["data"].image_size,
-                        "patch": space["patch"], "D": full, "pca": Path(os.path.relpath(path, out)).as_posix(),
-                        "patches": fit.extra["n_patches"],
-                        "share_pct": {d: round(100 * float(eigenvalues[:d].sum()) / total, 3) for d in shown},
-                        "global_scale": {d: round(math.sqrt(float(eigenvalues[:d].mean())), 3) for d in shown}})
+        entries.append(
+            {
+                "data": space["data"].source,
+                "image_size": space["data"].image_size,
+                "patch": space["patch"],
+                "D": full,
+                "pca": Path(os.path.relpath(path, out)).as_posix(),
+                "patches": fit.extra["n_patches"],
+                "share_pct": {d: round(100 * float(eigenvalues[:d].sum()) / total, 3) for d in shown},
+                "global_scale": {d: round(math.sqrt(float(eigenvalues[:d].mean())), 3) for d in shown},
+            }
+        )
     return entries

@@ -12,11 +12,11 @@ import math
 import os
 from pathlib import Path
 
-from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.config import config_from_dict, to_dict
-from ldae_cli.settings.evaluation import ProbeConfig
+from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.runs.logs import read_metrics
 from ldae_cli.runs.rundir import CHECKPOINT, METRICS
+from ldae_cli.settings.evaluation import ProbeConfig
 from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.studies import patchspace
 from ldae_cli.studies.runner import Plan, Row, Run, Timings, relative
@@ -88,16 +88,21 @@ def objective_text(cfg: PretrainConfig) -> str:
     """What a run's objective did, in words (its `objective` and that objective's own section)."""
     if cfg.objective == "mae":
         mae = cfg.mae
-        return (f"MAE, {mae.mask_ratio:.0%} of patches hidden, decoder width {mae.decoder_width}, "
-                f"{mae.decoder_depth} blocks, {mae.decoder_heads} heads, "
-                f"{'normalised' if mae.norm_pix_loss else 'raw'} pixel targets")
+        return (
+            f"MAE, {mae.mask_ratio:.0%} of patches hidden, decoder width {mae.decoder_width}, "
+            f"{mae.decoder_depth} blocks, {mae.decoder_heads} heads, "
+            f"{'normalised' if mae.norm_pix_loss else 'raw'} pixel targets"
+        )
     if cfg.objective == "mocov3":
         moco = cfg.mocov3
-        return (f"MoCo v3, tau {moco.temperature:g}, momentum {moco.momentum:g}"
-                f"{' to 1 (cosine)' if moco.momentum_cosine else ''}, heads {moco.mlp_dim} hidden, {moco.dim} out")
+        return (
+            f"MoCo v3, tau {moco.temperature:g}, momentum {moco.momentum:g}"
+            f"{' to 1 (cosine)' if moco.momentum_cosine else ''}, heads {moco.mlp_dim} hidden, {moco.dim} out"
+        )
     d = cfg.diffusion
-    return (f"{d.schedule} noise, predict {d.target}, loss weight {d.loss_weight}, {d.input_space} in, "
-            f"{d.output_space} out")
+    return (
+        f"{d.schedule} noise, predict {d.target}, loss weight {d.loss_weight}, {d.input_space} in, {d.output_space} out"
+    )
 
 
 def augmentation_text(data) -> str:
@@ -111,26 +116,45 @@ def pretrain_settings(ckpt: Path) -> dict:
     data, tok, optim, extra = cfg.data, cfg.tokenizer, cfg.optim, meta["extra"]
     width, encoder, decoder, heads = cfg.model.resolved()
     full = tok.patch * tok.patch * 3
-    return {"data": data.source, "image_size": data.image_size, "patch": tok.patch,
-            "tokens": (data.image_size // tok.patch) ** 2, "D": full, "tokenizer": tok.kind,
-            "d": extra["tokenizer"].get("dim") or full,
-            "latent_scale": tok.latent_scale + (f" of d = {tok.scale_dim}" if tok.scale_dim else ""),
-            "model": f"width {width}, {encoder} + {decoder} blocks, {heads} heads", "batch": optim.batch_size,
-            "epochs": optim.epochs, "steps": extra["total_steps"], "lr": optim.base_lr(),
-            "warmup_epochs": optim.warmup_epochs, "ema": optim.ema,
-            "optimizer": f"AdamW betas {tuple(optim.betas)}, weight decay {optim.weight_decay:g}",
-            "augmentation": augmentation_text(data), "objective": objective_text(cfg),
-            **(patchspace.noise_scale(ckpt) if cfg.objective == "ldae" else {})}  # MAE and MoCo add no noise
+    return {
+        "data": data.source,
+        "image_size": data.image_size,
+        "patch": tok.patch,
+        "tokens": (data.image_size // tok.patch) ** 2,
+        "D": full,
+        "tokenizer": tok.kind,
+        "d": extra["tokenizer"].get("dim") or full,
+        "latent_scale": tok.latent_scale + (f" of d = {tok.scale_dim}" if tok.scale_dim else ""),
+        "model": f"width {width}, {encoder} + {decoder} blocks, {heads} heads",
+        "batch": optim.batch_size,
+        "epochs": optim.epochs,
+        "steps": extra["total_steps"],
+        "lr": optim.base_lr(),
+        "warmup_epochs": optim.warmup_epochs,
+        "ema": optim.ema,
+        "optimizer": f"AdamW betas {tuple(optim.betas)}, weight decay {optim.weight_decay:g}",
+        "augmentation": augmentation_text(data),
+        "objective": objective_text(cfg),
+        **(patchspace.noise_scale(ckpt) if cfg.objective == "ldae" else {}),
+    }  # MAE and MoCo add no noise
 
 
 def probe_settings(run: Run) -> dict:
     """Every setting of the probe's section (fast worded as its mode, batch_size as batch) and the data it read."""
     cfg = stored(run.out / CHECKPOINT, ProbeConfig)[0]
     probe = to_dict(cfg.probe)
-    mode = "fast mode (features of center crops, extracted once)" if probe.pop("fast") else \
-        "full mode (MAE's: random-resized crops and flips every epoch)"
-    return {"mode": mode, "batch": probe.pop("batch_size"), **probe, "limit": cfg.data.limit,
-            "eval_split": cfg.data.eval_split}
+    mode = (
+        "fast mode (features of center crops, extracted once)"
+        if probe.pop("fast")
+        else "full mode (MAE's: random-resized crops and flips every epoch)"
+    )
+    return {
+        "mode": mode,
+        "batch": probe.pop("batch_size"),
+        **probe,
+        "limit": cfg.data.limit,
+        "eval_split": cfg.data.eval_split,
+    }
 
 
 def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
@@ -141,9 +165,13 @@ def dataset_identity(plan: Plan, ckpts: list[Path]) -> list[dict]:
         cfg, meta = stored(ckpt, PretrainConfig)
         facts = plan.facts[data_key(cfg.data)]
         identity = meta["extra"].get("data_identity")
-        entry = {"source": cfg.data.source, "path": os.path.relpath(facts.location, plan.out),
-                 "train_sha256": identity.get("train") if isinstance(identity, dict) else identity,
-                 "train_images": facts.train_images, "native_size": facts.native}
+        entry = {
+            "source": cfg.data.source,
+            "path": os.path.relpath(facts.location, plan.out),
+            "train_sha256": identity.get("train") if isinstance(identity, dict) else identity,
+            "train_images": facts.train_images,
+            "native_size": facts.native,
+        }
         if entry not in seen:
             seen.append(entry)
     return seen
@@ -155,17 +183,31 @@ def row_results(plan: Plan, row: Row, seeds: int) -> dict:
         result = json.loads((row.probes[seed].out / "results.json").read_text())
         pretrain = row.pretrains[seed]
         linear = result.get(MEASURES["linear"], result["best_top1"])
-        runs.append({"seed": seed, "linear": linear, "knn": result[MEASURES["knn"]],
-                     "probe": relative(row.probes[seed].out, plan.out), "pretrain": relative(pretrain.out, plan.out),
-                     "probe_s": result.get("seconds"),
-                     "pretrain_s": None if row.baseline else wall_seconds(read_metrics(pretrain.out / METRICS))})
+        runs.append(
+            {
+                "seed": seed,
+                "linear": linear,
+                "knn": result[MEASURES["knn"]],
+                "probe": relative(row.probes[seed].out, plan.out),
+                "pretrain": relative(pretrain.out, plan.out),
+                "probe_s": result.get("seconds"),
+                "pretrain_s": None if row.baseline else wall_seconds(read_metrics(pretrain.out / METRICS)),
+            }
+        )
     variant = row.variant
     ckpt = row.pretrains[0].out / CHECKPOINT
-    out = {"name": row.name, "family": variant.family if variant else None, "versus": row.versus,
-           "baseline": row.baseline, "runs": runs, "paper": variant.paper if variant else None,
-           "paper_row": variant.paper_row if variant else None,
-           "paper_source": variant.paper_source if variant else None, "probe": probe_settings(row.probes[0]),
-           "settings": None if row.baseline else pretrain_settings(ckpt)}
+    out = {
+        "name": row.name,
+        "family": variant.family if variant else None,
+        "versus": row.versus,
+        "baseline": row.baseline,
+        "runs": runs,
+        "paper": variant.paper if variant else None,
+        "paper_row": variant.paper_row if variant else None,
+        "paper_source": variant.paper_source if variant else None,
+        "probe": probe_settings(row.probes[0]),
+        "settings": None if row.baseline else pretrain_settings(ckpt),
+    }
     for metric in MEASURES:
         values = [r[metric] for r in runs if r[metric] is not None]
         out[metric] = dict(zip(("mean", "std"), mean_std(values)))
@@ -184,10 +226,19 @@ def collect(plan: Plan, seeds: int, budget_file: dict, command: str) -> dict:
                 row[metric]["paired"] = paired(values, reference) if values and reference else None
     ckpts = list(dict.fromkeys(row.pretrains[s].out / CHECKPOINT for row in plan.rows for s in range(seeds)))
     timings = Timings(plan.out).runs
-    return {"study": plan.study.name, "description": plan.study.description.strip(),
-            "paper_note": (plan.study.paper_note or PAPER_NOTE).strip(), "budget": budget_file,
-            "seeds": list(range(seeds)), "seeds_planned": plan.seeds, "reference": plan.reference,
-            "variants": [dataclasses.asdict(row.variant) for row in plan.rows if row.variant is not None],
-            "baselines": list(plan.study.baselines), "dataset": dataset_identity(plan, ckpts),
-            "patch_space": patchspace.tables(plan.out, ckpts, {r["settings"]["d"] for r in rows if r["settings"]}),
-            "minutes": round(sum(t["seconds"] for t in timings.values()) / 60, 1), "rows": rows, "command": command}
+    return {
+        "study": plan.study.name,
+        "description": plan.study.description.strip(),
+        "paper_note": (plan.study.paper_note or PAPER_NOTE).strip(),
+        "budget": budget_file,
+        "seeds": list(range(seeds)),
+        "seeds_planned": plan.seeds,
+        "reference": plan.reference,
+        "variants": [dataclasses.asdict(row.variant) for row in plan.rows if row.variant is not None],
+        "baselines": list(plan.study.baselines),
+        "dataset": dataset_identity(plan, ckpts),
+        "patch_space": patchspace.tables(plan.out, ckpts, {r["settings"]["d"] for r in rows if r["settings"]}),
+        "minutes": round(sum(t["seconds"] for t in timings.values()) / 60, 1),
+        "rows": rows,
+        "command": command,
+    }

@@ -18,22 +18,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ldae_cli.runs.checkpoint import read_metadata
-from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
-from ldae_cli.runs.distributed import resolve_device
-from ldae_cli.train.budget import BASE_CONFIG
-from ldae_cli.train.dryrun import seconds_per_image, training_flops_per_image
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
-from ldae_cli.runs.logs import console
+from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.model.models import build_model
 from ldae_cli.model.objectives import build_objective
-from ldae_cli.runs.rundir import CHECKPOINT
-from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
-from ldae_cli.settings.training import PretrainConfig
-from ldae_cli.studies.spec import (BASELINE_NAMES, BudgetConfig, DataFacts, StudyConfig, Variant, budget_overrides,
-                                   check_rows, depth_variants, pixel_dim_variants, resolve, settings_of, slug, survey,
-                                   total_steps)
 from ldae_cli.model.tokenizers import load_tokenizer
+from ldae_cli.runs.checkpoint import read_metadata
+from ldae_cli.runs.distributed import resolve_device
+from ldae_cli.runs.logs import console
+from ldae_cli.runs.rundir import CHECKPOINT
+from ldae_cli.settings.training import PretrainConfig
+from ldae_cli.studies.spec import (
+    BASELINE_NAMES,
+    BudgetConfig,
+    DataFacts,
+    StudyConfig,
+    Variant,
+    budget_overrides,
+    check_rows,
+    depth_variants,
+    pixel_dim_variants,
+    resolve,
+    settings_of,
+    slug,
+    survey,
+    total_steps,
+)
+from ldae_cli.train.budget import BASE_CONFIG
+from ldae_cli.train.dryrun import seconds_per_image, training_flops_per_image
+from ldae_cli.train.engine_pretrain import stand_in, synthetic_step
 
 TIMINGS = "timings.json"
 
@@ -113,8 +126,9 @@ def variants_of(study: StudyConfig, base: dict[str, Any]) -> tuple[list[Variant]
     return study.variants, study.reference or study.variants[0].name
 
 
-def pretrain_folder(out: Path, shared: Path | None, variant: Variant, config: str, budget: BudgetConfig,
-                    seed: int) -> Path:
+def pretrain_folder(
+    out: Path, shared: Path | None, variant: Variant, config: str, budget: BudgetConfig, seed: int
+) -> Path:
     """OUT/pretrain/<row>-s<seed>; in a shared folder, named by what the run sets beyond the budget, so that two
     studies asking for the same run find one folder (its child refuses a run whose resolved settings differ)."""
     if shared is None:
@@ -128,8 +142,9 @@ def relative(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path, out)).as_posix()
 
 
-def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, extra: dict[str, Any],
-              shared: Path | None = None) -> Plan:
+def make_plan(
+    study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, extra: dict[str, Any], shared: Path | None = None
+) -> Plan:
     """Every run of the study, each pretrain's settings resolved and its data surveyed (refused if upsampled);
     pretrains in `shared` when given (`--pretrains`), else in the study's folder."""
     variants, reference = variants_of(study, {**budget.pretrain, **extra})
@@ -146,10 +161,13 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
             key = hashlib.sha256(json.dumps([config, overrides], sort_keys=True).encode()).hexdigest()[:16]
             if key not in pretrains:
                 settings[key] = resolve(config, overrides)
-                pretrains[key] = Run("pretrain", pretrain_folder(out, shared, variant, config, budget, seed),
-                                     ["pretrain", "--config", config, *as_sets(overrides)],
-                                     f"{variant.name}, seed {seed}",
-                                     own=[config, *settings_of({**scaled, **variant.set})])
+                pretrains[key] = Run(
+                    "pretrain",
+                    pretrain_folder(out, shared, variant, config, budget, seed),
+                    ["pretrain", "--config", config, *as_sets(overrides)],
+                    f"{variant.name}, seed {seed}",
+                    own=[config, *settings_of({**scaled, **variant.set})],
+                )
             row.pretrains[seed] = pretrains[key]
             probe = {**budget.probe, **variant.probe_set, "run.seed": seed}
             row.probes[seed] = probe_run(budget, out, variant.name, seed, pretrains[key], probe)
@@ -160,8 +178,15 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         for seed in range(seeds):
             row.pretrains[seed] = rows[0].pretrains[seed]  # its architecture (random init) and data
             probe = {**budget.probe, "run.seed": seed, **({"probe.features": "pixels"} if baseline == "pixels" else {})}
-            row.probes[seed] = probe_run(budget, out, name, seed, row.pretrains[seed], probe,
-                                         ["--random-init"] if baseline == "random-init" else [])
+            row.probes[seed] = probe_run(
+                budget,
+                out,
+                name,
+                seed,
+                row.pretrains[seed],
+                probe,
+                ["--random-init"] if baseline == "random-init" else [],
+            )
         rows.append(row)
     check_rows([r.name for r in rows], {r.name: r.versus for r in rows}, f"study {study.name}")
     facts = survey(list(settings.values()), budget.name)
@@ -169,8 +194,10 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
         s = settings[key]
         width, encoder, decoder, heads = s.model.resolved()
         run.steps, run.batch = total_steps(s, facts), s.optim.batch_size
-        run.speed = f"{s.objective} {width} {encoder}+{decoder} {heads} " \
-                    f"{(s.data.settled_size // s.tokenizer.patch) ** 2} {s.optim.batch_size}"
+        run.speed = (
+            f"{s.objective} {width} {encoder}+{decoder} {heads} "
+            f"{(s.data.settled_size // s.tokenizer.patch) ** 2} {s.optim.batch_size}"
+        )
         run.flops = training_flops_per_image(s)
     base = resolve(BASE_CONFIG, {**budget.pretrain, **extra})
     base.data.image_size = base.data.image_size or next(iter(settings.values())).data.settled_size  # the data's
@@ -178,13 +205,31 @@ def make_plan(study: StudyConfig, budget: BudgetConfig, seeds: int, out: Path, e
     return Plan(study, budget, seeds, out, pretrains, settings, facts, rows, reference, budget_flops)
 
 
-def probe_run(budget: BudgetConfig, out: Path, name: str, seed: int, pretrain: Run, overrides: dict[str, Any],
-              flags: Sequence[str] = ()) -> Run:
+def probe_run(
+    budget: BudgetConfig,
+    out: Path,
+    name: str,
+    seed: int,
+    pretrain: Run,
+    overrides: dict[str, Any],
+    flags: Sequence[str] = (),
+) -> Run:
     own = {key: value for key, value in overrides.items() if key != "run.seed" and budget.probe.get(key) != value}
-    return Run("probe", out / "probe" / f"{slug(name)}-s{seed}",
-               ["probe", "--ckpt", str(pretrain.out / CHECKPOINT), "--config", budget.probe_config, *flags,
-                *as_sets(overrides)], f"{name}, seed {seed}",
-               own=[f"of {relative(pretrain.out, out)}", *flags, *settings_of(own)])
+    return Run(
+        "probe",
+        out / "probe" / f"{slug(name)}-s{seed}",
+        [
+            "probe",
+            "--ckpt",
+            str(pretrain.out / CHECKPOINT),
+            "--config",
+            budget.probe_config,
+            *flags,
+            *as_sets(overrides),
+        ],
+        f"{name}, seed {seed}",
+        own=[f"of {relative(pretrain.out, out)}", *flags, *settings_of(own)],
+    )
 
 
 class Timings:
@@ -231,19 +276,34 @@ def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] |
         sources.add(source)
         seconds += (run.steps - run.done_steps()) * rate
     rest = " where this study has measured none" if "study" in sources else ""
-    how = [text for source, text in (
-        ("study", "pretrains at the speed this study measured"),
-        ("now", f"pretrains at {', '.join(sorted(now))}, the training step alone, timed now{rest}: data loading, "
-                "the PCA fit, online probes, checkpoints and process starts come on top"),
-        ("budget", f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s{rest} (its l-DAE "
-                   "network's; another network or objective at that rate times their training FLOPs' ratio)"))
-        if source in sources]
+    how = [
+        text
+        for source, text in (
+            ("study", "pretrains at the speed this study measured"),
+            (
+                "now",
+                f"pretrains at {', '.join(sorted(now))}, the training step alone, timed now{rest}: data loading, "
+                "the PCA fit, online probes, checkpoints and process starts come on top",
+            ),
+            (
+                "budget",
+                f"pretrains at budget {budget.name}'s {budget.images_per_second:g} img/s{rest} (its l-DAE "
+                "network's; another network or objective at that rate times their training FLOPs' ratio)",
+            ),
+        )
+        if source in sources
+    ]
     probe_s = timings.probe_seconds()
     seconds += len(probes) * (probe_s or 60 * budget.probe_minutes)
-    how.append(f"probes {probe_s / 60:.1f} min as measured" if probe_s else
-               f"probes {budget.probe_minutes:g} min, the budget's figure")
-    return (f"{len(pretrains)} pretrain run(s) and {len(probes)} probe(s) to go of {len(plan.pretrains)} and "
-            f"{sum(len(r.probes) for r in plan.rows)}; about {seconds / 60:.0f} min ({'; '.join(how)})")
+    how.append(
+        f"probes {probe_s / 60:.1f} min as measured"
+        if probe_s
+        else f"probes {budget.probe_minutes:g} min, the budget's figure"
+    )
+    return (
+        f"{len(pretrains)} pretrain run(s) and {len(probes)} probe(s) to go of {len(plan.pretrains)} and "
+        f"{sum(len(r.probes) for r in plan.rows)}; about {seconds / 60:.0f} min ({'; '.join(how)})"
+    )
 
 
 TIMING_SECONDS = 2.0  # the longest a --dry-run spends timing one model's steps, roughly
@@ -256,11 +316,18 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
     timed = {}
     for key, run in plan.pretrains.items():
         s = plan.settings[key]
-        if run.speed in timed or timings.seconds_per_step(run.speed) is not None or run.finished() or \
-                (s.run.precision == "bf16" and resolve_device(s.run.device).type == "cpu"):  # a GPU budget: its figure
+        if (
+            run.speed in timed
+            or timings.seconds_per_step(run.speed) is not None
+            or run.finished()
+            or (s.run.precision == "bf16" and resolve_device(s.run.device).type == "cpu")
+        ):  # a GPU budget: its figure
             continue
-        tokenizer = stand_in(s.tokenizer) if s.tokenizer.kind == "pca" and not s.tokenizer.path else \
-            load_tokenizer(s.tokenizer)[0]
+        tokenizer = (
+            stand_in(s.tokenizer)
+            if s.tokenizer.kind == "pca" and not s.tokenizer.path
+            else load_tokenizer(s.tokenizer)[0]
+        )
         denoiser = Denoiser(s.diffusion, tokenizer, NoiseSchedule(s.diffusion), s.data.settled_size)
         objective = build_objective(s, denoiser, build_model(s.model, denoiser.in_dim, denoiser.out_dim, denoiser.grid))
         device, micro, sample = resolve_device(s.run.device), run.batch // nproc, 1
@@ -270,8 +337,10 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
             if larger <= sample or 4 * per_image * larger > TIMING_SECONDS:
                 break
             sample = larger
-        timed[run.speed] = (per_image * run.batch / nproc, f"{1 / per_image:,.0f} img/s per device ({sample} "
-                                                              f"synthetic images on {device})")
+        timed[run.speed] = (
+            per_image * run.batch / nproc,
+            f"{1 / per_image:,.0f} img/s per device ({sample} synthetic images on {device})",
+        )
     return timed
 
 
@@ -279,16 +348,26 @@ def dry_run(plan: Plan, nproc: int) -> None:
     """`ldae study --dry-run`: every run, what its folder holds, and the time the rest takes; nothing is written."""
     runs = [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
     budget = plan.budget
-    console.print(f"study {plan.study.name}, budget {budget.name}, {plan.seeds} seed(s) in {plan.out}: {len(runs)} "
-                  "runs (--dry-run: nothing is written or trained)", soft_wrap=True)
-    console.print(f"every pretrain: {' '.join(settings_of(budget.pretrain))}\nevery probe: {budget.probe_config} "
-                  f"{' '.join(settings_of(budget.probe))}", soft_wrap=True, markup=False)
+    console.print(
+        f"study {plan.study.name}, budget {budget.name}, {plan.seeds} seed(s) in {plan.out}: {len(runs)} "
+        "runs (--dry-run: nothing is written or trained)",
+        soft_wrap=True,
+    )
+    console.print(
+        f"every pretrain: {' '.join(settings_of(budget.pretrain))}\nevery probe: {budget.probe_config} "
+        f"{' '.join(settings_of(budget.probe))}",
+        soft_wrap=True,
+        markup=False,
+    )
     for index, run in enumerate(runs, 1):
         steps = run.done_steps()
         state = "done" if run.finished() else f"to continue from step {steps:,}" if steps else "to run"
         size = [f"{run.steps:,} steps of {run.batch:,} images"] if run.kind == "pretrain" else []
-        console.print(f"{index}/{len(runs)} {run.kind} {run.label}: {state} ({', '.join([*run.own, *size])}) -> "
-                      f"{relative(run.out, plan.out)}", soft_wrap=True)
+        console.print(
+            f"{index}/{len(runs)} {run.kind} {run.label}: {state} ({', '.join([*run.own, *size])}) -> "
+            f"{relative(run.out, plan.out)}",
+            soft_wrap=True,
+        )
     timings = Timings(plan.out)
     console.print(f"time: {estimate(plan, timings, time_steps(plan, nproc, timings))}", soft_wrap=True)
 
@@ -309,38 +388,53 @@ def wait_for(proc: subprocess.Popen) -> tuple[int, KeyboardInterrupt | None]:
 
 def launch(run: Run, nproc: int) -> None:
     """One `ldae` child, its output on this terminal; a failure or a stop ends the study with one line."""
-    prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else \
-        [sys.executable]
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    )
     code, stop = wait_for(subprocess.Popen([*prefix, "-m", "ldae_cli", *run.command()], env=os.environ.copy()))
     if stop is not None:
         how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-        raise Interrupted(f"study stopped by {how} during {run.kind} {run.label}; every finished run and what that "
-                          "one saved are kept: run the same command again to continue",
-                          143 if isinstance(stop, Terminated) else 130)
+        raise Interrupted(
+            f"study stopped by {how} during {run.kind} {run.label}; every finished run and what that "
+            "one saved are kept: run the same command again to continue",
+            143 if isinstance(stop, Terminated) else 130,
+        )
     if code != 0:
-        raise LdaeError(f"{run.kind} {run.label} failed (exit {code}, its error is above; its run is {run.out}); a "
-                        "study never replaces a run: fix the cause, or use another --out, and run the same command "
-                        "again (finished runs are kept)")
+        raise LdaeError(
+            f"{run.kind} {run.label} failed (exit {code}, its error is above; its run is {run.out}); a "
+            "study never replaces a run: fix the cause, or use another --out, and run the same command "
+            "again (finished runs are kept)"
+        )
     if not run.finished():
-        raise LdaeError(f"{run.kind} {run.label} stopped before its last step ({run.out}), e.g. at a time limit; run "
-                        "the same command again to continue it")
+        raise LdaeError(
+            f"{run.kind} {run.label} stopped before its last step ({run.out}), e.g. at a time limit; run "
+            "the same command again to continue it"
+        )
 
 
 def execute(plan: Plan, nproc: int, after_seed) -> None:
     """Every run, seed by seed; `after_seed(n)` once the first n seeds are complete."""
     timings = Timings(plan.out)
-    console.print(f"study {plan.study.name}, budget {plan.budget.name}, {plan.seeds} seed(s): "
-                  f"{estimate(plan, timings)}", soft_wrap=True)
+    console.print(
+        f"study {plan.study.name}, budget {plan.budget.name}, {plan.seeds} seed(s): {estimate(plan, timings)}",
+        soft_wrap=True,
+    )
     count = sum(len(plan.seed_runs(seed)) for seed in range(plan.seeds))
     index = 0
     for seed in range(plan.seeds):
         for run in plan.seed_runs(seed):
             index += 1
             finished, steps = run.finished(), run.done_steps()
-            state = "finished: checked to be this study's run" if finished else \
-                f"continued from step {steps}" if steps else "new"
-            console.print(f"[bold]study {index}/{count}[/bold]: {run.kind} {run.label} ({state}) -> {run.out}",
-                          soft_wrap=True)
+            state = (
+                "finished: checked to be this study's run"
+                if finished
+                else f"continued from step {steps}"
+                if steps
+                else "new"
+            )
+            console.print(
+                f"[bold]study {index}/{count}[/bold]: {run.kind} {run.label} ({state}) -> {run.out}", soft_wrap=True
+            )
             started = time.time()
             launch(run, nproc)
             if not finished:

@@ -12,15 +12,17 @@ from typing import Any, Literal, Optional
 
 from ldae_cli.config import load_config
 from ldae_cli.data.pipeline import median_short_side, native_image_size
-from ldae_cli.runs.distributed import DistContext
+from ldae_cli.data.sources import open_source, resolve_path
 from ldae_cli.errors import LdaeError
+from ldae_cli.runs.distributed import DistContext
 from ldae_cli.settings.optim import plan_steps
 from ldae_cli.settings.training import PCA_DIM, DataConfig, ModelConfig, PretrainConfig, TokenizerConfig
-from ldae_cli.data.sources import open_source, resolve_path
 
 LDAE_PAPER = "Chen, Liu, Xie, He 2024 (Deconstructing Denoising Diffusion Models for Self-Supervised Learning)"
-PAPER_NOTE = ("The paper's numbers are ImageNet linear-probe top-1 of a ViT-½L encoder after 400 epochs: the "
-              "direction of a change, not a value to reach here.")
+PAPER_NOTE = (
+    "The paper's numbers are ImageNet linear-probe top-1 of a ViT-½L encoder after 400 epochs: the "
+    "direction of a change, not a value to reach here."
+)
 Baseline = Literal["random-init", "pixels"]
 BASELINE_NAMES = {"random-init": "random init (same network)", "pixels": "raw pixels"}
 
@@ -130,31 +132,58 @@ def depth_variants(sweep: DepthSweep, model: ModelConfig) -> tuple[list[Variant]
     for k in range(1, blocks + 1):
         cut = k * sweep.of / blocks
         paper = sweep.paper.get(int(cut)) if cut.is_integer() else None
-        variants.append(Variant(f"after {k} of {blocks} blocks" + (" (the split)" if k == encoder else ""),
-                                probe_set={"probe.depth": k}, paper=paper,
-                                paper_row=f"A: {int(cut)} of {sweep.of}" if paper is not None else None))
+        variants.append(
+            Variant(
+                f"after {k} of {blocks} blocks" + (" (the split)" if k == encoder else ""),
+                probe_set={"probe.depth": k},
+                paper=paper,
+                paper_row=f"A: {int(cut)} of {sweep.of}" if paper is not None else None,
+            )
+        )
     return variants, variants[encoder - 1].name
 
 
 def pixel_dim_variants(sweep: PixelDimSweep, data: DataConfig, tokenizer: TokenizerConfig) -> tuple[list[Variant], str]:
     """The sweep's variants below the budget's image size and patch, and the name of the largest D's pixel DAE."""
     if data.image_size is None:
-        raise LdaeError("pixel_dim_sweep: its pairs halve the budget's data.image_size, which this budget leaves to "
-                        "the data; give one, e.g. --set data.image_size=256")
+        raise LdaeError(
+            "pixel_dim_sweep: its pairs halve the budget's data.image_size, which this budget leaves to "
+            "the data; give one, e.g. --set data.image_size=256"
+        )
     if data.image_size >> (sweep.pairs - 1) < 1 or tokenizer.patch >> (sweep.pairs - 1) < 1:
-        raise LdaeError(f"pixel_dim_sweep: {sweep.pairs} pairs halve {data.image_size}/{tokenizer.patch} below one "
-                        "pixel; give fewer pairs or a larger budget")
+        raise LdaeError(
+            f"pixel_dim_sweep: {sweep.pairs} pairs halve {data.image_size}/{tokenizer.patch} below one "
+            "pixel; give fewer pairs or a larger budget"
+        )
     variants = []
     for i in range(sweep.pairs):
         size, patch = data.image_size >> i, tokenizer.patch >> i
         pair, full = f"{size}/{patch}", 3 * patch * patch
         pixel = f"pixel DAE {pair} (D = {full})"
-        variants.append(Variant(pixel, family=pair, paper=sweep.paper.get(full), paper_row=sweep.paper_rows.get(full),
-                                set={"data.image_size": size, "tokenizer.patch": patch, "tokenizer.kind": "pixel",
-                                     "tokenizer.dim": None, "tokenizer.latent_scale": "none"}))
+        variants.append(
+            Variant(
+                pixel,
+                family=pair,
+                paper=sweep.paper.get(full),
+                paper_row=sweep.paper_rows.get(full),
+                set={
+                    "data.image_size": size,
+                    "tokenizer.patch": patch,
+                    "tokenizer.kind": "pixel",
+                    "tokenizer.dim": None,
+                    "tokenizer.latent_scale": "none",
+                },
+            )
+        )
         dim = min(sweep.dim, full)
-        variants.append(Variant(f"l-DAE {pair} (d = {dim})", family=pair, versus=pixel,
-                                set={"data.image_size": size, "tokenizer.patch": patch, "tokenizer.dim": dim}))
+        variants.append(
+            Variant(
+                f"l-DAE {pair} (d = {dim})",
+                family=pair,
+                versus=pixel,
+                set={"data.image_size": size, "tokenizer.patch": patch, "tokenizer.dim": dim},
+            )
+        )
     return variants, variants[0].name
 
 
@@ -165,8 +194,9 @@ def check_rows(names: list[str], versus: dict[str, str | None], where: str) -> N
         raise LdaeError(f"{where}: row names must differ (also in letters and digits alone), got {names}")
     for name, other in versus.items():
         if other is not None and other not in names:
-            raise LdaeError(f"{where}: row '{name}' is compared with '{other}', which is not a row; rows: "
-                            f"{', '.join(names)}")
+            raise LdaeError(
+                f"{where}: row '{name}' is compared with '{other}', which is not a row; rows: {', '.join(names)}"
+            )
 
 
 @dataclass
@@ -189,18 +219,21 @@ def survey(settings: list[PretrainConfig], budget: str) -> dict[tuple, DataFacts
         key = data_key(s.data)
         if key not in facts:
             source = open_source(s.data, "train")
-            facts[key] = DataFacts(median_short_side(source), min(len(source), s.data.limit or len(source)),
-                                   resolve_path(s.data))
+            facts[key] = DataFacts(
+                median_short_side(source), min(len(source), s.data.limit or len(source)), resolve_path(s.data)
+            )
         if s.data.image_size is None:  # the size the run will settle it to (data.pipeline.resolve_image_size)
             s.data.image_size = native_image_size(s.data, s.tokenizer.patch)[0]
         native = facts[key].native
         if native is not None and s.data.image_size > native:
             p = s.tokenizer.patch
-            raise LdaeError(f"budget {budget}: data.image_size {s.data.image_size} is above the native "
-                            f"{native}x{native} of {s.data.source} at {facts[key].location} (the median short side of "
-                            f"its training images); a study never upsamples, since an upsampled {p}x{p} patch carries "
-                            f"fewer than its {p * p * 3} values: use a budget at or below {native}, or --set "
-                            f"data.image_size={native}")
+            raise LdaeError(
+                f"budget {budget}: data.image_size {s.data.image_size} is above the native "
+                f"{native}x{native} of {s.data.source} at {facts[key].location} (the median short side of "
+                f"its training images); a study never upsamples, since an upsampled {p}x{p} patch carries "
+                f"fewer than its {p * p * 3} values: use a budget at or below {native}, or --set "
+                f"data.image_size={native}"
+            )
     return facts
 
 

@@ -69,7 +69,7 @@ class Rung(NamedTuple):
     @property
     def params(self) -> int:
         """Block parameters (attention 4 w^2, MLP 8 w^2)."""
-        return 12 * self.width ** 2 * (self.encoder_depth + self.decoder_depth)
+        return 12 * self.width**2 * (self.encoder_depth + self.decoder_depth)
 
 
 class Candidate(NamedTuple):
@@ -87,10 +87,18 @@ class Candidate(NamedTuple):
         """Training FLOPs per image (models.model_flops_per_image), patches in and out as pixels."""
         from ldae_cli.model.models import model_flops_per_image
 
-        side, pixels = self.image_size // self.patch, self.patch ** 2 * 3
-        return model_flops_per_image(dict(grid=[side, side], width=self.rung.width, mlp_ratio=4.0, in_dim=pixels,
-                                          out_dim=pixels, encoder_depth=self.rung.encoder_depth,
-                                          decoder_depth=self.rung.decoder_depth))
+        side, pixels = self.image_size // self.patch, self.patch**2 * 3
+        return model_flops_per_image(
+            dict(
+                grid=[side, side],
+                width=self.rung.width,
+                mlp_ratio=4.0,
+                in_dim=pixels,
+                out_dim=pixels,
+                encoder_depth=self.rung.encoder_depth,
+                decoder_depth=self.rung.decoder_depth,
+            )
+        )
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,10 @@ def parse_budget(text: str) -> Budget:
         raise LdaeError(f"--budget {text!r}: expected {FORMS}")
     gpu = m[2].upper() if m[2] else None
     if gpu is not None and gpu not in GPU_FLOPS:
-        raise LdaeError(f"--budget {text!r}: no throughput figure for {m[2]} (known: {', '.join(GPU_FLOPS)}); give "
-                        "a time alone to size the run at this machine's measured speed")
+        raise LdaeError(
+            f"--budget {text!r}: no throughput figure for {m[2]} (known: {', '.join(GPU_FLOPS)}); give "
+            "a time alone to size the run at this machine's measured speed"
+        )
     return Budget(float(m[3]) * UNITS[m[4]], int(m[1] or 0), gpu, text)
 
 
@@ -138,14 +148,22 @@ def round_down(x: float) -> float:
     return float(f"{math.floor(x / step + 1e-9) * step:.2g}")
 
 
-def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], float], probe, pca: bool = True,
-             objective: str = "ldae") -> Sized:
+def size_run(
+    facts: DataFacts,
+    budget: Budget,
+    speed: Callable[[Candidate], float],
+    probe,
+    pca: bool = True,
+    objective: str = "ldae",
+) -> Sized:
     """The keys a budget sets for this data (module docstring: the rules); `speed(candidate)` is training images per
     second, all ranks together; `probe` the config's OnlineProbeConfig, `objective` its objective."""
     side = min(facts.side, MAX_SIDE)
     if side < 4:
-        raise LdaeError(f"--budget: the images of {facts.name} are {facts.side} px (median short side); a run needs "
-                        "at least 4 px, 2x2 patches of 2 px")
+        raise LdaeError(
+            f"--budget: the images of {facts.name} are {facts.side} px (median short side); a run needs "
+            "at least 4 px, 2x2 patches of 2 px"
+        )
     rungs = ladder()
     allowed = [r for r in rungs if r.params <= PARAMS_PER_IMAGE * facts.images] or rungs[:1]
     seconds = budget.seconds * TRAIN_SHARE
@@ -162,39 +180,61 @@ def size_run(facts: DataFacts, budget: Budget, speed: Callable[[Candidate], floa
     pick = next((c for c in candidates if epochs(c) >= MIN_EPOCHS), candidates[-1])  # the fewest tokens, smallest
     reached = epochs(pick) >= MIN_EPOCHS
     epoch_count = max(round_down(min(epochs(pick), MAX_EPOCHS)), round_down(batch / facts.images))
-    full = pick.patch ** 2 * 3
+    full = pick.patch**2 * 3
     d = min(PCA_DIM, full // 3)
     r = pick.rung
     preset = r.size != "custom"
     overrides = {
-        "data.image_size": pick.image_size, "tokenizer.patch": pick.patch,
+        "data.image_size": pick.image_size,
+        "tokenizer.patch": pick.patch,
         **({"tokenizer.dim": d, "tokenizer.fit_patches": min(1_000_000, max(200_000, 100 * full))} if pca else {}),
-        "model.size": r.size, "model.width": None if preset else r.width,
+        "model.size": r.size,
+        "model.width": None if preset else r.width,
         "model.encoder_depth": None if preset else r.encoder_depth,
-        "model.decoder_depth": None if preset else r.decoder_depth, "model.num_heads": None if preset else r.num_heads,
+        "model.decoder_depth": None if preset else r.decoder_depth,
+        "model.num_heads": None if preset else r.num_heads,
         **({} if preset else {"optim.blr": SMALL_BLR}),
-        "optim.batch_size": batch, "optim.epochs": epoch_count, "optim.warmup_epochs": round_down(epoch_count / 10),
-        "run.time_limit_minutes": round(budget.seconds / 60, 2), "run.compile": budget.gpus > 0,
+        "optim.batch_size": batch,
+        "optim.epochs": epoch_count,
+        "optim.warmup_epochs": round_down(epoch_count / 10),
+        "run.time_limit_minutes": round(budget.seconds / 60, 2),
+        "run.compile": budget.gpus > 0,
     }
     overrides["online_probe.enabled"], probe_line = probe_decision(facts, probe, overrides, ranks, objective)
-    why = (f"the most tokens, then the largest model of at most {PARAMS_PER_IMAGE} block parameters per training "
-           f"image, that get {MIN_EPOCHS} epochs" if reached else f"the fewest tokens and the smallest model: none gets "
-           f"{MIN_EPOCHS} epochs in this budget")
+    why = (
+        f"the most tokens, then the largest model of at most {PARAMS_PER_IMAGE} block parameters per training "
+        f"image, that get {MIN_EPOCHS} epochs"
+        if reached
+        else f"the fewest tokens and the smallest model: none gets {MIN_EPOCHS} epochs in this budget"
+    )
     lines = [
-        (f"--budget {budget.text} sized this run for {facts.name} ({facts.images:,} training images"
-         f"{f', {facts.classes} classes' if facts.classes else ''}):"),
-        (f"  image size {pick.image_size}: median short side {facts.side} rounded down to a multiple of the patch "
-         f"({f'capped at {MAX_SIDE}, the paper' if facts.side > MAX_SIDE else 'native, never upsampled'})"),
+        (
+            f"--budget {budget.text} sized this run for {facts.name} ({facts.images:,} training images"
+            f"{f', {facts.classes} classes' if facts.classes else ''}):"
+        ),
+        (
+            f"  image size {pick.image_size}: median short side {facts.side} rounded down to a multiple of the patch "
+            f"({f'capped at {MAX_SIDE}, the paper' if facts.side > MAX_SIDE else 'native, never upsampled'})"
+        ),
         f"  patch {pick.patch}: {pick.tokens} tokens of D = {full} values, and model {r.size} ({why})",
-        (f"  d {d}: the PCA keeps min({PCA_DIM}, D/3) (docs/studies/latent-dim: d = 16 ahead of 64 and 128)" if pca else
-         "  d: the config's tokenizer keeps every pixel"),
-        (f"  model {r.size}: width {r.width}, {r.encoder_depth} + {r.decoder_depth} blocks, {r.params / 1e6:.1f}M "
-         "block parameters" + ("" if preset else " (the cpu study budget's size)")),
-        (f"  batch {batch}, {epoch_count:g} epochs, warm-up {overrides['optim.warmup_epochs']:g} (what "
-         f"{TRAIN_SHARE:.0%} of the budget pays for, at most {MAX_EPOCHS})"),
+        (
+            f"  d {d}: the PCA keeps min({PCA_DIM}, D/3) (docs/studies/latent-dim: d = 16 ahead of 64 and 128)"
+            if pca
+            else "  d: the config's tokenizer keeps every pixel"
+        ),
+        (
+            f"  model {r.size}: width {r.width}, {r.encoder_depth} + {r.decoder_depth} blocks, {r.params / 1e6:.1f}M "
+            "block parameters" + ("" if preset else " (the cpu study budget's size)")
+        ),
+        (
+            f"  batch {batch}, {epoch_count:g} epochs, warm-up {overrides['optim.warmup_epochs']:g} (what "
+            f"{TRAIN_SHARE:.0%} of the budget pays for, at most {MAX_EPOCHS})"
+        ),
         f"  {probe_line}",
-        (f"  expected: about {clock_text(epoch_count * facts.images / speed(pick))} of training at "
-         f"{speed(pick):,.0f} img/s; the run stops at {budget.text} whatever (run.time_limit_minutes)"),
+        (
+            f"  expected: about {clock_text(epoch_count * facts.images / speed(pick))} of training at "
+            f"{speed(pick):,.0f} img/s; the run stops at {budget.text} whatever (run.time_limit_minutes)"
+        ),
     ]
     return Sized(overrides, lines)
 
@@ -203,48 +243,67 @@ def probe_decision(facts: DataFacts, probe, overrides: dict, ranks: int, objecti
     """Whether the online probe can meet its floor at this size of run (online_probe.online_fit_size), and the line
     saying so or why not."""
     from ldae_cli.model.models import ModelConfig
-    from ldae_cli.train.online_probe import online_fit_size
     from ldae_cli.settings.optim import OptimConfig
+    from ldae_cli.train.online_probe import online_fit_size
 
     keys = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("model.")}
-    optim = OptimConfig(batch_size=overrides["optim.batch_size"], epochs=overrides["optim.epochs"],
-                        warmup_epochs=overrides["optim.warmup_epochs"])
-    cfg = SimpleNamespace(objective=objective, online_probe=probe, run=SimpleNamespace(seed=0), model=ModelConfig(**keys),
-                          optim=optim)
+    optim = OptimConfig(
+        batch_size=overrides["optim.batch_size"],
+        epochs=overrides["optim.epochs"],
+        warmup_epochs=overrides["optim.warmup_epochs"],
+    )
+    cfg = SimpleNamespace(
+        objective=objective, online_probe=probe, run=SimpleNamespace(seed=0), model=ModelConfig(**keys), optim=optim
+    )
     try:
-        per_class = online_fit_size(cfg, SimpleNamespace(rank=0, world=ranks), facts.images, facts.classes,
-                                    min(probe.test_images, facts.eval_images))
+        per_class = online_fit_size(
+            cfg,
+            SimpleNamespace(rank=0, world=ranks),
+            facts.images,
+            facts.classes,
+            min(probe.test_images, facts.eval_images),
+        )
     except LdaeError as exc:
         return False, f"online probe: off: {exc}"
     return True, f"online probe: on: up to {per_class:,} fit images per class, at most {probe.max_share:.0%} of the run"
 
 
 def clock_text(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
-        f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
-def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict, preview: str | None,
-                others: dict) -> tuple[str, dict]:
+def sized_flags(
+    text: str, config: str | None, overrides: list[str], flags: dict, preview: str | None, others: dict
+) -> tuple[str, dict]:
     """`--budget TEXT`: the config to start from (--config, else final.yaml) and the command line's flags with the
     sized keys added (so they sit between the config and --set), after saying what was decided and why: as YAML
     comments above --print-config's YAML, else on the console. `others`: options a budget cannot go with."""
     budget = parse_budget(text)
     given = next((option for option, value in others.items() if value), None)
     if given is not None:
-        raise LdaeError(f"--budget sizes a new run and cannot go with {given} (a run's recipe is its checkpoint's); "
-                        f"save the sized config with --print-config and give it with --config and {given}")
+        raise LdaeError(
+            f"--budget sizes a new run and cannot go with {given} (a run's recipe is its checkpoint's); "
+            f"save the sized config with --print-config and give it with --config and {given}"
+        )
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if preview is None and ranks != max(1, budget.gpus):
-        raise LdaeError(f"--budget {text} sizes a run for {budget.gpus or 'this machine in'} "
-                        f"{'GPUs' if budget.gpus else 'one process'}, and this launch has {ranks} process(es); save "
-                        f"it with --print-config and start it with `torchrun --nproc-per-node {max(1, budget.gpus)} "
-                        "-m ldae_cli pretrain --config FILE`")
+        raise LdaeError(
+            f"--budget {text} sizes a run for {budget.gpus or 'this machine in'} "
+            f"{'GPUs' if budget.gpus else 'one process'}, and this launch has {ranks} process(es); save "
+            f"it with --print-config and start it with `torchrun --nproc-per-node {max(1, budget.gpus)} "
+            "-m ldae_cli pretrain --config FILE`"
+        )
     from ldae_cli.config import load_config
     from ldae_cli.data.discovery import settle_data
-    from ldae_cli.train.engine_pretrain import PretrainConfig
     from ldae_cli.runs.logs import console
     from ldae_cli.runs.rundir import RUNS
+    from ldae_cli.train.engine_pretrain import PretrainConfig
 
     base = config or BASE_CONFIG
     # the data a --set names is what gets sized; its other keys apply after the sizing (a config with only some
@@ -254,8 +313,10 @@ def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict
     if not cfg.data.path:
         raise LdaeError("--budget sizes a run to your data: give --data DIR")
     if cfg.tokenizer.kind == "trained" or cfg.tokenizer.path:
-        raise LdaeError(f"--budget chooses the tokenizer's patch and d, and {base} reads a tokenizer file "
-                        f"(tokenizer.path {cfg.tokenizer.path}); set tokenizer.path=null, or size the run by hand")
+        raise LdaeError(
+            f"--budget chooses the tokenizer's patch and d, and {base} reads a tokenizer file "
+            f"(tokenizer.path {cfg.tokenizer.path}); set tokenizer.path=null, or size the run by hand"
+        )
     facts = data_facts(cfg.data)
     speed, assumed = measured_speed(cfg, budget)
     sized = size_run(facts, budget, speed, cfg.online_probe, pca=cfg.tokenizer.kind == "pca", objective=cfg.objective)
@@ -271,8 +332,8 @@ def sized_flags(text: str, config: str | None, overrides: list[str], flags: dict
 def data_facts(data) -> DataFacts:
     """What sizing needs of the data a resolved DataConfig names (file listings and a sample of image headers)."""
     from ldae_cli.data.pipeline import median_short_side
-    from ldae_cli.runs.rundir import data_name
     from ldae_cli.data.sources import open_source
+    from ldae_cli.runs.rundir import data_name
 
     train = open_source(data, "train")
     classes = len(train.classes) if data.source != "images" else 0
@@ -301,17 +362,25 @@ def measured_speed(cfg, budget: Budget) -> tuple[Callable[[Candidate], float], C
     def speed(c: Candidate) -> float:
         if budget.gpus:
             assert budget.gpu is not None  # parse_budget: N x GPU comes with its kind
-            said[0] = (f"assumed: {GPU_FLOPS[budget.gpu] / 1e12:.1f} TFLOP/s per {budget.gpu}, what half-L reached "
-                       "on an H200 (docs/bench-pretrain-step-h200.json); a smaller network reaches less")
+            said[0] = (
+                f"assumed: {GPU_FLOPS[budget.gpu] / 1e12:.1f} TFLOP/s per {budget.gpu}, what half-L reached "
+                "on an H200 (docs/bench-pretrain-step-h200.json); a smaller network reaches less"
+            )
             return budget.gpus * GPU_FLOPS[budget.gpu] / c.flops
         if (c.rung.width, c.tokens) not in rates:
             timed = copy.deepcopy(cfg)
             timed.data.image_size, timed.tokenizer.patch, timed.tokenizer.dim = c.image_size, c.patch, PCA_DIM
-            timed.model.size, timed.model.width, timed.model.encoder_depth, timed.model.decoder_depth, \
-                timed.model.num_heads = c.rung
+            (
+                timed.model.size,
+                timed.model.width,
+                timed.model.encoder_depth,
+                timed.model.decoder_depth,
+                timed.model.num_heads,
+            ) = c.rung
             timed.optim.batch_size, timed.optim.micro_batch = c.batch, None
             rate, assumed = estimate_images_per_second(timed)
             rates[c.rung.width, c.tokens] = rate * c.flops, assumed
         flops_per_second, said[0] = rates[c.rung.width, c.tokens]
         return flops_per_second / c.flops
+
     return speed, lambda: said[0]

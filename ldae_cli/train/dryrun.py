@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 from rich.table import Table
 
-from ldae_cli.runs import rundir
-from ldae_cli.runs.checkpoint import Checkpoint
 from ldae_cli.config import dump_yaml
 from ldae_cli.data.discovery import check_splits
+from ldae_cli.data.sources import open_source
+from ldae_cli.runs import rundir
+from ldae_cli.runs.checkpoint import Checkpoint
 from ldae_cli.runs.logs import clock, console
 from ldae_cli.settings.optim import StepPlan, plan_steps
-from ldae_cli.train.session import kept_config
 from ldae_cli.settings.training import PCA_DIM
-from ldae_cli.data.sources import open_source
+from ldae_cli.train.session import kept_config
 
 
 def print_config(cfg) -> None:
@@ -70,20 +70,31 @@ class Plan:
         table = Table(title=f"ldae {self.command} --dry-run (nothing was written)", show_header=False)
         table.add_column(justify="right", style="bold")
         table.add_column()
-        rows = [("run directory", f"{self.out_dir}: {self.start}"),
-                ("data", f"{self.images:,} training images"
-                         + (f" at {self.image_size}x{self.image_size}" if self.image_size else "")),
-                ("plan", f"{self.steps:,} steps = {self.epochs:g} epoch{'' if self.epochs == 1 else 's'} of "
-                         f"{self.steps_per_epoch:g} steps"),
-                ("batch", f"{self.batch:,} global = {self.ranks} rank(s) x {self.accum} accumulation x {self.micro}"),
-                ("peak lr", f"{self.lr:.3g}"),
-                ("network", f"{self.params / 1e6:,.2f}M parameters"),
-                ("memory", f"{size(self.state_bytes)} for weights, gradients, optimizer state and EMA "
-                           "(activations on top)")]
+        rows = [
+            ("run directory", f"{self.out_dir}: {self.start}"),
+            (
+                "data",
+                f"{self.images:,} training images"
+                + (f" at {self.image_size}x{self.image_size}" if self.image_size else ""),
+            ),
+            (
+                "plan",
+                f"{self.steps:,} steps = {self.epochs:g} epoch{'' if self.epochs == 1 else 's'} of "
+                f"{self.steps_per_epoch:g} steps",
+            ),
+            ("batch", f"{self.batch:,} global = {self.ranks} rank(s) x {self.accum} accumulation x {self.micro}"),
+            ("peak lr", f"{self.lr:.3g}"),
+            ("network", f"{self.params / 1e6:,.2f}M parameters"),
+            (
+                "memory",
+                f"{size(self.state_bytes)} for weights, gradients, optimizer state and EMA (activations on top)",
+            ),
+        ]
         if self.seconds_per_image is not None:
             total = self.seconds_per_image * (self.work_images or self.steps * self.batch) / self.ranks
-            rows.append(("time", f"about {clock(total)} ({1 / self.seconds_per_image:,.1f} img/s per rank; "
-                                 f"{self.timing})"))
+            rows.append(
+                ("time", f"about {clock(total)} ({1 / self.seconds_per_image:,.1f} img/s per rank; {self.timing})")
+            )
         else:
             rows.append(("time", self.timing))
         for key, value in rows:
@@ -94,11 +105,18 @@ class Plan:
 
 
 def size(nbytes: int) -> str:
-    return f"{nbytes / 2 ** 30:,.2f} GiB" if nbytes >= 2 ** 30 else f"{nbytes / 2 ** 20:,.1f} MiB"
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
 
 
-def start_of(out_dir: Path, command: str, kind: str, force: bool, resume_step: int | None = None,
-             keep: frozenset[str] | set[str] = frozenset(), restartable=None) -> str:
+def start_of(
+    out_dir: Path,
+    command: str,
+    kind: str,
+    force: bool,
+    resume_step: int | None = None,
+    keep: frozenset[str] | set[str] = frozenset(),
+    restartable=None,
+) -> str:
     """What a start would do in `out_dir`, decided as `rundir.claim` decides, without writing; refusals raise."""
     if resume_step is not None:
         return f"continues the run at step {resume_step:,}"
@@ -107,9 +125,11 @@ def start_of(out_dir: Path, command: str, kind: str, force: bool, resume_step: i
     if not out_dir.is_dir():
         rundir.resolve(command, kind, str(out_dir), None, None)  # raises: a file, not a run directory
     action, ours = rundir.decide(out_dir, command, force, keep, restartable, kind=kind)
-    return {"empty": "a new run in the empty folder",
-            "restart": "the same run, stopped before its first checkpoint, started again",
-            "replace": f"replaces the earlier run ({len(ours)} file(s) ldae wrote there)"}[action]
+    return {
+        "empty": "a new run in the empty folder",
+        "restart": "the same run, stopped before its first checkpoint, started again",
+        "replace": f"replaces the earlier run ({len(ours)} file(s) ldae wrote there)",
+    }[action]
 
 
 @dataclass
@@ -126,24 +146,56 @@ class Outline:
     micro: int
     accum: int
 
-    def plan(self, command: str, cfg, params: int, seconds_per_image: float | None, timing: str,
-             notes: Sequence[str] = ()) -> Plan:
+    def plan(
+        self, command: str, cfg, params: int, seconds_per_image: float | None, timing: str, notes: Sequence[str] = ()
+    ) -> Plan:
         """The stage's plan: this outline, the network's `params` with AdamW state (and EMA), and the timing."""
-        return Plan(command, self.out_dir, self.start, self.images, cfg.optim.batch_size, self.world, self.accum,
-                    self.micro, self.steps.total_steps, self.steps.steps_per_epoch, cfg.optim.base_lr(), params,
-                    state_bytes(params, 2, cfg.optim.ema is not None), seconds_per_image, timing, list(notes),
-                    image_size=cfg.data.image_size)
+        return Plan(
+            command,
+            self.out_dir,
+            self.start,
+            self.images,
+            cfg.optim.batch_size,
+            self.world,
+            self.accum,
+            self.micro,
+            self.steps.total_steps,
+            self.steps.steps_per_epoch,
+            cfg.optim.base_lr(),
+            params,
+            state_bytes(params, 2, cfg.optim.ema is not None),
+            seconds_per_image,
+            timing,
+            list(notes),
+            image_size=cfg.data.image_size,
+        )
 
 
-def outline(cfg, command: str, kind: str, name: str | None, config_file: str | None, resume: Checkpoint | None,
-            force: bool, splits: list[str], restartable=None) -> Outline:
+def outline(
+    cfg,
+    command: str,
+    kind: str,
+    name: str | None,
+    config_file: str | None,
+    resume: Checkpoint | None,
+    force: bool,
+    splits: list[str],
+    restartable=None,
+) -> Outline:
     """The run directory (`name` names a new one under runs/), the start it would get, the splits present, and the
     steps over the training images; refusals raise as a start's would."""
     world = world_size()
     micro, accum = cfg.optim.accumulation(world)
     out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume else None)
-    start = start_of(out_dir, command, kind, force, resume.extra["step"] if resume else None,
-                     kept_config(config_file, out_dir), restartable)
+    start = start_of(
+        out_dir,
+        command,
+        kind,
+        force,
+        resume.extra["step"] if resume else None,
+        kept_config(config_file, out_dir),
+        restartable,
+    )
     check_splits(cfg.data, splits)
     source = open_source(cfg.data, "train")
     images = min(len(source), cfg.data.limit or len(source))
@@ -181,12 +233,19 @@ def network_spec(cfg) -> dict:
     """The shape of a pretrain config's network, as `DenoisingViT.spec` holds it, without building it (a trained
     tokenizer's token is taken as tokenizer.patch pixels wide)."""
     tc, (width, enc, dec, heads) = cfg.tokenizer, cfg.model.resolved()
-    pixels = tc.patch ** 2 * 3
+    pixels = tc.patch**2 * 3
     latent = pixels if tc.kind == "pixel" else tc.dim or PCA_DIM
     side = cfg.data.image_size // tc.patch
-    return dict(in_dim=latent if cfg.diffusion.input_space == "latent" else pixels, grid=[side, side], width=width,
-                out_dim=latent if cfg.diffusion.output_space == "latent" else pixels, encoder_depth=enc,
-                decoder_depth=dec, num_heads=heads, mlp_ratio=cfg.model.mlp_ratio)
+    return dict(
+        in_dim=latent if cfg.diffusion.input_space == "latent" else pixels,
+        grid=[side, side],
+        width=width,
+        out_dim=latent if cfg.diffusion.output_space == "latent" else pixels,
+        encoder_depth=enc,
+        decoder_depth=dec,
+        num_heads=heads,
+        mlp_ratio=cfg.model.mlp_ratio,
+    )
 
 
 def mlp_macs(layers: int, in_dim: int, hidden: int, out_dim: int) -> int:
@@ -210,8 +269,13 @@ def training_flops_per_image(cfg) -> float:
     encoder = {**spec, "decoder_depth": 0, "out_dim": 0}
     if cfg.objective == "mae":
         m = cfg.mae
-        decoder = {**spec, "width": m.decoder_width, "encoder_depth": m.decoder_depth, "decoder_depth": 0,
-                   "in_dim": spec["width"]}
+        decoder = {
+            **spec,
+            "width": m.decoder_width,
+            "encoder_depth": m.decoder_depth,
+            "decoder_depth": 0,
+            "in_dim": spec["width"],
+        }
         return model_flops_per_image(encoder, int(tokens * (1 - m.mask_ratio))) + model_flops_per_image(decoder)
     if cfg.objective == "mocov3":
         m = cfg.mocov3
@@ -229,8 +293,9 @@ def mlp_flops_per_second(rows: int, width: int, hidden: int, device, dtype, seco
     import torch
     from torch import nn
 
-    mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
-                        nn.Linear(hidden, width)).to(device, dtype)
+    mlp = nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+    ).to(device, dtype)
     x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
 
     def step() -> None:
@@ -262,7 +327,9 @@ def estimate_images_per_second(cfg) -> tuple[float, str]:
     affordable = 2 ** (40 if device.type == "cuda" else 34) // (12 * width * hidden)
     rows = max(1, min(tokens * (cfg.optim.micro_batch or cfg.optim.batch_size), 4096, max(256, affordable)))
     speed, flops = mlp_flops_per_second(rows, width, hidden, device, dtype), training_flops_per_image(cfg)
-    return speed / flops, (f"estimated: {flops / 1e9:,.3g} GFLOP per training image (the matmuls of its objective, "
-                           f"{cfg.objective}, forward and backward) at the {speed / 1e9:,.0f} GFLOP/s a {width}-wide transformer MLP trained at "
-                           f"on {rows} tokens ({str(dtype).removeprefix('torch.')}, {device}) now; attention's "
-                           "softmax, the optimizer step, data loading, the online probe and checkpoints come on top")
+    return speed / flops, (
+        f"estimated: {flops / 1e9:,.3g} GFLOP per training image (the matmuls of its objective, "
+        f"{cfg.objective}, forward and backward) at the {speed / 1e9:,.0f} GFLOP/s a {width}-wide transformer MLP "
+        f"trained at on {rows} tokens ({str(dtype).removeprefix('torch.')}, {device}) now; attention's "
+        "softmax, the optimizer step, data loading, the online probe and checkpoints come on top"
+    )

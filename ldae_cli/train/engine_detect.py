@@ -17,18 +17,17 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from ldae_cli.runs.rundir import write_atomically
-from ldae_cli.seeds import detect_step_seed
 from ldae_cli.model import detection
 from ldae_cli.runs.distributed import DistContext, amp_dtype, barrier, no_sync
+from ldae_cli.runs.logs import console, progress_bar
+from ldae_cli.runs.rundir import write_atomically
+from ldae_cli.seeds import detect_step_seed
+from ldae_cli.settings.evaluation import DetectConfig
+from ldae_cli.settings.optim import StepPlan
 from ldae_cli.train.hooks import Curve, Curves, Description, Evaluation, LogLine
+from ldae_cli.train.session import Session
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer
-from ldae_cli.settings.optim import StepPlan
-from ldae_cli.runs.logs import console, progress_bar
-from ldae_cli.settings.evaluation import DetectConfig
-from ldae_cli.train.session import Session
-
 
 RESUMABLE = ("optim.micro_batch", "eval.every")
 
@@ -63,12 +62,17 @@ def build_optimizer(model: nn.Module, optim, depth: int, device: torch.device) -
     from detectron2.solver.build import get_default_optimizer_params
 
     groups = get_default_optimizer_params(
-        model, base_lr=optim.lr, weight_decay_norm=0.0, overrides={"pos_embed": {"weight_decay": 0.0}},
-        lr_factor_func=partial(get_vit_lr_decay_rate, lr_decay_rate=optim.layer_decay, num_layers=depth))
+        model,
+        base_lr=optim.lr,
+        weight_decay_norm=0.0,
+        overrides={"pos_embed": {"weight_decay": 0.0}},
+        lr_factor_func=partial(get_vit_lr_decay_rate, lr_decay_rate=optim.layer_decay, num_layers=depth),
+    )
     for group in groups:
         group["lr_scale"] = group["lr"]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, fused=device.type == "cuda"
+    )
 
 
 def ap_table(results: dict, title: str) -> Table:
@@ -78,8 +82,9 @@ def ap_table(results: dict, title: str) -> Table:
         table.add_column(key, justify="right")
     for task in ("bbox", "segm"):
         row = results.get(task, {})
-        table.add_row("box" if task == "bbox" else "mask",
-                      *("-" if row.get(k) is None else f"{row[k]:.3f}" for k in AP_KEYS))
+        table.add_row(
+            "box" if task == "bbox" else "mask", *("-" if row.get(k) is None else f"{row[k]:.3f}" for k in AP_KEYS)
+        )
     if all(v is None for row in results.values() for v in row.values()):
         table.caption = "no detection scored above 0.05, so COCOeval did not run (in effect AP 0)"
     return table
@@ -91,18 +96,35 @@ def flat_results(results: dict) -> dict:
 
 def run_evaluation(model: nn.Module, split: detection.CocoSplit, cfg, text: Path, ctx: DistContext, bar=None) -> dict:
     """COCO AP on `split` (pycocotools' tables in `text`), shown as a task of `bar` (the training's) or of its own."""
-    with contextlib.nullcontext(bar) if bar is not None else \
-            progress_bar("img", cfg.run.progress and ctx.is_main) as shown:
+    with (
+        contextlib.nullcontext(bar)
+        if bar is not None
+        else progress_bar("img", cfg.run.progress and ctx.is_main) as shown
+    ):
         task = shown.add_task(f"eval {cfg.data.eval_split}", total=-(-len(split.dicts) // ctx.world), info="")
-        results = detection.evaluate(model, split, cfg.data.image_size, text, ctx.enabled,
-                                     cfg.data.num_workers, advance=lambda n: shown.update(task, advance=n))
+        results = detection.evaluate(
+            model,
+            split,
+            cfg.data.image_size,
+            text,
+            ctx.enabled,
+            cfg.data.num_workers,
+            advance=lambda n: shown.update(task, advance=n),
+        )
         shown.remove_task(task)
     barrier(ctx)
     return results
 
 
-def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_split: detection.CocoSplit,
-          eval_split: detection.CocoSplit, description: dict, parents: list[dict]) -> bool:
+def train(
+    session: Session[DetectConfig],
+    model: nn.Module,
+    depth: int,
+    train_split: detection.CocoSplit,
+    eval_split: detection.CocoSplit,
+    description: dict,
+    parents: list[dict],
+) -> bool:
     """Train the detector for optim.iterations, evaluating every eval.every iterations and at the end."""
     from detectron2.utils.events import EventStorage  # detectron2's losses log their statistics into one
 
@@ -112,8 +134,14 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
     schedule = optim.lr_schedule()
     total = optim.iterations
     records = detection.train_dicts(train_split)
-    plan = StepPlan(total, len(records) / optim.batch_size, optim.batch_size, lambda step: schedule(step / total),
-                    micro=micro, accum=accum)
+    plan = StepPlan(
+        total,
+        len(records) / optim.batch_size,
+        optim.batch_size,
+        lambda step: schedule(step / total),
+        micro=micro,
+        accum=accum,
+    )
     optimizer = build_optimizer(model, optim, depth, device)
     autocast = amp_dtype(cfg.run.precision, device)
 
@@ -128,14 +156,36 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
         return results
 
     every = cfg.eval.every or 0
-    hooks = [LogLine(), Curves(Curve("loss.png", ("loss",), "detect loss")), Description(lambda: ({}, dict(description))),
-             Evaluation(evaluate_now, every=lambda step: bool(every) and step % every == 0)]
-    trainer = Trainer(session, plan, TrainState({"model": model}, {"optim": optimizer}, parents=parents), hooks,
-                      losses=("loss",) + LOSSES, hint="Lower optim.lr or check the annotations")
+    hooks = [
+        LogLine(),
+        Curves(Curve("loss.png", ("loss",), "detect loss")),
+        Description(lambda: ({}, dict(description))),
+        Evaluation(evaluate_now, every=lambda step: bool(every) and step % every == 0),
+    ]
+    trainer = Trainer(
+        session,
+        plan,
+        TrainState({"model": model}, {"optim": optimizer}, parents=parents),
+        hooks,
+        losses=("loss",) + LOSSES,
+        hint="Lower optim.lr or check the annotations",
+    )
     runner = trainer.wrap(model)  # buffers (pixel statistics, anchors) are constants: not re-broadcast
     low, high = cfg.data.scale_range
-    batches = iter(detection.train_loader(records, cfg.data.image_size, (low, high), seed, optim.batch_size, micro,
-                                          ctx.rank, ctx.world, trainer.step, cfg.data.num_workers))
+    batches = iter(
+        detection.train_loader(
+            records,
+            cfg.data.image_size,
+            (low, high),
+            seed,
+            optim.batch_size,
+            micro,
+            ctx.rank,
+            ctx.world,
+            trainer.step,
+            cfg.data.num_workers,
+        )
+    )
 
     def step(index: int) -> dict:
         # drop path and proposal sampling draw from torch's RNG: keyed by (seed, step, rank) for exact resume
@@ -155,9 +205,12 @@ def train(session: Session[DetectConfig], model: nn.Module, depth: int, train_sp
         return {"lr": optim.lr * schedule(index / total)}
 
     spec = description["backbone"]
-    trainer.announce(f"{len(records):,} training images, {len(train_split.class_names)} classes, "
-                     f"{cfg.data.image_size}px LSJ; ViT {spec['width']}x{spec['depth']} (patch {spec['patch_size']}, "
-                     f"global blocks {detection.global_block_indexes(spec['depth'])}, window "
-                     f"{cfg.backbone.window_size})", optim.lr)
+    trainer.announce(
+        f"{len(records):,} training images, {len(train_split.class_names)} classes, "
+        f"{cfg.data.image_size}px LSJ; ViT {spec['width']}x{spec['depth']} (patch {spec['patch_size']}, "
+        f"global blocks {detection.global_block_indexes(spec['depth'])}, window "
+        f"{cfg.backbone.window_size})",
+        optim.lr,
+    )
     model.train()
     return trainer.fit(step)

@@ -26,19 +26,19 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from ldae_cli.seeds import batch_seed, seeded_rngs
-from ldae_cli.runs.checkpoint import save_checkpoint
 from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, make_loader, to_unit_range
+from ldae_cli.errors import LdaeError
+from ldae_cli.runs.checkpoint import save_checkpoint
 from ldae_cli.runs.distributed import DistContext, all_reduce_sum, amp_dtype, barrier, no_sync
+from ldae_cli.runs.logs import console
+from ldae_cli.seeds import batch_seed, seeded_rngs
+from ldae_cli.settings.evaluation import FinetuneConfig  # re-exported where it was
+from ldae_cli.settings.evaluation import even_micro_batch as even_micro_batch
+from ldae_cli.settings.optim import make_adamw, make_ema, plan_steps
 from ldae_cli.train.hooks import Curve, Curves, Description, Evaluation, LogLine
+from ldae_cli.train.session import Session
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
-from ldae_cli.errors import LdaeError
-from ldae_cli.settings.optim import make_adamw, make_ema, plan_steps
-from ldae_cli.runs.logs import console
-from ldae_cli.settings.evaluation import FinetuneConfig, even_micro_batch as even_micro_batch  # re-exported where it was
-from ldae_cli.train.session import Session
-
 
 # a resumed run reads its weights from its own checkpoint, so the source (model.ckpt) may have moved
 RESUMABLE = ("model.ckpt",)
@@ -76,13 +76,18 @@ class SeededRandAugment:
     """timm's RandAugment as a data-layer sample transform, seeded by the sample's aug_seed."""
 
     def __init__(self, config_str: str, image_size: int):
-        hparams = {"translate_const": int(image_size * 0.45), "img_mean": FILL,
-                   "interpolation": Image.Resampling.BICUBIC}
+        hparams = {
+            "translate_const": int(image_size * 0.45),
+            "img_mean": FILL,
+            "interpolation": Image.Resampling.BICUBIC,
+        }
         try:
             self.transform = rand_augment_transform(config_str, hparams)
         except (AssertionError, ValueError, KeyError) as exc:
-            raise LdaeError(f"aug.rand_augment '{config_str}' is not a timm RandAugment string like "
-                            f"'rand-m9-mstd0.5-inc1' ({exc or type(exc).__name__})") from None
+            raise LdaeError(
+                f"aug.rand_augment '{config_str}' is not a timm RandAugment string like "
+                f"'rand-m9-mstd0.5-inc1' ({exc or type(exc).__name__})"
+            ) from None
         for op in self.transform.ops:
             if op.aug_fn is auto_augment.posterize:
                 op.aug_fn = posterize
@@ -92,8 +97,9 @@ class SeededRandAugment:
         # chooses them, from a NumPy generator, and each op draws from Python's `random`, seeded here
         # (a save/restore of NumPy's global state would cost three times the augmentation itself)
         ra = self.transform
-        ops = np.random.default_rng(aug_seed).choice(ra.ops, ra.num_layers, replace=ra.choice_weights is None,
-                                                     p=ra.choice_weights)
+        ops = np.random.default_rng(aug_seed).choice(
+            ra.ops, ra.num_layers, replace=ra.choice_weights is None, p=ra.choice_weights
+        )
         state = random.getstate()
         random.seed(aug_seed)
         try:
@@ -111,12 +117,33 @@ class BatchAugment:
     cross-entropy serves every setting.
     """
 
-    def __init__(self, num_classes: int, mixup: float, cutmix: float, prob: float, switch_prob: float,
-                 mode: str, label_smoothing: float, erase_prob: float, erase_mode: str, erase_count: int):
+    def __init__(
+        self,
+        num_classes: int,
+        mixup: float,
+        cutmix: float,
+        prob: float,
+        switch_prob: float,
+        mode: str,
+        label_smoothing: float,
+        erase_prob: float,
+        erase_mode: str,
+        erase_count: int,
+    ):
         self.num_classes, self.smoothing = num_classes, label_smoothing
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob, mode=mode,
-                           label_smoothing=label_smoothing, num_classes=num_classes) \
-            if (mixup > 0 or cutmix > 0) and prob > 0 else None
+        self.mixup = (
+            Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=prob,
+                switch_prob=switch_prob,
+                mode=mode,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            if (mixup > 0 or cutmix > 0) and prob > 0
+            else None
+        )
         self.erase = (erase_prob, erase_mode, erase_count) if erase_prob > 0 else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,19 +158,27 @@ class BatchAugment:
 def layer_decay_groups(model: VisionTransformer, weight_decay: float, layer_decay: float) -> list[dict]:
     """timm's BEiT/MAE groups: block i gets lr scale decay^(depth+1-(i+1)); embeddings decay^(depth+1),
     head 1. No weight decay on 1-D parameters (norms, biases) and on the position embedding."""
-    return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay,
-                                    no_weight_decay_list=tuple(model.no_weight_decay()))
+    return param_groups_layer_decay(
+        model, weight_decay=weight_decay, layer_decay=layer_decay, no_weight_decay_list=tuple(model.no_weight_decay())
+    )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistContext, num_workers: int,
-             amp: torch.dtype | None, on_bad_image: str) -> dict:
+def evaluate(
+    model: nn.Module,
+    dataset: ImageDataset,
+    batch: int,
+    ctx: DistContext,
+    num_workers: int,
+    amp: torch.dtype | None,
+    on_bad_image: str,
+) -> dict:
     """Top-1, top-5 (top-k with k = min(5, classes)) and cross-entropy over the whole eval split."""
     was_training = model.training
     model.eval()
     device = ctx.device
     mine = list(range(ctx.rank, len(dataset), ctx.world))
-    chunks = [mine[i:i + batch] for i in range(0, len(mine), batch)]
+    chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # top1, top5, loss, count
     bad = BadImageCounter(on_bad_image)
     for b in make_loader(dataset, chunks, num_workers, pin_memory=device.type == "cuda"):
@@ -164,12 +199,23 @@ def evaluate(model: nn.Module, dataset: ImageDataset, batch: int, ctx: DistConte
     all_reduce_sum(sums, ctx)
     model.train(was_training)
     n = max(1.0, float(sums[3]))
-    return {"top1": 100 * float(sums[0]) / n, "top5": 100 * float(sums[1]) / n, "loss": float(sums[2]) / n,
-            "images": int(sums[3])}
+    return {
+        "top1": 100 * float(sums[0]) / n,
+        "top5": 100 * float(sums[1]) / n,
+        "loss": float(sums[2]) / n,
+        "images": int(sums[3]),
+    }
 
 
-def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set: ImageDataset, eval_set: ImageDataset,
-          augment: BatchAugment, description: dict, parents: list[dict]) -> bool:
+def train(
+    session: Session[FinetuneConfig],
+    model: VisionTransformer,
+    train_set: ImageDataset,
+    eval_set: ImageDataset,
+    augment: BatchAugment,
+    description: dict,
+    parents: list[dict],
+) -> bool:
     """Fine-tune `model` (a timm ViT with its head); evaluates raw and EMA weights at every epoch's end and
     keeps best.safetensors. True when the run reached its last step."""
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
@@ -186,8 +232,9 @@ def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set:
         """Raw and EMA weights on the eval split; best.safetensors when either sets a record."""
         results = {"raw": evaluate(model, eval_set, plan.micro, ctx, cfg.data.num_workers, amp, cfg.data.on_bad_image)}
         if trainer.ema is not None:
-            results["ema"] = evaluate(trainer.ema.module, eval_set, plan.micro, ctx, cfg.data.num_workers, amp,
-                                      cfg.data.on_bad_image)
+            results["ema"] = evaluate(
+                trainer.ema.module, eval_set, plan.micro, ctx, cfg.data.num_workers, amp, cfg.data.on_bad_image
+            )
         kind = max(results, key=lambda k: results[k]["top1"])
         epoch = round(step / plan.steps_per_epoch, 4)
         if results[kind]["top1"] > best["top1"]:
@@ -195,9 +242,14 @@ def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set:
             best.update(top1=results[kind]["top1"], top5=results[kind]["top5"], weights=kind, step=step, epoch=epoch)
             if ctx.is_main:
                 weights = (trainer.ema.module if kind == "ema" else model).state_dict()
-                save_checkpoint(session.output(BEST), "finetune", {f"model.{k}": v for k, v in weights.items()},
-                                session.config, parents, {**without_ema(describe()[1]), "step": step,
-                                                          "epoch": epoch, "weights": kind, "eval": results})
+                save_checkpoint(
+                    session.output(BEST),
+                    "finetune",
+                    {f"model.{k}": v for k, v in weights.items()},
+                    session.config,
+                    parents,
+                    {**without_ema(describe()[1]), "step": step, "epoch": epoch, "weights": kind, "eval": results},
+                )
             barrier(ctx)
         record = {"step": step, "epoch": epoch}
         for kind, r in results.items():
@@ -205,16 +257,34 @@ def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set:
             record.update({f"{prefix}top1": r["top1"], f"{prefix}top5": r["top5"], f"{prefix}eval_loss": r["loss"]})
         trainer.metrics.write({**record, "best_top1": best["top1"]})
         if ctx.is_main:
-            console.print(f"epoch {epoch:.2f}: " + "  ".join(f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}"
-                                                            for kind, r in results.items()))
+            console.print(
+                f"epoch {epoch:.2f}: "
+                + "  ".join(f"{kind} top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}" for kind, r in results.items())
+            )
         return results
 
-    curves = (Curve("loss.png", ("loss", "eval_loss", "ema_eval_loss"), "fine-tune loss"),
-              Curve("accuracy.png", ("top1", "ema_top1", "top5", "ema_top5"), "fine-tune eval accuracy %", x="epoch",
-                    log_y=False))
-    evaluation = Evaluation(run_eval, every=lambda step: step % plan.steps_per_epoch == 0, summary=lambda: (
-        f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
-        f"{session.output(BEST)} and accuracy.png") if "weights" in best else None)
+    curves = (
+        Curve("loss.png", ("loss", "eval_loss", "ema_eval_loss"), "fine-tune loss"),
+        Curve(
+            "accuracy.png",
+            ("top1", "ema_top1", "top5", "ema_top5"),
+            "fine-tune eval accuracy %",
+            x="epoch",
+            log_y=False,
+        ),
+    )
+    evaluation = Evaluation(
+        run_eval,
+        every=lambda step: step % plan.steps_per_epoch == 0,
+        summary=lambda: (
+            (
+                f"best top-1 {best['top1']:.2f} ({best['weights']} weights, epoch {best['epoch']}); wrote "
+                f"{session.output(BEST)} and accuracy.png"
+            )
+            if "weights" in best
+            else None
+        ),
+    )
     state = TrainState({"model": model}, {"optim": optimizer}, make_ema(model, cfg.optim.ema), parents)
     trainer = Trainer(session, plan, state, [LogLine(), Curves(*curves), Description(describe), evaluation])
     runner = trainer.wrap(model)
@@ -237,7 +307,10 @@ def train(session: Session[FinetuneConfig], model: VisionTransformer, train_set:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    trainer.announce(f"{len(train_set):,} train / {len(eval_set):,} eval images", cfg.optim.base_lr(),
-                     f", layer decay {cfg.optim.layer_decay:g}")
+    trainer.announce(
+        f"{len(train_set):,} train / {len(eval_set):,} eval images",
+        cfg.optim.base_lr(),
+        f", layer decay {cfg.optim.layer_decay:g}",
+    )
     model.train()
     return trainer.fit(step)

@@ -29,25 +29,32 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ldae_cli.settings.training import PCA_DIM, PretrainConfig
+from ldae_cli.data.pipeline import ImageDataset
 from ldae_cli.model.objective_base import Objective
 from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
-from ldae_cli.data.pipeline import ImageDataset
 from ldae_cli.runs.distributed import amp_dtype, no_sync
+from ldae_cli.settings.optim import make_adamw, make_ema, plan_steps
+from ldae_cli.settings.training import PCA_DIM, PretrainConfig
 from ldae_cli.train.hooks import Curve, Curves, Description, LogLine, Pictures
+from ldae_cli.train.online_probe import OnlineProbe
+from ldae_cli.train.session import Session
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
-from ldae_cli.train.online_probe import OnlineProbe
-from ldae_cli.settings.optim import make_adamw, make_ema, plan_steps
-from ldae_cli.train.session import Session
-
 
 RESUMABLE = ("optim.micro_batch", "online_probe.")
 
 
-def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: list[tuple[torch.Tensor, torch.Tensor]], draw: tuple[torch.Tensor, ...],
-                   rank_offset: int, per_rank: int, clip_grad: float | None, ddp: bool) -> tuple[torch.Tensor, int]:
+def optimizer_step(
+    runner: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    draw: tuple[torch.Tensor, ...],
+    rank_offset: int,
+    per_rank: int,
+    clip_grad: float | None,
+    ddp: bool,
+) -> tuple[torch.Tensor, int]:
     """One optimizer step over this rank's micro-batches (on the device); returns (sum of losses, count).
 
     Micro-batch k takes the rows [rank_offset + k*m, ...) of the global batch's draw (the objective's `draw`);
@@ -71,9 +78,15 @@ def optimizer_step(runner: nn.Module, model: nn.Module, optimizer: torch.optim.O
     return loss_sum, count
 
 
-def train(session: Session[PretrainConfig], objective: Objective, dataset: ImageDataset,
-          describe: Callable[[], tuple[dict, dict]], parents: list[dict], online: OnlineProbe | None = None,
-          pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None) -> bool:
+def train(
+    session: Session[PretrainConfig],
+    objective: Objective,
+    dataset: ImageDataset,
+    describe: Callable[[], tuple[dict, dict]],
+    parents: list[dict],
+    online: OnlineProbe | None = None,
+    pictures: Callable[[Trainer], dict[str, torch.Tensor]] | None = None,
+) -> bool:
     """Pretrain `objective.net` (and the objective's own modules) on `dataset` with the run's optim settings (and
     the online probe, when given); True when the run reached its last step."""
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
@@ -82,10 +95,16 @@ def train(session: Session[PretrainConfig], objective: Objective, dataset: Image
     objective.to(device)
     objective.denoiser.amp_dtype = amp_dtype(cfg.run.precision, device)
     optimizer = make_adamw(objective.param_groups(cfg.optim.weight_decay), cfg.optim, device)
-    state = TrainState({"model": model, **objective.saved_modules()}, {"optim": optimizer},
-                       make_ema(model, cfg.optim.ema), parents)
-    hooks = [LogLine(), Curves(Curve("loss.png", ("loss",), "pretrain loss")), Description(describe),
-             *([online] if online is not None else []), *([Pictures(pictures)] if pictures is not None else [])]
+    state = TrainState(
+        {"model": model, **objective.saved_modules()}, {"optim": optimizer}, make_ema(model, cfg.optim.ema), parents
+    )
+    hooks = [
+        LogLine(),
+        Curves(Curve("loss.png", ("loss",), "pretrain loss")),
+        Description(describe),
+        *([online] if online is not None else []),
+        *([Pictures(pictures)] if pictures is not None else []),
+    ]
     trainer = Trainer(session, plan, state, hooks)
     runner = trainer.wrap(objective)
     stream = trainer.stream(dataset, cfg.data)
@@ -94,8 +113,9 @@ def train(session: Session[PretrainConfig], objective: Objective, dataset: Image
     def step(index: int) -> None:
         draw = objective.draw(cfg.run.seed, index, cfg.optim.batch_size, device)
         batches = [(b.images, b.labels) for b in micro_batches(stream, plan.accum, device)]
-        loss_sum, count = optimizer_step(runner, model, optimizer, batches, draw, ctx.rank * per_rank, per_rank,
-                                         cfg.optim.clip_grad, ctx.enabled)
+        loss_sum, count = optimizer_step(
+            runner, model, optimizer, batches, draw, ctx.rank * per_rank, per_rank, cfg.optim.clip_grad, ctx.enabled
+        )
         objective.after_step(index, plan.total_steps)  # before the Trainer's EMA and checkpoint
         trainer.meter.add("loss", loss_sum, count)
 
@@ -106,10 +126,11 @@ def train(session: Session[PretrainConfig], objective: Objective, dataset: Image
 
 def stand_in(tc: TokenizerConfig) -> PCATokenizer:
     """A PCA tokenizer of the configured shape, to time steps with before the real one is fitted."""
-    full = tc.patch ** 2 * 3
+    full = tc.patch**2 * 3
     basis = torch.linalg.qr(torch.randn(full, full, generator=torch.Generator().manual_seed(0)))[0]
-    return PCATokenizer(torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or PCA_DIM, tc.latent_scale,
-                        tc.scale_dim)
+    return PCATokenizer(
+        torch.zeros(full), basis, torch.ones(full), tc.patch, tc.dim or PCA_DIM, tc.latent_scale, tc.scale_dim
+    )
 
 
 def synthetic_step(cfg: PretrainConfig, objective: Objective, batch: int, device) -> Callable[[], None]:
@@ -126,4 +147,5 @@ def synthetic_step(cfg: PretrainConfig, objective: Objective, batch: int, device
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         objective.after_step(0, 1)
+
     return step

@@ -20,18 +20,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ldae_cli.settings.training import LossConfig, TrainTokenizerConfig
-from ldae_cli.model.autoencoders import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
 from ldae_cli.data.pipeline import ImageDataset, to_unit_range
+from ldae_cli.errors import LdaeError
+from ldae_cli.model.autoencoders import Autoencoder, PatchDiscriminator, PerceptualLoss, hinge_d_loss
 from ldae_cli.runs.distributed import DistContext, amp_dtype
+from ldae_cli.seeds import step_generator
+from ldae_cli.settings.optim import make_adamw, plan_steps
+from ldae_cli.settings.training import LossConfig, TrainTokenizerConfig
 from ldae_cli.train.hooks import Curve, Curves, Description, LogLine
+from ldae_cli.train.session import Session
 from ldae_cli.train.train_state import TrainState
 from ldae_cli.train.trainer import Trainer, micro_batches
-from ldae_cli.errors import LdaeError
-from ldae_cli.settings.optim import make_adamw, plan_steps
-from ldae_cli.seeds import step_generator
-from ldae_cli.train.session import Session
-
 
 RESUMABLE = ("optim.micro_batch",)
 
@@ -42,8 +41,9 @@ class TokenizerObjective(nn.Module):
     def __init__(self, net: Autoencoder, cfg: LossConfig):
         super().__init__()
         if cfg.kl_weight > 0 and not net.variational:
-            raise LdaeError(f"tokenizer.kind '{net.spec['kind']}' has no KL term: set loss.kl_weight=0 "
-                            "(or use a VAE kind)")
+            raise LdaeError(
+                f"tokenizer.kind '{net.spec['kind']}' has no KL term: set loss.kl_weight=0 (or use a VAE kind)"
+            )
         self.net, self.cfg = net, cfg
         self.perceptual: PerceptualLoss | None = None
         if cfg.perceptual_weight > 0:
@@ -58,8 +58,9 @@ class TokenizerObjective(nn.Module):
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
 
-    def generator_loss(self, images: torch.Tensor, noise: torch.Tensor, step: int
-                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def generator_loss(
+        self, images: torch.Tensor, noise: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """(loss, per-term values, detached reconstruction) for one micro-batch."""
         cfg = self.cfg
         with self._autocast(images.device):
@@ -118,19 +119,25 @@ def average_gradients(params: list[nn.Parameter], ctx: DistContext) -> None:
     flat /= ctx.world
     offset = 0
     for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def draw_posterior_noise(net: Autoencoder, seed: int, step: int, batch: int, grid: tuple[int, int],
-                         device: torch.device) -> torch.Tensor:
+def draw_posterior_noise(
+    net: Autoencoder, seed: int, step: int, batch: int, grid: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """The global batch's posterior samples, keyed by (seed, step) so resumes and rank counts agree."""
     gen = step_generator(seed, step, device)
     return torch.randn((batch, grid[0] * grid[1], net.token_dim), generator=gen, device=device)
 
 
-def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective, dataset: ImageDataset,
-          finalize: Callable[[Autoencoder], tuple[dict[str, torch.Tensor], dict]], description: dict) -> bool:
+def train(
+    session: Session[TrainTokenizerConfig],
+    objective: TokenizerObjective,
+    dataset: ImageDataset,
+    finalize: Callable[[Autoencoder], tuple[dict[str, torch.Tensor], dict]],
+    description: dict,
+) -> bool:
     """Train the autoencoder (and its discriminator); `finalize(net)` runs once on the main rank after the last
     step and adds its (tensors, extra) to the final checkpoint. True when the run reached its last step."""
     cfg, ctx, device = session.cfg, session.ctx, session.ctx.device
@@ -158,10 +165,18 @@ def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective,
             final.extend(finalize(net))
         return dict(final[0]), {**description, **final[1]}
 
-    hooks = [LogLine(("loss", "mse", "lr")), Curves(Curve("loss.png", ("loss", "mse"), "train-tokenizer")),
-             Description(describe)]
-    trainer = Trainer(session, plan, TrainState({"net": net, "disc": disc}, optimizers), hooks,
-                      losses=("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"))
+    hooks = [
+        LogLine(("loss", "mse", "lr")),
+        Curves(Curve("loss.png", ("loss", "mse"), "train-tokenizer")),
+        Description(describe),
+    ]
+    trainer = Trainer(
+        session,
+        plan,
+        TrainState({"net": net, "disc": disc}, optimizers),
+        hooks,
+        losses=("loss", "mse", "kl", "perceptual", "g", "d_weight", "d_loss"),
+    )
     stream = trainer.stream(dataset, cfg.data)
     per_rank = cfg.optim.batch_size // ctx.world
 
@@ -183,8 +198,9 @@ def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective,
                 terms["d_loss"] = d_loss.detach()
             for name, value in terms.items():  # each term averaged over the micro-batches that computed it
                 trainer.meter.add(name, value.double())
-        stepped = [(net, optimizers["optim"])] + ([(disc, optimizers["optim_disc"])]
-                                                  if adversarial and disc is not None else [])
+        stepped = [(net, optimizers["optim"])] + (
+            [(disc, optimizers["optim_disc"])] if adversarial and disc is not None else []
+        )
         for module, optimizer in stepped:
             params = list(module.parameters())
             average_gradients(params, ctx)
@@ -193,9 +209,11 @@ def train(session: Session[TrainTokenizerConfig], objective: TokenizerObjective,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    trainer.announce(f"{net.spec['kind']} p={net.patch} d={net.token_dim}, "
-                     f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(dataset):,} images",
-                     cfg.optim.base_lr())
+    trainer.announce(
+        f"{net.spec['kind']} p={net.patch} d={net.token_dim}, "
+        f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params; {len(dataset):,} images",
+        cfg.optim.base_lr(),
+    )
     objective.train()
     with compile_settings:
         return trainer.fit(step)

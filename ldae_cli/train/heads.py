@@ -18,9 +18,9 @@ from timm.optim import Lars
 from torch import nn
 
 from ldae_cli.data.pipeline import BadImageCounter, ImageDataset, make_loader
+from ldae_cli.model.pretrained import FeatureEncoder
 from ldae_cli.runs.distributed import DistContext, all_gather_cat
 from ldae_cli.runs.logs import progress_bar
-from ldae_cli.model.pretrained import FeatureEncoder
 from ldae_cli.seeds import feature_seed
 
 
@@ -92,27 +92,36 @@ def head_step(heads: ProbeHeads, optimizer: Lars, features: torch.Tensor, labels
 
 
 @torch.no_grad()
-def evaluate(heads: ProbeHeads, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
-             ) -> dict[int, torch.Tensor]:
+def evaluate(
+    heads: ProbeHeads, features: torch.Tensor, labels: torch.Tensor, batch: int = 4096
+) -> dict[int, torch.Tensor]:
     heads.eval()
-    logits = torch.cat([heads(features[i:i + batch]) for i in range(0, len(features), batch)], dim=1)
+    logits = torch.cat([heads(features[i : i + batch]) for i in range(0, len(features), batch)], dim=1)
     return topk_accuracy(logits, labels)
 
 
 @torch.no_grad()
-def knn_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None, chunk: int = 1024) -> float:
+def knn_accuracy(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> float:
     """Weighted k-NN on cosine similarity (votes exp(sim / T), as in DINO's evaluation), top-1 percent."""
     num_classes = num_classes or int(train_labels.max()) + 1
     train = F.normalize(train.float(), dim=1)
     correct = 0
     k = min(k, len(train))
     for i in range(0, len(test), chunk):
-        sims = F.normalize(test[i:i + chunk].float(), dim=1) @ train.T
+        sims = F.normalize(test[i : i + chunk].float(), dim=1) @ train.T
         top_sim, top_idx = sims.topk(k, dim=1)
         votes = torch.zeros(len(top_sim), num_classes, device=sims.device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += int((votes.argmax(1) == test_labels[i:i + chunk]).sum())
+        correct += int((votes.argmax(1) == test_labels[i : i + chunk]).sum())
     return 100.0 * correct / max(1, len(test))
 
 
@@ -121,9 +130,17 @@ def steps_for(n: int, batch: int, epochs: float) -> int:
 
 
 @torch.no_grad()
-def extract(encoder: FeatureEncoder, dataset: ImageDataset, ctx: DistContext, label: str, batch: int = 256,
-            seed: int = 0, num_workers: int = 0, on_bad_image: str = "error", progress: bool = True
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract(
+    encoder: FeatureEncoder,
+    dataset: ImageDataset,
+    ctx: DistContext,
+    label: str,
+    batch: int = 256,
+    seed: int = 0,
+    num_workers: int = 0,
+    on_bad_image: str = "error",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of every image (center crops), each rank a contiguous shard, gathered on all ranks."""
     device = ctx.device
     n = len(dataset)

@@ -15,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ldae_cli.runs.logs import PlainProgress, clock, console, read_metrics
 from ldae_cli.data.plots import save_curves
+from ldae_cli.runs.logs import PlainProgress, clock, console, read_metrics
 from ldae_cli.train.trainer import Hook, Trainer
 
 
@@ -38,14 +38,19 @@ class LogLine(Hook):
 
     @staticmethod
     def line(trainer, r: dict) -> str:
-        terms = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if isinstance(v, float)
-                          and k not in ("epoch", "img_per_s", "time_s", "data_wait"))
+        terms = "  ".join(
+            f"{k} {v:.4g}"
+            for k, v in r.items()
+            if isinstance(v, float) and k not in ("epoch", "img_per_s", "time_s", "data_wait")
+        )
         rate = trainer.rate if trainer.rate == trainer.rate and trainer.rate > 0 else None
         eta = clock((trainer.total_steps - trainer.step) * trainer.plan.batch_size / rate) if rate else "?"
         wait = f"  data wait {100 * r['data_wait']:.0f}%" if r.get("data_wait") is not None else ""
         speed = f"{rate:,.0f} img/s" if rate else "-- img/s"
-        return (f"{trainer.session.command} step {trainer.step:,}/{trainer.total_steps:,} ep {trainer.epoch:.2f}  "
-                f"{terms}  {speed}{wait}  eta {eta}")
+        return (
+            f"{trainer.session.command} step {trainer.step:,}/{trainer.total_steps:,} ep {trainer.epoch:.2f}  "
+            f"{terms}  {speed}{wait}  eta {eta}"
+        )
 
 
 @dataclass
@@ -68,8 +73,14 @@ class Curves(Hook):
     def after_save(self, trainer) -> None:
         records = read_metrics(trainer.metrics.path)
         for curve in self.curves:
-            save_curves(records, trainer.session.output(curve.file), curve.keys, x=curve.x,
-                        title=f"{curve.title} ({trainer.path.parent.name})", log_y=curve.log_y)
+            save_curves(
+                records,
+                trainer.session.output(curve.file),
+                curve.keys,
+                x=curve.x,
+                title=f"{curve.title} ({trainer.path.parent.name})",
+                log_y=curve.log_y,
+            )
 
 
 class Pictures(Hook):
@@ -102,8 +113,12 @@ class Evaluation(Hook):
 
     owns = ("eval",)
 
-    def __init__(self, evaluate: Callable[[int], dict], every: Callable[[int], bool] = lambda step: False,
-                 summary: Callable[[], str | None] = lambda: None):
+    def __init__(
+        self,
+        evaluate: Callable[[int], dict],
+        every: Callable[[int], bool] = lambda step: False,
+        summary: Callable[[], str | None] = lambda: None,
+    ):
         self.evaluate, self.every, self.summary = evaluate, every, summary
         self.eval: dict | None = None  # the latest result
 

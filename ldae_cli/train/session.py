@@ -18,20 +18,35 @@ from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar
 
 import yaml
 
-from ldae_cli.settings.training import RunConfig
+from ldae_cli.config import dump_yaml, load_config, to_dict
+from ldae_cli.data.discovery import detect, settle_data
+from ldae_cli.data.pipeline import DataConfig, resolve_image_size
+from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.runs import rundir
 from ldae_cli.runs.checkpoint import Checkpoint, load_checkpoint, sha256_file, stored_config
-from ldae_cli.config import dump_yaml, load_config, to_dict
-from ldae_cli.data.pipeline import DataConfig, resolve_image_size
-from ldae_cli.data.discovery import detect, settle_data
 from ldae_cli.runs.distributed import DistContext, init, shutdown
-from ldae_cli.errors import Finished, LdaeError
 from ldae_cli.runs.logs import console, note_kept
 from ldae_cli.runs.rundir import CHECKPOINT
+from ldae_cli.settings.training import RunConfig
+
 # keys a resumed run may change: where things are and how they are run, not what is computed; stages add theirs
-RESUMABLE = ("data.path", "data.num_workers", "data.cache", "data.verify", "data.on_bad_image", "run.device", "run.compile",
-             "run.log_every", "run.save_every", "run.time_limit_minutes", "run.stop_after_steps", "run.progress",
-             "run.out_dir", "run.tensorboard", "run.wandb")
+RESUMABLE = (
+    "data.path",
+    "data.num_workers",
+    "data.cache",
+    "data.verify",
+    "data.on_bad_image",
+    "run.device",
+    "run.compile",
+    "run.log_every",
+    "run.save_every",
+    "run.time_limit_minutes",
+    "run.stop_after_steps",
+    "run.progress",
+    "run.out_dir",
+    "run.tensorboard",
+    "run.wandb",
+)
 
 
 def resume_path(resume: str) -> Path:
@@ -47,12 +62,15 @@ def resume_path(resume: str) -> Path:
 def resume_base(stored: dict) -> dict:
     """The stored config to continue from, minus the limits of the interrupted invocation (give them again) and
     its directory (a resumed run writes where its checkpoint is now, wherever the stored config says it was)."""
-    return {**stored, "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None,
-                              "out_dir": None}}
+    return {
+        **stored,
+        "run": {**stored.get("run", {}), "stop_after_steps": None, "time_limit_minutes": None, "out_dir": None},
+    }
 
 
 def config_differences(stored: dict, current: dict, allowed: tuple[str, ...]) -> list[str]:
     """`key: stored -> current` for each key that differs and is not in `allowed` (dotted prefixes)."""
+
     def flat(d, prefix=""):
         out: dict[str, Any] = {}
         for k, v in d.items():
@@ -61,30 +79,44 @@ def config_differences(stored: dict, current: dict, allowed: tuple[str, ...]) ->
         return out
 
     a, b = flat(stored), flat(current)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(allowed)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not k.startswith(allowed)
+    ]
 
 
 def check_resume_config(stored: dict, current: dict, allowed: tuple[str, ...]) -> None:
     """A resumed run must continue the same recipe; only keys in `allowed` (paths, devices, logging) may change."""
     changed = config_differences(stored, current, allowed)
     if changed:
-        raise LdaeError(f"--resume continues the stored run, but the config differs ({', '.join(changed[:4])}); resume "
-                        f"without changing the recipe (only {', '.join(allowed)} may change) or start a new run "
-                        "directory")
+        raise LdaeError(
+            f"--resume continues the stored run, but the config differs ({', '.join(changed[:4])}); resume "
+            f"without changing the recipe (only {', '.join(allowed)} may change) or start a new run "
+            "directory"
+        )
 
 
-def load_run_config(cls: type, kind: str, config: str | None, overrides: list[str], flags: dict[str, Any],
-                    resume: str | None, resumable: tuple[str, ...] = (), cont: bool = False,
-                    base: dict | None = None, adjust: Callable[[Any], None] | None = None
-                    ) -> tuple[Any, Checkpoint | None]:
+def load_run_config(
+    cls: type,
+    kind: str,
+    config: str | None,
+    overrides: list[str],
+    flags: dict[str, Any],
+    resume: str | None,
+    resumable: tuple[str, ...] = (),
+    cont: bool = False,
+    base: dict | None = None,
+    adjust: Callable[[Any], None] | None = None,
+) -> tuple[Any, Checkpoint | None]:
     """The config to run and, with --resume, the run's checkpoint: its stored recipe, of which only the
     RESUMABLE keys (and the stage's `resumable` ones) may change. With --continue (`cont`), the config of the
     command line, and the checkpoint in its --out when there is one, which must hold that same recipe. A new run's
     config: defaults < `base` (e.g. the checkpoint a probe reads) < config file < flags < --set, its data resolved."""
     if resume is not None and cont:
-        raise LdaeError("--resume continues a run directory and --continue starts or continues the run in --out; "
-                        "give one of them")
+        raise LdaeError(
+            "--resume continues a run directory and --continue starts or continues the run in --out; give one of them"
+        )
     if resume is None:
         cfg = load_config(cls, config, overrides, flags, base=base)
         resolve_data(cfg)
@@ -139,10 +171,13 @@ def check_train_state(ck: Checkpoint) -> None:
     ck.require("step", "total_steps", "steps_per_epoch")
     step, total, per_epoch = (ck.extra[k] for k in ("step", "total_steps", "steps_per_epoch"))
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (step, total, per_epoch))
-    if not numbers or not (isinstance(step, int) and isinstance(total, int) and 0 <= step <= total and total > 0
-                           and per_epoch > 0):
-        raise LdaeError(f"{ck.path}: its train state (step {step!r} of {total!r}, {per_epoch!r} steps per epoch) is "
-                        "not a valid position in a run; the file was edited or damaged; use an earlier checkpoint")
+    if not numbers or not (
+        isinstance(step, int) and isinstance(total, int) and 0 <= step <= total and total > 0 and per_epoch > 0
+    ):
+        raise LdaeError(
+            f"{ck.path}: its train state (step {step!r} of {total!r}, {per_epoch!r} steps per epoch) is "
+            "not a valid position in a run; the file was edited or damaged; use an earlier checkpoint"
+        )
 
 
 def continued(cls: type, kind: str, cfg: Any, allowed: tuple[str, ...]) -> Checkpoint | None:
@@ -156,8 +191,10 @@ def continued(cls: type, kind: str, cfg: Any, allowed: tuple[str, ...]) -> Check
     ckpt = load_resumable(path, kind, cls)
     changed = config_differences(recipe(cls, ckpt), to_dict(cfg), allowed)
     if changed:
-        raise LdaeError(f"--continue: {path.parent} holds another run (its config differs: {', '.join(changed[:4])}); "
-                        "pick another --out for this one, or run it as it was")
+        raise LdaeError(
+            f"--continue: {path.parent} holds another run (its config differs: {', '.join(changed[:4])}); "
+            "pick another --out for this one, or run it as it was"
+        )
     same_data = ckpt.config.get("data", {}).get("path") == to_dict(cfg).get("data", {}).get("path")
     if ckpt.extra.get("finished") and same_data and not evaluation_pending(ckpt):
         raise Finished(f"{path.parent}: this run has already finished (step {ckpt.extra['step']:,}); nothing to do")
@@ -180,11 +217,14 @@ def verified_parent(ck: Checkpoint, role: str, given: str | None = None) -> str:
         raise LdaeError(f"{ck.path}: records no {role} checkpoint it was made from")
     path = given or record["path"]
     if not Path(path).is_file():
-        raise LdaeError(f"{ck.path} was made from {record['path']}, which is not there any more; give its new "
-                        f"location with --ckpt")
+        raise LdaeError(
+            f"{ck.path} was made from {record['path']}, which is not there any more; give its new location with --ckpt"
+        )
     if sha256_file(path) != record["sha256"]:
-        raise LdaeError(f"{path} is not the {role} checkpoint {ck.path} was made from (sha256 differs from the "
-                        f"recorded {record['sha256'][:12]}...); give the original with --ckpt")
+        raise LdaeError(
+            f"{path} is not the {role} checkpoint {ck.path} was made from (sha256 differs from the "
+            f"recorded {record['sha256'][:12]}...); give the original with --ckpt"
+        )
     return str(path)
 
 
@@ -202,22 +242,29 @@ def same_parent(ck: Checkpoint, option: str, given: str | None, roles: tuple[str
         return
     record = next((p for p in ck.provenance.get("parents", []) if p.get("role") in roles), None)
     if record is None:
-        raise LdaeError(f"{ck.path.parent} holds a run started without {option}, which continuing it does not read; "
-                        f"leave out {option} {given}")
+        raise LdaeError(
+            f"{ck.path.parent} holds a run started without {option}, which continuing it does not read; "
+            f"leave out {option} {given}"
+        )
     if not Path(given).is_file() or sha256_file(given) != record["sha256"]:
-        raise LdaeError(f"{ck.path.parent} holds a run started from {record['path']}, not from {option} {given} "
-                        f"(sha256 differs); continuing it reads its own checkpoint: leave out {option}")
+        raise LdaeError(
+            f"{ck.path.parent} holds a run started from {record['path']}, not from {option} {given} "
+            f"(sha256 differs); continuing it reads its own checkpoint: leave out {option}"
+        )
 
 
-def refuse_inputs_inside(command: str, kind: str, out: str | None, name: str | None,
-                         inputs: dict[str, str | None]) -> None:
+def refuse_inputs_inside(
+    command: str, kind: str, out: str | None, name: str | None, inputs: dict[str, str | None]
+) -> None:
     """The folder a new run claims (--out, else runs/<kind>/<name>) may not hold one of its `inputs` (option ->
     path): starting there with --force would remove it. Judged where the paths resolve, through any link."""
     home = rundir.resolve(command, kind, out, name, None).resolve()
     for option, given in inputs.items():
         if given and Path(given).resolve().is_relative_to(home):
-            raise LdaeError(f"{option} {given} lies in {home}, the folder this run would write (and --force would "
-                            "replace); pick another --out")
+            raise LdaeError(
+                f"{option} {given} lies in {home}, the folder this run would write (and --force would "
+                "replace); pick another --out"
+            )
 
 
 class StageConfig(Protocol):
@@ -279,6 +326,7 @@ class Session(Generic[C]):
 def same_unsaved_run(cfg: Any, allowed: tuple[str, ...]) -> Callable[[Path], bool]:
     """Whether a run directory of ours holds this same run (its resolved config equal but for `allowed` keys),
     stopped before its first checkpoint: the same command may then start it again."""
+
     def check(path: Path) -> bool:
         if (path / CHECKPOINT).exists() or not (path / rundir.CONFIG).is_file():
             return False
@@ -288,6 +336,7 @@ def same_unsaved_run(cfg: Any, allowed: tuple[str, ...]) -> Callable[[Path], boo
         except (OSError, yaml.YAMLError, LdaeError, AttributeError):
             return False
         return True
+
     return check
 
 
@@ -300,9 +349,17 @@ def kept_config(config_file: str | None, out_dir: Path) -> set[str]:
 
 
 @contextlib.contextmanager
-def session(command: str, kind: str, cfg: C, name: str | None, resume: Checkpoint | None = None,
-            force: bool = False, *, config_file: str | None = None, resumable: tuple[str, ...] = ()
-            ) -> Iterator[Session[C]]:
+def session(
+    command: str,
+    kind: str,
+    cfg: C,
+    name: str | None,
+    resume: Checkpoint | None = None,
+    force: bool = False,
+    *,
+    config_file: str | None = None,
+    resumable: tuple[str, ...] = (),
+) -> Iterator[Session[C]]:
     out_dir = rundir.resolve(command, kind, cfg.run.out_dir, name, resume.path if resume is not None else None)
     ctx = init(cfg.run.device)
     lock = rundir.RunLock(out_dir, command)
@@ -314,8 +371,14 @@ def session(command: str, kind: str, cfg: C, name: str | None, resume: Checkpoin
             out_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             if resume is None:
-                manifest = rundir.claim(out_dir, command, force, kept_config(config_file, out_dir),
-                                        same_unsaved_run(cfg, RESUMABLE + resumable), kind=kind)
+                manifest = rundir.claim(
+                    out_dir,
+                    command,
+                    force,
+                    kept_config(config_file, out_dir),
+                    same_unsaved_run(cfg, RESUMABLE + resumable),
+                    kind=kind,
+                )
             else:
                 manifest = rundir.adopt(out_dir, command)
             litter = rundir.remove_temp_files(out_dir)
@@ -324,8 +387,12 @@ def session(command: str, kind: str, cfg: C, name: str | None, resume: Checkpoin
         s = Session(command, kind, cfg, ctx, out_dir, resume, manifest)
         if ctx.is_main and (resume is None or not (out_dir / rundir.CONFIG).exists()):  # a resume keeps its start's
             rundir.write_atomically(s.output(rundir.CONFIG), dump_yaml(cfg).encode())
-        note_kept(f"the checkpoint of step {resume.extra.get('step')} in {out_dir} (continue with `ldae {command} "
-                  f"--resume {out_dir}`)" if resume is not None else None)
+        note_kept(
+            f"the checkpoint of step {resume.extra.get('step')} in {out_dir} (continue with `ldae {command} "
+            f"--resume {out_dir}`)"
+            if resume is not None
+            else None
+        )
         yield s
     except BaseException:
         if ctx.is_main and lock.held and resume is None and not (s is not None and s.training):

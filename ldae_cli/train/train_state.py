@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ldae_cli.runs.checkpoint import Checkpoint, flatten_optimizer, load_state, unflatten_optimizer
 from ldae_cli.errors import LdaeError, short
+from ldae_cli.runs.checkpoint import Checkpoint, flatten_optimizer, load_state, unflatten_optimizer
 
 
 class TrainState:
@@ -22,8 +22,14 @@ class TrainState:
              {name: its param groups and scalar state}, or null for an optimizer that has not stepped yet.
     """
 
-    def __init__(self, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer],
-                 ema=None, parents: Sequence[dict] = (), non_finite=None):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module | None],
+        optimizers: dict[str, torch.optim.Optimizer],
+        ema=None,
+        parents: Sequence[dict] = (),
+        non_finite=None,
+    ):
         self.ema = ema  # timm's ModelEmaV3 of modules["model"], or None
         self.modules = {**modules, **({"ema": ema.module} if ema is not None else {})}
         self.optimizers, self.parents, self.rule = optimizers, list(parents), non_finite
@@ -33,10 +39,20 @@ class TrainState:
         return self.rule() if self.rule is not None else self.non_finite(self.modules, self.optimizers)
 
     @staticmethod
-    def write(step: int, total: int, steps_per_epoch: float, world: int, modules: dict[str, nn.Module | None],
-              optimizers: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {f"{name}.{k}": v for name, module in modules.items() if module is not None
-                   for k, v in module.state_dict().items()}
+    def write(
+        step: int,
+        total: int,
+        steps_per_epoch: float,
+        world: int,
+        modules: dict[str, nn.Module | None],
+        optimizers: dict[str, torch.optim.Optimizer],
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {
+            f"{name}.{k}": v
+            for name, module in modules.items()
+            if module is not None
+            for k, v in module.state_dict().items()
+        }
         rests: dict[str, dict | None] = {}
         for name, optimizer in optimizers.items():
             rests[name] = None
@@ -46,18 +62,25 @@ class TrainState:
                 rest["keys"] = sorted({k for entry in optimizer.state.values() for k in entry})
                 rests[name] = rest
                 tensors.update({f"{name}.{k}": v for k, v in flat.items()})
-        extra = {"step": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-                 "epoch": step / steps_per_epoch, "finished": step >= total, "world_size": world,
-                 "optimizers": rests}
+        extra = {
+            "step": step,
+            "total_steps": total,
+            "steps_per_epoch": steps_per_epoch,
+            "epoch": step / steps_per_epoch,
+            "finished": step >= total,
+            "world_size": world,
+            "optimizers": rests,
+        }
         return tensors, extra
 
     @staticmethod
-    def read(ck: Checkpoint, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]
-             ) -> int:
+    def read(ck: Checkpoint, modules: dict[str, nn.Module | None], optimizers: dict[str, torch.optim.Optimizer]) -> int:
         """Load the modules and optimizers of a resumed run; returns the step to continue from."""
         if "optimizers" not in ck.extra:
-            raise LdaeError(f"{ck.path}: holds no train state to resume (written by an earlier ldae, or not by a "
-                            "training run); start a new run from it instead")
+            raise LdaeError(
+                f"{ck.path}: holds no train state to resume (written by an earlier ldae, or not by a "
+                "training run); start a new run from it instead"
+            )
         for name, module in modules.items():
             if module is not None:
                 load_state(module, ck.section(name), f"{ck.path} ({name})")
@@ -69,8 +92,10 @@ class TrainState:
                     _check_state_keys(state, rest)
                     _load_optimizer(optimizer, state)
                 except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
-                    raise LdaeError(f"{ck.path}: its {name} optimizer state does not fit this run's parameters "
-                                    f"({short(exc)}); the file is damaged or was edited") from None
+                    raise LdaeError(
+                        f"{ck.path}: its {name} optimizer state does not fit this run's parameters "
+                        f"({short(exc)}); the file is damaged or was edited"
+                    ) from None
         return ck.extra["step"]
 
     @staticmethod
@@ -78,7 +103,7 @@ class TrainState:
         """The first weight or optimizer-state tensor holding a NaN or an infinity, by name; None when all are
         finite (what a checkpoint must be to be kept)."""
         for name, module in modules.items():
-            for key, value in (module.state_dict().items() if module is not None else ()):
+            for key, value in module.state_dict().items() if module is not None else ():
                 if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     return f"{name}.{key}"
         for name, optimizer in optimizers.items():

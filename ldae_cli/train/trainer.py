@@ -25,10 +25,10 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ldae_cli.runs.checkpoint import save_checkpoint
-from ldae_cli.data.pipeline import Batch, BadImageCounter, ImageDataset, decode_batch, make_loader
-from ldae_cli.runs.distributed import PREEMPTIBLE, all_reduce_sum, barrier, ddp_wrap
+from ldae_cli.data.pipeline import BadImageCounter, Batch, ImageDataset, decode_batch, make_loader
 from ldae_cli.errors import Interrupted, LdaeError
+from ldae_cli.runs.checkpoint import save_checkpoint
+from ldae_cli.runs.distributed import PREEMPTIBLE, all_reduce_sum, barrier, ddp_wrap
 from ldae_cli.runs.logs import Board, MetricsLog, console, note_kept, progress_bar
 from ldae_cli.settings.optim import StepPlan, set_lr
 from ldae_cli.train.session import Session
@@ -42,12 +42,21 @@ class ImageStream:
     """This rank's micro-batches from the restored step on, in the plan's seeded order; unreadable images are
     raised or skipped and counted (data.on_bad_image)."""
 
-    def __init__(self, dataset: ImageDataset, plan: StepPlan, start: int, num_workers: int, on_bad_image: str,
-                 device: torch.device, sampler=None):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        plan: StepPlan,
+        start: int,
+        num_workers: int,
+        on_bad_image: str,
+        device: torch.device,
+        sampler=None,
+    ):
         assert plan.batches is not None  # a plan of seeded steps (a stream's, not cached features')
         plan.batches.start_step, plan.batches.total_steps = start, plan.total_steps
-        self._batches = iter(make_loader(dataset, sampler or plan.batches, num_workers,
-                                         pin_memory=device.type == "cuda"))
+        self._batches = iter(
+            make_loader(dataset, sampler or plan.batches, num_workers, pin_memory=device.type == "cuda")
+        )
         self._bad = BadImageCounter(on_bad_image)
         self._dropped = dataset.skipped  # left out when the dataset was cached
         self._decode = (dataset.size, device) if dataset.encoded else None
@@ -108,17 +117,24 @@ class Hook:
 class Trainer:
     """One training run: see the module docstring. Typical use, in an `engine_<stage>` module:
 
-        state = TrainState({"model": model}, {"optim": optimizer}, ema=make_ema(model, cfg.optim.ema))
-        trainer = Trainer(session, plan, state, [LogLine(), Curves(Curve("loss.png", ("loss",), "loss"))])
-        stream = trainer.stream(dataset, cfg.data)
-        def step(step: int) -> dict:
-            ...forward / backward / optimizer.step() on stream.next() batches...
-            trainer.meter.add("loss", loss_sum, count)
-        trainer.fit(step)
+    state = TrainState({"model": model}, {"optim": optimizer}, ema=make_ema(model, cfg.optim.ema))
+    trainer = Trainer(session, plan, state, [LogLine(), Curves(Curve("loss.png", ("loss",), "loss"))])
+    stream = trainer.stream(dataset, cfg.data)
+    def step(step: int) -> dict:
+        ...forward / backward / optimizer.step() on stream.next() batches...
+        trainer.meter.add("loss", loss_sum, count)
+    trainer.fit(step)
     """
 
-    def __init__(self, session: Session, plan: StepPlan, state: TrainState, hooks: list[Hook] | tuple[Hook, ...] = (),
-                 losses: tuple[str, ...] = ("loss",), hint: str = DIVERGED_HINT):
+    def __init__(
+        self,
+        session: Session,
+        plan: StepPlan,
+        state: TrainState,
+        hooks: list[Hook] | tuple[Hook, ...] = (),
+        losses: tuple[str, ...] = ("loss",),
+        hint: str = DIVERGED_HINT,
+    ):
         self.session, self.plan, self.ctx, self.run = session, plan, session.ctx, session.run
         self.path = session.checkpoint
         self.state, self.ema, self.modules, self.optimizers = state, state.ema, state.modules, state.optimizers
@@ -135,11 +151,12 @@ class Trainer:
                 console.print(f"resuming {session.resume.path} at step {self.step:,} of {self.total_steps:,}")
         self.start_step = self.last_saved = self.logged = self.step
         resumed_at = self.step if session.resume is not None else None
-        tb, wb = (session.output(name) if wanted else None
-                  for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb)))
+        tb, wb = (
+            session.output(name) if wanted else None
+            for name, wanted in (("tensorboard", self.run.tensorboard), ("wandb", self.run.wandb))
+        )
         layout = {category: charts for hook in self.hooks for category, charts in hook.layout.items()}
-        self.board = Board(tb, wb, resumed_at, session.config, layout) \
-            if self.ctx.is_main and (tb or wb) else None
+        self.board = Board(tb, wb, resumed_at, session.config, layout) if self.ctx.is_main and (tb or wb) else None
         self.metrics = MetricsLog(session.output("metrics.jsonl"), self.ctx.is_main, resumed_at, self.board)
         self._stream: ImageStream | None = None
         self.data_identity: str | None = None
@@ -170,20 +187,25 @@ class Trainer:
         self.data_identity = dataset.source.identity()
         resume = self.session.resume
         if resume is not None and resume.extra.get("data_identity") not in (None, self.data_identity):
-            raise LdaeError(f"--resume: the training data ({data_cfg.path or data_cfg.source}) is not the data "
-                            f"{resume.path} trained on (its files, sizes or labels differ); resume with "
-                            "the original data (the same files may have moved) or start a new run")
-        self._stream = ImageStream(dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image,
-                                   self.device, sampler=sampler)
+            raise LdaeError(
+                f"--resume: the training data ({data_cfg.path or data_cfg.source}) is not the data "
+                f"{resume.path} trained on (its files, sizes or labels differ); resume with "
+                "the original data (the same files may have moved) or start a new run"
+            )
+        self._stream = ImageStream(
+            dataset, self.plan, self.step, data_cfg.num_workers, data_cfg.on_bad_image, self.device, sampler=sampler
+        )
         return self._stream
 
     def announce(self, what: str, lr: float, details: str = "") -> None:
         """The run's banner: what trains on what, the batch split over ranks and micro-batches, steps, lr."""
         if self.ctx.is_main:
             p = self.plan
-            console.print(f"{self.session.command}: {what}, batch {p.batch_size} ({self.ctx.world} rank(s) x "
-                          f"{p.accum} x {p.micro}), {p.total_steps:,} steps ({p.total_steps / p.steps_per_epoch:g} "
-                          f"epochs), lr {lr:.3g}{details}, device {self.device}")
+            console.print(
+                f"{self.session.command}: {what}, batch {p.batch_size} ({self.ctx.world} rank(s) x "
+                f"{p.accum} x {p.micro}), {p.total_steps:,} steps ({p.total_steps / p.steps_per_epoch:g} "
+                f"epochs), lr {lr:.3g}{details}, device {self.device}"
+            )
 
     # --- the run -----------------------------------------------------------------------------
 
@@ -207,12 +229,18 @@ class Trainer:
                 console.print("this run has already finished; nothing to do")
             return True
         self.session.training = True  # from here a failure keeps what the run wrote (metrics show what happened)
-        with StopSignal(self.run.time_limit_minutes) as stop, \
-                progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar:
+        with (
+            StopSignal(self.run.time_limit_minutes) as stop,
+            progress_bar("img", self.run.progress and self.ctx.is_main, line_every=None) as bar,
+        ):
             self.progress = bar
             self._wait_mark = (time.perf_counter(), 0.0, False)
-            task = self.bar_task = bar.add_task(self.session.command, total=self.total_steps * self.plan.batch_size,
-                                                completed=self.step * self.plan.batch_size, info="")
+            task = self.bar_task = bar.add_task(
+                self.session.command,
+                total=self.total_steps * self.plan.batch_size,
+                completed=self.step * self.plan.batch_size,
+                info="",
+            )
             while self.step < self.total_steps:
                 values = self._step(step_fn)
                 bar.update(task, advance=self.plan.batch_size)
@@ -222,8 +250,9 @@ class Trainer:
                 if stopping and self.step < self.total_steps:
                     return self._stopped(stop.reason)
         if self.ctx.is_main:
-            console.print(f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote "
-                          f"{self.path}")
+            console.print(
+                f"finished {self.total_steps:,} steps in {time.time() - self._started:.0f}s; wrote {self.path}"
+            )
         return True
 
     def _step(self, step_fn: Callable[[int], dict | None]) -> dict:
@@ -245,8 +274,11 @@ class Trainer:
         of it is a multiple of its period (or the last step, or a hook's), so a run stopped and resumed logs and
         saves at the same steps as one that never stopped; a stop saves without a log line (the meter's sums go
         into the checkpoint instead)."""
-        due_save = (self.step % self.run.save_every == 0 or self.step == self.total_steps
-                    or any(hook.wants_save(self) for hook in self.hooks))
+        due_save = (
+            self.step % self.run.save_every == 0
+            or self.step == self.total_steps
+            or any(hook.wants_save(self) for hook in self.hooks)
+        )
         if self.step % self.run.log_every == 0 or due_save:
             self.log(values)
         due_save = due_save or stopping
@@ -262,9 +294,11 @@ class Trainer:
     def _stopped(self, reason: str) -> bool:
         """A stop before the last step, its checkpoint written: a signal ends the process (exit 130 / 143) with one
         line, a limit of the config (stop_after_steps, time limit) returns False."""
-        line = (f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step "
-                f"{self.step:,} in {self.path.parent} is kept. Continue with `ldae {self.session.command} --resume "
-                f"{self.path.parent}`")
+        line = (
+            f"stopped at step {self.step:,} ({reason or 'stop_after_steps'}); the checkpoint of step "
+            f"{self.step:,} in {self.path.parent} is kept. Continue with `ldae {self.session.command} --resume "
+            f"{self.path.parent}`"
+        )
         if reason in ("SIGINT", "SIGTERM", "SIGUSR2"):
             raise Interrupted(line, 130 if reason == "SIGINT" else 143, reason)
         if self.ctx.is_main:
@@ -277,14 +311,20 @@ class Trainer:
         means = self.meter.take(self.ctx)
         first = means.get(self.meter.names[0], 0.0)
         if not math.isfinite(first):
-            raise LdaeError(f"loss became {first} between steps {self.logged} and {self.step}; {self.kept()}. "
-                            f"{self.hint}")
+            raise LdaeError(
+                f"loss became {first} between steps {self.logged} and {self.step}; {self.kept()}. {self.hint}"
+            )
         if self._stream is not None:
             values = {**values, "skipped_images": self._stream.skipped, "data_wait": self._data_wait(self._stream)}
         self.logged = self.step
-        record = {"step": self.step, "epoch": round(self.epoch, 4), **means, **values,
-                  "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
-                  "time_s": round(time.time() - self._started, 1)}
+        record = {
+            "step": self.step,
+            "epoch": round(self.epoch, 4),
+            **means,
+            **values,
+            "img_per_s": round(self.rate, 1) if self.rate == self.rate else None,
+            "time_s": round(time.time() - self._started, 1),
+        }
         self.metrics.write(record)
         if self.ctx.is_main:
             for hook in self.hooks:
@@ -299,9 +339,11 @@ class Trainer:
             share = round((waited - self._wait_mark[1]) / span, 3)
         if share is not None and share > 0.1 and self._wait_mark[2] and not self._warned_wait and self.ctx.is_main:
             self._warned_wait = True
-            console.print(f"[yellow]warning:[/yellow] the loop waits for data {100 * share:.0f}% of the time: prepare "
-                          "the dataset once (`ldae prepare-data`), add data.num_workers, or decode on the GPU "
-                          "(data.decode=gpu)")
+            console.print(
+                f"[yellow]warning:[/yellow] the loop waits for data {100 * share:.0f}% of the time: prepare "
+                "the dataset once (`ldae prepare-data`), add data.num_workers, or decode on the GPU "
+                "(data.decode=gpu)"
+            )
         self._wait_mark = (now, waited, True)
         return share
 
@@ -320,14 +362,24 @@ class Trainer:
             raise LdaeError(f"{bad} became non-finite by step {self.step}; {self.kept()}. {self.hint}")
         meter = self.meter.state(self.ctx)  # the sums since the last log line (every rank's), for an exact resume
         if not bool(torch.isfinite(meter).all()):
-            raise LdaeError(f"loss became non-finite between steps {self.logged} and {self.step}; {self.kept()}. "
-                            f"{self.hint}")
+            raise LdaeError(
+                f"loss became non-finite between steps {self.logged} and {self.step}; {self.kept()}. {self.hint}"
+            )
         if self.ctx.is_main:
             writers = [(type(hook).__name__, *hook.checkpoint(self)) for hook in self.hooks]  # description, evaluations
-            writers += [("TrainState", *TrainState.write(self.step, self.total_steps, self.steps_per_epoch,
-                                                         self.ctx.world, self.modules, self.optimizers)),
-                        ("Trainer", {"meter.sums": meter}, {"data_identity": self.data_identity} if self.data_identity
-                         is not None else {})]
+            writers += [
+                (
+                    "TrainState",
+                    *TrainState.write(
+                        self.step, self.total_steps, self.steps_per_epoch, self.ctx.world, self.modules, self.optimizers
+                    ),
+                ),
+                (
+                    "Trainer",
+                    {"meter.sums": meter},
+                    {"data_identity": self.data_identity} if self.data_identity is not None else {},
+                ),
+            ]
             tensors = merged([(name, entries) for name, entries, _ in writers])
             extra = merged([(name, entries) for name, _, entries in writers])
             save_checkpoint(self.path, self.session.kind, tensors, self.session.config, self.state.parents, extra)
@@ -335,8 +387,10 @@ class Trainer:
                 hook.after_save(self)
         barrier(self.ctx)
         self.last_saved = self.step
-        note_kept(f"the checkpoint of step {self.step} in {self.path.parent} (continue with `ldae "
-                  f"{self.session.command} --resume {self.path.parent}`)")
+        note_kept(
+            f"the checkpoint of step {self.step} in {self.path.parent} (continue with `ldae "
+            f"{self.session.command} --resume {self.path.parent}`)"
+        )
 
 
 def merged(writers: list[tuple[str, dict]]) -> dict:
@@ -433,7 +487,7 @@ class Throughput:
     def mark(self, images: int) -> float:
         now = time.perf_counter()
         self.marks.append((now, images))
-        self.marks = self.marks[-self.window - 1:]
+        self.marks = self.marks[-self.window - 1 :]
         if len(self.marks) < 2:
             return float("nan")
         span = self.marks[-1][0] - self.marks[0][0]
