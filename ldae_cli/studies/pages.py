@@ -62,6 +62,8 @@ def common_and_varying(settings: list[dict], texts: dict[str, str]) -> tuple[lis
     not (a setting the page has no words for is still a column where rows differ in it)."""
     common, varying = [], []
     for key in dict.fromkeys([*texts, *(k for s in settings for k in s)]):
+        if all(key not in s for s in settings):
+            continue  # recorded by a later version: a page from before it renders as it did
         values = {json.dumps(s.get(key)) for s in settings}
         if len(values) != 1:
             varying.append(key)
