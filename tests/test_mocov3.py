@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, one_line, run_cli, sets, tiny_overrides, train_tiny
+from helpers import REPO_ROOT, one_line, probe_args, run_cli, sets, tiny_overrides, train_tiny
 
 from ldae_cli import api
 from ldae_cli.config import load_config
@@ -293,23 +293,7 @@ def test_probe_export_info_and_the_api_read_the_base_encoder(moco_run, run_main,
     assert res.returncode == 0, res.stderr
     torch.testing.assert_close(api.extract_features(api.load_encoder(tmp_path / "timm"), x), own, rtol=1e-5, atol=1e-5)
     assert "MoCo v3 encoder" in (tmp_path / "timm" / "README.md").read_text()
-    res = run_main(
-        "probe",
-        "--ckpt",
-        str(moco_run),
-        "--out",
-        str(tmp_path / "probe"),
-        "--set",
-        "probe.fast=true",
-        "--set",
-        "probe.epochs=1",
-        "--set",
-        "probe.batch_size=8",
-        "--set",
-        "run.progress=false",
-        "--set",
-        "data.num_workers=0",
-    )
+    res = run_main(*probe_args(None, tmp_path / "probe", ckpt=moco_run))
     assert res.returncode == 0, res.stderr
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["encoder"] == "mocov3 encoder, 1 blocks" and 0 <= results["selected_top1"] <= 100
