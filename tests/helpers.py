@@ -292,3 +292,33 @@ def rewrite_metadata(src: Path, dst: Path, edit) -> Path:
     ck = load_checkpoint(src)
     save_checkpoint(dst, meta["kind"], ck.tensors, meta["config"], extra=meta["extra"])
     return dst
+
+
+def assert_resume_is_bit_exact(config: str, data, tmp_path: Path, sets: dict, sections: tuple[str, ...]):
+    """`config` trained 6 steps whole and stopped at 3 then resumed: every checkpoint section in `sections` and every
+    logged loss bit-equal. Returns the two checkpoints (whole, resumed)."""
+    import json
+
+    import torch
+
+    from ldae_cli.config import load_config
+    from ldae_cli.runs.checkpoint import load_checkpoint
+    from ldae_cli.settings.training import PretrainConfig
+    from ldae_cli.stages import pretrain as stage
+
+    stage.run(load_config(PretrainConfig, config, tiny_overrides(data, tmp_path / "full", **sets)), "full")
+    cut = tiny_overrides(data, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3})
+    stage.run(load_config(PretrainConfig, config, cut), "cut")
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
+    stage.main(None, [], {}, str(tmp_path / "cut"))
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("full", "cut"))
+    assert a.extra["step"] == b.extra["step"] == 6
+    for section in sections:
+        assert a.section(section).keys() == b.section(section).keys() and a.section(section)
+        assert all(torch.equal(a.section(section)[k], b.section(section)[k]) for k in a.section(section)), section
+
+    def losses(run):
+        return [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses("full") == losses("cut") and len([x for x in losses("full") if x is not None]) == 6
+    return a, b

@@ -13,7 +13,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, one_line, probe_args, run_cli, sets, tiny_overrides, train_tiny
+from helpers import (
+    REPO_ROOT,
+    assert_resume_is_bit_exact,
+    one_line,
+    probe_args,
+    run_cli,
+    sets,
+    tiny_overrides,
+    train_tiny,
+)
 
 from ldae_cli import api
 from ldae_cli.config import load_config
@@ -259,26 +268,7 @@ def test_an_mae_checkpoint_has_no_timestep_and_no_denoiser(mae_run, run_main, tm
 def test_resume_of_an_mae_run_is_bit_exact(pattern_tree, tmp_path):
     """The CPU demo's recipe (random-resized crops and flips too) at toy size, stopped and resumed."""
     sets = {**TINY, "optim.epochs": 3, "optim.ema": 0.9, "run.save_every": 2, "online_probe.enabled": False}
-    demo = "demo/cifar10-mae.yaml"
-    stage.run(load_config(PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "full", **sets)), "full")
-    stage.run(
-        load_config(
-            PretrainConfig, demo, tiny_overrides(pattern_tree, tmp_path / "cut", **sets, **{"run.stop_after_steps": 3})
-        ),
-        "cut",
-    )
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.safetensors").extra["step"] == 3
-    stage.main(None, [], {}, str(tmp_path / "cut"))
-    a, b = (load_checkpoint(tmp_path / run / "checkpoint.safetensors") for run in ("full", "cut"))
-    assert a.extra["step"] == b.extra["step"] == 6
-    for section in ("model", "mae", "ema", "optim"):
-        assert a.section(section).keys() == b.section(section).keys() and a.section(section)
-        assert all(torch.equal(a.section(section)[k], b.section(section)[k]) for k in a.section(section)), section
-
-    def log(run):
-        return [r.get("loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731,E501
-
-    assert log("full") == log("cut") and len([x for x in log("full") if x is not None]) == 6
+    assert_resume_is_bit_exact("demo/cifar10-mae.yaml", pattern_tree, tmp_path, sets, ("model", "mae", "ema", "optim"))
 
 
 def test_ddp_two_ranks_match_one_process(pattern_tree, tmp_path):
