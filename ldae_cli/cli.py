@@ -509,6 +509,26 @@ def study(
     source: Optional[str] = SourceOpt,
     overrides: Optional[List[str]] = SetOpt,
     nproc: int = opt(1, "--nproc", help="GPUs per run (each run is launched with torchrun when > 1)."),
+    jobs: int = opt(
+        1,
+        "--jobs",
+        help="Runs at once on this machine, each with its own --nproc GPUs (CUDA_VISIBLE_DEVICES) or, on a CPU, "
+        "its share of the cores; a probe starts as soon as its pretrain has finished.",
+    ),
+    launch: Optional[str] = typer.Option(
+        None,
+        "--launch",
+        help="slurm: submit every run as a SLURM job through submitit (a probe held until its pretrain succeeds); "
+        "local: the same through submitit's local executor. Default: child processes of this command.",
+    ),
+    partition: Optional[str] = typer.Option(None, "--partition", help="SLURM partition (with --launch slurm)."),
+    time_min: int = opt(
+        60 * 24, "--time", help="Time limit of one job, minutes (with --launch); a job is requeued at its limit."
+    ),
+    cpus_per_task: int = opt(10, "--cpus-per-task", help="CPU cores per task of a job (with --launch)."),
+    slurm: Optional[List[str]] = typer.Option(
+        None, "--slurm", help="Extra sbatch setting KEY=VALUE for every job (repeatable), e.g. --slurm account=proj."
+    ),
     pretrains: Optional[str] = typer.Option(
         None,
         "--pretrains",
@@ -540,6 +560,13 @@ def study(
         nproc=nproc,
         pretrains=pretrains,
         dry_run=dry_run,
+        jobs=jobs,
+        launch=launch,
+        partition=partition,
+        time_min=time_min,
+        cpus_per_task=cpus_per_task,
+        sbatch=slurm or [],
+        runner_fn=run_in_process,
     )
 
 

@@ -74,11 +74,8 @@ def test_a_preempted_job_is_requeued_and_finishes_bit_equal(pattern_tree, run_ma
         local=True,
         nodes=1,
         gpus_per_node=0,
-        cpus_per_task=1,
-        partition=None,
-        time_min=10,
+        options=slurm.JobOptions(time_min=10, cpus_per_task=1),
         folder=tmp_path / "jobs",
-        extra={},
     )
     deadline = time.time() + 120
     while not ((out / "checkpoint.safetensors").exists() and (out / ".ldae.lock").exists()):

@@ -25,7 +25,7 @@ from ldae_cli.model.tokenizers import PCATokenizer, TokenizerConfig
 from ldae_cli.runs.checkpoint import load_checkpoint, read_metadata
 from ldae_cli.settings.evaluation import LinearProbeConfig
 from ldae_cli.stages.study import load
-from ldae_cli.studies import pages, patchspace, runner
+from ldae_cli.studies import local, pages, patchspace, runner
 from ldae_cli.studies.results import NO_DIFFERENCE, paired, t_quantile
 from ldae_cli.studies.spec import BudgetConfig, DepthSweep, PixelDimSweep, StudyConfig, depth_variants
 
@@ -221,7 +221,7 @@ def test_a_stop_ends_the_whole_study_even_when_the_child_finishes_its_run(signal
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: child)
     run = runner.Run("pretrain", tmp_path / "run", ["pretrain"], "l-DAE, seed 0")
     with pytest.raises(Interrupted) as stop:
-        runner.launch(run, 1)
+        local.launch(run, 1)
     assert stop.value.code == code and "run the same command again" in str(stop.value)
     assert child.terminated == isinstance(signal, Terminated)  # SIGTERM is passed on; Ctrl-C reached it already
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +22,29 @@ from ldae_cli.runs.distributed import PREEMPTIBLE
 from ldae_cli.runs.logs import console
 
 RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
+
+
+@dataclass
+class JobOptions:
+    """What every SLURM job gets beyond its GPUs: partition, time limit (minutes), cores per task, sbatch extras."""
+
+    partition: str | None = None
+    time_min: int = 60 * 24
+    cpus_per_task: int = 10
+    sbatch: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, partition: str | None, time_min: int, cpus_per_task: int, sbatch: list[str]) -> "JobOptions":
+        """From the command line's --partition, --time, --cpus-per-task and --slurm KEY=VALUE items."""
+        if min(time_min, cpus_per_task) < 1:
+            raise LdaeError(f"--time and --cpus-per-task must be at least 1, got {time_min} and {cpus_per_task}")
+        extra = {}
+        for item in sbatch:
+            if "=" not in item:
+                raise LdaeError(f"--slurm '{item}': expected KEY=VALUE, e.g. --slurm account=myproject")
+            key, value = item.split("=", 1)
+            extra[key.strip()] = value
+        return cls(partition, time_min, cpus_per_task, extra)
 
 
 def output_of(argv: list[str]) -> Path:
@@ -87,13 +111,12 @@ def submit(
     local: bool,
     nodes: int,
     gpus_per_node: int,
-    cpus_per_task: int,
-    partition: str | None,
-    time_min: int,
+    options: JobOptions,
     folder: Path,
-    extra: dict,
+    dependency: str | None = None,
 ):
-    """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job."""
+    """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job. `dependency`: SLURM's, e.g.
+    afterok:123 (a local job has none: its caller waits instead)."""
     import submitit
 
     job = LdaeJob(argv, runner)
@@ -103,18 +126,23 @@ def submit(
         else submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     )
     params = dict(
-        timeout_min=time_min,
+        timeout_min=options.time_min,
         nodes=nodes,
         tasks_per_node=max(1, gpus_per_node),
-        cpus_per_task=cpus_per_task,
+        cpus_per_task=options.cpus_per_task,
         name=f"ldae-{argv[0]}-{output_of(argv).name}",
     )
     if local:
-        params = {"timeout_min": time_min, "tasks_per_node": max(1, gpus_per_node), "gpus_per_node": gpus_per_node}
+        params = {
+            "timeout_min": options.time_min,
+            "tasks_per_node": max(1, gpus_per_node),
+            "gpus_per_node": gpus_per_node,
+        }
     else:
+        extra = dict(options.sbatch, **({"dependency": dependency} if dependency else {}))
         params.update(
             gpus_per_node=gpus_per_node,
-            slurm_partition=partition,
+            slurm_partition=options.partition,
             slurm_signal_delay_s=120,
             slurm_additional_parameters=extra,
         )

@@ -26,18 +26,11 @@ def main(
     """Submit `ldae <argv>`; every task of the job calls `runner(argv)` (the CLI's in-process entry, by reference)."""
     argv = argv[1:] if argv[:1] == ["--"] else argv
     slurm.check(argv)
-    if min(nodes, time_min, cpus_per_task) < 1 or gpus_per_node < 0:
-        raise LdaeError("--nodes, --time and --cpus-per-task must be at least 1, --gpus-per-node at least 0")
-    extra = {}
-    for item in sbatch:
-        if "=" not in item:
-            raise LdaeError(f"--slurm '{item}': expected KEY=VALUE, e.g. --slurm account=myproject")
-        key, value = item.split("=", 1)
-        extra[key.strip()] = value
+    if nodes < 1 or gpus_per_node < 0:
+        raise LdaeError("--nodes must be at least 1, --gpus-per-node at least 0")
+    options = slurm.JobOptions.parse(partition, time_min, cpus_per_task, sbatch)
     try:
-        job = slurm.submit(
-            argv, runner, local, nodes, gpus_per_node, cpus_per_task, partition, time_min, Path(folder), extra
-        )
+        job = slurm.submit(argv, runner, local, nodes, gpus_per_node, options, Path(folder))
     except (RuntimeError, OSError) as exc:  # no sbatch on this machine, a rejected submission
         raise LdaeError(
             f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "

@@ -8,12 +8,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from ldae_cli.config import BUNDLED_CONFIGS, find_config, load_config, parse_override
 from ldae_cli.errors import LdaeError
 from ldae_cli.runs.logs import console
 from ldae_cli.runs.rundir import RUNS
-from ldae_cli.studies import pages, results, runner
+from ldae_cli.runs.slurm import JobOptions
+from ldae_cli.studies import cluster, local, pages, results, runner
 from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 
 
@@ -55,9 +57,19 @@ def main(
     nproc: int = 1,
     pretrains: str | None = None,
     dry_run: bool = False,
+    jobs: int = 1,
+    launch: str | None = None,
+    partition: str | None = None,
+    time_min: int = 60 * 24,
+    cpus_per_task: int = 10,
+    sbatch: tuple[str, ...] | list[str] = (),
+    runner_fn: Callable[[list[str]], None] | None = None,
 ) -> list[Path]:
-    if seeds < 1 or nproc < 1:
-        raise LdaeError(f"--seeds and --nproc must be at least 1, got {seeds} and {nproc}")
+    if seeds < 1 or nproc < 1 or jobs < 1:
+        raise LdaeError(f"--seeds, --nproc and --jobs must be at least 1, got {seeds}, {nproc} and {jobs}")
+    if launch not in (None, "slurm", "local"):
+        raise LdaeError(f"--launch {launch}: expected slurm or local (default: child processes of this command)")
+    options = JobOptions.parse(partition, time_min, cpus_per_task, list(sbatch))
     spec = load("study", name, StudyConfig)
     plan_budget = load("budget", budget, BudgetConfig)
     extra = {"data.path": data, "data.source": source}
@@ -71,7 +83,7 @@ def main(
         spec, plan_budget, seeds, run_dir.resolve(), extra, Path(pretrains).resolve() if pretrains else None
     )
     if dry_run:
-        runner.dry_run(plan, nproc)
+        runner.dry_run(plan, nproc, jobs, launch)
         return []
     written: list[Path] = []
 
@@ -79,7 +91,10 @@ def main(
         written[:] = pages.write(results.collect(plan, complete, dataclasses.asdict(plan_budget), command), run_dir)
 
     started = time.time()
-    runner.execute(plan, nproc, publish)
+    if launch is None:
+        local.execute(plan, nproc, jobs, publish)
+    elif not cluster.execute(plan, launch, nproc, options, runner_fn, publish):
+        return []  # submitted or still running on the cluster: the same command again shows where it stands
     console.print(
         f"study {spec.name} done in {(time.time() - started) / 60:.1f} min; wrote {', '.join(str(w) for w in written)}"
     )

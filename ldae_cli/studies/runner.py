@@ -10,15 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.model.models import build_model
 from ldae_cli.model.objectives import build_objective
@@ -344,7 +340,7 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
     return timed
 
 
-def dry_run(plan: Plan, nproc: int) -> None:
+def dry_run(plan: Plan, nproc: int, jobs: int = 1, launch: str | None = None) -> None:
     """`ldae study --dry-run`: every run, what its folder holds, and the time the rest takes; nothing is written."""
     runs = [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
     budget = plan.budget
@@ -370,74 +366,3 @@ def dry_run(plan: Plan, nproc: int) -> None:
         )
     timings = Timings(plan.out)
     console.print(f"time: {estimate(plan, timings, time_steps(plan, nproc, timings))}", soft_wrap=True)
-
-
-def wait_for(proc: subprocess.Popen) -> tuple[int, KeyboardInterrupt | None]:
-    """The child's exit code, and the Ctrl-C or SIGTERM that came meanwhile, if one did. Ctrl-C reaches the child
-    from the terminal, SIGTERM is passed on: it saves and stops, and the study stops after it whatever it exits
-    with (a child may finish its last step and exit 0 after the signal)."""
-    stop = None
-    while True:
-        try:
-            return proc.wait(), stop
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, Terminated) and stop is None:
-                proc.terminate()
-            stop = stop or exc
-
-
-def launch(run: Run, nproc: int) -> None:
-    """One `ldae` child, its output on this terminal; a failure or a stop ends the study with one line."""
-    prefix = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    )
-    code, stop = wait_for(subprocess.Popen([*prefix, "-m", "ldae_cli", *run.command()], env=os.environ.copy()))
-    if stop is not None:
-        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-        raise Interrupted(
-            f"study stopped by {how} during {run.kind} {run.label}; every finished run and what that "
-            "one saved are kept: run the same command again to continue",
-            143 if isinstance(stop, Terminated) else 130,
-        )
-    if code != 0:
-        raise LdaeError(
-            f"{run.kind} {run.label} failed (exit {code}, its error is above; its run is {run.out}); a "
-            "study never replaces a run: fix the cause, or use another --out, and run the same command "
-            "again (finished runs are kept)"
-        )
-    if not run.finished():
-        raise LdaeError(
-            f"{run.kind} {run.label} stopped before its last step ({run.out}), e.g. at a time limit; run "
-            "the same command again to continue it"
-        )
-
-
-def execute(plan: Plan, nproc: int, after_seed) -> None:
-    """Every run, seed by seed; `after_seed(n)` once the first n seeds are complete."""
-    timings = Timings(plan.out)
-    console.print(
-        f"study {plan.study.name}, budget {plan.budget.name}, {plan.seeds} seed(s): {estimate(plan, timings)}",
-        soft_wrap=True,
-    )
-    count = sum(len(plan.seed_runs(seed)) for seed in range(plan.seeds))
-    index = 0
-    for seed in range(plan.seeds):
-        for run in plan.seed_runs(seed):
-            index += 1
-            finished, steps = run.finished(), run.done_steps()
-            state = (
-                "finished: checked to be this study's run"
-                if finished
-                else f"continued from step {steps}"
-                if steps
-                else "new"
-            )
-            console.print(
-                f"[bold]study {index}/{count}[/bold]: {run.kind} {run.label} ({state}) -> {run.out}", soft_wrap=True
-            )
-            started = time.time()
-            launch(run, nproc)
-            if not finished:
-                timings.add(plan, run, time.time() - started, run.done_steps() - steps)
-                console.print(f"study {plan.study.name}: {estimate(plan, timings)}", soft_wrap=True)
-        after_seed(seed + 1)
