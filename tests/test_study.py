@@ -200,30 +200,37 @@ def test_paired_differences_standard_errors_and_verdicts():
 
 
 class FakeChild:
-    """A child process whose wait is interrupted once (the signal reaching the study), then exits `code`."""
+    """A child process that runs until it is waited for (it saved and exited `code`) and records SIGTERM."""
 
-    def __init__(self, signal: KeyboardInterrupt, code: int):
-        self.signal, self.code, self.terminated = signal, code, False
+    def __init__(self, *args, **kwargs):
+        self.terminated, self.pid = False, 0
+
+    def poll(self):
+        return None
 
     def wait(self):
-        if self.signal is not None:
-            signal, self.signal = self.signal, None
-            raise signal
-        return self.code
+        return 0
 
     def terminate(self):
         self.terminated = True
 
 
 @pytest.mark.parametrize("signal, code", [(KeyboardInterrupt(), 130), (Terminated(), 143)])
-def test_a_stop_ends_the_whole_study_even_when_the_child_finishes_its_run(signal, code, monkeypatch, tmp_path):
-    child = FakeChild(signal, 0)  # the child finished its last step after the signal and exited 0
-    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: child)
-    run = runner.Run("pretrain", tmp_path / "run", ["pretrain"], "l-DAE, seed 0")
+def test_a_stop_saves_every_running_child_and_ends_the_whole_study(signal, code, toy, monkeypatch, tmp_path):
+    children: list[FakeChild] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(FakeChild()) or children[-1])
+    stops = [signal]
+    monkeypatch.setattr(local.time, "sleep", lambda s: stops and (_ for _ in ()).throw(stops.pop()))
+    study, budget = load("study", toy[1], StudyConfig), load("budget", toy[3], BudgetConfig)
+    extra = {"data.source": "imagefolder", "data.path": toy[-1]}
+    plan = runner.make_plan(study, budget, 1, tmp_path / "out", extra)
     with pytest.raises(Interrupted) as stop:
-        local.launch(run, 1)
+        local.execute(plan, 1, 2, lambda seeds: None)
     assert stop.value.code == code and "run the same command again" in str(stop.value)
-    assert child.terminated == isinstance(signal, Terminated)  # SIGTERM is passed on; Ctrl-C reached it already
+    assert len(children) == 2  # both pretrains of seed 0 were running; the probes waited for them
+    assert "pretrain l-DAE, seed 0, pretrain pixel DAE, seed 0" in str(stop.value)
+    # SIGTERM is passed on to each; Ctrl-C reached them from the terminal already
+    assert [c.terminated for c in children] == [isinstance(signal, Terminated)] * 2
 
 
 def test_every_bundled_study_and_budget_loads_and_no_budget_upsamples_cifar10(run_main):
