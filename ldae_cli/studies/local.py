@@ -56,7 +56,7 @@ def log_of(plan: Plan, run: Run) -> Path:
     return plan.out / "logs" / run.kind / f"{run.out.name}.log"
 
 
-def last_error(log: Path) -> str:
+def last_error(log: Path | None) -> str:
     """The stage's own one-line error from a child's log (else its last line)."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log else []
     errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
