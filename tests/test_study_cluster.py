@@ -55,6 +55,14 @@ def test_a_local_launch_names_a_failed_run_finishes_the_others_and_pages_once_al
     assert BAD_LINE in log.read_text()
     assert all((out / "probe" / p / "results.json").is_file() for p in ("l-dae-s0", "random-init-same-network-s0"))
     assert not (out / "results.json").exists()
+    timed = json.loads((out / "timings.json").read_text())  # each finished run's time, submission to end
+    assert sorted(timed) == [
+        "pretrain/l-dae-s0",
+        "pretrain/pixel-dae-s0",
+        "probe/l-dae-s0",
+        "probe/random-init-same-network-s0",
+    ]
+    assert all(t["seconds"] > 0 for t in timed.values()) and timed["pretrain/l-dae-s0"]["steps"] == 3
     assert sorted(jobs_of(out)) == [
         "pretrain/l-dae-s0",
         "pretrain/pixel-dae-s0",

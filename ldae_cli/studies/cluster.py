@@ -27,7 +27,7 @@ from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs import slurm
 from ldae_cli.runs.logs import console
 from ldae_cli.runs.slurm import JobOptions
-from ldae_cli.studies.runner import Plan, Run, relative
+from ldae_cli.studies.runner import Plan, Run, Timings, relative
 
 JOBS = "jobs.json"
 FOLDER = "slurm/%j"  # submitit's folder under the study's: each job's script, pickles and logs
@@ -42,6 +42,7 @@ class Entry:
     job: Any = None
     state: str = "to submit"
     error: str = ""
+    started: tuple[float, int] = (0.0, 0)  # when its job was submitted, and the run's steps then
 
     def needs_job(self) -> bool:
         return self.state != "finished" and (self.job is None or bool(self.error))
@@ -130,9 +131,13 @@ def stop(running: list[Entry], exc: KeyboardInterrupt) -> None:
     ) from None
 
 
-def wait_local(entries: dict[Path, Entry], pretrain_of: dict[Path, Path], submit: Callable[[Entry], None]) -> None:
+def wait_local(
+    plan: Plan, entries: dict[Path, Entry], pretrain_of: dict[Path, Path], submit: Callable[[Entry], None]
+) -> None:
     """Until every local job has ended, each probe submitted once its pretrain has finished (never, when the
-    pretrain failed); a job that ends without finishing its run is a failure, named at once."""
+    pretrain failed); a job that ends without finishing its run is a failure, named at once. A finished run's
+    time, submission to end, goes to the study's timings (its estimate, its page)."""
+    timings = Timings(plan.out)
     running = [e for e in entries.values() if e.state == "submitted"]
     held = [e for e in entries.values() if e.run.kind == "probe" and e.needs_job()]
     try:
@@ -153,6 +158,9 @@ def wait_local(entries: dict[Path, Entry], pretrain_of: dict[Path, Path], submit
                 running.remove(entry)
                 entry.state = "finished" if entry.run.finished() else "failed"
                 entry.error = "" if entry.state == "finished" else slurm.failure(entry.job)
+                if not entry.error:
+                    since, steps = entry.started
+                    timings.add(plan, entry.run, time.time() - since, entry.run.done_steps() - steps)
                 what = failure_line(entry) if entry.error else f"{entry.run.kind} {entry.run.label}"
                 console.print(f"{entry.state}: {what}", markup=False)
     except KeyboardInterrupt as exc:
@@ -194,13 +202,13 @@ def execute(
             local_flag="--launch local",
         )
         ledger.add(run, launch, job.job_id)
-        entry.job, entry.state, entry.error = job, "submitted", ""
+        entry.job, entry.state, entry.error, entry.started = job, "submitted", "", (time.time(), run.done_steps())
         console.print(f"submitted job {job.job_id}: {run.kind} {run.label}", markup=False)
 
     for entry in [e for e in entries.values() if e.run.kind == "pretrain" and e.needs_job()]:
         submit(entry)
     if launch == "local":
-        wait_local(entries, pretrain_of, submit)
+        wait_local(plan, entries, pretrain_of, submit)
         failed = [failure_line(e) for e in entries.values() if e.error]  # this command's (the earlier were shown)
     else:
         for entry in [e for e in entries.values() if e.run.kind == "probe" and e.needs_job()]:
