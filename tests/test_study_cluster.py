@@ -48,7 +48,7 @@ def test_a_local_launch_names_a_failed_run_finishes_the_others_and_pages_once_al
     out = (tmp_path / "out").resolve()
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(BROKEN))
     first = run_main(*toy, "--launch", "local")
-    assert first.returncode == 1
+    assert first.returncode == 1 and "fix the cause and run the same command again" in first.stderr
     failed = jobs_of(out)["probe/pixel-dae-s0"][-1]
     log = out / "slurm" / failed / f"{failed}_0_log.err"
     assert f"1 run(s) failed (4 of 5 runs finished): probe pixel DAE, seed 0: {BAD_LINE} (log: {log})" in first.stderr
@@ -110,6 +110,9 @@ class FakeSlurm:
             def done(self):
                 return self.state not in ("PENDING", "RUNNING")
 
+            def cancel(self, check=True):
+                cluster.states[self.job_id] = "CANCELLED by 0"
+
         class Executor:
             def __init__(self, folder, cluster):
                 self.folder, self.params = folder, {}
@@ -126,16 +129,21 @@ class FakeSlurm:
         monkeypatch.setattr(submitit, "AutoExecutor", Executor)
         monkeypatch.setattr(submitit, "SlurmJob", Job)
 
+    def fail(self, job_id: str, folder, log: str, state: str) -> None:
+        path = self.job(str(folder), job_id).paths.stderr
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(log)
+        self.states[job_id] = state
+
     def run(self, job_id: str, folder) -> None:
         params, fn = self.submitted[job_id]
         try:
             fn.runner(fn.command())
             self.states[job_id] = "COMPLETED"
         except Exception:
-            log = self.job(str(folder), job_id).paths.stderr
-            log.parent.mkdir(parents=True, exist_ok=True)
-            log.write_text(f"submitit ERROR - Submitted job triggered an exception\n{traceback.format_exc()}")
-            self.states[job_id] = "FAILED"
+            self.fail(
+                job_id, folder, f"submitit ERROR - job triggered an exception\n{traceback.format_exc()}", "FAILED"
+            )
 
 
 def test_a_slurm_launch_holds_probes_until_their_pretrains_and_resubmits_only_what_failed(
@@ -168,18 +176,31 @@ def test_a_slurm_launch_holds_probes_until_their_pretrains_and_resubmits_only_wh
     assert again.returncode == 0 and "submitted job" not in again.stdout and len(cluster.submitted) == 5
     assert "pretrain l-DAE, seed 0: RUNNING" in again.stdout and "probe l-DAE, seed 0: PENDING" in again.stdout
 
+    timeout = f"slurmstepd: error: *** JOB {jobs['pretrain/pixel-dae-s0']} CANCELLED AT 10:00 DUE TO TIME LIMIT ***"
+    cluster.fail(jobs["pretrain/pixel-dae-s0"], out / "slurm" / "%j", f"...\n{timeout}\n", "TIMEOUT")
+    held = jobs["probe/pixel-dae-s0"]
+    late = run_main(*slurm)  # the pretrain submitted again, its probe's job (never to start) cancelled and replaced
+    assert (
+        late.returncode == 1
+        and f"1 run(s) failed (0 of 5 runs finished): pretrain pixel DAE, seed 0: {timeout} (log: " in late.stderr
+        and "; submitted again: the same command again shows where they stand" in late.stderr
+    )
+    assert f"cancelled job {held} (probe pixel DAE, seed 0)" in late.stdout and cluster.states[held] == "CANCELLED by 0"
+    jobs = {run: ids[-1] for run, ids in jobs_of(out).items()}
+    assert len(cluster.submitted) == 7 and cluster.states[jobs["pretrain/l-dae-s0"]] == "RUNNING"
+    dependency = cluster.submitted[jobs["probe/pixel-dae-s0"]][0]["slurm_additional_parameters"]["dependency"]
+    assert dependency == f"afterok:{jobs['pretrain/pixel-dae-s0']}" and held not in jobs.values()
+
     for run in ("pretrain/l-dae-s0", "pretrain/pixel-dae-s0", "probe/l-dae-s0", "probe/pixel-dae-s0"):
         cluster.run(jobs[run], out / "slurm" / "%j")  # SLURM runs them in the order their dependencies allow
     log = out / "slurm" / jobs["probe/pixel-dae-s0"] / f"{jobs['probe/pixel-dae-s0']}_0_log.err"
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(TOY_STUDY))  # the cause fixed
     fixed = run_main(*slurm)
     assert fixed.returncode == 1
-    assert f"1 run(s) failed, submitted again (3 of 5 runs finished): probe pixel DAE, seed 0: {BAD_LINE} (log: " in (
-        fixed.stderr
-    )
+    assert f"1 run(s) failed (3 of 5 runs finished): probe pixel DAE, seed 0: {BAD_LINE} (log: " in (fixed.stderr)
     assert str(log) in fixed.stderr and f"{BAD_LINE} (log: {log}); submitted again" in fixed.stdout
     resubmitted = jobs_of(out)["probe/pixel-dae-s0"][-1]
-    assert len(cluster.submitted) == 6 and resubmitted not in jobs.values()
+    assert len(cluster.submitted) == 8 and resubmitted not in jobs.values()
     assert "dependency" not in cluster.submitted[resubmitted][0]["slurm_additional_parameters"]  # its pretrain is done
     assert "probe random init (same network), seed 0: PENDING" in fixed.stdout
 
@@ -187,7 +208,7 @@ def test_a_slurm_launch_holds_probes_until_their_pretrains_and_resubmits_only_wh
     cluster.run(jobs["probe/random-init-same-network-s0"], out / "slurm" / "%j")
     done = run_main(*slurm)
     assert done.returncode == 0, done.stderr
-    assert "submitted job" not in done.stdout and len(cluster.submitted) == 6
+    assert "submitted job" not in done.stdout and len(cluster.submitted) == 8
     assert [r["name"] for r in rows_of(out)] == ["l-DAE", "pixel DAE", "random init (same network)"]
 
 

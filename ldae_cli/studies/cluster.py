@@ -89,6 +89,22 @@ def look(ledger: Ledger, runs: list[Run]) -> dict[Path, Entry]:
     return entries
 
 
+def release(entries: dict[Path, Entry], pretrain_of: dict[Path, Path]) -> None:
+    """A probe's job held for a pretrain job that failed can never start (afterok): it is cancelled, and the probe
+    submitted again after the pretrain's new job."""
+    for entry in entries.values():
+        pretrain = entries[pretrain_of[entry.run.out]] if entry.run.kind == "probe" else None
+        if pretrain is not None and pretrain.error and entry.job is not None and entry.state != "finished":
+            if not entry.error:
+                entry.job.cancel(check=False)
+                console.print(
+                    f"cancelled job {entry.job.job_id} ({entry.run.kind} {entry.run.label}): it waited for a "
+                    "pretrain job that failed",
+                    markup=False,
+                )
+            entry.job = None
+
+
 def show(plan: Plan, entries: dict[Path, Entry]) -> None:
     """Every run's state: a table on a terminal, a line each otherwise."""
     rows = [
@@ -185,6 +201,7 @@ def execute(
     failed = [failure_line(e) for e in entries.values() if e.error]  # jobs that ended since the last command
     for line in failed:
         console.print(f"failed: {line}; submitted again", markup=False)
+    release(entries, pretrain_of)
 
     def submit(entry: Entry) -> None:
         run = entry.run
@@ -223,17 +240,21 @@ def conclude(
     """The pages once every run has finished; else where the runs stand; failures last, as the command's error."""
     done = [e for e in entries.values() if e.state == "finished"]
     if failed:
-        again = ", submitted again" if launch == "slurm" else ""
+        then = (
+            "submitted again: the same command again shows where they stand"
+            if launch == "slurm"
+            else "fix the cause and run the same command again (finished runs are kept, failed ones run again)"
+        )
         raise LdaeError(
-            f"{len(failed)} run(s) failed{again} ({len(done)} of {len(entries)} runs finished): {'; '.join(failed)}; "
-            "fix the cause and run the same command again (finished runs are kept, failed ones submitted again)"
+            f"{len(failed)} run(s) failed ({len(done)} of {len(entries)} runs finished): {'; '.join(failed)}; {then}"
         )
     if len(done) == len(entries):
         publish(plan.seeds)
         return True
     console.print(
-        f"{len(done)} of {len(entries)} runs finished, the others submitted or queued; run the same command again "
-        "to see where they stand: once every run has finished it writes the pages",
+        f"{len(done)} of {len(entries)} runs finished, the others' jobs submitted, pending or running (logs in "
+        f"{plan.out / 'slurm'}); run the same command again to see where they stand: once every run has finished "
+        "it writes the pages",
         soft_wrap=True,
     )
     return False
