@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from test_study import TOY_BUDGET, TOY_STUDY
+
+from ldae_cli.errors import Interrupted, Terminated
+from ldae_cli.studies import cluster, runner
 
 BAD_PROBE = {"probe.blrs": [-1.0]}  # refused by the probe stage when it runs, not when the study is planned
 BROKEN = {**TOY_STUDY, "variants": [TOY_STUDY["variants"][0], {**TOY_STUDY["variants"][1], "probe_set": BAD_PROBE}]}
@@ -232,3 +238,21 @@ def test_a_jobs_error_line_is_the_stages_own_else_the_logs_last(log, line):
     from ldae_cli.runs.slurm import error_line
 
     assert error_line(log).startswith(line)
+
+
+@pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (Terminated(), 143)])
+def test_a_stopped_local_study_passes_sigterm_on_and_waits_for_its_jobs(stop, code, tmp_path):
+    """Ctrl-C reaches the jobs from the terminal; SIGTERM goes to each job's controller (its id is the pid)."""
+    controller = subprocess.Popen(["sleep", "30"])
+    if not isinstance(stop, Terminated):
+        controller.send_signal(signal.SIGINT)  # the terminal's Ctrl-C, which the study does not repeat
+    job = SimpleNamespace(job_id=str(controller.pid), wait=lambda: controller.wait(timeout=10))
+    entry = cluster.Entry(runner.Run("pretrain", tmp_path / "run", ["pretrain"], "l-DAE, seed 0"), job, "submitted")
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            cluster.stop([entry], stop)
+        assert stopped.value.code == code and "run the same command again to continue" in str(stopped.value)
+        assert controller.returncode == -(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    finally:
+        controller.kill()
+        controller.wait()
