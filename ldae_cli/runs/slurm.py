@@ -15,7 +15,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.runs.distributed import PREEMPTIBLE
@@ -114,37 +114,51 @@ def submit(
     options: JobOptions,
     folder: Path,
     dependency: str | None = None,
+    local_flag: str = "--local",
 ):
     """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job. `dependency`: SLURM's, e.g.
-    afterok:123 (a local job has none: its caller waits instead)."""
+    afterok:123 (a local job has none: its caller waits instead). A failed submission is one line, which names
+    `local_flag`, the caller's option for submitit's local executor."""
     import submitit
 
     job = LdaeJob(argv, runner)
-    executor = (
-        submitit.LocalExecutor(folder=str(folder))
-        if local
-        else submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+    params: dict[str, Any] = dict(
+        timeout_min=options.time_min, tasks_per_node=max(1, gpus_per_node), gpus_per_node=gpus_per_node
     )
-    params = dict(
-        timeout_min=options.time_min,
-        nodes=nodes,
-        tasks_per_node=max(1, gpus_per_node),
-        cpus_per_task=options.cpus_per_task,
-        name=f"ldae-{argv[0]}-{output_of(argv).name}",
-    )
-    if local:
-        params = {
-            "timeout_min": options.time_min,
-            "tasks_per_node": max(1, gpus_per_node),
-            "gpus_per_node": gpus_per_node,
-        }
-    else:
+    if not local:
         extra = dict(options.sbatch, **({"dependency": dependency} if dependency else {}))
         params.update(
-            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            cpus_per_task=options.cpus_per_task,
+            name=f"ldae-{argv[0]}-{output_of(argv).name}",
             slurm_partition=options.partition,
             slurm_signal_delay_s=120,
             slurm_additional_parameters=extra,
         )
-    executor.update_parameters(**params)
-    return executor.submit(job)
+    try:  # no SLURM on this machine (submitit finds no srun), or sbatch refused the job
+        executor = (
+            submitit.LocalExecutor(folder=str(folder))
+            if local
+            else submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        )
+        executor.update_parameters(**params)
+        return executor.submit(job)
+    except (RuntimeError, OSError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LdaeError(f"could not submit the job ({text}); on a machine without SLURM use {local_flag}") from None
+
+
+def error_line(text: str) -> str:
+    """The stage's own one-line error out of a job's log or submitit's traceback (the LdaeError's message), else
+    the text's last line (another exception, or SLURM's word on a job it cancelled); "" for no text."""
+    errors = [line for line in text.splitlines() if "LdaeError: " in line]
+    if errors:
+        return errors[-1].split("LdaeError: ", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def failure(job) -> str:
+    """Why a job ended without finishing its run: the error line of its first task's error log, else its state."""
+    log = job.paths.stderr
+    return error_line(log.read_text(errors="replace") if log.is_file() else "") or f"its job ended {job.state}"

@@ -29,13 +29,7 @@ def main(
     if nodes < 1 or gpus_per_node < 0:
         raise LdaeError("--nodes must be at least 1, --gpus-per-node at least 0")
     options = slurm.JobOptions.parse(partition, time_min, cpus_per_task, sbatch)
-    try:
-        job = slurm.submit(argv, runner, local, nodes, gpus_per_node, options, Path(folder))
-    except (RuntimeError, OSError) as exc:  # no sbatch on this machine, a rejected submission
-        raise LdaeError(
-            f"could not submit the job ({str(exc).splitlines()[0] if str(exc) else exc}); on a machine "
-            "without SLURM use --local"
-        ) from None
+    job = slurm.submit(argv, runner, local, nodes, gpus_per_node, options, Path(folder))
     console.print(f"submitted job {job.job_id}: ldae {' '.join(argv)}; logs in {job.paths.folder}")
     if wait:
         console.print(f"job {job.job_id} finished; its run is {result(job, argv[0])}")
@@ -49,6 +43,5 @@ def result(job, stage: str) -> str:
     try:
         return job.result()
     except UncompletedJobError as exc:
-        lines = [line for line in str(exc).splitlines() if "LdaeError: " in line]
-        reason = lines[-1].split("LdaeError: ", 1)[1] if lines else (str(exc).strip().splitlines() or ["?"])[-1]
+        reason = slurm.error_line(str(exc)) or "?"
         raise LdaeError(f"job {job.job_id} ({stage}) failed: {reason} (log: {job.paths.stderr})") from None

@@ -69,6 +69,11 @@ def main(
         raise LdaeError(f"--seeds, --nproc and --jobs must be at least 1, got {seeds}, {nproc} and {jobs}")
     if launch not in (None, "slurm", "local"):
         raise LdaeError(f"--launch {launch}: expected slurm or local (default: child processes of this command)")
+    if launch is not None and jobs != 1:
+        raise LdaeError(
+            f"--jobs {jobs} sets how many child processes run at once on this machine; with --launch {launch} every "
+            "run is a job of its own, started as soon as it may: drop --jobs"
+        )
     options = JobOptions.parse(partition, time_min, cpus_per_task, list(sbatch))
     spec = load("study", name, StudyConfig)
     plan_budget = load("budget", budget, BudgetConfig)
