@@ -411,7 +411,7 @@ def dry_run(
     # --launch slurm's jobs run on the cluster's GPUs, not here: the budget's figure
     timed = {} if launch == "slurm" else time_steps(plan, nproc, timings, int(threads) if threads else None)
     together = {
-        None: "one at a time" if jobs == 1 else f"{jobs} at once (--jobs {jobs})",
+        None: "one at a time" if jobs == 1 else f"{jobs} at once",
         "slurm": "every job at once, as SLURM allows",
         "local": "every job at once on this machine (submitit's local executor)",
     }[launch]
