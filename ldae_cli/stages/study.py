@@ -88,7 +88,7 @@ def main(
         spec, plan_budget, seeds, run_dir.resolve(), extra, Path(pretrains).resolve() if pretrains else None
     )
     if dry_run:
-        runner.dry_run(plan, nproc, jobs, launch)
+        runner.dry_run(plan, nproc, jobs, launch, options)
         return []
     written: list[Path] = []
 

@@ -8,12 +8,16 @@ Runs go seed by seed (every row of seed 0, then seed 1, ...), so a study stopped
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import torch
 
 from ldae_cli.model.diffusion import Denoiser, NoiseSchedule
 from ldae_cli.model.models import build_model
@@ -23,7 +27,9 @@ from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.runs.distributed import resolve_device
 from ldae_cli.runs.logs import console
 from ldae_cli.runs.rundir import CHECKPOINT
+from ldae_cli.runs.slurm import JobOptions
 from ldae_cli.settings.training import PretrainConfig
+from ldae_cli.studies.shares import Share, shares, visible_gpus
 from ldae_cli.studies.spec import (
     BASELINE_NAMES,
     BudgetConfig,
@@ -253,16 +259,20 @@ class Timings:
         return sum(done) / len(done) if done else None
 
 
-def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] | None = None) -> str:
-    """What is left to run and how long it takes: each pretrain's remaining steps at the speed this study measured
-    for its model, else at the seconds per step `timed` now on this machine (--dry-run), else at the budget's images
-    per second; each probe at its measured mean (or the budget's)."""
-    timed = timed or {}
-    pretrains = [r for r in plan.pretrains.values() if not r.finished()]
-    probes = [r for row in plan.rows for r in row.probes.values() if not r.finished()]
-    seconds, sources, now = 0.0, set(), set()  # where the speeds came from; the speeds timed now, in words
+def order(plan: Plan) -> list[Run]:
+    """Every run in the study's order: seed by seed, a seed's pretrains then its probes."""
+    return [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
+
+
+def to_go(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]]) -> tuple[dict[int, float], list[str]]:
+    """The seconds each unfinished run takes (by id), and where the speeds came from, in words: each pretrain's
+    remaining steps at the speed this study measured for its model, else at the seconds per step `timed` now on
+    this machine (--dry-run), else at the budget's images per second; each probe at its measured mean (or the
+    budget's)."""
+    seconds: dict[int, float] = {}
+    sources, now = set(), set()  # where the speeds came from; the speeds timed now, in words
     budget = plan.budget
-    for run in pretrains:
+    for run in (r for r in plan.pretrains.values() if not r.finished()):
         rate, source = timings.seconds_per_step(run.speed), "study"
         if rate is None and run.speed in timed:
             (rate, speed), source = timed[run.speed], "now"
@@ -270,7 +280,7 @@ def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] |
         elif rate is None:  # the budget's speed is its l-DAE network's: another network's scales by its FLOPs
             rate, source = run.batch / budget.images_per_second * run.flops / plan.budget_flops, "budget"
         sources.add(source)
-        seconds += (run.steps - run.done_steps()) * rate
+        seconds[id(run)] = (run.steps - run.done_steps()) * rate
     rest = " where this study has measured none" if "study" in sources else ""
     how = [
         text
@@ -290,26 +300,75 @@ def estimate(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] |
         if source in sources
     ]
     probe_s = timings.probe_seconds()
-    seconds += len(probes) * (probe_s or 60 * budget.probe_minutes)
+    for run in (r for row in plan.rows for r in row.probes.values() if not r.finished()):
+        seconds[id(run)] = probe_s or 60 * budget.probe_minutes
     how.append(
         f"probes {probe_s / 60:.1f} min as measured"
         if probe_s
         else f"probes {budget.probe_minutes:g} min, the budget's figure"
     )
+    return seconds, how
+
+
+def schedule(seconds: Sequence[float], after: Sequence[int | None], at_once: int | None) -> float:
+    """The wall time of runs started in their order on `at_once` slots (None: one each), a run not before the run
+    it waits for (`after`, an earlier index) has ended: whenever a slot is free, the first run that may start does
+    (list scheduling, as the study's runs go)."""
+    slots = at_once or len(seconds)
+    waiting, now = list(range(len(seconds))), 0.0
+    ends: dict[int, float] = {}
+    running: list[float] = []
+    while waiting:
+        ready = [i for i in waiting if (first := after[i]) is None or ends.get(first, math.inf) <= now]
+        for i in ready[: slots - len(running)]:
+            waiting.remove(i)
+            ends[i] = now + seconds[i]
+            heapq.heappush(running, ends[i])
+        now = heapq.heappop(running)  # until a run ends
+    return max(ends.values(), default=0.0)
+
+
+def wall_time(plan: Plan, seconds: dict[int, float], at_once: int | None) -> float:
+    """The study's wall time with `at_once` runs at once (None: every run at once), a probe after its pretrain."""
+    runs = order(plan)
+    index = {id(run): i for i, run in enumerate(runs)}
+    waits = {id(row.probes[s]): index[id(row.pretrains[s])] for row in plan.rows for s in row.probes}
+    return schedule([seconds.get(id(r), 0.0) for r in runs], [waits.get(id(r)) for r in runs], at_once)
+
+
+def estimate(
+    plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]] | None = None, at_once: int | None = 1
+) -> str:
+    """What is left to run and how long it takes with `at_once` runs at once (None: every run at once, as on a
+    cluster with room), seed by seed, a probe once its pretrain has ended; and one after another where that differs."""
+    seconds, how = to_go(plan, timings, timed or {})
+    pretrains = sum(id(r) in seconds for r in plan.pretrains.values())
+    wall, serial = wall_time(plan, seconds, at_once) / 60, sum(seconds.values()) / 60
+    parallel = f" with {at_once or 'every run'} at once" if at_once != 1 else ""
+    parallel += f", {serial:.0f} min one after another" if parallel and f"{wall:.0f}" != f"{serial:.0f}" else ""
     return (
-        f"{len(pretrains)} pretrain run(s) and {len(probes)} probe(s) to go of {len(plan.pretrains)} and "
-        f"{sum(len(r.probes) for r in plan.rows)}; about {seconds / 60:.0f} min ({'; '.join(how)})"
+        f"{pretrains} pretrain run(s) and {len(seconds) - pretrains} probe(s) to go of {len(plan.pretrains)} and "
+        f"{sum(len(r.probes) for r in plan.rows)}; about {wall:.0f} min{parallel} ({'; '.join(how)})"
     )
 
 
 TIMING_SECONDS = 2.0  # the longest a --dry-run spends timing one model's steps, roughly
 
 
-def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[float, str]]:
-    """Seconds per step of each model still to pretrain that this study has not timed yet, timed on this machine now:
-    optimizer steps of its network on synthetic images, as many as its batch where that stays within TIMING_SECONDS
-    (and its speed, in words)."""
-    timed = {}
+def time_steps(plan: Plan, nproc: int, timings: Timings, threads: int | None = None) -> dict[str, tuple[float, str]]:
+    """Seconds per step of each model still to pretrain that this study has not timed yet, timed on this machine now
+    with `threads` torch threads (a run's share of the CPU cores; restored after): optimizer steps of its network on
+    synthetic images, as many as its batch where that stays within TIMING_SECONDS (and its speed, in words)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        return timed_steps(plan, nproc, timings)
+    finally:
+        torch.set_num_threads(before)
+
+
+def timed_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[float, str]]:
+    timed: dict[str, tuple[float, str]] = {}
     for key, run in plan.pretrains.items():
         s = plan.settings[key]
         if (
@@ -340,29 +399,79 @@ def time_steps(plan: Plan, nproc: int, timings: Timings) -> dict[str, tuple[floa
     return timed
 
 
-def dry_run(plan: Plan, nproc: int, jobs: int = 1, launch: str | None = None) -> None:
-    """`ldae study --dry-run`: every run, what its folder holds, and the time the rest takes; nothing is written."""
-    runs = [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
-    budget = plan.budget
+def dry_run(
+    plan: Plan, nproc: int, jobs: int = 1, launch: str | None = None, options: JobOptions | None = None
+) -> None:
+    """`ldae study --dry-run`: every run, what its folder holds, how many run at once and what each gets (its share of
+    this machine, or its SLURM job), and the time the rest takes so; nothing is written, trained or submitted."""
+    options = options or JobOptions()
+    slots = shares(jobs, nproc) if launch is None else []  # refuses more GPUs than this machine shows
+    runs, budget, timings = order(plan), plan.budget, Timings(plan.out)
+    threads = slots[0].env.get("OMP_NUM_THREADS") if slots else None
+    # --launch slurm's jobs run on the cluster's GPUs, not here: the budget's figure
+    timed = {} if launch == "slurm" else time_steps(plan, nproc, timings, int(threads) if threads else None)
+    together = {
+        None: "one at a time" if jobs == 1 else f"{jobs} at once",
+        "slurm": "every job at once, as SLURM allows",
+        "local": "every job at once on this machine (submitit's local executor)",
+    }[launch]
     console.print(
         f"study {plan.study.name}, budget {budget.name}, {plan.seeds} seed(s) in {plan.out}: {len(runs)} "
-        "runs (--dry-run: nothing is written or trained)",
+        f"runs, {sum(run.finished() for run in runs)} finished, {together} (--dry-run: nothing is written, "
+        "trained or submitted)",
         soft_wrap=True,
     )
     console.print(
         f"every pretrain: {' '.join(settings_of(budget.pretrain))}\nevery probe: {budget.probe_config} "
-        f"{' '.join(settings_of(budget.probe))}",
+        f"{' '.join(settings_of(budget.probe))}\n{what_each_gets(slots, nproc, launch, options)}",
         soft_wrap=True,
         markup=False,
     )
+    seconds, _ = to_go(plan, timings, timed)
     for index, run in enumerate(runs, 1):
         steps = run.done_steps()
         state = "done" if run.finished() else f"to continue from step {steps:,}" if steps else "to run"
         size = [f"{run.steps:,} steps of {run.batch:,} images"] if run.kind == "pretrain" else []
+        limit, left = 60 * options.time_min, seconds.get(id(run), 0.0)
+        requeued = (  # submitit requeues a job at its time limit and the run continues from its checkpoint
+            f"; about {left / 60:,.0f} min, over --time {options.time_min}: requeued about "
+            f"{math.ceil(left / limit) - 1} times at its time limit"
+            if launch == "slurm" and left > limit
+            else ""
+        )
         console.print(
             f"{index}/{len(runs)} {run.kind} {run.label}: {state} ({', '.join([*run.own, *size])}) -> "
-            f"{relative(run.out, plan.out)}",
+            f"{relative(run.out, plan.out)}{requeued}",
             soft_wrap=True,
         )
-    timings = Timings(plan.out)
-    console.print(f"time: {estimate(plan, timings, time_steps(plan, nproc, timings))}", soft_wrap=True)
+    at_once = jobs if launch is None else None
+    shared_cpu = at_once != 1 and launch != "slurm" and not visible_gpus()
+    caveat = (
+        f"; {at_once or 'all'} runs at once share this machine's CPU cores and memory, so speeds measured with one "
+        "run on it are optimistic"
+        if shared_cpu
+        else "; SLURM's queue waits come on top"
+        if launch == "slurm"
+        else ""
+    )
+    console.print(f"time: {estimate(plan, timings, timed, at_once)}{caveat}", soft_wrap=True)
+
+
+def what_each_gets(slots: list[Share], nproc: int, launch: str | None, options: JobOptions) -> str:
+    """Each run's share of this machine (the slots' shares, in words), or the jobs --launch submits."""
+    if launch == "slurm":
+        extra = "".join(f", --slurm {key}={value}" for key, value in options.sbatch.items())
+        return (
+            f"one job per pretrain with {nproc} GPU(s) and {options.cpus_per_task} CPU cores per task, partition "
+            f"{options.partition or '(the cluster default)'}, time limit {options.time_min} min{extra}; one job per "
+            "probe with 1 GPU, held until its pretrain succeeds (afterok)"
+        )
+    if launch == "local":
+        return (
+            f"one job per pretrain with {nproc} process(es), one per probe held until its pretrain succeeds, all "
+            "on this machine"
+        )
+    texts = [slot.text for slot in slots]
+    if len(set(texts)) == 1:
+        return f"each run: {texts[0]}"
+    return f"slots (each run takes the first free one): {', '.join(texts)}"
