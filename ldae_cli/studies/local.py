@@ -166,7 +166,7 @@ class Study:
         if complete > self.complete_seeds:
             self.complete_seeds = complete
             self.after_seed(complete)
-            self.say(f"study {self.plan.study.name}: {estimate(self.plan, self.timings)}")
+            self.say(f"study {self.plan.study.name}: {estimate(self.plan, self.timings, at_once=len(self.slots))}")
 
     def ready(self) -> list[Child]:
         waiting = [c for c in self.children if c.state == "waiting"]
@@ -257,7 +257,7 @@ def execute(plan: Plan, nproc: int, jobs: int, after_seed: Callable[[int], None]
     study = Study(plan, nproc, jobs, after_seed)
     console.print(
         f"study {plan.study.name}, budget {plan.budget.name}, {plan.seeds} seed(s), {jobs} at once "
-        f"({study.slots[0].text} each): {estimate(plan, study.timings)}",
+        f"({study.slots[0].text} each): {estimate(plan, study.timings, at_once=jobs)}",
         soft_wrap=True,
     )
     try:
