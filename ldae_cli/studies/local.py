@@ -22,6 +22,7 @@ from typing import Callable
 
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs.logs import clock, console
@@ -194,7 +195,7 @@ class Study:
             table.add_row(
                 str(c.index),
                 f"{c.run.kind} {c.run.label}",
-                f"[{style.get(c.state, 'dim')}]{c.state}[/]",
+                Text(c.state, style=style.get(c.state, "dim")),
                 c.progress if c.state == "running" else "",
                 share,
             )
