@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_study.sh tinyimagenet             # Tiny-ImageNet at 64/16 (D = 768): pixel-dim
 #   SEEDS=3 bash benchmarks/gpu_study.sh cifar10 pixel-dim
 #   DRY_RUN=1 bash benchmarks/gpu_study.sh tinyimagenet   # on any machine: the runs and their estimate, no GPU
+#   JOBS=8 bash benchmarks/gpu_study.sh cifar10 pixel-vs-latent   # 8 GPUs, a run on each (ldae study --jobs 8);
+#       against JOBS=1 into another RUNS: the wall-time ratio of a node (times.txt says how many ran at once)
 #
 # cifar10: the `gpu` budget (width 384, 6 + 6 blocks, bf16, 10 epochs of 512: 970 steps), 8 pretrains and 10
 # probes, planned for under 10 minutes of an H200, not yet measured on one.
@@ -38,6 +40,7 @@ fi
 RUNS=${RUNS:-runs/study-$BUDGET}
 OUT=${OUT:-$RUNS}
 SEEDS=${SEEDS:-1}
+JOBS=${JOBS:-1}
 STUDIES=${*:-$DEFAULT_STUDIES}
 if [ -z "$DATA" ]; then
     for candidate in ".data/$ARCHIVE" "../shared/data/$ARCHIVE"; do
@@ -51,7 +54,7 @@ fi
 if [ -n "${DRY_RUN:-}" ]; then
     for study in $STUDIES; do
         "$PYTHON" -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
-            --out "$RUNS/$study" --pretrains "$RUNS/pretrain" --dry-run
+            --out "$RUNS/$study" --pretrains "$RUNS/pretrain" --jobs "$JOBS" --dry-run
     done
     exit 0
 fi
@@ -61,8 +64,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 for study in $STUDIES; do
     start=$(date +%s)
     "$PYTHON" -m ldae_cli study "$study" --budget "$BUDGET" --seeds "$SEEDS" "${SOURCE[@]}" --data "$DATA" \
-        --out "$RUNS/$study" --pretrains "$RUNS/pretrain"
-    echo "$study on $DATASET ($SEEDS seed(s)): $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
+        --out "$RUNS/$study" --pretrains "$RUNS/pretrain" --jobs "$JOBS"
+    echo "$study on $DATASET ($SEEDS seed(s), $JOBS at once): $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
     if [ "$OUT" != "$RUNS" ]; then
         mkdir -p "$OUT/$study"
         cp "$RUNS/$study"/results.json "$RUNS/$study"/results.md "$RUNS/$study"/results.png "$OUT/$study/"
