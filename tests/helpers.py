@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -322,3 +323,22 @@ def assert_resume_is_bit_exact(config: str, data, tmp_path: Path, sets: dict, se
 
     assert losses("full") == losses("cut") and len([x for x in losses("full") if x is not None]) == 6
     return a, b
+
+
+def study_args(folder: Path, data: Path, study: dict, budget: dict, out: str = "out") -> list[str]:
+    """`ldae study` of `study` under `budget` (both written as YAML into `folder`) on the image tree `data`, into
+    folder/out."""
+    (folder / "study.yaml").write_text(yaml.safe_dump(study))
+    (folder / "budget.yaml").write_text(yaml.safe_dump(budget))
+    return [
+        "study",
+        str(folder / "study.yaml"),
+        "--budget",
+        str(folder / "budget.yaml"),
+        "--out",
+        str(folder / out),
+        "--source",
+        "imagefolder",
+        "--data",
+        str(data),
+    ]

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import train_tiny, write_image_tree
+from helpers import study_args, train_tiny, write_image_tree
 
 from ldae_cli.config import BUNDLED_CONFIGS, config_from_dict
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
@@ -81,20 +80,7 @@ TOY_STUDY = {
 
 @pytest.fixture
 def toy(tmp_path, pattern_tree):
-    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(TOY_BUDGET))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(TOY_STUDY))
-    return [
-        "study",
-        str(tmp_path / "study.yaml"),
-        "--budget",
-        str(tmp_path / "budget.yaml"),
-        "--out",
-        str(tmp_path / "out"),
-        "--source",
-        "imagefolder",
-        "--data",
-        str(pattern_tree),
-    ]
+    return study_args(tmp_path, pattern_tree, TOY_STUDY, TOY_BUDGET)
 
 
 def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_main, tmp_path):

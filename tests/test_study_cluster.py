@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import study_args
 from test_study import TOY_BUDGET, TOY_STUDY
 
 from ldae_cli.errors import Interrupted, Terminated
@@ -26,20 +27,7 @@ BAD_LINE = "probe.blrs: give one or more positive base learning rates, got [-1.0
 @pytest.fixture
 def toy(tmp_path, pattern_tree) -> list[str]:
     """`ldae study` of test_study's toy study and budget (its study.yaml rewritten by the tests that fix a cause)."""
-    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(TOY_BUDGET))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(TOY_STUDY))
-    return [
-        "study",
-        str(tmp_path / "study.yaml"),
-        "--budget",
-        str(tmp_path / "budget.yaml"),
-        "--out",
-        str(tmp_path / "out"),
-        "--source",
-        "imagefolder",
-        "--data",
-        str(pattern_tree),
-    ]
+    return study_args(tmp_path, pattern_tree, TOY_STUDY, TOY_BUDGET)
 
 
 def jobs_of(out) -> dict[str, list[str]]:
@@ -243,7 +231,8 @@ def test_a_jobs_error_line_is_the_stages_own_else_the_logs_last(log, line):
 @pytest.mark.parametrize("stop, code", [(KeyboardInterrupt(), 130), (Terminated(), 143)])
 def test_a_stopped_local_study_passes_sigterm_on_and_waits_for_its_jobs(stop, code, tmp_path):
     """Ctrl-C reaches the jobs from the terminal; SIGTERM goes to each job's controller (its id is the pid)."""
-    controller = subprocess.Popen(["sleep", "30"])
+    # SIGINT at its default: a shell's background job (`pytest &`) starts with it ignored, and children inherit that
+    controller = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if not isinstance(stop, Terminated):
         controller.send_signal(signal.SIGINT)  # the terminal's Ctrl-C, which the study does not repeat
     job = SimpleNamespace(job_id=str(controller.pid), wait=lambda: controller.wait(timeout=10))

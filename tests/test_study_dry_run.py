@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import snapshot, unchanged, write_image_tree
+from helpers import snapshot, study_args, unchanged, write_image_tree
 from test_study import TOY_BUDGET, TOY_STUDY
 
 from ldae_cli.config import config_from_dict
@@ -21,21 +21,8 @@ from ldae_cli.studies.spec import BudgetConfig, StudyConfig
 ONE_VARIANT = {**TOY_STUDY, "variants": TOY_STUDY["variants"][:1], "baselines": []}
 
 
-def study_args(tmp_path, pattern_tree, study: dict) -> list[str]:
-    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(TOY_BUDGET))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    return [
-        "study",
-        str(tmp_path / "study.yaml"),
-        "--budget",
-        str(tmp_path / "budget.yaml"),
-        "--out",
-        str(tmp_path / "out"),
-        "--source",
-        "imagefolder",
-        "--data",
-        str(pattern_tree),
-    ]
+def toy_args(tmp_path, pattern_tree, study: dict) -> list[str]:
+    return study_args(tmp_path, pattern_tree, study, TOY_BUDGET)
 
 
 def printed_plan(run_main, args: list[str], *more: str) -> str:
@@ -60,7 +47,7 @@ def dry_run(run_main, args: list[str], *more: str) -> tuple[list[str], str]:
 def test_the_plan_lists_every_run_with_its_settings_and_a_time_measured_here(
     seeds, pretrains, probes, run_main, tmp_path, pattern_tree
 ):
-    args = study_args(tmp_path, pattern_tree, TOY_STUDY)  # two variants and the random-init baseline
+    args = toy_args(tmp_path, pattern_tree, TOY_STUDY)  # two variants and the random-init baseline
     started = time.perf_counter()
     runs, when = dry_run(run_main, args, "--seeds", str(seeds))
     assert time.perf_counter() - started < 30  # seconds, not a training run
@@ -90,7 +77,7 @@ def test_the_plan_lists_every_run_with_its_settings_and_a_time_measured_here(
 
 
 def test_the_plan_marks_the_runs_a_study_already_ran(run_main, tmp_path, pattern_tree):
-    args = study_args(tmp_path, pattern_tree, ONE_VARIANT)
+    args = toy_args(tmp_path, pattern_tree, ONE_VARIANT)
     stopped = run_main(*args, "--set", "run.stop_after_steps=1")  # its pretrain stops at step 1
     assert stopped.returncode == 1 and "stopped before its last step" in stopped.stderr
     runs, _ = dry_run(run_main, args, "--set", "run.stop_after_steps=1")
@@ -111,7 +98,7 @@ def test_a_budget_that_leaves_the_image_size_to_the_data_plans_at_the_size_its_r
 ):
     """data.image_size null (the paper budget's way): each run will read the images at their own 32 pixels, and the
     plan is made, and timed, at that size."""
-    runs, when = dry_run(run_main, study_args(tmp_path, pattern_tree, ONE_VARIANT), "--set", "data.image_size=null")
+    runs, when = dry_run(run_main, toy_args(tmp_path, pattern_tree, ONE_VARIANT), "--set", "data.image_size=null")
     assert len(runs) == 2 and when.startswith("time: 1 pretrain run(s) and 1 probe(s) to go of 1 and 1")
 
 
@@ -154,7 +141,7 @@ def test_jobs_share_the_cpu_cores_and_the_plan_says_what_each_run_gets(run_main,
     threads, set_threads = [], torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (threads.append(n), set_threads(n)))
     before = torch.get_num_threads()
-    args = study_args(tmp_path, pattern_tree, TOY_STUDY)
+    args = toy_args(tmp_path, pattern_tree, TOY_STUDY)
     (tmp_path / "budget.yaml").write_text(yaml.safe_dump({**TOY_BUDGET, "probe_minutes": 10}))
     res = run_main(*args, "--jobs", "2", "--dry-run")
     assert res.returncode == 0, res.stderr

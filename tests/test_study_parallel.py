@@ -12,30 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from helpers import study_args
 from safetensors.torch import load_file
 from test_study import TOY_BUDGET, TOY_STUDY
 
 from ldae_cli.runs.checkpoint import read_metadata
 
 TWO_ROWS = {**TOY_STUDY, "baselines": []}  # two pretrains and two probes a seed
-
-
-def study_args(tmp_path: Path, data: Path, study: dict, budget: dict, out: str) -> list[str]:
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
-    (tmp_path / "budget.yaml").write_text(yaml.safe_dump(budget))
-    return [
-        "study",
-        str(tmp_path / "study.yaml"),
-        "--budget",
-        str(tmp_path / "budget.yaml"),
-        "--out",
-        str(tmp_path / out),
-        "--source",
-        "imagefolder",
-        "--data",
-        str(data),
-    ]
 
 
 def numbers(out: Path) -> list:

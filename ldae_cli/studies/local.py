@@ -29,7 +29,7 @@ from ldae_cli.runs.logs import clock, console
 from ldae_cli.studies.runner import Plan, Run, Timings, estimate, relative
 from ldae_cli.studies.shares import Share, shares
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.2  # how soon a finished child frees its slot
 PLAIN_EVERY = 60.0  # off a terminal: the running children's progress, one line each, this often
 PROGRESS = re.compile(r"step ([\d,]+)/([\d,]+)\b")
 ETA = re.compile(r"\beta (\S+)")
