@@ -95,3 +95,15 @@ def test_sigterm_makes_every_running_child_save_and_the_study_continues_them(tmp
     assert plan.returncode == 0, plan.stderr
     for step in steps:
         assert f"to continue from step {step:,}" in plan.stdout
+
+
+def test_a_log_path_through_a_link_is_refused_before_any_run_starts(run_main, tmp_path, pattern_tree):
+    args = study_args(tmp_path, pattern_tree, TWO_ROWS, TOY_BUDGET, "out")
+    mine = tmp_path / "mine.txt"
+    mine.write_text("the user's notes\n")
+    logs = tmp_path / "out" / "logs" / "probe"
+    logs.mkdir(parents=True)
+    (logs / "pixel-dae-s0.log").symlink_to(mine)
+    result = run_main(*args, "--jobs", "2")
+    assert result.returncode == 1 and "pixel-dae-s0.log is a symbolic link" in result.stderr
+    assert mine.read_text() == "the user's notes\n" and not (tmp_path / "out" / "pretrain").exists()

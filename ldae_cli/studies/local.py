@@ -26,6 +26,7 @@ from rich.text import Text
 
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs.logs import clock, console
+from ldae_cli.runs.rundir import check_own, open_own
 from ldae_cli.studies.runner import Plan, Run, Timings, estimate, relative
 from ldae_cli.studies.shares import Share, shares
 
@@ -97,6 +98,15 @@ class Study:
         self.complete_seeds = 0
         self.printed = time.monotonic()
 
+    def check_logs(self) -> None:
+        """Before any run starts: where the logs go there is nothing yet or ldae's own folders and files, never a
+        link, FIFO or device that a log would be written through."""
+        for child in self.children:
+            log = log_of(self.plan, child.run)
+            check_own(log.parent.parent, folder=True)
+            check_own(log.parent, folder=True)
+            check_own(log)
+
     def ordered(self) -> list[Run]:
         return [run for seed in range(self.plan.seeds) for run in self.plan.seed_runs(seed)]
 
@@ -124,7 +134,7 @@ class Study:
         if self.nproc > 1:  # --standalone: a free port each, so that runs at once never meet
             prefix += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc}"]
         env = {**os.environ, **share.env, "PYTHONUNBUFFERED": "1"}
-        with child.log.open("a") as log:
+        with os.fdopen(open_own(child.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "a") as log:
             log.write(f"$ ldae {' '.join(run.command())}\n")
             log.flush()
             child.proc = subprocess.Popen(
@@ -261,6 +271,7 @@ def execute(plan: Plan, nproc: int, jobs: int, after_seed: Callable[[int], None]
         f"({study.slots[0].text} each): {estimate(plan, study.timings, at_once=jobs)}",
         soft_wrap=True,
     )
+    study.check_logs()
     try:
         study.run_all()
     except KeyboardInterrupt as signal:
