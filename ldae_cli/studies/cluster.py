@@ -26,6 +26,7 @@ from rich.text import Text
 from ldae_cli.errors import Interrupted, LdaeError, Terminated
 from ldae_cli.runs import slurm
 from ldae_cli.runs.logs import console
+from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.runs.slurm import JobOptions
 from ldae_cli.studies.runner import Plan, Run, Timings, relative
 
@@ -70,9 +71,7 @@ class Ledger:
         entry = self.runs.setdefault(relative(run.out, self.out), {"kind": run.kind, "jobs": []})
         entry["jobs"].append({"id": job_id, "launch": launch})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(self.runs, indent=1) + "\n")
-        partial.replace(self.path)
+        write_atomically(self.path, (json.dumps(self.runs, indent=1) + "\n").encode())
 
 
 def look(ledger: Ledger, runs: list[Run]) -> dict[Path, Entry]:

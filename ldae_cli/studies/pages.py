@@ -3,9 +3,11 @@ the runs (their resolved settings, numbers, timings), never from a budget's or s
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path, PurePosixPath
 
+from ldae_cli.runs.rundir import write_atomically
 from ldae_cli.studies.results import NO_DIFFERENCE
 from ldae_cli.studies.spec import LDAE_PAPER, PAPER_NOTE
 
@@ -300,13 +302,15 @@ def chart(results: dict, path: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", ncols=2)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
     plt.close(fig)
     return path
 
 
 def write(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results))
+    write_atomically(out / "results.json", (json.dumps(results, indent=1) + "\n").encode())
+    write_atomically(out / "results.md", markdown(results).encode())
     return [out / "results.json", out / "results.md", chart(results, out / "results.png")]

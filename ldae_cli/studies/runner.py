@@ -26,7 +26,7 @@ from ldae_cli.model.tokenizers import load_tokenizer
 from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.runs.distributed import resolve_device
 from ldae_cli.runs.logs import console
-from ldae_cli.runs.rundir import CHECKPOINT
+from ldae_cli.runs.rundir import CHECKPOINT, write_atomically
 from ldae_cli.runs.slurm import JobOptions
 from ldae_cli.settings.training import PretrainConfig
 from ldae_cli.studies.shares import Share, shares, visible_gpus
@@ -248,7 +248,7 @@ class Timings:
         if run.kind == "pretrain":
             entry["speed"] = run.speed
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.runs, indent=1) + "\n")
+        write_atomically(self.path, (json.dumps(self.runs, indent=1) + "\n").encode())
 
     def seconds_per_step(self, speed: str) -> float | None:
         done = [e for e in self.runs.values() if e.get("speed") == speed and e["steps"]]
