@@ -85,17 +85,20 @@ def toy(tmp_path, pattern_tree):
 
 def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_main, tmp_path):
     out = tmp_path / "out"
-    stopped = run_main(*toy, "--seeds", "1", "--set", "run.stop_after_steps=1")  # its first pretrain stops at step 1
+    # two runs at once throughout (the order and the numbers are --jobs 1's: tests/test_study_parallel.py)
+    stopped = run_main(*toy, "--seeds", "1", "--jobs", "2", "--set", "run.stop_after_steps=1")  # pretrains stop at 1
     assert stopped.returncode == 1 and "stopped before its last step" in stopped.stderr
     first = out / "pretrain" / "l-dae-s0" / "checkpoint.safetensors"
     assert load_checkpoint(first).extra["step"] == 1
-    one = run_main(*toy, "--seeds", "1")
+    one = run_main(*toy, "--seeds", "1", "--jobs", "2")
     assert one.returncode == 0, one.stderr
     assert "pretrain l-DAE, seed 0 (continued from step 1)" in one.stdout
     assert load_checkpoint(first).extra["finished"] and load_checkpoint(first).extra["step"] == 3
     assert "One seed: no standard error" in (out / "results.md").read_text()
 
-    two = run_main(*toy, "--seeds", "2")  # a seed added: the finished runs are checked and kept, seed 1 runs
+    two = run_main(
+        *toy, "--seeds", "2", "--jobs", "2"
+    )  # a seed added: the finished runs are checked and kept, seed 1 runs
     assert two.returncode == 0, two.stderr
     assert "pretrain l-DAE, seed 0 (finished: checked to be this study's run)" in two.stdout
     assert "pretrain l-DAE, seed 1 (new)" in two.stdout and "at the speed this study measured" in two.stdout
@@ -132,7 +135,9 @@ def test_a_study_runs_continues_extends_and_pages_its_runs_own_numbers(toy, run_
     assert (out / "results.png").stat().st_size > 1000
 
     before = (out / "results.json").read_text()
-    changed = run_main(*toy, "--seeds", "2", "--set", "optim.epochs=3")  # other settings, same run directories
+    changed = run_main(
+        *toy, "--seeds", "2", "--jobs", "2", "--set", "optim.epochs=3"
+    )  # other settings, same run directories
     assert changed.returncode == 1 and "a study never replaces a run" in changed.stderr
     assert (out / "results.json").read_text() == before
 
