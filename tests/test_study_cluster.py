@@ -17,6 +17,7 @@ from helpers import study_args
 from test_study import TOY_BUDGET, TOY_STUDY
 
 from ldae_cli.errors import Interrupted, Terminated
+from ldae_cli.runs.checkpoint import read_metadata
 from ldae_cli.studies import cluster, runner
 
 BAD_PROBE = {"probe.blrs": [-1.0]}  # refused by the probe stage when it runs, not when the study is planned
@@ -132,7 +133,7 @@ class FakeSlurm:
     def run(self, job_id: str, folder) -> None:
         params, fn = self.submitted[job_id]
         try:
-            fn.runner(fn.command())
+            fn.run()
             self.states[job_id] = "COMPLETED"
         except Exception:
             self.fail(
@@ -204,6 +205,23 @@ def test_a_slurm_launch_holds_probes_until_their_pretrains_and_resubmits_only_wh
     assert done.returncode == 0, done.stderr
     assert "submitted job" not in done.stdout and len(cluster.submitted) == 8
     assert [r["name"] for r in rows_of(out)] == ["l-DAE", "pixel DAE", "random init (same network)"]
+
+
+def test_a_pretrain_job_that_stops_before_its_last_step_fails_so_its_probe_never_starts(
+    toy, run_main, tmp_path, monkeypatch
+):
+    cluster, out = FakeSlurm(monkeypatch), (tmp_path / "out").resolve()
+    one = {**TOY_STUDY, "variants": TOY_STUDY["variants"][:1], "baselines": []}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(one))
+    slurm = [*toy, "--launch", "slurm", "--set", "run.stop_after_steps=1"]  # e.g. run.time_limit_minutes reached
+    assert run_main(*slurm).returncode == 0
+    jobs = {run: ids[0] for run, ids in jobs_of(out).items()}
+    cluster.run(jobs["pretrain/l-dae-s0"], out / "slurm" / "%j")
+    assert cluster.states[jobs["pretrain/l-dae-s0"]] == "FAILED"  # so SLURM never releases its afterok probe
+    assert not read_metadata(out / "pretrain" / "l-dae-s0" / "checkpoint.safetensors")["extra"].get("finished")
+    again = run_main(*slurm)
+    assert again.returncode == 1 and "the run stopped before its last step; its job fails" in again.stderr
+    assert f"cancelled job {jobs['probe/l-dae-s0']} (probe l-DAE, seed 0)" in again.stdout
 
 
 @pytest.mark.skipif(shutil.which("srun") is not None, reason="this machine has SLURM")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 from ldae_cli.errors import Interrupted, LdaeError
 from ldae_cli.runs.distributed import PREEMPTIBLE
 from ldae_cli.runs.logs import console
+from ldae_cli.runs.rundir import CHECKPOINT
 
 RESUMABLE = ("pretrain", "finetune", "train-tokenizer", "probe", "detect")
 
@@ -76,12 +77,28 @@ class LdaeJob:
     """What submitit runs in every task: the ldae command with --continue (start, or continue the same run), through
     `runner` (the CLI's in-process entry point; submitit pickles it by reference)."""
 
-    def __init__(self, argv: list[str], runner: Callable[[list[str]], None]):
+    def __init__(self, argv: list[str], runner: Callable[[list[str]], None], must_finish: bool = False):
         check(argv)
-        self.argv, self.runner = list(argv), runner
+        self.argv, self.runner, self.must_finish = list(argv), runner, must_finish
 
     def command(self) -> list[str]:
         return [*self.argv, "--continue"]
+
+    def run(self) -> None:
+        """The command once, in this process. With `must_finish` (a study's pretrain, which probes wait for with
+        afterok) a run that stopped before its last step (run.stop_after_steps, run.time_limit_minutes) fails the
+        job, so that no probe reads a partial checkpoint."""
+        from ldae_cli.runs.checkpoint import read_metadata
+
+        self.runner(self.command())
+        out = output_of(self.argv)
+        if self.must_finish and not (
+            (out / CHECKPOINT).is_file() and read_metadata(out / CHECKPOINT)["extra"].get("finished")
+        ):
+            raise LdaeError(
+                f"{out}: the run stopped before its last step; its job fails so that no probe waiting on it reads "
+                "a partial checkpoint (run the same command again to continue it)"
+            )
 
     def __call__(self) -> str:
         import submitit
@@ -90,7 +107,7 @@ class LdaeJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ[PREEMPTIBLE] = "1"
         try:
-            self.runner(self.command())
+            self.run()
         except Interrupted as exc:
             if exc.signal_name != "SIGUSR2":
                 raise
@@ -102,7 +119,7 @@ class LdaeJob:
         """Called by submitit on preemption or timeout: the same job again (it resumes by itself)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(LdaeJob(self.argv, self.runner))
+        return submitit.helpers.DelayedSubmission(LdaeJob(self.argv, self.runner, self.must_finish))
 
 
 def submit(
@@ -115,13 +132,14 @@ def submit(
     folder: Path,
     dependency: str | None = None,
     local_flag: str = "--local",
+    must_finish: bool = False,
 ):
     """Submit `ldae <argv>` as a job run by `runner`; returns the submitit job. `dependency`: SLURM's, e.g.
-    afterok:123 (a local job has none: its caller waits instead). A failed submission is one line, which names
-    `local_flag`, the caller's option for submitit's local executor."""
+    afterok:123 (a local job has none: its caller waits instead); `must_finish`: see LdaeJob.run. A failed
+    submission is one line, which names `local_flag`, the caller's option for submitit's local executor."""
     import submitit
 
-    job = LdaeJob(argv, runner)
+    job = LdaeJob(argv, runner, must_finish)
     params: dict[str, Any] = dict(
         timeout_min=options.time_min, tasks_per_node=max(1, gpus_per_node), gpus_per_node=gpus_per_node
     )

@@ -216,6 +216,7 @@ def execute(
             plan.out / FOLDER,
             None if after is None or launch == "local" else f"afterok:{after}",
             local_flag="--launch local",
+            must_finish=run.kind == "pretrain",
         )
         ledger.add(run, launch, job.job_id)
         entry.job, entry.state, entry.error, entry.started = job, "submitted", "", (time.time(), run.done_steps())
