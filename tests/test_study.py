@@ -397,3 +397,22 @@ def test_a_pages_command_leaves_out_where_the_runs_went():
 
     argv = ["study", "pixel-dim", "--pretrains", "/runs/shared", "--out=/runs/a", "--seeds", "3", "--pretrains=x"]
     assert reproduce(argv) == "ldae study pixel-dim --seeds 3"
+
+
+def test_an_archive_is_surveyed_once_a_process_until_it_changes(tmp_path):
+    import tarfile
+
+    from ldae_cli.settings.training import DataConfig
+    from ldae_cli.studies.spec import facts_of
+
+    def archive(per_class: int) -> DataConfig:
+        tree = write_image_tree(tmp_path / f"tree{per_class}", per_class=per_class, size=(24, 24))
+        with tarfile.open(tmp_path / "data.tar", "w") as tar:
+            tar.add(tree / "train", arcname="train")
+        return DataConfig(source="imagefolder", path=str(tmp_path / "data.tar"))
+
+    assert facts_of(archive(4)).train_images == 12
+    os.utime(tmp_path / "data.tar", ns=(1, 1))  # another modification time: surveyed again, then kept
+    again = facts_of(DataConfig(source="imagefolder", path=str(tmp_path / "data.tar")))
+    assert facts_of(DataConfig(source="imagefolder", path=str(tmp_path / "data.tar"))) is again  # unchanged: kept
+    assert facts_of(archive(5)).train_images == 15  # more images: surveyed again

@@ -212,16 +212,31 @@ def data_key(data: DataConfig) -> tuple:
     return data.source, data.path, data.train_split, data.limit
 
 
+_ARCHIVES: dict[tuple, DataFacts] = {}  # this process's surveys of archives, by the archive's size and time
+
+
+def facts_of(data: DataConfig) -> DataFacts:
+    """What a study needs of `data`'s training split: reading it takes seconds, so an archive's (a file, whose size
+    and modification time say whether it changed) is surveyed once per process; a folder every time."""
+    location = resolve_path(data)
+    stat = location.stat() if location.is_file() else None
+    key = (*data_key(data), str(location), stat.st_size, stat.st_mtime_ns) if stat else None
+    if key is not None and key in _ARCHIVES:
+        return _ARCHIVES[key]
+    source = open_source(data, "train")
+    facts = DataFacts(median_short_side(source), min(len(source), data.limit or len(source)), location)
+    if key is not None:
+        _ARCHIVES[key] = facts
+    return facts
+
+
 def survey(settings: list[PretrainConfig], budget: str) -> dict[tuple, DataFacts]:
     """The data of every run; a run whose data.image_size is above its data's native size is refused."""
     facts: dict[tuple, DataFacts] = {}
     for s in settings:
         key = data_key(s.data)
         if key not in facts:
-            source = open_source(s.data, "train")
-            facts[key] = DataFacts(
-                median_short_side(source), min(len(source), s.data.limit or len(source)), resolve_path(s.data)
-            )
+            facts[key] = facts_of(s.data)
         if s.data.image_size is None:  # the size the run will settle it to (data.pipeline.resolve_image_size)
             s.data.image_size = native_image_size(s.data, s.tokenizer.patch)[0]
         native = facts[key].native
