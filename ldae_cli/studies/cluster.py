@@ -195,8 +195,8 @@ def execute(
     if runner_fn is None:
         raise LdaeError(f"--launch {launch} runs each job through the ldae command line: use `ldae study --launch`")
     ledger = Ledger(plan.out)
-    entries = look(ledger, [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)])
-    pretrain_of = {row.probes[s].out: row.pretrains[s].out for row in plan.rows for s in range(plan.seeds)}
+    entries = look(ledger, plan.runs())
+    pretrain_of = {run.out: run.pretrain.out for run in plan.runs() if run.pretrain is not None}
     failed = [failure_line(e) for e in entries.values() if e.error]  # jobs that ended since the last command
     for line in failed:
         console.print(f"failed: {line}; submitted again", markup=False)

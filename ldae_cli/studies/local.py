@@ -92,9 +92,8 @@ class Study:
         self.slots: list[Share] = shares(jobs, nproc)
         self.free = list(range(jobs))
         self.timings = Timings(plan.out)
-        self.children = [Child(run, i + 1) for i, run in enumerate(self.ordered())]
-        by_run = {id(c.run): c for c in self.children}
-        self.needs = {id(row.probes[s]): by_run[id(row.pretrains[s])] for row in plan.rows for s in row.probes}
+        self.children = [Child(run, i + 1) for i, run in enumerate(plan.runs())]
+        self.by_run = {id(c.run): c for c in self.children}
         self.complete_seeds = 0
         self.printed = time.monotonic()
 
@@ -107,12 +106,9 @@ class Study:
             check_own(log.parent, folder=True)
             check_own(log)
 
-    def ordered(self) -> list[Run]:
-        return [run for seed in range(self.plan.seeds) for run in self.plan.seed_runs(seed)]
-
     def pretrain_of(self, run: Run) -> Child | None:
         """The child whose checkpoint a probe reads (None for a pretrain)."""
-        return self.needs.get(id(run))
+        return self.by_run[id(run.pretrain)] if run.pretrain is not None else None
 
     def say(self, text: str) -> None:
         console.print(text, soft_wrap=True, markup=False)

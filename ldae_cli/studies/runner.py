@@ -71,6 +71,7 @@ class Run:
     speed: str = ""  # pretrains with the same speed key run at the same speed (objective, model, tokens, batch)
     flops: float = 0.0  # a pretrain's training FLOPs per image (dryrun.training_flops_per_image)
     own: list[str] = field(default_factory=list)  # its settings beyond the budget's (what --dry-run lists)
+    pretrain: "Run | None" = field(default=None, repr=False, compare=False)  # a probe's: the run it reads
 
     def finished(self) -> bool:
         if self.kind == "probe":
@@ -109,6 +110,10 @@ class Plan:
     rows: list[Row]
     reference: str
     budget_flops: float  # training FLOPs per image of the network budget.images_per_second is for (l-DAE's)
+
+    def runs(self) -> list[Run]:
+        """Every run in the study's order: seed by seed, a seed's pretrains then its probes."""
+        return [run for seed in range(self.seeds) for run in self.seed_runs(seed)]
 
     def seed_runs(self, seed: int) -> list[Run]:
         """The pretrains of this seed (each once), then its probes."""
@@ -231,6 +236,7 @@ def probe_run(
         ],
         f"{name}, seed {seed}",
         own=[f"of {relative(pretrain.out, out)}", *flags, *settings_of(own)],
+        pretrain=pretrain,
     )
 
 
@@ -257,11 +263,6 @@ class Timings:
     def probe_seconds(self) -> float | None:
         done = [e["seconds"] for key, e in self.runs.items() if key.startswith("probe/")]
         return sum(done) / len(done) if done else None
-
-
-def order(plan: Plan) -> list[Run]:
-    """Every run in the study's order: seed by seed, a seed's pretrains then its probes."""
-    return [run for seed in range(plan.seeds) for run in plan.seed_runs(seed)]
 
 
 def to_go(plan: Plan, timings: Timings, timed: dict[str, tuple[float, str]]) -> tuple[dict[int, float], list[str]]:
@@ -330,10 +331,10 @@ def schedule(seconds: Sequence[float], after: Sequence[int | None], at_once: int
 
 def wall_time(plan: Plan, seconds: dict[int, float], at_once: int | None) -> float:
     """The study's wall time with `at_once` runs at once (None: every run at once), a probe after its pretrain."""
-    runs = order(plan)
+    runs = plan.runs()
     index = {id(run): i for i, run in enumerate(runs)}
-    waits = {id(row.probes[s]): index[id(row.pretrains[s])] for row in plan.rows for s in row.probes}
-    return schedule([seconds.get(id(r), 0.0) for r in runs], [waits.get(id(r)) for r in runs], at_once)
+    waits = [index[id(r.pretrain)] if r.pretrain is not None else None for r in runs]
+    return schedule([seconds.get(id(r), 0.0) for r in runs], waits, at_once)
 
 
 def estimate(
@@ -406,7 +407,7 @@ def dry_run(
     this machine, or its SLURM job), and the time the rest takes so; nothing is written, trained or submitted."""
     options = options or JobOptions()
     slots = shares(jobs, nproc) if launch is None else []  # refuses more GPUs than this machine shows
-    runs, budget, timings = order(plan), plan.budget, Timings(plan.out)
+    runs, budget, timings = plan.runs(), plan.budget, Timings(plan.out)
     threads = slots[0].env.get("OMP_NUM_THREADS") if slots else None
     # --launch slurm's jobs run on the cluster's GPUs, not here: the budget's figure
     timed = {} if launch == "slurm" else time_steps(plan, nproc, timings, int(threads) if threads else None)
